@@ -1,0 +1,133 @@
+//! Types shared by the eBPF probe (`tracer-ebpf`) and the userspace agent (`tracer`).
+//!
+//! Everything here is `#[repr(C)]` and read by both sides byte for byte: change a field and both
+//! sides change with it. Nothing else belongs here: no logic, no kernel knowledge beyond the
+//! numbers the probe needs.
+#![no_std]
+
+/// Length of a task's command name, `TASK_COMM_LEN` in `include/linux/sched.h`.
+pub const COMM_LEN: usize = 16;
+
+/// `AF_INET` and `AF_INET6` from `include/linux/socket.h`.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// `IPPROTO_TCP` from `include/uapi/linux/in.h`.
+pub const IPPROTO_TCP: u16 = 6;
+
+/// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
+pub mod state {
+    pub const ESTABLISHED: u8 = 1;
+    pub const SYN_SENT: u8 = 2;
+    pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const FIN_WAIT2: u8 = 5;
+    pub const TIME_WAIT: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
+    pub const LISTEN: u8 = 10;
+    pub const CLOSING: u8 = 11;
+    pub const NEW_SYN_RECV: u8 = 12;
+}
+
+/// One TCP state change, written by the probe into the `EVENTS` ring buffer.
+///
+/// The fields mirror what the `sock/inet_sock_set_state` tracepoint records
+/// (`include/trace/events/sock.h`), plus the owning process, which the probe tracks itself.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// `bpf_ktime_get_ns()` at the transition: CLOCK_MONOTONIC nanoseconds.
+    pub time_ns: u64,
+    /// Kernel address of the `struct sock`: the identity of the socket for its whole life.
+    pub skaddr: u64,
+    /// Local and remote address. IPv4 uses the first 4 bytes; network byte order.
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Process (thread group) id of the socket's owner; 0 when unknown.
+    pub pid: u32,
+    /// Local and remote port, host byte order. `sport` is still 0 in CLOSE -> SYN_SENT.
+    pub sport: u16,
+    pub dport: u16,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    pub oldstate: u8,
+    pub newstate: u8,
+    /// Command name of the owner, NUL-padded; empty when unknown.
+    pub comm: [u8; COMM_LEN],
+    pub _pad: [u8; 4],
+}
+
+/// Byte offsets of the kernel fields the probe reads from a `struct sock *`.
+///
+/// The probe has no CO-RE relocations, so userspace reads these from the running kernel's BTF
+/// (`/sys/kernel/btf/vmlinux`) at start and hands them to the probe as a load-time constant.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockOffsets {
+    /// `sock_common.skc_daddr` (`__be32`).
+    pub skc_daddr: u32,
+    /// `sock_common.skc_rcv_saddr` (`__be32`), which `inet_sock.inet_saddr` names.
+    pub skc_rcv_saddr: u32,
+    /// `sock_common.skc_dport` (`__be16`).
+    pub skc_dport: u32,
+    /// `sock_common.skc_family` (`unsigned short`).
+    pub skc_family: u32,
+    /// `sock_common.skc_v6_daddr` and `skc_v6_rcv_saddr` (`struct in6_addr`).
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    /// `sock_common.skc_net` (`possible_net_t`, a `struct net *`).
+    pub skc_net: u32,
+    /// `sock.sk_protocol` (`u16`, not a bitfield since Linux 5.6).
+    pub sk_protocol: u32,
+    /// `inet_sock.inet_sport` (`__be16`).
+    pub inet_sport: u32,
+}
+
+/// Key of the probe's listener table: a listening port in one network namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenerKey {
+    /// Address of the `struct net` the listener lives in.
+    pub net: u64,
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// The process that owns a socket, as the probe remembers it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    /// For listener entries: the listening socket, so that only it removes the entry.
+    pub skaddr: u64,
+    pub pid: u32,
+    pub comm: [u8; COMM_LEN],
+    pub _pad: [u8; 4],
+}
+
+/// Indices of the probe's per-CPU counters (`COUNTERS` map).
+pub mod counter {
+    /// Events dropped because the ring buffer was full.
+    pub const LOST_RINGBUF_FULL: u32 = 0;
+    /// Sockets whose owner could not be remembered because the owner table was full.
+    pub const OWNERS_FULL: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
+
+/// Size of the probe's owner table (sockets between SYN_SENT/LISTEN/SYN_RECV and CLOSE).
+pub const MAX_OWNED_SOCKETS: u32 = 262_144;
+/// Size of the probe's listener table.
+pub const MAX_LISTENERS: u32 = 16_384;
+/// Number of ports in the port filter array (every u16).
+pub const PORT_FILTER_LEN: u32 = 65_536;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all four are #[repr(C)], made only of integers and byte arrays, with explicit
+    // padding, so every bit pattern is valid and there are no uninitialised bytes.
+    unsafe impl aya::Pod for super::Transition {}
+    unsafe impl aya::Pod for super::SockOffsets {}
+    unsafe impl aya::Pod for super::ListenerKey {}
+    unsafe impl aya::Pod for super::Owner {}
+}

@@ -1,0 +1,219 @@
+//! The kernel side of `tracer`: one BTF tracepoint program on `inet_sock_set_state`.
+//!
+//! For every TCP state change it remembers which process owns the socket, filters by port,
+//! and writes a [`Transition`] into the `EVENTS` ring buffer. It counts what it cannot deliver
+//! (`COUNTERS`); it keeps no other statistics: userspace follows the sockets.
+//!
+//! Why a BTF tracepoint (`tp_btf`) rather than the classic tracepoint: it attaches by name
+//! through `bpf()` with no tracefs mounted (containers rarely have it), and it receives the
+//! kernel's `struct sock *`, whose fields later features read. The fields are read at byte
+//! offsets that userspace takes from the running kernel's BTF ([`SockOffsets`]).
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+    },
+    macros::{btf_tracepoint, map},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    programs::BtfTracePointContext,
+};
+use tracer_common::{
+    counter, state, ListenerKey, Owner, SockOffsets, Transition, AF_INET, AF_INET6, COMM_LEN,
+    IPPROTO_TCP, MAX_LISTENERS, MAX_OWNED_SOCKETS, PORT_FILTER_LEN,
+};
+
+/// Field offsets, set by userspace at load time (see `tracer::btf`).
+#[no_mangle]
+static OFFSETS: SockOffsets = SockOffsets {
+    skc_daddr: 0,
+    skc_rcv_saddr: 0,
+    skc_dport: 0,
+    skc_family: 0,
+    skc_v6_daddr: 0,
+    skc_v6_rcv_saddr: 0,
+    skc_net: 0,
+    sk_protocol: 0,
+    inet_sport: 0,
+};
+
+/// 1 when `PORT_FILTER` is in force (only ports marked there are reported), set at load time.
+#[no_mangle]
+static FILTER_PORTS: u8 = 0;
+
+/// The transitions, in order per CPU. Its size is set by userspace (`--ring-buffer-size`).
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
+
+/// Per-CPU counters of what the probe could not do, indexed by `tracer_common::counter`.
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Port filter: entry `p` is 1 when port `p` was asked for.
+#[map]
+static PORT_FILTER: Array<u8> = Array::with_max_entries(PORT_FILTER_LEN, 0);
+
+/// Owner of each socket the probe saw being opened, keyed by socket address; removed at CLOSE.
+#[map]
+static OWNERS: HashMap<u64, Owner> = HashMap::with_max_entries(MAX_OWNED_SOCKETS, 0);
+
+/// Owner of each listening port, so that passive-open children inherit it.
+#[map]
+static LISTENERS: HashMap<ListenerKey, Owner> = HashMap::with_max_entries(MAX_LISTENERS, 0);
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
+    // The tracepoint's return value is ignored by the kernel; errors are counted instead.
+    let _ = try_inet_sock_set_state(&ctx);
+    0
+}
+
+fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
+    // The prototype is `inet_sock_set_state(const struct sock *sk, int oldstate,
+    // int newstate)` (include/trace/events/sock.h); the arguments are read by index.
+    let (sk, oldstate, newstate): (*const u8, i32, i32) = (ctx.arg(0), ctx.arg(1), ctx.arg(2));
+    // SAFETY: OFFSETS is a read-only global; volatile so the compiler cannot fold the
+    // zeroes it was compiled with.
+    let off = unsafe { core::ptr::read_volatile(&OFFSETS) };
+
+    // The tracepoint also fires for SCTP (and other inet protocols): keep TCP only.
+    if read::<u16>(sk, off.sk_protocol)? != IPPROTO_TCP {
+        return Ok(());
+    }
+    let family = read::<u16>(sk, off.skc_family)?;
+    let sport = u16::from_be(read::<u16>(sk, off.inet_sport)?);
+    let dport = u16::from_be(read::<u16>(sk, off.skc_dport)?);
+    if !port_wanted(sport) && !port_wanted(dport) {
+        return Ok(());
+    }
+    let (oldstate, newstate) = (oldstate as u8, newstate as u8);
+    let skaddr = sk as u64;
+    let owner = track_owner(sk, skaddr, &off, sport, oldstate, newstate);
+
+    let (mut saddr, mut daddr) = ([0u8; 16], [0u8; 16]);
+    if family == AF_INET6 {
+        saddr = read(sk, off.skc_v6_rcv_saddr).unwrap_or([0; 16]);
+        daddr = read(sk, off.skc_v6_daddr).unwrap_or([0; 16]);
+    } else if family == AF_INET {
+        let (s, d): ([u8; 4], [u8; 4]) =
+            (read(sk, off.skc_rcv_saddr).unwrap_or([0; 4]), read(sk, off.skc_daddr).unwrap_or([0; 4]));
+        saddr[..4].copy_from_slice(&s);
+        daddr[..4].copy_from_slice(&d);
+    }
+
+    let Some(mut entry) = EVENTS.reserve::<Transition>(0) else {
+        count(counter::LOST_RINGBUF_FULL);
+        return Ok(());
+    };
+    entry.write(Transition {
+        // SAFETY: a helper with no arguments, callable from any program type.
+        time_ns: unsafe { bpf_ktime_get_ns() },
+        skaddr,
+        saddr,
+        daddr,
+        pid: owner.pid,
+        sport,
+        dport,
+        family,
+        oldstate,
+        newstate,
+        comm: owner.comm,
+        _pad: [0; 4],
+    });
+    entry.submit(0);
+    Ok(())
+}
+
+/// Remembers and returns the owner of `sk` at this transition.
+///
+/// The owner is recorded in process context: when the socket enters SYN_SENT (connect) or
+/// LISTEN (listen). A passive-open child (LISTEN -> SYN_RECV, in softirq) inherits the owner of
+/// the listener on its port. Any other transition looks the owner up, so the process that
+/// happens to run when a packet arrives is never named. CLOSE forgets the socket.
+fn track_owner(
+    sk: *const u8,
+    skaddr: u64,
+    off: &SockOffsets,
+    sport: u16,
+    oldstate: u8,
+    newstate: u8,
+) -> Owner {
+    let unknown = Owner { skaddr, pid: 0, comm: [0; COMM_LEN], _pad: [0; 4] };
+    let listener = |port: u16| ListenerKey {
+        net: read::<u64>(sk, off.skc_net).unwrap_or(0),
+        port,
+        _pad: [0; 6],
+    };
+    if newstate == state::SYN_SENT || newstate == state::LISTEN {
+        let owner = Owner {
+            skaddr,
+            pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+            comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
+            _pad: [0; 4],
+        };
+        if OWNERS.insert(&skaddr, &owner, 0).is_err() {
+            count(counter::OWNERS_FULL);
+        }
+        if newstate == state::LISTEN && LISTENERS.insert(&listener(sport), &owner, 0).is_err() {
+            count(counter::OWNERS_FULL);
+        }
+        return owner;
+    }
+    if oldstate == state::LISTEN && newstate == state::SYN_RECV {
+        // SAFETY: the value is copied out before any other map operation.
+        let Some(parent) = (unsafe { LISTENERS.get(&listener(sport)) }).copied() else {
+            return unknown;
+        };
+        let owner = Owner { skaddr, ..parent };
+        if OWNERS.insert(&skaddr, &owner, 0).is_err() {
+            count(counter::OWNERS_FULL);
+        }
+        return owner;
+    }
+    // SAFETY: as above, copied out at once.
+    let owner = unsafe { OWNERS.get(&skaddr) }.copied().unwrap_or(unknown);
+    if newstate == state::CLOSE {
+        let _ = OWNERS.remove(&skaddr);
+        if oldstate == state::LISTEN {
+            let key = listener(sport);
+            // SAFETY: as above.
+            if unsafe { LISTENERS.get(&key) }.is_some_and(|l| l.skaddr == skaddr) {
+                let _ = LISTENERS.remove(&key);
+            }
+        }
+    }
+    owner
+}
+
+/// True when no port filter is set or `port` is in it.
+fn port_wanted(port: u16) -> bool {
+    // SAFETY: read-only global, volatile for the same reason as OFFSETS.
+    if unsafe { core::ptr::read_volatile(&FILTER_PORTS) } == 0 {
+        return true;
+    }
+    PORT_FILTER.get(port as u32).is_some_and(|v| *v != 0)
+}
+
+/// Reads a `T` at byte offset `offset` of the kernel object at `base`.
+fn read<T>(base: *const u8, offset: u32) -> Result<T, i32> {
+    // SAFETY: bpf_probe_read_kernel checks the address; a bad one returns an error.
+    unsafe { bpf_probe_read_kernel(base.add(offset as usize) as *const T) }
+}
+
+fn count(index: u32) {
+    if let Some(c) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: a per-CPU slot, touched only by this CPU with preemption disabled.
+        unsafe { *c += 1 };
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

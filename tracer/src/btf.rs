@@ -1,0 +1,158 @@
+//! Kernel struct layouts, read from the running kernel's BTF (`/sys/kernel/btf/vmlinux`).
+//!
+//! The probe reads `struct sock` fields at byte offsets; Rust eBPF has no CO-RE relocations, so
+//! this module finds the offsets at start and the probe receives them as a load-time constant.
+//! Owns: BTF lookups. Does not own: loading the program (`probe`).
+
+use anyhow::{anyhow, bail, Context, Result};
+use btf_rs::{Btf, Type};
+use tracer_common::SockOffsets;
+
+/// Where the kernel exposes its own BTF (Linux 5.5+ built with CONFIG_DEBUG_INFO_BTF=y).
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// Reads the kernel BTF, with an error that says how to get it when it is missing.
+pub fn kernel_btf() -> Result<Btf> {
+    if !std::path::Path::new(VMLINUX_BTF).exists() {
+        bail!(
+            "kernel BTF not found at {VMLINUX_BTF}: tracer needs Linux 5.8 or newer built with \
+             CONFIG_DEBUG_INFO_BTF=y"
+        );
+    }
+    Btf::from_file(VMLINUX_BTF).map_err(|e| anyhow!("cannot parse {VMLINUX_BTF}: {e}"))
+}
+
+/// Byte offsets of every field the probe reads, from `btf`.
+pub fn sock_offsets(btf: &Btf) -> Result<SockOffsets> {
+    // `struct sock` starts with `struct sock_common __sk_common` and `struct inet_sock` with
+    // `struct sock sk`; both offsets are checked rather than assumed.
+    let common = field_offset(btf, "sock", &["__sk_common"])?;
+    let in_common = |field: &str| -> Result<u32> {
+        Ok(common + field_offset(btf, "sock_common", &[field])?)
+    };
+    let inet_sk = field_offset(btf, "inet_sock", &["sk"])?;
+    if inet_sk != 0 {
+        bail!("unexpected kernel layout: inet_sock.sk at byte {inet_sk}, not 0");
+    }
+    Ok(SockOffsets {
+        skc_daddr: in_common("skc_daddr")?,
+        skc_rcv_saddr: in_common("skc_rcv_saddr")?,
+        skc_dport: in_common("skc_dport")?,
+        skc_family: in_common("skc_family")?,
+        skc_v6_daddr: in_common("skc_v6_daddr")?,
+        skc_v6_rcv_saddr: in_common("skc_v6_rcv_saddr")?,
+        skc_net: in_common("skc_net")?,
+        sk_protocol: field_offset(btf, "sock", &["sk_protocol"])
+            .context("sk_protocol must be a plain u16 field (Linux 5.6 or newer)")?,
+        inet_sport: field_offset(btf, "inet_sock", &["inet_sport"])?,
+    })
+}
+
+/// Byte offset of `path` (a field, or a field of a field) inside `struct name`.
+///
+/// Fields inside anonymous structs and unions (as most of `sock_common` is) are found by
+/// searching through them, adding their offsets.
+pub fn field_offset(btf: &Btf, name: &str, path: &[&str]) -> Result<u32> {
+    let ty = btf
+        .resolve_types_by_name(name)
+        .map_err(|e| anyhow!("struct {name} not in kernel BTF: {e}"))?
+        .into_iter()
+        .find(|t| matches!(t, Type::Struct(_)))
+        .ok_or_else(|| anyhow!("struct {name} not in kernel BTF"))?;
+    let mut offset = 0;
+    let mut current = ty;
+    for field in path {
+        let (bits, next) = find_member(btf, &current, field)?
+            .ok_or_else(|| anyhow!("field {name}.{} not in kernel BTF", path.join(".")))?;
+        if bits % 8 != 0 {
+            bail!("field {name}.{field} is a bitfield; this kernel is too old for tracer");
+        }
+        offset += bits / 8;
+        current = next;
+    }
+    Ok(offset)
+}
+
+/// Finds `field` in a struct or union, descending into anonymous members.
+/// Returns its bit offset and its type.
+fn find_member(btf: &Btf, ty: &Type, field: &str) -> Result<Option<(u32, Type)>> {
+    let (Type::Struct(s) | Type::Union(s)) = ty else {
+        return Ok(None);
+    };
+    for member in &s.members {
+        if member.bitfield_size().is_some_and(|n| n > 0) {
+            // Bitfields cannot be read at a byte offset; skip, so that a field turning into
+            // one is reported as missing rather than read wrongly.
+            if btf.resolve_name(member).unwrap_or_default() == field {
+                bail!("field {field} is a bitfield; this kernel is too old for tracer");
+            }
+            continue;
+        }
+        let name = btf.resolve_name(member).unwrap_or_default();
+        let member_ty = skip_modifiers(btf, btf.resolve_chained_type(member).map_err(to_anyhow)?)?;
+        if name == field {
+            return Ok(Some((member.bit_offset(), member_ty)));
+        }
+        if name.is_empty() {
+            if let Some((bits, t)) = find_member(btf, &member_ty, field)? {
+                return Ok(Some((member.bit_offset() + bits, t)));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Follows typedefs and qualifiers down to the type they name.
+fn skip_modifiers(btf: &Btf, mut ty: Type) -> Result<Type> {
+    loop {
+        ty = match &ty {
+            Type::Typedef(t) => btf.resolve_chained_type(t).map_err(to_anyhow)?,
+            Type::Const(t) | Type::Volatile(t) | Type::Restrict(t) => {
+                btf.resolve_chained_type(t).map_err(to_anyhow)?
+            }
+            _ => return Ok(ty),
+        };
+    }
+}
+
+fn to_anyhow(e: btf_rs::Error) -> anyhow::Error {
+    anyhow!("reading kernel BTF: {e}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads this machine's kernel BTF; skipped (loudly) where there is none.
+    fn btf() -> Option<Btf> {
+        match kernel_btf() {
+            Ok(b) => Some(b),
+            Err(e) => {
+                eprintln!("SKIPPED: {e:#}");
+                None
+            }
+        }
+    }
+
+    #[test]
+    fn sock_common_fields_sit_where_the_kernel_abi_puts_them() {
+        let Some(btf) = btf() else { return };
+        let off = sock_offsets(&btf).expect("offsets");
+        // skc_daddr and skc_rcv_saddr open sock_common (the `skc_addrpair` union), in that
+        // order; skc_dport and skc_num follow the hash (`skc_portpair`). These have been the
+        // layout since Linux 2.6.38 and are what any kernel must show.
+        assert_eq!(off.skc_daddr, 0);
+        assert_eq!(off.skc_rcv_saddr, 4);
+        assert_eq!(off.skc_dport, 12);
+        assert_eq!(off.skc_family, 16);
+        assert!(off.sk_protocol > off.skc_v6_rcv_saddr, "{off:?}");
+        assert!(off.inet_sport > off.sk_protocol, "{off:?}");
+    }
+
+    #[test]
+    fn missing_field_is_an_error_naming_it() {
+        let Some(btf) = btf() else { return };
+        let err = field_offset(&btf, "sock", &["no_such_field"]).unwrap_err();
+        assert!(format!("{err:#}").contains("sock.no_such_field"), "{err:#}");
+    }
+}

@@ -1,0 +1,127 @@
+//! Command-line flags (clap) and the parsing of their values.
+//!
+//! Owns: what each flag means and its default. Does not own: doing it (`watch`).
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::event::parse_state;
+
+#[derive(Debug, Parser)]
+#[command(name = "tracer", version, about = "Follows every TCP connection through its states with eBPF")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Stream every TCP state change as it happens.
+    Watch(WatchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Print one JSON object per line instead of aligned columns.
+    #[arg(long)]
+    pub json: bool,
+    /// Only sockets with this local or remote port (repeatable); filtered in the kernel.
+    #[arg(long = "port", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub ports: Vec<u16>,
+    /// Only transitions into or out of this state, e.g. close_wait (repeatable).
+    #[arg(long = "state", value_name = "NAME", value_parser = parse_state_arg)]
+    pub states: Vec<u8>,
+    /// Only sockets owned by this process id.
+    #[arg(long, value_name = "PID")]
+    pub pid: Option<u32>,
+    /// Stop after this long, e.g. 10s, 500ms, 2m.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Stop after printing this many transitions.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: Option<u64>,
+    /// Size of the kernel-to-userspace ring buffer: a power of two, e.g. 64K, 8M.
+    #[arg(long, value_name = "BYTES", default_value = "8M", value_parser = parse_size)]
+    pub ring_buffer_size: u32,
+}
+
+fn parse_state_arg(s: &str) -> Result<u8, String> {
+    parse_state(s).ok_or_else(|| {
+        format!(
+            "unknown state {s:?}; use one of {}",
+            crate::event::STATE_NAMES[1..].join(", ")
+        )
+    })
+}
+
+/// Parses `10s`, `500ms`, `2m`, `1h30m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration ({e}); write e.g. 10s, 500ms, 2m"))?;
+    if d.is_zero() {
+        return Err("a duration of zero would stop at once; give e.g. 10s".into());
+    }
+    Ok(d)
+}
+
+/// Parses a byte size: `4096`, `64K`, `8M`, `1G` (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let (digits, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => t.split_at(i),
+        None => (t, ""),
+    };
+    let shift = match unit.to_ascii_uppercase().trim_end_matches(['B', 'I']) {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        _ => return Err(format!("{s:?} is not a size; write e.g. 4096, 64K, 8M")),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a size; write e.g. 64K, 8M"))?;
+    u32::try_from(n << shift)
+        .ok()
+        .filter(|_| n < (1 << 32))
+        .ok_or_else(|| format!("{s:?} is too large; the limit is 2G"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_take_binary_suffixes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("8M"), Ok(8 << 20));
+        assert_eq!(parse_size("8MiB"), Ok(8 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert!(parse_size("8X").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("4G").is_err());
+    }
+
+    #[test]
+    fn durations_read_like_people_write_them() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("ten").is_err());
+    }
+
+    #[test]
+    fn watch_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "tracer", "watch", "--json", "--port", "80", "--port", "443", "--state", "CLOSE_WAIT",
+            "--count", "5",
+        ])
+        .unwrap();
+        let Command::Watch(w) = cli.command;
+        assert_eq!(w.ports, vec![80, 443]);
+        assert_eq!(w.states, vec![tracer_common::state::CLOSE_WAIT]);
+        assert_eq!(w.ring_buffer_size, 8 << 20);
+        assert!(Cli::try_parse_from(["tracer", "watch", "--port", "0"]).is_err());
+        assert!(Cli::try_parse_from(["tracer", "watch", "--state", "nope"]).is_err());
+    }
+}

@@ -1,0 +1,12 @@
+//! `tracer`: follows every TCP socket through its states with an eBPF probe on the kernel's
+//! `inet_sock_set_state` tracepoint.
+//!
+//! The data path, one module each: [`probe`] (kernel side, aya) → [`event`] (decoding) →
+//! [`sockets`] (what each socket did, and when) → [`watch`] (printing for people and programs).
+
+pub mod btf;
+pub mod cli;
+pub mod event;
+pub mod probe;
+pub mod sockets;
+pub mod watch;

@@ -1,0 +1,47 @@
+//! The `tracer` command: parse flags, run the subcommand, print any error as one line.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracer::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version print on stdout and succeed.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("bad arguments");
+            eprintln!("tracer: {}; see 'tracer --help'", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tracer: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
+    match cli.command {
+        Command::Watch(args) => {
+            let summary = runtime.block_on(tracer::watch::run(&args))?;
+            eprintln!(
+                "tracer: {} events received, {} printed, {} lost",
+                summary.received, summary.printed, summary.lost
+            );
+        }
+    }
+    Ok(())
+}

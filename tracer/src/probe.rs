@@ -1,0 +1,158 @@
+//! Loading and attaching the eBPF probe, and reading its maps: the only module that knows aya.
+//!
+//! The probe is embedded in the binary at build time (`build.rs`), loaded with the field
+//! offsets of the running kernel, and attached as a BTF tracepoint on `inet_sock_set_state`.
+//! Dropping [`Probe`] detaches it (aya closes the link and program fds).
+
+use anyhow::{bail, Context, Result};
+use aya::{
+    maps::{Array, MapData, PerCpuArray, RingBuf},
+    programs::BtfTracePoint,
+    Ebpf, EbpfLoader,
+};
+use tracer_common::{counter, PORT_FILTER_LEN};
+
+/// The probe object built by `build.rs` from `tracer-ebpf`.
+static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
+
+/// Default size of the event ring buffer; see `--ring-buffer-size`.
+pub const DEFAULT_RING_BUFFER_BYTES: u32 = 8 * 1024 * 1024;
+
+/// What the probe reports; fixed at load time.
+#[derive(Clone, Debug, Default)]
+pub struct ProbeConfig {
+    /// Ring buffer size in bytes: a power of two, at least one page.
+    pub ring_buffer_bytes: u32,
+    /// Report only sockets with one of these ports on either side; empty = every port.
+    pub ports: Vec<u16>,
+}
+
+/// The loaded, attached probe.
+pub struct Probe {
+    ebpf: Ebpf,
+}
+
+/// What the probe could not do, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeCounters {
+    /// Events dropped because the ring buffer was full.
+    pub lost: u64,
+    /// Sockets whose owner was not recorded because the owner table was full.
+    pub owners_full: u64,
+}
+
+impl Probe {
+    /// Loads the probe for this kernel and attaches it.
+    pub fn attach(config: &ProbeConfig) -> Result<Probe> {
+        check_privileges()?;
+        check_ring_buffer_size(config.ring_buffer_bytes)?;
+        raise_memlock_limit();
+        let kernel_btf = crate::btf::kernel_btf()?;
+        let offsets = crate::btf::sock_offsets(&kernel_btf)?;
+        let filter_ports: u8 = u8::from(!config.ports.is_empty());
+
+        let mut ebpf = EbpfLoader::new()
+            .override_global("OFFSETS", &offsets, true)
+            .override_global("FILTER_PORTS", &filter_ports, true)
+            .map_max_entries("EVENTS", config.ring_buffer_bytes)
+            .load(PROBE_OBJECT)
+            .map_err(|e| load_error(&e))?;
+
+        if !config.ports.is_empty() {
+            let mut filter: Array<_, u8> =
+                Array::try_from(ebpf.map_mut("PORT_FILTER").context("map PORT_FILTER")?)?;
+            for &port in &config.ports {
+                filter.set(u32::from(port), 1u8, 0).context("setting the port filter")?;
+            }
+            debug_assert!(filter.len() == PORT_FILTER_LEN);
+        }
+
+        let aya_btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
+        let program: &mut BtfTracePoint = ebpf
+            .program_mut("inet_sock_set_state")
+            .context("program inet_sock_set_state missing from the probe object")?
+            .try_into()?;
+        program.load("inet_sock_set_state", &aya_btf).map_err(|e| load_error(&e))?;
+        program.attach().map_err(|e| load_error(&e))?;
+        Ok(Probe { ebpf })
+    }
+
+    /// Takes the event ring buffer; call once.
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self.ebpf.take_map("EVENTS").context("events ring buffer already taken")?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
+    /// Reads the probe's counters, summed over CPUs.
+    pub fn counters(&self) -> Result<ProbeCounters> {
+        let map: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.ebpf.map("COUNTERS").context("map COUNTERS")?)?;
+        let sum = |i: u32| -> Result<u64> { Ok(map.get(&i, 0)?.iter().sum()) };
+        Ok(ProbeCounters {
+            lost: sum(counter::LOST_RINGBUF_FULL)?,
+            owners_full: sum(counter::OWNERS_FULL)?,
+        })
+    }
+}
+
+/// Fails with a message that says how to fix it when this process cannot load eBPF programs.
+pub fn check_privileges() -> Result<()> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return Ok(());
+    }
+    // CAP_BPF (39) and CAP_PERFMON (38), or CAP_SYS_ADMIN (21) on kernels before 5.8.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |bit: u32| cap_eff & (1 << bit) != 0;
+    if (has(39) && has(38)) || has(21) {
+        return Ok(());
+    }
+    bail!("tracer needs root or CAP_BPF+CAP_PERFMON to load its eBPF probe: run it with sudo")
+}
+
+/// Validates `--ring-buffer-size`: the kernel wants a power of two, a whole number of pages.
+pub fn check_ring_buffer_size(bytes: u32) -> Result<()> {
+    // SAFETY: sysconf has no preconditions.
+    let page = u32::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    if bytes < page || !bytes.is_power_of_two() {
+        bail!(
+            "--ring-buffer-size {bytes} is not valid: use a power of two of at least {page} \
+             bytes, e.g. 8M"
+        );
+    }
+    Ok(())
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it so large rings load there.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: a valid rlimit pointer; failure only means the old limit stays.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+}
+
+/// Turns a load or attach failure into one line that says what to do.
+fn load_error(err: &dyn std::error::Error) -> anyhow::Error {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    if text.contains("Operation not permitted") || text.contains("EPERM") {
+        anyhow::anyhow!(
+            "the kernel refused the eBPF probe ({text}): run as root or with \
+             CAP_BPF+CAP_PERFMON, and check that lockdown or seccomp does not forbid bpf()"
+        )
+    } else {
+        anyhow::anyhow!(
+            "cannot load the eBPF probe ({text}): tracer needs Linux 5.8 or newer with BTF \
+             and the inet_sock_set_state tracepoint"
+        )
+    }
+}

@@ -1,0 +1,264 @@
+//! `tracer watch`: print every TCP state change as it happens, for people (aligned columns) or
+//! programs (`--json`, one object per line).
+//!
+//! Owns: the watch loop (ring buffer → socket table → filters → output), signals and stop
+//! conditions, and the loss reports on stderr. Formatting writes into a buffered stdout and
+//! allocates nothing per event.
+
+use std::io::{self, Write};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use aya::maps::{MapData, RingBuf};
+use tokio::io::{unix::AsyncFd, Interest};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::cli::WatchArgs;
+use crate::event::{self, Transition};
+use crate::probe::{Probe, ProbeConfig};
+use crate::sockets::SocketTable;
+
+/// Sockets the watch command follows for dwell times (about 40 bytes each).
+const WATCH_TABLE_SOCKETS: usize = 1 << 20;
+
+/// What a watch session saw, reported on stderr when it ends.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Summary {
+    /// Events read from the ring buffer.
+    pub received: u64,
+    /// Events printed (after the userspace filters).
+    pub printed: u64,
+    /// Events the probe dropped because the ring buffer was full.
+    pub lost: u64,
+}
+
+/// Runs `tracer watch` until a signal, `--duration`, `--count`, or a closed stdout.
+pub async fn run(args: &WatchArgs) -> Result<Summary> {
+    let mut probe = Probe::attach(&ProbeConfig {
+        ring_buffer_bytes: args.ring_buffer_size,
+        ports: args.ports.clone(),
+    })?;
+    let ring = probe.take_events()?;
+    // SAFETY: the ring buffer's fd is owned by `ring`, which the AsyncFd owns and keeps open
+    // for as long as it is registered.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(io::Error::from)
+        .context("registering the ring buffer with tokio")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    let stop_at = tokio::time::Instant::now() + args.duration.unwrap_or(Duration::from_secs(u64::MAX / 4));
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+
+    let mut printer = Printer::new(args);
+    eprintln!("tracer: attached to inet_sock_set_state; watching TCP state changes (Ctrl-C to stop)");
+    if !args.json {
+        printer.header()?;
+    }
+    let mut reported_lost = 0;
+    loop {
+        tokio::select! {
+            ready = ring.readable_mut() => {
+                let mut guard = ready.context("waiting for the ring buffer")?;
+                let done = printer.drain(guard.get_inner_mut())?;
+                guard.clear_ready();
+                if done { break; }
+            }
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = tokio::time::sleep_until(stop_at) => break,
+            _ = tick.tick() => {
+                let lost = probe.counters()?.lost;
+                if lost > reported_lost {
+                    eprintln!(
+                        "tracer: {} events lost (ring buffer full), {lost} in all: raise \
+                         --ring-buffer-size or narrow with --port",
+                        lost - reported_lost
+                    );
+                    reported_lost = lost;
+                }
+            }
+        }
+    }
+    // Print what the probe delivered before the stop, then detach (drop) and report.
+    printer.drain(ring.get_mut())?;
+    let counters = probe.counters()?;
+    drop(ring);
+    drop(probe);
+    Ok(Summary { received: printer.received, printed: printer.printed, lost: counters.lost })
+}
+
+/// Filters transitions and writes them out.
+struct Printer {
+    out: io::BufWriter<io::Stdout>,
+    json: bool,
+    states: [bool; 256],
+    any_state: bool,
+    pid: Option<u32>,
+    remaining: Option<u64>,
+    sockets: SocketTable,
+    /// Wall clock minus CLOCK_MONOTONIC, to turn kernel timestamps into wall time.
+    realtime_offset_ns: i128,
+    received: u64,
+    printed: u64,
+    stdout_closed: bool,
+}
+
+impl Printer {
+    fn new(args: &WatchArgs) -> Printer {
+        let mut states = [false; 256];
+        for &s in &args.states {
+            states[s as usize] = true;
+        }
+        Printer {
+            out: io::BufWriter::with_capacity(1 << 16, io::stdout()),
+            json: args.json,
+            states,
+            any_state: args.states.is_empty(),
+            pid: args.pid,
+            remaining: args.count,
+            sockets: SocketTable::new(WATCH_TABLE_SOCKETS),
+            realtime_offset_ns: clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC),
+            received: 0,
+            printed: 0,
+            stdout_closed: false,
+        }
+    }
+
+    /// Prints everything waiting in the ring buffer. Returns true when watching should stop.
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> Result<bool> {
+        while let Some(item) = ring.next() {
+            let Some(t) = event::decode(&item) else { continue };
+            drop(item);
+            self.received += 1;
+            // Dwell is tracked for every socket the probe reports, filtered or not.
+            let dwell = self.sockets.observe(&t);
+            if !self.wanted(&t) || self.stdout_closed {
+                continue;
+            }
+            if let Err(e) = self.print(&t, dwell) {
+                return self.write_failed(e);
+            }
+            self.printed += 1;
+            if let Some(n) = self.remaining.as_mut() {
+                *n -= 1;
+                if *n == 0 {
+                    break;
+                }
+            }
+        }
+        if let Err(e) = self.out.flush() {
+            return self.write_failed(e);
+        }
+        Ok(self.stdout_closed || self.remaining == Some(0))
+    }
+
+    /// A reader that went away (`tracer watch | head`) ends the watch quietly.
+    fn write_failed(&mut self, e: io::Error) -> Result<bool> {
+        if e.kind() == io::ErrorKind::BrokenPipe {
+            self.stdout_closed = true;
+            return Ok(true);
+        }
+        Err(e).context("writing to stdout")
+    }
+
+    fn wanted(&self, t: &Transition) -> bool {
+        (self.any_state || self.states[t.oldstate as usize] || self.states[t.newstate as usize])
+            && self.pid.is_none_or(|p| p == t.pid)
+    }
+
+    fn header(&mut self) -> Result<()> {
+        writeln!(
+            self.out,
+            "{:<15} {:>7} {:<15} {:<30} {:<30} {:<27} {:>9}",
+            "TIME(UTC)", "PID", "COMM", "LOCAL", "REMOTE", "OLD -> NEW", "DWELL"
+        )?;
+        Ok(())
+    }
+
+    fn print(&mut self, t: &Transition, dwell: Option<u64>) -> io::Result<()> {
+        if self.json {
+            self.print_json(t, dwell)
+        } else {
+            self.print_human(t, dwell)
+        }
+    }
+
+    fn print_json(&mut self, t: &Transition, dwell: Option<u64>) -> io::Result<()> {
+        let out = &mut self.out;
+        let time_ns = (t.time_ns as i128 + self.realtime_offset_ns).max(0);
+        write!(out, "{{\"time_ns\":{time_ns},\"skaddr\":\"{:#x}\",\"pid\":{},\"comm\":", t.skaddr, t.pid)?;
+        serde_json::to_writer(&mut *out, event::comm(t))?;
+        write!(
+            out,
+            ",\"family\":\"{}\",\"saddr\":\"{}\",\"sport\":{},\"daddr\":\"{}\",\"dport\":{},\
+             \"old\":\"{}\",\"new\":\"{}\",\"dwell_ns\":",
+            event::family_name(t.family),
+            event::local_addr(t),
+            t.sport,
+            event::remote_addr(t),
+            t.dport,
+            event::state_name(t.oldstate),
+            event::state_name(t.newstate),
+        )?;
+        match dwell {
+            Some(ns) => writeln!(out, "{ns}}}"),
+            None => writeln!(out, "null}}"),
+        }
+    }
+
+    fn print_human(&mut self, t: &Transition, dwell: Option<u64>) -> io::Result<()> {
+        let wall_ns = (t.time_ns as i128 + self.realtime_offset_ns).max(0) as u128;
+        let day_us = (wall_ns / 1_000) % 86_400_000_000;
+        let (h, m, s, us) =
+            (day_us / 3_600_000_000, day_us / 60_000_000 % 60, day_us / 1_000_000 % 60, day_us % 1_000_000);
+        write!(self.out, "{h:02}:{m:02}:{s:02}.{us:06} ")?;
+        if t.pid == 0 {
+            write!(self.out, "{:>7} {:<15} ", "-", "-")?;
+        } else {
+            write!(self.out, "{:>7} {:<15} ", t.pid, event::comm(t))?;
+        }
+        write_endpoint(&mut self.out, event::local_addr(t), t.sport)?;
+        write_endpoint(&mut self.out, event::remote_addr(t), t.dport)?;
+        let old = event::state_name(t.oldstate);
+        let new = event::state_name(t.newstate);
+        // Pad "old -> new" to 27 columns without building a string.
+        let used = old.len() + 4 + new.len();
+        write!(self.out, "{old} -> {new}{:pad$} ", "", pad = 27usize.saturating_sub(used))?;
+        match dwell {
+            None => writeln!(self.out, "{:>9}", "-"),
+            Some(ns) if ns < 10_000_000 => writeln!(self.out, "{:>7}us", ns / 1_000),
+            Some(ns) if ns < 10_000_000_000 => writeln!(self.out, "{:>7}ms", ns / 1_000_000),
+            Some(ns) => writeln!(self.out, "{:>8}s", ns / 1_000_000_000),
+        }
+    }
+}
+
+/// Writes `addr:port` (`[v6]:port`) padded to 30 columns, without allocating.
+fn write_endpoint(out: &mut impl Write, addr: std::net::IpAddr, port: u16) -> io::Result<()> {
+    struct Counter<'a, W: Write>(&'a mut W, usize);
+    impl<W: Write> Write for Counter<'_, W> {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let n = self.0.write(buf)?;
+            self.1 += n;
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            self.0.flush()
+        }
+    }
+    let mut c = Counter(out, 0);
+    match addr {
+        std::net::IpAddr::V4(a) => write!(c, "{a}:{port}")?,
+        std::net::IpAddr::V6(a) => write!(c, "[{a}]:{port}")?,
+    }
+    let pad = 30usize.saturating_sub(c.1);
+    write!(c.0, "{:pad$} ", "")
+}
+
+/// Reads a clock in nanoseconds.
+fn clock_ns(clock: libc::clockid_t) -> i128 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec pointer and a clock id the kernel always has.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+}
