@@ -12,6 +12,7 @@
 #![no_main]
 
 use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
@@ -37,6 +38,15 @@ static OFFSETS: SockOffsets = SockOffsets {
     sk_protocol: 0,
     inet_sport: 0,
 };
+
+/// Unread bytes in `EVENTS` at which the probe wakes the reader; set at load time.
+///
+/// Below it, events are submitted without a wakeup and the reader drains on a short timer.
+/// Why: a wakeup is an irq_work self-IPI, and the softirqs run on that interrupt's exit can
+/// hit this tracepoint again while the probe is still running on the CPU; the kernel then
+/// skips the nested run (counted in the program's `recursion_misses`) and the event is lost.
+#[no_mangle]
+static WAKEUP_BYTES: u64 = 0;
 
 /// 1 when `PORT_FILTER` is in force (only ports marked there are reported), set at load time.
 #[no_mangle]
@@ -121,7 +131,14 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
         comm: owner.comm,
         _pad: [0; 4],
     });
-    entry.submit(0);
+    // SAFETY: read-only global, volatile for the same reason as OFFSETS.
+    let wakeup_bytes = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
+    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA.into()) >= wakeup_bytes {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(flags.into());
     Ok(())
 }
 

@@ -10,6 +10,9 @@ use aya::{
     programs::BtfTracePoint,
     Ebpf, EbpfLoader,
 };
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+
+use aya_obj::generated::{bpf_cmd, bpf_prog_info};
 use tracer_common::{counter, PORT_FILTER_LEN};
 
 /// The probe object built by `build.rs` from `tracer-ebpf`.
@@ -17,6 +20,9 @@ static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 
 /// Default size of the event ring buffer; see `--ring-buffer-size`.
 pub const DEFAULT_RING_BUFFER_BYTES: u32 = 8 * 1024 * 1024;
+
+/// How often the reader drains the ring buffer when the probe has not woken it.
+pub const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// What the probe reports; fixed at load time.
 #[derive(Clone, Debug, Default)]
@@ -37,23 +43,38 @@ pub struct Probe {
 pub struct ProbeCounters {
     /// Events dropped because the ring buffer was full.
     pub lost: u64,
+    /// Runs of the probe the kernel skipped because it was already running on that CPU
+    /// (`bpf_prog_info.recursion_misses`, Linux 5.12+): each one is a transition not seen.
+    /// It includes transitions the port filter would have dropped.
+    pub missed: u64,
     /// Sockets whose owner was not recorded because the owner table was full.
     pub owners_full: u64,
+}
+
+impl ProbeCounters {
+    /// Every transition that did not reach userspace.
+    pub fn lost_total(&self) -> u64 {
+        self.lost + self.missed
+    }
 }
 
 impl Probe {
     /// Loads the probe for this kernel and attaches it.
     pub fn attach(config: &ProbeConfig) -> Result<Probe> {
-        check_privileges()?;
         check_ring_buffer_size(config.ring_buffer_bytes)?;
+        check_privileges()?;
         raise_memlock_limit();
         let kernel_btf = crate::btf::kernel_btf()?;
         let offsets = crate::btf::sock_offsets(&kernel_btf)?;
         let filter_ports: u8 = u8::from(!config.ports.is_empty());
+        // Wake the reader early only when a quarter of the ring is waiting; otherwise it
+        // drains every DRAIN_INTERVAL (see WAKEUP_BYTES in the probe for why).
+        let wakeup_bytes: u64 = u64::from(config.ring_buffer_bytes / 4);
 
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
             .override_global("FILTER_PORTS", &filter_ports, true)
+            .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
             .map_max_entries("EVENTS", config.ring_buffer_bytes)
             .load(PROBE_OBJECT)
             .map_err(|e| load_error(&e))?;
@@ -88,11 +109,50 @@ impl Probe {
         let map: PerCpuArray<_, u64> =
             PerCpuArray::try_from(self.ebpf.map("COUNTERS").context("map COUNTERS")?)?;
         let sum = |i: u32| -> Result<u64> { Ok(map.get(&i, 0)?.iter().sum()) };
+        let program: &BtfTracePoint = self
+            .ebpf
+            .program("inet_sock_set_state")
+            .context("program inet_sock_set_state")?
+            .try_into()?;
         Ok(ProbeCounters {
             lost: sum(counter::LOST_RINGBUF_FULL)?,
+            missed: recursion_misses(program.fd()?.as_fd())?,
             owners_full: sum(counter::OWNERS_FULL)?,
         })
     }
+}
+
+/// Reads `recursion_misses` of a loaded program: aya 0.14's `ProgramInfo` does not expose it.
+fn recursion_misses(fd: BorrowedFd<'_>) -> Result<u64> {
+    /// The `info` member of `union bpf_attr` for BPF_OBJ_GET_INFO_BY_FD
+    /// (include/uapi/linux/bpf.h).
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    // SAFETY: bpf_prog_info is a plain C struct of integers; all zeroes is a valid value.
+    let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
+    let attr = InfoByFd {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<bpf_prog_info>() as u32,
+        info: std::ptr::addr_of_mut!(info) as u64,
+    };
+    // SAFETY: `attr` is a valid prefix of bpf_attr for this command and `info` points at a
+    // writable buffer of `info_len` bytes that outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_long,
+            std::ptr::addr_of!(attr),
+            std::mem::size_of::<InfoByFd>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error()).context("reading the probe's program info");
+    }
+    Ok(info.recursion_misses)
 }
 
 /// Fails with a message that says how to fix it when this process cannot load eBPF programs.

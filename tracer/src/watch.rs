@@ -15,7 +15,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::WatchArgs;
 use crate::event::{self, Transition};
-use crate::probe::{Probe, ProbeConfig};
+use crate::probe::{Probe, ProbeConfig, ProbeCounters};
 use crate::sockets::SocketTable;
 
 /// Sockets the watch command follows for dwell times (about 40 bytes each).
@@ -47,14 +47,16 @@ pub async fn run(args: &WatchArgs) -> Result<Summary> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let stop_at = tokio::time::Instant::now() + args.duration.unwrap_or(Duration::from_secs(u64::MAX / 4));
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut report = tokio::time::interval(Duration::from_secs(1));
+    let mut drain = tokio::time::interval(crate::probe::DRAIN_INTERVAL);
+    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let mut printer = Printer::new(args);
     eprintln!("tracer: attached to inet_sock_set_state; watching TCP state changes (Ctrl-C to stop)");
     if !args.json {
         printer.header()?;
     }
-    let mut reported_lost = 0;
+    let mut reported = ProbeCounters::default();
     loop {
         tokio::select! {
             ready = ring.readable_mut() => {
@@ -66,25 +68,45 @@ pub async fn run(args: &WatchArgs) -> Result<Summary> {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = tokio::time::sleep_until(stop_at) => break,
-            _ = tick.tick() => {
-                let lost = probe.counters()?.lost;
-                if lost > reported_lost {
-                    eprintln!(
-                        "tracer: {} events lost (ring buffer full), {lost} in all: raise \
-                         --ring-buffer-size or narrow with --port",
-                        lost - reported_lost
-                    );
-                    reported_lost = lost;
-                }
+            _ = drain.tick() => {
+                if printer.drain(ring.get_mut())? { break; }
             }
+            _ = report.tick() => report_losses(&probe, &mut reported)?,
         }
     }
     // Print what the probe delivered before the stop, then detach (drop) and report.
     printer.drain(ring.get_mut())?;
-    let counters = probe.counters()?;
+    report_losses(&probe, &mut reported)?;
     drop(ring);
     drop(probe);
-    Ok(Summary { received: printer.received, printed: printer.printed, lost: counters.lost })
+    Ok(Summary {
+        received: printer.received,
+        printed: printer.printed,
+        lost: reported.lost_total(),
+    })
+}
+
+/// Says on stderr how many transitions were lost since the last report, if any.
+fn report_losses(probe: &Probe, reported: &mut ProbeCounters) -> Result<()> {
+    let now = probe.counters()?;
+    if now.lost > reported.lost {
+        eprintln!(
+            "tracer: {} events lost (ring buffer full), {} in all: raise --ring-buffer-size \
+             or narrow with --port",
+            now.lost - reported.lost,
+            now.lost
+        );
+    }
+    if now.missed > reported.missed {
+        eprintln!(
+            "tracer: {} events missed (the kernel skipped the probe while it was running on \
+             the same CPU), {} in all",
+            now.missed - reported.missed,
+            now.missed
+        );
+    }
+    *reported = now;
+    Ok(())
 }
 
 /// Filters transitions and writes them out.
@@ -126,6 +148,9 @@ impl Printer {
 
     /// Prints everything waiting in the ring buffer. Returns true when watching should stop.
     fn drain(&mut self, ring: &mut RingBuf<MapData>) -> Result<bool> {
+        if self.remaining == Some(0) || self.stdout_closed {
+            return Ok(true);
+        }
         while let Some(item) = ring.next() {
             let Some(t) = event::decode(&item) else { continue };
             drop(item);

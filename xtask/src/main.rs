@@ -1,1 +1,93 @@
-fn main() {}
+//! Developer tasks that cargo cannot do by itself: install the eBPF toolchain, run the root-only
+//! tests, benchmark. `cargo xtask --help` lists them.
+
+mod bench;
+mod setup;
+
+use std::process::{Command, ExitCode};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (Debian packages, the BPF toolchain, bpf-linker).
+    /// Does nothing, without network, when all is there.
+    Setup,
+    /// Set up, build in release mode, and run `tracer` with the given arguments (default: watch).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and run every test (the kernel tests need root).
+    Test,
+    /// Set up, build, and measure connection churn with and without the tracer.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup::run(),
+        Task::Run { args } => run_tracer(args),
+        Task::Test => test(),
+        Task::Bench(args) => setup::run().and_then(|()| build_release()).and_then(|()| bench::run(&args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_tracer(mut args: Vec<String>) -> Result<()> {
+    setup::run()?;
+    build_release()?;
+    if args.is_empty() {
+        args.push("watch".into());
+    }
+    let status = Command::new("target/release/tracer")
+        .args(&args)
+        .status()
+        .context("starting target/release/tracer")?;
+    if !status.success() {
+        bail!("tracer exited with {status}");
+    }
+    Ok(())
+}
+
+/// Runs the unit tests, then the kernel tests one at a time: they attach probes and read the
+/// kernel's trace buffers, which are shared by the whole machine.
+fn test() -> Result<()> {
+    setup::run()?;
+    build_release()?;
+    setup::mount_tracefs()?;
+    cargo(&["test", "--release", "--lib", "--bins"])?;
+    cargo(&["test", "--release", "--test", "*", "--", "--test-threads=1"])?;
+    Ok(())
+}
+
+fn build_release() -> Result<()> {
+    cargo(&["build", "--release", "--package", "tracer"])
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(args)
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}

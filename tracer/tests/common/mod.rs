@@ -1,0 +1,358 @@
+//! Helpers shared by the kernel tests: root checks, the kernel's own ftrace record of
+//! `sock/inet_sock_set_state` (the oracle), a running `tracer` process, and real TCP traffic
+//! on loopback.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
+use std::net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// True when the kernel tests can run. Without root they are skipped, loudly; in CI (which runs
+/// as root) a missing privilege is a failure, not a skip.
+pub fn require_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{test}: kernel tests need root, and CI runs them as root");
+    }
+    eprintln!("SKIPPED {test}: needs root to load eBPF programs (run `sudo cargo xtask test`)");
+    false
+}
+
+/// One transition as (sport, dport, old, new): what the tracer and ftrace are compared on.
+pub type Key = (u16, u16, String, String);
+
+/// Counts of each distinct key.
+pub fn multiset(keys: impl IntoIterator<Item = Key>) -> BTreeMap<Key, usize> {
+    let mut m = BTreeMap::new();
+    for k in keys {
+        *m.entry(k).or_insert(0) += 1;
+    }
+    m
+}
+
+/// A private ftrace instance recording `sock/inet_sock_set_state` for a set of ports.
+pub struct Ftrace {
+    dir: PathBuf,
+}
+
+impl Ftrace {
+    /// Starts recording transitions of TCP sockets with any of `ports` on either side.
+    pub fn start(name: &str, ports: &[u16]) -> Ftrace {
+        let root = PathBuf::from("/sys/kernel/tracing");
+        assert!(
+            root.join("instances").exists(),
+            "tracefs is not mounted at /sys/kernel/tracing (cargo xtask test mounts it)"
+        );
+        let dir = root.join("instances").join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir(&dir);
+        std::fs::create_dir(&dir).expect("creating an ftrace instance");
+        let ft = Ftrace { dir };
+        ft.write("buffer_size_kb", "32768");
+        let filter = ports
+            .iter()
+            .map(|p| format!("sport == {p} || dport == {p}"))
+            .collect::<Vec<_>>()
+            .join(" || ");
+        ft.write("events/sock/inet_sock_set_state/filter", &format!("protocol == 6 && ({filter})"));
+        ft.write("events/sock/inet_sock_set_state/enable", "1");
+        ft
+    }
+
+    fn write(&self, file: &str, value: &str) {
+        std::fs::write(self.dir.join(file), value)
+            .unwrap_or_else(|e| panic!("writing {value:?} to {file}: {e}"));
+    }
+
+    /// Stops recording and returns every transition recorded, asserting none was overwritten.
+    pub fn stop(&self) -> Vec<Key> {
+        self.write("events/sock/inet_sock_set_state/enable", "0");
+        for entry in std::fs::read_dir(self.dir.join("per_cpu")).expect("per_cpu") {
+            let stats = std::fs::read_to_string(entry.expect("cpu dir").path().join("stats"))
+                .expect("per-cpu stats");
+            let overrun = stats.lines().find_map(|l| l.strip_prefix("overrun: ")).unwrap_or("0");
+            assert_eq!(overrun.trim(), "0", "the ftrace oracle itself lost events");
+        }
+        let text = std::fs::read_to_string(self.dir.join("trace")).expect("reading trace");
+        text.lines().filter(|l| !l.starts_with('#')).filter_map(parse_ftrace_line).collect()
+    }
+}
+
+impl Drop for Ftrace {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.dir.join("events/sock/inet_sock_set_state/enable"), "0");
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// Parses `... inet_sock_set_state: family=AF_INET protocol=IPPROTO_TCP sport=1 dport=2 ...
+/// oldstate=TCP_CLOSE newstate=TCP_SYN_SENT`.
+fn parse_ftrace_line(line: &str) -> Option<Key> {
+    let (_, fields) = line.split_once("inet_sock_set_state: ")?;
+    let get = |key: &str| {
+        fields.split_whitespace().find_map(|f| f.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+    };
+    let state = |v: &str| v.trim_start_matches("TCP_").to_ascii_lowercase();
+    Some((
+        get("sport")?.parse().ok()?,
+        get("dport")?.parse().ok()?,
+        state(get("oldstate")?),
+        state(get("newstate")?),
+    ))
+}
+
+/// A `tracer` process started by a test; killed (by PID) if the test ends without stopping it.
+pub struct Tracer {
+    child: Child,
+    stdout: Option<JoinHandle<Vec<String>>>,
+    start_stdout: Option<mpsc::Sender<()>>,
+    stderr_lines: mpsc::Receiver<String>,
+    stderr_seen: Vec<String>,
+}
+
+/// What a stopped tracer printed.
+pub struct Output {
+    pub stdout: Vec<String>,
+    pub stderr: Vec<String>,
+    pub status: std::process::ExitStatus,
+}
+
+impl Tracer {
+    /// Starts `tracer ARGS` and waits until it says it is attached. With `read_stdout` false,
+    /// nobody reads its stdout until [`Tracer::read_stdout`]: its pipe fills and it stalls,
+    /// which is how a test makes its ring buffer overflow on purpose.
+    pub fn start(args: &[&str], read_stdout: bool) -> Tracer {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tracer"))
+            .args(args)
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting tracer");
+        let mut stdout = child.stdout.take().expect("stdout");
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let stdout = std::thread::spawn(move || {
+            let _ = go_rx.recv();
+            let mut text = String::new();
+            let _ = stdout.read_to_string(&mut text);
+            text.lines().map(str::to_owned).collect()
+        });
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut tracer = Tracer {
+            child,
+            stdout: Some(stdout),
+            start_stdout: Some(go_tx),
+            stderr_lines: rx,
+            stderr_seen: Vec::new(),
+        };
+        if read_stdout {
+            tracer.read_stdout();
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tracer.stderr_lines.recv_timeout(left) {
+                Ok(line) => {
+                    let attached = line.starts_with("tracer: attached");
+                    tracer.stderr_seen.push(line);
+                    if attached {
+                        break;
+                    }
+                }
+                Err(_) => {
+                    let _ = tracer.child.kill();
+                    let _ = tracer.child.wait();
+                    panic!("tracer did not attach; stderr: {:?}", tracer.stderr_seen);
+                }
+            }
+        }
+        tracer
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Lets the tracer's stdout flow.
+    pub fn read_stdout(&mut self) {
+        if let Some(tx) = self.start_stdout.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Sends `signal` by PID and collects everything the tracer printed.
+    pub fn stop_with(mut self, signal: i32) -> Output {
+        self.read_stdout();
+        // SAFETY: kill on our own child's PID, which we have not yet reaped.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        self.wait()
+    }
+
+    /// Waits for the tracer to exit by itself (`--count`, `--duration`).
+    pub fn wait(mut self) -> Output {
+        self.read_stdout();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for tracer") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("tracer did not exit within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let stdout = self.stdout.take().expect("stdout thread").join().expect("stdout reader");
+        let mut stderr = std::mem::take(&mut self.stderr_seen);
+        while let Ok(line) = self.stderr_lines.recv_timeout(Duration::from_secs(2)) {
+            stderr.push(line);
+        }
+        Output { stdout, stderr, status }
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Output {
+    /// Parsed `--json` lines.
+    pub fn json(&self) -> Vec<serde_json::Value> {
+        self.stdout
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON {l:?}: {e}")))
+            .collect()
+    }
+
+    /// The (sport, dport, old, new) of each JSON line.
+    pub fn keys(&self) -> Vec<Key> {
+        self.json().iter().map(key_of).collect()
+    }
+
+    /// The `received, printed, lost` figures of the final stderr summary line.
+    pub fn summary(&self) -> (u64, u64, u64) {
+        let line = self
+            .stderr
+            .iter()
+            .rev()
+            .find(|l| l.contains("events received"))
+            .unwrap_or_else(|| panic!("no summary line in {:?}", self.stderr));
+        let nums: Vec<u64> = line
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse().expect("number"))
+            .collect();
+        assert_eq!(nums.len(), 3, "summary line {line:?}");
+        (nums[0], nums[1], nums[2])
+    }
+}
+
+pub fn key_of(v: &serde_json::Value) -> Key {
+    (
+        v["sport"].as_u64().expect("sport") as u16,
+        v["dport"].as_u64().expect("dport") as u16,
+        v["old"].as_str().expect("old").to_owned(),
+        v["new"].as_str().expect("new").to_owned(),
+    )
+}
+
+/// Which side closes an accepted connection first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Closer {
+    Client,
+    Server,
+}
+
+/// A listener on loopback that accepts `n` connections and closes each one as `closer` says.
+pub struct Server {
+    pub addr: SocketAddr,
+    thread: JoinHandle<()>,
+}
+
+impl Server {
+    /// Binds now (so the port is known before tracing starts); serves `n` connections.
+    pub fn start(ip: &str, n: usize, closer: Closer) -> Server {
+        let addr = SocketAddr::new(ip.parse().expect("ip"), 0);
+        Server::start_at(addr, n, closer)
+    }
+
+    /// Like [`Server::start`], on a given address (listen() runs on the calling thread).
+    pub fn start_at(addr: SocketAddr, n: usize, closer: Closer) -> Server {
+        let listener = TcpListener::bind(addr).expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let thread = std::thread::spawn(move || {
+            for _ in 0..n {
+                let (mut s, _) = listener.accept().expect("accept");
+                if closer == Closer::Client {
+                    // Wait for the client's FIN, then close: the server closes second.
+                    let mut buf = [0u8; 64];
+                    while matches!(s.read(&mut buf), Ok(k) if k > 0) {}
+                }
+                drop(s);
+            }
+            // The listener closes here, after the last connection.
+        });
+        Server { addr, thread }
+    }
+
+    pub fn join(self) {
+        self.thread.join().expect("server thread");
+    }
+}
+
+/// Makes `n` connections to `addr`, each closed as `closer` says.
+pub fn connect_many(addr: SocketAddr, n: usize, closer: Closer) {
+    for _ in 0..n {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        if closer == Closer::Server {
+            let mut buf = [0u8; 64];
+            while matches!(s.read(&mut buf), Ok(k) if k > 0) {}
+        }
+        drop(s);
+    }
+}
+
+/// Attempts `n` connections to `addr`, where nothing listens; each must be refused.
+pub fn connect_refused(addr: SocketAddr, n: usize) {
+    for _ in 0..n {
+        let err = TcpStream::connect(addr).expect_err("connect to a closed port must fail");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    }
+}
+
+/// A loopback port with nothing listening (bound and released; nothing else here binds it).
+pub fn closed_port(ip: &str) -> SocketAddr {
+    let l = TcpListener::bind((ip, 0)).expect("bind");
+    l.local_addr().expect("addr")
+}
+
+pub const V4: &str = "127.0.0.1";
+pub fn v6() -> String {
+    Ipv6Addr::LOCALHOST.to_string()
+}
+
+/// Gives the kernel time to finish the last handshakes and teardowns on loopback.
+pub fn settle() {
+    std::thread::sleep(Duration::from_millis(300));
+}

@@ -1,0 +1,77 @@
+//! Bad input gets one line on stderr that says what is wrong and what to do, a non-zero exit,
+//! and never a panic or a backtrace (RUST_BACKTRACE=1 is set on purpose).
+
+mod common;
+
+use std::process::Command;
+
+/// Runs `tracer ARGS` (optionally through a wrapper) and returns (exit code, stderr lines).
+fn run(wrapper: &[&str], args: &[&str]) -> (i32, Vec<String>) {
+    let tracer = env!("CARGO_BIN_EXE_tracer");
+    let mut cmd = match wrapper.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(tracer);
+            c
+        }
+        None => Command::new(tracer),
+    };
+    let out = cmd.args(args).env("RUST_BACKTRACE", "1").output().expect("running tracer");
+    let stderr = String::from_utf8_lossy(&out.stderr).lines().map(str::to_owned).collect();
+    (out.status.code().unwrap_or(-1), stderr)
+}
+
+fn assert_one_line(stderr: &[String], needle: &str) {
+    assert_eq!(stderr.len(), 1, "expected one line, got {stderr:?}");
+    let line = &stderr[0];
+    assert!(line.starts_with("tracer: "), "{line}");
+    assert!(line.contains(needle), "{line:?} should mention {needle:?}");
+    assert!(!line.contains("panicked") && !line.contains("backtrace"), "{line}");
+}
+
+#[test]
+fn out_of_range_port_is_one_line_and_exit_2() {
+    let (code, stderr) = run(&[], &["watch", "--port", "70000"]);
+    assert_eq!(code, 2);
+    assert_one_line(&stderr, "70000");
+}
+
+#[test]
+fn unknown_state_lists_the_valid_ones() {
+    let (code, stderr) = run(&[], &["watch", "--state", "estab"]);
+    assert_eq!(code, 2);
+    assert_one_line(&stderr, "close_wait");
+}
+
+#[test]
+fn unknown_subcommand_is_one_line() {
+    let (code, stderr) = run(&[], &["frobnicate"]);
+    assert_eq!(code, 2);
+    assert_one_line(&stderr, "frobnicate");
+}
+
+#[test]
+fn bad_duration_says_how_to_write_one() {
+    let (code, stderr) = run(&[], &["watch", "--duration", "soon"]);
+    assert_eq!(code, 2);
+    assert_one_line(&stderr, "10s");
+}
+
+#[test]
+fn ring_buffer_size_must_be_a_power_of_two() {
+    let (code, stderr) = run(&[], &["watch", "--ring-buffer-size", "5000"]);
+    assert_eq!(code, 1);
+    assert_one_line(&stderr, "power of two");
+}
+
+#[test]
+fn without_privileges_it_says_to_use_sudo() {
+    if !common::require_root("without_privileges_it_says_to_use_sudo") {
+        return;
+    }
+    // Drop to nobody with no capabilities, as an unprivileged user would run it.
+    let drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"];
+    let (code, stderr) = run(&drop, &["watch"]);
+    assert_eq!(code, 1);
+    assert_one_line(&stderr, "sudo");
+}

@@ -1,0 +1,250 @@
+//! `tracer watch` against the kernel's own record: real sockets on loopback, the real probe,
+//! and a private ftrace instance of `sock/inet_sock_set_state` as the oracle.
+//!
+//! These tests load eBPF programs and share the machine's trace buffers: `cargo xtask test`
+//! runs them one at a time (`--test-threads=1`).
+
+mod common;
+
+use common::*;
+
+/// Mixed traffic: IPv4 and IPv6, client-closes-first and server-closes-first, and refused
+/// connects, with the ports of each kind.
+struct Traffic {
+    servers: Vec<(Server, usize, Closer)>,
+    refused: Vec<(std::net::SocketAddr, usize)>,
+}
+
+impl Traffic {
+    fn new(per_kind: usize, refused_per_family: usize) -> Traffic {
+        let v6 = v6();
+        let mut servers = Vec::new();
+        for ip in [V4, v6.as_str()] {
+            for closer in [Closer::Client, Closer::Server] {
+                servers.push((Server::start(ip, per_kind, closer), per_kind, closer));
+            }
+        }
+        let refused = [V4, v6.as_str()].iter().map(|ip| (closed_port(ip), refused_per_family)).collect();
+        Traffic { servers, refused }
+    }
+
+    fn ports(&self) -> Vec<u16> {
+        let mut ports: Vec<u16> = self.servers.iter().map(|(s, _, _)| s.addr.port()).collect();
+        ports.extend(self.refused.iter().map(|(a, _)| a.port()));
+        ports
+    }
+
+    fn port_args(&self) -> Vec<String> {
+        self.ports().iter().flat_map(|p| ["--port".to_owned(), p.to_string()]).collect()
+    }
+
+    /// Makes every connection, waits for every server to finish, and lets the kernel settle.
+    fn run(self) {
+        for (server, n, closer) in &self.servers {
+            connect_many(server.addr, *n, *closer);
+        }
+        for (addr, n) in &self.refused {
+            connect_refused(*addr, *n);
+        }
+        for (server, _, _) in self.servers {
+            server.join();
+        }
+        settle();
+    }
+}
+
+fn count(keys: &[Key], old: &str, new: &str) -> usize {
+    keys.iter().filter(|k| k.2 == old && k.3 == new).count()
+}
+
+#[test]
+fn every_transition_ftrace_records_is_printed_once() {
+    if !require_root("every_transition_ftrace_records_is_printed_once") {
+        return;
+    }
+    // 4 kinds x 500 = 2,000 connections, plus 2 x 100 refused connects.
+    let traffic = Traffic::new(500, 100);
+    let ports = traffic.ports();
+    let ftrace = Ftrace::start("tracer-watch-equal", &ports);
+    let mut args = vec!["watch", "--json"];
+    let port_args = traffic.port_args();
+    args.extend(port_args.iter().map(String::as_str));
+    let tracer = Tracer::start(&args, true);
+    traffic.run();
+    let oracle = ftrace.stop();
+    let out = tracer.stop_with(libc::SIGINT);
+    assert!(out.status.success(), "tracer exited with {}: {:?}", out.status, out.stderr);
+
+    let printed = out.keys();
+    let (received, printed_n, lost) = out.summary();
+    assert_eq!(lost, 0, "events lost: {:?}", out.stderr);
+    assert_eq!(printed_n as usize, printed.len());
+    assert_eq!(received, printed_n);
+    // Sanity of the oracle itself: 2,000 handshakes on each side, 200 refused connects.
+    assert_eq!(count(&oracle, "syn_sent", "established"), 2_000);
+    assert_eq!(count(&oracle, "syn_recv", "established"), 2_000);
+    assert_eq!(count(&oracle, "syn_sent", "close"), 200);
+    assert!(oracle.len() >= 2_000 * 10 + 200 * 2, "ftrace recorded only {}", oracle.len());
+    let (want, got) = (multiset(oracle), multiset(printed));
+    if want != got {
+        let missing: Vec<_> = want.iter().filter(|(k, n)| got.get(*k) != Some(n)).take(10).collect();
+        let extra: Vec<_> = got.iter().filter(|(k, n)| want.get(*k) != Some(n)).take(10).collect();
+        panic!("tracer and ftrace disagree; ftrace has {missing:?}; tracer has {extra:?}");
+    }
+}
+
+#[test]
+fn owner_and_dwell_of_a_client_process() {
+    if !require_root("owner_and_dwell_of_a_client_process") {
+        return;
+    }
+    let addr = closed_port(V4);
+    let port = addr.port().to_string();
+    let tracer = Tracer::start(&["watch", "--json", "--port", &port], true);
+    // Listening after the tracer attached, so that the listener's owner is known.
+    let server = Server::start_at(addr, 1, Closer::Client);
+    // A client in its own process: bash connects, holds the connection 300 ms, closes.
+    let script = format!("exec 3<>/dev/tcp/127.0.0.1/{port}; sleep 0.3; exec 3<&-");
+    let mut client = std::process::Command::new("bash").args(["-c", &script]).spawn().expect("bash");
+    let client_pid = client.id();
+    assert!(client.wait().expect("bash").success());
+    server.join();
+    settle();
+    let out = tracer.stop_with(libc::SIGTERM);
+    assert!(out.status.success(), "SIGTERM must end tracer with 0: {:?}", out.stderr);
+
+    let events = out.json();
+    let client_events: Vec<_> = events.iter().filter(|e| e["dport"] == server_port(&port)).collect();
+    let names: Vec<_> = client_events.iter().map(|e| (e["old"].as_str().unwrap(), e["new"].as_str().unwrap())).collect();
+    assert_eq!(
+        &names[..3],
+        &[("close", "syn_sent"), ("syn_sent", "established"), ("established", "fin_wait1")],
+        "client transitions: {names:?}"
+    );
+    for e in &client_events {
+        // Every client transition, including those in softirq, names bash, not whoever ran.
+        assert_eq!(e["pid"], client_pid, "pid of {e} in {client_events:?}");
+        assert_eq!(e["comm"], "bash", "comm of {e}");
+    }
+    let held = client_events
+        .iter()
+        .find(|e| e["old"] == "established" && e["new"] == "fin_wait1")
+        .expect("established -> fin_wait1");
+    let dwell_ms = held["dwell_ns"].as_u64().expect("dwell known") as f64 / 1e6;
+    assert!((240.0..=360.0).contains(&dwell_ms), "held 300 ms, dwell {dwell_ms} ms");
+    // The first transition of a socket has no known dwell.
+    assert!(client_events[0]["dwell_ns"].is_null());
+
+    // The server side belongs to this test process (the listener's owner), seen as passive.
+    let child = events
+        .iter()
+        .find(|e| e["old"] == "listen" && e["new"] == "syn_recv")
+        .expect("passive child");
+    assert_eq!(child["pid"], std::process::id());
+    // comm is the name of the thread that called listen(): this test's, cut to 15 bytes.
+    let thread = std::thread::current().name().unwrap_or_default().to_owned();
+    assert_eq!(child["comm"], thread[..thread.len().min(15)]);
+    assert_eq!(child["family"], "ipv4");
+    assert_eq!(child["saddr"], "127.0.0.1");
+}
+
+fn server_port(port: &str) -> serde_json::Value {
+    serde_json::Value::from(port.parse::<u16>().unwrap())
+}
+
+#[test]
+fn tiny_ring_buffer_counts_every_drop() {
+    if !require_root("tiny_ring_buffer_counts_every_drop") {
+        return;
+    }
+    let traffic = Traffic::new(250, 50);
+    let ports = traffic.ports();
+    let ftrace = Ftrace::start("tracer-watch-drops", &ports);
+    let mut args = vec!["watch", "--json", "--ring-buffer-size", "4096"];
+    let port_args = traffic.port_args();
+    args.extend(port_args.iter().map(String::as_str));
+    // Nobody reads the tracer's stdout until the traffic is over: its pipe fills, it stops
+    // draining, and its one-page ring buffer overflows.
+    let mut tracer = Tracer::start(&args, false);
+    traffic.run();
+    let oracle = ftrace.stop();
+    tracer.read_stdout();
+    let out = tracer.stop_with(libc::SIGINT);
+    assert!(out.status.success(), "{:?}", out.stderr);
+
+    let (received, printed, lost) = out.summary();
+    assert_eq!(printed as usize, out.stdout.len());
+    assert!(lost > 0, "expected drops with a 4 KiB ring buffer; stderr {:?}", out.stderr);
+    assert_eq!(received + lost, oracle.len() as u64, "printed {printed} + lost {lost} vs ftrace");
+    assert!(
+        out.stderr.iter().any(|l| l.contains("events lost (ring buffer full)")),
+        "losses must be reported while running: {:?}",
+        out.stderr
+    );
+}
+
+#[test]
+fn count_and_state_filters_stop_and_select() {
+    if !require_root("count_and_state_filters_stop_and_select") {
+        return;
+    }
+    let server = Server::start(V4, 20, Closer::Client);
+    let port = server.addr.port().to_string();
+    let tracer = Tracer::start(&["watch", "--json", "--port", &port, "--state", "close_wait", "--count", "5"], true);
+    connect_many(server.addr, 20, Closer::Client);
+    server.join();
+    let out = tracer.wait();
+    assert!(out.status.success(), "{:?}", out.stderr);
+    let keys = out.keys();
+    assert_eq!(keys.len(), 5, "--count 5 printed {keys:?}");
+    assert!(keys.iter().all(|k| k.2 == "close_wait" || k.3 == "close_wait"), "{keys:?}");
+}
+
+#[test]
+fn human_output_has_aligned_columns_and_unknown_owner_dashes() {
+    if !require_root("human_output_has_aligned_columns_and_unknown_owner_dashes") {
+        return;
+    }
+    // A connection that exists before the tracer starts: its owner is unknown.
+    let listener = std::net::TcpListener::bind((V4, 0)).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let client = std::net::TcpStream::connect(addr).unwrap();
+    let (accepted, _) = listener.accept().unwrap();
+    let port = addr.port().to_string();
+    let tracer = Tracer::start(&["watch", "--port", &port], true);
+    drop(client);
+    drop(accepted);
+    settle();
+    let out = tracer.stop_with(libc::SIGINT);
+    assert!(out.status.success());
+    assert!(out.stdout[0].starts_with("TIME(UTC)"), "header: {:?}", out.stdout);
+    let first = out.stdout.iter().find(|l| l.contains("established -> fin_wait1")).expect("line");
+    let cols: Vec<&str> = first.split_whitespace().collect();
+    assert_eq!(cols[1], "-", "unknown pid printed as '-': {first}");
+    assert_eq!(cols[2], "-", "unknown comm printed as '-': {first}");
+    assert_eq!(cols[3], format!("127.0.0.1:{}", client_port(first)), "{first}");
+    assert_eq!(*cols.last().unwrap(), "-", "dwell of a pre-existing state is unknown: {first}");
+    let header_new = out.stdout[0].find("OLD -> NEW").unwrap();
+    assert_eq!(first.find("established"), Some(header_new), "columns aligned:\n{}\n{first}", out.stdout[0]);
+}
+
+fn client_port(line: &str) -> String {
+    line.split_whitespace().nth(3).unwrap().rsplit(':').next().unwrap().to_owned()
+}
+
+#[test]
+fn probe_is_detached_after_exit() {
+    if !require_root("probe_is_detached_after_exit") {
+        return;
+    }
+    let tracer = Tracer::start(&["watch", "--duration", "200ms"], true);
+    let pid = tracer.pid();
+    let out = tracer.wait();
+    assert!(out.status.success(), "{:?}", out.stderr);
+    // The kernel frees the program when the last fd goes; nothing of ours stays loaded.
+    let ours = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| p.name_as_str() == Some("inet_sock_set_s"))
+        .count();
+    assert_eq!(ours, 0, "a probe stayed loaded after tracer {pid} exited");
+}
