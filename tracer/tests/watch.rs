@@ -248,3 +248,29 @@ fn probe_is_detached_after_exit() {
         .count();
     assert_eq!(ours, 0, "a probe stayed loaded after tracer {pid} exited");
 }
+
+#[test]
+fn pid_filter_keeps_only_that_owners_sockets() {
+    if !require_root("pid_filter_keeps_only_that_owners_sockets") {
+        return;
+    }
+    let addr = closed_port(V4);
+    let port = addr.port().to_string();
+    let me = std::process::id().to_string();
+    let tracer = Tracer::start(&["watch", "--json", "--port", &port, "--pid", &me], true);
+    let server = Server::start_at(addr, 3, Closer::Client);
+    // Three clients in other processes: their sockets must not be printed.
+    for _ in 0..3 {
+        let script = format!("exec 3<>/dev/tcp/127.0.0.1/{port}; exec 3<&-");
+        assert!(std::process::Command::new("bash").args(["-c", &script]).status().unwrap().success());
+    }
+    server.join();
+    settle();
+    let out = tracer.stop_with(libc::SIGINT);
+    let events = out.json();
+    assert!(events.iter().all(|e| e["pid"] == std::process::id()), "{events:?}");
+    let keys = out.keys();
+    assert_eq!(count(&keys, "close", "listen"), 1, "{keys:?}");
+    assert_eq!(count(&keys, "listen", "syn_recv"), 3, "{keys:?}");
+    assert_eq!(count(&keys, "close", "syn_sent"), 0, "{keys:?}");
+}
