@@ -112,7 +112,9 @@ pub mod counter {
     pub const LOST_RINGBUF_FULL: u32 = 0;
     /// Sockets whose owner could not be remembered because the owner table was full.
     pub const OWNERS_FULL: u32 = 1;
-    pub const COUNT: u32 = 2;
+    /// Transitions delivered by the rescue program because the main one was busy on the CPU.
+    pub const RESCUED: u32 = 2;
+    pub const COUNT: u32 = 3;
 }
 
 /// Size of the probe's owner table (sockets between SYN_SENT/LISTEN/SYN_RECV and CLOSE).

@@ -72,11 +72,43 @@ static OWNERS: HashMap<u64, Owner> = HashMap::with_max_entries(MAX_OWNED_SOCKETS
 #[map]
 static LISTENERS: HashMap<ListenerKey, Owner> = HashMap::with_max_entries(MAX_LISTENERS, 0);
 
+/// Set on a CPU while `inet_sock_set_state` runs there: read by the rescue program.
+#[map]
+static RUNNING: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// The main program: handles every transition.
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
+    set_running(1);
     // The tracepoint's return value is ignored by the kernel; errors are counted instead.
     let _ = try_inet_sock_set_state(&ctx);
+    set_running(0);
     0
+}
+
+/// The rescue program, attached to the same tracepoint: handles a transition only when it
+/// fires while the main program is running on this CPU.
+///
+/// Why: the kernel never runs a BPF program nested in itself on one CPU; it skips the inner run
+/// and counts it in `recursion_misses`. That happens when an interrupt arrives while the main
+/// program runs in process context (connect, close) and the softirq on its exit processes a
+/// packet that changes another socket's state. The check is per program, so this one, idle
+/// at that moment, delivers the event instead. Events lost for good are the main program's
+/// recursion misses minus `counter::RESCUED`.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state_rescue(ctx: BtfTracePointContext) -> i32 {
+    if RUNNING.get(0).is_some_and(|r| *r != 0) {
+        count(counter::RESCUED);
+        let _ = try_inet_sock_set_state(&ctx);
+    }
+    0
+}
+
+fn set_running(value: u32) {
+    if let Some(r) = RUNNING.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; tracepoint programs run with preemption disabled.
+        unsafe { *r = value };
+    }
 }
 
 fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {

@@ -18,6 +18,10 @@ use tracer_common::{counter, PORT_FILTER_LEN};
 /// The probe object built by `build.rs` from `tracer-ebpf`.
 static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
 
+/// The probe's programs, both on `inet_sock_set_state`.
+const MAIN_PROGRAM: &str = "inet_sock_set_state";
+const RESCUE_PROGRAM: &str = "inet_sock_set_state_rescue";
+
 /// Default size of the event ring buffer; see `--ring-buffer-size`.
 pub const DEFAULT_RING_BUFFER_BYTES: u32 = 8 * 1024 * 1024;
 
@@ -43,10 +47,12 @@ pub struct Probe {
 pub struct ProbeCounters {
     /// Events dropped because the ring buffer was full.
     pub lost: u64,
-    /// Runs of the probe the kernel skipped because it was already running on that CPU
-    /// (`bpf_prog_info.recursion_misses`, Linux 5.12+): each one is a transition not seen.
-    /// It includes transitions the port filter would have dropped.
+    /// Transitions the kernel did not run the probe for because it was already running on that
+    /// CPU (`bpf_prog_info.recursion_misses`, Linux 5.12+), less those the rescue program
+    /// delivered. Includes transitions the port filter would have dropped.
     pub missed: u64,
+    /// Transitions the rescue program delivered (see `inet_sock_set_state_rescue`).
+    pub rescued: u64,
     /// Sockets whose owner was not recorded because the owner table was full.
     pub owners_full: u64,
 }
@@ -89,12 +95,15 @@ impl Probe {
         }
 
         let aya_btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
-        let program: &mut BtfTracePoint = ebpf
-            .program_mut("inet_sock_set_state")
-            .context("program inet_sock_set_state missing from the probe object")?
-            .try_into()?;
-        program.load("inet_sock_set_state", &aya_btf).map_err(|e| load_error(&e))?;
-        program.attach().map_err(|e| load_error(&e))?;
+        // The main program first, then the one that rescues its nested runs.
+        for name in [MAIN_PROGRAM, RESCUE_PROGRAM] {
+            let program: &mut BtfTracePoint = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the probe object"))?
+                .try_into()?;
+            program.load("inet_sock_set_state", &aya_btf).map_err(|e| load_error(&e))?;
+            program.attach().map_err(|e| load_error(&e))?;
+        }
         Ok(Probe { ebpf })
     }
 
@@ -109,14 +118,14 @@ impl Probe {
         let map: PerCpuArray<_, u64> =
             PerCpuArray::try_from(self.ebpf.map("COUNTERS").context("map COUNTERS")?)?;
         let sum = |i: u32| -> Result<u64> { Ok(map.get(&i, 0)?.iter().sum()) };
-        let program: &BtfTracePoint = self
-            .ebpf
-            .program("inet_sock_set_state")
-            .context("program inet_sock_set_state")?
-            .try_into()?;
+        let program: &BtfTracePoint =
+            self.ebpf.program(MAIN_PROGRAM).context("program inet_sock_set_state")?.try_into()?;
+        let rescued = sum(counter::RESCUED)?;
+        let skipped = recursion_misses(program.fd()?.as_fd())?;
         Ok(ProbeCounters {
             lost: sum(counter::LOST_RINGBUF_FULL)?,
-            missed: recursion_misses(program.fd()?.as_fd())?,
+            missed: skipped.saturating_sub(rescued),
+            rescued,
             owners_full: sum(counter::OWNERS_FULL)?,
         })
     }
