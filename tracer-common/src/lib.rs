@@ -56,6 +56,16 @@ pub struct Transition {
     pub newstate: u8,
     /// Command name of the owner, NUL-padded; empty when unknown.
     pub comm: [u8; COMM_LEN],
+    /// At SYN_RECV -> ESTABLISHED only (else 0): `tcp_sock.srtt_us`, the smoothed RTT in
+    /// microseconds times 8. For a new passive child it holds the one sample the kernel took,
+    /// from the first SYN-ACK sent to the handshake's final ACK.
+    pub srtt_us: u32,
+    /// At SYN_SENT -> CLOSE only (else 0): `sock.sk_err`, why the connect failed
+    /// (ECONNREFUSED, ETIMEDOUT; 0 when the application closed it).
+    pub sk_err: u16,
+    /// At SYN_RECV -> ESTABLISHED only (else 0): `tcp_sock.total_retrans`, the SYN-ACK
+    /// retransmissions of the handshake.
+    pub retrans: u16,
     pub _pad: [u8; 4],
 }
 
@@ -83,6 +93,13 @@ pub struct SockOffsets {
     pub sk_protocol: u32,
     /// `inet_sock.inet_sport` (`__be16`).
     pub inet_sport: u32,
+    /// `sock_common.skc_state` (`unsigned char`).
+    pub skc_state: u32,
+    /// `sock.sk_err` (`int`).
+    pub sk_err: u32,
+    /// `tcp_sock.srtt_us` and `tcp_sock.total_retrans` (`u32`).
+    pub srtt_us: u32,
+    pub total_retrans: u32,
 }
 
 /// Key of the probe's listener table: a listening port in one network namespace.
@@ -114,8 +131,19 @@ pub mod counter {
     pub const OWNERS_FULL: u32 = 1;
     /// Transitions delivered by the rescue program because the main one was busy on the CPU.
     pub const RESCUED: u32 = 2;
-    pub const COUNT: u32 = 3;
+    /// SYN-ACK retransmissions not counted because `SYNACK_RETRANSMITS` was full.
+    pub const SYNACK_PORTS_FULL: u32 = 3;
+    pub const COUNT: u32 = 4;
 }
+
+/// Direction index of the `RESETS` counters: `RESETS[direction * RESET_STATES + state]`.
+pub const RESET_SENT: u32 = 0;
+pub const RESET_RECEIVED: u32 = 1;
+/// States per direction in `RESETS` (state 0 = no socket, e.g. a RST to a closed port).
+pub const RESET_STATES: u32 = 16;
+
+/// Listening ports whose SYN-ACK retransmissions the probe counts (`SYNACK_RETRANSMITS`).
+pub const MAX_SYNACK_PORTS: u32 = 4_096;
 
 /// Size of the probe's owner table (sockets between SYN_SENT/LISTEN/SYN_RECV and CLOSE).
 pub const MAX_OWNED_SOCKETS: u32 = 262_144;

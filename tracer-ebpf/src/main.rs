@@ -17,12 +17,13 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
     macros::{btf_tracepoint, map},
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::BtfTracePointContext,
 };
 use tracer_common::{
     counter, state, ListenerKey, Owner, SockOffsets, Transition, AF_INET, AF_INET6, COMM_LEN,
-    IPPROTO_TCP, MAX_LISTENERS, MAX_OWNED_SOCKETS, PORT_FILTER_LEN,
+    IPPROTO_TCP, MAX_LISTENERS, MAX_OWNED_SOCKETS, MAX_SYNACK_PORTS, PORT_FILTER_LEN,
+    RESET_RECEIVED, RESET_SENT, RESET_STATES,
 };
 
 /// Field offsets, set by userspace at load time (see `tracer::btf`).
@@ -37,6 +38,10 @@ static OFFSETS: SockOffsets = SockOffsets {
     skc_net: 0,
     sk_protocol: 0,
     inet_sport: 0,
+    skc_state: 0,
+    sk_err: 0,
+    srtt_us: 0,
+    total_retrans: 0,
 };
 
 /// Unread bytes in `EVENTS` at which the probe wakes the reader; set at load time.
@@ -72,6 +77,16 @@ static OWNERS: HashMap<u64, Owner> = HashMap::with_max_entries(MAX_OWNED_SOCKETS
 #[map]
 static LISTENERS: HashMap<ListenerKey, Owner> = HashMap::with_max_entries(MAX_LISTENERS, 0);
 
+/// SYN-ACK retransmissions per listening port (`tcp/tcp_retransmit_synack`), read on scrape.
+#[map]
+static SYNACK_RETRANSMITS: PerCpuHashMap<u16, u64> =
+    PerCpuHashMap::with_max_entries(MAX_SYNACK_PORTS, 0);
+
+/// Resets sent and received, by the socket's state (`tcp/tcp_send_reset`,
+/// `tcp/tcp_receive_reset`), indexed `direction * RESET_STATES + state`.
+#[map]
+static RESETS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2 * RESET_STATES, 0);
+
 /// Set on a CPU while `inet_sock_set_state` runs there: read by the rescue program.
 #[map]
 static RUNNING: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
@@ -102,6 +117,49 @@ pub fn inet_sock_set_state_rescue(ctx: BtfTracePointContext) -> i32 {
         let _ = try_inet_sock_set_state(&ctx);
     }
     0
+}
+
+/// `tcp_retransmit_synack(const struct sock *sk, const struct request_sock *req)`: `sk` is
+/// the listener; counted by its port.
+#[btf_tracepoint(function = "tcp_retransmit_synack")]
+pub fn tcp_retransmit_synack(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const u8 = ctx.arg(0);
+    // SAFETY: OFFSETS is a read-only global.
+    let off = unsafe { core::ptr::read_volatile(&OFFSETS) };
+    let Ok(port) = read::<u16>(sk, off.inet_sport).map(u16::from_be) else { return 0 };
+    if let Some(n) = SYNACK_RETRANSMITS.get_ptr_mut(&port) {
+        // SAFETY: this CPU's value of a per-CPU map; preemption is disabled here.
+        unsafe { *n += 1 };
+    } else if SYNACK_RETRANSMITS.insert(&port, &1, 0).is_err() {
+        count(counter::SYNACK_PORTS_FULL);
+    }
+    0
+}
+
+/// `tcp_send_reset(const struct sock *sk, const struct sk_buff *skb, enum sk_rst_reason)`;
+/// `sk` is NULL for a reset that answers no socket (e.g. a SYN to a closed port).
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
+    count_reset(RESET_SENT, ctx.arg(0));
+    0
+}
+
+/// `tcp_receive_reset(struct sock *sk)`.
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
+    count_reset(RESET_RECEIVED, ctx.arg(0));
+    0
+}
+
+fn count_reset(direction: u32, sk: *const u8) {
+    // SAFETY: OFFSETS is a read-only global.
+    let off = unsafe { core::ptr::read_volatile(&OFFSETS) };
+    let state = if sk.is_null() { 0 } else { read::<u8>(sk, off.skc_state).unwrap_or(0) as u32 };
+    let index = direction * RESET_STATES + (state % RESET_STATES);
+    if let Some(c) = RESETS.get_ptr_mut(index) {
+        // SAFETY: this CPU's slot; preemption is disabled here.
+        unsafe { *c += 1 };
+    }
 }
 
 fn set_running(value: u32) {
@@ -148,6 +206,15 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
         count(counter::LOST_RINGBUF_FULL);
         return Ok(());
     };
+    // Handshake facts the tracepoint does not carry, read where they mean something.
+    let (mut srtt_us, mut sk_err, mut retrans) = (0u32, 0u16, 0u16);
+    if oldstate == state::SYN_RECV && newstate == state::ESTABLISHED {
+        srtt_us = read(sk, off.srtt_us).unwrap_or(0);
+        retrans = read::<u32>(sk, off.total_retrans).unwrap_or(0) as u16;
+    } else if oldstate == state::SYN_SENT && newstate == state::CLOSE {
+        sk_err = read::<i32>(sk, off.sk_err).unwrap_or(0) as u16;
+    }
+
     entry.write(Transition {
         // SAFETY: a helper with no arguments, callable from any program type.
         time_ns: unsafe { bpf_ktime_get_ns() },
@@ -161,6 +228,9 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
         oldstate,
         newstate,
         comm: owner.comm,
+        srtt_us,
+        sk_err,
+        retrans,
         _pad: [0; 4],
     });
     // SAFETY: read-only global, volatile for the same reason as OFFSETS.

@@ -45,6 +45,10 @@ pub fn sock_offsets(btf: &Btf) -> Result<SockOffsets> {
         sk_protocol: field_offset(btf, "sock", &["sk_protocol"])
             .context("sk_protocol must be a plain u16 field (Linux 5.6 or newer)")?,
         inet_sport: field_offset(btf, "inet_sock", &["inet_sport"])?,
+        skc_state: in_common("skc_state")?,
+        sk_err: field_offset(btf, "sock", &["sk_err"])?,
+        srtt_us: field_offset(btf, "tcp_sock", &["srtt_us"])?,
+        total_retrans: field_offset(btf, "tcp_sock", &["total_retrans"])?,
     })
 }
 

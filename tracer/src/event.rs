@@ -105,6 +105,9 @@ pub(crate) mod tests {
             oldstate: old,
             newstate: new,
             comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
+            srtt_us: 0,
+            sk_err: 0,
+            retrans: 0,
             _pad: [0; 4],
         }
     }

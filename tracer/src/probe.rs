@@ -6,21 +6,30 @@
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    maps::{Array, MapData, PerCpuArray, RingBuf},
+    maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::BtfTracePoint,
     Ebpf, EbpfLoader,
 };
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use aya_obj::generated::{bpf_cmd, bpf_prog_info};
+pub use tracer_common::{RESET_RECEIVED, RESET_SENT, RESET_STATES};
 use tracer_common::{counter, PORT_FILTER_LEN};
 
 /// The probe object built by `build.rs` from `tracer-ebpf`.
 static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
 
-/// The probe's programs, both on `inet_sock_set_state`.
+/// The program that handles every transition.
 const MAIN_PROGRAM: &str = "inet_sock_set_state";
-const RESCUE_PROGRAM: &str = "inet_sock_set_state_rescue";
+
+/// Every program of the probe and the tracepoint it attaches to, in attach order.
+const PROGRAMS: [(&str, &str); 5] = [
+    (MAIN_PROGRAM, "inet_sock_set_state"),
+    ("inet_sock_set_state_rescue", "inet_sock_set_state"),
+    ("tcp_retransmit_synack", "tcp_retransmit_synack"),
+    ("tcp_send_reset", "tcp_send_reset"),
+    ("tcp_receive_reset", "tcp_receive_reset"),
+];
 
 /// Default size of the event ring buffer; see `--ring-buffer-size`.
 pub const DEFAULT_RING_BUFFER_BYTES: u32 = 8 * 1024 * 1024;
@@ -55,6 +64,8 @@ pub struct ProbeCounters {
     pub rescued: u64,
     /// Sockets whose owner was not recorded because the owner table was full.
     pub owners_full: u64,
+    /// SYN-ACK retransmissions not counted because the per-port table was full.
+    pub synack_ports_full: u64,
 }
 
 impl ProbeCounters {
@@ -96,15 +107,42 @@ impl Probe {
 
         let aya_btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
         // The main program first, then the one that rescues its nested runs.
-        for name in [MAIN_PROGRAM, RESCUE_PROGRAM] {
+        for (name, tracepoint) in PROGRAMS {
             let program: &mut BtfTracePoint = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the probe object"))?
                 .try_into()?;
-            program.load("inet_sock_set_state", &aya_btf).map_err(|e| load_error(&e))?;
+            program.load(tracepoint, &aya_btf).map_err(|e| load_error(&e))?;
             program.attach().map_err(|e| load_error(&e))?;
         }
         Ok(Probe { ebpf })
+    }
+
+    /// SYN-ACK retransmissions per listening port, summed over CPUs.
+    pub fn synack_retransmits(&self) -> Result<Vec<(u16, u64)>> {
+        let map: PerCpuHashMap<_, u16, u64> = PerCpuHashMap::try_from(
+            self.ebpf.map("SYNACK_RETRANSMITS").context("map SYNACK_RETRANSMITS")?,
+        )?;
+        let mut out = Vec::new();
+        for entry in map.iter() {
+            let (port, per_cpu) = entry.context("reading SYNACK_RETRANSMITS")?;
+            out.push((port, per_cpu.iter().sum()));
+        }
+        Ok(out)
+    }
+
+    /// Resets by direction ([`RESET_SENT`], [`RESET_RECEIVED`]) and socket state (0 = none).
+    pub fn resets(&self) -> Result<[[u64; RESET_STATES as usize]; 2]> {
+        let map: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.ebpf.map("RESETS").context("map RESETS")?)?;
+        let mut out = [[0; RESET_STATES as usize]; 2];
+        for direction in [RESET_SENT, RESET_RECEIVED] {
+            for state in 0..RESET_STATES {
+                let values = map.get(&(direction * RESET_STATES + state), 0)?;
+                out[direction as usize][state as usize] = values.iter().sum();
+            }
+        }
+        Ok(out)
     }
 
     /// Takes the event ring buffer; call once.
@@ -127,6 +165,7 @@ impl Probe {
             missed: skipped.saturating_sub(rescued),
             rescued,
             owners_full: sum(counter::OWNERS_FULL)?,
+            synack_ports_full: sum(counter::SYNACK_PORTS_FULL)?,
         })
     }
 }
