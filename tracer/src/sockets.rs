@@ -12,15 +12,78 @@ use tracer_common::state;
 
 use crate::event::Transition;
 
+/// Which side opened a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// This host connected (SYN_SENT).
+    Active = 0,
+    /// This host accepted (a listener's child, SYN_RECV).
+    Passive = 1,
+}
+
+/// Who started closing an established connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Teardown {
+    /// This side sent the first FIN (ESTABLISHED -> FIN_WAIT1).
+    Active = 0,
+    /// The peer did (ESTABLISHED -> CLOSE_WAIT).
+    Passive = 1,
+    /// Both at once (FIN_WAIT1 -> CLOSING).
+    Simultaneous = 2,
+}
+
+/// Why an active open failed, from `sk_err` at SYN_SENT -> CLOSE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// A RST answered the SYN (ECONNREFUSED).
+    Refused = 0,
+    /// The SYN retries ran out (ETIMEDOUT).
+    Timeout = 1,
+    /// The application closed the socket while it was connecting (no error).
+    Aborted = 2,
+    /// Any other error (e.g. EHOSTUNREACH from an ICMP answer).
+    Other = 3,
+}
+
+const ECONNREFUSED: u16 = 111;
+const ETIMEDOUT: u16 = 110;
+
+/// What one transition tells, for the metrics. Durations in nanoseconds, ports are service
+/// ports: the remote port of an active open, the local port of a passive one (0: not known).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Observation {
+    /// Every transition.
+    Transition { from: u8, to: u8 },
+    /// Time spent in `state`, when the table saw the socket enter it.
+    Dwell { state: u8, ns: u64 },
+    /// A completed handshake. Active: SYN_SENT -> ESTABLISHED. Passive: the kernel's sample
+    /// from the first SYN-ACK to the final ACK (`tcp_sock.srtt_us` of the new child).
+    Handshake { mode: Mode, port: u16, ns: u64 },
+    /// A failed active open.
+    HandshakeFailure { reason: Failure, port: u16 },
+    /// From leaving ESTABLISHED to CLOSE.
+    Teardown { mode: Teardown, port: u16, ns: u64 },
+    /// From ESTABLISHED to CLOSE.
+    Lifetime { mode: Mode, port: u16, ns: u64 },
+}
+
 /// What the table remembers of one socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Entry {
     /// The state the socket is in now.
     state: u8,
-    /// When it entered that state (CLOSE_MONOTONIC ns, the probe's clock).
+    /// When it entered that state (CLOCK_MONOTONIC ns, the probe's clock).
     since_ns: u64,
     /// When the table first saw the socket; ties the eviction queue to this entry.
     first_seen_ns: u64,
+    /// How it was opened, when the table saw that.
+    mode: Option<Mode>,
+    /// Its service port (0: not known).
+    port: u16,
+    /// When it became ESTABLISHED (0: not seen).
+    established_ns: u64,
+    /// Who started closing, and when (not seen: None).
+    teardown: Option<(Teardown, u64)>,
 }
 
 /// Bounded table of live sockets.
@@ -48,30 +111,93 @@ impl SocketTable {
     /// Follows one transition. Returns how long (ns) the socket stayed in `t.oldstate`, when the
     /// table saw it enter that state.
     pub fn observe(&mut self, t: &Transition) -> Option<u64> {
+        self.follow(t, |_| {})
+    }
+
+    /// Follows one transition and tells `sink` everything it completes (see [`Observation`]).
+    /// Returns the dwell in `t.oldstate`, as [`SocketTable::observe`].
+    pub fn follow(&mut self, t: &Transition, mut sink: impl FnMut(Observation)) -> Option<u64> {
+        use state::*;
+        let (old, new, now) = (t.oldstate, t.newstate, t.time_ns);
+        sink(Observation::Transition { from: old, to: new });
         let known = self.entries.get(&t.skaddr).copied();
-        let dwell = known
-            .filter(|e| e.state == t.oldstate && t.time_ns >= e.since_ns)
-            .map(|e| t.time_ns - e.since_ns);
-        if t.newstate == state::CLOSE {
-            self.entries.remove(&t.skaddr);
+        let seen = known.filter(|e| e.state == old && now >= e.since_ns);
+        let dwell = seen.map(|e| now - e.since_ns);
+        if let Some(ns) = dwell {
+            sink(Observation::Dwell { state: old, ns });
+        }
+
+        let mut e = known.unwrap_or(Entry {
+            state: old,
+            since_ns: 0,
+            first_seen_ns: now,
+            mode: opening_mode(old, new),
+            port: 0,
+            established_ns: 0,
+            teardown: None,
+        });
+        if e.port == 0 {
+            e.port = match e.mode {
+                Some(Mode::Active) => t.dport,
+                Some(Mode::Passive) => t.sport,
+                None => 0,
+            };
+        }
+
+        match (old, new) {
+            (SYN_SENT, ESTABLISHED) => {
+                if let Some(ns) = dwell {
+                    sink(Observation::Handshake { mode: Mode::Active, port: e.port, ns });
+                }
+            }
+            (SYN_RECV, ESTABLISHED) if t.srtt_us > 0 => {
+                // srtt_us holds the smoothed RTT times 8; a new child has one sample.
+                let ns = u64::from(t.srtt_us >> 3) * 1_000;
+                sink(Observation::Handshake { mode: Mode::Passive, port: t.sport, ns });
+            }
+            (SYN_SENT, CLOSE) => {
+                let reason = match t.sk_err {
+                    ECONNREFUSED => Failure::Refused,
+                    ETIMEDOUT => Failure::Timeout,
+                    0 => Failure::Aborted,
+                    _ => Failure::Other,
+                };
+                sink(Observation::HandshakeFailure { reason, port: t.dport });
+            }
+            (ESTABLISHED, FIN_WAIT1) => e.teardown = Some((Teardown::Active, now)),
+            (ESTABLISHED, CLOSE_WAIT) => e.teardown = Some((Teardown::Passive, now)),
+            (FIN_WAIT1, CLOSING) => {
+                e.teardown = e.teardown.map(|(_, start)| (Teardown::Simultaneous, start));
+            }
+            _ => {}
+        }
+        if new == ESTABLISHED {
+            e.established_ns = now;
+        }
+
+        if new == CLOSE {
+            if let Some((mode, start)) = e.teardown.filter(|&(_, start)| now >= start) {
+                sink(Observation::Teardown { mode, port: e.port, ns: now - start });
+            }
+            if let (Some(mode), true) = (e.mode, e.established_ns != 0 && now >= e.established_ns) {
+                sink(Observation::Lifetime { mode, port: e.port, ns: now - e.established_ns });
+            }
+            if known.is_some() {
+                self.entries.remove(&t.skaddr);
+            }
             return dwell;
         }
-        match known {
-            Some(e) => {
-                let entry = Entry { state: t.newstate, since_ns: t.time_ns, ..e };
-                self.entries.insert(t.skaddr, entry);
+
+        e.state = new;
+        e.since_ns = now;
+        if known.is_none() {
+            if self.entries.len() >= self.capacity {
+                self.evict_oldest();
             }
-            None => {
-                if self.entries.len() >= self.capacity {
-                    self.evict_oldest();
-                }
-                let entry =
-                    Entry { state: t.newstate, since_ns: t.time_ns, first_seen_ns: t.time_ns };
-                self.entries.insert(t.skaddr, entry);
-                self.order.push_back((t.skaddr, t.time_ns));
-                self.compact_order();
-            }
+            self.order.push_back((t.skaddr, e.first_seen_ns));
+            self.compact_order();
         }
+        self.entries.insert(t.skaddr, e);
         dwell
     }
 
@@ -88,6 +214,11 @@ impl SocketTable {
     /// Sockets evicted because the table was full, since it was made.
     pub fn evicted(&self) -> u64 {
         self.evicted
+    }
+
+    /// How long each followed socket has been in its state, as (state, entered at ns).
+    pub fn states(&self) -> impl Iterator<Item = (u8, u64)> + '_ {
+        self.entries.values().map(|e| (e.state, e.since_ns))
     }
 
     fn evict_oldest(&mut self) {
@@ -112,6 +243,21 @@ impl SocketTable {
         });
     }
 }
+
+/// How a socket was opened, read from the first transition the table sees of it.
+fn opening_mode(old: u8, new: u8) -> Option<Mode> {
+    match (old, new) {
+        (state::CLOSE, state::SYN_SENT) | (state::SYN_SENT, _) => Some(Mode::Active),
+        (state::LISTEN, state::SYN_RECV) | (state::SYN_RECV, _) => Some(Mode::Passive),
+        _ => None,
+    }
+}
+
+/// Approximate heap bytes per followed socket: the hash map slot (key, entry, control byte,
+/// at the map's load factor) plus the eviction queue entry.
+pub const BYTES_PER_SOCKET: usize =
+    (std::mem::size_of::<u64>() + std::mem::size_of::<Entry>() + 1) * 8 / 7
+        + 2 * std::mem::size_of::<(u64, u64)>();
 
 #[cfg(test)]
 mod tests {
@@ -170,5 +316,106 @@ mod tests {
         }
         assert_eq!(table.evicted(), 0);
         assert!(table.order.len() <= 8, "queue length {}", table.order.len());
+    }
+
+    /// Runs a sequence through a fresh table and returns everything but transitions and dwells.
+    fn outcomes(seq: &[Transition]) -> Vec<Observation> {
+        let mut table = SocketTable::new(16);
+        let mut out = Vec::new();
+        for t in seq {
+            table.follow(t, |o| {
+                if !matches!(o, Observation::Transition { .. } | Observation::Dwell { .. }) {
+                    out.push(o);
+                }
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn active_open_and_close_give_handshake_teardown_and_lifetime() {
+        // Client side of a client-closes-first connection to port 8080.
+        let seq = [
+            transition(1, 1_000, CLOSE, SYN_SENT),
+            transition(1, 1_050, SYN_SENT, ESTABLISHED),
+            transition(1, 501_050, ESTABLISHED, FIN_WAIT1),
+            transition(1, 501_060, FIN_WAIT1, FIN_WAIT2),
+            transition(1, 501_100, FIN_WAIT2, CLOSE),
+        ];
+        assert_eq!(
+            outcomes(&seq),
+            vec![
+                Observation::Handshake { mode: Mode::Active, port: 8080, ns: 50 },
+                Observation::Teardown { mode: Teardown::Active, port: 8080, ns: 50 },
+                Observation::Lifetime { mode: Mode::Active, port: 8080, ns: 500_050 },
+            ]
+        );
+    }
+
+    #[test]
+    fn passive_handshake_is_the_kernels_synack_rtt_sample_on_the_local_port() {
+        let mut est = transition(2, 2_000, SYN_RECV, ESTABLISHED);
+        est.sport = 443;
+        est.dport = 50_000;
+        est.srtt_us = 1_025_000 << 3;
+        let mut listen = transition(2, 2_000, LISTEN, SYN_RECV);
+        listen.sport = 443;
+        let mut wait = transition(2, 9_000, ESTABLISHED, CLOSE_WAIT);
+        wait.sport = 443;
+        let mut last = transition(2, 9_500, CLOSE_WAIT, LAST_ACK);
+        last.sport = 443;
+        let mut close = transition(2, 9_600, LAST_ACK, CLOSE);
+        close.sport = 443;
+        assert_eq!(
+            outcomes(&[listen, est, wait, last, close]),
+            vec![
+                Observation::Handshake { mode: Mode::Passive, port: 443, ns: 1_025_000_000 },
+                Observation::Teardown { mode: Teardown::Passive, port: 443, ns: 600 },
+                Observation::Lifetime { mode: Mode::Passive, port: 443, ns: 7_600 },
+            ]
+        );
+    }
+
+    #[test]
+    fn failed_connects_are_told_apart_by_sk_err() {
+        let fail = |sk_err| {
+            let mut t = transition(3, 10, SYN_SENT, CLOSE);
+            t.sk_err = sk_err;
+            outcomes(&[transition(3, 0, CLOSE, SYN_SENT), t])
+        };
+        let reason = |o: Vec<Observation>| match o[..] {
+            [Observation::HandshakeFailure { reason, port: 8080 }] => reason,
+            _ => panic!("{o:?}"),
+        };
+        assert_eq!(reason(fail(111)), Failure::Refused);
+        assert_eq!(reason(fail(110)), Failure::Timeout);
+        assert_eq!(reason(fail(0)), Failure::Aborted);
+        assert_eq!(reason(fail(113)), Failure::Other);
+    }
+
+    #[test]
+    fn crossing_fins_are_a_simultaneous_teardown() {
+        let seq = [
+            transition(4, 0, CLOSE, SYN_SENT),
+            transition(4, 10, SYN_SENT, ESTABLISHED),
+            transition(4, 100, ESTABLISHED, FIN_WAIT1),
+            transition(4, 110, FIN_WAIT1, CLOSING),
+            transition(4, 130, CLOSING, CLOSE),
+        ];
+        let out = outcomes(&seq);
+        assert!(out.contains(&Observation::Teardown { mode: Teardown::Simultaneous, port: 8080, ns: 30 }));
+    }
+
+    #[test]
+    fn sockets_older_than_the_tracer_get_no_lifetime_or_handshake() {
+        // First seen leaving ESTABLISHED: a teardown is measured, a lifetime is not.
+        let seq = [
+            transition(5, 100, ESTABLISHED, FIN_WAIT1),
+            transition(5, 150, FIN_WAIT1, FIN_WAIT2),
+            transition(5, 170, FIN_WAIT2, CLOSE),
+        ];
+        assert_eq!(outcomes(&seq), vec![Observation::Teardown { mode: Teardown::Active, port: 0, ns: 70 }]);
+        // Seen first at SYN_SENT -> ESTABLISHED: when SYN_SENT began is unknown.
+        assert_eq!(outcomes(&[transition(6, 100, SYN_SENT, ESTABLISHED)]), vec![]);
     }
 }
