@@ -7,6 +7,7 @@
 pub mod btf;
 pub mod cli;
 pub mod event;
+pub mod metrics;
 pub mod probe;
 pub mod sockets;
 pub mod watch;

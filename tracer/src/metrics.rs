@@ -1,0 +1,455 @@
+//! The Prometheus metrics of `tracer run`: what each number means, its labels, and the bounded
+//! set of `port` label values.
+//!
+//! Owns: the registry, turning [`Observation`]s into samples (in seconds, converted here and
+//! only here), and turning the probe's cumulative kernel counters into counter increments.
+//! Label handles are resolved once per label set and kept, so the per-event path does no
+//! string work. Does not own: serving (`http`), the census I/O (`census`).
+
+use anyhow::Result;
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry,
+};
+
+use crate::event::{state_name, STATE_NAMES};
+use crate::probe::{ProbeCounters, RESET_STATES};
+use crate::sockets::{Failure, Mode, Observation, Teardown};
+
+/// Handshake and teardown buckets (seconds): from tens of microseconds (loopback) to a minute,
+/// with edges between the SYN retransmission steps at 1 s, 3 s and 7 s (initial RTO 1 s,
+/// doubling), so that `le="1.5"`, `le="3.5"` and `le="7.5"` each hold one more retry.
+pub const HANDSHAKE_BUCKETS: &[f64] = &[
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.5, 3.5, 5.0, 7.5, 10.0, 15.0, 30.0, 60.0,
+];
+
+/// Dwell and lifetime buckets (seconds): the handshake ones, then up to a day.
+pub const LONG_BUCKETS: &[f64] = &[
+    0.000_01, 0.000_1, 0.001, 0.01, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+    300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0,
+];
+
+const MODES: [&str; 2] = ["active", "passive"];
+const TEARDOWNS: [&str; 3] = ["active", "passive", "simultaneous"];
+const FAILURES: [&str; 4] = ["refused", "timeout", "aborted", "other"];
+const DIRECTIONS: [&str; 2] = ["sent", "received"];
+
+/// The `port` label's values: at most `max` distinct ports, the rest folded into `"other"`.
+///
+/// With an explicit list, only those ports get their own value. Otherwise ports get one in the
+/// order they are first seen, until `max` are taken. Port 0 (not known) is always `"other"`.
+pub struct PortLabels {
+    /// Slot of each port, 0 = not given one yet / "other".
+    slot_of: Vec<u16>,
+    names: Vec<String>,
+    max: usize,
+    fixed: bool,
+}
+
+impl PortLabels {
+    /// `explicit` non-empty: exactly those ports; else the first `max` ports seen.
+    pub fn new(explicit: &[u16], max: usize) -> PortLabels {
+        let mut labels = PortLabels {
+            slot_of: vec![0; 65_536],
+            names: vec!["other".to_owned()],
+            max,
+            fixed: !explicit.is_empty(),
+        };
+        for &p in explicit {
+            labels.assign(p);
+        }
+        labels
+    }
+
+    /// The slot (index into [`PortLabels::name`]) of `port`, giving it one if allowed.
+    pub fn slot(&mut self, port: u16) -> usize {
+        match self.slot_of[port as usize] {
+            0 if port != 0 && !self.fixed && self.names.len() <= self.max => self.assign(port),
+            s => s as usize,
+        }
+    }
+
+    /// The label value of a slot.
+    pub fn name(&self, slot: usize) -> &str {
+        &self.names[slot]
+    }
+
+    fn assign(&mut self, port: u16) -> usize {
+        if self.slot_of[port as usize] == 0 {
+            self.slot_of[port as usize] = self.names.len() as u16;
+            self.names.push(port.to_string());
+        }
+        self.slot_of[port as usize] as usize
+    }
+}
+
+/// Label handles of one metric, by (one closed label) x port slot, made on first use.
+struct ByPort<T> {
+    handles: Vec<Vec<Option<T>>>,
+}
+
+impl<T: Clone> ByPort<T> {
+    fn new(kinds: usize) -> Self {
+        ByPort { handles: vec![Vec::new(); kinds] }
+    }
+
+    fn get(&mut self, kind: usize, slot: usize, make: impl FnOnce() -> T) -> &T {
+        let row = &mut self.handles[kind];
+        if row.len() <= slot {
+            row.resize(slot + 1, None);
+        }
+        row[slot].get_or_insert_with(make)
+    }
+}
+
+/// Every metric `tracer run` exports.
+pub struct Metrics {
+    pub registry: Registry,
+    ports: PortLabels,
+    handshake: HistogramVec,
+    handshake_h: ByPort<Histogram>,
+    failures: IntCounterVec,
+    failures_h: ByPort<IntCounter>,
+    synack: IntCounterVec,
+    teardown: HistogramVec,
+    teardown_h: ByPort<Histogram>,
+    lifetime: HistogramVec,
+    lifetime_h: ByPort<Histogram>,
+    state_duration: Vec<Histogram>,
+    transitions: IntCounterVec,
+    transitions_h: Vec<Option<IntCounter>>,
+    resets: IntCounterVec,
+    /// `tracer_tcp_sockets{state}`, set from the census on each scrape.
+    pub sockets: IntGaugeVec,
+    events: IntCounter,
+    events_lost: IntCounter,
+    tracked: IntGauge,
+    evicted: IntCounter,
+    /// Last kernel totals seen, to turn them into counter increments.
+    last: KernelTotals,
+}
+
+#[derive(Default)]
+struct KernelTotals {
+    lost: u64,
+    evicted: u64,
+    synack: std::collections::HashMap<u16, u64>,
+    resets: [[u64; RESET_STATES as usize]; 2],
+}
+
+impl Metrics {
+    /// Registers every metric. `ports`: which ports get their own `port` label value.
+    pub fn new(ports: PortLabels) -> Result<Metrics> {
+        let registry = Registry::new();
+        let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
+            let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+            let h = HistogramVec::new(opts, labels)?;
+            registry.register(Box::new(h.clone()))?;
+            Ok::<_, prometheus::Error>(h)
+        };
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok::<_, prometheus::Error>(c)
+        };
+        let handshake = histogram(
+            "tracer_tcp_handshake_duration_seconds",
+            "TCP handshakes completed, from inet_sock_set_state: active is SYN_SENT to \
+             ESTABLISHED on the connecting side, passive is the kernel's first-SYN-ACK-to-final-ACK \
+             time on the accepting side; seconds.",
+            &["mode", "port"],
+            HANDSHAKE_BUCKETS,
+        )?;
+        let failures = counter(
+            "tracer_tcp_handshake_failures_total",
+            "Active opens that ended SYN_SENT -> CLOSE, from inet_sock_set_state, by sk_err reason.",
+            &["mode", "reason", "port"],
+        )?;
+        let synack = counter(
+            "tracer_tcp_synack_retransmits_total",
+            "SYN-ACK retransmissions, from tcp/tcp_retransmit_synack, by listening port.",
+            &["port"],
+        )?;
+        let teardown = histogram(
+            "tracer_tcp_teardown_duration_seconds",
+            "Time from leaving ESTABLISHED (FIN_WAIT1 or CLOSE_WAIT) to CLOSE, from \
+             inet_sock_set_state, by who closed first; seconds.",
+            &["mode", "port"],
+            HANDSHAKE_BUCKETS,
+        )?;
+        let lifetime = histogram(
+            "tracer_tcp_connection_duration_seconds",
+            "Connection lifetime from ESTABLISHED to CLOSE, from inet_sock_set_state, by open mode; \
+             seconds.",
+            &["mode", "port"],
+            LONG_BUCKETS,
+        )?;
+        let state_vec = histogram(
+            "tracer_tcp_state_duration_seconds",
+            "Time sockets spent in a state, from inet_sock_set_state, when the tracer saw them \
+             enter it; seconds.",
+            &["state"],
+            LONG_BUCKETS,
+        )?;
+        let state_duration =
+            STATE_NAMES.iter().map(|s| state_vec.with_label_values(&[s])).collect();
+        let transitions = counter(
+            "tracer_tcp_transitions_total",
+            "TCP state changes, from inet_sock_set_state.",
+            &["from", "to"],
+        )?;
+        let resets = counter(
+            "tracer_tcp_resets_total",
+            "TCP resets, from tcp/tcp_send_reset and tcp/tcp_receive_reset, by the socket's state \
+             (none: a reset that answered no socket).",
+            &["direction", "state"],
+        )?;
+        let sockets = IntGaugeVec::new(
+            Opts::new(
+                "tracer_tcp_sockets",
+                "TCP sockets per state now, from sock_diag (request sockets count as syn_recv, as \
+                 in ss).",
+            ),
+            &["state"],
+        )?;
+        registry.register(Box::new(sockets.clone()))?;
+        let single = |name: &str, help: &str| -> Result<IntCounter> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let events = single(
+            "tracer_events_total",
+            "Transitions read from the probe's ring buffer (inet_sock_set_state).",
+        )?;
+        let events_lost = single(
+            "tracer_events_lost_total",
+            "Transitions that never reached the agent: ring buffer full, or skipped by the kernel \
+             as nested runs that the rescue program could not deliver.",
+        )?;
+        let evicted = single(
+            "tracer_tracked_sockets_evicted_total",
+            "Sockets dropped from the agent's table because it was full (--max-sockets).",
+        )?;
+        let tracked = IntGauge::new("tracer_tracked_sockets", "Sockets the agent follows now.")?;
+        registry.register(Box::new(tracked.clone()))?;
+        let build_info = IntGaugeVec::new(
+            Opts::new("tracer_build_info", "Always 1; the version of the running tracer."),
+            &["version"],
+        )?;
+        registry.register(Box::new(build_info.clone()))?;
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+
+        Ok(Metrics {
+            registry,
+            ports,
+            handshake,
+            handshake_h: ByPort::new(MODES.len()),
+            failures,
+            failures_h: ByPort::new(FAILURES.len()),
+            synack,
+            teardown,
+            teardown_h: ByPort::new(TEARDOWNS.len()),
+            lifetime,
+            lifetime_h: ByPort::new(MODES.len()),
+            state_duration,
+            transitions,
+            transitions_h: vec![None; STATE_NAMES.len() * STATE_NAMES.len()],
+            resets,
+            sockets,
+            events,
+            events_lost,
+            tracked,
+            evicted,
+            last: KernelTotals::default(),
+        })
+    }
+
+    /// Counts one transition read from the ring buffer.
+    pub fn event(&self) {
+        self.events.inc();
+    }
+
+    /// Records what the socket table observed. The per-event path: no allocation once a label
+    /// set has been seen.
+    pub fn record(&mut self, o: Observation) {
+        let secs = |ns: u64| ns as f64 / 1e9;
+        match o {
+            Observation::Transition { from, to } => {
+                let (f, t) = (from as usize % STATE_NAMES.len(), to as usize % STATE_NAMES.len());
+                let transitions = &self.transitions;
+                self.transitions_h[f * STATE_NAMES.len() + t]
+                    .get_or_insert_with(|| {
+                        transitions.with_label_values(&[state_name(from), state_name(to)])
+                    })
+                    .inc();
+            }
+            Observation::Dwell { state, ns } => {
+                if let Some(h) = self.state_duration.get(state as usize) {
+                    h.observe(secs(ns));
+                }
+            }
+            Observation::Handshake { mode, port, ns } => {
+                let slot = self.ports.slot(port);
+                let (vec, name) = (&self.handshake, self.ports.name(slot));
+                self.handshake_h
+                    .get(mode as usize, slot, || vec.with_label_values(&[MODES[mode as usize], name]))
+                    .observe(secs(ns));
+            }
+            Observation::HandshakeFailure { reason, port } => {
+                let slot = self.ports.slot(port);
+                let (vec, name) = (&self.failures, self.ports.name(slot));
+                self.failures_h
+                    .get(reason as usize, slot, || {
+                        vec.with_label_values(&["active", FAILURES[reason as usize], name])
+                    })
+                    .inc();
+            }
+            Observation::Teardown { mode, port, ns } => {
+                let slot = self.ports.slot(port);
+                let (vec, name) = (&self.teardown, self.ports.name(slot));
+                self.teardown_h
+                    .get(mode as usize, slot, || {
+                        vec.with_label_values(&[TEARDOWNS[mode as usize], name])
+                    })
+                    .observe(secs(ns));
+            }
+            Observation::Lifetime { mode, port, ns } => {
+                let slot = self.ports.slot(port);
+                let (vec, name) = (&self.lifetime, self.ports.name(slot));
+                self.lifetime_h
+                    .get(mode as usize, slot, || vec.with_label_values(&[MODES[mode as usize], name]))
+                    .observe(secs(ns));
+            }
+        }
+    }
+
+    /// Brings the kernel-side counters and the table's size into the metrics (once a second).
+    pub fn sync(
+        &mut self,
+        probe: &ProbeCounters,
+        synack: &[(u16, u64)],
+        resets: &[[u64; RESET_STATES as usize]; 2],
+        tracked: usize,
+        evicted: u64,
+    ) {
+        let lost = probe.lost_total();
+        self.events_lost.inc_by(lost.saturating_sub(self.last.lost));
+        self.last.lost = self.last.lost.max(lost);
+        self.evicted.inc_by(evicted.saturating_sub(self.last.evicted));
+        self.last.evicted = self.last.evicted.max(evicted);
+        self.tracked.set(tracked as i64);
+        for &(port, total) in synack {
+            let before = self.last.synack.insert(port, total).unwrap_or(0);
+            let slot = self.ports.slot(port);
+            self.synack.with_label_values(&[self.ports.name(slot)]).inc_by(total.saturating_sub(before));
+        }
+        for (d, direction) in DIRECTIONS.iter().enumerate() {
+            for state in 0..RESET_STATES as usize {
+                let total = resets[d][state];
+                let before = std::mem::replace(&mut self.last.resets[d][state], total);
+                if total > before {
+                    let name = if state == 0 { "none" } else { state_name(state as u8) };
+                    self.resets.with_label_values(&[direction, name]).inc_by(total - before);
+                }
+            }
+        }
+    }
+
+    /// Sets `tracer_tcp_sockets` from a census (index = kernel state number).
+    pub fn set_census(sockets: &IntGaugeVec, counts: &[u64; 13]) {
+        for (state, &n) in counts.iter().enumerate().skip(1) {
+            if state == tracer_common::state::NEW_SYN_RECV as usize {
+                continue; // folded into syn_recv by the census, as ss does
+            }
+            sockets.with_label_values(&[state_name(state as u8)]).set(n as i64);
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn encode(registry: &Registry) -> Result<String> {
+        let mut out = String::new();
+        prometheus::TextEncoder::new().encode_utf8(&registry.gather(), &mut out)?;
+        Ok(out)
+    }
+}
+
+/// Label value of a teardown mode (for tests and docs).
+pub fn teardown_name(t: Teardown) -> &'static str {
+    TEARDOWNS[t as usize]
+}
+
+/// Label value of a failure reason.
+pub fn failure_name(f: Failure) -> &'static str {
+    FAILURES[f as usize]
+}
+
+/// Label value of an open mode.
+pub fn mode_name(m: Mode) -> &'static str {
+    MODES[m as usize]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_beyond_the_cap_fold_into_other() {
+        let mut p = PortLabels::new(&[], 2);
+        let a = p.slot(80);
+        let b = p.slot(443);
+        let c = p.slot(8080);
+        assert_eq!((p.name(a), p.name(b), p.name(c)), ("80", "443", "other"));
+        assert_eq!(p.slot(80), a, "a port keeps its slot");
+        let unknown = p.slot(0);
+        assert_eq!(p.name(unknown), "other", "unknown port");
+    }
+
+    #[test]
+    fn an_explicit_port_list_names_only_those() {
+        let mut p = PortLabels::new(&[5432], 10);
+        let s = p.slot(5432);
+        assert_eq!(p.name(s), "5432");
+        let s = p.slot(80);
+        assert_eq!(p.name(s), "other");
+    }
+
+    #[test]
+    fn handshakes_land_in_the_bucket_of_their_retry_step() {
+        let mut m = Metrics::new(PortLabels::new(&[], 8)).unwrap();
+        for ns in [40_000, 1_030_000_000, 3_050_000_000, 7_100_000_000] {
+            m.record(Observation::Handshake { mode: Mode::Active, port: 80, ns });
+        }
+        let text = Metrics::encode(&m.registry).unwrap();
+        let bucket = |le: &str| -> u64 {
+            let needle = format!(
+                "tracer_tcp_handshake_duration_seconds_bucket{{mode=\"active\",port=\"80\",le=\"{le}\"}} "
+            );
+            let line = text.lines().find(|l| l.starts_with(&needle)).unwrap_or_else(|| panic!("{needle}"));
+            line.rsplit(' ').next().unwrap().parse().unwrap()
+        };
+        assert_eq!(bucket("0.00005"), 1);
+        assert_eq!(bucket("1"), 1);
+        assert_eq!(bucket("1.5"), 2);
+        assert_eq!(bucket("3.5"), 3);
+        assert_eq!(bucket("7.5"), 4);
+    }
+
+    #[test]
+    fn kernel_counters_become_increments() {
+        let mut m = Metrics::new(PortLabels::new(&[], 8)).unwrap();
+        let mut resets = [[0; RESET_STATES as usize]; 2];
+        resets[0][0] = 3;
+        let probe = ProbeCounters { lost: 2, missed: 1, ..Default::default() };
+        m.sync(&probe, &[(8080, 5)], &resets, 7, 0);
+        m.sync(&probe, &[(8080, 6)], &resets, 7, 0);
+        let text = Metrics::encode(&m.registry).unwrap();
+        assert!(text.contains("tracer_events_lost_total 3\n"), "{text}");
+        assert!(text.contains("tracer_tcp_synack_retransmits_total{port=\"8080\"} 6\n"), "{text}");
+        assert!(text.contains("tracer_tcp_resets_total{direction=\"sent\",state=\"none\"} 3\n"));
+        assert!(text.contains("tracer_tracked_sockets 7\n"));
+        assert!(text.contains("tracer_tracked_sockets_evicted_total 0\n"));
+    }
+}
