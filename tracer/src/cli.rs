@@ -19,6 +19,32 @@ pub struct Cli {
 pub enum Command {
     /// Stream every TCP state change as it happens.
     Watch(WatchArgs),
+    /// Run the agent: follow every socket and serve Prometheus metrics.
+    Run(RunArgs),
+}
+
+/// Default `--listen`: loopback only (exposing it wider is the user's choice), on a fixed port
+/// so that Prometheus's `instance` label survives restarts.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9479";
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Address to serve /metrics, /healthz and / on.
+    #[arg(long, value_name = "ADDR:PORT", default_value = DEFAULT_LISTEN)]
+    pub listen: std::net::SocketAddr,
+    /// Service ports that get their own `port` label value (repeatable); others are "other".
+    /// Without it, the first --max-ports ports seen get one.
+    #[arg(long = "port", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub ports: Vec<u16>,
+    /// Distinct `port` label values at most (without --port).
+    #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub max_ports: u16,
+    /// Sockets followed at most; when full, the one seen longest ago is evicted (and counted).
+    #[arg(long, value_name = "N", default_value_t = 524_288, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_sockets: u32,
+    /// Size of the kernel-to-userspace ring buffer: a power of two, e.g. 64K, 8M.
+    #[arg(long, value_name = "BYTES", default_value = "8M", value_parser = parse_size)]
+    pub ring_buffer_size: u32,
 }
 
 #[derive(Debug, Args)]
@@ -117,7 +143,7 @@ mod tests {
             "--count", "5",
         ])
         .unwrap();
-        let Command::Watch(w) = cli.command;
+        let Command::Watch(w) = cli.command else { panic!("not watch") };
         assert_eq!(w.ports, vec![80, 443]);
         assert_eq!(w.states, vec![tracer_common::state::CLOSE_WAIT]);
         assert_eq!(w.ring_buffer_size, 8 << 20);

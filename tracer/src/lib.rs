@@ -5,9 +5,12 @@
 //! [`sockets`] (what each socket did, and when) → [`watch`] (printing for people and programs).
 
 pub mod btf;
+pub mod census;
 pub mod cli;
 pub mod event;
+pub mod http;
 pub mod metrics;
 pub mod probe;
+pub mod run;
 pub mod sockets;
 pub mod watch;

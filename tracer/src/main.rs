@@ -35,6 +35,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .build()
         .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
     match cli.command {
+        Command::Run(args) => runtime.block_on(tracer::run::run(&args))?,
         Command::Watch(args) => {
             let summary = runtime.block_on(tracer::watch::run(&args))?;
             eprintln!(

@@ -17,11 +17,13 @@ use crate::probe::{ProbeCounters, RESET_STATES};
 use crate::sockets::{Failure, Mode, Observation, Teardown};
 
 /// Handshake and teardown buckets (seconds): from tens of microseconds (loopback) to a minute,
-/// with edges between the SYN retransmission steps at 1 s, 3 s and 7 s (initial RTO 1 s,
-/// doubling), so that `le="1.5"`, `le="3.5"` and `le="7.5"` each hold one more retry.
+/// with an edge between every SYN retransmission step. With an initial RTO of 1 s, classic
+/// exponential backoff retries at 1 s, 3 s, 7 s, 15 s; since Linux 6.5 the first
+/// `tcp_syn_linear_timeouts` (default 4) retries of an active open are linear: 1, 2, 3, 4, 5 s.
+/// The half-second edges put each step in its own bucket.
 pub const HANDSHAKE_BUCKETS: &[f64] = &[
     0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
-    0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.5, 3.5, 5.0, 7.5, 10.0, 15.0, 30.0, 60.0,
+    0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.5, 3.5, 4.5, 5.5, 7.5, 10.0, 15.5, 31.5, 60.0,
 ];
 
 /// Dwell and lifetime buckets (seconds): the handshake ones, then up to a day.
@@ -122,6 +124,8 @@ pub struct Metrics {
     resets: IntCounterVec,
     /// `tracer_tcp_sockets{state}`, set from the census on each scrape.
     pub sockets: IntGaugeVec,
+    /// Scrapes whose census failed.
+    pub census_errors: IntCounter,
     events: IntCounter,
     events_lost: IntCounter,
     tracked: IntGauge,
@@ -232,6 +236,10 @@ impl Metrics {
             "tracer_tracked_sockets_evicted_total",
             "Sockets dropped from the agent's table because it was full (--max-sockets).",
         )?;
+        let census_errors = single(
+            "tracer_census_errors_total",
+            "Scrapes whose sock_diag census failed (tracer_tcp_sockets kept its last values).",
+        )?;
         let tracked = IntGauge::new("tracer_tracked_sockets", "Sockets the agent follows now.")?;
         registry.register(Box::new(tracked.clone()))?;
         let build_info = IntGaugeVec::new(
@@ -259,6 +267,7 @@ impl Metrics {
             transitions_h: vec![None; STATE_NAMES.len() * STATE_NAMES.len()],
             resets,
             sockets,
+            census_errors,
             events,
             events_lost,
             tracked,
@@ -419,7 +428,7 @@ mod tests {
     #[test]
     fn handshakes_land_in_the_bucket_of_their_retry_step() {
         let mut m = Metrics::new(PortLabels::new(&[], 8)).unwrap();
-        for ns in [40_000, 1_030_000_000, 3_050_000_000, 7_100_000_000] {
+        for ns in [40_000, 1_030_000_000, 3_050_000_000, 4_050_000_000, 7_100_000_000] {
             m.record(Observation::Handshake { mode: Mode::Active, port: 80, ns });
         }
         let text = Metrics::encode(&m.registry).unwrap();
@@ -434,7 +443,8 @@ mod tests {
         assert_eq!(bucket("1"), 1);
         assert_eq!(bucket("1.5"), 2);
         assert_eq!(bucket("3.5"), 3);
-        assert_eq!(bucket("7.5"), 4);
+        assert_eq!(bucket("4.5"), 4);
+        assert_eq!(bucket("7.5"), 5);
     }
 
     #[test]

@@ -356,3 +356,143 @@ pub fn v6() -> String {
 pub fn settle() {
     std::thread::sleep(Duration::from_millis(300));
 }
+
+/// A free loopback port for the agent's `--listen`.
+pub fn free_listen_addr() -> SocketAddr {
+    closed_port(V4)
+}
+
+/// `GET path` over HTTP/1.1 on loopback; returns (status code, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::Write;
+    let mut s = TcpStream::connect(addr).expect("connect to agent");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").expect("write");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read response");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP response");
+    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status");
+    (code, body.to_owned())
+}
+
+/// The value of the sample `name{labels}` (labels matched exactly, in any order) in a
+/// Prometheus text exposition; None when absent.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut want: Vec<(String, String)> =
+        labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    want.sort();
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (metric, rest) = match series.split_once('{') {
+            Some((m, r)) => (m, r.strip_suffix('}')?),
+            None => (series, ""),
+        };
+        if metric != name {
+            return None;
+        }
+        let mut got: Vec<(String, String)> = rest
+            .split(',')
+            .filter(|p| !p.is_empty())
+            .filter_map(|p| p.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
+            .collect();
+        got.sort();
+        (got == want).then(|| value.parse().ok()).flatten()
+    })
+}
+
+/// A running `tracer run` agent on a free loopback port.
+pub struct Agent {
+    pub tracer: Tracer,
+    pub addr: SocketAddr,
+}
+
+impl Agent {
+    pub fn start(extra: &[&str]) -> Agent {
+        let addr = free_listen_addr();
+        let listen = addr.to_string();
+        let mut args = vec!["run", "--listen", &listen];
+        args.extend_from_slice(extra);
+        let tracer = Tracer::start(&args, true);
+        Agent { tracer, addr }
+    }
+
+    /// Scrapes /metrics.
+    pub fn metrics(&self) -> String {
+        let (code, body) = http_get(self.addr, "/metrics");
+        assert_eq!(code, 200, "/metrics: {body}");
+        body
+    }
+
+    /// Scrapes until `check` passes on the text (the agent drains every 10 ms), or panics with
+    /// the last text after 5 s.
+    pub fn metrics_until(&self, what: &str, check: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = self.metrics();
+            if check(&text) {
+                return text;
+            }
+            if Instant::now() > deadline {
+                panic!("timed out waiting for {what}; last scrape:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// A network namespace made for one test, removed (with everything in it) on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    /// Creates a namespace with `lo` up.
+    pub fn new(tag: &str) -> Netns {
+        let name = format!("tracer-{tag}-{}", std::process::id());
+        if std::path::Path::new("/run/netns").join(&name).exists() {
+            let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        }
+        run_ok("ip", &["netns", "add", &name]);
+        run_ok("ip", &["-n", &name, "link", "set", "lo", "up"]);
+        Netns { name }
+    }
+
+    /// Runs `nft` with `args` inside the namespace.
+    pub fn nft(&self, rules: &str) {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.name, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("nft");
+        use std::io::Write;
+        child.stdin.take().expect("stdin").write_all(rules.as_bytes()).expect("rules");
+        assert!(child.wait().expect("nft").success(), "nft rejected:\n{rules}");
+    }
+
+    /// Runs `f` on a thread that has entered the namespace: sockets it makes live there.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).expect("open netns");
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on a valid namespace fd; it changes only this thread's namespace.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("netns thread")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+pub fn run_ok(cmd: &str, args: &[&str]) {
+    let status = Command::new(cmd).args(args).status().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(status.success(), "{cmd} {args:?} failed");
+}

@@ -1,0 +1,99 @@
+//! `tracer run`: the agent. Follows every socket from the probe's events, keeps the metrics,
+//! and serves them over HTTP until SIGINT or SIGTERM.
+//!
+//! Owns: the agent's loop (ring buffer → socket table → metrics; kernel counters once a
+//! second) and its start-up and shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use aya::maps::{MapData, RingBuf};
+use tokio::io::{unix::AsyncFd, Interest};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::cli::RunArgs;
+use crate::event;
+use crate::http::{AppState, Health};
+use crate::metrics::{Metrics, PortLabels};
+use crate::probe::{Probe, ProbeConfig, DRAIN_INTERVAL};
+use crate::sockets::SocketTable;
+
+/// Runs the agent until a signal.
+pub async fn run(args: &RunArgs) -> Result<()> {
+    let mut probe =
+        Probe::attach(&ProbeConfig { ring_buffer_bytes: args.ring_buffer_size, ports: Vec::new() })?;
+    let ring = probe.take_events()?;
+    // SAFETY: the ring buffer's fd is owned by `ring`, which the AsyncFd owns and keeps open.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(std::io::Error::from)
+        .context("registering the ring buffer with tokio")?;
+    let mut table = SocketTable::new(args.max_sockets as usize);
+    let mut metrics = Metrics::new(PortLabels::new(&args.ports, usize::from(args.max_ports)))?;
+    let health = Arc::new(Health::default());
+    health.beat();
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
+    let state = AppState {
+        registry: metrics.registry.clone(),
+        sockets: metrics.sockets.clone(),
+        census_errors: metrics.census_errors.clone(),
+        health: health.clone(),
+    };
+    let mut server = tokio::spawn(crate::http::serve(listener, state));
+    eprintln!(
+        "tracer: attached to inet_sock_set_state; serving http://{}/metrics (Ctrl-C to stop)",
+        args.listen
+    );
+
+    let mut sigint = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    let mut drain = tokio::time::interval(DRAIN_INTERVAL);
+    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sync = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            ready = ring.readable_mut() => {
+                let mut guard = ready.context("waiting for the ring buffer")?;
+                follow(guard.get_inner_mut(), &mut table, &mut metrics);
+                guard.clear_ready();
+            }
+            _ = drain.tick() => {
+                follow(ring.get_mut(), &mut table, &mut metrics);
+                health.beat();
+            }
+            _ = sync.tick() => {
+                metrics.sync(
+                    &probe.counters()?,
+                    &probe.synack_retransmits()?,
+                    &probe.resets()?,
+                    table.len(),
+                    table.evicted(),
+                );
+            }
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            result = &mut server => {
+                // The HTTP server only returns on an error.
+                let e = result.map_err(anyhow::Error::from).and_then(|r| r.map_err(Into::into));
+                return e.context("HTTP server stopped");
+            }
+        }
+    }
+    server.abort();
+    drop(ring);
+    drop(probe);
+    Ok(())
+}
+
+/// Feeds everything waiting in the ring buffer through the socket table into the metrics.
+fn follow(ring: &mut RingBuf<MapData>, table: &mut SocketTable, metrics: &mut Metrics) {
+    while let Some(item) = ring.next() {
+        let Some(t) = event::decode(&item) else { continue };
+        drop(item);
+        metrics.event();
+        table.follow(&t, |o| metrics.record(o));
+    }
+}

@@ -1,0 +1,299 @@
+//! `tracer run` against real sockets: what the agent serves on /metrics must count exactly the
+//! connections the tests make, land in the right buckets, and agree with `ss`.
+//!
+//! Kernel tests: run one at a time (`cargo xtask test` passes `--test-threads=1`). Each test
+//! names its ports with `--port` so that other traffic on the machine cannot take their labels.
+
+mod common;
+
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const HS: &str = "tracer_tcp_handshake_duration_seconds";
+
+fn count(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    sample(text, &format!("{metric}_count"), labels).unwrap_or(0.0)
+}
+
+fn bucket(text: &str, metric: &str, labels: &[(&str, &str)], le: &str) -> f64 {
+    let mut l = labels.to_vec();
+    l.push(("le", le));
+    sample(text, &format!("{metric}_bucket"), &l).unwrap_or(0.0)
+}
+
+#[test]
+fn handshakes_teardowns_and_lifetimes_are_counted_per_port() {
+    if !require_root("handshakes_teardowns_and_lifetimes_are_counted_per_port") {
+        return;
+    }
+    let client_first = closed_port(V4);
+    let server_first = closed_port(V4);
+    let (p, q) = (client_first.port().to_string(), server_first.port().to_string());
+    let agent = Agent::start(&["--port", &p, "--port", &q]);
+    let a = Server::start_at(client_first, 200, Closer::Client);
+    connect_many(client_first, 200, Closer::Client);
+    let b = Server::start_at(server_first, 100, Closer::Server);
+    connect_many(server_first, 100, Closer::Server);
+    a.join();
+    b.join();
+    settle();
+    let text = agent.metrics_until("300 active handshakes", |t| {
+        count(t, HS, &[("mode", "active"), ("port", &p)]) == 200.0
+            && count(t, HS, &[("mode", "active"), ("port", &q)]) == 100.0
+    });
+    for (port, n) in [(&p, 200.0), (&q, 100.0)] {
+        for mode in ["active", "passive"] {
+            let l = [("mode", mode), ("port", port.as_str())];
+            assert_eq!(count(&text, HS, &l), n, "{mode} handshakes on {port}");
+            // Both ends are on this host: every connection has one active and one passive
+            // closer, and one active and one passive opener.
+            assert_eq!(count(&text, "tracer_tcp_teardown_duration_seconds", &l), n, "{mode} teardowns on {port}");
+            assert_eq!(count(&text, "tracer_tcp_connection_duration_seconds", &l), n, "{mode} lifetimes on {port}");
+        }
+    }
+    // Loopback handshakes take tens of microseconds, not milliseconds.
+    let fast = bucket(&text, HS, &[("mode", "active"), ("port", &p)], "0.01");
+    assert_eq!(fast, 200.0, "active handshakes under 10 ms");
+    assert_eq!(sample(&text, "tracer_events_lost_total", &[]), Some(0.0));
+    assert!(sample(&text, "tracer_tcp_transitions_total", &[("from", "syn_sent"), ("to", "established")]).unwrap_or(0.0) >= 300.0);
+    assert_eq!(sample(&text, "tracer_tcp_handshake_failures_total", &[("mode", "active"), ("reason", "refused"), ("port", &p)]), None);
+}
+
+#[test]
+fn client_closes_first_is_an_active_teardown_on_the_client_side() {
+    if !require_root("client_closes_first_is_an_active_teardown_on_the_client_side") {
+        return;
+    }
+    // Both ends are on this host and the tracepoint sees both: the client's socket is the
+    // active closer, the server's child the passive one. The server keeps its side open
+    // 200 ms after the client's FIN: that is the passive teardown (CLOSE_WAIT). The client's
+    // closed socket ends as soon as its FIN is acknowledged, when the kernel swaps it for a
+    // timewait socket (FIN_WAIT2 -> CLOSE), so the active teardown is short.
+    let addr = closed_port(V4);
+    let port = addr.port().to_string();
+    let agent = Agent::start(&["--port", &port]);
+    let listener = TcpListener::bind(addr).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 16];
+        while matches!(std::io::Read::read(&mut s, &mut buf), Ok(n) if n > 0) {}
+        std::thread::sleep(Duration::from_millis(200));
+    });
+    let c = TcpStream::connect(addr).unwrap();
+    drop(c);
+    server.join().unwrap();
+    settle();
+    let text = agent.metrics_until("two teardowns", |t| {
+        count(t, "tracer_tcp_teardown_duration_seconds", &[("mode", "active"), ("port", &port)]) == 1.0
+            && count(t, "tracer_tcp_teardown_duration_seconds", &[("mode", "passive"), ("port", &port)]) == 1.0
+    });
+    let active = sample(&text, "tracer_tcp_teardown_duration_seconds_sum", &[("mode", "active"), ("port", &port)]).unwrap();
+    assert!(active < 0.1, "active teardown {active} s");
+    let passive = sample(&text, "tracer_tcp_teardown_duration_seconds_sum", &[("mode", "passive"), ("port", &port)]).unwrap();
+    assert!((0.15..0.4).contains(&passive), "passive teardown {passive} s");
+    let dwell = count(&text, "tracer_tcp_state_duration_seconds", &[("state", "close_wait")]);
+    assert!(dwell >= 1.0, "close_wait dwell observed");
+}
+
+#[test]
+fn refused_connects_count_as_refused_failures() {
+    if !require_root("refused_connects_count_as_refused_failures") {
+        return;
+    }
+    let closed = closed_port(V4);
+    let port = closed.port().to_string();
+    let agent = Agent::start(&["--port", &port]);
+    connect_refused(closed, 50);
+    let refused = [("mode", "active"), ("reason", "refused"), ("port", port.as_str())];
+    let text = agent.metrics_until("50 refused", |t| {
+        sample(t, "tracer_tcp_handshake_failures_total", &refused) == Some(50.0)
+    });
+    assert_eq!(count(&text, HS, &[("mode", "active"), ("port", &port)]), 0.0);
+    // Each refusal is a RST sent for no socket and received by a socket in SYN_SENT.
+    let sent = sample(&text, "tracer_tcp_resets_total", &[("direction", "sent"), ("state", "none")]).unwrap_or(0.0);
+    let received = sample(&text, "tracer_tcp_resets_total", &[("direction", "received"), ("state", "syn_sent")]).unwrap_or(0.0);
+    assert!(sent >= 50.0 && received >= 50.0, "resets sent {sent}, received {received}");
+}
+
+#[test]
+fn a_first_syn_dropped_by_a_full_accept_queue_makes_the_active_handshake_one_second() {
+    if !require_root("a_first_syn_dropped_by_a_full_accept_queue_makes_the_active_handshake_one_second") {
+        return;
+    }
+    let addr = closed_port(V4);
+    let port = addr.port().to_string();
+    let agent = Agent::start(&["--port", &port]);
+    let listener = TcpListener::bind(addr).unwrap();
+    // Backlog 0: one queued connection fills the accept queue, and the kernel drops the next
+    // SYN (ListenOverflows). Calling listen() again on a listening socket sets its backlog.
+    // SAFETY: listen on a valid socket fd.
+    assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+    let first = TcpStream::connect(addr).unwrap();
+    let second = std::thread::spawn(move || {
+        let start = Instant::now();
+        let s = TcpStream::connect(addr).unwrap();
+        (start.elapsed(), s)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let (a, _) = listener.accept().unwrap(); // frees the queue before the SYN is retried
+    let (waited, s2) = second.join().unwrap();
+    let (b, _) = listener.accept().unwrap();
+    assert!((0.9..1.6).contains(&waited.as_secs_f64()), "connect waited {waited:?}");
+    drop((first, s2, a, b));
+    let active = [("mode", "active"), ("port", port.as_str())];
+    let passive = [("mode", "passive"), ("port", port.as_str())];
+    let text = agent.metrics_until("2 handshakes each side", |t| {
+        count(t, HS, &active) == 2.0 && count(t, HS, &passive) == 2.0
+    });
+    assert_eq!(bucket(&text, HS, &active, "0.5"), 1.0, "the first connect was fast");
+    assert_eq!(bucket(&text, HS, &active, "1"), 1.0, "the second waited for its retried SYN");
+    assert_eq!(bucket(&text, HS, &active, "1.5"), 2.0, "one retry lands in (1, 1.5]");
+    assert_eq!(bucket(&text, HS, &passive, "0.01"), 2.0, "the server never saw the dropped SYN");
+}
+
+#[test]
+fn a_dropped_handshake_ack_makes_the_passive_handshake_one_second() {
+    if !require_root("a_dropped_handshake_ack_makes_the_passive_handshake_one_second") {
+        return;
+    }
+    const PORT: u16 = 18_080;
+    let ns = Netns::new("ackdrop");
+    // Drops exactly the client's handshake ACK: the second packet of the connection in the
+    // original direction. The server retransmits its SYN-ACK after ~1 s; the client answers.
+    ns.nft(&format!(
+        "table inet t {{\n chain out {{\n type filter hook output priority 0;\n \
+         tcp dport {PORT} tcp flags == ack ct original packets 2 drop\n }}\n}}\n"
+    ));
+    let port = PORT.to_string();
+    let agent = Agent::start(&["--port", &port]);
+    let waited = ns.run(|| {
+        let listener = TcpListener::bind(("127.0.0.1", PORT)).unwrap();
+        let server = std::thread::spawn(move || {
+            let start = Instant::now();
+            let (s, _) = listener.accept().unwrap();
+            (start.elapsed(), s)
+        });
+        let c = TcpStream::connect(("127.0.0.1", PORT)).unwrap();
+        let (waited, s) = server.join().unwrap();
+        drop((c, s));
+        waited
+    });
+    assert!((0.9..1.6).contains(&waited.as_secs_f64()), "accept waited {waited:?}");
+    let active = [("mode", "active"), ("port", port.as_str())];
+    let passive = [("mode", "passive"), ("port", port.as_str())];
+    let text = agent.metrics_until("one handshake each side", |t| {
+        count(t, HS, &active) == 1.0 && count(t, HS, &passive) == 1.0
+    });
+    assert_eq!(bucket(&text, HS, &active, "0.01"), 1.0, "the client saw a fast handshake");
+    assert_eq!(bucket(&text, HS, &passive, "1"), 0.0, "the server waited for its retransmit");
+    assert_eq!(bucket(&text, HS, &passive, "1.5"), 1.0, "one SYN-ACK retransmit: (1, 1.5]");
+    let retransmits = agent.metrics_until("the SYN-ACK retransmit", |t| {
+        sample(t, "tracer_tcp_synack_retransmits_total", &[("port", &port)]).is_some()
+    });
+    assert_eq!(sample(&retransmits, "tracer_tcp_synack_retransmits_total", &[("port", &port)]), Some(1.0));
+}
+
+#[test]
+fn a_connection_held_500ms_has_a_lifetime_within_20_percent() {
+    if !require_root("a_connection_held_500ms_has_a_lifetime_within_20_percent") {
+        return;
+    }
+    let addr = closed_port(V4);
+    let port = addr.port().to_string();
+    let agent = Agent::start(&["--port", &port]);
+    let server = Server::start_at(addr, 1, Closer::Client);
+    let c = TcpStream::connect(addr).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    drop(c);
+    server.join();
+    let l = [("mode", "active"), ("port", port.as_str())];
+    let text = agent.metrics_until("a lifetime", |t| count(t, "tracer_tcp_connection_duration_seconds", &l) == 1.0);
+    let secs = sample(&text, "tracer_tcp_connection_duration_seconds_sum", &l).unwrap();
+    assert!((0.4..=0.6).contains(&secs), "held 500 ms, lifetime {secs} s");
+}
+
+/// Counts `ss -tan` lines by state, with the agent's state names.
+fn ss_counts() -> std::collections::BTreeMap<String, f64> {
+    let out = std::process::Command::new("ss").args(["-tan"]).output().expect("ss");
+    let mut counts = std::collections::BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines().skip(1) {
+        let name = match line.split_whitespace().next() {
+            Some("ESTAB") => "established",
+            Some("SYN-SENT") => "syn_sent",
+            Some("SYN-RECV") => "syn_recv",
+            Some("FIN-WAIT-1") => "fin_wait1",
+            Some("FIN-WAIT-2") => "fin_wait2",
+            Some("TIME-WAIT") => "time_wait",
+            Some("CLOSE-WAIT") => "close_wait",
+            Some("LAST-ACK") => "last_ack",
+            Some("LISTEN") => "listen",
+            Some("CLOSING") => "closing",
+            Some("UNCONN") | Some("CLOSE") => "close",
+            _ => continue,
+        };
+        *counts.entry(name.to_owned()).or_insert(0.0) += 1.0;
+    }
+    counts
+}
+
+#[test]
+fn socket_census_agrees_with_ss() {
+    if !require_root("socket_census_agrees_with_ss") {
+        return;
+    }
+    let agent = Agent::start(&[]);
+    // Some of every common state: listeners, established pairs, and TIME_WAIT from
+    // client-closed connections.
+    let server = Server::start(V4, 10, Closer::Client);
+    connect_many(server.addr, 10, Closer::Client);
+    let listener = TcpListener::bind((V4, 0)).unwrap();
+    let held: Vec<_> = (0..5).map(|_| TcpStream::connect(listener.local_addr().unwrap()).unwrap()).collect();
+    server.join();
+    settle();
+    let states = ["established", "syn_sent", "syn_recv", "fin_wait1", "fin_wait2", "time_wait", "close_wait", "last_ack", "listen", "closing"];
+    let mut last = String::new();
+    for _ in 0..3 {
+        let text = agent.metrics();
+        let ss = ss_counts();
+        let ours: std::collections::BTreeMap<String, f64> = states
+            .iter()
+            .map(|s| (s.to_string(), sample(&text, "tracer_tcp_sockets", &[("state", s)]).unwrap_or(-1.0)))
+            .collect();
+        let theirs: std::collections::BTreeMap<String, f64> =
+            states.iter().map(|s| (s.to_string(), ss.get(*s).copied().unwrap_or(0.0))).collect();
+        if ours == theirs {
+            assert!(ours["time_wait"] >= 10.0 && ours["established"] >= 10.0, "{ours:?}");
+            drop(held);
+            return;
+        }
+        last = format!("tracer {ours:?}\nss     {theirs:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("census and ss disagree three times:\n{last}");
+}
+
+#[test]
+fn health_index_and_sigterm() {
+    if !require_root("health_index_and_sigterm") {
+        return;
+    }
+    let agent = Agent::start(&[]);
+    assert_eq!(http_get(agent.addr, "/healthz"), (200, "ok\n".to_owned()));
+    let (code, index) = http_get(agent.addr, "/");
+    assert_eq!(code, 200);
+    assert!(index.contains("/metrics") && index.contains("/healthz"), "{index}");
+    let text = agent.metrics();
+    assert_eq!(sample(&text, "tracer_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), Some(1.0));
+    // Error counters exist at 0 from the first scrape.
+    for zero in ["tracer_events_lost_total", "tracer_tracked_sockets_evicted_total", "tracer_census_errors_total"] {
+        assert_eq!(sample(&text, zero, &[]), Some(0.0), "{zero}");
+    }
+    assert!(sample(&text, "process_resident_memory_bytes", &[]).unwrap_or(0.0) > 0.0);
+    let start = Instant::now();
+    let out = agent.tracer.stop_with(libc::SIGTERM);
+    assert!(out.status.success(), "{:?}", out.stderr);
+    assert!(start.elapsed() < Duration::from_secs(1), "stopped in {:?}", start.elapsed());
+}
