@@ -22,6 +22,7 @@ const PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "iproute2",
     "nftables",
+    "prometheus",
 ];
 
 /// The rustup name under which Debian's toolchain is registered (tracer/build.rs uses it).
