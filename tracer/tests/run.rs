@@ -297,3 +297,29 @@ fn health_index_and_sigterm() {
     assert!(out.status.success(), "{:?}", out.stderr);
     assert!(start.elapsed() < Duration::from_secs(1), "stopped in {:?}", start.elapsed());
 }
+
+#[test]
+fn a_full_socket_table_evicts_the_oldest_and_counts_it() {
+    if !require_root("a_full_socket_table_evicts_the_oldest_and_counts_it") {
+        return;
+    }
+    // The listener exists before the agent, so the agent never sees it: only the 100 sockets
+    // of 50 held connections (client and accepted child) enter its 10-socket table.
+    let listener = TcpListener::bind((V4, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    let agent = Agent::start(&["--max-sockets", "10", "--port", &port]);
+    let mut held = Vec::new();
+    for _ in 0..50 {
+        let c = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (s, _) = listener.accept().unwrap();
+        held.push((c, s));
+    }
+    // Other sockets on the machine may pass through the table too: at least 90 evictions.
+    let text = agent.metrics_until("90 evictions", |t| {
+        sample(t, "tracer_tracked_sockets_evicted_total", &[]).unwrap_or(0.0) >= 90.0
+    });
+    // Never more than the limit (fewer when the scrapes' own sockets closed since).
+    let tracked = sample(&text, "tracer_tracked_sockets", &[]).unwrap();
+    assert!((1.0..=10.0).contains(&tracked), "tracked {tracked}");
+    drop(held);
+}
