@@ -158,8 +158,10 @@ impl Probe {
         let sum = |i: u32| -> Result<u64> { Ok(map.get(&i, 0)?.iter().sum()) };
         let program: &BtfTracePoint =
             self.ebpf.program(MAIN_PROGRAM).context("program inet_sock_set_state")?.try_into()?;
-        let rescued = sum(counter::RESCUED)?;
+        // Skips first: the rescue program counts a rescue after the kernel counted the skip,
+        // so this order can only under-count `missed` for a moment, never over-count it.
         let skipped = recursion_misses(program.fd()?.as_fd())?;
+        let rescued = sum(counter::RESCUED)?;
         Ok(ProbeCounters {
             lost: sum(counter::LOST_RINGBUF_FULL)?,
             missed: skipped.saturating_sub(rescued),

@@ -83,8 +83,14 @@ pub async fn run(args: &RunArgs) -> Result<()> {
         }
     }
     server.abort();
+    follow(ring.get_mut(), &mut table, &mut metrics);
+    let c = probe.counters()?;
     drop(ring);
     drop(probe);
+    eprintln!(
+        "tracer: stopped; {} ring buffer full, {} missed by the kernel, {} rescued, {} sockets evicted",
+        c.lost, c.missed, c.rescued, table.evicted()
+    );
     Ok(())
 }
 
