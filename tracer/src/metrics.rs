@@ -356,8 +356,7 @@ impl Metrics {
             self.synack.with_label_values(&[self.ports.name(slot)]).inc_by(total.saturating_sub(before));
         }
         for (d, direction) in DIRECTIONS.iter().enumerate() {
-            for state in 0..RESET_STATES as usize {
-                let total = resets[d][state];
+            for (state, &total) in resets[d].iter().enumerate() {
                 let before = std::mem::replace(&mut self.last.resets[d][state], total);
                 if total > before {
                     let name = if state == 0 { "none" } else { state_name(state as u8) };
