@@ -215,9 +215,9 @@ fn a_connection_held_500ms_has_a_lifetime_within_20_percent() {
     assert!((0.4..=0.6).contains(&secs), "held 500 ms, lifetime {secs} s");
 }
 
-/// Counts `ss -tan` lines by state, with the agent's state names.
-fn ss_counts() -> std::collections::BTreeMap<String, f64> {
-    let out = std::process::Command::new("ss").args(["-tan"]).output().expect("ss");
+/// Counts `ss -tan FILTER` lines by state, with the agent's state names.
+fn ss_counts(filter: &str) -> std::collections::BTreeMap<String, f64> {
+    let out = std::process::Command::new("ss").args(["-tan", filter]).output().expect("ss");
     let mut counts = std::collections::BTreeMap::new();
     for line in String::from_utf8_lossy(&out.stdout).lines().skip(1) {
         let name = match line.split_whitespace().next() {
@@ -254,10 +254,19 @@ fn socket_census_agrees_with_ss() {
     server.join();
     settle();
     let states = ["established", "syn_sent", "syn_recv", "fin_wait1", "fin_wait2", "time_wait", "close_wait", "last_ack", "listen", "closing"];
+    // The scrape is itself a TCP connection to the agent: at census time the agent's port has
+    // its listener, the scrape's two established ends, and the TIME-WAITs of earlier scrapes.
+    // ss counts everything else, right after the scrape.
+    let agent_port = agent.addr.port();
+    let ours_filter = format!("( sport = :{agent_port} or dport = :{agent_port} )");
     let mut last = String::new();
     for _ in 0..3 {
+        let tw_before = ss_counts(&format!("state time-wait {ours_filter}")).get("time_wait").copied().unwrap_or(0.0);
         let text = agent.metrics();
-        let ss = ss_counts();
+        let mut ss = ss_counts(&format!("not {ours_filter}"));
+        *ss.entry("listen".into()).or_default() += 1.0;
+        *ss.entry("established".into()).or_default() += 2.0;
+        *ss.entry("time_wait".into()).or_default() += tw_before;
         let ours: std::collections::BTreeMap<String, f64> = states
             .iter()
             .map(|s| (s.to_string(), sample(&text, "tracer_tcp_sockets", &[("state", s)]).unwrap_or(-1.0)))
