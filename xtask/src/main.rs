@@ -72,7 +72,7 @@ fn test() -> Result<()> {
     build_release()?;
     setup::mount_tracefs()?;
     cargo(&["test", "--release", "--lib", "--bins"])?;
-    cargo(&["test", "--release", "--test", "*", "--", "--test-threads=1"])?;
+    cargo(&["test", "--release", "--no-fail-fast", "--test", "*", "--", "--test-threads=1"])?;
     Ok(())
 }
 
