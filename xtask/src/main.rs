@@ -30,6 +30,9 @@ enum Task {
     Test,
     /// Set up, build, and measure connection churn with and without the tracer.
     Bench(bench::BenchArgs),
+    /// (Used by bench) hold N loopback connections open until stdin closes.
+    #[command(hide = true)]
+    Hold { connections: usize },
 }
 
 fn main() -> ExitCode {
@@ -38,6 +41,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::run(),
         Task::Run { args } => run_tracer(args),
         Task::Test => test(),
+        Task::Hold { connections } => bench::hold(connections),
         Task::Bench(args) => setup::run().and_then(|()| build_release()).and_then(|()| bench::run(&args)),
     };
     match result {
