@@ -178,26 +178,39 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let off = unsafe { core::ptr::read_volatile(&OFFSETS) };
 
     // The tracepoint also fires for SCTP (and other inet protocols): keep TCP only.
-    if read::<u16>(sk, off.sk_protocol)? != IPPROTO_TCP {
+    // SAFETY: direct loads through the BTF-typed `struct sock *` at offsets of `struct sock`
+    // fields of the matching type; the verifier checks each against the kernel's BTF and makes
+    // it a fault-safe load. (They cost a load each, where bpf_probe_read_kernel costs a helper
+    // call: this is the per-event path.)
+    let (protocol, family, dport) = unsafe {
+        (
+            field::<u16>(sk, offset!(sk_protocol)),
+            field::<u16>(sk, offset!(skc_family)),
+            u16::from_be(field::<u16>(sk, offset!(skc_dport))),
+        )
+    };
+    if protocol != IPPROTO_TCP {
         return Ok(());
     }
-    let family = read::<u16>(sk, off.skc_family)?;
+    // `inet_sport` lies in `struct inet_sock`, past `struct sock`, where the verifier allows no
+    // direct load through a `struct sock *`: read it with the helper.
     let sport = u16::from_be(read::<u16>(sk, off.inet_sport)?);
-    let dport = u16::from_be(read::<u16>(sk, off.skc_dport)?);
     if !port_wanted(sport) && !port_wanted(dport) {
         return Ok(());
     }
     let (oldstate, newstate) = (oldstate as u8, newstate as u8);
     let skaddr = sk as u64;
-    let owner = track_owner(sk, skaddr, &off, sport, oldstate, newstate);
+    let owner = track_owner(sk, skaddr, sport, oldstate, newstate);
 
     let (mut saddr, mut daddr) = ([0u8; 16], [0u8; 16]);
     if family == AF_INET6 {
         saddr = read(sk, off.skc_v6_rcv_saddr).unwrap_or([0; 16]);
         daddr = read(sk, off.skc_v6_daddr).unwrap_or([0; 16]);
     } else if family == AF_INET {
-        let (s, d): ([u8; 4], [u8; 4]) =
-            (read(sk, off.skc_rcv_saddr).unwrap_or([0; 4]), read(sk, off.skc_daddr).unwrap_or([0; 4]));
+        // SAFETY: as above; both are `__be32` fields of `struct sock_common`.
+        let (s, d): (u32, u32) =
+            unsafe { (field(sk, offset!(skc_rcv_saddr)), field(sk, offset!(skc_daddr))) };
+        let (s, d) = (s.to_ne_bytes(), d.to_ne_bytes());
         saddr[..4].copy_from_slice(&s);
         daddr[..4].copy_from_slice(&d);
     }
@@ -212,7 +225,8 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
         srtt_us = read(sk, off.srtt_us).unwrap_or(0);
         retrans = read::<u32>(sk, off.total_retrans).unwrap_or(0) as u16;
     } else if oldstate == state::SYN_SENT && newstate == state::CLOSE {
-        sk_err = read::<i32>(sk, off.sk_err).unwrap_or(0) as u16;
+        // SAFETY: as above; `sk_err` is an `int` of `struct sock`.
+        sk_err = unsafe { field::<i32>(sk, offset!(sk_err)) } as u16;
     }
 
     entry.write(Transition {
@@ -253,14 +267,14 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
 fn track_owner(
     sk: *const u8,
     skaddr: u64,
-    off: &SockOffsets,
     sport: u16,
     oldstate: u8,
     newstate: u8,
 ) -> Owner {
     let unknown = Owner { skaddr, pid: 0, comm: [0; COMM_LEN], _pad: [0; 4] };
     let listener = |port: u16| ListenerKey {
-        net: read::<u64>(sk, off.skc_net).unwrap_or(0),
+        // SAFETY: as above; `skc_net` is a `possible_net_t` (one `struct net *`).
+        net: unsafe { field::<u64>(sk, offset!(skc_net)) },
         port,
         _pad: [0; 6],
     };
@@ -312,6 +326,28 @@ fn port_wanted(port: u16) -> bool {
         return true;
     }
     PORT_FILTER.get(port as u32).is_some_and(|v| *v != 0)
+}
+
+/// The byte offset of a `SockOffsets` field, read straight from the load-time constant so that
+/// the verifier knows its value.
+macro_rules! offset {
+    ($field:ident) => {{
+        // SAFETY: a read-only global set at load time.
+        #[allow(unused_unsafe)]
+        let offset = unsafe { core::ptr::read_volatile(&OFFSETS.$field) } as usize;
+        offset
+    }};
+}
+use offset;
+
+/// Loads a `T` at byte offset `offset` of the kernel object at `base` with one instruction.
+///
+/// # Safety
+/// `base` must be a BTF-typed kernel pointer from the tracepoint's arguments and `offset` a
+/// field of type `T` in it (the verifier rejects the program otherwise).
+#[inline(always)]
+unsafe fn field<T: Copy>(base: *const u8, offset: usize) -> T {
+    core::ptr::read_volatile(base.add(offset) as *const T)
 }
 
 /// Reads a `T` at byte offset `offset` of the kernel object at `base`.

@@ -6,8 +6,8 @@
 //! tracer's CPU per event. A last phase holds many connections open under `tracer run` and
 //! reads its resident memory. It reports figures; it does not pass or fail.
 //!
-//! The load: a listener on 127.0.0.1, acceptor threads that read each connection to EOF and
-//! close it, and client threads that connect and close at once, for a fixed time. Only
+//! The load: a listener on 127.0.0.1, acceptor threads that accept and close at once, and
+//! client threads that connect, read to EOF and close, for a fixed time (server closes first). Only
 //! loopback is used; every loop ends by itself.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -169,13 +169,13 @@ fn churn(duration: Duration) -> Result<(u64, u64)> {
     for _ in 0..ACCEPTORS {
         let (listener, stop, done) = (listener.clone(), stop.clone(), done.clone());
         threads.push(std::thread::spawn(move || {
-            let mut buf = [0u8; 64];
-            while let Ok((mut s, _)) = listener.accept() {
+            // The server closes first, so TIME-WAIT sockets pile up on the server side, not on
+            // the client's ephemeral ports (whose search grows slow as they fill).
+            while let Ok((s, _)) = listener.accept() {
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
-                let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-                while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+                drop(s);
                 done.fetch_add(1, Ordering::Relaxed);
             }
         }));
@@ -185,9 +185,13 @@ fn churn(duration: Duration) -> Result<(u64, u64)> {
     for _ in 0..CLIENTS {
         let addr_errors = addr_errors.clone();
         clients.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
             while Instant::now() < deadline {
                 match TcpStream::connect(addr) {
-                    Ok(s) => drop(s),
+                    Ok(mut s) => {
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+                        while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+                    }
                     Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
                         addr_errors.fetch_add(1, Ordering::Relaxed);
                     }
