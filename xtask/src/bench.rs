@@ -273,16 +273,19 @@ impl TracerProcess {
         if !status.success() {
             bail!("tracer exited with {status}");
         }
-        if let Some((events, lost)) = from_metrics {
-            return Ok((events, lost, cpu_us));
-        }
-        // watch: "tracer: N events received, M printed, L lost"
+        // Show where any losses came from (ring buffer full, or missed by the kernel).
         let mut summary = None;
         while let Ok(line) = self.stderr.recv_timeout(Duration::from_secs(2)) {
             if line.contains("events received") {
                 summary = Some(line);
+            } else if line.contains("lost") || (line.contains("missed") && !line.contains(" 0 missed")) {
+                println!("  {line}");
             }
         }
+        if let Some((events, lost)) = from_metrics {
+            return Ok((events, lost, cpu_us));
+        }
+        // watch: "tracer: N events received, M printed, L lost"
         let line = summary.context("no summary line from tracer watch")?;
         let nums: Vec<u64> =
             line.split(|c: char| !c.is_ascii_digit()).filter_map(|s| s.parse().ok()).collect();
