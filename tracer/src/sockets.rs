@@ -253,12 +253,6 @@ fn opening_mode(old: u8, new: u8) -> Option<Mode> {
     }
 }
 
-/// Approximate heap bytes per followed socket: the hash map slot (key, entry, control byte,
-/// at the map's load factor) plus the eviction queue entry.
-pub const BYTES_PER_SOCKET: usize =
-    (std::mem::size_of::<u64>() + std::mem::size_of::<Entry>() + 1) * 8 / 7
-        + 2 * std::mem::size_of::<(u64, u64)>();
-
 #[cfg(test)]
 mod tests {
     use super::*;
