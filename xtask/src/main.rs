@@ -21,7 +21,8 @@ enum Task {
     /// Install what building and testing need (Debian packages, the BPF toolchain, bpf-linker).
     /// Does nothing, without network, when all is there.
     Setup,
-    /// Set up, build in release mode, and run `tracer` with the given arguments (default: watch).
+    /// Set up, build in release mode, and run `tracer` with the given arguments (default: the
+    /// agent, `tracer run`).
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -57,7 +58,7 @@ fn run_tracer(mut args: Vec<String>) -> Result<()> {
     setup::run()?;
     build_release()?;
     if args.is_empty() {
-        args.push("watch".into());
+        args.push("run".into());
     }
     let status = Command::new("target/release/tracer")
         .args(&args)
