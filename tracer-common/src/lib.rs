@@ -40,8 +40,12 @@ pub mod state {
 pub struct Transition {
     /// `bpf_ktime_get_ns()` at the transition: CLOCK_MONOTONIC nanoseconds.
     pub time_ns: u64,
-    /// Kernel address of the `struct sock`: the identity of the socket for its whole life.
+    /// Kernel address of the `struct sock`: the identity of the socket for its whole life
+    /// (the kernel reuses addresses after a socket is freed).
     pub skaddr: u64,
+    /// The socket's cookie (`bpf_get_socket_cookie`): unique for the kernel's uptime, and the
+    /// same number sock_diag reports, so that the census and the events can be joined.
+    pub cookie: u64,
     /// Local and remote address. IPv4 uses the first 4 bytes; network byte order.
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],

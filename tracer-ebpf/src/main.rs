@@ -14,7 +14,8 @@
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_probe_read_kernel,
     },
     macros::{btf_tracepoint, map},
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -229,10 +230,14 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
         sk_err = unsafe { field::<i32>(sk, offset!(sk_err)) } as u16;
     }
 
+    // SAFETY: `sk` is the tracepoint's BTF-typed socket, which this helper accepts in
+    // tracing programs (Linux 5.12+); it returns the existing cookie or makes one.
+    let cookie = unsafe { bpf_get_socket_cookie(sk as *mut core::ffi::c_void) };
     entry.write(Transition {
         // SAFETY: a helper with no arguments, callable from any program type.
         time_ns: unsafe { bpf_ktime_get_ns() },
         skaddr,
+        cookie,
         saddr,
         daddr,
         pid: owner.pid,

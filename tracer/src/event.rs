@@ -96,6 +96,7 @@ pub(crate) mod tests {
         Transition {
             time_ns,
             skaddr,
+            cookie: skaddr + 1_000_000,
             saddr,
             daddr: saddr,
             pid: 42,

@@ -1,5 +1,5 @@
-//! The table of live sockets: which state each one is in and since when, keyed by the kernel
-//! address of its `struct sock`.
+//! The table of live sockets: which state each one is in, since when, and who owns it, keyed
+//! by the socket's cookie (unique for the kernel's uptime, and what sock_diag reports).
 //!
 //! Pure code, fed one [`Transition`] at a time and unit-tested with hand-made sequences.
 //! It is bounded: when full, the socket seen longest ago is evicted, and evictions are counted.
@@ -84,13 +84,26 @@ struct Entry {
     established_ns: u64,
     /// Who started closing, and when (not seen: None).
     teardown: Option<(Teardown, u64)>,
+    /// The owner the probe named (pid 0: unknown).
+    pid: u32,
+    comm: [u8; 16],
+}
+
+/// What the table knows of one socket, for the stuck-socket listing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketInfo {
+    pub state: u8,
+    /// When it entered `state` (CLOCK_MONOTONIC ns).
+    pub since_ns: u64,
+    pub pid: u32,
+    pub comm: [u8; 16],
 }
 
 /// Bounded table of live sockets.
 pub struct SocketTable {
     entries: HashMap<u64, Entry>,
-    /// Sockets in the order they were first seen, for evicting the oldest; entries whose socket
-    /// has since closed are skipped (and dropped) when reached.
+    /// (cookie, first seen) in the order sockets were first seen, for evicting the oldest;
+    /// entries whose socket has since closed are skipped (and dropped) when reached.
     order: VecDeque<(u64, u64)>,
     capacity: usize,
     evicted: u64,
@@ -120,7 +133,7 @@ impl SocketTable {
         use state::*;
         let (old, new, now) = (t.oldstate, t.newstate, t.time_ns);
         sink(Observation::Transition { from: old, to: new });
-        let known = self.entries.get(&t.skaddr).copied();
+        let known = self.entries.get(&t.cookie).copied();
         let seen = known.filter(|e| e.state == old && now >= e.since_ns);
         let dwell = seen.map(|e| now - e.since_ns);
         if let Some(ns) = dwell {
@@ -135,7 +148,13 @@ impl SocketTable {
             port: 0,
             established_ns: 0,
             teardown: None,
+            pid: 0,
+            comm: [0; 16],
         });
+        if t.pid != 0 {
+            e.pid = t.pid;
+            e.comm = t.comm;
+        }
         if e.port == 0 {
             e.port = match e.mode {
                 Some(Mode::Active) => t.dport,
@@ -183,7 +202,7 @@ impl SocketTable {
                 sink(Observation::Lifetime { mode, port: e.port, ns: now - e.established_ns });
             }
             if known.is_some() {
-                self.entries.remove(&t.skaddr);
+                self.entries.remove(&t.cookie);
             }
             return dwell;
         }
@@ -194,10 +213,10 @@ impl SocketTable {
             if self.entries.len() >= self.capacity {
                 self.evict_oldest();
             }
-            self.order.push_back((t.skaddr, e.first_seen_ns));
+            self.order.push_back((t.cookie, e.first_seen_ns));
             self.compact_order();
         }
-        self.entries.insert(t.skaddr, e);
+        self.entries.insert(t.cookie, e);
         dwell
     }
 
@@ -216,15 +235,20 @@ impl SocketTable {
         self.evicted
     }
 
-    /// How long each followed socket has been in its state, as (state, entered at ns).
-    pub fn states(&self) -> impl Iterator<Item = (u8, u64)> + '_ {
-        self.entries.values().map(|e| (e.state, e.since_ns))
+    /// What the table knows of the socket with this cookie.
+    pub fn get(&self, cookie: u64) -> Option<SocketInfo> {
+        self.entries.get(&cookie).map(|e| SocketInfo {
+            state: e.state,
+            since_ns: e.since_ns,
+            pid: e.pid,
+            comm: e.comm,
+        })
     }
 
     fn evict_oldest(&mut self) {
-        while let Some((skaddr, first_seen)) = self.order.pop_front() {
-            if self.entries.get(&skaddr).is_some_and(|e| e.first_seen_ns == first_seen) {
-                self.entries.remove(&skaddr);
+        while let Some((cookie, first_seen)) = self.order.pop_front() {
+            if self.entries.get(&cookie).is_some_and(|e| e.first_seen_ns == first_seen) {
+                self.entries.remove(&cookie);
                 self.evicted += 1;
                 return;
             }
@@ -238,8 +262,8 @@ impl SocketTable {
             return;
         }
         let entries = &self.entries;
-        self.order.retain(|(skaddr, first)| {
-            entries.get(skaddr).is_some_and(|e| e.first_seen_ns == *first)
+        self.order.retain(|(cookie, first)| {
+            entries.get(cookie).is_some_and(|e| e.first_seen_ns == *first)
         });
     }
 }
@@ -411,5 +435,18 @@ mod tests {
         assert_eq!(outcomes(&seq), vec![Observation::Teardown { mode: Teardown::Active, port: 0, ns: 70 }]);
         // Seen first at SYN_SENT -> ESTABLISHED: when SYN_SENT began is unknown.
         assert_eq!(outcomes(&[transition(6, 100, SYN_SENT, ESTABLISHED)]), vec![]);
+    }
+
+    #[test]
+    fn the_table_remembers_state_since_and_owner_by_cookie() {
+        let mut table = SocketTable::new(16);
+        table.observe(&transition(9, 100, CLOSE, SYN_SENT));
+        let mut t = transition(9, 200, SYN_SENT, ESTABLISHED);
+        t.pid = 0; // a softirq-time event whose owner the probe did not repeat
+        table.observe(&t);
+        let info = table.get(9 + 1_000_000).expect("followed by cookie");
+        assert_eq!((info.state, info.since_ns, info.pid), (ESTABLISHED, 200, 42));
+        assert_eq!(&info.comm[..4], b"curl");
+        assert_eq!(table.get(9), None, "not keyed by address");
     }
 }
