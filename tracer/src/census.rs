@@ -2,10 +2,16 @@
 //! interface (`NETLINK_SOCK_DIAG`, `SOCK_DIAG_BY_FAMILY`), as `ss -tan` reads it.
 //!
 //! Owns: the netlink dump ([`dump_tcp`], I/O, in the calling thread's network namespace) and
-//! its decoding ([`parse`], pure, unit-tested on messages built with the same crate).
+//! its decoding ([`parse`], pure, unit-tested on messages built with the same crate); the
+//! visit of every network namespace on the host ([`all_namespaces`]) with the facts read
+//! there (`ip_local_port_range`, TcpExt listen counters).
 //! It sees what the tracepoint never reports: TIME-WAIT sockets and request sockets.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
 use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST};
@@ -31,6 +37,100 @@ pub struct SocketRecord {
     pub wqueue: u32,
     /// Inode of the socket file (0 for TIME-WAIT and request sockets, which have none).
     pub inode: u32,
+    /// The socket's cookie (`idiag_cookie`), the one the probe reports.
+    pub cookie: u64,
+}
+
+/// What one network namespace holds.
+#[derive(Clone, Debug, Default)]
+pub struct NetnsCensus {
+    /// The namespace's inode number, as in `/proc/PID/ns/net -> net:[INODE]`.
+    pub netns: u64,
+    pub sockets: Vec<SocketRecord>,
+    /// `net.ipv4.ip_local_port_range` there (inclusive).
+    pub port_range: (u16, u16),
+    /// `TcpExt: ListenOverflows` and `ListenDrops` from its `/proc/net/netstat`.
+    pub listen_overflows: u64,
+    pub listen_drops: u64,
+}
+
+/// Takes the census of every network namespace that a process on the host is in (found
+/// through `/proc/*/ns/net`), on a thread that enters each in turn (`setns`). Namespaces whose
+/// processes exit meanwhile are skipped.
+pub fn all_namespaces() -> Result<Vec<NetnsCensus>> {
+    let own = std::fs::metadata("/proc/thread-self/ns/net")
+        .context("reading this thread's network namespace")?
+        .ino();
+    let mut found: BTreeMap<u64, PathBuf> = BTreeMap::new();
+    for entry in std::fs::read_dir("/proc").context("listing /proc")?.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let path = entry.path().join("ns/net");
+        if let Ok(meta) = std::fs::metadata(&path) {
+            found.entry(meta.ino()).or_insert(path);
+        }
+    }
+    std::thread::spawn(move || {
+        let mut out = Vec::with_capacity(found.len());
+        // Our own namespace first, without a setns.
+        out.push(netns_census(own)?);
+        for (ino, path) in found.into_iter().filter(|(ino, _)| *ino != own) {
+            let Ok(ns) = std::fs::File::open(&path) else { continue };
+            // SAFETY: setns on an open namespace fd; it moves only this (short-lived) thread.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                continue;
+            }
+            if let Ok(c) = netns_census(ino) {
+                out.push(c);
+            }
+        }
+        Ok(out)
+    })
+    .join()
+    .map_err(|_| anyhow!("the census thread panicked"))?
+}
+
+/// The census of the calling thread's current network namespace.
+fn netns_census(netns: u64) -> Result<NetnsCensus> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .context("reading ip_local_port_range")?;
+    let netstat = std::fs::read_to_string("/proc/thread-self/net/netstat")
+        .context("reading /proc/net/netstat")?;
+    let tcp_ext = parse_netstat(&netstat, "TcpExt");
+    Ok(NetnsCensus {
+        netns,
+        sockets: dump_tcp()?,
+        port_range: parse_port_range(&range).context("parsing ip_local_port_range")?,
+        listen_overflows: tcp_ext.get("ListenOverflows").copied().unwrap_or(0),
+        listen_drops: tcp_ext.get("ListenDrops").copied().unwrap_or(0),
+    })
+}
+
+/// Parses `ip_local_port_range` ("32768\t60999").
+pub fn parse_port_range(text: &str) -> Option<(u16, u16)> {
+    let mut it = text.split_whitespace().map(|v| v.parse::<u16>());
+    match (it.next(), it.next()) {
+        (Some(Ok(lo)), Some(Ok(hi))) if lo <= hi => Some((lo, hi)),
+        _ => None,
+    }
+}
+
+/// Parses one section of `/proc/net/netstat`: a line of names and a line of values, both
+/// starting with `Section:`.
+pub fn parse_netstat(text: &str, section: &str) -> BTreeMap<String, u64> {
+    let prefix = format!("{section}:");
+    let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        return BTreeMap::new();
+    };
+    names
+        .split_whitespace()
+        .skip(1)
+        .zip(values.split_whitespace().skip(1))
+        .filter_map(|(n, v)| Some((n.to_owned(), v.parse().ok()?)))
+        .collect()
 }
 
 /// Every TCP socket, IPv4 and IPv6, in the calling thread's network namespace.
@@ -100,6 +200,7 @@ pub fn parse(mut bytes: &[u8], out: &mut Vec<SocketRecord>) -> Result<bool> {
                     rqueue: h.recv_queue,
                     wqueue: h.send_queue,
                     inode: h.inode,
+                    cookie: cookie(&h.socket_id.cookie),
                 });
             }
             _ => {}
@@ -112,6 +213,13 @@ pub fn parse(mut bytes: &[u8], out: &mut Vec<SocketRecord>) -> Result<bool> {
         bytes = &bytes[step..];
     }
     Ok(false)
+}
+
+/// `idiag_cookie` is two host-order `u32`s, low word first (`sock_diag_save_cookie`).
+fn cookie(bytes: &[u8; 8]) -> u64 {
+    let lo = u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+    let hi = u32::from_ne_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+    (u64::from(hi) << 32) | u64::from(lo)
 }
 
 /// Sockets per state (index = kernel state number). Request sockets (`NEW_SYN_RECV`) are
@@ -139,6 +247,9 @@ mod tests {
         id.destination_port = 40_000;
         id.source_address = "127.0.0.1".parse().unwrap();
         id.destination_address = "127.0.0.2".parse().unwrap();
+        let (lo, hi) = (0x1234_5678u32, 0x9u32);
+        id.cookie[..4].copy_from_slice(&lo.to_ne_bytes());
+        id.cookie[4..].copy_from_slice(&hi.to_ne_bytes());
         let header = InetResponseHeader {
             family: AF_INET,
             state,
@@ -182,6 +293,7 @@ mod tests {
         assert_eq!(out[0].local, "127.0.0.1:80".parse().unwrap());
         assert_eq!(out[0].remote, "127.0.0.2:40000".parse().unwrap());
         assert_eq!((out[0].state, out[0].rqueue, out[0].wqueue, out[0].inode), (10, 3, 128, 77));
+        assert_eq!(out[0].cookie, 0x9_1234_5678);
     }
 
     #[test]
@@ -200,11 +312,29 @@ mod tests {
             rqueue: 0,
             wqueue: 0,
             inode: 0,
+            cookie: 0,
         };
         let counts = count_by_state(&[r(12), r(3), r(6), r(6), r(1)]);
         assert_eq!(counts[state::SYN_RECV as usize], 2);
         assert_eq!(counts[state::TIME_WAIT as usize], 2);
         assert_eq!(counts[state::ESTABLISHED as usize], 1);
         assert_eq!(counts[state::NEW_SYN_RECV as usize], 0);
+    }
+
+    #[test]
+    fn netstat_sections_pair_names_with_values() {
+        let text = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\nTcpExt: 0 7 9\n\
+                    IpExt: InNoRoutes\nIpExt: 3\n";
+        let m = parse_netstat(text, "TcpExt");
+        assert_eq!(m.get("ListenOverflows"), Some(&7));
+        assert_eq!(m.get("ListenDrops"), Some(&9));
+        assert!(parse_netstat(text, "MPTcpExt").is_empty());
+    }
+
+    #[test]
+    fn port_range_reads_the_sysctl_format() {
+        assert_eq!(parse_port_range("32768\t60999\n"), Some((32768, 60999)));
+        assert_eq!(parse_port_range("40000 40009"), Some((40000, 40009)));
+        assert_eq!(parse_port_range("9 1"), None);
     }
 }
