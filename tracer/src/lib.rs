@@ -13,4 +13,5 @@ pub mod metrics;
 pub mod probe;
 pub mod run;
 pub mod sockets;
+pub mod stuck;
 pub mod watch;

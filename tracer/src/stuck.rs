@@ -1,0 +1,309 @@
+//! Stuck sockets: every socket of the census with its age in its current state, whether it is
+//! past its state's threshold and why that matters, plus what the census tells about TIME-WAIT,
+//! ephemeral ports and listen queues.
+//!
+//! Pure code: it joins a census (all network namespaces) with what the socket table knows
+//! (`lookup`, by cookie), and is unit-tested on hand-made censuses. Ages come only from
+//! transitions the agent saw; a socket that was already there when the agent started has
+//! "at least since start"; any other socket the agent never saw enter its state has no age.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tracer_common::state;
+
+use crate::census::NetnsCensus;
+use crate::event::state_name;
+use crate::sockets::SocketInfo;
+
+/// Default thresholds: how long a socket may stay in a state before it counts as stuck.
+pub const DEFAULT_THRESHOLDS: [(u8, Duration); 7] = [
+    // The application has not closed a connection its peer closed: a descriptor leak.
+    (state::CLOSE_WAIT, Duration::from_secs(60)),
+    // Our FIN is not acknowledged: the peer is gone or its receive window is closed.
+    (state::FIN_WAIT1, Duration::from_secs(60)),
+    // We closed, the peer has not (Linux drops orphans after tcp_fin_timeout, 60 s).
+    (state::FIN_WAIT2, Duration::from_secs(60)),
+    (state::LAST_ACK, Duration::from_secs(30)),
+    (state::CLOSING, Duration::from_secs(30)),
+    // Several SYN retransmissions without answer (1, 2, 3, 4 s ...).
+    (state::SYN_SENT, Duration::from_secs(10)),
+    (state::SYN_RECV, Duration::from_secs(10)),
+];
+
+/// Why a socket in `state` past its threshold is a problem, and where to look.
+pub fn reason(state: u8) -> &'static str {
+    match state {
+        state::CLOSE_WAIT => "the peer closed; the owning process has not called close() (descriptor leak?)",
+        state::FIN_WAIT1 => "our FIN is not acknowledged: the peer is unresponsive or its window is closed",
+        state::FIN_WAIT2 => "we closed; the peer has not closed its side",
+        state::LAST_ACK => "we closed after the peer; our FIN is not acknowledged",
+        state::CLOSING => "both sides closed at once; the last ACK has not arrived",
+        state::SYN_SENT => "no answer to our SYN: the peer is down, filtered or black-holed",
+        state::SYN_RECV => "the client has not completed the handshake: lost ACKs, a SYN flood or spoofed SYNs",
+        _ => "older than its threshold",
+    }
+}
+
+/// Thresholds by state (index = kernel state number).
+#[derive(Clone, Debug)]
+pub struct Thresholds(pub [Option<Duration>; 13]);
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        let mut t = [None; 13];
+        for (s, d) in DEFAULT_THRESHOLDS {
+            t[s as usize] = Some(d);
+        }
+        Thresholds(t)
+    }
+}
+
+/// One socket of the listing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SocketView {
+    pub netns: u64,
+    /// Kernel state (request sockets show as SYN_RECV, as in `ss`).
+    pub state: u8,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// Time in `state`: exact when the agent saw the socket enter it; a lower bound (the
+    /// agent's uptime) when the socket was there before the agent; None otherwise.
+    pub age: Option<Duration>,
+    pub age_is_lower_bound: bool,
+    pub pid: u32,
+    pub comm: String,
+    /// The service port: the local port when it is a listening port there, else the remote one.
+    pub port: u16,
+    /// Set when older than the state's threshold: why that matters.
+    pub stuck: Option<&'static str>,
+}
+
+/// A destination whose ephemeral ports are filling.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Destination {
+    pub netns: u64,
+    pub local_ip: std::net::IpAddr,
+    pub remote: SocketAddr,
+    /// Sockets to it from ports in the local port range, and the range's size.
+    pub used: u64,
+    pub range: u64,
+}
+
+impl Destination {
+    pub fn utilization(&self) -> f64 {
+        self.used as f64 / self.range.max(1) as f64
+    }
+}
+
+/// Everything a census tells, joined with the agent's table.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub sockets: Vec<SocketView>,
+    /// Stuck sockets per (state, service port).
+    pub stuck: BTreeMap<(u8, u16), u64>,
+    /// Oldest age per state, among sockets with a known age or lower bound.
+    pub oldest: BTreeMap<u8, Duration>,
+    /// TIME-WAIT sockets per service port.
+    pub time_wait: BTreeMap<u16, u64>,
+    /// Destinations by ephemeral port use, busiest first (at most 10).
+    pub destinations: Vec<Destination>,
+    /// Per listening port: accept queue length and limit (summed over listeners).
+    pub listen_queue: BTreeMap<u16, (u64, u64)>,
+}
+
+/// Joins `census` with the table. `now_ns` and `started_ns` are CLOCK_MONOTONIC, as the
+/// probe's timestamps; `at_start` holds the cookies of the sockets there when the agent started.
+pub fn snapshot(
+    census: &[NetnsCensus],
+    lookup: impl Fn(u64) -> Option<SocketInfo>,
+    at_start: &HashSet<u64>,
+    thresholds: &Thresholds,
+    now_ns: u64,
+    started_ns: u64,
+) -> Snapshot {
+    let mut snap = Snapshot::default();
+    let mut per_destination: HashMap<(u64, std::net::IpAddr, SocketAddr), u64> = HashMap::new();
+    for ns in census {
+        let listening: HashSet<u16> = ns
+            .sockets
+            .iter()
+            .filter(|r| r.state == state::LISTEN)
+            .map(|r| r.local.port())
+            .collect();
+        let (lo, hi) = ns.port_range;
+        for r in &ns.sockets {
+            let state = if r.state == state::NEW_SYN_RECV { state::SYN_RECV } else { r.state };
+            let local_is_service = listening.contains(&r.local.port());
+            let port = if local_is_service || state == state::LISTEN { r.local.port() } else { r.remote.port() };
+            if state == state::LISTEN {
+                let q = snap.listen_queue.entry(port).or_default();
+                q.0 += u64::from(r.rqueue);
+                q.1 += u64::from(r.wqueue);
+            }
+            if state == state::TIME_WAIT {
+                *snap.time_wait.entry(port).or_default() += 1;
+            }
+            if state != state::LISTEN && !local_is_service && (lo..=hi).contains(&r.local.port()) {
+                *per_destination.entry((ns.netns, r.local.ip(), r.remote)).or_default() += 1;
+            }
+
+            let info = lookup(r.cookie);
+            let (age, lower_bound) = match info {
+                Some(i) if i.state == state => (Some(Duration::from_nanos(now_ns.saturating_sub(i.since_ns))), false),
+                // The census caught a transition the agent has not read yet: it just happened.
+                Some(_) => (Some(Duration::ZERO), false),
+                None if at_start.contains(&r.cookie) => {
+                    (Some(Duration::from_nanos(now_ns.saturating_sub(started_ns))), true)
+                }
+                None => (None, false),
+            };
+            let stuck = match (thresholds.0.get(state as usize).copied().flatten(), age) {
+                (Some(limit), Some(age)) if age >= limit => Some(reason(state)),
+                _ => None,
+            };
+            if let Some(age) = age {
+                let oldest = snap.oldest.entry(state).or_default();
+                *oldest = (*oldest).max(age);
+            }
+            if stuck.is_some() {
+                *snap.stuck.entry((state, port)).or_default() += 1;
+            }
+            let (pid, comm) = match info {
+                Some(i) if i.pid != 0 => (i.pid, comm_string(&i.comm)),
+                _ => (0, String::new()),
+            };
+            snap.sockets.push(SocketView {
+                netns: ns.netns,
+                state,
+                local: r.local,
+                remote: r.remote,
+                age,
+                age_is_lower_bound: lower_bound,
+                pid,
+                comm,
+                port,
+                stuck,
+            });
+        }
+    }
+    let range_of: HashMap<u64, u64> =
+        census.iter().map(|n| (n.netns, u64::from(n.port_range.1 - n.port_range.0) + 1)).collect();
+    let mut destinations: Vec<Destination> = per_destination
+        .into_iter()
+        .map(|((netns, local_ip, remote), used)| Destination {
+            netns,
+            local_ip,
+            remote,
+            used,
+            range: range_of.get(&netns).copied().unwrap_or(1),
+        })
+        .collect();
+    destinations.sort_by(|a, b| b.utilization().total_cmp(&a.utilization()));
+    destinations.truncate(10);
+    snap.destinations = destinations;
+    snap
+}
+
+fn comm_string(comm: &[u8; 16]) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+/// Human name of a state for the listing.
+pub fn state_label(s: u8) -> &'static str {
+    state_name(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::census::SocketRecord;
+
+    fn rec(state: u8, local: &str, remote: &str, cookie: u64) -> SocketRecord {
+        SocketRecord {
+            state,
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            rqueue: 0,
+            wqueue: 0,
+            inode: 1,
+            cookie,
+        }
+    }
+
+    fn census(sockets: Vec<SocketRecord>) -> Vec<NetnsCensus> {
+        vec![NetnsCensus { netns: 4026531840, sockets, port_range: (40000, 40009), ..Default::default() }]
+    }
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn a_close_wait_seen_entering_gets_its_age_owner_and_is_stuck_past_the_threshold() {
+        let c = census(vec![
+            rec(state::LISTEN, "127.0.0.1:8080", "0.0.0.0:0", 1),
+            rec(state::CLOSE_WAIT, "127.0.0.1:8080", "127.0.0.1:40001", 2),
+        ]);
+        let lookup = |cookie| {
+            (cookie == 2).then_some(SocketInfo {
+                state: state::CLOSE_WAIT,
+                since_ns: 10 * S,
+                pid: 77,
+                comm: *b"leaky\0\0\0\0\0\0\0\0\0\0\0",
+            })
+        };
+        let snap = snapshot(&c, lookup, &HashSet::new(), &Thresholds::default(), 75 * S, 0);
+        let v = &snap.sockets[1];
+        assert_eq!((v.age, v.age_is_lower_bound, v.pid, v.comm.as_str(), v.port), (Some(Duration::from_secs(65)), false, 77, "leaky", 8080));
+        assert!(v.stuck.is_some());
+        assert_eq!(snap.stuck.get(&(state::CLOSE_WAIT, 8080)), Some(&1));
+        assert_eq!(snap.oldest.get(&state::CLOSE_WAIT), Some(&Duration::from_secs(65)));
+    }
+
+    #[test]
+    fn sockets_from_before_the_agent_are_at_least_its_uptime_and_others_have_no_age() {
+        let c = census(vec![
+            rec(state::CLOSE_WAIT, "127.0.0.1:9000", "127.0.0.1:50000", 5),
+            rec(state::NEW_SYN_RECV, "127.0.0.1:9000", "127.0.0.1:50001", 6),
+        ]);
+        let at_start: HashSet<u64> = [5].into();
+        let snap = snapshot(&c, |_| None, &at_start, &Thresholds::default(), 100 * S, 30 * S);
+        assert_eq!(snap.sockets[0].age, Some(Duration::from_secs(70)));
+        assert!(snap.sockets[0].age_is_lower_bound);
+        assert!(snap.sockets[0].stuck.is_some(), "at least 70 s > 60 s");
+        // A request socket the agent never saw: shown as syn_recv, age unknown, never stuck.
+        assert_eq!((snap.sockets[1].state, snap.sockets[1].age), (state::SYN_RECV, None));
+        assert!(snap.sockets[1].stuck.is_none());
+    }
+
+    #[test]
+    fn time_wait_ports_and_ephemeral_use_per_destination() {
+        let c = census(vec![
+            rec(state::LISTEN, "127.0.0.1:80", "0.0.0.0:0", 1),
+            // Server side closed first: TIME-WAIT on the listening port.
+            rec(state::TIME_WAIT, "127.0.0.1:80", "127.0.0.1:40003", 2),
+            // Client side closed first: TIME-WAIT toward remote port 5432, from ephemeral ports.
+            rec(state::TIME_WAIT, "127.0.0.1:40001", "127.0.0.2:5432", 3),
+            rec(state::TIME_WAIT, "127.0.0.1:40002", "127.0.0.2:5432", 4),
+            rec(state::ESTABLISHED, "127.0.0.1:40004", "127.0.0.2:5432", 5),
+            // Outside the range: not an ephemeral port.
+            rec(state::ESTABLISHED, "127.0.0.1:30000", "127.0.0.2:5432", 6),
+        ]);
+        let snap = snapshot(&c, |_| None, &HashSet::new(), &Thresholds::default(), S, 0);
+        assert_eq!(snap.time_wait.get(&80), Some(&1));
+        assert_eq!(snap.time_wait.get(&5432), Some(&2));
+        let worst = &snap.destinations[0];
+        assert_eq!((worst.remote.port(), worst.used, worst.range), (5432, 3, 10));
+        assert!((worst.utilization() - 0.3).abs() < 1e-9);
+    }
+
+    #[test]
+    fn listen_queues_are_read_per_port() {
+        let mut l = rec(state::LISTEN, "127.0.0.1:7000", "0.0.0.0:0", 1);
+        l.rqueue = 2;
+        l.wqueue = 1;
+        let snap = snapshot(&census(vec![l]), |_| None, &HashSet::new(), &Thresholds::default(), S, 0);
+        assert_eq!(snap.listen_queue.get(&7000), Some(&(2, 1)));
+    }
+}
