@@ -45,6 +45,11 @@ pub struct RunArgs {
     /// Size of the kernel-to-userspace ring buffer: a power of two, e.g. 64K, 8M.
     #[arg(long, value_name = "BYTES", default_value = "8M", value_parser = parse_size)]
     pub ring_buffer_size: u32,
+    /// How long a socket may stay in a state before it counts as stuck, e.g. close_wait=60s
+    /// (repeatable). Defaults: close_wait, fin_wait1, fin_wait2 60s; last_ack, closing 30s;
+    /// syn_sent, syn_recv 10s.
+    #[arg(long = "stuck-after", value_name = "STATE=DURATION", value_parser = parse_threshold)]
+    pub stuck_after: Vec<(u8, Duration)>,
 }
 
 #[derive(Debug, Args)]
@@ -70,6 +75,24 @@ pub struct WatchArgs {
     /// Size of the kernel-to-userspace ring buffer: a power of two, e.g. 64K, 8M.
     #[arg(long, value_name = "BYTES", default_value = "8M", value_parser = parse_size)]
     pub ring_buffer_size: u32,
+}
+
+impl RunArgs {
+    /// The defaults with `--stuck-after` applied.
+    pub fn thresholds(&self) -> crate::stuck::Thresholds {
+        let mut t = crate::stuck::Thresholds::default();
+        for &(state, d) in &self.stuck_after {
+            t.0[state as usize] = Some(d);
+        }
+        t
+    }
+}
+
+/// Parses `close_wait=60s`.
+fn parse_threshold(s: &str) -> Result<(u8, Duration), String> {
+    let (state, duration) =
+        s.split_once('=').ok_or_else(|| format!("{s:?} is not STATE=DURATION, e.g. close_wait=60s"))?;
+    Ok((parse_state_arg(state)?, parse_duration(duration)?))
 }
 
 fn parse_state_arg(s: &str) -> Result<u8, String> {

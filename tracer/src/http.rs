@@ -7,14 +7,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::State;
+use std::collections::HashMap;
+
+use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use prometheus::{IntCounter, IntGaugeVec, Registry};
+use prometheus::{IntCounter, Registry};
+use tokio::sync::{mpsc, oneshot};
 
+use crate::census::NetnsCensus;
+use crate::event::{parse_state, state_name};
 use crate::metrics::Metrics;
+use crate::stuck::{Snapshot, SocketView};
 
 /// How long the event reader may be silent before `/healthz` says 503. It drains every 10 ms,
 /// so this is only exceeded when the agent is stuck.
@@ -43,13 +49,40 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// A census for the event loop to join with its socket table; it answers with the snapshot.
+pub struct CensusRequest {
+    pub census: Vec<NetnsCensus>,
+    pub reply: oneshot::Sender<Snapshot>,
+}
+
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AppState {
     pub registry: Registry,
-    pub sockets: IntGaugeVec,
     pub census_errors: IntCounter,
     pub health: Arc<Health>,
+    pub requests: mpsc::Sender<CensusRequest>,
+}
+
+/// Takes the census of every namespace (off the event loop) and has the loop join it with the
+/// socket table and update the census metrics. A failure is counted and reported; the caller
+/// goes on without it.
+async fn take_census(state: &AppState) -> Option<Snapshot> {
+    let census = match tokio::task::spawn_blocking(crate::census::all_namespaces).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            state.census_errors.inc();
+            eprintln!("tracer: socket census failed: {e:#}");
+            return None;
+        }
+        Err(_) => {
+            state.census_errors.inc();
+            return None;
+        }
+    };
+    let (reply, answer) = oneshot::channel();
+    state.requests.send(CensusRequest { census, reply }).await.ok()?;
+    answer.await.ok()
 }
 
 /// Serves until the task is dropped.
@@ -58,6 +91,7 @@ pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> std::i
         .route("/", get(index))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+        .route("/sockets", get(sockets))
         .with_state(state);
     axum::serve(listener, app).await
 }
@@ -66,7 +100,8 @@ async fn index() -> Html<&'static str> {
     Html(
         "<!doctype html><title>tracer</title><h1>tracer</h1>\
          <p>TCP connections followed with eBPF.</p>\
-         <ul><li><a href=\"/metrics\">/metrics</a></li><li><a href=\"/healthz\">/healthz</a></li></ul>",
+         <ul><li><a href=\"/metrics\">/metrics</a></li><li><a href=\"/healthz\">/healthz</a></li>\
+         <li><a href=\"/sockets?older_than=10s\">/sockets</a> (state, port, older_than, limit)</li></ul>",
     )
 }
 
@@ -79,19 +114,114 @@ async fn healthz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    // The census is a netlink dump: run it off the event loop. A failed census is counted and
-    // the scrape goes on with the rest.
-    match tokio::task::spawn_blocking(crate::census::dump_tcp).await {
-        Ok(Ok(records)) => Metrics::set_census(&state.sockets, &crate::census::count_by_state(&records)),
-        Ok(Err(e)) => {
-            state.census_errors.inc();
-            eprintln!("tracer: socket census failed: {e:#}");
-        }
-        Err(_) => state.census_errors.inc(),
-    }
+    let _ = take_census(&state).await;
     match Metrics::encode(&state.registry) {
         Ok(body) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
             .into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}\n")).into_response(),
+    }
+}
+
+/// Default and largest `limit` of `/sockets`.
+const SOCKETS_LIMIT: usize = 100;
+const SOCKETS_MAX_LIMIT: usize = 10_000;
+
+/// `GET /sockets?state=close_wait&port=8080&older_than=30s&limit=50`: sockets of every
+/// namespace, oldest first, as JSON.
+async fn sockets(State(state): State<AppState>, Query(q): Query<HashMap<String, String>>) -> Response {
+    let filter = match SocketFilter::from_query(&q) {
+        Ok(f) => f,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    };
+    let Some(snap) = take_census(&state).await else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "socket census failed; see the agent's log\n").into_response();
+    };
+    let body = filter.render(&snap);
+    ([(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+/// The query of `/sockets`.
+#[derive(Debug, Default)]
+pub struct SocketFilter {
+    pub states: Vec<u8>,
+    pub port: Option<u16>,
+    pub older_than: Option<Duration>,
+    pub limit: usize,
+}
+
+impl SocketFilter {
+    /// Reads the query parameters; an error names the bad one.
+    pub fn from_query(q: &HashMap<String, String>) -> Result<SocketFilter, String> {
+        let mut f = SocketFilter { limit: SOCKETS_LIMIT, ..Default::default() };
+        if let Some(states) = q.get("state") {
+            for name in states.split(',').filter(|s| !s.is_empty()) {
+                f.states.push(parse_state(name).ok_or_else(|| format!("unknown state {name:?}"))?);
+            }
+        }
+        if let Some(p) = q.get("port") {
+            f.port = Some(p.parse().map_err(|_| format!("port {p:?} is not a port number"))?);
+        }
+        if let Some(d) = q.get("older_than") {
+            f.older_than = Some(crate::cli::parse_duration(d)?);
+        }
+        if let Some(l) = q.get("limit") {
+            let n: usize = l.parse().map_err(|_| format!("limit {l:?} is not a number"))?;
+            f.limit = n.clamp(1, SOCKETS_MAX_LIMIT);
+        }
+        Ok(f)
+    }
+
+    /// The matching sockets, oldest first (unknown ages last), and the busiest destinations.
+    pub fn render(&self, snap: &Snapshot) -> serde_json::Value {
+        let mut matched: Vec<&SocketView> = snap
+            .sockets
+            .iter()
+            .filter(|s| self.states.is_empty() || self.states.contains(&s.state))
+            .filter(|s| self.port.is_none_or(|p| s.local.port() == p || s.remote.port() == p))
+            .filter(|s| self.older_than.is_none_or(|d| s.age.is_some_and(|a| a >= d)))
+            .collect();
+        matched.sort_by(|a, b| b.age.cmp(&a.age));
+        let total = matched.len();
+        let sockets: Vec<serde_json::Value> = matched
+            .into_iter()
+            .take(self.limit)
+            .map(|s| {
+                serde_json::json!({
+                    "state": state_name(s.state),
+                    "age_seconds": s.age.map(|a| a.as_secs_f64()),
+                    "age_is_lower_bound": s.age_is_lower_bound,
+                    "local_addr": s.local.ip().to_string(),
+                    "local_port": s.local.port(),
+                    "remote_addr": s.remote.ip().to_string(),
+                    "remote_port": s.remote.port(),
+                    "service_port": s.port,
+                    "pid": s.pid,
+                    "comm": s.comm,
+                    "netns": s.netns,
+                    "stuck": s.stuck.is_some(),
+                    "reason": s.stuck,
+                })
+            })
+            .collect();
+        let destinations: Vec<serde_json::Value> = snap
+            .destinations
+            .iter()
+            .map(|d| {
+                serde_json::json!({
+                    "netns": d.netns,
+                    "local_addr": d.local_ip.to_string(),
+                    "remote_addr": d.remote.ip().to_string(),
+                    "remote_port": d.remote.port(),
+                    "ephemeral_ports_used": d.used,
+                    "ephemeral_port_range": d.range,
+                    "utilization": d.utilization(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "total": total,
+            "sockets": sockets,
+            "busiest_destinations": destinations,
+        })
     }
 }

@@ -12,7 +12,11 @@ use prometheus::{
     Opts, Registry,
 };
 
+use std::collections::HashMap;
+
+use crate::census::{count_by_state, NetnsCensus};
 use crate::event::{state_name, STATE_NAMES};
+use crate::stuck::Snapshot;
 use crate::probe::{ProbeCounters, RESET_STATES};
 use crate::sockets::{Failure, Mode, Observation, Teardown};
 
@@ -126,6 +130,16 @@ pub struct Metrics {
     pub sockets: IntGaugeVec,
     /// Scrapes whose census failed.
     pub census_errors: IntCounter,
+    stuck: IntGaugeVec,
+    oldest_age: prometheus::GaugeVec,
+    time_wait: IntGaugeVec,
+    ephemeral: prometheus::Gauge,
+    listen_queue: IntGaugeVec,
+    listen_queue_limit: IntGaugeVec,
+    listen_overflows: IntCounter,
+    listen_drops: IntCounter,
+    /// Last TcpExt listen counters per network namespace, to turn them into increments.
+    last_listen: HashMap<u64, (u64, u64)>,
     events: IntCounter,
     events_lost: IntCounter,
     tracked: IntGauge,
@@ -138,7 +152,7 @@ pub struct Metrics {
 struct KernelTotals {
     lost: u64,
     evicted: u64,
-    synack: std::collections::HashMap<u16, u64>,
+    synack: HashMap<u16, u64>,
     resets: [[u64; RESET_STATES as usize]; 2],
 }
 
@@ -240,6 +254,55 @@ impl Metrics {
             "tracer_census_errors_total",
             "Scrapes whose sock_diag census failed (tracer_tcp_sockets kept its last values).",
         )?;
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec> {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let stuck = gauge_vec(
+            "tracer_tcp_stuck_sockets",
+            "Sockets older than their state's --stuck-after threshold now, from sock_diag joined \
+             with inet_sock_set_state, every network namespace.",
+            &["state", "port"],
+        )?;
+        let oldest_age = prometheus::GaugeVec::new(
+            Opts::new(
+                "tracer_tcp_oldest_socket_age_seconds",
+                "Age in its state of the oldest socket in each state, every network namespace \
+                 (at least the agent's uptime for sockets older than the agent); seconds.",
+            ),
+            &["state"],
+        )?;
+        registry.register(Box::new(oldest_age.clone()))?;
+        let time_wait = gauge_vec(
+            "tracer_tcp_time_wait_sockets",
+            "TIME-WAIT sockets now by service port, from sock_diag, every network namespace.",
+            &["port"],
+        )?;
+        let ephemeral = prometheus::Gauge::new(
+            "tracer_tcp_ephemeral_port_utilization",
+            "Fraction (0 to 1) of ip_local_port_range in use toward the busiest destination \
+             (local address, remote address and port), from sock_diag; GET /sockets names it.",
+        )?;
+        registry.register(Box::new(ephemeral.clone()))?;
+        let listen_queue = gauge_vec(
+            "tracer_tcp_listen_queue",
+            "Connections waiting in listeners' accept queues by port, from sock_diag.",
+            &["port"],
+        )?;
+        let listen_queue_limit = gauge_vec(
+            "tracer_tcp_listen_queue_limit",
+            "Accept queue limit (listen backlog) of listeners by port, from sock_diag.",
+            &["port"],
+        )?;
+        let listen_overflows = single(
+            "tracer_tcp_listen_overflows_total",
+            "Times a listener's accept queue was full (TcpExt ListenOverflows), every network namespace.",
+        )?;
+        let listen_drops = single(
+            "tracer_tcp_listen_drops_total",
+            "SYNs dropped by listeners (TcpExt ListenDrops), every network namespace.",
+        )?;
         let tracked = IntGauge::new("tracer_tracked_sockets", "Sockets the agent follows now.")?;
         registry.register(Box::new(tracked.clone()))?;
         let build_info = IntGaugeVec::new(
@@ -268,6 +331,15 @@ impl Metrics {
             resets,
             sockets,
             census_errors,
+            stuck,
+            oldest_age,
+            time_wait,
+            ephemeral,
+            listen_queue,
+            listen_queue_limit,
+            listen_overflows,
+            listen_drops,
+            last_listen: HashMap::new(),
             events,
             events_lost,
             tracked,
@@ -364,6 +436,53 @@ impl Metrics {
                 }
             }
         }
+    }
+
+    /// Sets every census-based metric from a census of all namespaces and its snapshot.
+    pub fn apply_census(&mut self, census: &[NetnsCensus], snap: &Snapshot) {
+        let mut counts = [0u64; 13];
+        for ns in census {
+            for (total, n) in counts.iter_mut().zip(count_by_state(&ns.sockets)) {
+                *total += n;
+            }
+        }
+        Metrics::set_census(&self.sockets, &counts);
+
+        // Gauges by port are rebuilt from scratch, so that ports that emptied disappear.
+        self.stuck.reset();
+        for (&(state, port), &n) in &snap.stuck {
+            let slot = self.ports.slot(port);
+            self.stuck.with_label_values(&[state_name(state), self.ports.name(slot)]).add(n as i64);
+        }
+        for (s, _) in crate::stuck::DEFAULT_THRESHOLDS {
+            self.oldest_age.with_label_values(&[state_name(s)]).set(0.0);
+        }
+        for (&state, age) in &snap.oldest {
+            self.oldest_age.with_label_values(&[state_name(state)]).set(age.as_secs_f64());
+        }
+        self.time_wait.reset();
+        for (&port, &n) in &snap.time_wait {
+            let slot = self.ports.slot(port);
+            self.time_wait.with_label_values(&[self.ports.name(slot)]).add(n as i64);
+        }
+        self.ephemeral.set(snap.destinations.first().map_or(0.0, |d| d.utilization()));
+        self.listen_queue.reset();
+        self.listen_queue_limit.reset();
+        for (&port, &(queue, limit)) in &snap.listen_queue {
+            let slot = self.ports.slot(port);
+            let name = self.ports.name(slot);
+            self.listen_queue.with_label_values(&[name]).add(queue as i64);
+            self.listen_queue_limit.with_label_values(&[name]).add(limit as i64);
+        }
+        // Kernel counters per namespace become increments; a new namespace adds its total.
+        for ns in census {
+            let (ovf, drops) = self.last_listen.get(&ns.netns).copied().unwrap_or((0, 0));
+            self.listen_overflows.inc_by(ns.listen_overflows.saturating_sub(ovf));
+            self.listen_drops.inc_by(ns.listen_drops.saturating_sub(drops));
+            self.last_listen.insert(ns.netns, (ns.listen_overflows.max(ovf), ns.listen_drops.max(drops)));
+        }
+        let present: std::collections::HashSet<u64> = census.iter().map(|n| n.netns).collect();
+        self.last_listen.retain(|ns, _| present.contains(ns));
     }
 
     /// Sets `tracer_tcp_sockets` from a census (index = kernel state number).

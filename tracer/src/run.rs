@@ -4,6 +4,7 @@
 //! Owns: the agent's loop (ring buffer → socket table → metrics; kernel counters once a
 //! second) and its start-up and shutdown.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,10 +12,12 @@ use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
 use tokio::io::{unix::AsyncFd, Interest};
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
 
 use crate::cli::RunArgs;
 use crate::event;
-use crate::http::{AppState, Health};
+use crate::http::{AppState, CensusRequest, Health};
+use crate::stuck;
 use crate::metrics::{Metrics, PortLabels};
 use crate::probe::{Probe, ProbeConfig, DRAIN_INTERVAL};
 use crate::sockets::SocketTable;
@@ -36,11 +39,20 @@ pub async fn run(args: &RunArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
+    // Sockets already there now get "at least since start" as their age, never an invented one.
+    let started_ns = monotonic_ns();
+    let mut at_start: HashSet<u64> = crate::census::all_namespaces()
+        .context("taking the first socket census")?
+        .iter()
+        .flat_map(|ns| ns.sockets.iter().map(|r| r.cookie))
+        .collect();
+    let thresholds = args.thresholds();
+    let (requests, mut census_requests) = mpsc::channel::<CensusRequest>(4);
     let state = AppState {
         registry: metrics.registry.clone(),
-        sockets: metrics.sockets.clone(),
         census_errors: metrics.census_errors.clone(),
         health: health.clone(),
+        requests,
     };
     let mut server = tokio::spawn(crate::http::serve(listener, state));
     eprintln!(
@@ -73,6 +85,23 @@ pub async fn run(args: &RunArgs) -> Result<()> {
                     table.evicted(),
                 );
             }
+            Some(request) = census_requests.recv() => {
+                // Read what is pending first, so that the join sees every transition so far.
+                follow(ring.get_mut(), &mut table, &mut metrics);
+                let snap = stuck::snapshot(
+                    &request.census,
+                    |cookie| table.get(cookie),
+                    &at_start,
+                    &thresholds,
+                    monotonic_ns(),
+                    started_ns,
+                );
+                metrics.apply_census(&request.census, &snap);
+                let present: HashSet<u64> =
+                    request.census.iter().flat_map(|ns| ns.sockets.iter().map(|r| r.cookie)).collect();
+                at_start.retain(|c| present.contains(c));
+                let _ = request.reply.send(snap);
+            }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             result = &mut server => {
@@ -92,6 +121,14 @@ pub async fn run(args: &RunArgs) -> Result<()> {
         c.lost, c.missed, c.rescued, table.evicted()
     );
     Ok(())
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of the probe's timestamps.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec pointer and a clock every kernel has.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Feeds everything waiting in the ring buffer through the socket table into the metrics.
