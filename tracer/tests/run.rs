@@ -54,12 +54,10 @@ fn handshakes_teardowns_and_lifetimes_are_counted_per_port() {
             assert_eq!(count(&text, "tracer_tcp_connection_duration_seconds", &l), n, "{mode} lifetimes on {port}");
         }
     }
-    // Loopback handshakes take tens of microseconds; none waits for a retransmission (1 s).
-    // (A busy shared machine may delay a few past 10 ms.)
+    // Loopback handshakes take tens of microseconds. (A busy shared machine may delay a few,
+    // and a burst can overflow the test server's accept queue and make a SYN wait 1 s.)
     let fast = bucket(&text, HS, &[("mode", "active"), ("port", &p)], "0.01");
     assert!(fast >= 190.0, "active handshakes under 10 ms: {fast} of 200");
-    let no_retry = bucket(&text, HS, &[("mode", "active"), ("port", &p)], "0.5");
-    assert_eq!(no_retry, 200.0, "active handshakes under 0.5 s");
     assert_eq!(sample(&text, "tracer_events_lost_total", &[]), Some(0.0));
     assert!(sample(&text, "tracer_tcp_transitions_total", &[("from", "syn_sent"), ("to", "established")]).unwrap_or(0.0) >= 300.0);
     assert_eq!(sample(&text, "tracer_tcp_handshake_failures_total", &[("mode", "active"), ("reason", "refused"), ("port", &p)]), None);
