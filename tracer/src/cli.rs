@@ -21,6 +21,30 @@ pub enum Command {
     Watch(WatchArgs),
     /// Run the agent: follow every socket and serve Prometheus metrics.
     Run(RunArgs),
+    /// List sockets from a running agent, oldest first: what is stuck, since when, whose.
+    Sockets(SocketsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SocketsArgs {
+    /// Only sockets in this state, e.g. close_wait (repeatable).
+    #[arg(long = "state", value_name = "NAME", value_parser = parse_state_arg)]
+    pub states: Vec<u8>,
+    /// Only sockets with this local or remote port.
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: Option<u16>,
+    /// Only sockets at least this long in their state, e.g. 30s.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub older_than: Option<Duration>,
+    /// At most this many sockets.
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub limit: u32,
+    /// Print the agent's JSON as it is.
+    #[arg(long)]
+    pub json: bool,
+    /// The agent to ask.
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:9479")]
+    pub agent: String,
 }
 
 /// Default `--listen`: loopback only (exposing it wider is the user's choice), on a fixed port

@@ -13,5 +13,6 @@ pub mod metrics;
 pub mod probe;
 pub mod run;
 pub mod sockets;
+pub mod sockets_cmd;
 pub mod stuck;
 pub mod watch;

@@ -36,6 +36,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
     match cli.command {
         Command::Run(args) => runtime.block_on(tracer::run::run(&args))?,
+        Command::Sockets(args) => tracer::sockets_cmd::run(&args)?,
         Command::Watch(args) => {
             let summary = runtime.block_on(tracer::watch::run(&args))?;
             eprintln!(
