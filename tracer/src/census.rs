@@ -54,9 +54,10 @@ pub struct NetnsCensus {
     pub listen_drops: u64,
 }
 
-/// Takes the census of every network namespace that a process on the host is in (found
-/// through `/proc/*/ns/net`), on a thread that enters each in turn (`setns`). Namespaces whose
-/// processes exit meanwhile are skipped.
+/// Takes the census of every network namespace on the host: those a process is in (found
+/// through `/proc/*/ns/net`) and those named by `ip netns` (`/run/netns/*`), which may hold
+/// sockets with no process inside. A thread enters each in turn (`setns`). Namespaces that
+/// disappear meanwhile are skipped.
 pub fn all_namespaces() -> Result<Vec<NetnsCensus>> {
     let own = std::fs::metadata("/proc/thread-self/ns/net")
         .context("reading this thread's network namespace")?
@@ -70,6 +71,13 @@ pub fn all_namespaces() -> Result<Vec<NetnsCensus>> {
         let path = entry.path().join("ns/net");
         if let Ok(meta) = std::fs::metadata(&path) {
             found.entry(meta.ino()).or_insert(path);
+        }
+    }
+    if let Ok(named) = std::fs::read_dir("/run/netns") {
+        for entry in named.flatten() {
+            if let Ok(meta) = std::fs::metadata(entry.path()) {
+                found.entry(meta.ino()).or_insert(entry.path());
+            }
         }
     }
     std::thread::spawn(move || {

@@ -97,6 +97,8 @@ pub struct SocketInfo {
     pub since_ns: u64,
     pub pid: u32,
     pub comm: [u8; 16],
+    /// The service port the table learnt when it saw the socket open (0: not known).
+    pub port: u16,
 }
 
 /// Bounded table of live sockets.
@@ -242,6 +244,7 @@ impl SocketTable {
             since_ns: e.since_ns,
             pid: e.pid,
             comm: e.comm,
+            port: e.port,
         })
     }
 

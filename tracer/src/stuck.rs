@@ -135,8 +135,15 @@ pub fn snapshot(
         let (lo, hi) = ns.port_range;
         for r in &ns.sockets {
             let state = if r.state == state::NEW_SYN_RECV { state::SYN_RECV } else { r.state };
+            let info = lookup(r.cookie);
+            // The service port: as the table learnt it when the socket opened; else the local
+            // port when something listens on it (or the socket listens), else the remote one.
             let local_is_service = listening.contains(&r.local.port());
-            let port = if local_is_service || state == state::LISTEN { r.local.port() } else { r.remote.port() };
+            let port = match info.map(|i| i.port).filter(|&p| p != 0) {
+                Some(p) => p,
+                None if local_is_service || state == state::LISTEN => r.local.port(),
+                None => r.remote.port(),
+            };
             if state == state::LISTEN {
                 let q = snap.listen_queue.entry(port).or_default();
                 q.0 += u64::from(r.rqueue);
@@ -149,7 +156,6 @@ pub fn snapshot(
                 *per_destination.entry((ns.netns, r.local.ip(), r.remote)).or_default() += 1;
             }
 
-            let info = lookup(r.cookie);
             let (age, lower_bound) = match info {
                 Some(i) if i.state == state => (Some(Duration::from_nanos(now_ns.saturating_sub(i.since_ns))), false),
                 // The census caught a transition the agent has not read yet: it just happened.
@@ -251,6 +257,7 @@ mod tests {
                 since_ns: 10 * S,
                 pid: 77,
                 comm: *b"leaky\0\0\0\0\0\0\0\0\0\0\0",
+                port: 8080,
             })
         };
         let snap = snapshot(&c, lookup, &HashSet::new(), &Thresholds::default(), 75 * S, 0);

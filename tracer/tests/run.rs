@@ -223,7 +223,7 @@ fn a_connection_held_500ms_has_a_lifetime_within_20_percent() {
 
 /// Counts `ss -tan FILTER` lines by state, with the agent's state names.
 fn ss_counts(filter: &str) -> std::collections::BTreeMap<String, f64> {
-    let out = std::process::Command::new("ss").args(["-tan", filter]).output().expect("ss");
+    let out = std::process::Command::new("ss").arg("-tan").args(filter.split_whitespace()).output().expect("ss");
     let mut counts = std::collections::BTreeMap::new();
     for line in String::from_utf8_lossy(&out.stdout).lines().skip(1) {
         let name = match line.split_whitespace().next() {

@@ -472,6 +472,14 @@ impl Netns {
 
     /// Runs `f` on a thread that has entered the namespace: sockets it makes live there.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.spawn(f).join().expect("netns thread")
+    }
+
+    /// Like [`Netns::run`], without waiting for `f`.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
         let path = format!("/run/netns/{}", self.name);
         std::thread::spawn(move || {
             let ns = std::fs::File::open(&path).expect("open netns");
@@ -481,8 +489,23 @@ impl Netns {
             assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
             f()
         })
-        .join()
-        .expect("netns thread")
+    }
+
+    /// The namespace's inode number, as the agent reports it.
+    pub fn inode(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(format!("/run/netns/{}", self.name)).expect("netns").ino()
+    }
+
+    /// Runs a command inside the namespace and returns its stdout.
+    pub fn exec(&self, cmd: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(cmd)
+            .output()
+            .expect("ip netns exec");
+        assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
 
@@ -495,4 +518,17 @@ impl Drop for Netns {
 pub fn run_ok(cmd: &str, args: &[&str]) {
     let status = Command::new(cmd).args(args).status().unwrap_or_else(|e| panic!("{cmd}: {e}"));
     assert!(status.success(), "{cmd} {args:?} failed");
+}
+
+/// The agent's `/sockets` answer for a query string.
+pub fn sockets_json(agent: &Agent, query: &str) -> serde_json::Value {
+    let (code, body) = http_get(agent.addr, &format!("/sockets?{query}"));
+    assert_eq!(code, 200, "/sockets?{query}: {body}");
+    serde_json::from_str(&body).expect("JSON")
+}
+
+/// Lines `ss -tan FILTER` prints (the header excluded), in this thread's namespace.
+pub fn ss_lines(filter: &str) -> Vec<String> {
+    let out = Command::new("ss").arg("-tan").args(filter.split_whitespace()).output().expect("ss");
+    String::from_utf8_lossy(&out.stdout).lines().skip(1).map(str::to_owned).collect()
 }
