@@ -221,9 +221,47 @@ fn a_connection_held_500ms_has_a_lifetime_within_20_percent() {
     assert!((0.4..=0.6).contains(&secs), "held 500 ms, lifetime {secs} s");
 }
 
-/// Counts `ss -tan FILTER` lines by state, with the agent's state names.
+/// Every other network namespace on the host (as the agent finds them), by one path each.
+fn other_namespaces() -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let own = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
+    let mut seen = std::collections::BTreeMap::new();
+    let procs = std::fs::read_dir("/proc").unwrap().flatten().map(|e| e.path().join("ns/net"));
+    let named = std::fs::read_dir("/run/netns").into_iter().flatten().flatten().map(|e| e.path());
+    for path in procs.chain(named) {
+        if let Ok(m) = std::fs::metadata(&path) {
+            seen.entry(m.ino()).or_insert(path.display().to_string());
+        }
+    }
+    seen.into_iter().filter(|(ino, _)| *ino != own).map(|(_, p)| p).collect()
+}
+
+/// Counts `ss -tan FILTER` lines by state, with the agent's state names, in this namespace
+/// and (with `everywhere`) in every other one through nsenter.
 fn ss_counts(filter: &str) -> std::collections::BTreeMap<String, f64> {
-    let out = std::process::Command::new("ss").arg("-tan").args(filter.split_whitespace()).output().expect("ss");
+    ss_counts_in(None, filter)
+}
+
+fn ss_counts_everywhere(filter: &str) -> std::collections::BTreeMap<String, f64> {
+    let mut total = ss_counts_in(None, filter);
+    for ns in other_namespaces() {
+        for (state, n) in ss_counts_in(Some(&ns), "") {
+            *total.entry(state).or_default() += n;
+        }
+    }
+    total
+}
+
+fn ss_counts_in(netns: Option<&str>, filter: &str) -> std::collections::BTreeMap<String, f64> {
+    let mut cmd = match netns {
+        Some(path) => {
+            let mut c = std::process::Command::new("nsenter");
+            c.arg(format!("--net={path}")).arg("ss");
+            c
+        }
+        None => std::process::Command::new("ss"),
+    };
+    let out = cmd.arg("-tan").args(filter.split_whitespace()).output().expect("ss");
     let mut counts = std::collections::BTreeMap::new();
     for line in String::from_utf8_lossy(&out.stdout).lines().skip(1) {
         let name = match line.split_whitespace().next() {
@@ -262,14 +300,14 @@ fn socket_census_agrees_with_ss() {
     let states = ["established", "syn_sent", "syn_recv", "fin_wait1", "fin_wait2", "time_wait", "close_wait", "last_ack", "listen", "closing"];
     // The scrape is itself a TCP connection to the agent: at census time the agent's port has
     // its listener, the scrape's two established ends, and the TIME-WAITs of earlier scrapes.
-    // ss counts everything else, right after the scrape.
+    // ss counts everything else, right after the scrape, in every network namespace.
     let agent_port = agent.addr.port();
     let ours_filter = format!("( sport = :{agent_port} or dport = :{agent_port} )");
     let mut last = String::new();
     for _ in 0..3 {
         let tw_before = ss_counts(&format!("state time-wait {ours_filter}")).get("time_wait").copied().unwrap_or(0.0);
         let text = agent.metrics();
-        let mut ss = ss_counts(&format!("not {ours_filter}"));
+        let mut ss = ss_counts_everywhere(&format!("not {ours_filter}"));
         *ss.entry("listen".into()).or_default() += 1.0;
         *ss.entry("established".into()).or_default() += 2.0;
         *ss.entry("time_wait".into()).or_default() += tw_before;
