@@ -112,12 +112,15 @@ pub struct SocketTable {
 }
 
 impl SocketTable {
-    /// A table for at most `capacity` sockets, allocated up front.
+    /// A table for at most `capacity` sockets. It grows with the sockets it follows rather
+    /// than allocating `capacity` up front: a sparse table spread over tens of megabytes costs
+    /// a cache miss (and, at first, a page fault) per event; a compact one stays in cache.
     pub fn new(capacity: usize) -> SocketTable {
         let capacity = capacity.max(1);
+        let initial = capacity.min(4_096);
         SocketTable {
-            entries: HashMap::with_capacity(capacity),
-            order: VecDeque::with_capacity(capacity),
+            entries: HashMap::with_capacity(initial),
+            order: VecDeque::with_capacity(initial),
             capacity,
             evicted: 0,
         }
