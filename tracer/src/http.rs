@@ -196,7 +196,7 @@ impl SocketFilter {
                     "remote_port": s.remote.port(),
                     "service_port": s.port,
                     "pid": s.pid,
-                    "comm": s.comm,
+                    "comm": crate::stuck::comm_string(&s.comm),
                     "netns": s.netns,
                     "stuck": s.stuck.is_some(),
                     "reason": s.stuck,

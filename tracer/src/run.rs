@@ -41,10 +41,13 @@ pub async fn run(args: &RunArgs) -> Result<()> {
         .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
     // Sockets already there now get "at least since start" as their age, never an invented one.
     let started_ns = monotonic_ns();
+    // (TIME-WAIT sockets are left out: they are many, short-lived, and have no threshold.)
     let mut at_start: HashSet<u64> = crate::census::all_namespaces()
         .context("taking the first socket census")?
         .iter()
-        .flat_map(|ns| ns.sockets.iter().map(|r| r.cookie))
+        .flat_map(|ns| ns.sockets.iter())
+        .filter(|r| r.state != tracer_common::state::TIME_WAIT)
+        .map(|r| r.cookie)
         .collect();
     let thresholds = args.thresholds();
     let (requests, mut census_requests) = mpsc::channel::<CensusRequest>(4);

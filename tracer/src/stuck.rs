@@ -73,7 +73,8 @@ pub struct SocketView {
     pub age: Option<Duration>,
     pub age_is_lower_bound: bool,
     pub pid: u32,
-    pub comm: String,
+    /// NUL-padded, as the kernel keeps it (turned into text only when rendered).
+    pub comm: [u8; 16],
     /// The service port: the local port when it is a listening port there, else the remote one.
     pub port: u16,
     /// Set when older than the state's threshold: why that matters.
@@ -177,8 +178,8 @@ pub fn snapshot(
                 *snap.stuck.entry((state, port)).or_default() += 1;
             }
             let (pid, comm) = match info {
-                Some(i) if i.pid != 0 => (i.pid, comm_string(&i.comm)),
-                _ => (0, String::new()),
+                Some(i) if i.pid != 0 => (i.pid, i.comm),
+                _ => (0, [0; 16]),
             };
             snap.sockets.push(SocketView {
                 netns: ns.netns,
@@ -212,7 +213,8 @@ pub fn snapshot(
     snap
 }
 
-fn comm_string(comm: &[u8; 16]) -> String {
+/// The text of a NUL-padded command name.
+pub fn comm_string(comm: &[u8; 16]) -> String {
     let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
     String::from_utf8_lossy(&comm[..end]).into_owned()
 }
@@ -262,7 +264,7 @@ mod tests {
         };
         let snap = snapshot(&c, lookup, &HashSet::new(), &Thresholds::default(), 75 * S, 0);
         let v = &snap.sockets[1];
-        assert_eq!((v.age, v.age_is_lower_bound, v.pid, v.comm.as_str(), v.port), (Some(Duration::from_secs(65)), false, 77, "leaky", 8080));
+        assert_eq!((v.age, v.age_is_lower_bound, v.pid, comm_string(&v.comm).as_str(), v.port), (Some(Duration::from_secs(65)), false, 77, "leaky", 8080));
         assert!(v.stuck.is_some());
         assert_eq!(snap.stuck.get(&(state::CLOSE_WAIT, 8080)), Some(&1));
         assert_eq!(snap.oldest.get(&state::CLOSE_WAIT), Some(&Duration::from_secs(65)));
