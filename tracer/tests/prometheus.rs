@@ -3,86 +3,9 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
-
-/// A Prometheus server on loopback with its own config and storage, killed (by PID) on drop.
-struct Prometheus {
-    child: Child,
-    addr: SocketAddr,
-    dir: std::path::PathBuf,
-}
-
-impl Prometheus {
-    fn start(target: SocketAddr) -> Prometheus {
-        let dir = std::env::temp_dir().join(format!("tracer-prometheus-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-             scrape_configs:\n  - job_name: tracer\n    static_configs:\n      - targets: ['{target}']\n"
-        );
-        std::fs::write(dir.join("prometheus.yml"), config).unwrap();
-        let addr = free_listen_addr();
-        let child = Command::new("prometheus")
-            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
-            .arg(format!("--web.listen-address={addr}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting prometheus (cargo xtask setup installs Debian's package)");
-        let p = Prometheus { child, addr, dir };
-        p.wait_for("the first successful scrape", "up{job=\"tracer\"}", |v| v == 1.0);
-        p
-    }
-
-    /// Evaluates an instant query; None when it returns no series.
-    fn query(&self, promql: &str) -> Option<f64> {
-        let (code, body) = http_get(self.addr, &format!("/api/v1/query?query={}", encode(promql)));
-        assert_eq!(code, 200, "{promql}: {body}");
-        let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
-        assert_eq!(v["status"], "success", "{promql}: {body}");
-        let result = v["data"]["result"].as_array()?.first()?.clone();
-        result["value"][1].as_str()?.parse().ok()
-    }
-
-    fn wait_for(&self, what: &str, promql: &str, ok: impl Fn(f64) -> bool) -> f64 {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let ready = std::net::TcpStream::connect(self.addr).is_ok();
-            if ready {
-                if let Some(v) = self.query(promql).filter(|v| ok(*v)) {
-                    return v;
-                }
-            }
-            assert!(Instant::now() < deadline, "Prometheus: timed out waiting for {what} ({promql})");
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        // SAFETY: kill on our own child's PID, not yet reaped.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Percent-encodes a query string value.
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
 
 #[test]
 fn promql_over_scraped_metrics_matches_the_traffic() {

@@ -362,12 +362,13 @@ pub fn free_listen_addr() -> SocketAddr {
     closed_port(V4)
 }
 
-/// `GET path` over HTTP/1.1 on loopback; returns (status code, body).
+/// `GET path` on loopback; returns (status code, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     use std::io::Write;
     let mut s = TcpStream::connect(addr).expect("connect to agent");
     s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").expect("write");
+    // HTTP/1.0: answers come whole, never chunked.
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("write");
     let mut raw = String::new();
     s.read_to_string(&mut raw).expect("read response");
     let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP response");
@@ -532,3 +533,87 @@ pub fn ss_lines(filter: &str) -> Vec<String> {
     let out = Command::new("ss").arg("-tan").args(filter.split_whitespace()).output().expect("ss");
     String::from_utf8_lossy(&out.stdout).lines().skip(1).map(str::to_owned).collect()
 }
+
+/// A Prometheus server on loopback with its own config and storage, killed (by PID) on drop.
+pub struct Prometheus {
+    child: Child,
+    addr: SocketAddr,
+    dir: std::path::PathBuf,
+}
+
+impl Prometheus {
+    pub fn start(target: SocketAddr) -> Prometheus {
+        let dir = std::env::temp_dir().join(format!("tracer-prometheus-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             scrape_configs:\n  - job_name: tracer\n    static_configs:\n      - targets: ['{target}']\n"
+        );
+        std::fs::write(dir.join("prometheus.yml"), config).unwrap();
+        let addr = free_listen_addr();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting prometheus (cargo xtask setup installs Debian's package)");
+        let p = Prometheus { child, addr, dir };
+        p.wait_for("the first successful scrape", "up{job=\"tracer\"}", |v| v == 1.0);
+        p
+    }
+
+    /// Evaluates an instant query; Err with Prometheus's message when it does not parse.
+    pub fn query_status(&self, promql: &str) -> Result<(), String> {
+        let (_, body) = http_get(self.addr, &format!("/api/v1/query?query={}", encode(promql)));
+        let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+        if v["status"] == "success" { Ok(()) } else { Err(format!("{promql}: {}", v["error"])) }
+    }
+
+    /// Evaluates an instant query; None when it returns no series.
+    pub fn query(&self, promql: &str) -> Option<f64> {
+        let (code, body) = http_get(self.addr, &format!("/api/v1/query?query={}", encode(promql)));
+        assert_eq!(code, 200, "{promql}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(v["status"], "success", "{promql}: {body}");
+        let result = v["data"]["result"].as_array()?.first()?.clone();
+        // NaN (e.g. a quantile of no traffic) is data too: the series exists.
+        result["value"][1].as_str()?.parse().ok()
+    }
+
+    pub fn wait_for(&self, what: &str, promql: &str, ok: impl Fn(f64) -> bool) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ready = std::net::TcpStream::connect(self.addr).is_ok();
+            if ready {
+                if let Some(v) = self.query(promql).filter(|v| ok(*v)) {
+                    return v;
+                }
+            }
+            assert!(Instant::now() < deadline, "Prometheus: timed out waiting for {what} ({promql})");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        // SAFETY: kill on our own child's PID, not yet reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Percent-encodes a query string value.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
