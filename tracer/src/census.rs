@@ -41,6 +41,15 @@ pub struct SocketRecord {
     pub cookie: u64,
 }
 
+/// The census of every namespace, and how many namespaces could not be entered.
+#[derive(Clone, Debug, Default)]
+pub struct HostCensus {
+    pub namespaces: Vec<NetnsCensus>,
+    /// Namespaces found but not visited (no permission to open or enter them, or their
+    /// census failed): their sockets are missing from this census.
+    pub unreachable: u64,
+}
+
 /// What one network namespace holds.
 #[derive(Clone, Debug, Default)]
 pub struct NetnsCensus {
@@ -58,7 +67,7 @@ pub struct NetnsCensus {
 /// through `/proc/*/ns/net`) and those named by `ip netns` (`/run/netns/*`), which may hold
 /// sockets with no process inside. A thread enters each in turn (`setns`). Namespaces that
 /// disappear meanwhile are skipped.
-pub fn all_namespaces() -> Result<Vec<NetnsCensus>> {
+pub fn all_namespaces() -> Result<HostCensus> {
     let own = std::fs::metadata("/proc/thread-self/ns/net")
         .context("reading this thread's network namespace")?
         .ino();
@@ -81,17 +90,22 @@ pub fn all_namespaces() -> Result<Vec<NetnsCensus>> {
         }
     }
     std::thread::spawn(move || {
-        let mut out = Vec::with_capacity(found.len());
+        let mut out = HostCensus { namespaces: Vec::with_capacity(found.len()), unreachable: 0 };
         // Our own namespace first, without a setns.
-        out.push(netns_census(own)?);
+        out.namespaces.push(netns_census(own)?);
         for (ino, path) in found.into_iter().filter(|(ino, _)| *ino != own) {
-            let Ok(ns) = std::fs::File::open(&path) else { continue };
+            let Ok(ns) = std::fs::File::open(&path) else {
+                out.unreachable += 1;
+                continue;
+            };
             // SAFETY: setns on an open namespace fd; it moves only this (short-lived) thread.
             if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                out.unreachable += 1;
                 continue;
             }
-            if let Ok(c) = netns_census(ino) {
-                out.push(c);
+            match netns_census(ino) {
+                Ok(c) => out.namespaces.push(c),
+                Err(_) => out.unreachable += 1,
             }
         }
         Ok(out)

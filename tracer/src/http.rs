@@ -17,7 +17,7 @@ use axum::Router;
 use prometheus::{IntCounter, Registry};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::census::NetnsCensus;
+use crate::census::HostCensus;
 use crate::event::{parse_state, state_name};
 use crate::metrics::Metrics;
 use crate::stuck::{Snapshot, SocketView};
@@ -51,7 +51,7 @@ fn now_ms() -> u64 {
 
 /// A census for the event loop to join with its socket table; it answers with the snapshot.
 pub struct CensusRequest {
-    pub census: Vec<NetnsCensus>,
+    pub census: HostCensus,
     pub reply: oneshot::Sender<Snapshot>,
 }
 

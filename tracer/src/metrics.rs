@@ -130,6 +130,7 @@ pub struct Metrics {
     pub sockets: IntGaugeVec,
     /// Scrapes whose census failed.
     pub census_errors: IntCounter,
+    namespaces: IntGaugeVec,
     stuck: IntGaugeVec,
     oldest_age: prometheus::GaugeVec,
     time_wait: IntGaugeVec,
@@ -259,6 +260,14 @@ impl Metrics {
             registry.register(Box::new(g.clone()))?;
             Ok(g)
         };
+        let namespaces = gauge_vec(
+            "tracer_census_namespaces",
+            "Network namespaces in the last sock_diag census: visited, or unreachable (no \
+             permission to enter them: their sockets are missing).",
+            &["result"],
+        )?;
+        namespaces.with_label_values(&["visited"]).set(0);
+        namespaces.with_label_values(&["unreachable"]).set(0);
         let stuck = gauge_vec(
             "tracer_tcp_stuck_sockets",
             "Sockets older than their state's --stuck-after threshold now, from sock_diag joined \
@@ -331,6 +340,7 @@ impl Metrics {
             resets,
             sockets,
             census_errors,
+            namespaces,
             stuck,
             oldest_age,
             time_wait,
@@ -439,7 +449,9 @@ impl Metrics {
     }
 
     /// Sets every census-based metric from a census of all namespaces and its snapshot.
-    pub fn apply_census(&mut self, census: &[NetnsCensus], snap: &Snapshot) {
+    pub fn apply_census(&mut self, census: &[NetnsCensus], unreachable: u64, snap: &Snapshot) {
+        self.namespaces.with_label_values(&["visited"]).set(census.len() as i64);
+        self.namespaces.with_label_values(&["unreachable"]).set(unreachable as i64);
         let mut counts = [0u64; 13];
         for ns in census {
             for (total, n) in counts.iter_mut().zip(count_by_state(&ns.sockets)) {

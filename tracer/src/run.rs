@@ -44,6 +44,7 @@ pub async fn run(args: &RunArgs) -> Result<()> {
     // (TIME-WAIT sockets are left out: they are many, short-lived, and have no threshold.)
     let mut at_start: HashSet<u64> = crate::census::all_namespaces()
         .context("taking the first socket census")?
+        .namespaces
         .iter()
         .flat_map(|ns| ns.sockets.iter())
         .filter(|r| r.state != tracer_common::state::TIME_WAIT)
@@ -91,17 +92,18 @@ pub async fn run(args: &RunArgs) -> Result<()> {
             Some(request) = census_requests.recv() => {
                 // Read what is pending first, so that the join sees every transition so far.
                 follow(ring.get_mut(), &mut table, &mut metrics);
+                let census = &request.census.namespaces;
                 let snap = stuck::snapshot(
-                    &request.census,
+                    census,
                     |cookie| table.get(cookie),
                     &at_start,
                     &thresholds,
                     monotonic_ns(),
                     started_ns,
                 );
-                metrics.apply_census(&request.census, &snap);
+                metrics.apply_census(census, request.census.unreachable, &snap);
                 let present: HashSet<u64> =
-                    request.census.iter().flat_map(|ns| ns.sockets.iter().map(|r| r.cookie)).collect();
+                    census.iter().flat_map(|ns| ns.sockets.iter().map(|r| r.cookie)).collect();
                 at_start.retain(|c| present.contains(c));
                 let _ = request.reply.send(snap);
             }
