@@ -2,6 +2,7 @@
 //! tests, benchmark. `cargo xtask --help` lists them.
 
 mod bench;
+mod checks;
 mod setup;
 
 use std::process::{Command, ExitCode};
@@ -77,8 +78,10 @@ fn test() -> Result<()> {
     build_release()?;
     setup::mount_tracefs()?;
     cargo(&["test", "--release", "--lib", "--bins"])?;
-    cargo(&["test", "--release", "--no-fail-fast", "--test", "*", "--", "--test-threads=1"])?;
-    Ok(())
+    let kernel_tests = cargo(&["test", "--release", "--no-fail-fast", "--test", "*", "--", "--test-threads=1"]);
+    // The deploy checks run even when a kernel test failed, so that one run shows both.
+    let deploy = checks::run();
+    kernel_tests.and(deploy)
 }
 
 fn build_release() -> Result<()> {
