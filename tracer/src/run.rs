@@ -42,14 +42,19 @@ pub async fn run(args: &RunArgs) -> Result<()> {
     // Sockets already there now get "at least since start" as their age, never an invented one.
     let started_ns = monotonic_ns();
     // (TIME-WAIT sockets are left out: they are many, short-lived, and have no threshold.)
-    let mut at_start: HashSet<u64> = crate::census::all_namespaces()
-        .context("taking the first socket census")?
+    // A failed first census only costs those "at least since start" ages: say so, go on.
+    let first_census = crate::census::all_namespaces().unwrap_or_else(|e| {
+        eprintln!("tracer: first socket census failed ({e:#}); sockets older than the agent will show no age");
+        Default::default()
+    });
+    let mut at_start: HashSet<u64> = first_census
         .namespaces
         .iter()
         .flat_map(|ns| ns.sockets.iter())
         .filter(|r| r.state != tracer_common::state::TIME_WAIT)
         .map(|r| r.cookie)
         .collect();
+    drop(first_census);
     let thresholds = args.thresholds();
     let (requests, mut census_requests) = mpsc::channel::<CensusRequest>(4);
     let state = AppState {
