@@ -180,7 +180,7 @@ impl SocketFilter {
             .filter(|s| self.port.is_none_or(|p| s.local.port() == p || s.remote.port() == p))
             .filter(|s| self.older_than.is_none_or(|d| s.age.is_some_and(|a| a >= d)))
             .collect();
-        matched.sort_by(|a, b| b.age.cmp(&a.age));
+        matched.sort_by_key(|s| std::cmp::Reverse(s.age));
         let total = matched.len();
         let sockets: Vec<serde_json::Value> = matched
             .into_iter()

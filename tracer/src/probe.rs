@@ -13,6 +13,7 @@ use aya::{
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use aya_obj::generated::{bpf_cmd, bpf_prog_info};
+use tokio::io::{unix::AsyncFd, Interest};
 pub use tracer_common::{RESET_RECEIVED, RESET_SENT, RESET_STATES};
 use tracer_common::{counter, PORT_FILTER_LEN};
 
@@ -33,6 +34,9 @@ const PROGRAMS: [(&str, &str); 5] = [
 
 /// Default size of the event ring buffer; see `--ring-buffer-size`.
 pub const DEFAULT_RING_BUFFER_BYTES: u32 = 8 * 1024 * 1024;
+
+/// The event ring buffer as the readers hold it.
+pub type EventRing = AsyncFd<RingBuf<MapData>>;
 
 /// How often the reader drains the ring buffer when the probe has not woken it.
 pub const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
@@ -145,10 +149,17 @@ impl Probe {
         Ok(out)
     }
 
-    /// Takes the event ring buffer; call once.
-    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+    /// Takes the event ring buffer, registered with the current tokio runtime; call once.
+    /// It turns readable when the probe wakes the reader (a quarter full); read it also every
+    /// [`DRAIN_INTERVAL`].
+    pub fn event_ring(&mut self) -> Result<EventRing> {
         let map = self.ebpf.take_map("EVENTS").context("events ring buffer already taken")?;
-        Ok(RingBuf::try_from(map)?)
+        let ring = RingBuf::try_from(map)?;
+        // SAFETY: the ring buffer's fd is owned by `ring`, which the AsyncFd owns and keeps
+        // open for as long as it is registered.
+        unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+            .map_err(std::io::Error::from)
+            .context("registering the ring buffer with tokio")
     }
 
     /// Reads the probe's counters, summed over CPUs.

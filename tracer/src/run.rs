@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
-use tokio::io::{unix::AsyncFd, Interest};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
@@ -26,11 +25,7 @@ use crate::sockets::SocketTable;
 pub async fn run(args: &RunArgs) -> Result<()> {
     let mut probe =
         Probe::attach(&ProbeConfig { ring_buffer_bytes: args.ring_buffer_size, ports: Vec::new() })?;
-    let ring = probe.take_events()?;
-    // SAFETY: the ring buffer's fd is owned by `ring`, which the AsyncFd owns and keeps open.
-    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-        .map_err(std::io::Error::from)
-        .context("registering the ring buffer with tokio")?;
+    let mut ring = probe.event_ring()?;
     let mut table = SocketTable::new(args.max_sockets as usize);
     let mut metrics = Metrics::new(PortLabels::new(&args.ports, usize::from(args.max_ports)))?;
     let health = Arc::new(Health::default());

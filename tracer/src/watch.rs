@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
-use tokio::io::{unix::AsyncFd, Interest};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::WatchArgs;
@@ -38,12 +37,7 @@ pub async fn run(args: &WatchArgs) -> Result<Summary> {
         ring_buffer_bytes: args.ring_buffer_size,
         ports: args.ports.clone(),
     })?;
-    let ring = probe.take_events()?;
-    // SAFETY: the ring buffer's fd is owned by `ring`, which the AsyncFd owns and keeps open
-    // for as long as it is registered.
-    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-        .map_err(io::Error::from)
-        .context("registering the ring buffer with tokio")?;
+    let mut ring = probe.event_ring()?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let stop_at = tokio::time::Instant::now() + args.duration.unwrap_or(Duration::from_secs(u64::MAX / 4));

@@ -13,9 +13,12 @@ const GRAFANA_SCHEMA: &str = "@grafana/schema@13.2.3";
 const TYPESCRIPT: &str = "typescript@5.9.3";
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 
+/// A named check.
+type Check = (&'static str, fn() -> Result<()>);
+
 /// Runs every check; fails on the first that fails, after saying which.
 pub fn run() -> Result<()> {
-    let checks: [(&str, fn() -> Result<()>); 4] = [
+    let checks: [Check; 4] = [
         ("alert rules (promtool)", rules),
         ("dashboards (@grafana/schema)", dashboards),
         ("Kubernetes manifests (kubernetes-validate)", manifests),
