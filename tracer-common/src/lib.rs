@@ -49,7 +49,9 @@ pub struct Transition {
     /// Local and remote address. IPv4 uses the first 4 bytes; network byte order.
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
-    /// Process (thread group) id of the socket's owner; 0 when unknown.
+    /// Process (thread group) id of the socket's owner, set where the probe knows it: at
+    /// SYN_SENT and LISTEN (process context) and at a passive child's LISTEN -> SYN_RECV (the
+    /// listener's owner). 0 elsewhere: userspace carries the owner from the socket's first event.
     pub pid: u32,
     /// Local and remote port, host byte order. `sport` is still 0 in CLOSE -> SYN_SENT.
     pub sport: u16,
@@ -58,7 +60,7 @@ pub struct Transition {
     pub family: u16,
     pub oldstate: u8,
     pub newstate: u8,
-    /// Command name of the owner, NUL-padded; empty when unknown.
+    /// Command name of the owner, NUL-padded; empty where `pid` is 0.
     pub comm: [u8; COMM_LEN],
     /// At SYN_RECV -> ESTABLISHED only (else 0): `tcp_sock.srtt_us`, the smoothed RTT in
     /// microseconds times 8. For a new passive child it holds the one sample the kernel took,
@@ -131,7 +133,7 @@ pub struct Owner {
 pub mod counter {
     /// Events dropped because the ring buffer was full.
     pub const LOST_RINGBUF_FULL: u32 = 0;
-    /// Sockets whose owner could not be remembered because the owner table was full.
+    /// Listeners whose owner could not be remembered because the listener table was full.
     pub const OWNERS_FULL: u32 = 1;
     /// Transitions delivered by the rescue program because the main one was busy on the CPU.
     pub const RESCUED: u32 = 2;
@@ -149,8 +151,6 @@ pub const RESET_STATES: u32 = 16;
 /// Listening ports whose SYN-ACK retransmissions the probe counts (`SYNACK_RETRANSMITS`).
 pub const MAX_SYNACK_PORTS: u32 = 4_096;
 
-/// Size of the probe's owner table (sockets between SYN_SENT/LISTEN/SYN_RECV and CLOSE).
-pub const MAX_OWNED_SOCKETS: u32 = 262_144;
 /// Size of the probe's listener table.
 pub const MAX_LISTENERS: u32 = 16_384;
 /// Number of ports in the port filter array (every u16).

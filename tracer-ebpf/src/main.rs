@@ -1,6 +1,6 @@
 //! The kernel side of `tracer`: one BTF tracepoint program on `inet_sock_set_state`.
 //!
-//! For every TCP state change it remembers which process owns the socket, filters by port,
+//! For every TCP state change it names the owning process where it is known, filters by port,
 //! and writes a [`Transition`] into the `EVENTS` ring buffer. It counts what it cannot deliver
 //! (`COUNTERS`); it keeps no other statistics: userspace follows the sockets.
 //!
@@ -23,7 +23,7 @@ use aya_ebpf::{
 };
 use tracer_common::{
     counter, state, ListenerKey, Owner, SockOffsets, Transition, AF_INET, AF_INET6, COMM_LEN,
-    IPPROTO_TCP, MAX_LISTENERS, MAX_OWNED_SOCKETS, MAX_SYNACK_PORTS, PORT_FILTER_LEN,
+    IPPROTO_TCP, MAX_LISTENERS, MAX_SYNACK_PORTS, PORT_FILTER_LEN,
     RESET_RECEIVED, RESET_SENT, RESET_STATES,
 };
 
@@ -69,10 +69,6 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 /// Port filter: entry `p` is 1 when port `p` was asked for.
 #[map]
 static PORT_FILTER: Array<u8> = Array::with_max_entries(PORT_FILTER_LEN, 0);
-
-/// Owner of each socket the probe saw being opened, keyed by socket address; removed at CLOSE.
-#[map]
-static OWNERS: HashMap<u64, Owner> = HashMap::with_max_entries(MAX_OWNED_SOCKETS, 0);
 
 /// Owner of each listening port, so that passive-open children inherit it.
 #[map]
@@ -201,7 +197,7 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
     }
     let (oldstate, newstate) = (oldstate as u8, newstate as u8);
     let skaddr = sk as u64;
-    let owner = track_owner(sk, skaddr, sport, oldstate, newstate);
+    let owner = owner_at(sk, skaddr, sport, oldstate, newstate);
 
     let (mut saddr, mut daddr) = ([0u8; 16], [0u8; 16]);
     if family == AF_INET6 {
@@ -263,19 +259,15 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
     Ok(())
 }
 
-/// Remembers and returns the owner of `sk` at this transition.
+/// The owner of `sk` when this transition names it; pid 0 otherwise.
 ///
-/// The owner is recorded in process context: when the socket enters SYN_SENT (connect) or
-/// LISTEN (listen). A passive-open child (LISTEN -> SYN_RECV, in softirq) inherits the owner of
-/// the listener on its port. Any other transition looks the owner up, so the process that
-/// happens to run when a packet arrives is never named. CLOSE forgets the socket.
-fn track_owner(
-    sk: *const u8,
-    skaddr: u64,
-    sport: u16,
-    oldstate: u8,
-    newstate: u8,
-) -> Owner {
+/// The owner is known in process context: when the socket enters SYN_SENT (connect) or LISTEN
+/// (listen). A passive-open child (LISTEN -> SYN_RECV, in softirq) inherits the owner of the
+/// listener on its port, kept here per (network namespace, port). Every other transition
+/// carries pid 0 and userspace, which follows each socket from its first event, fills in the
+/// owner it recorded: no per-event owner lookup here, and the process that happens to run when
+/// a packet arrives is never named.
+fn owner_at(sk: *const u8, skaddr: u64, sport: u16, oldstate: u8, newstate: u8) -> Owner {
     let unknown = Owner { skaddr, pid: 0, comm: [0; COMM_LEN], _pad: [0; 4] };
     let listener = |port: u16| ListenerKey {
         // SAFETY: as above; `skc_net` is a `possible_net_t` (one `struct net *`).
@@ -290,9 +282,6 @@ fn track_owner(
             comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
             _pad: [0; 4],
         };
-        if OWNERS.insert(&skaddr, &owner, 0).is_err() {
-            count(counter::OWNERS_FULL);
-        }
         if newstate == state::LISTEN && LISTENERS.insert(&listener(sport), &owner, 0).is_err() {
             count(counter::OWNERS_FULL);
         }
@@ -300,28 +289,19 @@ fn track_owner(
     }
     if oldstate == state::LISTEN && newstate == state::SYN_RECV {
         // SAFETY: the value is copied out before any other map operation.
-        let Some(parent) = (unsafe { LISTENERS.get(&listener(sport)) }).copied() else {
-            return unknown;
+        return match unsafe { LISTENERS.get(&listener(sport)) } {
+            Some(parent) => Owner { skaddr, ..*parent },
+            None => unknown,
         };
-        let owner = Owner { skaddr, ..parent };
-        if OWNERS.insert(&skaddr, &owner, 0).is_err() {
-            count(counter::OWNERS_FULL);
-        }
-        return owner;
     }
-    // SAFETY: as above, copied out at once.
-    let owner = unsafe { OWNERS.get(&skaddr) }.copied().unwrap_or(unknown);
-    if newstate == state::CLOSE {
-        let _ = OWNERS.remove(&skaddr);
-        if oldstate == state::LISTEN {
-            let key = listener(sport);
-            // SAFETY: as above.
-            if unsafe { LISTENERS.get(&key) }.is_some_and(|l| l.skaddr == skaddr) {
-                let _ = LISTENERS.remove(&key);
-            }
+    if oldstate == state::LISTEN && newstate == state::CLOSE {
+        let key = listener(sport);
+        // SAFETY: as above.
+        if unsafe { LISTENERS.get(&key) }.is_some_and(|l| l.skaddr == skaddr) {
+            let _ = LISTENERS.remove(&key);
         }
     }
-    owner
+    unknown
 }
 
 /// True when no port filter is set or `port` is in it.

@@ -89,6 +89,17 @@ struct Entry {
     comm: [u8; 16],
 }
 
+/// What following one transition tells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Step {
+    /// How long (ns) the socket stayed in the state it left, when the table saw it enter it.
+    pub dwell: Option<u64>,
+    /// Its owner, as the probe named it at the socket's SYN_SENT, LISTEN or passive open
+    /// (pid 0 and an empty comm when the table never saw that).
+    pub pid: u32,
+    pub comm: [u8; 16],
+}
+
 /// What the table knows of one socket, for the stuck-socket listing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SocketInfo {
@@ -126,15 +137,13 @@ impl SocketTable {
         }
     }
 
-    /// Follows one transition. Returns how long (ns) the socket stayed in `t.oldstate`, when the
-    /// table saw it enter that state.
-    pub fn observe(&mut self, t: &Transition) -> Option<u64> {
+    /// Follows one transition: how long the socket stayed in `t.oldstate` and who owns it.
+    pub fn observe(&mut self, t: &Transition) -> Step {
         self.follow(t, |_| {})
     }
 
     /// Follows one transition and tells `sink` everything it completes (see [`Observation`]).
-    /// Returns the dwell in `t.oldstate`, as [`SocketTable::observe`].
-    pub fn follow(&mut self, t: &Transition, mut sink: impl FnMut(Observation)) -> Option<u64> {
+    pub fn follow(&mut self, t: &Transition, mut sink: impl FnMut(Observation)) -> Step {
         use state::*;
         let (old, new, now) = (t.oldstate, t.newstate, t.time_ns);
         sink(Observation::Transition { from: old, to: new });
@@ -209,7 +218,7 @@ impl SocketTable {
             if known.is_some() {
                 self.entries.remove(&t.cookie);
             }
-            return dwell;
+            return Step { dwell, pid: e.pid, comm: e.comm };
         }
 
         e.state = new;
@@ -222,7 +231,7 @@ impl SocketTable {
             self.compact_order();
         }
         self.entries.insert(t.cookie, e);
-        dwell
+        Step { dwell, pid: e.pid, comm: e.comm }
     }
 
     /// Number of sockets followed now.
@@ -292,11 +301,11 @@ mod tests {
     #[test]
     fn dwell_is_the_time_between_entering_and_leaving_a_state() {
         let mut table = SocketTable::new(16);
-        assert_eq!(table.observe(&transition(1, 1_000, CLOSE, SYN_SENT)), None);
-        assert_eq!(table.observe(&transition(1, 1_500, SYN_SENT, ESTABLISHED)), Some(500));
-        assert_eq!(table.observe(&transition(1, 301_500, ESTABLISHED, FIN_WAIT1)), Some(300_000));
-        assert_eq!(table.observe(&transition(1, 301_600, FIN_WAIT1, FIN_WAIT2)), Some(100));
-        assert_eq!(table.observe(&transition(1, 301_700, FIN_WAIT2, CLOSE)), Some(100));
+        assert_eq!(table.observe(&transition(1, 1_000, CLOSE, SYN_SENT)).dwell, None);
+        assert_eq!(table.observe(&transition(1, 1_500, SYN_SENT, ESTABLISHED)).dwell, Some(500));
+        assert_eq!(table.observe(&transition(1, 301_500, ESTABLISHED, FIN_WAIT1)).dwell, Some(300_000));
+        assert_eq!(table.observe(&transition(1, 301_600, FIN_WAIT1, FIN_WAIT2)).dwell, Some(100));
+        assert_eq!(table.observe(&transition(1, 301_700, FIN_WAIT2, CLOSE)).dwell, Some(100));
         assert!(table.is_empty(), "CLOSE forgets the socket");
     }
 
@@ -304,10 +313,10 @@ mod tests {
     fn sockets_older_than_the_tracer_get_no_invented_dwell() {
         let mut table = SocketTable::new(16);
         // First sighting leaves ESTABLISHED: when it entered is unknown.
-        assert_eq!(table.observe(&transition(7, 5_000, ESTABLISHED, CLOSE_WAIT)), None);
-        assert_eq!(table.observe(&transition(7, 9_000, CLOSE_WAIT, LAST_ACK)), Some(4_000));
+        assert_eq!(table.observe(&transition(7, 5_000, ESTABLISHED, CLOSE_WAIT)).dwell, None);
+        assert_eq!(table.observe(&transition(7, 9_000, CLOSE_WAIT, LAST_ACK)).dwell, Some(4_000));
         // A passive child's LISTEN -> SYN_RECV: the child itself was never in LISTEN.
-        assert_eq!(table.observe(&transition(8, 9_000, LISTEN, SYN_RECV)), None);
+        assert_eq!(table.observe(&transition(8, 9_000, LISTEN, SYN_RECV)).dwell, None);
     }
 
     #[test]
@@ -315,7 +324,7 @@ mod tests {
         let mut table = SocketTable::new(16);
         table.observe(&transition(1, 1_000, CLOSE, SYN_SENT));
         // A transition out of a state other than the recorded one means events were lost.
-        assert_eq!(table.observe(&transition(1, 2_000, FIN_WAIT1, FIN_WAIT2)), None);
+        assert_eq!(table.observe(&transition(1, 2_000, FIN_WAIT1, FIN_WAIT2)).dwell, None);
     }
 
     #[test]
@@ -327,8 +336,8 @@ mod tests {
         assert_eq!(table.len(), 2);
         assert_eq!(table.evicted(), 1);
         // Socket 1 was evicted: its dwell is unknown; socket 2 is still followed.
-        assert_eq!(table.observe(&transition(1, 40, SYN_SENT, ESTABLISHED)), None);
-        assert_eq!(table.observe(&transition(3, 50, SYN_SENT, ESTABLISHED)), Some(20));
+        assert_eq!(table.observe(&transition(1, 40, SYN_SENT, ESTABLISHED)).dwell, None);
+        assert_eq!(table.observe(&transition(3, 50, SYN_SENT, ESTABLISHED)).dwell, Some(20));
     }
 
     #[test]
@@ -454,5 +463,22 @@ mod tests {
         assert_eq!((info.state, info.since_ns, info.pid), (ESTABLISHED, 200, 42));
         assert_eq!(&info.comm[..4], b"curl");
         assert_eq!(table.get(9), None, "not keyed by address");
+    }
+
+    #[test]
+    fn the_owner_named_at_opening_is_carried_to_every_later_transition() {
+        let mut table = SocketTable::new(16);
+        let open = table.observe(&transition(4, 100, CLOSE, SYN_SENT));
+        assert_eq!(open.pid, 42);
+        for (at, old, new) in [(200, SYN_SENT, ESTABLISHED), (300, ESTABLISHED, FIN_WAIT1), (400, FIN_WAIT1, CLOSE)] {
+            let mut t = transition(4, at, old, new);
+            (t.pid, t.comm) = (0, [0; 16]); // softirq-time events: the probe names nobody
+            let step = table.observe(&t);
+            assert_eq!((step.pid, &step.comm[..4]), (42, &b"curl"[..]), "{old} -> {new}");
+        }
+        // A socket first seen mid-life has no owner.
+        let mut t = transition(5, 100, ESTABLISHED, CLOSE_WAIT);
+        t.pid = 0;
+        assert_eq!(table.observe(&t).pid, 0);
     }
 }

@@ -146,15 +146,17 @@ impl Printer {
             return Ok(true);
         }
         while let Some(item) = ring.next() {
-            let Some(t) = event::decode(&item) else { continue };
+            let Some(mut t) = event::decode(&item) else { continue };
             drop(item);
             self.received += 1;
-            // Dwell is tracked for every socket the probe reports, filtered or not.
-            let dwell = self.sockets.observe(&t);
+            // Every socket the probe reports is followed, filtered or not: its dwell times, and
+            // its owner, which the probe names only at the socket's opening.
+            let step = self.sockets.observe(&t);
+            (t.pid, t.comm) = (step.pid, step.comm);
             if !self.wanted(&t) || self.stdout_closed {
                 continue;
             }
-            if let Err(e) = self.print(&t, dwell) {
+            if let Err(e) = self.print(&t, step.dwell) {
                 return self.write_failed(e);
             }
             self.printed += 1;
