@@ -49,6 +49,9 @@ pub struct Transition {
     /// Local and remote address. IPv4 uses the first 4 bytes; network byte order.
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
+    /// Command name of the owner, NUL-padded; empty where `pid` is 0. (8-byte aligned, so that
+    /// the probe writes it with two stores.)
+    pub comm: [u8; COMM_LEN],
     /// Process (thread group) id of the socket's owner, set where the probe knows it: at
     /// SYN_SENT and LISTEN (process context) and at a passive child's LISTEN -> SYN_RECV (the
     /// listener's owner). 0 elsewhere: userspace carries the owner from the socket's first event.
@@ -60,8 +63,6 @@ pub struct Transition {
     pub family: u16,
     pub oldstate: u8,
     pub newstate: u8,
-    /// Command name of the owner, NUL-padded; empty where `pid` is 0.
-    pub comm: [u8; COMM_LEN],
     /// At SYN_RECV -> ESTABLISHED only (else 0): `tcp_sock.srtt_us`, the smoothed RTT in
     /// microseconds times 8. For a new passive child it holds the one sample the kernel took,
     /// from the first SYN-ACK sent to the handshake's final ACK.
@@ -74,6 +75,10 @@ pub struct Transition {
     pub retrans: u16,
     pub _pad: [u8; 4],
 }
+
+// The layout both sides rely on: no implicit padding, `comm` 8-byte aligned.
+const _: () = assert!(core::mem::size_of::<Transition>() == 96);
+const _: () = assert!(core::mem::offset_of!(Transition, comm) == 56);
 
 /// Byte offsets of the kernel fields the probe reads from a `struct sock *`.
 ///
@@ -114,8 +119,9 @@ pub struct SockOffsets {
 pub struct ListenerKey {
     /// Address of the `struct net` the listener lives in.
     pub net: u64,
-    pub port: u16,
-    pub _pad: [u8; 6],
+    /// The port, host byte order, widened to 64 bits so that the key has no padding bytes to
+    /// zero (the probe's compiler would zero them byte by byte).
+    pub port: u64,
 }
 
 /// The process that owns a socket, as the probe remembers it.
@@ -124,10 +130,13 @@ pub struct ListenerKey {
 pub struct Owner {
     /// For listener entries: the listening socket, so that only it removes the entry.
     pub skaddr: u64,
-    pub pid: u32,
+    /// 8-byte aligned, like `Transition::comm`, so that it is copied with two loads.
     pub comm: [u8; COMM_LEN],
+    pub pid: u32,
     pub _pad: [u8; 4],
 }
+
+const _: () = assert!(core::mem::offset_of!(Owner, comm) == 8);
 
 /// Indices of the probe's per-CPU counters (`COUNTERS` map).
 pub mod counter {

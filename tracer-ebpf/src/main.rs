@@ -14,15 +14,17 @@
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_socket_cookie, bpf_ktime_get_ns,
-        bpf_probe_read_kernel,
+        bpf_get_current_pid_tgid, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        generated as gen,
     },
     macros::{btf_tracepoint, map},
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::BtfTracePointContext,
 };
+use core::ffi::c_void;
+use core::ptr::{addr_of, addr_of_mut};
 use tracer_common::{
-    counter, state, ListenerKey, Owner, SockOffsets, Transition, AF_INET, AF_INET6, COMM_LEN,
+    counter, state, ListenerKey, Owner, SockOffsets, Transition, AF_INET6, COMM_LEN,
     IPPROTO_TCP, MAX_LISTENERS, MAX_SYNACK_PORTS, PORT_FILTER_LEN,
     RESET_RECEIVED, RESET_SENT, RESET_STATES,
 };
@@ -121,9 +123,7 @@ pub fn inet_sock_set_state_rescue(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "tcp_retransmit_synack")]
 pub fn tcp_retransmit_synack(ctx: BtfTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
-    // SAFETY: OFFSETS is a read-only global.
-    let off = unsafe { core::ptr::read_volatile(&OFFSETS) };
-    let Ok(port) = read::<u16>(sk, off.inet_sport).map(u16::from_be) else { return 0 };
+    let Ok(port) = read::<u16>(sk, offset!(inet_sport)).map(u16::from_be) else { return 0 };
     if let Some(n) = SYNACK_RETRANSMITS.get_ptr_mut(&port) {
         // SAFETY: this CPU's value of a per-CPU map; preemption is disabled here.
         unsafe { *n += 1 };
@@ -149,9 +149,7 @@ pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
 }
 
 fn count_reset(direction: u32, sk: *const u8) {
-    // SAFETY: OFFSETS is a read-only global.
-    let off = unsafe { core::ptr::read_volatile(&OFFSETS) };
-    let state = if sk.is_null() { 0 } else { read::<u8>(sk, off.skc_state).unwrap_or(0) as u32 };
+    let state = if sk.is_null() { 0 } else { read::<u8>(sk, offset!(skc_state)).unwrap_or(0) as u32 };
     let index = direction * RESET_STATES + (state % RESET_STATES);
     if let Some(c) = RESETS.get_ptr_mut(index) {
         // SAFETY: this CPU's slot; preemption is disabled here.
@@ -159,6 +157,7 @@ fn count_reset(direction: u32, sk: *const u8) {
     }
 }
 
+#[inline(always)]
 fn set_running(value: u32) {
     if let Some(r) = RUNNING.get_ptr_mut(0) {
         // SAFETY: this CPU's slot; tracepoint programs run with preemption disabled.
@@ -166,13 +165,11 @@ fn set_running(value: u32) {
     }
 }
 
+#[inline(always)]
 fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
     // The prototype is `inet_sock_set_state(const struct sock *sk, int oldstate,
     // int newstate)` (include/trace/events/sock.h); the arguments are read by index.
     let (sk, oldstate, newstate): (*const u8, i32, i32) = (ctx.arg(0), ctx.arg(1), ctx.arg(2));
-    // SAFETY: OFFSETS is a read-only global; volatile so the compiler cannot fold the
-    // zeroes it was compiled with.
-    let off = unsafe { core::ptr::read_volatile(&OFFSETS) };
 
     // The tracepoint also fires for SCTP (and other inet protocols): keep TCP only.
     // SAFETY: direct loads through the BTF-typed `struct sock *` at offsets of `struct sock`
@@ -191,63 +188,61 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
     }
     // `inet_sport` lies in `struct inet_sock`, past `struct sock`, where the verifier allows no
     // direct load through a `struct sock *`: read it with the helper.
-    let sport = u16::from_be(read::<u16>(sk, off.inet_sport)?);
+    let sport = u16::from_be(read::<u16>(sk, offset!(inet_sport))?);
     if !port_wanted(sport) && !port_wanted(dport) {
         return Ok(());
     }
     let (oldstate, newstate) = (oldstate as u8, newstate as u8);
-    let skaddr = sk as u64;
-    let owner = owner_at(sk, skaddr, sport, oldstate, newstate);
-
-    let (mut saddr, mut daddr) = ([0u8; 16], [0u8; 16]);
-    if family == AF_INET6 {
-        saddr = read(sk, off.skc_v6_rcv_saddr).unwrap_or([0; 16]);
-        daddr = read(sk, off.skc_v6_daddr).unwrap_or([0; 16]);
-    } else if family == AF_INET {
-        // SAFETY: as above; both are `__be32` fields of `struct sock_common`.
-        let (s, d): (u32, u32) =
-            unsafe { (field(sk, offset!(skc_rcv_saddr)), field(sk, offset!(skc_daddr))) };
-        let (s, d) = (s.to_ne_bytes(), d.to_ne_bytes());
-        saddr[..4].copy_from_slice(&s);
-        daddr[..4].copy_from_slice(&d);
-    }
 
     let Some(mut entry) = EVENTS.reserve::<Transition>(0) else {
         count(counter::LOST_RINGBUF_FULL);
         return Ok(());
     };
-    // Handshake facts the tracepoint does not carry, read where they mean something.
-    let (mut srtt_us, mut sk_err, mut retrans) = (0u32, 0u16, 0u16);
-    if oldstate == state::SYN_RECV && newstate == state::ESTABLISHED {
-        srtt_us = read(sk, off.srtt_us).unwrap_or(0);
-        retrans = read::<u32>(sk, off.total_retrans).unwrap_or(0) as u16;
-    } else if oldstate == state::SYN_SENT && newstate == state::CLOSE {
-        // SAFETY: as above; `sk_err` is an `int` of `struct sock`.
-        sk_err = unsafe { field::<i32>(sk, offset!(sk_err)) } as u16;
+    // Every field is written once, in place in the ring buffer: no copy through the stack,
+    // and no byte-wise memset (which is what zeroed byte arrays on the stack compile to).
+    let t: *mut Transition = entry.as_mut_ptr();
+    // SAFETY: `t` points at the reserved record, `size_of::<Transition>()` writable bytes,
+    // and each write below stays inside the field it names.
+    unsafe {
+        addr_of_mut!((*t).time_ns).write(bpf_ktime_get_ns());
+        addr_of_mut!((*t).skaddr).write(sk as u64);
+        // `sk` is the tracepoint's BTF-typed socket, which this helper accepts in tracing
+        // programs (Linux 5.12+); it returns the existing cookie or makes one.
+        addr_of_mut!((*t).cookie).write(bpf_get_socket_cookie(sk as *mut c_void));
+        let (saddr, daddr) = (addr_of_mut!((*t).saddr), addr_of_mut!((*t).daddr));
+        if family == AF_INET6 {
+            read_into(saddr, sk, offset!(skc_v6_rcv_saddr));
+            read_into(daddr, sk, offset!(skc_v6_daddr));
+        } else {
+            // Both are `__be32` fields of `struct sock_common`, loaded directly as above.
+            let s: u32 = field(sk, offset!(skc_rcv_saddr));
+            let d: u32 = field(sk, offset!(skc_daddr));
+            zero16(saddr);
+            zero16(daddr);
+            (saddr as *mut u32).write(s);
+            (daddr as *mut u32).write(d);
+        }
+        let pid = write_owner(t, sk, sport, oldstate, newstate);
+        addr_of_mut!((*t).pid).write(pid);
+        addr_of_mut!((*t).sport).write(sport);
+        addr_of_mut!((*t).dport).write(dport);
+        addr_of_mut!((*t).family).write(family);
+        addr_of_mut!((*t).oldstate).write(oldstate);
+        addr_of_mut!((*t).newstate).write(newstate);
+        // Handshake facts the tracepoint does not carry, read where they mean something.
+        let (mut srtt_us, mut sk_err, mut retrans) = (0u32, 0u16, 0u16);
+        if oldstate == state::SYN_RECV && newstate == state::ESTABLISHED {
+            srtt_us = read(sk, offset!(srtt_us)).unwrap_or(0);
+            retrans = read::<u32>(sk, offset!(total_retrans)).unwrap_or(0) as u16;
+        } else if oldstate == state::SYN_SENT && newstate == state::CLOSE {
+            // `sk_err` is an `int` of `struct sock`, loaded directly as above.
+            sk_err = field::<i32>(sk, offset!(sk_err)) as u16;
+        }
+        addr_of_mut!((*t).srtt_us).write(srtt_us);
+        addr_of_mut!((*t).sk_err).write(sk_err);
+        addr_of_mut!((*t).retrans).write(retrans);
+        addr_of_mut!((*t)._pad).write([0; 4]);
     }
-
-    // SAFETY: `sk` is the tracepoint's BTF-typed socket, which this helper accepts in
-    // tracing programs (Linux 5.12+); it returns the existing cookie or makes one.
-    let cookie = unsafe { bpf_get_socket_cookie(sk as *mut core::ffi::c_void) };
-    entry.write(Transition {
-        // SAFETY: a helper with no arguments, callable from any program type.
-        time_ns: unsafe { bpf_ktime_get_ns() },
-        skaddr,
-        cookie,
-        saddr,
-        daddr,
-        pid: owner.pid,
-        sport,
-        dport,
-        family,
-        oldstate,
-        newstate,
-        comm: owner.comm,
-        srtt_us,
-        sk_err,
-        retrans,
-        _pad: [0; 4],
-    });
     // SAFETY: read-only global, volatile for the same reason as OFFSETS.
     let wakeup_bytes = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
     let flags = if EVENTS.query(BPF_RB_AVAIL_DATA.into()) >= wakeup_bytes {
@@ -259,7 +254,8 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
     Ok(())
 }
 
-/// The owner of `sk` when this transition names it; pid 0 otherwise.
+/// Writes the owner's command name into `t.comm` and returns its pid, where this transition
+/// names the owner; an empty name and pid 0 otherwise.
 ///
 /// The owner is known in process context: when the socket enters SYN_SENT (connect) or LISTEN
 /// (listen). A passive-open child (LISTEN -> SYN_RECV, in softirq) inherits the owner of the
@@ -267,44 +263,49 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
 /// carries pid 0 and userspace, which follows each socket from its first event, fills in the
 /// owner it recorded: no per-event owner lookup here, and the process that happens to run when
 /// a packet arrives is never named.
-fn owner_at(sk: *const u8, skaddr: u64, sport: u16, oldstate: u8, newstate: u8) -> Owner {
-    let unknown = Owner { skaddr, pid: 0, comm: [0; COMM_LEN], _pad: [0; 4] };
+///
+/// # Safety
+/// `t` must point at a reserved ring buffer record and `sk` be the tracepoint's socket.
+#[inline(always)]
+unsafe fn write_owner(t: *mut Transition, sk: *const u8, sport: u16, oldstate: u8, newstate: u8) -> u32 {
+    let comm = addr_of_mut!((*t).comm);
     let listener = |port: u16| ListenerKey {
         // SAFETY: as above; `skc_net` is a `possible_net_t` (one `struct net *`).
         net: unsafe { field::<u64>(sk, offset!(skc_net)) },
-        port,
-        _pad: [0; 6],
+        port: u64::from(port),
     };
     if newstate == state::SYN_SENT || newstate == state::LISTEN {
-        let owner = Owner {
-            skaddr,
-            pid: (bpf_get_current_pid_tgid() >> 32) as u32,
-            comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
-            _pad: [0; 4],
-        };
-        if newstate == state::LISTEN && LISTENERS.insert(&listener(sport), &owner, 0).is_err() {
-            count(counter::OWNERS_FULL);
+        let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        if gen::bpf_get_current_comm(comm as *mut c_void, COMM_LEN as u32) != 0 {
+            zero16(comm);
         }
-        return owner;
+        if newstate == state::LISTEN {
+            let owner = Owner { skaddr: sk as u64, comm: *comm, pid, _pad: [0; 4] };
+            if LISTENERS.insert(&listener(sport), &owner, 0).is_err() {
+                count(counter::OWNERS_FULL);
+            }
+        }
+        return pid;
     }
     if oldstate == state::LISTEN && newstate == state::SYN_RECV {
-        // SAFETY: the value is copied out before any other map operation.
-        return match unsafe { LISTENERS.get(&listener(sport)) } {
-            Some(parent) => Owner { skaddr, ..*parent },
-            None => unknown,
-        };
-    }
-    if oldstate == state::LISTEN && newstate == state::CLOSE {
+        if let Some(parent) = LISTENERS.get_ptr(&listener(sport)) {
+            let (from, to) = (addr_of!((*parent).comm) as *const u64, comm as *mut u64);
+            to.write(from.read());
+            to.add(1).write(from.add(1).read());
+            return (*parent).pid;
+        }
+    } else if oldstate == state::LISTEN && newstate == state::CLOSE {
         let key = listener(sport);
-        // SAFETY: as above.
-        if unsafe { LISTENERS.get(&key) }.is_some_and(|l| l.skaddr == skaddr) {
+        if LISTENERS.get(&key).is_some_and(|l| l.skaddr == sk as u64) {
             let _ = LISTENERS.remove(&key);
         }
     }
-    unknown
+    zero16(comm);
+    0
 }
 
 /// True when no port filter is set or `port` is in it.
+#[inline(always)]
 fn port_wanted(port: u16) -> bool {
     // SAFETY: read-only global, volatile for the same reason as OFFSETS.
     if unsafe { core::ptr::read_volatile(&FILTER_PORTS) } == 0 {
@@ -336,11 +337,36 @@ unsafe fn field<T: Copy>(base: *const u8, offset: usize) -> T {
 }
 
 /// Reads a `T` at byte offset `offset` of the kernel object at `base`.
-fn read<T>(base: *const u8, offset: u32) -> Result<T, i32> {
+fn read<T>(base: *const u8, offset: usize) -> Result<T, i32> {
     // SAFETY: bpf_probe_read_kernel checks the address; a bad one returns an error.
-    unsafe { bpf_probe_read_kernel(base.add(offset as usize) as *const T) }
+    unsafe { bpf_probe_read_kernel(base.add(offset) as *const T) }
 }
 
+/// Reads 16 bytes at byte offset `offset` of the kernel object at `base` straight into `dst`
+/// (ring buffer memory); zeroes them if the read fails.
+///
+/// # Safety
+/// `dst` must be 16 writable, 8-byte aligned bytes.
+#[inline(always)]
+unsafe fn read_into(dst: *mut [u8; 16], base: *const u8, offset: usize) {
+    let src = base.add(offset) as *const c_void;
+    if gen::bpf_probe_read_kernel(dst as *mut c_void, 16, src) != 0 {
+        zero16(dst);
+    }
+}
+
+/// Zeroes 16 bytes with two stores (an array write would become a byte-wise memset call).
+///
+/// # Safety
+/// `dst` must be 16 writable, 8-byte aligned bytes.
+#[inline(always)]
+unsafe fn zero16(dst: *mut [u8; 16]) {
+    let p = dst as *mut u64;
+    p.write_volatile(0);
+    p.add(1).write_volatile(0);
+}
+
+#[inline(always)]
 fn count(index: u32) {
     if let Some(c) = COUNTERS.get_ptr_mut(index) {
         // SAFETY: a per-CPU slot, touched only by this CPU with preemption disabled.

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use crate::census::{count_by_state, NetnsCensus};
 use crate::event::{state_name, STATE_NAMES};
 use crate::stuck::Snapshot;
-use crate::probe::{ProbeCounters, RESET_STATES};
+use crate::probe::{ProbeReadings, RESET_STATES};
 use crate::sockets::{Failure, Mode, Observation, Teardown};
 
 /// Handshake and teardown buckets (seconds): from tens of microseconds (loopback) to a minute,
@@ -143,6 +143,8 @@ pub struct Metrics {
     last_listen: HashMap<u64, (u64, u64)>,
     events: IntCounter,
     events_lost: IntCounter,
+    probe_runs: IntCounterVec,
+    probe_run_seconds: prometheus::CounterVec,
     tracked: IntGauge,
     evicted: IntCounter,
     /// Last kernel totals seen, to turn them into counter increments.
@@ -152,6 +154,8 @@ pub struct Metrics {
 #[derive(Default)]
 struct KernelTotals {
     lost: u64,
+    /// Per program: (runs, run nanoseconds).
+    programs: HashMap<&'static str, (u64, u64)>,
     evicted: u64,
     synack: HashMap<u16, u64>,
     resets: [[u64; RESET_STATES as usize]; 2],
@@ -247,6 +251,21 @@ impl Metrics {
             "Transitions that never reached the agent: ring buffer full, or skipped by the kernel \
              as nested runs that the rescue program could not deliver.",
         )?;
+        let probe_runs = counter(
+            "tracer_probe_runs_total",
+            "Runs of each eBPF program, counted by the kernel only while the sysctl \
+             kernel.bpf_stats_enabled is 1 (0 otherwise).",
+            &["program"],
+        )?;
+        let probe_run_seconds = prometheus::CounterVec::new(
+            Opts::new(
+                "tracer_probe_run_seconds_total",
+                "Kernel CPU time spent in each eBPF program, counted only while the sysctl \
+                 kernel.bpf_stats_enabled is 1 (0 otherwise).",
+            ),
+            &["program"],
+        )?;
+        registry.register(Box::new(probe_run_seconds.clone()))?;
         let evicted = single(
             "tracer_tracked_sockets_evicted_total",
             "Sockets dropped from the agent's table because it was full (--max-sockets).",
@@ -352,6 +371,8 @@ impl Metrics {
             last_listen: HashMap::new(),
             events,
             events_lost,
+            probe_runs,
+            probe_run_seconds,
             tracked,
             evicted,
             last: KernelTotals::default(),
@@ -418,20 +439,20 @@ impl Metrics {
     }
 
     /// Brings the kernel-side counters and the table's size into the metrics (once a second).
-    pub fn sync(
-        &mut self,
-        probe: &ProbeCounters,
-        synack: &[(u16, u64)],
-        resets: &[[u64; RESET_STATES as usize]; 2],
-        tracked: usize,
-        evicted: u64,
-    ) {
-        let lost = probe.lost_total();
+    pub fn sync(&mut self, probe: &ProbeReadings, tracked: usize, evicted: u64) {
+        let (synack, resets) = (&probe.synack, &probe.resets);
+        let lost = probe.counters.lost_total();
         self.events_lost.inc_by(lost.saturating_sub(self.last.lost));
         self.last.lost = self.last.lost.max(lost);
         self.evicted.inc_by(evicted.saturating_sub(self.last.evicted));
         self.last.evicted = self.last.evicted.max(evicted);
         self.tracked.set(tracked as i64);
+        for p in &probe.programs {
+            let (runs, ns) = self.last.programs.insert(p.name, (p.runs, p.run_ns)).unwrap_or((0, 0));
+            self.probe_runs.with_label_values(&[p.name]).inc_by(p.runs.saturating_sub(runs));
+            let secs = p.run_ns.saturating_sub(ns) as f64 / 1e9;
+            self.probe_run_seconds.with_label_values(&[p.name]).inc_by(secs);
+        }
         for &(port, total) in synack {
             let before = self.last.synack.insert(port, total).unwrap_or(0);
             let slot = self.ports.slot(port);
@@ -533,6 +554,7 @@ pub fn mode_name(m: Mode) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::probe::{ProbeCounters, ProgramStats};
 
     #[test]
     fn ports_beyond_the_cap_fold_into_other() {
@@ -582,14 +604,31 @@ mod tests {
         let mut m = Metrics::new(PortLabels::new(&[], 8)).unwrap();
         let mut resets = [[0; RESET_STATES as usize]; 2];
         resets[0][0] = 3;
-        let probe = ProbeCounters { lost: 2, missed: 1, ..Default::default() };
-        m.sync(&probe, &[(8080, 5)], &resets, 7, 0);
-        m.sync(&probe, &[(8080, 6)], &resets, 7, 0);
+        let counters = ProbeCounters { lost: 2, missed: 1, ..Default::default() };
+        let stats = |runs, run_ns| vec![ProgramStats { name: "inet_sock_set_state", runs, run_ns }];
+        let mut probe = ProbeReadings {
+            counters,
+            synack: vec![(8080, 5)],
+            resets,
+            programs: stats(10, 1_000),
+        };
+        m.sync(&probe, 7, 0);
+        probe.synack = vec![(8080, 6)];
+        probe.programs = stats(30, 5_000);
+        m.sync(&probe, 7, 0);
         let text = Metrics::encode(&m.registry).unwrap();
         assert!(text.contains("tracer_events_lost_total 3\n"), "{text}");
         assert!(text.contains("tracer_tcp_synack_retransmits_total{port=\"8080\"} 6\n"), "{text}");
         assert!(text.contains("tracer_tcp_resets_total{direction=\"sent\",state=\"none\"} 3\n"));
         assert!(text.contains("tracer_tracked_sockets 7\n"));
         assert!(text.contains("tracer_tracked_sockets_evicted_total 0\n"));
+        assert!(text.contains("tracer_probe_runs_total{program=\"inet_sock_set_state\"} 30\n"));
+        let seconds: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("tracer_probe_run_seconds_total{program=\"inet_sock_set_state\"} "))
+            .expect("run seconds exported")
+            .parse()
+            .unwrap();
+        assert!((seconds - 5e-6).abs() < 1e-12, "{seconds}");
     }
 }

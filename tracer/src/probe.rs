@@ -72,6 +72,25 @@ pub struct ProbeCounters {
     pub synack_ports_full: u64,
 }
 
+/// One program's run count and total run time, as the kernel measures them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProgramStats {
+    pub name: &'static str,
+    pub runs: u64,
+    pub run_ns: u64,
+}
+
+/// Everything the agent reads from the probe once a second.
+#[derive(Clone, Debug, Default)]
+pub struct ProbeReadings {
+    pub counters: ProbeCounters,
+    /// SYN-ACK retransmissions per listening port.
+    pub synack: Vec<(u16, u64)>,
+    /// Resets by direction and socket state (see [`Probe::resets`]).
+    pub resets: [[u64; RESET_STATES as usize]; 2],
+    pub programs: Vec<ProgramStats>,
+}
+
 impl ProbeCounters {
     /// Every transition that did not reach userspace.
     pub fn lost_total(&self) -> u64 {
@@ -122,6 +141,16 @@ impl Probe {
         Ok(Probe { ebpf })
     }
 
+    /// Reads every counter the probe keeps.
+    pub fn readings(&self) -> Result<ProbeReadings> {
+        Ok(ProbeReadings {
+            counters: self.counters()?,
+            synack: self.synack_retransmits()?,
+            resets: self.resets()?,
+            programs: self.program_stats()?,
+        })
+    }
+
     /// SYN-ACK retransmissions per listening port, summed over CPUs.
     pub fn synack_retransmits(&self) -> Result<Vec<(u16, u64)>> {
         let map: PerCpuHashMap<_, u16, u64> = PerCpuHashMap::try_from(
@@ -162,6 +191,20 @@ impl Probe {
             .context("registering the ring buffer with tokio")
     }
 
+    /// What each program has cost the kernel so far. The kernel counts only while the sysctl
+    /// `kernel.bpf_stats_enabled` is 1 (off by default: the timing itself costs about 20 ns
+    /// a run); otherwise every figure is 0.
+    pub fn program_stats(&self) -> Result<Vec<ProgramStats>> {
+        let mut out = Vec::with_capacity(PROGRAMS.len());
+        for (name, _) in PROGRAMS {
+            let program: &BtfTracePoint =
+                self.ebpf.program(name).with_context(|| format!("program {name}"))?.try_into()?;
+            let info = program_info(program.fd()?.as_fd())?;
+            out.push(ProgramStats { name, runs: info.run_cnt, run_ns: info.run_time_ns });
+        }
+        Ok(out)
+    }
+
     /// Reads the probe's counters, summed over CPUs.
     pub fn counters(&self) -> Result<ProbeCounters> {
         let map: PerCpuArray<_, u64> =
@@ -171,7 +214,7 @@ impl Probe {
             self.ebpf.program(MAIN_PROGRAM).context("program inet_sock_set_state")?.try_into()?;
         // Skips first: the rescue program counts a rescue after the kernel counted the skip,
         // so this order can only under-count `missed` for a moment, never over-count it.
-        let skipped = recursion_misses(program.fd()?.as_fd())?;
+        let skipped = program_info(program.fd()?.as_fd())?.recursion_misses;
         let rescued = sum(counter::RESCUED)?;
         Ok(ProbeCounters {
             lost: sum(counter::LOST_RINGBUF_FULL)?,
@@ -183,8 +226,9 @@ impl Probe {
     }
 }
 
-/// Reads `recursion_misses` of a loaded program: aya 0.14's `ProgramInfo` does not expose it.
-fn recursion_misses(fd: BorrowedFd<'_>) -> Result<u64> {
+/// Reads the kernel's `bpf_prog_info` of a loaded program: aya 0.14's `ProgramInfo` does not
+/// expose `recursion_misses`.
+fn program_info(fd: BorrowedFd<'_>) -> Result<bpf_prog_info> {
     /// The `info` member of `union bpf_attr` for BPF_OBJ_GET_INFO_BY_FD
     /// (include/uapi/linux/bpf.h).
     #[repr(C)]
@@ -213,7 +257,7 @@ fn recursion_misses(fd: BorrowedFd<'_>) -> Result<u64> {
     if rc < 0 {
         return Err(std::io::Error::last_os_error()).context("reading the probe's program info");
     }
-    Ok(info.recursion_misses)
+    Ok(info)
 }
 
 /// Fails with a message that says how to fix it when this process cannot load eBPF programs.

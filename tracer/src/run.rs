@@ -81,13 +81,7 @@ pub async fn run(args: &RunArgs) -> Result<()> {
                 health.beat();
             }
             _ = sync.tick() => {
-                metrics.sync(
-                    &probe.counters()?,
-                    &probe.synack_retransmits()?,
-                    &probe.resets()?,
-                    table.len(),
-                    table.evicted(),
-                );
+                metrics.sync(&probe.readings()?, table.len(), table.evicted());
             }
             Some(request) = census_requests.recv() => {
                 // Read what is pending first, so that the join sees every transition so far.

@@ -1,10 +1,12 @@
-//! `cargo xtask bench`: loopback connection churn with and without the tracer, side by side.
+//! `cargo xtask bench`: loopback connection churn with and without a tracer, side by side.
 //!
 //! Each round runs the same load once per mode (no tracer, `tracer watch --json > /dev/null`,
-//! `tracer run`), interleaved so that a noisy neighbour hits every mode alike; the report gives
-//! medians over rounds, the ratio to the no-tracer median, events handled and lost, and the
-//! tracer's CPU per event. A last phase holds many connections open under `tracer run` and
-//! reads its resident memory. It reports figures; it does not pass or fail.
+//! `tracer run`, and for reference bpftrace counting transitions in the kernel and bpftrace
+//! printing each one), interleaved so that a noisy neighbour hits every mode alike; the report
+//! gives medians over rounds, the ratio to the no-tracer median, events handled and lost, and
+//! the tracer's CPU per event. Two last phases measure what the probe costs the kernel per run
+//! (with `kernel.bpf_stats_enabled=1` for that run only) and hold many connections open under
+//! `tracer run` to read its resident memory. It reports figures; it does not pass or fail.
 //!
 //! The load: a listener on 127.0.0.1, acceptor threads that accept and close at once, and
 //! client threads that connect, read to EOF and close, for a fixed time (server closes first). Only
@@ -14,6 +16,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,17 +33,29 @@ pub struct BenchArgs {
     /// Connections held open for the memory figure (two tracked sockets each); 0 skips it.
     #[arg(long, default_value_t = 50_000)]
     held: usize,
+    /// Leave out the bpftrace reference modes (otherwise Debian's bpftrace is installed).
+    #[arg(long)]
+    no_bpftrace: bool,
 }
 
 const TRACER: &str = "target/release/tracer";
 const CLIENTS: usize = 2;
 const ACCEPTORS: usize = 2;
 
+/// bpftrace counting TCP transitions in a kernel map (printed at exit).
+const BPFTRACE_COUNT: &str = "tracepoint:sock:inet_sock_set_state /args->protocol == 6/ \
+     { @[args->oldstate, args->newstate] = count(); }";
+/// bpftrace printing every TCP transition.
+const BPFTRACE_PRINT: &str = "tracepoint:sock:inet_sock_set_state /args->protocol == 6/ \
+     { printf(\"%d %d %d %d %d\\n\", pid, args->sport, args->dport, args->oldstate, args->newstate); }";
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Baseline,
     Watch,
     Run,
+    BpftraceCount,
+    BpftracePrint,
 }
 
 impl Mode {
@@ -49,6 +64,8 @@ impl Mode {
             Mode::Baseline => "baseline",
             Mode::Watch => "watch",
             Mode::Run => "run",
+            Mode::BpftraceCount => "bt-count",
+            Mode::BpftracePrint => "bt-print",
         }
     }
 }
@@ -75,7 +92,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if tw_reuse.trim() == "0" {
         println!("bench: tcp_tw_reuse is 0: clients may run out of ephemeral ports (counted below)");
     }
-    let modes = [Mode::Baseline, Mode::Watch, Mode::Run];
+    let mut modes = vec![Mode::Baseline, Mode::Watch, Mode::Run];
+    if !args.no_bpftrace {
+        crate::setup::install_packages(&["bpftrace"])?;
+        crate::setup::mount_tracefs()?;
+        modes.extend([Mode::BpftraceCount, Mode::BpftracePrint]);
+    }
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); modes.len()];
     for round in 1..=args.rounds {
         for (i, &mode) in modes.iter().enumerate() {
@@ -96,6 +118,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let base = median(samples[0].iter().map(|s| s.conns_per_sec).collect());
     println!();
     println!("mode       runs  median conn/s   ratio   events/run (median)   lost (total)   tracer CPU us/event (median)");
+    // bpftrace reports no losses of its own here (a map update cannot overflow; its printing
+    // reports lost events on stderr, shown above if any).
     for (i, &mode) in modes.iter().enumerate() {
         let rate = median(samples[i].iter().map(|s| s.conns_per_sec).collect());
         if mode == Mode::Baseline {
@@ -117,6 +141,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         );
     }
     println!("reproduce: cargo xtask bench --seconds {} --rounds {} --held {}", args.seconds, args.rounds, args.held);
+    probe_cost_phase(Duration::from_secs(args.seconds))?;
     if args.held > 0 {
         memory_phase(args.held)?;
     }
@@ -141,6 +166,8 @@ fn run_once(mode: Mode, duration: Duration) -> Result<Sample> {
             let addr = free_port()?;
             Some(TracerProcess::start(&["run", "--listen", &addr.to_string()], Some(addr))?)
         }
+        Mode::BpftraceCount => Some(TracerProcess::bpftrace(BPFTRACE_COUNT)?),
+        Mode::BpftracePrint => Some(TracerProcess::bpftrace(BPFTRACE_PRINT)?),
     };
     let (conns, addr_errors) = churn(duration)?;
     if addr_errors > 0 {
@@ -155,6 +182,13 @@ fn run_once(mode: Mode, duration: Duration) -> Result<Sample> {
         sample.cpu_us_per_event = if events > 0 { cpu_us / events as f64 } else { 0.0 };
     }
     Ok(sample)
+}
+
+/// `cargo xtask churn SECONDS`: the load alone, with its rate.
+pub fn churn_only(seconds: u64) -> Result<()> {
+    let (conns, _) = churn(Duration::from_secs(seconds))?;
+    println!("{:.0} conn/s", conns as f64 / seconds as f64);
+    Ok(())
 }
 
 /// Connect/close churn for `duration`; returns (connections completed, EADDRNOTAVAIL count).
@@ -219,13 +253,24 @@ fn free_port() -> Result<SocketAddr> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
-/// A tracer started for one run; killed by PID if the bench fails midway.
+/// A tracer (ours or bpftrace) started for one run; killed by PID if the bench fails midway.
 struct TracerProcess {
     child: Child,
     /// CPU used by start-up (BTF parsing, loading), subtracted from the per-event figure.
     start_cpu_us: f64,
-    metrics: Option<SocketAddr>,
-    stderr: std::sync::mpsc::Receiver<String>,
+    kind: Kind,
+    stderr: Receiver<String>,
+}
+
+/// Where a tracer's figures come from.
+enum Kind {
+    /// `tracer watch`: its exit summary on stderr.
+    Watch,
+    /// `tracer run`: its metrics, scraped before it stops.
+    Run(SocketAddr),
+    /// bpftrace: its standard output, read by this thread; it yields (lines printed, sum of the
+    /// map printed at exit, events it said it lost).
+    Bpftrace(std::thread::JoinHandle<(u64, u64, u64)>),
 }
 
 impl TracerProcess {
@@ -236,14 +281,9 @@ impl TracerProcess {
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {TRACER}"))?;
-        let stderr = child.stderr.take().context("tracer stderr")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let mut t = TracerProcess { child, start_cpu_us: 0.0, metrics, stderr: rx };
+        let stderr = lines_of(child.stderr.take().context("tracer stderr")?);
+        let kind = metrics.map_or(Kind::Watch, Kind::Run);
+        let mut t = TracerProcess { child, start_cpu_us: 0.0, kind, stderr };
         loop {
             match t.stderr.recv_timeout(Duration::from_secs(30)) {
                 Ok(line) if line.starts_with("tracer: attached") => {
@@ -256,16 +296,48 @@ impl TracerProcess {
         }
     }
 
+    /// Starts bpftrace with `program`; returns once it has attached.
+    fn bpftrace(program: &str) -> Result<TracerProcess> {
+        let mut child = Command::new("bpftrace")
+            .args(["-e", program])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting bpftrace")?;
+        let stderr = lines_of(child.stderr.take().context("bpftrace stderr")?);
+        let stdout = child.stdout.take().context("bpftrace stdout")?;
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            let (mut printed, mut counted, mut lost) = (0u64, 0u64, 0u64);
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("Attaching") {
+                    let _ = ready_tx.send(());
+                } else if let Some(n) = line.strip_prefix('@').and_then(|l| l.rsplit(": ").next()) {
+                    counted += n.trim().parse::<u64>().unwrap_or(0);
+                } else if let Some(n) = line.strip_prefix("Lost ") {
+                    lost += n.split(' ').next().and_then(|n| n.parse().ok()).unwrap_or(0);
+                } else if !line.is_empty() {
+                    printed += 1;
+                }
+            }
+            (printed, counted, lost)
+        });
+        let mut t = TracerProcess { child, start_cpu_us: 0.0, kind: Kind::Bpftrace(reader), stderr };
+        ready.recv_timeout(Duration::from_secs(60)).context("bpftrace did not attach")?;
+        t.start_cpu_us = cpu_micros(t.child.id())?;
+        Ok(t)
+    }
+
     /// Stops the tracer; returns (events handled, events lost, CPU microseconds used).
     fn stop(&mut self) -> Result<(u64, u64, f64)> {
         let pid = self.child.id();
         let cpu_us = cpu_micros(pid)? - self.start_cpu_us;
-        let from_metrics = match self.metrics {
-            Some(addr) => {
+        let from_metrics = match self.kind {
+            Kind::Run(addr) => {
                 let text = scrape(addr)?;
                 Some((metric(&text, "tracer_events_total"), metric(&text, "tracer_events_lost_total")))
             }
-            None => None,
+            _ => None,
         };
         // SAFETY: kill on our own child's PID, not yet reaped.
         unsafe { libc::kill(pid as i32, libc::SIGINT) };
@@ -285,6 +357,10 @@ impl TracerProcess {
         if let Some((events, lost)) = from_metrics {
             return Ok((events, lost, cpu_us));
         }
+        if let Kind::Bpftrace(reader) = std::mem::replace(&mut self.kind, Kind::Watch) {
+            let (printed, counted, lost) = reader.join().map_err(|_| anyhow::anyhow!("bpftrace reader"))?;
+            return Ok((printed.max(counted), lost, cpu_us));
+        }
         // watch: "tracer: N events received, M printed, L lost"
         let line = summary.context("no summary line from tracer watch")?;
         let nums: Vec<u64> =
@@ -294,6 +370,54 @@ impl TracerProcess {
             _ => bail!("unexpected summary {line:?}"),
         }
     }
+}
+
+/// The lines of a child's output, read by a thread.
+fn lines_of(out: impl Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+/// One run of `tracer run` with the kernel timing every BPF program run
+/// (`kernel.bpf_stats_enabled=1`, restored afterwards): what the probe costs per transition.
+/// Separate from the rounds because the timing adds its own cost (two clock reads a run).
+fn probe_cost_phase(duration: Duration) -> Result<()> {
+    const SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+    let before = std::fs::read_to_string(SYSCTL).context("reading kernel.bpf_stats_enabled")?;
+    std::fs::write(SYSCTL, "1").context("enabling kernel.bpf_stats_enabled")?;
+    let result = (|| {
+        let addr = free_port()?;
+        let mut tracer = TracerProcess::start(&["run", "--listen", &addr.to_string()], Some(addr))?;
+        let (conns, _) = churn(duration)?;
+        std::thread::sleep(Duration::from_millis(1_200)); // one sync of the probe's figures
+        let text = scrape(addr)?;
+        tracer.stop()?;
+        Ok::<_, anyhow::Error>((conns, text))
+    })();
+    std::fs::write(SYSCTL, before.trim()).context("restoring kernel.bpf_stats_enabled")?;
+    let (conns, text) = result?;
+    println!(
+        "probe cost (kernel.bpf_stats_enabled=1, one run, {:.0} conn/s):",
+        conns as f64 / duration.as_secs_f64()
+    );
+    for line in text.lines().filter(|l| l.starts_with("tracer_probe_runs_total{")) {
+        let (labels, runs) = line.rsplit_once(' ').context("metric line")?;
+        let program = labels.trim_start_matches("tracer_probe_runs_total");
+        let runs: f64 = runs.parse()?;
+        let seconds = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("tracer_probe_run_seconds_total{program} ")))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        let per_run = if runs > 0.0 { seconds * 1e9 / runs } else { 0.0 };
+        println!("  {program:<40} {runs:>10.0} runs  {per_run:>6.0} ns per run");
+    }
+    Ok(())
 }
 
 impl Drop for TracerProcess {

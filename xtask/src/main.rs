@@ -35,6 +35,9 @@ enum Task {
     /// (Used by bench) hold N loopback connections open until stdin closes.
     #[command(hide = true)]
     Hold { connections: usize },
+    /// Only the bench's loopback churn, for SECONDS, to profile a tracer under load (e.g. with
+    /// `perf record -a`).
+    Churn { seconds: u64 },
 }
 
 fn main() -> ExitCode {
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
         Task::Run { args } => run_tracer(args),
         Task::Test => test(),
         Task::Hold { connections } => bench::hold(connections),
+        Task::Churn { seconds } => bench::churn_only(seconds),
         Task::Bench(args) => setup::run().and_then(|()| build_release()).and_then(|()| bench::run(&args)),
     };
     match result {

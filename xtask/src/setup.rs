@@ -32,14 +32,15 @@ const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 
 /// Installs whatever is missing.
 pub fn run() -> Result<()> {
-    install_packages()?;
+    install_packages(PACKAGES)?;
     link_toolchain()?;
     install_bpf_linker()?;
     Ok(())
 }
 
-fn install_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !package_installed(p)).collect();
+/// Installs the Debian packages of `packages` that are missing; no network work otherwise.
+pub fn install_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !package_installed(p)).collect();
     if missing.is_empty() {
         return Ok(());
     }
