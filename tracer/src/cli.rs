@@ -66,8 +66,9 @@ pub struct RunArgs {
     /// Sockets followed at most; when full, the one seen longest ago is evicted (and counted).
     #[arg(long, value_name = "N", default_value_t = 524_288, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_sockets: u32,
-    /// Size of the kernel-to-userspace ring buffer: a power of two, e.g. 64K, 8M.
-    #[arg(long, value_name = "BYTES", default_value = "8M", value_parser = parse_size)]
+    /// Size of each CPU's kernel-to-userspace ring buffer: a power of two, e.g. 256K, 4M
+    /// (the memory it takes is this times the number of CPUs).
+    #[arg(long, value_name = "BYTES", default_value = "1M", value_parser = parse_size)]
     pub ring_buffer_size: u32,
     /// How long a socket may stay in a state before it counts as stuck, e.g. close_wait=60s
     /// (repeatable). Defaults: close_wait, fin_wait1, fin_wait2 60s; last_ack, closing 30s;
@@ -96,8 +97,9 @@ pub struct WatchArgs {
     /// Stop after printing this many transitions.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub count: Option<u64>,
-    /// Size of the kernel-to-userspace ring buffer: a power of two, e.g. 64K, 8M.
-    #[arg(long, value_name = "BYTES", default_value = "8M", value_parser = parse_size)]
+    /// Size of each CPU's kernel-to-userspace ring buffer: a power of two, e.g. 256K, 4M
+    /// (the memory it takes is this times the number of CPUs).
+    #[arg(long, value_name = "BYTES", default_value = "1M", value_parser = parse_size)]
     pub ring_buffer_size: u32,
 }
 
@@ -193,7 +195,7 @@ mod tests {
         let Command::Watch(w) = cli.command else { panic!("not watch") };
         assert_eq!(w.ports, vec![80, 443]);
         assert_eq!(w.states, vec![tracer_common::state::CLOSE_WAIT]);
-        assert_eq!(w.ring_buffer_size, 8 << 20);
+        assert_eq!(w.ring_buffer_size, 1 << 20);
         assert!(Cli::try_parse_from(["tracer", "watch", "--port", "0"]).is_err());
         assert!(Cli::try_parse_from(["tracer", "watch", "--state", "nope"]).is_err());
     }

@@ -1,7 +1,8 @@
 //! `tracer`: follows every TCP socket through its states with an eBPF probe on the kernel's
 //! `inet_sock_set_state` tracepoint.
 //!
-//! The data path, one module each: [`probe`] (kernel side, aya) → [`event`] (decoding) →
+//! The data path, one module each: [`probe`] (kernel side, aya) → [`ring`] (per-CPU rings
+//! merged in time order) → [`event`] (decoding) →
 //! [`sockets`] (what each socket did, and when) → [`watch`] (printing for people and programs).
 
 pub mod btf;
@@ -11,6 +12,7 @@ pub mod event;
 pub mod http;
 pub mod metrics;
 pub mod probe;
+pub mod ring;
 pub mod run;
 pub mod sockets;
 pub mod sockets_cmd;

@@ -2,18 +2,20 @@
 //!
 //! The probe is embedded in the binary at build time (`build.rs`), loaded with the field
 //! offsets of the running kernel, and attached as a BTF tracepoint on `inet_sock_set_state`.
+//! It writes into one ring buffer per CPU, created here and read by [`crate::ring`].
 //! Dropping [`Probe`] detaches it (aya closes the link and program fds).
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, ArrayOfMaps, Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::BtfTracePoint,
     Ebpf, EbpfLoader,
 };
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
-use aya_obj::generated::{bpf_cmd, bpf_prog_info};
-use tokio::io::{unix::AsyncFd, Interest};
+use aya_obj::generated::{bpf_cmd, bpf_map_type, bpf_prog_info};
+
+use crate::ring::EventRings;
 pub use tracer_common::{RESET_RECEIVED, RESET_SENT, RESET_STATES};
 use tracer_common::{counter, PORT_FILTER_LEN};
 
@@ -32,11 +34,8 @@ const PROGRAMS: [(&str, &str); 5] = [
     ("tcp_receive_reset", "tcp_receive_reset"),
 ];
 
-/// Default size of the event ring buffer; see `--ring-buffer-size`.
-pub const DEFAULT_RING_BUFFER_BYTES: u32 = 8 * 1024 * 1024;
-
-/// The event ring buffer as the readers hold it.
-pub type EventRing = AsyncFd<RingBuf<MapData>>;
+/// Default size of each CPU's event ring buffer; see `--ring-buffer-size`.
+pub const DEFAULT_RING_BUFFER_BYTES: u32 = 1024 * 1024;
 
 /// How often the reader drains the ring buffer when the probe has not woken it.
 pub const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
@@ -44,7 +43,7 @@ pub const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis
 /// What the probe reports; fixed at load time.
 #[derive(Clone, Debug, Default)]
 pub struct ProbeConfig {
-    /// Ring buffer size in bytes: a power of two, at least one page.
+    /// Size of each CPU's ring buffer in bytes: a power of two, at least one page.
     pub ring_buffer_bytes: u32,
     /// Report only sockets with one of these ports on either side; empty = every port.
     pub ports: Vec<u16>,
@@ -53,6 +52,8 @@ pub struct ProbeConfig {
 /// The loaded, attached probe.
 pub struct Probe {
     ebpf: Ebpf,
+    /// One per possible CPU, until [`Probe::event_rings`] takes them.
+    rings: Vec<RingBuf<MapData>>,
 }
 
 /// What the probe could not do, summed over CPUs.
@@ -111,13 +112,35 @@ impl Probe {
         // drains every DRAIN_INTERVAL (see WAKEUP_BYTES in the probe for why).
         let wakeup_bytes: u64 = u64::from(config.ring_buffer_bytes / 4);
 
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(what, e)| anyhow::anyhow!("reading {what}: {e}"))? as u32;
+
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
             .override_global("FILTER_PORTS", &filter_ports, true)
             .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
-            .map_max_entries("EVENTS", config.ring_buffer_bytes)
+            .map_max_entries("EVENTS", cpus)
             .load(PROBE_OBJECT)
             .map_err(|e| load_error(&e))?;
+
+        // One ring per possible CPU, each referenced from the probe's `EVENTS` array.
+        let mut events: ArrayOfMaps<_, RingBuf<MapData>> =
+            ArrayOfMaps::try_from(ebpf.map_mut("EVENTS").context("map EVENTS")?)?;
+        let mut rings = Vec::with_capacity(cpus as usize);
+        for cpu in 0..cpus {
+            let params = aya_obj::Map::new_from_params(
+                bpf_map_type::BPF_MAP_TYPE_RINGBUF as u32,
+                0,
+                0,
+                config.ring_buffer_bytes,
+                0,
+            );
+            let map = MapData::create(params, &format!("events_cpu{cpu}"), None)
+                .map_err(|e| load_error(&e))?;
+            let ring = RingBuf::try_from(Map::RingBuf(map))?;
+            events.set(cpu, &ring, 0).context("adding a ring buffer to EVENTS")?;
+            rings.push(ring);
+        }
 
         if !config.ports.is_empty() {
             let mut filter: Array<_, u8> =
@@ -138,7 +161,7 @@ impl Probe {
             program.load(tracepoint, &aya_btf).map_err(|e| load_error(&e))?;
             program.attach().map_err(|e| load_error(&e))?;
         }
-        Ok(Probe { ebpf })
+        Ok(Probe { ebpf, rings })
     }
 
     /// Reads every counter the probe keeps.
@@ -178,17 +201,10 @@ impl Probe {
         Ok(out)
     }
 
-    /// Takes the event ring buffer, registered with the current tokio runtime; call once.
-    /// It turns readable when the probe wakes the reader (a quarter full); read it also every
-    /// [`DRAIN_INTERVAL`].
-    pub fn event_ring(&mut self) -> Result<EventRing> {
-        let map = self.ebpf.take_map("EVENTS").context("events ring buffer already taken")?;
-        let ring = RingBuf::try_from(map)?;
-        // SAFETY: the ring buffer's fd is owned by `ring`, which the AsyncFd owns and keeps
-        // open for as long as it is registered.
-        unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-            .map_err(std::io::Error::from)
-            .context("registering the ring buffer with tokio")
+    /// Takes the per-CPU event rings, registered with the current tokio runtime; call once.
+    pub fn event_rings(&mut self) -> Result<EventRings> {
+        anyhow::ensure!(!self.rings.is_empty(), "event rings already taken");
+        EventRings::new(std::mem::take(&mut self.rings))
     }
 
     /// What each program has cost the kernel so far. The kernel counts only while the sysctl

@@ -9,23 +9,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use aya::maps::{MapData, RingBuf};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
 use crate::cli::RunArgs;
-use crate::event;
 use crate::http::{AppState, CensusRequest, Health};
 use crate::stuck;
 use crate::metrics::{Metrics, PortLabels};
 use crate::probe::{Probe, ProbeConfig, DRAIN_INTERVAL};
+use crate::ring::{monotonic_ns, EventRings};
 use crate::sockets::SocketTable;
 
 /// Runs the agent until a signal.
 pub async fn run(args: &RunArgs) -> Result<()> {
     let mut probe =
         Probe::attach(&ProbeConfig { ring_buffer_bytes: args.ring_buffer_size, ports: Vec::new() })?;
-    let mut ring = probe.event_ring()?;
+    let mut rings = probe.event_rings()?;
     let mut table = SocketTable::new(args.max_sockets as usize);
     let mut metrics = Metrics::new(PortLabels::new(&args.ports, usize::from(args.max_ports)))?;
     let health = Arc::new(Health::default());
@@ -71,21 +70,21 @@ pub async fn run(args: &RunArgs) -> Result<()> {
     let mut sync = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
-            ready = ring.readable_mut() => {
-                let mut guard = ready.context("waiting for the ring buffer")?;
-                follow(guard.get_inner_mut(), &mut table, &mut metrics);
-                guard.clear_ready();
+            woken = rings.woken() => {
+                woken?;
+                follow(&mut rings, false, &mut table, &mut metrics);
             }
             _ = drain.tick() => {
-                follow(ring.get_mut(), &mut table, &mut metrics);
+                follow(&mut rings, false, &mut table, &mut metrics);
                 health.beat();
             }
             _ = sync.tick() => {
                 metrics.sync(&probe.readings()?, table.len(), table.evicted());
             }
             Some(request) = census_requests.recv() => {
-                // Read what is pending first, so that the join sees every transition so far.
-                follow(ring.get_mut(), &mut table, &mut metrics);
+                // Read what is pending first, so that the join sees every transition so far
+                // (but the last HOLD_BACK_NS, which may still be out of order).
+                follow(&mut rings, false, &mut table, &mut metrics);
                 let census = &request.census.namespaces;
                 let snap = stuck::snapshot(
                     census,
@@ -111,9 +110,9 @@ pub async fn run(args: &RunArgs) -> Result<()> {
         }
     }
     server.abort();
-    follow(ring.get_mut(), &mut table, &mut metrics);
+    follow(&mut rings, true, &mut table, &mut metrics);
     let c = probe.counters()?;
-    drop(ring);
+    drop(rings);
     drop(probe);
     eprintln!(
         "tracer: stopped; {} ring buffer full, {} missed by the kernel, {} rescued, {} sockets evicted",
@@ -122,20 +121,12 @@ pub async fn run(args: &RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock of the probe's timestamps.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: a valid timespec pointer and a clock every kernel has.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// Feeds everything waiting in the ring buffer through the socket table into the metrics.
-fn follow(ring: &mut RingBuf<MapData>, table: &mut SocketTable, metrics: &mut Metrics) {
-    while let Some(item) = ring.next() {
-        let Some(t) = event::decode(&item) else { continue };
-        drop(item);
+/// Feeds what the rings hold through the socket table into the metrics (all of it when
+/// `flush`; see [`EventRings::drain`]).
+fn follow(rings: &mut EventRings, flush: bool, table: &mut SocketTable, metrics: &mut Metrics) {
+    rings.drain(flush, |t| {
         metrics.event();
-        table.follow(&t, |o| metrics.record(o));
-    }
+        table.follow(t, |o| metrics.record(o));
+        true
+    });
 }

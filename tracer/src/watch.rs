@@ -9,12 +9,12 @@ use std::io::{self, Write};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use aya::maps::{MapData, RingBuf};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::WatchArgs;
 use crate::event::{self, Transition};
 use crate::probe::{Probe, ProbeConfig, ProbeCounters};
+use crate::ring::EventRings;
 use crate::sockets::SocketTable;
 
 /// Sockets the watch command follows for dwell times (about 40 bytes each).
@@ -37,7 +37,7 @@ pub async fn run(args: &WatchArgs) -> Result<Summary> {
         ring_buffer_bytes: args.ring_buffer_size,
         ports: args.ports.clone(),
     })?;
-    let mut ring = probe.event_ring()?;
+    let mut rings = probe.event_rings()?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let stop_at = tokio::time::Instant::now() + args.duration.unwrap_or(Duration::from_secs(u64::MAX / 4));
@@ -53,25 +53,23 @@ pub async fn run(args: &WatchArgs) -> Result<Summary> {
     let mut reported = ProbeCounters::default();
     loop {
         tokio::select! {
-            ready = ring.readable_mut() => {
-                let mut guard = ready.context("waiting for the ring buffer")?;
-                let done = printer.drain(guard.get_inner_mut())?;
-                guard.clear_ready();
-                if done { break; }
+            woken = rings.woken() => {
+                woken?;
+                if printer.drain(&mut rings, false)? { break; }
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = tokio::time::sleep_until(stop_at) => break,
             _ = drain.tick() => {
-                if printer.drain(ring.get_mut())? { break; }
+                if printer.drain(&mut rings, false)? { break; }
             }
             _ = report.tick() => report_losses(&probe, &mut reported)?,
         }
     }
     // Print what the probe delivered before the stop, then detach (drop) and report.
-    printer.drain(ring.get_mut())?;
+    printer.drain(&mut rings, true)?;
     report_losses(&probe, &mut reported)?;
-    drop(ring);
+    drop(rings);
     drop(probe);
     Ok(Summary {
         received: printer.received,
@@ -140,37 +138,44 @@ impl Printer {
         }
     }
 
-    /// Prints everything waiting in the ring buffer. Returns true when watching should stop.
-    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> Result<bool> {
+    /// Prints what the rings hold (all of it when `flush`; see [`EventRings::drain`]).
+    /// Returns true when watching should stop.
+    fn drain(&mut self, rings: &mut EventRings, flush: bool) -> Result<bool> {
         if self.remaining == Some(0) || self.stdout_closed {
             return Ok(true);
         }
-        while let Some(item) = ring.next() {
-            let Some(mut t) = event::decode(&item) else { continue };
-            drop(item);
-            self.received += 1;
-            // Every socket the probe reports is followed, filtered or not: its dwell times, and
-            // its owner, which the probe names only at the socket's opening.
-            let step = self.sockets.observe(&t);
-            (t.pid, t.comm) = (step.pid, step.comm);
-            if !self.wanted(&t) || self.stdout_closed {
-                continue;
+        let mut failed = None;
+        rings.drain(flush, |t| match self.handle(t) {
+            Ok(more) => more,
+            Err(e) => {
+                failed = Some(e);
+                false
             }
-            if let Err(e) = self.print(&t, step.dwell) {
-                return self.write_failed(e);
-            }
-            self.printed += 1;
-            if let Some(n) = self.remaining.as_mut() {
-                *n -= 1;
-                if *n == 0 {
-                    break;
-                }
-            }
-        }
-        if let Err(e) = self.out.flush() {
+        });
+        if let Some(e) = failed.or_else(|| self.out.flush().err()) {
             return self.write_failed(e);
         }
         Ok(self.stdout_closed || self.remaining == Some(0))
+    }
+
+    /// Follows one event and prints it if it is wanted. Returns false when no more is wanted.
+    fn handle(&mut self, t: &Transition) -> io::Result<bool> {
+        let mut t = *t;
+        self.received += 1;
+        // Every socket the probe reports is followed, filtered or not: its dwell times, and
+        // its owner, which the probe names only at the socket's opening.
+        let step = self.sockets.observe(&t);
+        (t.pid, t.comm) = (step.pid, step.comm);
+        if !self.wanted(&t) {
+            return Ok(true);
+        }
+        self.print(&t, step.dwell)?;
+        self.printed += 1;
+        if let Some(n) = self.remaining.as_mut() {
+            *n -= 1;
+            return Ok(*n > 0);
+        }
+        Ok(true)
     }
 
     /// A reader that went away (`tracer watch | head`) ends the watch quietly.
