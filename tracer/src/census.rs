@@ -17,7 +17,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST};
 use netlink_packet_sock_diag::{
     constants::{AF_INET, AF_INET6, IPPROTO_TCP},
-    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
+    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags, Timer},
     SockDiagMessage,
 };
 use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket};
@@ -26,8 +26,9 @@ use tracer_common::state;
 /// One socket of the census.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SocketRecord {
-    /// Kernel TCP state number (`include/net/tcp_states.h`); request sockets are
-    /// `NEW_SYN_RECV` (12) here, TIME-WAIT sockets `TIME_WAIT` (6).
+    /// Kernel TCP state number (`include/net/tcp_states.h`); the kernel reports request
+    /// sockets as `SYN_RECV` (3, `inet_req_diag_fill`, though they are `NEW_SYN_RECV`
+    /// inside), TIME-WAIT sockets as `TIME_WAIT` (6).
     pub state: u8,
     pub local: SocketAddr,
     pub remote: SocketAddr,
@@ -39,6 +40,9 @@ pub struct SocketRecord {
     pub inode: u32,
     /// The socket's cookie (`idiag_cookie`), the one the probe reports.
     pub cookie: u64,
+    /// The retransmission timer when it is armed (`idiag_timer` 1): time until it fires and
+    /// retransmissions so far. For request sockets this is the SYN-ACK timer.
+    pub retransmit: Option<(std::time::Duration, u8)>,
 }
 
 /// The census of every namespace, and how many namespaces could not be entered.
@@ -223,6 +227,10 @@ pub fn parse(mut bytes: &[u8], out: &mut Vec<SocketRecord>) -> Result<bool> {
                     wqueue: h.send_queue,
                     inode: h.inode,
                     cookie: cookie(&h.socket_id.cookie),
+                    retransmit: match h.timer {
+                        Some(Timer::Retransmit(expires, retransmits)) => Some((expires, retransmits)),
+                        _ => None,
+                    },
                 });
             }
             _ => {}
@@ -244,8 +252,9 @@ fn cookie(bytes: &[u8; 8]) -> u64 {
     (u64::from(hi) << 32) | u64::from(lo)
 }
 
-/// Sockets per state (index = kernel state number). Request sockets (`NEW_SYN_RECV`) are
-/// counted as `SYN_RECV`, as `ss` shows them, and index 12 stays 0.
+/// Sockets per state (index = kernel state number). Request sockets count as `SYN_RECV`, as
+/// the kernel reports them and `ss` shows them (a `NEW_SYN_RECV` would too), and index 12
+/// stays 0.
 pub fn count_by_state(records: &[SocketRecord]) -> [u64; 13] {
     let mut counts = [0u64; 13];
     for r in records {
@@ -275,7 +284,8 @@ mod tests {
         let header = InetResponseHeader {
             family: AF_INET,
             state,
-            timer: None,
+            // Request sockets carry their SYN-ACK timer, as the kernel fills it.
+            timer: (state == 12).then_some(Timer::Retransmit(std::time::Duration::from_millis(1_500), 2)),
             socket_id: id,
             recv_queue: rqueue,
             send_queue: 128,
@@ -316,6 +326,7 @@ mod tests {
         assert_eq!(out[0].remote, "127.0.0.2:40000".parse().unwrap());
         assert_eq!((out[0].state, out[0].rqueue, out[0].wqueue, out[0].inode), (10, 3, 128, 77));
         assert_eq!(out[0].cookie, 0x9_1234_5678);
+        assert_eq!((out[0].retransmit, out[2].retransmit), (None, Some((std::time::Duration::from_millis(1_500), 2))));
     }
 
     #[test]
@@ -335,6 +346,7 @@ mod tests {
             wqueue: 0,
             inode: 0,
             cookie: 0,
+            retransmit: None,
         };
         let counts = count_by_state(&[r(12), r(3), r(6), r(6), r(1)]);
         assert_eq!(counts[state::SYN_RECV as usize], 2);

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::census::HostCensus;
 use crate::event::{parse_state, state_name};
 use crate::metrics::Metrics;
-use crate::stuck::{Snapshot, SocketView};
+use crate::stuck::{AgeSource, Snapshot, SocketView};
 
 /// How long the event reader may be silent before `/healthz` says 503. It drains every 10 ms,
 /// so this is only exceeded when the agent is stuck.
@@ -189,7 +189,8 @@ impl SocketFilter {
                 serde_json::json!({
                     "state": state_name(s.state),
                     "age_seconds": s.age.map(|a| a.as_secs_f64()),
-                    "age_is_lower_bound": s.age_is_lower_bound,
+                    "age_is_lower_bound": matches!(s.age_source, AgeSource::AgentStart | AgeSource::SynAckTimer),
+                    "age_source": s.age_source.name(),
                     "local_addr": s.local.ip().to_string(),
                     "local_port": s.local.port(),
                     "remote_addr": s.remote.ip().to_string(),

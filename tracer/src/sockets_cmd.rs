@@ -61,6 +61,7 @@ pub fn render(listing: &Value) -> String {
     let empty = Vec::new();
     for s in listing["sockets"].as_array().unwrap_or(&empty) {
         let age = match s["age_seconds"].as_f64() {
+            Some(a) if s["age_source"].as_str() == Some("synack_timer") => format!("~{}", human(a)),
             Some(a) if s["age_is_lower_bound"].as_bool() == Some(true) => format!(">={}", human(a)),
             Some(a) => human(a),
             None => "?".to_owned(),
@@ -129,14 +130,18 @@ mod tests {
     #[test]
     fn table_marks_lower_bounds_unknowns_and_stuck_sockets() {
         let listing = serde_json::json!({
-            "total": 3,
+            "total": 4,
             "sockets": [
                 {"state": "close_wait", "age_seconds": 65.0, "age_is_lower_bound": true, "pid": 0,
                  "comm": "", "netns": 4026531840u64, "local_addr": "127.0.0.1", "local_port": 80,
                  "remote_addr": "::1", "remote_port": 5, "reason": "the peer closed"},
                 {"state": "syn_recv", "age_seconds": null, "age_is_lower_bound": false, "pid": 7,
                  "comm": "srv", "netns": 1, "local_addr": "127.0.0.1", "local_port": 80,
-                 "remote_addr": "127.0.0.1", "remote_port": 6, "reason": null}
+                 "remote_addr": "127.0.0.1", "remote_port": 6, "reason": null},
+                {"state": "syn_recv", "age_seconds": 2.5, "age_is_lower_bound": true,
+                 "age_source": "synack_timer", "pid": 0, "comm": "", "netns": 1,
+                 "local_addr": "127.0.0.1", "local_port": 80, "remote_addr": "127.0.0.1",
+                 "remote_port": 7, "reason": null}
             ],
             "busiest_destinations": []
         });
@@ -145,6 +150,7 @@ mod tests {
         assert!(lines[1].contains(">=1m05s") && lines[1].contains("stuck: the peer closed"), "{text}");
         assert!(lines[1].contains("[::1]:5") && lines[1].contains(" - "), "{text}");
         assert!(lines[2].trim_start().starts_with('?') && lines[2].contains("srv"), "{text}");
-        assert!(lines[3].contains("2 of 3 shown"), "{text}");
+        assert!(lines[3].trim_start().starts_with("~2.5s"), "{text}");
+        assert!(lines[4].contains("3 of 4 shown"), "{text}");
     }
 }

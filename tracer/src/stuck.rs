@@ -3,9 +3,10 @@
 //! ephemeral ports and listen queues.
 //!
 //! Pure code: it joins a census (all network namespaces) with what the socket table knows
-//! (`lookup`, by cookie), and is unit-tested on hand-made censuses. Ages come only from
-//! transitions the agent saw; a socket that was already there when the agent started has
-//! "at least since start"; any other socket the agent never saw enter its state has no age.
+//! (`lookup`, by cookie), and is unit-tested on hand-made censuses. Ages come from transitions
+//! the agent saw; a socket that was already there when the agent started has "at least since
+//! start"; a request socket (which never passes through the tracepoint) has the age its
+//! SYN-ACK timer implies ([`request_age`]); any other socket has no age.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -68,10 +69,9 @@ pub struct SocketView {
     pub state: u8,
     pub local: SocketAddr,
     pub remote: SocketAddr,
-    /// Time in `state`: exact when the agent saw the socket enter it; a lower bound (the
-    /// agent's uptime) when the socket was there before the agent; None otherwise.
+    /// Time in `state`, and where it comes from; None when nothing tells it.
     pub age: Option<Duration>,
-    pub age_is_lower_bound: bool,
+    pub age_source: AgeSource,
     pub pid: u32,
     /// NUL-padded, as the kernel keeps it (turned into text only when rendered).
     pub comm: [u8; 16],
@@ -79,6 +79,44 @@ pub struct SocketView {
     pub port: u16,
     /// Set when older than the state's threshold: why that matters.
     pub stuck: Option<&'static str>,
+}
+
+/// Where a socket's age comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AgeSource {
+    /// The agent saw the transition into the state: exact.
+    Transition,
+    /// The socket was there when the agent started: the agent's uptime, a lower bound.
+    AgentStart,
+    /// A request socket: derived from its SYN-ACK timer ([`request_age`]), a close lower bound.
+    SynAckTimer,
+    /// No age.
+    Unknown,
+}
+
+impl AgeSource {
+    pub fn name(self) -> &'static str {
+        match self {
+            AgeSource::Transition => "transition",
+            AgeSource::AgentStart => "agent_start",
+            AgeSource::SynAckTimer => "synack_timer",
+            AgeSource::Unknown => "unknown",
+        }
+    }
+}
+
+/// The age of a request socket from its SYN-ACK timer as sock_diag shows it: `retransmits`
+/// SYN-ACKs resent so far and `expires` until the next. The kernel arms the timer for 1 s
+/// (`TCP_TIMEOUT_INIT`) when the SYN arrives and doubles it at each retransmission, up to
+/// 120 s (`TCP_RTO_MAX`), so the time since the SYN is the sum of the periods so far minus
+/// what is left of the current one. A lower bound: the timer wheel fires each period up to an
+/// eighth late, and the next period starts from there (and a BPF `sock_ops` program can
+/// change the initial timeout).
+pub fn request_age(expires: Duration, retransmits: u8) -> Duration {
+    let periods: Duration = (0..=u32::from(retransmits))
+        .map(|i| Duration::from_secs(1u64.checked_shl(i).unwrap_or(u64::MAX).min(120)))
+        .sum();
+    periods.saturating_sub(expires)
 }
 
 /// A destination whose ephemeral ports are filling.
@@ -157,14 +195,20 @@ pub fn snapshot(
                 *per_destination.entry((ns.netns, r.local.ip(), r.remote)).or_default() += 1;
             }
 
-            let (age, lower_bound) = match info {
-                Some(i) if i.state == state => (Some(Duration::from_nanos(now_ns.saturating_sub(i.since_ns))), false),
-                // The census caught a transition the agent has not read yet: it just happened.
-                Some(_) => (Some(Duration::ZERO), false),
-                None if at_start.contains(&r.cookie) => {
-                    (Some(Duration::from_nanos(now_ns.saturating_sub(started_ns))), true)
+            let (age, age_source) = match (info, r.retransmit) {
+                (Some(i), _) if i.state == state => {
+                    (Some(Duration::from_nanos(now_ns.saturating_sub(i.since_ns))), AgeSource::Transition)
                 }
-                None => (None, false),
+                // The census caught a transition the agent has not read yet: it just happened.
+                (Some(_), _) => (Some(Duration::ZERO), AgeSource::Transition),
+                // sock_diag reports request sockets as SYN_RECV (inet_req_diag_fill).
+                (None, Some((expires, retransmits))) if state == state::SYN_RECV => {
+                    (Some(request_age(expires, retransmits)), AgeSource::SynAckTimer)
+                }
+                (None, _) if at_start.contains(&r.cookie) => {
+                    (Some(Duration::from_nanos(now_ns.saturating_sub(started_ns))), AgeSource::AgentStart)
+                }
+                (None, _) => (None, AgeSource::Unknown),
             };
             let stuck = match (thresholds.0.get(state as usize).copied().flatten(), age) {
                 (Some(limit), Some(age)) if age >= limit => Some(reason(state)),
@@ -187,7 +231,7 @@ pub fn snapshot(
                 local: r.local,
                 remote: r.remote,
                 age,
-                age_is_lower_bound: lower_bound,
+                age_source,
                 pid,
                 comm,
                 port,
@@ -238,6 +282,7 @@ mod tests {
             wqueue: 0,
             inode: 1,
             cookie,
+            retransmit: None,
         }
     }
 
@@ -264,7 +309,7 @@ mod tests {
         };
         let snap = snapshot(&c, lookup, &HashSet::new(), &Thresholds::default(), 75 * S, 0);
         let v = &snap.sockets[1];
-        assert_eq!((v.age, v.age_is_lower_bound, v.pid, comm_string(&v.comm).as_str(), v.port), (Some(Duration::from_secs(65)), false, 77, "leaky", 8080));
+        assert_eq!((v.age, v.age_source, v.pid, comm_string(&v.comm).as_str(), v.port), (Some(Duration::from_secs(65)), AgeSource::Transition, 77, "leaky", 8080));
         assert!(v.stuck.is_some());
         assert_eq!(snap.stuck.get(&(state::CLOSE_WAIT, 8080)), Some(&1));
         assert_eq!(snap.oldest.get(&state::CLOSE_WAIT), Some(&Duration::from_secs(65)));
@@ -274,16 +319,33 @@ mod tests {
     fn sockets_from_before_the_agent_are_at_least_its_uptime_and_others_have_no_age() {
         let c = census(vec![
             rec(state::CLOSE_WAIT, "127.0.0.1:9000", "127.0.0.1:50000", 5),
-            rec(state::NEW_SYN_RECV, "127.0.0.1:9000", "127.0.0.1:50001", 6),
+            rec(state::SYN_SENT, "127.0.0.1:50001", "127.0.0.1:9", 6),
         ]);
         let at_start: HashSet<u64> = [5].into();
         let snap = snapshot(&c, |_| None, &at_start, &Thresholds::default(), 100 * S, 30 * S);
         assert_eq!(snap.sockets[0].age, Some(Duration::from_secs(70)));
-        assert!(snap.sockets[0].age_is_lower_bound);
+        assert_eq!(snap.sockets[0].age_source, AgeSource::AgentStart);
         assert!(snap.sockets[0].stuck.is_some(), "at least 70 s > 60 s");
-        // A request socket the agent never saw: shown as syn_recv, age unknown, never stuck.
-        assert_eq!((snap.sockets[1].state, snap.sockets[1].age), (state::SYN_RECV, None));
+        // A socket the agent never saw enter its state: age unknown, never stuck.
+        assert_eq!((snap.sockets[1].age, snap.sockets[1].age_source), (None, AgeSource::Unknown));
         assert!(snap.sockets[1].stuck.is_none());
+    }
+
+    #[test]
+    fn request_sockets_are_aged_by_their_synack_timer() {
+        // SYN at 0; SYN-ACKs resent at 1 s and 3 s; next at 7 s, 2.5 s away: 4.5 s old.
+        assert_eq!(request_age(Duration::from_millis(2_500), 2), Duration::from_millis(4_500));
+        assert_eq!(request_age(Duration::from_millis(1_000), 0), Duration::ZERO);
+        // The doubling stops at 120 s: 1+2+...+64 = 127, then 120 per period.
+        assert_eq!(request_age(Duration::ZERO, 8), Duration::from_secs(127 + 120 + 120));
+        let mut r = rec(state::SYN_RECV, "127.0.0.1:9000", "127.0.0.1:50001", 6);
+        r.retransmit = Some((Duration::from_millis(500), 3));
+        let listener = rec(state::LISTEN, "127.0.0.1:9000", "0.0.0.0:0", 1);
+        let snap = snapshot(&census(vec![listener, r]), |_| None, &HashSet::new(), &Thresholds::default(), S, 0);
+        let v = &snap.sockets[1];
+        // 1+2+4+8-0.5 = 14.5 s old: past the 10 s threshold.
+        assert_eq!((v.state, v.age, v.age_source), (state::SYN_RECV, Some(Duration::from_millis(14_500)), AgeSource::SynAckTimer));
+        assert_eq!(snap.stuck.get(&(state::SYN_RECV, 9000)), Some(&1));
     }
 
     #[test]
