@@ -7,8 +7,9 @@
 //! string work. Does not own: serving (`http`), the census I/O (`census`).
 
 use anyhow::Result;
+use prometheus::local::{LocalHistogram, LocalIntCounter};
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
     Opts, Registry,
 };
 
@@ -114,17 +115,17 @@ pub struct Metrics {
     pub registry: Registry,
     ports: PortLabels,
     handshake: HistogramVec,
-    handshake_h: ByPort<Histogram>,
+    handshake_h: ByPort<LocalHistogram>,
     failures: IntCounterVec,
-    failures_h: ByPort<IntCounter>,
+    failures_h: ByPort<LocalIntCounter>,
     synack: IntCounterVec,
     teardown: HistogramVec,
-    teardown_h: ByPort<Histogram>,
+    teardown_h: ByPort<LocalHistogram>,
     lifetime: HistogramVec,
-    lifetime_h: ByPort<Histogram>,
-    state_duration: Vec<Histogram>,
+    lifetime_h: ByPort<LocalHistogram>,
+    state_duration: Vec<LocalHistogram>,
     transitions: IntCounterVec,
-    transitions_h: Vec<Option<IntCounter>>,
+    transitions_h: Vec<Option<LocalIntCounter>>,
     resets: IntCounterVec,
     /// `tracer_tcp_sockets{state}`, set from the census on each scrape.
     pub sockets: IntGaugeVec,
@@ -141,7 +142,7 @@ pub struct Metrics {
     listen_drops: IntCounter,
     /// Last TcpExt listen counters per network namespace, to turn them into increments.
     last_listen: HashMap<u64, (u64, u64)>,
-    events: IntCounter,
+    events: LocalIntCounter,
     events_lost: IntCounter,
     probe_runs: IntCounterVec,
     probe_run_seconds: prometheus::CounterVec,
@@ -216,7 +217,7 @@ impl Metrics {
             LONG_BUCKETS,
         )?;
         let state_duration =
-            STATE_NAMES.iter().map(|s| state_vec.with_label_values(&[s])).collect();
+            STATE_NAMES.iter().map(|s| state_vec.with_label_values(&[s]).local()).collect();
         let transitions = counter(
             "tracer_tcp_transitions_total",
             "TCP state changes, from inet_sock_set_state.",
@@ -245,7 +246,8 @@ impl Metrics {
         let events = single(
             "tracer_events_total",
             "Transitions read from the probe's ring buffer (inet_sock_set_state).",
-        )?;
+        )?
+        .local();
         let events_lost = single(
             "tracer_events_lost_total",
             "Transitions that never reached the agent: ring buffer full, or skipped by the kernel \
@@ -394,7 +396,7 @@ impl Metrics {
                 let transitions = &self.transitions;
                 self.transitions_h[f * STATE_NAMES.len() + t]
                     .get_or_insert_with(|| {
-                        transitions.with_label_values(&[state_name(from), state_name(to)])
+                        transitions.with_label_values(&[state_name(from), state_name(to)]).local()
                     })
                     .inc();
             }
@@ -407,7 +409,7 @@ impl Metrics {
                 let slot = self.ports.slot(port);
                 let (vec, name) = (&self.handshake, self.ports.name(slot));
                 self.handshake_h
-                    .get(mode as usize, slot, || vec.with_label_values(&[MODES[mode as usize], name]))
+                    .get(mode as usize, slot, || vec.with_label_values(&[MODES[mode as usize], name]).local())
                     .observe(secs(ns));
             }
             Observation::HandshakeFailure { reason, port } => {
@@ -415,7 +417,7 @@ impl Metrics {
                 let (vec, name) = (&self.failures, self.ports.name(slot));
                 self.failures_h
                     .get(reason as usize, slot, || {
-                        vec.with_label_values(&["active", FAILURES[reason as usize], name])
+                        vec.with_label_values(&["active", FAILURES[reason as usize], name]).local()
                     })
                     .inc();
             }
@@ -424,7 +426,7 @@ impl Metrics {
                 let (vec, name) = (&self.teardown, self.ports.name(slot));
                 self.teardown_h
                     .get(mode as usize, slot, || {
-                        vec.with_label_values(&[TEARDOWNS[mode as usize], name])
+                        vec.with_label_values(&[TEARDOWNS[mode as usize], name]).local()
                     })
                     .observe(secs(ns));
             }
@@ -432,9 +434,22 @@ impl Metrics {
                 let slot = self.ports.slot(port);
                 let (vec, name) = (&self.lifetime, self.ports.name(slot));
                 self.lifetime_h
-                    .get(mode as usize, slot, || vec.with_label_values(&[MODES[mode as usize], name]))
+                    .get(mode as usize, slot, || vec.with_label_values(&[MODES[mode as usize], name]).local())
                     .observe(secs(ns));
             }
+        }
+    }
+
+    /// Publishes what [`Metrics::event`] and [`Metrics::record`] gathered since the last call.
+    /// The per-event path updates thread-local copies (no atomic operation per event); call
+    /// this after each batch, before anything reads the registry.
+    pub fn flush(&self) {
+        self.events.flush();
+        self.transitions_h.iter().flatten().for_each(LocalIntCounter::flush);
+        self.state_duration.iter().for_each(LocalHistogram::flush);
+        self.failures_h.handles.iter().flatten().flatten().for_each(LocalIntCounter::flush);
+        for h in [&self.handshake_h, &self.teardown_h, &self.lifetime_h] {
+            h.handles.iter().flatten().flatten().for_each(LocalHistogram::flush);
         }
     }
 
@@ -583,6 +598,9 @@ mod tests {
         for ns in [40_000, 1_030_000_000, 3_050_000_000, 4_050_000_000, 7_100_000_000] {
             m.record(Observation::Handshake { mode: Mode::Active, port: 80, ns });
         }
+        let before = Metrics::encode(&m.registry).unwrap();
+        assert!(before.contains("_count{mode=\"active\",port=\"80\"} 0\n"), "published only at flush: {before}");
+        m.flush();
         let text = Metrics::encode(&m.registry).unwrap();
         let bucket = |le: &str| -> u64 {
             let needle = format!(

@@ -129,4 +129,5 @@ fn follow(rings: &mut EventRings, flush: bool, table: &mut SocketTable, metrics:
         table.follow(t, |o| metrics.record(o));
         true
     });
+    metrics.flush();
 }

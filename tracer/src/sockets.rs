@@ -6,7 +6,7 @@
 //! A socket the tracer did not see entering its state (one older than the tracer, or evicted)
 //! has no known dwell time: nothing here invents one.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use tracer_common::state;
 
@@ -114,7 +114,9 @@ pub struct SocketInfo {
 
 /// Bounded table of live sockets.
 pub struct SocketTable {
-    entries: HashMap<u64, Entry>,
+    /// By socket cookie. foldhash rather than SipHash: the keys are the kernel's, not an
+    /// attacker's, and hashing is a visible share of the per-event cost.
+    entries: foldhash::HashMap<u64, Entry>,
     /// (cookie, first seen) in the order sockets were first seen, for evicting the oldest;
     /// entries whose socket has since closed are skipped (and dropped) when reached.
     order: VecDeque<(u64, u64)>,
@@ -130,7 +132,7 @@ impl SocketTable {
         let capacity = capacity.max(1);
         let initial = capacity.min(4_096);
         SocketTable {
-            entries: HashMap::with_capacity(initial),
+            entries: foldhash::HashMap::with_capacity_and_hasher(initial, Default::default()),
             order: VecDeque::with_capacity(initial),
             capacity,
             evicted: 0,
