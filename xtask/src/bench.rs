@@ -339,9 +339,22 @@ impl TracerProcess {
             }
             _ => None,
         };
-        // SAFETY: kill on our own child's PID, not yet reaped.
-        unsafe { libc::kill(pid as i32, libc::SIGINT) };
-        let status = self.child.wait()?;
+        // bpftrace sometimes misses a SIGINT that arrives while it is busy printing: ask again
+        // every 2 s, for at most 20 s.
+        let mut status = None;
+        for _ in 0..10 {
+            // SAFETY: kill on our own child's PID, not yet reaped.
+            unsafe { libc::kill(pid as i32, libc::SIGINT) };
+            let asked = Instant::now();
+            while status.is_none() && asked.elapsed() < Duration::from_secs(2) {
+                status = self.child.try_wait()?;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if status.is_some() {
+                break;
+            }
+        }
+        let status = status.context("the tracer did not stop within 20 s of SIGINT")?;
         if !status.success() {
             bail!("tracer exited with {status}");
         }
