@@ -171,6 +171,14 @@ pub fn snapshot(
             .filter(|r| r.state == state::LISTEN)
             .map(|r| r.local.port())
             .collect();
+        // Owners of the listeners the agent saw open: a request socket belongs to its listener
+        // (the probe credits a passive child the same way).
+        let listener_owner: HashMap<u16, (u32, [u8; 16])> = ns
+            .sockets
+            .iter()
+            .filter(|r| r.state == state::LISTEN)
+            .filter_map(|r| lookup(r.cookie).filter(|i| i.pid != 0).map(|i| (r.local.port(), (i.pid, i.comm))))
+            .collect();
         let (lo, hi) = ns.port_range;
         for r in &ns.sockets {
             let state = if r.state == state::NEW_SYN_RECV { state::SYN_RECV } else { r.state };
@@ -223,6 +231,9 @@ pub fn snapshot(
             }
             let (pid, comm) = match info {
                 Some(i) if i.pid != 0 => (i.pid, i.comm),
+                None if age_source == AgeSource::SynAckTimer => {
+                    listener_owner.get(&r.local.port()).copied().unwrap_or((0, [0; 16]))
+                }
                 _ => (0, [0; 16]),
             };
             snap.sockets.push(SocketView {
@@ -341,8 +352,13 @@ mod tests {
         let mut r = rec(state::SYN_RECV, "127.0.0.1:9000", "127.0.0.1:50001", 6);
         r.retransmit = Some((Duration::from_millis(500), 3));
         let listener = rec(state::LISTEN, "127.0.0.1:9000", "0.0.0.0:0", 1);
-        let snap = snapshot(&census(vec![listener, r]), |_| None, &HashSet::new(), &Thresholds::default(), S, 0);
+        let lookup = |cookie| {
+            (cookie == 1).then_some(SocketInfo { state: state::LISTEN, since_ns: 0, pid: 42, comm: *b"srv\0\0\0\0\0\0\0\0\0\0\0\0\0", port: 9000 })
+        };
+        let snap = snapshot(&census(vec![listener, r]), lookup, &HashSet::new(), &Thresholds::default(), S, 0);
         let v = &snap.sockets[1];
+        // Owned by its listener's process.
+        assert_eq!((v.pid, comm_string(&v.comm).as_str()), (42, "srv"));
         // 1+2+4+8-0.5 = 14.5 s old: past the 10 s threshold.
         assert_eq!((v.state, v.age, v.age_source), (state::SYN_RECV, Some(Duration::from_millis(14_500)), AgeSource::SynAckTimer));
         assert_eq!(snap.stuck.get(&(state::SYN_RECV, 9000)), Some(&1));

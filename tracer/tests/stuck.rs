@@ -178,6 +178,7 @@ fn half_open_handshakes_are_listed_and_a_black_holed_connect_is_flagged() {
          tcp dport 18082 tcp flags == ack drop\n tcp dport 9 drop\n }\n}\n",
     );
     let agent = Agent::start(&["--stuck-after", "syn_sent=2s", "--stuck-after", "syn_recv=2s", "--port", "18082", "--port", "9"]);
+    let comm = std::fs::read_to_string("/proc/thread-self/comm").unwrap().trim_end().to_owned();
     let connected = Instant::now();
     let (listener, clients) = ns.run(|| {
         let l = TcpListener::bind("127.0.0.1:18082").unwrap();
@@ -201,6 +202,8 @@ fn half_open_handshakes_are_listed_and_a_black_holed_connect_is_flagged() {
         assert!(age <= elapsed + 0.02 && age >= elapsed - 0.2, "age {age} s, {elapsed} s since connect: {s}");
         assert_eq!((s["age_source"].as_str(), s["age_is_lower_bound"].as_bool()), (Some("synack_timer"), Some(true)), "{s}");
         assert!(s["netns"] == ns.inode() && s["stuck"] == true, "{s}");
+        // Owned by the listener's process (its thread inherited this thread's name).
+        assert!(s["pid"] == std::process::id() && s["comm"] == comm.as_str(), "{s}");
     }
     assert_eq!(sample(&agent.metrics(), "tracer_tcp_stuck_sockets", &[("state", "syn_recv"), ("port", "18082")]), Some(3.0));
 
