@@ -5,7 +5,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use std::collections::HashMap;
 
@@ -35,18 +35,28 @@ pub struct Health {
 impl Health {
     /// Called by the reader after each drain.
     pub fn beat(&self) {
-        self.last_drain_ms.store(now_ms(), Ordering::Relaxed);
+        self.beat_at(now_ms());
     }
 
     /// True when the reader drained recently.
     pub fn alive(&self) -> bool {
+        self.alive_at(now_ms())
+    }
+
+    fn beat_at(&self, ms: u64) {
+        self.last_drain_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn alive_at(&self, now_ms: u64) -> bool {
         let last = self.last_drain_ms.load(Ordering::Relaxed);
-        last != 0 && now_ms().saturating_sub(last) < HEALTH_TIMEOUT.as_millis() as u64
+        last != 0 && now_ms.saturating_sub(last) < HEALTH_TIMEOUT.as_millis() as u64
     }
 }
 
+/// CLOCK_MONOTONIC in milliseconds (never 0 once the machine has been up a millisecond):
+/// a wall-clock step must not make the agent look stalled.
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    crate::ring::monotonic_ns() / 1_000_000
 }
 
 /// A census for the event loop to join with its socket table; it answers with the snapshot.
@@ -224,5 +234,21 @@ impl SocketFilter {
             "sockets": sockets,
             "busiest_destinations": destinations,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_fails_when_the_reader_stops_draining() {
+        let h = Health::default();
+        assert!(!h.alive_at(1_000), "not alive before the first drain");
+        h.beat_at(1_000);
+        assert!(h.alive_at(1_000 + 4_999));
+        assert!(!h.alive_at(1_000 + 5_000), "5 s without a drain is a stall");
+        h.beat_at(7_000);
+        assert!(h.alive_at(7_010));
     }
 }
