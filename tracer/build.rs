@@ -18,7 +18,11 @@ fn main() -> Result<()> {
     std::env::set_var("RUSTC_BOOTSTRAP", "aya_ebpf");
     let ebpf_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tracer-ebpf");
     aya_build::build_ebpf(
-        [aya_build::Package { name: "tracer-ebpf", root_dir: ebpf_dir, ..Default::default() }],
+        [aya_build::Package {
+            name: "tracer-ebpf",
+            root_dir: ebpf_dir,
+            ..Default::default()
+        }],
         aya_build::Toolchain::Custom(BPF_TOOLCHAIN),
     )
 }

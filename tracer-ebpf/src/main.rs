@@ -13,12 +13,11 @@
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    btf_maps::{ArrayOfMaps, RingBuf as BtfRingBuf},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_get_socket_cookie,
-        bpf_ktime_get_ns, bpf_probe_read_kernel,
-        generated as gen,
+        bpf_ktime_get_ns, bpf_probe_read_kernel, generated as gen,
     },
-    btf_maps::{ArrayOfMaps, RingBuf as BtfRingBuf},
     macros::{btf_map, btf_tracepoint, map},
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
     programs::BtfTracePointContext,
@@ -26,9 +25,8 @@ use aya_ebpf::{
 use core::ffi::c_void;
 use core::ptr::{addr_of, addr_of_mut};
 use tracer_common::{
-    counter, state, ListenerKey, Owner, SockOffsets, Transition, AF_INET6, COMM_LEN,
-    IPPROTO_TCP, MAX_LISTENERS, MAX_SYNACK_PORTS, PORT_FILTER_LEN,
-    RESET_RECEIVED, RESET_SENT, RESET_STATES,
+    counter, state, ListenerKey, Owner, SockOffsets, Transition, AF_INET6, COMM_LEN, IPPROTO_TCP,
+    MAX_LISTENERS, MAX_SYNACK_PORTS, PORT_FILTER_LEN, RESET_RECEIVED, RESET_SENT, RESET_STATES,
 };
 
 /// Field offsets, set by userspace at load time (see `tracer::btf`).
@@ -70,7 +68,8 @@ static FILTER_PORTS: u8 = 0;
 /// tripled the probe's cost (about 240 ns a run instead of 85, measured with
 /// `kernel.bpf_stats_enabled`).
 #[btf_map]
-static EVENTS: ArrayOfMaps<BtfRingBuf<Transition, RING_TEMPLATE_BYTES>, MAX_CPUS> = ArrayOfMaps::new();
+static EVENTS: ArrayOfMaps<BtfRingBuf<Transition, RING_TEMPLATE_BYTES>, MAX_CPUS> =
+    ArrayOfMaps::new();
 
 /// Size of the inner-map template (userspace creates the real rings with its own size).
 const RING_TEMPLATE_BYTES: usize = 4096;
@@ -136,7 +135,9 @@ pub fn inet_sock_set_state_rescue(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "tcp_retransmit_synack")]
 pub fn tcp_retransmit_synack(ctx: BtfTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
-    let Ok(port) = read::<u16>(sk, offset!(inet_sport)).map(u16::from_be) else { return 0 };
+    let Ok(port) = read::<u16>(sk, offset!(inet_sport)).map(u16::from_be) else {
+        return 0;
+    };
     if let Some(n) = SYNACK_RETRANSMITS.get_ptr_mut(&port) {
         // SAFETY: this CPU's value of a per-CPU map; preemption is disabled here.
         unsafe { *n += 1 };
@@ -162,7 +163,11 @@ pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
 }
 
 fn count_reset(direction: u32, sk: *const u8) {
-    let state = if sk.is_null() { 0 } else { read::<u8>(sk, offset!(skc_state)).unwrap_or(0) as u32 };
+    let state = if sk.is_null() {
+        0
+    } else {
+        read::<u8>(sk, offset!(skc_state)).unwrap_or(0) as u32
+    };
     let index = direction * RESET_STATES + (state % RESET_STATES);
     if let Some(c) = RESETS.get_ptr_mut(index) {
         // SAFETY: this CPU's slot; preemption is disabled here.
@@ -265,7 +270,9 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
     // SAFETY: read-only global, volatile for the same reason as OFFSETS.
     let wakeup_bytes = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
     // SAFETY: `ring` is the ring buffer map this CPU's slot of `EVENTS` refers to.
-    let waiting = unsafe { gen::bpf_ringbuf_query(ring as *const _ as *mut c_void, BPF_RB_AVAIL_DATA.into()) };
+    let waiting = unsafe {
+        gen::bpf_ringbuf_query(ring as *const _ as *mut c_void, BPF_RB_AVAIL_DATA.into())
+    };
     let flags = if waiting >= wakeup_bytes {
         BPF_RB_FORCE_WAKEUP
     } else {
@@ -288,7 +295,13 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
 /// # Safety
 /// `t` must point at a reserved ring buffer record and `sk` be the tracepoint's socket.
 #[inline(always)]
-unsafe fn write_owner(t: *mut Transition, sk: *const u8, sport: u16, oldstate: u8, newstate: u8) -> u32 {
+unsafe fn write_owner(
+    t: *mut Transition,
+    sk: *const u8,
+    sport: u16,
+    oldstate: u8,
+    newstate: u8,
+) -> u32 {
     let comm = addr_of_mut!((*t).comm);
     let listener = |port: u16| ListenerKey {
         // SAFETY: as above; `skc_net` is a `possible_net_t` (one `struct net *`).
@@ -301,7 +314,12 @@ unsafe fn write_owner(t: *mut Transition, sk: *const u8, sport: u16, oldstate: u
             zero16(comm);
         }
         if newstate == state::LISTEN {
-            let owner = Owner { skaddr: sk as u64, comm: *comm, pid, _pad: [0; 4] };
+            let owner = Owner {
+                skaddr: sk as u64,
+                comm: *comm,
+                pid,
+                _pad: [0; 4],
+            };
             if LISTENERS.insert(&listener(sport), &owner, 0).is_err() {
                 count(counter::OWNERS_FULL);
             }

@@ -27,9 +27,8 @@ pub fn sock_offsets(btf: &Btf) -> Result<SockOffsets> {
     // `struct sock` starts with `struct sock_common __sk_common` and `struct inet_sock` with
     // `struct sock sk`; both offsets are checked rather than assumed.
     let common = field_offset(btf, "sock", &["__sk_common"])?;
-    let in_common = |field: &str| -> Result<u32> {
-        Ok(common + field_offset(btf, "sock_common", &[field])?)
-    };
+    let in_common =
+        |field: &str| -> Result<u32> { Ok(common + field_offset(btf, "sock_common", &[field])?) };
     let inet_sk = field_offset(btf, "inet_sock", &["sk"])?;
     if inet_sk != 0 {
         bail!("unexpected kernel layout: inet_sock.sk at byte {inet_sk}, not 0");

@@ -14,7 +14,9 @@ use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
-use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST};
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
+};
 use netlink_packet_sock_diag::{
     constants::{AF_INET, AF_INET6, IPPROTO_TCP},
     inet::{ExtensionFlags, InetRequest, SocketId, StateFlags, Timer},
@@ -76,7 +78,10 @@ pub fn all_namespaces() -> Result<HostCensus> {
         .context("reading this thread's network namespace")?
         .ino();
     let mut found: BTreeMap<u64, PathBuf> = BTreeMap::new();
-    for entry in std::fs::read_dir("/proc").context("listing /proc")?.flatten() {
+    for entry in std::fs::read_dir("/proc")
+        .context("listing /proc")?
+        .flatten()
+    {
         let name = entry.file_name();
         if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
             continue;
@@ -94,7 +99,10 @@ pub fn all_namespaces() -> Result<HostCensus> {
         }
     }
     std::thread::spawn(move || {
-        let mut out = HostCensus { namespaces: Vec::with_capacity(found.len()), unreachable: 0 };
+        let mut out = HostCensus {
+            namespaces: Vec::with_capacity(found.len()),
+            unreachable: 0,
+        };
         // Our own namespace first, without a setns.
         out.namespaces.push(netns_census(own)?);
         for (ino, path) in found.into_iter().filter(|(ino, _)| *ino != own) {
@@ -161,9 +169,12 @@ pub fn parse_netstat(text: &str, section: &str) -> BTreeMap<String, u64> {
 
 /// Every TCP socket, IPv4 and IPv6, in the calling thread's network namespace.
 pub fn dump_tcp() -> Result<Vec<SocketRecord>> {
-    let mut socket = Socket::new(NETLINK_SOCK_DIAG).context("opening a sock_diag netlink socket")?;
+    let mut socket =
+        Socket::new(NETLINK_SOCK_DIAG).context("opening a sock_diag netlink socket")?;
     socket.bind_auto().context("binding the netlink socket")?;
-    socket.connect(&netlink_sys::SocketAddr::new(0, 0)).context("connecting the netlink socket")?;
+    socket
+        .connect(&netlink_sys::SocketAddr::new(0, 0))
+        .context("connecting the netlink socket")?;
     let mut records = Vec::new();
     for family in [AF_INET, AF_INET6] {
         dump_family(&socket, family, &mut records)
@@ -184,7 +195,11 @@ fn dump_family(socket: &Socket, family: u8, out: &mut Vec<SocketRecord>) -> Resu
             // Every state, including bit 12 (TCP_NEW_SYN_RECV: request sockets), which the
             // crate's flags do not name.
             states: StateFlags::from_bits_retain(u32::MAX),
-            socket_id: if family == AF_INET { SocketId::new_v4() } else { SocketId::new_v6() },
+            socket_id: if family == AF_INET {
+                SocketId::new_v4()
+            } else {
+                SocketId::new_v6()
+            },
         })
         .into(),
     );
@@ -195,7 +210,9 @@ fn dump_family(socket: &Socket, family: u8, out: &mut Vec<SocketRecord>) -> Resu
 
     let mut receive = vec![0u8; 64 * 1024];
     loop {
-        let n = socket.recv(&mut &mut receive[..], 0).context("receiving the dump")?;
+        let n = socket
+            .recv(&mut &mut receive[..], 0)
+            .context("receiving the dump")?;
         if n == 0 {
             bail!("netlink socket closed mid-dump");
         }
@@ -228,7 +245,9 @@ pub fn parse(mut bytes: &[u8], out: &mut Vec<SocketRecord>) -> Result<bool> {
                     inode: h.inode,
                     cookie: cookie(&h.socket_id.cookie),
                     retransmit: match h.timer {
-                        Some(Timer::Retransmit(expires, retransmits)) => Some((expires, retransmits)),
+                        Some(Timer::Retransmit(expires, retransmits)) => {
+                            Some((expires, retransmits))
+                        }
                         _ => None,
                     },
                 });
@@ -258,7 +277,11 @@ fn cookie(bytes: &[u8; 8]) -> u64 {
 pub fn count_by_state(records: &[SocketRecord]) -> [u64; 13] {
     let mut counts = [0u64; 13];
     for r in records {
-        let s = if r.state == state::NEW_SYN_RECV { state::SYN_RECV } else { r.state };
+        let s = if r.state == state::NEW_SYN_RECV {
+            state::SYN_RECV
+        } else {
+            r.state
+        };
         if let Some(c) = counts.get_mut(s as usize) {
             *c += 1;
         }
@@ -285,7 +308,10 @@ mod tests {
             family: AF_INET,
             state,
             // Request sockets carry their SYN-ACK timer, as the kernel fills it.
-            timer: (state == 12).then_some(Timer::Retransmit(std::time::Duration::from_millis(1_500), 2)),
+            timer: (state == 12).then_some(Timer::Retransmit(
+                std::time::Duration::from_millis(1_500),
+                2,
+            )),
             socket_id: id,
             recv_queue: rqueue,
             send_queue: 128,
@@ -294,8 +320,11 @@ mod tests {
         };
         let mut m = NetlinkMessage::new(
             NetlinkHeader::default(),
-            SockDiagMessage::InetResponse(Box::new(InetResponse { header, nlas: Default::default() }))
-                .into(),
+            SockDiagMessage::InetResponse(Box::new(InetResponse {
+                header,
+                nlas: Default::default(),
+            }))
+            .into(),
         );
         m.finalize();
         m
@@ -318,15 +347,26 @@ mod tests {
             NetlinkPayload::<SockDiagMessage>::Done(DoneMessage::default()),
         );
         done.finalize();
-        let datagram = bytes(&[response(10, 80, 3), response(1, 80, 0), response(12, 80, 0), done]);
+        let datagram = bytes(&[
+            response(10, 80, 3),
+            response(1, 80, 0),
+            response(12, 80, 0),
+            done,
+        ]);
         let mut out = Vec::new();
         assert!(parse(&datagram, &mut out).unwrap());
         assert_eq!(out.len(), 3);
         assert_eq!(out[0].local, "127.0.0.1:80".parse().unwrap());
         assert_eq!(out[0].remote, "127.0.0.2:40000".parse().unwrap());
-        assert_eq!((out[0].state, out[0].rqueue, out[0].wqueue, out[0].inode), (10, 3, 128, 77));
+        assert_eq!(
+            (out[0].state, out[0].rqueue, out[0].wqueue, out[0].inode),
+            (10, 3, 128, 77)
+        );
         assert_eq!(out[0].cookie, 0x9_1234_5678);
-        assert_eq!((out[0].retransmit, out[2].retransmit), (None, Some((std::time::Duration::from_millis(1_500), 2))));
+        assert_eq!(
+            (out[0].retransmit, out[2].retransmit),
+            (None, Some((std::time::Duration::from_millis(1_500), 2)))
+        );
     }
 
     #[test]

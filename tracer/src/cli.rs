@@ -9,7 +9,11 @@ use clap::{Args, Parser, Subcommand};
 use crate::event::parse_state;
 
 #[derive(Debug, Parser)]
-#[command(name = "tracer", version, about = "Follows every TCP connection through its states with eBPF")]
+#[command(
+    name = "tracer",
+    version,
+    about = "Follows every TCP connection through its states with eBPF"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -116,8 +120,9 @@ impl RunArgs {
 
 /// Parses `close_wait=60s`.
 fn parse_threshold(s: &str) -> Result<(u8, Duration), String> {
-    let (state, duration) =
-        s.split_once('=').ok_or_else(|| format!("{s:?} is not STATE=DURATION, e.g. close_wait=60s"))?;
+    let (state, duration) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not STATE=DURATION, e.g. close_wait=60s"))?;
     Ok((parse_state_arg(state)?, parse_duration(duration)?))
 }
 
@@ -154,7 +159,9 @@ pub fn parse_size(s: &str) -> Result<u32, String> {
         "G" => 30,
         _ => return Err(format!("{s:?} is not a size; write e.g. 4096, 64K, 8M")),
     };
-    let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a size; write e.g. 64K, 8M"))?;
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size; write e.g. 64K, 8M"))?;
     u32::try_from(n << shift)
         .ok()
         .filter(|_| n < (1 << 32))
@@ -188,11 +195,22 @@ mod tests {
     #[test]
     fn watch_flags_parse() {
         let cli = Cli::try_parse_from([
-            "tracer", "watch", "--json", "--port", "80", "--port", "443", "--state", "CLOSE_WAIT",
-            "--count", "5",
+            "tracer",
+            "watch",
+            "--json",
+            "--port",
+            "80",
+            "--port",
+            "443",
+            "--state",
+            "CLOSE_WAIT",
+            "--count",
+            "5",
         ])
         .unwrap();
-        let Command::Watch(w) = cli.command else { panic!("not watch") };
+        let Command::Watch(w) = cli.command else {
+            panic!("not watch")
+        };
         assert_eq!(w.ports, vec![80, 443]);
         assert_eq!(w.states, vec![tracer_common::state::CLOSE_WAIT]);
         assert_eq!(w.ring_buffer_size, 1 << 20);

@@ -115,7 +115,12 @@ pub(crate) mod tests {
 
     #[test]
     fn decode_round_trips_the_probe_layout() {
-        let t = transition(0xffff_8880_1234_5678, 99, state::SYN_SENT, state::ESTABLISHED);
+        let t = transition(
+            0xffff_8880_1234_5678,
+            99,
+            state::SYN_SENT,
+            state::ESTABLISHED,
+        );
         // SAFETY: viewing a POD value as its bytes, as the ring buffer holds it.
         let bytes = unsafe {
             std::slice::from_raw_parts(

@@ -91,7 +91,11 @@ async fn take_census(state: &AppState) -> Option<Snapshot> {
         }
     };
     let (reply, answer) = oneshot::channel();
-    state.requests.send(CensusRequest { census, reply }).await.ok()?;
+    state
+        .requests
+        .send(CensusRequest { census, reply })
+        .await
+        .ok()?;
     answer.await.ok()
 }
 
@@ -119,16 +123,30 @@ async fn healthz(State(state): State<AppState>) -> Response {
     if state.health.alive() {
         (StatusCode::OK, "ok\n").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "event reader stalled or probe detached\n").into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "event reader stalled or probe detached\n",
+        )
+            .into_response()
     }
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
     let _ = take_census(&state).await;
     match Metrics::encode(&state.registry) {
-        Ok(body) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
+        Ok(body) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            body,
+        )
             .into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}\n")).into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding metrics: {e}\n"),
+        )
+            .into_response(),
     }
 }
 
@@ -138,16 +156,27 @@ const SOCKETS_MAX_LIMIT: usize = 10_000;
 
 /// `GET /sockets?state=close_wait&port=8080&older_than=30s&limit=50`: sockets of every
 /// namespace, oldest first, as JSON.
-async fn sockets(State(state): State<AppState>, Query(q): Query<HashMap<String, String>>) -> Response {
+async fn sockets(
+    State(state): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
     let filter = match SocketFilter::from_query(&q) {
         Ok(f) => f,
         Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
     };
     let Some(snap) = take_census(&state).await else {
-        return (StatusCode::SERVICE_UNAVAILABLE, "socket census failed; see the agent's log\n").into_response();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "socket census failed; see the agent's log\n",
+        )
+            .into_response();
     };
     let body = filter.render(&snap);
-    ([(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 /// The query of `/sockets`.
@@ -162,20 +191,29 @@ pub struct SocketFilter {
 impl SocketFilter {
     /// Reads the query parameters; an error names the bad one.
     pub fn from_query(q: &HashMap<String, String>) -> Result<SocketFilter, String> {
-        let mut f = SocketFilter { limit: SOCKETS_LIMIT, ..Default::default() };
+        let mut f = SocketFilter {
+            limit: SOCKETS_LIMIT,
+            ..Default::default()
+        };
         if let Some(states) = q.get("state") {
             for name in states.split(',').filter(|s| !s.is_empty()) {
-                f.states.push(parse_state(name).ok_or_else(|| format!("unknown state {name:?}"))?);
+                f.states
+                    .push(parse_state(name).ok_or_else(|| format!("unknown state {name:?}"))?);
             }
         }
         if let Some(p) = q.get("port") {
-            f.port = Some(p.parse().map_err(|_| format!("port {p:?} is not a port number"))?);
+            f.port = Some(
+                p.parse()
+                    .map_err(|_| format!("port {p:?} is not a port number"))?,
+            );
         }
         if let Some(d) = q.get("older_than") {
             f.older_than = Some(crate::cli::parse_duration(d)?);
         }
         if let Some(l) = q.get("limit") {
-            let n: usize = l.parse().map_err(|_| format!("limit {l:?} is not a number"))?;
+            let n: usize = l
+                .parse()
+                .map_err(|_| format!("limit {l:?} is not a number"))?;
             f.limit = n.clamp(1, SOCKETS_MAX_LIMIT);
         }
         Ok(f)
@@ -187,8 +225,14 @@ impl SocketFilter {
             .sockets
             .iter()
             .filter(|s| self.states.is_empty() || self.states.contains(&s.state))
-            .filter(|s| self.port.is_none_or(|p| s.local.port() == p || s.remote.port() == p))
-            .filter(|s| self.older_than.is_none_or(|d| s.age.is_some_and(|a| a >= d)))
+            .filter(|s| {
+                self.port
+                    .is_none_or(|p| s.local.port() == p || s.remote.port() == p)
+            })
+            .filter(|s| {
+                self.older_than
+                    .is_none_or(|d| s.age.is_some_and(|a| a >= d))
+            })
             .collect();
         matched.sort_by_key(|s| std::cmp::Reverse(s.age));
         let total = matched.len();

@@ -16,7 +16,10 @@ fn main() -> ExitCode {
         Err(e) => {
             let text = e.to_string();
             let first = text.lines().next().unwrap_or("bad arguments");
-            eprintln!("tracer: {}; see 'tracer --help'", first.trim_start_matches("error: "));
+            eprintln!(
+                "tracer: {}; see 'tracer --help'",
+                first.trim_start_matches("error: ")
+            );
             return ExitCode::from(2);
         }
     };

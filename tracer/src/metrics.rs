@@ -9,17 +9,16 @@
 use anyhow::Result;
 use prometheus::local::{LocalHistogram, LocalIntCounter};
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry,
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 use std::collections::HashMap;
 
 use crate::census::{count_by_state, NetnsCensus};
 use crate::event::{state_name, STATE_NAMES};
-use crate::stuck::Snapshot;
 use crate::probe::{ProbeReadings, RESET_STATES};
 use crate::sockets::{Failure, Mode, Observation, Teardown};
+use crate::stuck::Snapshot;
 
 /// Handshake and teardown buckets (seconds): from tens of microseconds (loopback) to a minute,
 /// with an edge between every SYN retransmission step. With an initial RTO of 1 s, classic
@@ -33,8 +32,8 @@ pub const HANDSHAKE_BUCKETS: &[f64] = &[
 
 /// Dwell and lifetime buckets (seconds): the handshake ones, then up to a day.
 pub const LONG_BUCKETS: &[f64] = &[
-    0.000_01, 0.000_1, 0.001, 0.01, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
-    300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0,
+    0.000_01, 0.000_1, 0.001, 0.01, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+    600.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0,
 ];
 
 const MODES: [&str; 2] = ["active", "passive"];
@@ -98,7 +97,9 @@ struct ByPort<T> {
 
 impl<T: Clone> ByPort<T> {
     fn new(kinds: usize) -> Self {
-        ByPort { handles: vec![Vec::new(); kinds] }
+        ByPort {
+            handles: vec![Vec::new(); kinds],
+        }
     }
 
     fn get(&mut self, kind: usize, slot: usize, make: impl FnOnce() -> T) -> &T {
@@ -216,8 +217,10 @@ impl Metrics {
             &["state"],
             LONG_BUCKETS,
         )?;
-        let state_duration =
-            STATE_NAMES.iter().map(|s| state_vec.with_label_values(&[s]).local()).collect();
+        let state_duration = STATE_NAMES
+            .iter()
+            .map(|s| state_vec.with_label_values(&[s]).local())
+            .collect();
         let transitions = counter(
             "tracer_tcp_transitions_total",
             "TCP state changes, from inet_sock_set_state.",
@@ -336,12 +339,19 @@ impl Metrics {
         let tracked = IntGauge::new("tracer_tracked_sockets", "Sockets the agent follows now.")?;
         registry.register(Box::new(tracked.clone()))?;
         let build_info = IntGaugeVec::new(
-            Opts::new("tracer_build_info", "Always 1; the version of the running tracer."),
+            Opts::new(
+                "tracer_build_info",
+                "Always 1; the version of the running tracer.",
+            ),
             &["version"],
         )?;
         registry.register(Box::new(build_info.clone()))?;
-        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
 
         Ok(Metrics {
             registry,
@@ -392,11 +402,16 @@ impl Metrics {
         let secs = |ns: u64| ns as f64 / 1e9;
         match o {
             Observation::Transition { from, to } => {
-                let (f, t) = (from as usize % STATE_NAMES.len(), to as usize % STATE_NAMES.len());
+                let (f, t) = (
+                    from as usize % STATE_NAMES.len(),
+                    to as usize % STATE_NAMES.len(),
+                );
                 let transitions = &self.transitions;
                 self.transitions_h[f * STATE_NAMES.len() + t]
                     .get_or_insert_with(|| {
-                        transitions.with_label_values(&[state_name(from), state_name(to)]).local()
+                        transitions
+                            .with_label_values(&[state_name(from), state_name(to)])
+                            .local()
                     })
                     .inc();
             }
@@ -409,7 +424,9 @@ impl Metrics {
                 let slot = self.ports.slot(port);
                 let (vec, name) = (&self.handshake, self.ports.name(slot));
                 self.handshake_h
-                    .get(mode as usize, slot, || vec.with_label_values(&[MODES[mode as usize], name]).local())
+                    .get(mode as usize, slot, || {
+                        vec.with_label_values(&[MODES[mode as usize], name]).local()
+                    })
                     .observe(secs(ns));
             }
             Observation::HandshakeFailure { reason, port } => {
@@ -417,7 +434,8 @@ impl Metrics {
                 let (vec, name) = (&self.failures, self.ports.name(slot));
                 self.failures_h
                     .get(reason as usize, slot, || {
-                        vec.with_label_values(&["active", FAILURES[reason as usize], name]).local()
+                        vec.with_label_values(&["active", FAILURES[reason as usize], name])
+                            .local()
                     })
                     .inc();
             }
@@ -426,7 +444,8 @@ impl Metrics {
                 let (vec, name) = (&self.teardown, self.ports.name(slot));
                 self.teardown_h
                     .get(mode as usize, slot, || {
-                        vec.with_label_values(&[TEARDOWNS[mode as usize], name]).local()
+                        vec.with_label_values(&[TEARDOWNS[mode as usize], name])
+                            .local()
                     })
                     .observe(secs(ns));
             }
@@ -434,7 +453,9 @@ impl Metrics {
                 let slot = self.ports.slot(port);
                 let (vec, name) = (&self.lifetime, self.ports.name(slot));
                 self.lifetime_h
-                    .get(mode as usize, slot, || vec.with_label_values(&[MODES[mode as usize], name]).local())
+                    .get(mode as usize, slot, || {
+                        vec.with_label_values(&[MODES[mode as usize], name]).local()
+                    })
                     .observe(secs(ns));
             }
         }
@@ -445,11 +466,23 @@ impl Metrics {
     /// this after each batch, before anything reads the registry.
     pub fn flush(&self) {
         self.events.flush();
-        self.transitions_h.iter().flatten().for_each(LocalIntCounter::flush);
+        self.transitions_h
+            .iter()
+            .flatten()
+            .for_each(LocalIntCounter::flush);
         self.state_duration.iter().for_each(LocalHistogram::flush);
-        self.failures_h.handles.iter().flatten().flatten().for_each(LocalIntCounter::flush);
+        self.failures_h
+            .handles
+            .iter()
+            .flatten()
+            .flatten()
+            .for_each(LocalIntCounter::flush);
         for h in [&self.handshake_h, &self.teardown_h, &self.lifetime_h] {
-            h.handles.iter().flatten().flatten().for_each(LocalHistogram::flush);
+            h.handles
+                .iter()
+                .flatten()
+                .flatten()
+                .for_each(LocalHistogram::flush);
         }
     }
 
@@ -459,26 +492,43 @@ impl Metrics {
         let lost = probe.counters.lost_total();
         self.events_lost.inc_by(lost.saturating_sub(self.last.lost));
         self.last.lost = self.last.lost.max(lost);
-        self.evicted.inc_by(evicted.saturating_sub(self.last.evicted));
+        self.evicted
+            .inc_by(evicted.saturating_sub(self.last.evicted));
         self.last.evicted = self.last.evicted.max(evicted);
         self.tracked.set(tracked as i64);
         for p in &probe.programs {
-            let (runs, ns) = self.last.programs.insert(p.name, (p.runs, p.run_ns)).unwrap_or((0, 0));
-            self.probe_runs.with_label_values(&[p.name]).inc_by(p.runs.saturating_sub(runs));
+            let (runs, ns) = self
+                .last
+                .programs
+                .insert(p.name, (p.runs, p.run_ns))
+                .unwrap_or((0, 0));
+            self.probe_runs
+                .with_label_values(&[p.name])
+                .inc_by(p.runs.saturating_sub(runs));
             let secs = p.run_ns.saturating_sub(ns) as f64 / 1e9;
-            self.probe_run_seconds.with_label_values(&[p.name]).inc_by(secs);
+            self.probe_run_seconds
+                .with_label_values(&[p.name])
+                .inc_by(secs);
         }
         for &(port, total) in synack {
             let before = self.last.synack.insert(port, total).unwrap_or(0);
             let slot = self.ports.slot(port);
-            self.synack.with_label_values(&[self.ports.name(slot)]).inc_by(total.saturating_sub(before));
+            self.synack
+                .with_label_values(&[self.ports.name(slot)])
+                .inc_by(total.saturating_sub(before));
         }
         for (d, direction) in DIRECTIONS.iter().enumerate() {
             for (state, &total) in resets[d].iter().enumerate() {
                 let before = std::mem::replace(&mut self.last.resets[d][state], total);
                 if total > before {
-                    let name = if state == 0 { "none" } else { state_name(state as u8) };
-                    self.resets.with_label_values(&[direction, name]).inc_by(total - before);
+                    let name = if state == 0 {
+                        "none"
+                    } else {
+                        state_name(state as u8)
+                    };
+                    self.resets
+                        .with_label_values(&[direction, name])
+                        .inc_by(total - before);
                 }
             }
         }
@@ -486,8 +536,12 @@ impl Metrics {
 
     /// Sets every census-based metric from a census of all namespaces and its snapshot.
     pub fn apply_census(&mut self, census: &[NetnsCensus], unreachable: u64, snap: &Snapshot) {
-        self.namespaces.with_label_values(&["visited"]).set(census.len() as i64);
-        self.namespaces.with_label_values(&["unreachable"]).set(unreachable as i64);
+        self.namespaces
+            .with_label_values(&["visited"])
+            .set(census.len() as i64);
+        self.namespaces
+            .with_label_values(&["unreachable"])
+            .set(unreachable as i64);
         let mut counts = [0u64; 13];
         for ns in census {
             for (total, n) in counts.iter_mut().zip(count_by_state(&ns.sockets)) {
@@ -500,34 +554,50 @@ impl Metrics {
         self.stuck.reset();
         for (&(state, port), &n) in &snap.stuck {
             let slot = self.ports.slot(port);
-            self.stuck.with_label_values(&[state_name(state), self.ports.name(slot)]).add(n as i64);
+            self.stuck
+                .with_label_values(&[state_name(state), self.ports.name(slot)])
+                .add(n as i64);
         }
         for (s, _) in crate::stuck::DEFAULT_THRESHOLDS {
             self.oldest_age.with_label_values(&[state_name(s)]).set(0.0);
         }
         for (&state, age) in &snap.oldest {
-            self.oldest_age.with_label_values(&[state_name(state)]).set(age.as_secs_f64());
+            self.oldest_age
+                .with_label_values(&[state_name(state)])
+                .set(age.as_secs_f64());
         }
         self.time_wait.reset();
         for (&port, &n) in &snap.time_wait {
             let slot = self.ports.slot(port);
-            self.time_wait.with_label_values(&[self.ports.name(slot)]).add(n as i64);
+            self.time_wait
+                .with_label_values(&[self.ports.name(slot)])
+                .add(n as i64);
         }
-        self.ephemeral.set(snap.destinations.first().map_or(0.0, |d| d.utilization()));
+        self.ephemeral
+            .set(snap.destinations.first().map_or(0.0, |d| d.utilization()));
         self.listen_queue.reset();
         self.listen_queue_limit.reset();
         for (&port, &(queue, limit)) in &snap.listen_queue {
             let slot = self.ports.slot(port);
             let name = self.ports.name(slot);
-            self.listen_queue.with_label_values(&[name]).add(queue as i64);
-            self.listen_queue_limit.with_label_values(&[name]).add(limit as i64);
+            self.listen_queue
+                .with_label_values(&[name])
+                .add(queue as i64);
+            self.listen_queue_limit
+                .with_label_values(&[name])
+                .add(limit as i64);
         }
         // Kernel counters per namespace become increments; a new namespace adds its total.
         for ns in census {
             let (ovf, drops) = self.last_listen.get(&ns.netns).copied().unwrap_or((0, 0));
-            self.listen_overflows.inc_by(ns.listen_overflows.saturating_sub(ovf));
-            self.listen_drops.inc_by(ns.listen_drops.saturating_sub(drops));
-            self.last_listen.insert(ns.netns, (ns.listen_overflows.max(ovf), ns.listen_drops.max(drops)));
+            self.listen_overflows
+                .inc_by(ns.listen_overflows.saturating_sub(ovf));
+            self.listen_drops
+                .inc_by(ns.listen_drops.saturating_sub(drops));
+            self.last_listen.insert(
+                ns.netns,
+                (ns.listen_overflows.max(ovf), ns.listen_drops.max(drops)),
+            );
         }
         let present: std::collections::HashSet<u64> = census.iter().map(|n| n.netns).collect();
         self.last_listen.retain(|ns, _| present.contains(ns));
@@ -539,7 +609,9 @@ impl Metrics {
             if state == tracer_common::state::NEW_SYN_RECV as usize {
                 continue; // folded into syn_recv by the census, as ss does
             }
-            sockets.with_label_values(&[state_name(state as u8)]).set(n as i64);
+            sockets
+                .with_label_values(&[state_name(state as u8)])
+                .set(n as i64);
         }
     }
 
@@ -595,18 +667,34 @@ mod tests {
     #[test]
     fn handshakes_land_in_the_bucket_of_their_retry_step() {
         let mut m = Metrics::new(PortLabels::new(&[], 8)).unwrap();
-        for ns in [40_000, 1_030_000_000, 3_050_000_000, 4_050_000_000, 7_100_000_000] {
-            m.record(Observation::Handshake { mode: Mode::Active, port: 80, ns });
+        for ns in [
+            40_000,
+            1_030_000_000,
+            3_050_000_000,
+            4_050_000_000,
+            7_100_000_000,
+        ] {
+            m.record(Observation::Handshake {
+                mode: Mode::Active,
+                port: 80,
+                ns,
+            });
         }
         let before = Metrics::encode(&m.registry).unwrap();
-        assert!(before.contains("_count{mode=\"active\",port=\"80\"} 0\n"), "published only at flush: {before}");
+        assert!(
+            before.contains("_count{mode=\"active\",port=\"80\"} 0\n"),
+            "published only at flush: {before}"
+        );
         m.flush();
         let text = Metrics::encode(&m.registry).unwrap();
         let bucket = |le: &str| -> u64 {
             let needle = format!(
                 "tracer_tcp_handshake_duration_seconds_bucket{{mode=\"active\",port=\"80\",le=\"{le}\"}} "
             );
-            let line = text.lines().find(|l| l.starts_with(&needle)).unwrap_or_else(|| panic!("{needle}"));
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(&needle))
+                .unwrap_or_else(|| panic!("{needle}"));
             line.rsplit(' ').next().unwrap().parse().unwrap()
         };
         assert_eq!(bucket("0.00005"), 1);
@@ -622,8 +710,18 @@ mod tests {
         let mut m = Metrics::new(PortLabels::new(&[], 8)).unwrap();
         let mut resets = [[0; RESET_STATES as usize]; 2];
         resets[0][0] = 3;
-        let counters = ProbeCounters { lost: 2, missed: 1, ..Default::default() };
-        let stats = |runs, run_ns| vec![ProgramStats { name: "inet_sock_set_state", runs, run_ns }];
+        let counters = ProbeCounters {
+            lost: 2,
+            missed: 1,
+            ..Default::default()
+        };
+        let stats = |runs, run_ns| {
+            vec![ProgramStats {
+                name: "inet_sock_set_state",
+                runs,
+                run_ns,
+            }]
+        };
         let mut probe = ProbeReadings {
             counters,
             synack: vec![(8080, 5)],
@@ -636,14 +734,19 @@ mod tests {
         m.sync(&probe, 7, 0);
         let text = Metrics::encode(&m.registry).unwrap();
         assert!(text.contains("tracer_events_lost_total 3\n"), "{text}");
-        assert!(text.contains("tracer_tcp_synack_retransmits_total{port=\"8080\"} 6\n"), "{text}");
+        assert!(
+            text.contains("tracer_tcp_synack_retransmits_total{port=\"8080\"} 6\n"),
+            "{text}"
+        );
         assert!(text.contains("tracer_tcp_resets_total{direction=\"sent\",state=\"none\"} 3\n"));
         assert!(text.contains("tracer_tracked_sockets 7\n"));
         assert!(text.contains("tracer_tracked_sockets_evicted_total 0\n"));
         assert!(text.contains("tracer_probe_runs_total{program=\"inet_sock_set_state\"} 30\n"));
         let seconds: f64 = text
             .lines()
-            .find_map(|l| l.strip_prefix("tracer_probe_run_seconds_total{program=\"inet_sock_set_state\"} "))
+            .find_map(|l| {
+                l.strip_prefix("tracer_probe_run_seconds_total{program=\"inet_sock_set_state\"} ")
+            })
             .expect("run seconds exported")
             .parse()
             .unwrap();

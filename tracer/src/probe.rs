@@ -16,8 +16,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use aya_obj::generated::{bpf_cmd, bpf_map_type, bpf_prog_info};
 
 use crate::ring::EventRings;
-pub use tracer_common::{RESET_RECEIVED, RESET_SENT, RESET_STATES};
 use tracer_common::{counter, PORT_FILTER_LEN};
+pub use tracer_common::{RESET_RECEIVED, RESET_SENT, RESET_STATES};
 
 /// The probe object built by `build.rs` from `tracer-ebpf`.
 static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
@@ -138,7 +138,9 @@ impl Probe {
             let map = MapData::create(params, &format!("events_cpu{cpu}"), None)
                 .map_err(|e| load_error(&e))?;
             let ring = RingBuf::try_from(Map::RingBuf(map))?;
-            events.set(cpu, &ring, 0).context("adding a ring buffer to EVENTS")?;
+            events
+                .set(cpu, &ring, 0)
+                .context("adding a ring buffer to EVENTS")?;
             rings.push(ring);
         }
 
@@ -146,7 +148,9 @@ impl Probe {
             let mut filter: Array<_, u8> =
                 Array::try_from(ebpf.map_mut("PORT_FILTER").context("map PORT_FILTER")?)?;
             for &port in &config.ports {
-                filter.set(u32::from(port), 1u8, 0).context("setting the port filter")?;
+                filter
+                    .set(u32::from(port), 1u8, 0)
+                    .context("setting the port filter")?;
             }
             debug_assert!(filter.len() == PORT_FILTER_LEN);
         }
@@ -158,7 +162,9 @@ impl Probe {
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the probe object"))?
                 .try_into()?;
-            program.load(tracepoint, &aya_btf).map_err(|e| load_error(&e))?;
+            program
+                .load(tracepoint, &aya_btf)
+                .map_err(|e| load_error(&e))?;
             program.attach().map_err(|e| load_error(&e))?;
         }
         Ok(Probe { ebpf, rings })
@@ -177,7 +183,9 @@ impl Probe {
     /// SYN-ACK retransmissions per listening port, summed over CPUs.
     pub fn synack_retransmits(&self) -> Result<Vec<(u16, u64)>> {
         let map: PerCpuHashMap<_, u16, u64> = PerCpuHashMap::try_from(
-            self.ebpf.map("SYNACK_RETRANSMITS").context("map SYNACK_RETRANSMITS")?,
+            self.ebpf
+                .map("SYNACK_RETRANSMITS")
+                .context("map SYNACK_RETRANSMITS")?,
         )?;
         let mut out = Vec::new();
         for entry in map.iter() {
@@ -213,10 +221,17 @@ impl Probe {
     pub fn program_stats(&self) -> Result<Vec<ProgramStats>> {
         let mut out = Vec::with_capacity(PROGRAMS.len());
         for (name, _) in PROGRAMS {
-            let program: &BtfTracePoint =
-                self.ebpf.program(name).with_context(|| format!("program {name}"))?.try_into()?;
+            let program: &BtfTracePoint = self
+                .ebpf
+                .program(name)
+                .with_context(|| format!("program {name}"))?
+                .try_into()?;
             let info = program_info(program.fd()?.as_fd())?;
-            out.push(ProgramStats { name, runs: info.run_cnt, run_ns: info.run_time_ns });
+            out.push(ProgramStats {
+                name,
+                runs: info.run_cnt,
+                run_ns: info.run_time_ns,
+            });
         }
         Ok(out)
     }
@@ -226,8 +241,11 @@ impl Probe {
         let map: PerCpuArray<_, u64> =
             PerCpuArray::try_from(self.ebpf.map("COUNTERS").context("map COUNTERS")?)?;
         let sum = |i: u32| -> Result<u64> { Ok(map.get(&i, 0)?.iter().sum()) };
-        let program: &BtfTracePoint =
-            self.ebpf.program(MAIN_PROGRAM).context("program inet_sock_set_state")?.try_into()?;
+        let program: &BtfTracePoint = self
+            .ebpf
+            .program(MAIN_PROGRAM)
+            .context("program inet_sock_set_state")?
+            .try_into()?;
         // Skips first: the rescue program counts a rescue after the kernel counted the skip,
         // so this order can only under-count `missed` for a moment, never over-count it.
         let skipped = program_info(program.fd()?.as_fd())?.recursion_misses;
@@ -311,7 +329,10 @@ pub fn check_ring_buffer_size(bytes: u32) -> Result<()> {
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it so large rings load there.
 fn raise_memlock_limit() {
-    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: a valid rlimit pointer; failure only means the old limit stays.
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
 }

@@ -40,26 +40,43 @@ impl EventRings {
         // SAFETY: a new descriptor that nothing else owns.
         let epoll = unsafe { OwnedFd::from_raw_fd(epoll) };
         for (i, ring) in rings.iter().enumerate() {
-            let mut interest = libc::epoll_event { events: libc::EPOLLIN as u32, u64: i as u64 };
+            let mut interest = libc::epoll_event {
+                events: libc::EPOLLIN as u32,
+                u64: i as u64,
+            };
             // SAFETY: both descriptors are open; `interest` is a valid epoll_event.
             let rc = unsafe {
-                libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, ring.as_raw_fd(), &mut interest)
+                libc::epoll_ctl(
+                    epoll.as_raw_fd(),
+                    libc::EPOLL_CTL_ADD,
+                    ring.as_raw_fd(),
+                    &mut interest,
+                )
             };
             if rc < 0 {
-                return Err(std::io::Error::last_os_error()).context("adding a ring buffer to epoll");
+                return Err(std::io::Error::last_os_error())
+                    .context("adding a ring buffer to epoll");
             }
         }
         // SAFETY: `epoll` is owned by the AsyncFd, which keeps it open while it is registered.
         let ready = unsafe { AsyncFd::register_with_interest(epoll, Interest::READABLE) }
             .map_err(std::io::Error::from)
             .context("registering the ring buffers with tokio")?;
-        Ok(EventRings { rings, ready, pending: Pending::default() })
+        Ok(EventRings {
+            rings,
+            ready,
+            pending: Pending::default(),
+        })
     }
 
     /// Waits until the probe wakes the reader (a ring is a quarter full). Drain on a short
     /// timer as well: the probe wakes nobody below that.
     pub async fn woken(&self) -> Result<()> {
-        let mut guard = self.ready.readable().await.context("waiting for the ring buffers")?;
+        let mut guard = self
+            .ready
+            .readable()
+            .await
+            .context("waiting for the ring buffers")?;
         // Empty the epoll set's ready list; the rings themselves are drained by the caller.
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; 8];
         // SAFETY: `events` has room for the 8 entries that epoll_wait may write.
@@ -78,7 +95,11 @@ impl EventRings {
                 }
             }
         }
-        let cutoff = if flush { u64::MAX } else { monotonic_ns().saturating_sub(HOLD_BACK_NS) };
+        let cutoff = if flush {
+            u64::MAX
+        } else {
+            monotonic_ns().saturating_sub(HOLD_BACK_NS)
+        };
         self.pending.hand_over(cutoff, f);
     }
 }
@@ -103,7 +124,12 @@ impl Pending {
             return;
         }
         self.order.clear();
-        self.order.extend(self.events.iter().enumerate().map(|(i, t)| (t.time_ns, i as u32)));
+        self.order.extend(
+            self.events
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.time_ns, i as u32)),
+        );
         // Each ring is (nearly always) in time order already, and so are the kept events: the
         // stable sort finds these runs and merges them in about linear time.
         self.order.sort();
@@ -118,7 +144,8 @@ impl Pending {
         }
         if !stopped {
             let events = &self.events;
-            self.kept.extend(self.order[ready..].iter().map(|&(_, i)| events[i as usize]));
+            self.kept
+                .extend(self.order[ready..].iter().map(|&(_, i)| events[i as usize]));
         }
         std::mem::swap(&mut self.events, &mut self.kept);
     }
@@ -126,7 +153,10 @@ impl Pending {
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: `ts` is a valid timespec for clock_gettime to fill.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -140,8 +170,14 @@ mod tests {
     #[test]
     fn events_of_two_cpus_come_out_in_time_order_and_recent_ones_wait() {
         // As drained: CPU 0's ring, then CPU 1's, each in its own order.
-        let events = [10, 40, 70, 20, 30, 90].iter().map(|&ns| transition(1, ns, 2, 1)).collect();
-        let mut pending = Pending { events, ..Default::default() };
+        let events = [10, 40, 70, 20, 30, 90]
+            .iter()
+            .map(|&ns| transition(1, ns, 2, 1))
+            .collect();
+        let mut pending = Pending {
+            events,
+            ..Default::default()
+        };
         let mut seen = Vec::new();
         pending.hand_over(50, |t| {
             seen.push(t.time_ns);
@@ -149,7 +185,11 @@ mod tests {
         });
         assert_eq!(seen, [10, 20, 30, 40]);
         let left: Vec<u64> = pending.events.iter().map(|t| t.time_ns).collect();
-        assert_eq!(left, [70, 90], "events newer than the cutoff wait for the next drain");
+        assert_eq!(
+            left,
+            [70, 90],
+            "events newer than the cutoff wait for the next drain"
+        );
 
         // A later drain brings an event stamped before the held ones: it goes first.
         pending.events.push(transition(1, 60, 2, 1));
@@ -165,7 +205,10 @@ mod tests {
     #[test]
     fn a_consumer_that_stops_drops_the_rest() {
         let events = (1..=5).map(|ns| transition(1, ns, 2, 1)).collect();
-        let mut pending = Pending { events, ..Default::default() };
+        let mut pending = Pending {
+            events,
+            ..Default::default()
+        };
         let mut n = 0;
         pending.hand_over(u64::MAX, |_| {
             n += 1;

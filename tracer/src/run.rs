@@ -14,16 +14,18 @@ use tokio::sync::mpsc;
 
 use crate::cli::RunArgs;
 use crate::http::{AppState, CensusRequest, Health};
-use crate::stuck;
 use crate::metrics::{Metrics, PortLabels};
 use crate::probe::{Probe, ProbeConfig, DRAIN_INTERVAL};
 use crate::ring::{monotonic_ns, EventRings};
 use crate::sockets::SocketTable;
+use crate::stuck;
 
 /// Runs the agent until a signal.
 pub async fn run(args: &RunArgs) -> Result<()> {
-    let mut probe =
-        Probe::attach(&ProbeConfig { ring_buffer_bytes: args.ring_buffer_size, ports: Vec::new() })?;
+    let mut probe = Probe::attach(&ProbeConfig {
+        ring_buffer_bytes: args.ring_buffer_size,
+        ports: Vec::new(),
+    })?;
     let mut rings = probe.event_rings()?;
     let mut table = SocketTable::new(args.max_sockets as usize);
     let mut metrics = Metrics::new(PortLabels::new(&args.ports, usize::from(args.max_ports)))?;

@@ -182,13 +182,21 @@ impl SocketTable {
         match (old, new) {
             (SYN_SENT, ESTABLISHED) => {
                 if let Some(ns) = dwell {
-                    sink(Observation::Handshake { mode: Mode::Active, port: e.port, ns });
+                    sink(Observation::Handshake {
+                        mode: Mode::Active,
+                        port: e.port,
+                        ns,
+                    });
                 }
             }
             (SYN_RECV, ESTABLISHED) if t.srtt_us > 0 => {
                 // srtt_us holds the smoothed RTT times 8; a new child has one sample.
                 let ns = u64::from(t.srtt_us >> 3) * 1_000;
-                sink(Observation::Handshake { mode: Mode::Passive, port: t.sport, ns });
+                sink(Observation::Handshake {
+                    mode: Mode::Passive,
+                    port: t.sport,
+                    ns,
+                });
             }
             (SYN_SENT, CLOSE) => {
                 let reason = match t.sk_err {
@@ -197,7 +205,10 @@ impl SocketTable {
                     0 => Failure::Aborted,
                     _ => Failure::Other,
                 };
-                sink(Observation::HandshakeFailure { reason, port: t.dport });
+                sink(Observation::HandshakeFailure {
+                    reason,
+                    port: t.dport,
+                });
             }
             (ESTABLISHED, FIN_WAIT1) => e.teardown = Some((Teardown::Active, now)),
             (ESTABLISHED, CLOSE_WAIT) => e.teardown = Some((Teardown::Passive, now)),
@@ -212,15 +223,27 @@ impl SocketTable {
 
         if new == CLOSE {
             if let Some((mode, start)) = e.teardown.filter(|&(_, start)| now >= start) {
-                sink(Observation::Teardown { mode, port: e.port, ns: now - start });
+                sink(Observation::Teardown {
+                    mode,
+                    port: e.port,
+                    ns: now - start,
+                });
             }
             if let (Some(mode), true) = (e.mode, e.established_ns != 0 && now >= e.established_ns) {
-                sink(Observation::Lifetime { mode, port: e.port, ns: now - e.established_ns });
+                sink(Observation::Lifetime {
+                    mode,
+                    port: e.port,
+                    ns: now - e.established_ns,
+                });
             }
             if known.is_some() {
                 self.entries.remove(&t.cookie);
             }
-            return Step { dwell, pid: e.pid, comm: e.comm };
+            return Step {
+                dwell,
+                pid: e.pid,
+                comm: e.comm,
+            };
         }
 
         e.state = new;
@@ -233,7 +256,11 @@ impl SocketTable {
             self.compact_order();
         }
         self.entries.insert(t.cookie, e);
-        Step { dwell, pid: e.pid, comm: e.comm }
+        Step {
+            dwell,
+            pid: e.pid,
+            comm: e.comm,
+        }
     }
 
     /// Number of sockets followed now.
@@ -264,7 +291,11 @@ impl SocketTable {
 
     fn evict_oldest(&mut self) {
         while let Some((cookie, first_seen)) = self.order.pop_front() {
-            if self.entries.get(&cookie).is_some_and(|e| e.first_seen_ns == first_seen) {
+            if self
+                .entries
+                .get(&cookie)
+                .is_some_and(|e| e.first_seen_ns == first_seen)
+            {
                 self.entries.remove(&cookie);
                 self.evicted += 1;
                 return;
@@ -280,7 +311,9 @@ impl SocketTable {
         }
         let entries = &self.entries;
         self.order.retain(|(cookie, first)| {
-            entries.get(cookie).is_some_and(|e| e.first_seen_ns == *first)
+            entries
+                .get(cookie)
+                .is_some_and(|e| e.first_seen_ns == *first)
         });
     }
 }
@@ -303,11 +336,34 @@ mod tests {
     #[test]
     fn dwell_is_the_time_between_entering_and_leaving_a_state() {
         let mut table = SocketTable::new(16);
-        assert_eq!(table.observe(&transition(1, 1_000, CLOSE, SYN_SENT)).dwell, None);
-        assert_eq!(table.observe(&transition(1, 1_500, SYN_SENT, ESTABLISHED)).dwell, Some(500));
-        assert_eq!(table.observe(&transition(1, 301_500, ESTABLISHED, FIN_WAIT1)).dwell, Some(300_000));
-        assert_eq!(table.observe(&transition(1, 301_600, FIN_WAIT1, FIN_WAIT2)).dwell, Some(100));
-        assert_eq!(table.observe(&transition(1, 301_700, FIN_WAIT2, CLOSE)).dwell, Some(100));
+        assert_eq!(
+            table.observe(&transition(1, 1_000, CLOSE, SYN_SENT)).dwell,
+            None
+        );
+        assert_eq!(
+            table
+                .observe(&transition(1, 1_500, SYN_SENT, ESTABLISHED))
+                .dwell,
+            Some(500)
+        );
+        assert_eq!(
+            table
+                .observe(&transition(1, 301_500, ESTABLISHED, FIN_WAIT1))
+                .dwell,
+            Some(300_000)
+        );
+        assert_eq!(
+            table
+                .observe(&transition(1, 301_600, FIN_WAIT1, FIN_WAIT2))
+                .dwell,
+            Some(100)
+        );
+        assert_eq!(
+            table
+                .observe(&transition(1, 301_700, FIN_WAIT2, CLOSE))
+                .dwell,
+            Some(100)
+        );
         assert!(table.is_empty(), "CLOSE forgets the socket");
     }
 
@@ -315,10 +371,23 @@ mod tests {
     fn sockets_older_than_the_tracer_get_no_invented_dwell() {
         let mut table = SocketTable::new(16);
         // First sighting leaves ESTABLISHED: when it entered is unknown.
-        assert_eq!(table.observe(&transition(7, 5_000, ESTABLISHED, CLOSE_WAIT)).dwell, None);
-        assert_eq!(table.observe(&transition(7, 9_000, CLOSE_WAIT, LAST_ACK)).dwell, Some(4_000));
+        assert_eq!(
+            table
+                .observe(&transition(7, 5_000, ESTABLISHED, CLOSE_WAIT))
+                .dwell,
+            None
+        );
+        assert_eq!(
+            table
+                .observe(&transition(7, 9_000, CLOSE_WAIT, LAST_ACK))
+                .dwell,
+            Some(4_000)
+        );
         // A passive child's LISTEN -> SYN_RECV: the child itself was never in LISTEN.
-        assert_eq!(table.observe(&transition(8, 9_000, LISTEN, SYN_RECV)).dwell, None);
+        assert_eq!(
+            table.observe(&transition(8, 9_000, LISTEN, SYN_RECV)).dwell,
+            None
+        );
     }
 
     #[test]
@@ -326,7 +395,12 @@ mod tests {
         let mut table = SocketTable::new(16);
         table.observe(&transition(1, 1_000, CLOSE, SYN_SENT));
         // A transition out of a state other than the recorded one means events were lost.
-        assert_eq!(table.observe(&transition(1, 2_000, FIN_WAIT1, FIN_WAIT2)).dwell, None);
+        assert_eq!(
+            table
+                .observe(&transition(1, 2_000, FIN_WAIT1, FIN_WAIT2))
+                .dwell,
+            None
+        );
     }
 
     #[test]
@@ -338,8 +412,18 @@ mod tests {
         assert_eq!(table.len(), 2);
         assert_eq!(table.evicted(), 1);
         // Socket 1 was evicted: its dwell is unknown; socket 2 is still followed.
-        assert_eq!(table.observe(&transition(1, 40, SYN_SENT, ESTABLISHED)).dwell, None);
-        assert_eq!(table.observe(&transition(3, 50, SYN_SENT, ESTABLISHED)).dwell, Some(20));
+        assert_eq!(
+            table
+                .observe(&transition(1, 40, SYN_SENT, ESTABLISHED))
+                .dwell,
+            None
+        );
+        assert_eq!(
+            table
+                .observe(&transition(3, 50, SYN_SENT, ESTABLISHED))
+                .dwell,
+            Some(20)
+        );
     }
 
     #[test]
@@ -359,7 +443,10 @@ mod tests {
         let mut out = Vec::new();
         for t in seq {
             table.follow(t, |o| {
-                if !matches!(o, Observation::Transition { .. } | Observation::Dwell { .. }) {
+                if !matches!(
+                    o,
+                    Observation::Transition { .. } | Observation::Dwell { .. }
+                ) {
                     out.push(o);
                 }
             });
@@ -380,9 +467,21 @@ mod tests {
         assert_eq!(
             outcomes(&seq),
             vec![
-                Observation::Handshake { mode: Mode::Active, port: 8080, ns: 50 },
-                Observation::Teardown { mode: Teardown::Active, port: 8080, ns: 50 },
-                Observation::Lifetime { mode: Mode::Active, port: 8080, ns: 500_050 },
+                Observation::Handshake {
+                    mode: Mode::Active,
+                    port: 8080,
+                    ns: 50
+                },
+                Observation::Teardown {
+                    mode: Teardown::Active,
+                    port: 8080,
+                    ns: 50
+                },
+                Observation::Lifetime {
+                    mode: Mode::Active,
+                    port: 8080,
+                    ns: 500_050
+                },
             ]
         );
     }
@@ -404,9 +503,21 @@ mod tests {
         assert_eq!(
             outcomes(&[listen, est, wait, last, close]),
             vec![
-                Observation::Handshake { mode: Mode::Passive, port: 443, ns: 1_025_000_000 },
-                Observation::Teardown { mode: Teardown::Passive, port: 443, ns: 600 },
-                Observation::Lifetime { mode: Mode::Passive, port: 443, ns: 7_600 },
+                Observation::Handshake {
+                    mode: Mode::Passive,
+                    port: 443,
+                    ns: 1_025_000_000
+                },
+                Observation::Teardown {
+                    mode: Teardown::Passive,
+                    port: 443,
+                    ns: 600
+                },
+                Observation::Lifetime {
+                    mode: Mode::Passive,
+                    port: 443,
+                    ns: 7_600
+                },
             ]
         );
     }
@@ -438,7 +549,11 @@ mod tests {
             transition(4, 130, CLOSING, CLOSE),
         ];
         let out = outcomes(&seq);
-        assert!(out.contains(&Observation::Teardown { mode: Teardown::Simultaneous, port: 8080, ns: 30 }));
+        assert!(out.contains(&Observation::Teardown {
+            mode: Teardown::Simultaneous,
+            port: 8080,
+            ns: 30
+        }));
     }
 
     #[test]
@@ -449,9 +564,19 @@ mod tests {
             transition(5, 150, FIN_WAIT1, FIN_WAIT2),
             transition(5, 170, FIN_WAIT2, CLOSE),
         ];
-        assert_eq!(outcomes(&seq), vec![Observation::Teardown { mode: Teardown::Active, port: 0, ns: 70 }]);
+        assert_eq!(
+            outcomes(&seq),
+            vec![Observation::Teardown {
+                mode: Teardown::Active,
+                port: 0,
+                ns: 70
+            }]
+        );
         // Seen first at SYN_SENT -> ESTABLISHED: when SYN_SENT began is unknown.
-        assert_eq!(outcomes(&[transition(6, 100, SYN_SENT, ESTABLISHED)]), vec![]);
+        assert_eq!(
+            outcomes(&[transition(6, 100, SYN_SENT, ESTABLISHED)]),
+            vec![]
+        );
     }
 
     #[test]
@@ -462,7 +587,10 @@ mod tests {
         t.pid = 0; // a softirq-time event whose owner the probe did not repeat
         table.observe(&t);
         let info = table.get(9 + 1_000_000).expect("followed by cookie");
-        assert_eq!((info.state, info.since_ns, info.pid), (ESTABLISHED, 200, 42));
+        assert_eq!(
+            (info.state, info.since_ns, info.pid),
+            (ESTABLISHED, 200, 42)
+        );
         assert_eq!(&info.comm[..4], b"curl");
         assert_eq!(table.get(9), None, "not keyed by address");
     }
@@ -472,11 +600,19 @@ mod tests {
         let mut table = SocketTable::new(16);
         let open = table.observe(&transition(4, 100, CLOSE, SYN_SENT));
         assert_eq!(open.pid, 42);
-        for (at, old, new) in [(200, SYN_SENT, ESTABLISHED), (300, ESTABLISHED, FIN_WAIT1), (400, FIN_WAIT1, CLOSE)] {
+        for (at, old, new) in [
+            (200, SYN_SENT, ESTABLISHED),
+            (300, ESTABLISHED, FIN_WAIT1),
+            (400, FIN_WAIT1, CLOSE),
+        ] {
             let mut t = transition(4, at, old, new);
             (t.pid, t.comm) = (0, [0; 16]); // softirq-time events: the probe names nobody
             let step = table.observe(&t);
-            assert_eq!((step.pid, &step.comm[..4]), (42, &b"curl"[..]), "{old} -> {new}");
+            assert_eq!(
+                (step.pid, &step.comm[..4]),
+                (42, &b"curl"[..]),
+                "{old} -> {new}"
+            );
         }
         // A socket first seen mid-life has no owner.
         let mut t = transition(5, 100, ESTABLISHED, CLOSE_WAIT);

@@ -24,7 +24,11 @@ pub fn run(args: &SocketsArgs) -> Result<()> {
 
 /// The `/sockets` URL for these flags.
 pub fn query_url(args: &SocketsArgs) -> String {
-    let mut url = format!("{}/sockets?limit={}", args.agent.trim_end_matches('/'), args.limit);
+    let mut url = format!(
+        "{}/sockets?limit={}",
+        args.agent.trim_end_matches('/'),
+        args.limit
+    );
     if !args.states.is_empty() {
         let names: Vec<&str> = args.states.iter().map(|&s| state_name(s)).collect();
         let _ = write!(url, "&state={}", names.join(","));
@@ -73,7 +77,11 @@ pub fn render(listing: &Value) -> String {
         let comm = s["comm"].as_str().filter(|c| !c.is_empty()).unwrap_or("-");
         let endpoint = |addr: &Value, port: &Value| {
             let a = addr.as_str().unwrap_or("?");
-            if a.contains(':') { format!("[{a}]:{port}") } else { format!("{a}:{port}") }
+            if a.contains(':') {
+                format!("[{a}]:{port}")
+            } else {
+                format!("{a}:{port}")
+            }
         };
         let flag = match s["reason"].as_str() {
             Some(r) => format!("stuck: {r}"),
@@ -95,9 +103,15 @@ pub fn render(listing: &Value) -> String {
     let total = listing["total"].as_u64().unwrap_or(0);
     let shown = listing["sockets"].as_array().map_or(0, Vec::len) as u64;
     if total > shown {
-        let _ = writeln!(out, "({shown} of {total} shown; raise --limit or narrow with --state/--port)");
+        let _ = writeln!(
+            out,
+            "({shown} of {total} shown; raise --limit or narrow with --state/--port)"
+        );
     }
-    if let Some(d) = listing["busiest_destinations"].as_array().and_then(|d| d.first()) {
+    if let Some(d) = listing["busiest_destinations"]
+        .as_array()
+        .and_then(|d| d.first())
+    {
         let _ = writeln!(
             out,
             "busiest destination: {}:{} from {} uses {} of {} ephemeral ports ({:.1}%) in netns {}",
@@ -147,9 +161,18 @@ mod tests {
         });
         let text = render(&listing);
         let lines: Vec<&str> = text.lines().collect();
-        assert!(lines[1].contains(">=1m05s") && lines[1].contains("stuck: the peer closed"), "{text}");
-        assert!(lines[1].contains("[::1]:5") && lines[1].contains(" - "), "{text}");
-        assert!(lines[2].trim_start().starts_with('?') && lines[2].contains("srv"), "{text}");
+        assert!(
+            lines[1].contains(">=1m05s") && lines[1].contains("stuck: the peer closed"),
+            "{text}"
+        );
+        assert!(
+            lines[1].contains("[::1]:5") && lines[1].contains(" - "),
+            "{text}"
+        );
+        assert!(
+            lines[2].trim_start().starts_with('?') && lines[2].contains("srv"),
+            "{text}"
+        );
         assert!(lines[3].trim_start().starts_with("~2.5s"), "{text}");
         assert!(lines[4].contains("3 of 4 shown"), "{text}");
     }

@@ -36,13 +36,19 @@ pub const DEFAULT_THRESHOLDS: [(u8, Duration); 7] = [
 /// Why a socket in `state` past its threshold is a problem, and where to look.
 pub fn reason(state: u8) -> &'static str {
     match state {
-        state::CLOSE_WAIT => "the peer closed; the owning process has not called close() (descriptor leak?)",
-        state::FIN_WAIT1 => "our FIN is not acknowledged: the peer is unresponsive or its window is closed",
+        state::CLOSE_WAIT => {
+            "the peer closed; the owning process has not called close() (descriptor leak?)"
+        }
+        state::FIN_WAIT1 => {
+            "our FIN is not acknowledged: the peer is unresponsive or its window is closed"
+        }
         state::FIN_WAIT2 => "we closed; the peer has not closed its side",
         state::LAST_ACK => "we closed after the peer; our FIN is not acknowledged",
         state::CLOSING => "both sides closed at once; the last ACK has not arrived",
         state::SYN_SENT => "no answer to our SYN: the peer is down, filtered or black-holed",
-        state::SYN_RECV => "the client has not completed the handshake: lost ACKs, a SYN flood or spoofed SYNs",
+        state::SYN_RECV => {
+            "the client has not completed the handshake: lost ACKs, a SYN flood or spoofed SYNs"
+        }
         _ => "older than its threshold",
     }
 }
@@ -177,11 +183,19 @@ pub fn snapshot(
             .sockets
             .iter()
             .filter(|r| r.state == state::LISTEN)
-            .filter_map(|r| lookup(r.cookie).filter(|i| i.pid != 0).map(|i| (r.local.port(), (i.pid, i.comm))))
+            .filter_map(|r| {
+                lookup(r.cookie)
+                    .filter(|i| i.pid != 0)
+                    .map(|i| (r.local.port(), (i.pid, i.comm)))
+            })
             .collect();
         let (lo, hi) = ns.port_range;
         for r in &ns.sockets {
-            let state = if r.state == state::NEW_SYN_RECV { state::SYN_RECV } else { r.state };
+            let state = if r.state == state::NEW_SYN_RECV {
+                state::SYN_RECV
+            } else {
+                r.state
+            };
             let info = lookup(r.cookie);
             // The service port: as the table learnt it when the socket opened; else the local
             // port when something listens on it (or the socket listens), else the remote one.
@@ -200,22 +214,27 @@ pub fn snapshot(
                 *snap.time_wait.entry(port).or_default() += 1;
             }
             if state != state::LISTEN && !local_is_service && (lo..=hi).contains(&r.local.port()) {
-                *per_destination.entry((ns.netns, r.local.ip(), r.remote)).or_default() += 1;
+                *per_destination
+                    .entry((ns.netns, r.local.ip(), r.remote))
+                    .or_default() += 1;
             }
 
             let (age, age_source) = match (info, r.retransmit) {
-                (Some(i), _) if i.state == state => {
-                    (Some(Duration::from_nanos(now_ns.saturating_sub(i.since_ns))), AgeSource::Transition)
-                }
+                (Some(i), _) if i.state == state => (
+                    Some(Duration::from_nanos(now_ns.saturating_sub(i.since_ns))),
+                    AgeSource::Transition,
+                ),
                 // The census caught a transition the agent has not read yet: it just happened.
                 (Some(_), _) => (Some(Duration::ZERO), AgeSource::Transition),
                 // sock_diag reports request sockets as SYN_RECV (inet_req_diag_fill).
-                (None, Some((expires, retransmits))) if state == state::SYN_RECV => {
-                    (Some(request_age(expires, retransmits)), AgeSource::SynAckTimer)
-                }
-                (None, _) if at_start.contains(&r.cookie) => {
-                    (Some(Duration::from_nanos(now_ns.saturating_sub(started_ns))), AgeSource::AgentStart)
-                }
+                (None, Some((expires, retransmits))) if state == state::SYN_RECV => (
+                    Some(request_age(expires, retransmits)),
+                    AgeSource::SynAckTimer,
+                ),
+                (None, _) if at_start.contains(&r.cookie) => (
+                    Some(Duration::from_nanos(now_ns.saturating_sub(started_ns))),
+                    AgeSource::AgentStart,
+                ),
                 (None, _) => (None, AgeSource::Unknown),
             };
             let stuck = match (thresholds.0.get(state as usize).copied().flatten(), age) {
@@ -231,9 +250,10 @@ pub fn snapshot(
             }
             let (pid, comm) = match info {
                 Some(i) if i.pid != 0 => (i.pid, i.comm),
-                None if age_source == AgeSource::SynAckTimer => {
-                    listener_owner.get(&r.local.port()).copied().unwrap_or((0, [0; 16]))
-                }
+                None if age_source == AgeSource::SynAckTimer => listener_owner
+                    .get(&r.local.port())
+                    .copied()
+                    .unwrap_or((0, [0; 16])),
                 _ => (0, [0; 16]),
             };
             snap.sockets.push(SocketView {
@@ -250,8 +270,10 @@ pub fn snapshot(
             });
         }
     }
-    let range_of: HashMap<u64, u64> =
-        census.iter().map(|n| (n.netns, u64::from(n.port_range.1 - n.port_range.0) + 1)).collect();
+    let range_of: HashMap<u64, u64> = census
+        .iter()
+        .map(|n| (n.netns, u64::from(n.port_range.1 - n.port_range.0) + 1))
+        .collect();
     let mut destinations: Vec<Destination> = per_destination
         .into_iter()
         .map(|((netns, local_ip, remote), used)| Destination {
@@ -298,7 +320,12 @@ mod tests {
     }
 
     fn census(sockets: Vec<SocketRecord>) -> Vec<NetnsCensus> {
-        vec![NetnsCensus { netns: 4026531840, sockets, port_range: (40000, 40009), ..Default::default() }]
+        vec![NetnsCensus {
+            netns: 4026531840,
+            sockets,
+            port_range: (40000, 40009),
+            ..Default::default()
+        }]
     }
 
     const S: u64 = 1_000_000_000;
@@ -318,12 +345,37 @@ mod tests {
                 port: 8080,
             })
         };
-        let snap = snapshot(&c, lookup, &HashSet::new(), &Thresholds::default(), 75 * S, 0);
+        let snap = snapshot(
+            &c,
+            lookup,
+            &HashSet::new(),
+            &Thresholds::default(),
+            75 * S,
+            0,
+        );
         let v = &snap.sockets[1];
-        assert_eq!((v.age, v.age_source, v.pid, comm_string(&v.comm).as_str(), v.port), (Some(Duration::from_secs(65)), AgeSource::Transition, 77, "leaky", 8080));
+        assert_eq!(
+            (
+                v.age,
+                v.age_source,
+                v.pid,
+                comm_string(&v.comm).as_str(),
+                v.port
+            ),
+            (
+                Some(Duration::from_secs(65)),
+                AgeSource::Transition,
+                77,
+                "leaky",
+                8080
+            )
+        );
         assert!(v.stuck.is_some());
         assert_eq!(snap.stuck.get(&(state::CLOSE_WAIT, 8080)), Some(&1));
-        assert_eq!(snap.oldest.get(&state::CLOSE_WAIT), Some(&Duration::from_secs(65)));
+        assert_eq!(
+            snap.oldest.get(&state::CLOSE_WAIT),
+            Some(&Duration::from_secs(65))
+        );
     }
 
     #[test]
@@ -333,34 +385,70 @@ mod tests {
             rec(state::SYN_SENT, "127.0.0.1:50001", "127.0.0.1:9", 6),
         ]);
         let at_start: HashSet<u64> = [5].into();
-        let snap = snapshot(&c, |_| None, &at_start, &Thresholds::default(), 100 * S, 30 * S);
+        let snap = snapshot(
+            &c,
+            |_| None,
+            &at_start,
+            &Thresholds::default(),
+            100 * S,
+            30 * S,
+        );
         assert_eq!(snap.sockets[0].age, Some(Duration::from_secs(70)));
         assert_eq!(snap.sockets[0].age_source, AgeSource::AgentStart);
         assert!(snap.sockets[0].stuck.is_some(), "at least 70 s > 60 s");
         // A socket the agent never saw enter its state: age unknown, never stuck.
-        assert_eq!((snap.sockets[1].age, snap.sockets[1].age_source), (None, AgeSource::Unknown));
+        assert_eq!(
+            (snap.sockets[1].age, snap.sockets[1].age_source),
+            (None, AgeSource::Unknown)
+        );
         assert!(snap.sockets[1].stuck.is_none());
     }
 
     #[test]
     fn request_sockets_are_aged_by_their_synack_timer() {
         // SYN at 0; SYN-ACKs resent at 1 s and 3 s; next at 7 s, 2.5 s away: 4.5 s old.
-        assert_eq!(request_age(Duration::from_millis(2_500), 2), Duration::from_millis(4_500));
+        assert_eq!(
+            request_age(Duration::from_millis(2_500), 2),
+            Duration::from_millis(4_500)
+        );
         assert_eq!(request_age(Duration::from_millis(1_000), 0), Duration::ZERO);
         // The doubling stops at 120 s: 1+2+...+64 = 127, then 120 per period.
-        assert_eq!(request_age(Duration::ZERO, 8), Duration::from_secs(127 + 120 + 120));
+        assert_eq!(
+            request_age(Duration::ZERO, 8),
+            Duration::from_secs(127 + 120 + 120)
+        );
         let mut r = rec(state::SYN_RECV, "127.0.0.1:9000", "127.0.0.1:50001", 6);
         r.retransmit = Some((Duration::from_millis(500), 3));
         let listener = rec(state::LISTEN, "127.0.0.1:9000", "0.0.0.0:0", 1);
         let lookup = |cookie| {
-            (cookie == 1).then_some(SocketInfo { state: state::LISTEN, since_ns: 0, pid: 42, comm: *b"srv\0\0\0\0\0\0\0\0\0\0\0\0\0", port: 9000 })
+            (cookie == 1).then_some(SocketInfo {
+                state: state::LISTEN,
+                since_ns: 0,
+                pid: 42,
+                comm: *b"srv\0\0\0\0\0\0\0\0\0\0\0\0\0",
+                port: 9000,
+            })
         };
-        let snap = snapshot(&census(vec![listener, r]), lookup, &HashSet::new(), &Thresholds::default(), S, 0);
+        let snap = snapshot(
+            &census(vec![listener, r]),
+            lookup,
+            &HashSet::new(),
+            &Thresholds::default(),
+            S,
+            0,
+        );
         let v = &snap.sockets[1];
         // Owned by its listener's process.
         assert_eq!((v.pid, comm_string(&v.comm).as_str()), (42, "srv"));
         // 1+2+4+8-0.5 = 14.5 s old: past the 10 s threshold.
-        assert_eq!((v.state, v.age, v.age_source), (state::SYN_RECV, Some(Duration::from_millis(14_500)), AgeSource::SynAckTimer));
+        assert_eq!(
+            (v.state, v.age, v.age_source),
+            (
+                state::SYN_RECV,
+                Some(Duration::from_millis(14_500)),
+                AgeSource::SynAckTimer
+            )
+        );
         assert_eq!(snap.stuck.get(&(state::SYN_RECV, 9000)), Some(&1));
     }
 
@@ -381,7 +469,10 @@ mod tests {
         assert_eq!(snap.time_wait.get(&80), Some(&1));
         assert_eq!(snap.time_wait.get(&5432), Some(&2));
         let worst = &snap.destinations[0];
-        assert_eq!((worst.remote.port(), worst.used, worst.range), (5432, 3, 10));
+        assert_eq!(
+            (worst.remote.port(), worst.used, worst.range),
+            (5432, 3, 10)
+        );
         assert!((worst.utilization() - 0.3).abs() < 1e-9);
     }
 
@@ -390,7 +481,14 @@ mod tests {
         let mut l = rec(state::LISTEN, "127.0.0.1:7000", "0.0.0.0:0", 1);
         l.rqueue = 2;
         l.wqueue = 1;
-        let snap = snapshot(&census(vec![l]), |_| None, &HashSet::new(), &Thresholds::default(), S, 0);
+        let snap = snapshot(
+            &census(vec![l]),
+            |_| None,
+            &HashSet::new(),
+            &Thresholds::default(),
+            S,
+            0,
+        );
         assert_eq!(snap.listen_queue.get(&7000), Some(&(2, 1)));
     }
 }

@@ -40,13 +40,16 @@ pub async fn run(args: &WatchArgs) -> Result<Summary> {
     let mut rings = probe.event_rings()?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
-    let stop_at = tokio::time::Instant::now() + args.duration.unwrap_or(Duration::from_secs(u64::MAX / 4));
+    let stop_at =
+        tokio::time::Instant::now() + args.duration.unwrap_or(Duration::from_secs(u64::MAX / 4));
     let mut report = tokio::time::interval(Duration::from_secs(1));
     let mut drain = tokio::time::interval(crate::probe::DRAIN_INTERVAL);
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let mut printer = Printer::new(args);
-    eprintln!("tracer: attached to inet_sock_set_state; watching TCP state changes (Ctrl-C to stop)");
+    eprintln!(
+        "tracer: attached to inet_sock_set_state; watching TCP state changes (Ctrl-C to stop)"
+    );
     if !args.json {
         printer.header()?;
     }
@@ -212,7 +215,11 @@ impl Printer {
     fn print_json(&mut self, t: &Transition, dwell: Option<u64>) -> io::Result<()> {
         let out = &mut self.out;
         let time_ns = (t.time_ns as i128 + self.realtime_offset_ns).max(0);
-        write!(out, "{{\"time_ns\":{time_ns},\"skaddr\":\"{:#x}\",\"pid\":{},\"comm\":", t.skaddr, t.pid)?;
+        write!(
+            out,
+            "{{\"time_ns\":{time_ns},\"skaddr\":\"{:#x}\",\"pid\":{},\"comm\":",
+            t.skaddr, t.pid
+        )?;
         serde_json::to_writer(&mut *out, event::comm(t))?;
         write!(
             out,
@@ -235,8 +242,12 @@ impl Printer {
     fn print_human(&mut self, t: &Transition, dwell: Option<u64>) -> io::Result<()> {
         let wall_ns = (t.time_ns as i128 + self.realtime_offset_ns).max(0) as u128;
         let day_us = (wall_ns / 1_000) % 86_400_000_000;
-        let (h, m, s, us) =
-            (day_us / 3_600_000_000, day_us / 60_000_000 % 60, day_us / 1_000_000 % 60, day_us % 1_000_000);
+        let (h, m, s, us) = (
+            day_us / 3_600_000_000,
+            day_us / 60_000_000 % 60,
+            day_us / 1_000_000 % 60,
+            day_us % 1_000_000,
+        );
         write!(self.out, "{h:02}:{m:02}:{s:02}.{us:06} ")?;
         if t.pid == 0 {
             write!(self.out, "{:>7} {:<15} ", "-", "-")?;
@@ -249,7 +260,12 @@ impl Printer {
         let new = event::state_name(t.newstate);
         // Pad "old -> new" to 27 columns without building a string.
         let used = old.len() + 4 + new.len();
-        write!(self.out, "{old} -> {new}{:pad$} ", "", pad = 27usize.saturating_sub(used))?;
+        write!(
+            self.out,
+            "{old} -> {new}{:pad$} ",
+            "",
+            pad = 27usize.saturating_sub(used)
+        )?;
         match dwell {
             None => writeln!(self.out, "{:>9}", "-"),
             Some(ns) if ns < 10_000_000 => writeln!(self.out, "{:>7}us", ns / 1_000),
@@ -283,7 +299,10 @@ fn write_endpoint(out: &mut impl Write, addr: std::net::IpAddr, port: u16) -> io
 
 /// Reads a clock in nanoseconds.
 fn clock_ns(clock: libc::clockid_t) -> i128 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: a valid timespec pointer and a clock id the kernel always has.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128

@@ -17,24 +17,38 @@ const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 /// (where, expression) of every panel target and template variable of every dashboard.
 fn dashboard_queries() -> Vec<(String, String)> {
     let mut out = Vec::new();
-    for entry in std::fs::read_dir(Path::new(ROOT).join("dashboards")).unwrap().flatten() {
+    for entry in std::fs::read_dir(Path::new(ROOT).join("dashboards"))
+        .unwrap()
+        .flatten()
+    {
         let path = entry.path();
         if path.extension().is_none_or(|e| e != "json") {
             continue;
         }
-        let dash: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let dash: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         let file = path.file_name().unwrap().to_string_lossy().into_owned();
         for panel in dash["panels"].as_array().unwrap() {
             for target in panel["targets"].as_array().into_iter().flatten() {
                 let title = panel["title"].as_str().unwrap_or("?");
-                out.push((format!("{file}: {title}"), target["expr"].as_str().unwrap().to_owned()));
+                out.push((
+                    format!("{file}: {title}"),
+                    target["expr"].as_str().unwrap().to_owned(),
+                ));
             }
         }
         for var in dash["templating"]["list"].as_array().unwrap() {
             if let Some(q) = var["query"]["query"].as_str() {
                 // label_values(SELECTOR, LABEL) is Grafana's: the selector must have data.
-                let inner = q.strip_prefix("label_values(").and_then(|r| r.rsplit_once(',')).map(|(s, _)| s).unwrap();
-                out.push((format!("{file}: variable {}", var["name"]), inner.to_owned()));
+                let inner = q
+                    .strip_prefix("label_values(")
+                    .and_then(|r| r.rsplit_once(','))
+                    .map(|(s, _)| s)
+                    .unwrap();
+                out.push((
+                    format!("{file}: variable {}", var["name"]),
+                    inner.to_owned(),
+                ));
             }
         }
     }
@@ -43,7 +57,8 @@ fn dashboard_queries() -> Vec<(String, String)> {
 
 /// Every `expr:` of the rule files (one line each, as the rule files are written).
 fn rule_queries() -> Vec<(String, String)> {
-    let text = std::fs::read_to_string(Path::new(ROOT).join("deploy/prometheus/tracer-alerts.yml")).unwrap();
+    let text = std::fs::read_to_string(Path::new(ROOT).join("deploy/prometheus/tracer-alerts.yml"))
+        .unwrap();
     let mut out = Vec::new();
     let mut alert = String::new();
     for line in text.lines() {
@@ -59,7 +74,9 @@ fn rule_queries() -> Vec<(String, String)> {
 
 /// Grafana's variables, as a person viewing every node and port would have them.
 fn substitute(expr: &str) -> String {
-    expr.replace("$__rate_interval", "30s").replace("$instance", ".*").replace("$port", ".*")
+    expr.replace("$__rate_interval", "30s")
+        .replace("$instance", ".*")
+        .replace("$port", ".*")
 }
 
 #[test]
@@ -99,14 +116,23 @@ fn every_panel_query_returns_data_and_every_rule_parses() {
     // SAFETY: listen on a valid socket.
     unsafe { libc::listen(full.as_raw_fd(), 0) };
     let full_addr = full.local_addr().unwrap();
-    let overflow: Vec<_> =
-        (0..3).map(|_| std::thread::spawn(move || TcpStream::connect_timeout(&full_addr, Duration::from_millis(1200)))).collect();
+    let overflow: Vec<_> = (0..3)
+        .map(|_| {
+            std::thread::spawn(move || {
+                TcpStream::connect_timeout(&full_addr, Duration::from_millis(1200))
+            })
+        })
+        .collect();
     let _held = ack_lost.join().unwrap();
     for o in overflow {
         let _ = o.join();
     }
     // Enough scrapes for every rate() window to hold two samples after the traffic.
-    prom.wait_for("the stuck CLOSE_WAIT sockets", "sum(tracer_tcp_stuck_sockets)", |v| v >= 3.0);
+    prom.wait_for(
+        "the stuck CLOSE_WAIT sockets",
+        "sum(tracer_tcp_stuck_sockets)",
+        |v| v >= 3.0,
+    );
     std::thread::sleep(Duration::from_secs(4));
 
     let mut empty = Vec::new();
@@ -117,10 +143,15 @@ fn every_panel_query_returns_data_and_every_rule_parses() {
             empty.push(format!("{place}: {expr}"));
         }
     }
-    assert!(empty.is_empty(), "panel queries without data:\n{}", empty.join("\n"));
+    assert!(
+        empty.is_empty(),
+        "panel queries without data:\n{}",
+        empty.join("\n")
+    );
     for (place, expr) in rule_queries() {
         // Parses and evaluates (an alert that is not firing returns nothing, rightly).
-        prom.query_status(&expr).unwrap_or_else(|e| panic!("{place}: {e}"));
+        prom.query_status(&expr)
+            .unwrap_or_else(|e| panic!("{place}: {e}"));
     }
     drop((kept, leak, full));
 }

@@ -16,8 +16,15 @@ fn run(wrapper: &[&str], args: &[&str]) -> (i32, Vec<String>) {
         }
         None => Command::new(tracer),
     };
-    let out = cmd.args(args).env("RUST_BACKTRACE", "1").output().expect("running tracer");
-    let stderr = String::from_utf8_lossy(&out.stderr).lines().map(str::to_owned).collect();
+    let out = cmd
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("running tracer");
+    let stderr = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(str::to_owned)
+        .collect();
     (out.status.code().unwrap_or(-1), stderr)
 }
 
@@ -26,7 +33,10 @@ fn assert_one_line(stderr: &[String], needle: &str) {
     let line = &stderr[0];
     assert!(line.starts_with("tracer: "), "{line}");
     assert!(line.contains(needle), "{line:?} should mention {needle:?}");
-    assert!(!line.contains("panicked") && !line.contains("backtrace"), "{line}");
+    assert!(
+        !line.contains("panicked") && !line.contains("backtrace"),
+        "{line}"
+    );
 }
 
 #[test]
@@ -70,7 +80,13 @@ fn without_privileges_it_says_to_use_sudo() {
         return;
     }
     // Drop to nobody with no capabilities, as an unprivileged user would run it.
-    let drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"];
+    let drop = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+    ];
     let (code, stderr) = run(&drop, &["watch"]);
     assert_eq!(code, 1);
     assert_one_line(&stderr, "sudo");

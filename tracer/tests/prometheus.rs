@@ -14,7 +14,10 @@ fn promql_over_scraped_metrics_matches_the_traffic() {
     }
     let server_addr = closed_port(V4);
     let refused_addr = closed_port(V4);
-    let (p, r) = (server_addr.port().to_string(), refused_addr.port().to_string());
+    let (p, r) = (
+        server_addr.port().to_string(),
+        refused_addr.port().to_string(),
+    );
     let agent = Agent::start(&["--port", &p, "--port", &r]);
     let prom = Prometheus::start(agent.addr);
 
@@ -35,24 +38,41 @@ fn promql_over_scraped_metrics_matches_the_traffic() {
 
     // Exactly what was sent, from the stored samples...
     let exact = prom
-        .query(&format!("max_over_time({refused}[1m]) - min_over_time({refused}[1m])"))
+        .query(&format!(
+            "max_over_time({refused}[1m]) - min_over_time({refused}[1m])"
+        ))
         .expect("exact increase");
     assert_eq!(exact, 20.0, "refused failures stored");
     // ...and through rate(), which extrapolates to the window's edges: at least what was sent,
     // at most 1.5x (the series is younger than the window, so Prometheus stretches it).
-    let rate = prom.query(&format!("rate({refused}[1m]) * 60")).expect("rate");
-    assert!((20.0..=30.0).contains(&rate), "rate of refused failures x 60 s: {rate}, sent 20");
+    let rate = prom
+        .query(&format!("rate({refused}[1m]) * 60"))
+        .expect("rate");
+    assert!(
+        (20.0..=30.0).contains(&rate),
+        "rate of refused failures x 60 s: {rate}, sent 20"
+    );
     let handshakes = prom
-        .query(&format!("sum(increase(tracer_tcp_handshake_duration_seconds_count{{port=\"{p}\"}}[1m]))"))
+        .query(&format!(
+            "sum(increase(tracer_tcp_handshake_duration_seconds_count{{port=\"{p}\"}}[1m]))"
+        ))
         .expect("handshake increase");
-    assert!((200.0..=300.0).contains(&handshakes), "handshakes: {handshakes}, made 100 x 2 sides");
+    assert!(
+        (200.0..=300.0).contains(&handshakes),
+        "handshakes: {handshakes}, made 100 x 2 sides"
+    );
     let median = prom
         .query(&format!(
             "histogram_quantile(0.5, sum by (le) (increase(\
              tracer_tcp_handshake_duration_seconds_bucket{{mode=\"active\",port=\"{p}\"}}[1m])))"
         ))
         .expect("median");
-    assert!((0.000_005..0.01).contains(&median), "median loopback handshake {median} s");
-    let events = prom.query("rate(tracer_events_total[30s])").expect("event rate");
+    assert!(
+        (0.000_005..0.01).contains(&median),
+        "median loopback handshake {median} s"
+    );
+    let events = prom
+        .query("rate(tracer_events_total[30s])")
+        .expect("event rate");
     assert!(events > 0.0, "event rate {events}");
 }

@@ -31,7 +31,10 @@ fn handshakes_teardowns_and_lifetimes_are_counted_per_port() {
     }
     let client_first = closed_port(V4);
     let server_first = closed_port(V4);
-    let (p, q) = (client_first.port().to_string(), server_first.port().to_string());
+    let (p, q) = (
+        client_first.port().to_string(),
+        server_first.port().to_string(),
+    );
     let agent = Agent::start(&["--port", &p, "--port", &q]);
     let a = Server::start_at(client_first, 200, Closer::Client);
     connect_many(client_first, 200, Closer::Client);
@@ -50,17 +53,43 @@ fn handshakes_teardowns_and_lifetimes_are_counted_per_port() {
             assert_eq!(count(&text, HS, &l), n, "{mode} handshakes on {port}");
             // Both ends are on this host: every connection has one active and one passive
             // closer, and one active and one passive opener.
-            assert_eq!(count(&text, "tracer_tcp_teardown_duration_seconds", &l), n, "{mode} teardowns on {port}");
-            assert_eq!(count(&text, "tracer_tcp_connection_duration_seconds", &l), n, "{mode} lifetimes on {port}");
+            assert_eq!(
+                count(&text, "tracer_tcp_teardown_duration_seconds", &l),
+                n,
+                "{mode} teardowns on {port}"
+            );
+            assert_eq!(
+                count(&text, "tracer_tcp_connection_duration_seconds", &l),
+                n,
+                "{mode} lifetimes on {port}"
+            );
         }
     }
     // Loopback handshakes take tens of microseconds. (A busy shared machine may delay a few,
     // and a burst can overflow the test server's accept queue and make a SYN wait 1 s.)
     let fast = bucket(&text, HS, &[("mode", "active"), ("port", &p)], "0.01");
-    assert!(fast >= 190.0, "active handshakes under 10 ms: {fast} of 200");
+    assert!(
+        fast >= 190.0,
+        "active handshakes under 10 ms: {fast} of 200"
+    );
     assert_eq!(sample(&text, "tracer_events_lost_total", &[]), Some(0.0));
-    assert!(sample(&text, "tracer_tcp_transitions_total", &[("from", "syn_sent"), ("to", "established")]).unwrap_or(0.0) >= 300.0);
-    assert_eq!(sample(&text, "tracer_tcp_handshake_failures_total", &[("mode", "active"), ("reason", "refused"), ("port", &p)]), None);
+    assert!(
+        sample(
+            &text,
+            "tracer_tcp_transitions_total",
+            &[("from", "syn_sent"), ("to", "established")]
+        )
+        .unwrap_or(0.0)
+            >= 300.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "tracer_tcp_handshake_failures_total",
+            &[("mode", "active"), ("reason", "refused"), ("port", &p)]
+        ),
+        None
+    );
 }
 
 #[test]
@@ -88,14 +117,39 @@ fn client_closes_first_is_an_active_teardown_on_the_client_side() {
     server.join().unwrap();
     settle();
     let text = agent.metrics_until("two teardowns", |t| {
-        count(t, "tracer_tcp_teardown_duration_seconds", &[("mode", "active"), ("port", &port)]) == 1.0
-            && count(t, "tracer_tcp_teardown_duration_seconds", &[("mode", "passive"), ("port", &port)]) == 1.0
+        count(
+            t,
+            "tracer_tcp_teardown_duration_seconds",
+            &[("mode", "active"), ("port", &port)],
+        ) == 1.0
+            && count(
+                t,
+                "tracer_tcp_teardown_duration_seconds",
+                &[("mode", "passive"), ("port", &port)],
+            ) == 1.0
     });
-    let active = sample(&text, "tracer_tcp_teardown_duration_seconds_sum", &[("mode", "active"), ("port", &port)]).unwrap();
+    let active = sample(
+        &text,
+        "tracer_tcp_teardown_duration_seconds_sum",
+        &[("mode", "active"), ("port", &port)],
+    )
+    .unwrap();
     assert!(active < 0.1, "active teardown {active} s");
-    let passive = sample(&text, "tracer_tcp_teardown_duration_seconds_sum", &[("mode", "passive"), ("port", &port)]).unwrap();
-    assert!((0.15..0.4).contains(&passive), "passive teardown {passive} s");
-    let dwell = count(&text, "tracer_tcp_state_duration_seconds", &[("state", "close_wait")]);
+    let passive = sample(
+        &text,
+        "tracer_tcp_teardown_duration_seconds_sum",
+        &[("mode", "passive"), ("port", &port)],
+    )
+    .unwrap();
+    assert!(
+        (0.15..0.4).contains(&passive),
+        "passive teardown {passive} s"
+    );
+    let dwell = count(
+        &text,
+        "tracer_tcp_state_duration_seconds",
+        &[("state", "close_wait")],
+    );
     assert!(dwell >= 1.0, "close_wait dwell observed");
 }
 
@@ -108,17 +162,29 @@ fn refused_connects_count_as_refused_failures() {
     let port = closed.port().to_string();
     let agent = Agent::start(&["--port", &port]);
     connect_refused(closed, 50);
-    let refused = [("mode", "active"), ("reason", "refused"), ("port", port.as_str())];
+    let refused = [
+        ("mode", "active"),
+        ("reason", "refused"),
+        ("port", port.as_str()),
+    ];
     // Resets are kernel counters the agent reads once a second: wait for them too.
     let resets = |t: &str, direction, state| {
-        sample(t, "tracer_tcp_resets_total", &[("direction", direction), ("state", state)]).unwrap_or(0.0)
+        sample(
+            t,
+            "tracer_tcp_resets_total",
+            &[("direction", direction), ("state", state)],
+        )
+        .unwrap_or(0.0)
     };
     let text = agent.metrics_until("50 refused and their resets", |t| {
         sample(t, "tracer_tcp_handshake_failures_total", &refused) == Some(50.0)
             && resets(t, "sent", "none") >= 50.0
             && resets(t, "received", "syn_sent") >= 50.0
     });
-    assert_eq!(count(&text, HS, &[("mode", "active"), ("port", &port)]), 0.0);
+    assert_eq!(
+        count(&text, HS, &[("mode", "active"), ("port", &port)]),
+        0.0
+    );
     // Each refusal is a RST sent for no socket and received by a socket in SYN_SENT (other
     // traffic on the machine may add more).
     assert!(resets(&text, "sent", "none") >= 50.0 && resets(&text, "received", "syn_sent") >= 50.0);
@@ -126,7 +192,9 @@ fn refused_connects_count_as_refused_failures() {
 
 #[test]
 fn a_first_syn_dropped_by_a_full_accept_queue_makes_the_active_handshake_one_second() {
-    if !require_root("a_first_syn_dropped_by_a_full_accept_queue_makes_the_active_handshake_one_second") {
+    if !require_root(
+        "a_first_syn_dropped_by_a_full_accept_queue_makes_the_active_handshake_one_second",
+    ) {
         return;
     }
     let addr = closed_port(V4);
@@ -147,17 +215,36 @@ fn a_first_syn_dropped_by_a_full_accept_queue_makes_the_active_handshake_one_sec
     let (a, _) = listener.accept().unwrap(); // frees the queue before the SYN is retried
     let (waited, s2) = second.join().unwrap();
     let (b, _) = listener.accept().unwrap();
-    assert!((0.9..1.6).contains(&waited.as_secs_f64()), "connect waited {waited:?}");
+    assert!(
+        (0.9..1.6).contains(&waited.as_secs_f64()),
+        "connect waited {waited:?}"
+    );
     drop((first, s2, a, b));
     let active = [("mode", "active"), ("port", port.as_str())];
     let passive = [("mode", "passive"), ("port", port.as_str())];
     let text = agent.metrics_until("2 handshakes each side", |t| {
         count(t, HS, &active) == 2.0 && count(t, HS, &passive) == 2.0
     });
-    assert_eq!(bucket(&text, HS, &active, "0.5"), 1.0, "the first connect was fast");
-    assert_eq!(bucket(&text, HS, &active, "1"), 1.0, "the second waited for its retried SYN");
-    assert_eq!(bucket(&text, HS, &active, "1.5"), 2.0, "one retry lands in (1, 1.5]");
-    assert_eq!(bucket(&text, HS, &passive, "0.01"), 2.0, "the server never saw the dropped SYN");
+    assert_eq!(
+        bucket(&text, HS, &active, "0.5"),
+        1.0,
+        "the first connect was fast"
+    );
+    assert_eq!(
+        bucket(&text, HS, &active, "1"),
+        1.0,
+        "the second waited for its retried SYN"
+    );
+    assert_eq!(
+        bucket(&text, HS, &active, "1.5"),
+        2.0,
+        "one retry lands in (1, 1.5]"
+    );
+    assert_eq!(
+        bucket(&text, HS, &passive, "0.01"),
+        2.0,
+        "the server never saw the dropped SYN"
+    );
 }
 
 #[test]
@@ -187,19 +274,41 @@ fn a_dropped_handshake_ack_makes_the_passive_handshake_one_second() {
         drop((c, s));
         waited
     });
-    assert!((0.9..1.6).contains(&waited.as_secs_f64()), "accept waited {waited:?}");
+    assert!(
+        (0.9..1.6).contains(&waited.as_secs_f64()),
+        "accept waited {waited:?}"
+    );
     let active = [("mode", "active"), ("port", port.as_str())];
     let passive = [("mode", "passive"), ("port", port.as_str())];
     let text = agent.metrics_until("one handshake each side", |t| {
         count(t, HS, &active) == 1.0 && count(t, HS, &passive) == 1.0
     });
-    assert_eq!(bucket(&text, HS, &active, "0.01"), 1.0, "the client saw a fast handshake");
-    assert_eq!(bucket(&text, HS, &passive, "1"), 0.0, "the server waited for its retransmit");
-    assert_eq!(bucket(&text, HS, &passive, "1.5"), 1.0, "one SYN-ACK retransmit: (1, 1.5]");
+    assert_eq!(
+        bucket(&text, HS, &active, "0.01"),
+        1.0,
+        "the client saw a fast handshake"
+    );
+    assert_eq!(
+        bucket(&text, HS, &passive, "1"),
+        0.0,
+        "the server waited for its retransmit"
+    );
+    assert_eq!(
+        bucket(&text, HS, &passive, "1.5"),
+        1.0,
+        "one SYN-ACK retransmit: (1, 1.5]"
+    );
     let retransmits = agent.metrics_until("the SYN-ACK retransmit", |t| {
         sample(t, "tracer_tcp_synack_retransmits_total", &[("port", &port)]).is_some()
     });
-    assert_eq!(sample(&retransmits, "tracer_tcp_synack_retransmits_total", &[("port", &port)]), Some(1.0));
+    assert_eq!(
+        sample(
+            &retransmits,
+            "tracer_tcp_synack_retransmits_total",
+            &[("port", &port)]
+        ),
+        Some(1.0)
+    );
 }
 
 #[test]
@@ -216,9 +325,14 @@ fn a_connection_held_500ms_has_a_lifetime_within_20_percent() {
     drop(c);
     server.join();
     let l = [("mode", "active"), ("port", port.as_str())];
-    let text = agent.metrics_until("a lifetime", |t| count(t, "tracer_tcp_connection_duration_seconds", &l) == 1.0);
+    let text = agent.metrics_until("a lifetime", |t| {
+        count(t, "tracer_tcp_connection_duration_seconds", &l) == 1.0
+    });
     let secs = sample(&text, "tracer_tcp_connection_duration_seconds_sum", &l).unwrap();
-    assert!((0.4..=0.6).contains(&secs), "held 500 ms, lifetime {secs} s");
+    assert!(
+        (0.4..=0.6).contains(&secs),
+        "held 500 ms, lifetime {secs} s"
+    );
 }
 
 /// Every other network namespace on the host (as the agent finds them), by one path each.
@@ -226,14 +340,24 @@ fn other_namespaces() -> Vec<String> {
     use std::os::unix::fs::MetadataExt;
     let own = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
     let mut seen = std::collections::BTreeMap::new();
-    let procs = std::fs::read_dir("/proc").unwrap().flatten().map(|e| e.path().join("ns/net"));
-    let named = std::fs::read_dir("/run/netns").into_iter().flatten().flatten().map(|e| e.path());
+    let procs = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("ns/net"));
+    let named = std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path());
     for path in procs.chain(named) {
         if let Ok(m) = std::fs::metadata(&path) {
             seen.entry(m.ino()).or_insert(path.display().to_string());
         }
     }
-    seen.into_iter().filter(|(ino, _)| *ino != own).map(|(_, p)| p).collect()
+    seen.into_iter()
+        .filter(|(ino, _)| *ino != own)
+        .map(|(_, p)| p)
+        .collect()
 }
 
 /// Counts `ss -tan FILTER` lines by state, with the agent's state names, in this namespace
@@ -261,7 +385,11 @@ fn ss_counts_in(netns: Option<&str>, filter: &str) -> std::collections::BTreeMap
         }
         None => std::process::Command::new("ss"),
     };
-    let out = cmd.arg("-tan").args(filter.split_whitespace()).output().expect("ss");
+    let out = cmd
+        .arg("-tan")
+        .args(filter.split_whitespace())
+        .output()
+        .expect("ss");
     let mut counts = std::collections::BTreeMap::new();
     for line in String::from_utf8_lossy(&out.stdout).lines().skip(1) {
         let name = match line.split_whitespace().next() {
@@ -294,10 +422,23 @@ fn socket_census_agrees_with_ss() {
     let server = Server::start(V4, 10, Closer::Client);
     connect_many(server.addr, 10, Closer::Client);
     let listener = TcpListener::bind((V4, 0)).unwrap();
-    let held: Vec<_> = (0..5).map(|_| TcpStream::connect(listener.local_addr().unwrap()).unwrap()).collect();
+    let held: Vec<_> = (0..5)
+        .map(|_| TcpStream::connect(listener.local_addr().unwrap()).unwrap())
+        .collect();
     server.join();
     settle();
-    let states = ["established", "syn_sent", "syn_recv", "fin_wait1", "fin_wait2", "time_wait", "close_wait", "last_ack", "listen", "closing"];
+    let states = [
+        "established",
+        "syn_sent",
+        "syn_recv",
+        "fin_wait1",
+        "fin_wait2",
+        "time_wait",
+        "close_wait",
+        "last_ack",
+        "listen",
+        "closing",
+    ];
     // The scrape is itself a TCP connection to the agent: at census time the agent's port has
     // its listener, the scrape's two established ends, and the TIME-WAITs of earlier scrapes.
     // ss counts everything else, right after the scrape, in every network namespace.
@@ -305,7 +446,10 @@ fn socket_census_agrees_with_ss() {
     let ours_filter = format!("( sport = :{agent_port} or dport = :{agent_port} )");
     let mut last = String::new();
     for _ in 0..3 {
-        let tw_before = ss_counts(&format!("state time-wait {ours_filter}")).get("time_wait").copied().unwrap_or(0.0);
+        let tw_before = ss_counts(&format!("state time-wait {ours_filter}"))
+            .get("time_wait")
+            .copied()
+            .unwrap_or(0.0);
         let text = agent.metrics();
         let mut ss = ss_counts_everywhere(&format!("not {ours_filter}"));
         *ss.entry("listen".into()).or_default() += 1.0;
@@ -313,12 +457,22 @@ fn socket_census_agrees_with_ss() {
         *ss.entry("time_wait".into()).or_default() += tw_before;
         let ours: std::collections::BTreeMap<String, f64> = states
             .iter()
-            .map(|s| (s.to_string(), sample(&text, "tracer_tcp_sockets", &[("state", s)]).unwrap_or(-1.0)))
+            .map(|s| {
+                (
+                    s.to_string(),
+                    sample(&text, "tracer_tcp_sockets", &[("state", s)]).unwrap_or(-1.0),
+                )
+            })
             .collect();
-        let theirs: std::collections::BTreeMap<String, f64> =
-            states.iter().map(|s| (s.to_string(), ss.get(*s).copied().unwrap_or(0.0))).collect();
+        let theirs: std::collections::BTreeMap<String, f64> = states
+            .iter()
+            .map(|s| (s.to_string(), ss.get(*s).copied().unwrap_or(0.0)))
+            .collect();
         if ours == theirs {
-            assert!(ours["time_wait"] >= 10.0 && ours["established"] >= 10.0, "{ours:?}");
+            assert!(
+                ours["time_wait"] >= 10.0 && ours["established"] >= 10.0,
+                "{ours:?}"
+            );
             drop(held);
             return;
         }
@@ -337,18 +491,36 @@ fn health_index_and_sigterm() {
     assert_eq!(http_get(agent.addr, "/healthz"), (200, "ok\n".to_owned()));
     let (code, index) = http_get(agent.addr, "/");
     assert_eq!(code, 200);
-    assert!(index.contains("/metrics") && index.contains("/healthz"), "{index}");
+    assert!(
+        index.contains("/metrics") && index.contains("/healthz"),
+        "{index}"
+    );
     let text = agent.metrics();
-    assert_eq!(sample(&text, "tracer_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), Some(1.0));
+    assert_eq!(
+        sample(
+            &text,
+            "tracer_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        Some(1.0)
+    );
     // Error counters exist at 0 from the first scrape.
-    for zero in ["tracer_events_lost_total", "tracer_tracked_sockets_evicted_total", "tracer_census_errors_total"] {
+    for zero in [
+        "tracer_events_lost_total",
+        "tracer_tracked_sockets_evicted_total",
+        "tracer_census_errors_total",
+    ] {
         assert_eq!(sample(&text, zero, &[]), Some(0.0), "{zero}");
     }
     assert!(sample(&text, "process_resident_memory_bytes", &[]).unwrap_or(0.0) > 0.0);
     let start = Instant::now();
     let out = agent.tracer.stop_with(libc::SIGTERM);
     assert!(out.status.success(), "{:?}", out.stderr);
-    assert!(start.elapsed() < Duration::from_secs(1), "stopped in {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "stopped in {:?}",
+        start.elapsed()
+    );
 }
 
 #[test]

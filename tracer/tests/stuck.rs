@@ -43,7 +43,10 @@ fn a_close_wait_leak_is_listed_with_its_owner_and_flagged_after_its_threshold() 
     let first = sockets_json(&agent, &query);
     let listed = array(&first);
     assert_eq!(listed.len(), 25, "{first}");
-    assert_eq!(listed.len() as u64, ss_lines(&format!("state close-wait ( sport = :{port} )")).len() as u64);
+    assert_eq!(
+        listed.len() as u64,
+        ss_lines(&format!("state close-wait ( sport = :{port} )")).len() as u64
+    );
     let thread = std::thread::current().name().unwrap_or_default().to_owned();
     for s in &listed {
         assert_eq!(s["pid"], std::process::id(), "{s}");
@@ -57,28 +60,65 @@ fn a_close_wait_leak_is_listed_with_its_owner_and_flagged_after_its_threshold() 
     let later = array(&sockets_json(&agent, &query));
     let age1 = later[0]["age_seconds"].as_f64().unwrap();
     assert!(age1 >= age0 + 2.0, "age grows: {age0} then {age1}");
-    assert!(later.iter().all(|s| s["stuck"] == true && s["reason"].as_str().unwrap().contains("close()")));
+    assert!(later
+        .iter()
+        .all(|s| s["stuck"] == true && s["reason"].as_str().unwrap().contains("close()")));
     let text = agent.metrics();
-    assert_eq!(sample(&text, "tracer_tcp_stuck_sockets", &[("state", "close_wait"), ("port", &port)]), Some(25.0));
-    let oldest = sample(&text, "tracer_tcp_oldest_socket_age_seconds", &[("state", "close_wait")]).unwrap();
+    assert_eq!(
+        sample(
+            &text,
+            "tracer_tcp_stuck_sockets",
+            &[("state", "close_wait"), ("port", &port)]
+        ),
+        Some(25.0)
+    );
+    let oldest = sample(
+        &text,
+        "tracer_tcp_oldest_socket_age_seconds",
+        &[("state", "close_wait")],
+    )
+    .unwrap();
     assert!(oldest >= age1, "oldest {oldest} >= {age1}");
 
     // The same leak in its own network namespace is found there and named by it.
     let in_ns = array(&sockets_json(&agent, "state=close_wait&port=18081"));
     assert_eq!(in_ns.len(), 25);
     assert!(in_ns.iter().all(|s| s["netns"] == ns.inode()), "{in_ns:?}");
-    let ss_in_ns = ns.exec(&["ss", "-tan", "state", "close-wait"]).lines().count() - 1;
+    let ss_in_ns = ns
+        .exec(&["ss", "-tan", "state", "close-wait"])
+        .lines()
+        .count()
+        - 1;
     assert_eq!(ss_in_ns, 25);
 
     // The command-line view of the same listing.
     let url = format!("http://{}", agent.addr);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tracer"))
-        .args(["sockets", "--agent", &url, "--state", "close_wait", "--port", &port])
+        .args([
+            "sockets",
+            "--agent",
+            &url,
+            "--state",
+            "close_wait",
+            "--port",
+            &port,
+        ])
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(table.lines().filter(|l| l.contains("close_wait") && l.contains("stuck:")).count(), 25, "{table}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        table
+            .lines()
+            .filter(|l| l.contains("close_wait") && l.contains("stuck:"))
+            .count(),
+        25,
+        "{table}"
+    );
     drop((kept, kept_in_ns));
 }
 
@@ -95,22 +135,42 @@ fn time_wait_per_port_matches_ss_and_a_narrow_port_range_shows_its_use() {
     server.join();
     settle();
     let text = agent.metrics();
-    let ss = ss_lines(&format!("state time-wait ( dport = :{port} or sport = :{port} )")).len();
-    assert_eq!(ss, 40, "client-closed connections leave TIME-WAIT on the client side");
-    assert_eq!(sample(&text, "tracer_tcp_time_wait_sockets", &[("port", &port)]), Some(ss as f64));
+    let ss = ss_lines(&format!(
+        "state time-wait ( dport = :{port} or sport = :{port} )"
+    ))
+    .len();
+    assert_eq!(
+        ss, 40,
+        "client-closed connections leave TIME-WAIT on the client side"
+    );
+    assert_eq!(
+        sample(&text, "tracer_tcp_time_wait_sockets", &[("port", &port)]),
+        Some(ss as f64)
+    );
 
     // Ten ephemeral ports in a namespace, five of them held toward one destination: 0.5.
     let ns = Netns::new("ports");
     ns.exec(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40009"]);
     let held = ns.run(|| {
         let l = TcpListener::bind("127.0.0.1:7000").unwrap();
-        let conns: Vec<_> = (0..5).map(|_| TcpStream::connect("127.0.0.1:7000").unwrap()).collect();
+        let conns: Vec<_> = (0..5)
+            .map(|_| TcpStream::connect("127.0.0.1:7000").unwrap())
+            .collect();
         (l, conns)
     });
     let text = agent.metrics();
-    assert_eq!(sample(&text, "tracer_tcp_ephemeral_port_utilization", &[]), Some(0.5));
+    assert_eq!(
+        sample(&text, "tracer_tcp_ephemeral_port_utilization", &[]),
+        Some(0.5)
+    );
     let worst = &sockets_json(&agent, "limit=1")["busiest_destinations"][0];
-    assert_eq!((worst["remote_port"].as_u64(), worst["ephemeral_ports_used"].as_u64()), (Some(7000), Some(5)));
+    assert_eq!(
+        (
+            worst["remote_port"].as_u64(),
+            worst["ephemeral_ports_used"].as_u64()
+        ),
+        (Some(7000), Some(5))
+    );
     assert_eq!(worst["netns"], ns.inode());
     drop(held);
 }
@@ -120,7 +180,13 @@ fn listen_overflows() -> f64 {
     let tcp_ext: Vec<&str> = text.lines().filter(|l| l.starts_with("TcpExt:")).collect();
     let names = tcp_ext[0].split_whitespace();
     let values = tcp_ext[1].split_whitespace();
-    names.zip(values).find(|(n, _)| *n == "ListenOverflows").unwrap().1.parse().unwrap()
+    names
+        .zip(values)
+        .find(|(n, _)| *n == "ListenOverflows")
+        .unwrap()
+        .1
+        .parse()
+        .unwrap()
 }
 
 #[test]
@@ -142,7 +208,11 @@ fn a_full_accept_queue_shows_its_length_limit_and_overflows() {
     // Never accepted: the queue fills (Linux queues one more than the backlog), and the
     // kernel drops the SYNs after that, counting ListenOverflows.
     let attempts: Vec<_> = (0..6)
-        .map(|_| std::thread::spawn(move || TcpStream::connect_timeout(&addr, Duration::from_millis(1500))))
+        .map(|_| {
+            std::thread::spawn(move || {
+                TcpStream::connect_timeout(&addr, Duration::from_millis(1500))
+            })
+        })
         .collect();
     std::thread::sleep(Duration::from_millis(500));
     let ss = ss_lines(&format!("state listening ( sport = :{port} )"));
@@ -151,13 +221,18 @@ fn a_full_accept_queue_shows_its_length_limit_and_overflows() {
     let text = agent.metrics();
     let queue = sample(&text, "tracer_tcp_listen_queue", &[("port", &port)]).unwrap();
     let limit = sample(&text, "tracer_tcp_listen_queue_limit", &[("port", &port)]).unwrap();
-    assert_eq!((queue, limit), (ss_queue, ss_limit), "tracer vs ss (Recv-Q, Send-Q)");
+    assert_eq!(
+        (queue, limit),
+        (ss_queue, ss_limit),
+        "tracer vs ss (Recv-Q, Send-Q)"
+    );
     assert_eq!(limit, 2.0);
     assert!(queue >= limit, "the queue is full: {queue} of {limit}");
     let proc_after = listen_overflows();
     assert!(proc_after > proc_before, "the kernel counted overflows");
     let after = agent.metrics_until("the overflows", |t| {
-        sample(t, "tracer_tcp_listen_overflows_total", &[]).unwrap_or(0.0) - agent_before >= proc_after - proc_before
+        sample(t, "tracer_tcp_listen_overflows_total", &[]).unwrap_or(0.0) - agent_before
+            >= proc_after - proc_before
     });
     assert!(sample(&after, "tracer_tcp_listen_drops_total", &[]).unwrap() > 0.0);
     for a in attempts {
@@ -177,21 +252,41 @@ fn half_open_handshakes_are_listed_and_a_black_holed_connect_is_flagged() {
         "table inet t {\n chain out {\n type filter hook output priority 0;\n \
          tcp dport 18082 tcp flags == ack drop\n tcp dport 9 drop\n }\n}\n",
     );
-    let agent = Agent::start(&["--stuck-after", "syn_sent=2s", "--stuck-after", "syn_recv=2s", "--port", "18082", "--port", "9"]);
-    let comm = std::fs::read_to_string("/proc/thread-self/comm").unwrap().trim_end().to_owned();
+    let agent = Agent::start(&[
+        "--stuck-after",
+        "syn_sent=2s",
+        "--stuck-after",
+        "syn_recv=2s",
+        "--port",
+        "18082",
+        "--port",
+        "9",
+    ]);
+    let comm = std::fs::read_to_string("/proc/thread-self/comm")
+        .unwrap()
+        .trim_end()
+        .to_owned();
     let connected = Instant::now();
     let (listener, clients) = ns.run(|| {
         let l = TcpListener::bind("127.0.0.1:18082").unwrap();
         // connect() returns once the SYN-ACK arrives; the server never sees the final ACK.
-        let c: Vec<_> = (0..3).map(|_| TcpStream::connect("127.0.0.1:18082").unwrap()).collect();
+        let c: Vec<_> = (0..3)
+            .map(|_| TcpStream::connect("127.0.0.1:18082").unwrap())
+            .collect();
         (l, c)
     });
-    let black_hole = ns.spawn(|| TcpStream::connect_timeout(&"127.0.0.1:9".parse().unwrap(), Duration::from_secs(5)));
+    let black_hole = ns.spawn(|| {
+        TcpStream::connect_timeout(&"127.0.0.1:9".parse().unwrap(), Duration::from_secs(5))
+    });
     std::thread::sleep(Duration::from_millis(2_500));
 
     let half_open = array(&sockets_json(&agent, "state=syn_recv&port=18082"));
     let elapsed = connected.elapsed().as_secs_f64();
-    let ss_half_open = ns.exec(&["ss", "-tan", "state", "syn-recv"]).lines().count() - 1;
+    let ss_half_open = ns
+        .exec(&["ss", "-tan", "state", "syn-recv"])
+        .lines()
+        .count()
+        - 1;
     assert_eq!(half_open.len(), 3);
     assert_eq!(ss_half_open, 3);
     // Request sockets never pass through the tracepoint: their age comes from the SYN-ACK
@@ -199,20 +294,47 @@ fn half_open_handshakes_are_listed_and_a_black_holed_connect_is_flagged() {
     // eighth late, so the figure is a lower bound within 1/8 s of this test's own clock.
     for s in &half_open {
         let age = s["age_seconds"].as_f64().unwrap();
-        assert!(age <= elapsed + 0.02 && age >= elapsed - 0.2, "age {age} s, {elapsed} s since connect: {s}");
-        assert_eq!((s["age_source"].as_str(), s["age_is_lower_bound"].as_bool()), (Some("synack_timer"), Some(true)), "{s}");
+        assert!(
+            age <= elapsed + 0.02 && age >= elapsed - 0.2,
+            "age {age} s, {elapsed} s since connect: {s}"
+        );
+        assert_eq!(
+            (s["age_source"].as_str(), s["age_is_lower_bound"].as_bool()),
+            (Some("synack_timer"), Some(true)),
+            "{s}"
+        );
         assert!(s["netns"] == ns.inode() && s["stuck"] == true, "{s}");
         // Owned by the listener's process (its thread inherited this thread's name).
-        assert!(s["pid"] == std::process::id() && s["comm"] == comm.as_str(), "{s}");
+        assert!(
+            s["pid"] == std::process::id() && s["comm"] == comm.as_str(),
+            "{s}"
+        );
     }
-    assert_eq!(sample(&agent.metrics(), "tracer_tcp_stuck_sockets", &[("state", "syn_recv"), ("port", "18082")]), Some(3.0));
+    assert_eq!(
+        sample(
+            &agent.metrics(),
+            "tracer_tcp_stuck_sockets",
+            &[("state", "syn_recv"), ("port", "18082")]
+        ),
+        Some(3.0)
+    );
 
     let syn_sent = array(&sockets_json(&agent, "state=syn_sent&port=9"));
     assert_eq!(syn_sent.len(), 1, "{syn_sent:?}");
     assert_eq!(syn_sent[0]["stuck"], true, "{syn_sent:?}");
     assert!(syn_sent[0]["age_seconds"].as_f64().unwrap() >= 2.0);
     let text = agent.metrics();
-    assert_eq!(sample(&text, "tracer_tcp_stuck_sockets", &[("state", "syn_sent"), ("port", "9")]), Some(1.0));
-    assert!(black_hole.join().unwrap().is_err(), "the black-holed connect times out");
+    assert_eq!(
+        sample(
+            &text,
+            "tracer_tcp_stuck_sockets",
+            &[("state", "syn_sent"), ("port", "9")]
+        ),
+        Some(1.0)
+    );
+    assert!(
+        black_hole.join().unwrap().is_err(),
+        "the black-holed connect times out"
+    );
     drop((listener, clients));
 }

@@ -24,7 +24,10 @@ impl Traffic {
                 servers.push((Server::start(ip, per_kind, closer), per_kind, closer));
             }
         }
-        let refused = [V4, v6.as_str()].iter().map(|ip| (closed_port(ip), refused_per_family)).collect();
+        let refused = [V4, v6.as_str()]
+            .iter()
+            .map(|ip| (closed_port(ip), refused_per_family))
+            .collect();
         Traffic { servers, refused }
     }
 
@@ -35,7 +38,10 @@ impl Traffic {
     }
 
     fn port_args(&self) -> Vec<String> {
-        self.ports().iter().flat_map(|p| ["--port".to_owned(), p.to_string()]).collect()
+        self.ports()
+            .iter()
+            .flat_map(|p| ["--port".to_owned(), p.to_string()])
+            .collect()
     }
 
     /// Makes every connection, waits for every server to finish, and lets the kernel settle.
@@ -73,7 +79,12 @@ fn every_transition_ftrace_records_is_printed_once() {
     traffic.run();
     let oracle = ftrace.stop();
     let out = tracer.stop_with(libc::SIGINT);
-    assert!(out.status.success(), "tracer exited with {}: {:?}", out.status, out.stderr);
+    assert!(
+        out.status.success(),
+        "tracer exited with {}: {:?}",
+        out.status,
+        out.stderr
+    );
 
     let printed = out.keys();
     let (received, printed_n, lost) = out.summary();
@@ -84,11 +95,23 @@ fn every_transition_ftrace_records_is_printed_once() {
     assert_eq!(count(&oracle, "syn_sent", "established"), 2_000);
     assert_eq!(count(&oracle, "syn_recv", "established"), 2_000);
     assert_eq!(count(&oracle, "syn_sent", "close"), 200);
-    assert!(oracle.len() >= 2_000 * 10 + 200 * 2, "ftrace recorded only {}", oracle.len());
+    assert!(
+        oracle.len() >= 2_000 * 10 + 200 * 2,
+        "ftrace recorded only {}",
+        oracle.len()
+    );
     let (want, got) = (multiset(oracle), multiset(printed));
     if want != got {
-        let missing: Vec<_> = want.iter().filter(|(k, n)| got.get(*k) != Some(n)).take(10).collect();
-        let extra: Vec<_> = got.iter().filter(|(k, n)| want.get(*k) != Some(n)).take(10).collect();
+        let missing: Vec<_> = want
+            .iter()
+            .filter(|(k, n)| got.get(*k) != Some(n))
+            .take(10)
+            .collect();
+        let extra: Vec<_> = got
+            .iter()
+            .filter(|(k, n)| want.get(*k) != Some(n))
+            .take(10)
+            .collect();
         panic!("tracer and ftrace disagree; ftrace has {missing:?}; tracer has {extra:?}");
     }
 }
@@ -105,20 +128,37 @@ fn owner_and_dwell_of_a_client_process() {
     let server = Server::start_at(addr, 1, Closer::Client);
     // A client in its own process: bash connects, holds the connection 300 ms, closes.
     let script = format!("exec 3<>/dev/tcp/127.0.0.1/{port}; sleep 0.3; exec 3<&-");
-    let mut client = std::process::Command::new("bash").args(["-c", &script]).spawn().expect("bash");
+    let mut client = std::process::Command::new("bash")
+        .args(["-c", &script])
+        .spawn()
+        .expect("bash");
     let client_pid = client.id();
     assert!(client.wait().expect("bash").success());
     server.join();
     settle();
     let out = tracer.stop_with(libc::SIGTERM);
-    assert!(out.status.success(), "SIGTERM must end tracer with 0: {:?}", out.stderr);
+    assert!(
+        out.status.success(),
+        "SIGTERM must end tracer with 0: {:?}",
+        out.stderr
+    );
 
     let events = out.json();
-    let client_events: Vec<_> = events.iter().filter(|e| e["dport"] == server_port(&port)).collect();
-    let names: Vec<_> = client_events.iter().map(|e| (e["old"].as_str().unwrap(), e["new"].as_str().unwrap())).collect();
+    let client_events: Vec<_> = events
+        .iter()
+        .filter(|e| e["dport"] == server_port(&port))
+        .collect();
+    let names: Vec<_> = client_events
+        .iter()
+        .map(|e| (e["old"].as_str().unwrap(), e["new"].as_str().unwrap()))
+        .collect();
     assert_eq!(
         &names[..3],
-        &[("close", "syn_sent"), ("syn_sent", "established"), ("established", "fin_wait1")],
+        &[
+            ("close", "syn_sent"),
+            ("syn_sent", "established"),
+            ("established", "fin_wait1")
+        ],
         "client transitions: {names:?}"
     );
     for e in &client_events {
@@ -131,7 +171,10 @@ fn owner_and_dwell_of_a_client_process() {
         .find(|e| e["old"] == "established" && e["new"] == "fin_wait1")
         .expect("established -> fin_wait1");
     let dwell_ms = held["dwell_ns"].as_u64().expect("dwell known") as f64 / 1e6;
-    assert!((240.0..=360.0).contains(&dwell_ms), "held 300 ms, dwell {dwell_ms} ms");
+    assert!(
+        (240.0..=360.0).contains(&dwell_ms),
+        "held 300 ms, dwell {dwell_ms} ms"
+    );
     // The first transition of a socket has no known dwell.
     assert!(client_events[0]["dwell_ns"].is_null());
 
@@ -174,10 +217,20 @@ fn tiny_ring_buffer_counts_every_drop() {
 
     let (received, printed, lost) = out.summary();
     assert_eq!(printed as usize, out.stdout.len());
-    assert!(lost > 0, "expected drops with a 4 KiB ring buffer; stderr {:?}", out.stderr);
-    assert_eq!(received + lost, oracle.len() as u64, "printed {printed} + lost {lost} vs ftrace");
     assert!(
-        out.stderr.iter().any(|l| l.contains("events lost (ring buffer full)")),
+        lost > 0,
+        "expected drops with a 4 KiB ring buffer; stderr {:?}",
+        out.stderr
+    );
+    assert_eq!(
+        received + lost,
+        oracle.len() as u64,
+        "printed {printed} + lost {lost} vs ftrace"
+    );
+    assert!(
+        out.stderr
+            .iter()
+            .any(|l| l.contains("events lost (ring buffer full)")),
         "losses must be reported while running: {:?}",
         out.stderr
     );
@@ -190,14 +243,30 @@ fn count_and_state_filters_stop_and_select() {
     }
     let server = Server::start(V4, 20, Closer::Client);
     let port = server.addr.port().to_string();
-    let tracer = Tracer::start(&["watch", "--json", "--port", &port, "--state", "close_wait", "--count", "5"], true);
+    let tracer = Tracer::start(
+        &[
+            "watch",
+            "--json",
+            "--port",
+            &port,
+            "--state",
+            "close_wait",
+            "--count",
+            "5",
+        ],
+        true,
+    );
     connect_many(server.addr, 20, Closer::Client);
     server.join();
     let out = tracer.wait();
     assert!(out.status.success(), "{:?}", out.stderr);
     let keys = out.keys();
     assert_eq!(keys.len(), 5, "--count 5 printed {keys:?}");
-    assert!(keys.iter().all(|k| k.2 == "close_wait" || k.3 == "close_wait"), "{keys:?}");
+    assert!(
+        keys.iter()
+            .all(|k| k.2 == "close_wait" || k.3 == "close_wait"),
+        "{keys:?}"
+    );
 }
 
 #[test]
@@ -217,19 +286,46 @@ fn human_output_has_aligned_columns_and_unknown_owner_dashes() {
     settle();
     let out = tracer.stop_with(libc::SIGINT);
     assert!(out.status.success());
-    assert!(out.stdout[0].starts_with("TIME(UTC)"), "header: {:?}", out.stdout);
-    let first = out.stdout.iter().find(|l| l.contains("established -> fin_wait1")).expect("line");
+    assert!(
+        out.stdout[0].starts_with("TIME(UTC)"),
+        "header: {:?}",
+        out.stdout
+    );
+    let first = out
+        .stdout
+        .iter()
+        .find(|l| l.contains("established -> fin_wait1"))
+        .expect("line");
     let cols: Vec<&str> = first.split_whitespace().collect();
     assert_eq!(cols[1], "-", "unknown pid printed as '-': {first}");
     assert_eq!(cols[2], "-", "unknown comm printed as '-': {first}");
-    assert_eq!(cols[3], format!("127.0.0.1:{}", client_port(first)), "{first}");
-    assert_eq!(*cols.last().unwrap(), "-", "dwell of a pre-existing state is unknown: {first}");
+    assert_eq!(
+        cols[3],
+        format!("127.0.0.1:{}", client_port(first)),
+        "{first}"
+    );
+    assert_eq!(
+        *cols.last().unwrap(),
+        "-",
+        "dwell of a pre-existing state is unknown: {first}"
+    );
     let header_new = out.stdout[0].find("OLD -> NEW").unwrap();
-    assert_eq!(first.find("established"), Some(header_new), "columns aligned:\n{}\n{first}", out.stdout[0]);
+    assert_eq!(
+        first.find("established"),
+        Some(header_new),
+        "columns aligned:\n{}\n{first}",
+        out.stdout[0]
+    );
 }
 
 fn client_port(line: &str) -> String {
-    line.split_whitespace().nth(3).unwrap().rsplit(':').next().unwrap().to_owned()
+    line.split_whitespace()
+        .nth(3)
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_owned()
 }
 
 #[test]
@@ -241,25 +337,38 @@ fn probe_is_detached_after_exit() {
     let ours = || -> std::collections::BTreeSet<u32> {
         aya::programs::loaded_programs()
             .filter_map(Result::ok)
-            .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("inet_sock_set_s")))
+            .filter(|p| {
+                p.name_as_str()
+                    .is_some_and(|n| n.starts_with("inet_sock_set_s"))
+            })
             .map(|p| p.id())
             .collect()
     };
     let before = ours();
     let tracer = Tracer::start(&["watch", "--duration", "300ms"], true);
     let while_running: Vec<u32> = ours().difference(&before).copied().collect();
-    assert_eq!(while_running.len(), 2, "the main and the rescue program are loaded");
+    assert_eq!(
+        while_running.len(),
+        2,
+        "the main and the rescue program are loaded"
+    );
     let out = tracer.wait();
     assert!(out.status.success(), "{:?}", out.stderr);
     // The kernel frees a program after its last reference goes, from deferred work (RCU):
     // allow it a moment; a leak would stay.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
     loop {
-        let left: Vec<u32> = ours().into_iter().filter(|id| while_running.contains(id)).collect();
+        let left: Vec<u32> = ours()
+            .into_iter()
+            .filter(|id| while_running.contains(id))
+            .collect();
         if left.is_empty() {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "programs {left:?} stayed loaded after exit");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "programs {left:?} stayed loaded after exit"
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
@@ -277,13 +386,20 @@ fn pid_filter_keeps_only_that_owners_sockets() {
     // Three clients in other processes: their sockets must not be printed.
     for _ in 0..3 {
         let script = format!("exec 3<>/dev/tcp/127.0.0.1/{port}; exec 3<&-");
-        assert!(std::process::Command::new("bash").args(["-c", &script]).status().unwrap().success());
+        assert!(std::process::Command::new("bash")
+            .args(["-c", &script])
+            .status()
+            .unwrap()
+            .success());
     }
     server.join();
     settle();
     let out = tracer.stop_with(libc::SIGINT);
     let events = out.json();
-    assert!(events.iter().all(|e| e["pid"] == std::process::id()), "{events:?}");
+    assert!(
+        events.iter().all(|e| e["pid"] == std::process::id()),
+        "{events:?}"
+    );
     let keys = out.keys();
     assert_eq!(count(&keys, "close", "listen"), 1, "{keys:?}");
     assert_eq!(count(&keys, "listen", "syn_recv"), 3, "{keys:?}");

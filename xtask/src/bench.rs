@@ -90,7 +90,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         tw_reuse.trim()
     );
     if tw_reuse.trim() == "0" {
-        println!("bench: tcp_tw_reuse is 0: clients may run out of ephemeral ports (counted below)");
+        println!(
+            "bench: tcp_tw_reuse is 0: clients may run out of ephemeral ports (counted below)"
+        );
     }
     let mut modes = vec![Mode::Baseline, Mode::Watch, Mode::Run];
     if !args.no_bpftrace {
@@ -123,7 +125,16 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     for (i, &mode) in modes.iter().enumerate() {
         let rate = median(samples[i].iter().map(|s| s.conns_per_sec).collect());
         if mode == Mode::Baseline {
-            println!("{:<10} {:>4}  {:>13.0}   {:>5.3}   {:>19}   {:>12}   {:>6}", mode.name(), samples[i].len(), rate, 1.0, "-", "-", "-");
+            println!(
+                "{:<10} {:>4}  {:>13.0}   {:>5.3}   {:>19}   {:>12}   {:>6}",
+                mode.name(),
+                samples[i].len(),
+                rate,
+                1.0,
+                "-",
+                "-",
+                "-"
+            );
             continue;
         }
         let events = median(samples[i].iter().map(|s| s.events as f64).collect());
@@ -140,7 +151,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             cpu
         );
     }
-    println!("reproduce: cargo xtask bench --seconds {} --rounds {} --held {}", args.seconds, args.rounds, args.held);
+    println!(
+        "reproduce: cargo xtask bench --seconds {} --rounds {} --held {}",
+        args.seconds, args.rounds, args.held
+    );
     probe_cost_phase(Duration::from_secs(args.seconds))?;
     if args.held > 0 {
         memory_phase(args.held)?;
@@ -164,7 +178,10 @@ fn run_once(mode: Mode, duration: Duration) -> Result<Sample> {
         Mode::Watch => Some(TracerProcess::start(&["watch", "--json"], None)?),
         Mode::Run => {
             let addr = free_port()?;
-            Some(TracerProcess::start(&["run", "--listen", &addr.to_string()], Some(addr))?)
+            Some(TracerProcess::start(
+                &["run", "--listen", &addr.to_string()],
+                Some(addr),
+            )?)
         }
         Mode::BpftraceCount => Some(TracerProcess::bpftrace(BPFTRACE_COUNT)?),
         Mode::BpftracePrint => Some(TracerProcess::bpftrace(BPFTRACE_PRINT)?),
@@ -173,13 +190,20 @@ fn run_once(mode: Mode, duration: Duration) -> Result<Sample> {
     if addr_errors > 0 {
         println!("  ({addr_errors} connects failed with EADDRNOTAVAIL and were retried)");
     }
-    let mut sample = Sample { conns_per_sec: conns as f64 / duration.as_secs_f64(), ..Default::default() };
+    let mut sample = Sample {
+        conns_per_sec: conns as f64 / duration.as_secs_f64(),
+        ..Default::default()
+    };
     if let Some(t) = tracer.as_mut() {
         std::thread::sleep(Duration::from_millis(200));
         let (events, lost, cpu_us) = t.stop()?;
         sample.events = events;
         sample.lost = lost;
-        sample.cpu_us_per_event = if events > 0 { cpu_us / events as f64 } else { 0.0 };
+        sample.cpu_us_per_event = if events > 0 {
+            cpu_us / events as f64
+        } else {
+            0.0
+        };
     }
     Ok(sample)
 }
@@ -241,7 +265,9 @@ fn churn(duration: Duration) -> Result<(u64, u64)> {
     let completed = done.load(Ordering::Relaxed);
     // Wake each acceptor with one last connection so that it sees the stop flag.
     stop.store(true, Ordering::Relaxed);
-    let wakers: Vec<_> = (0..ACCEPTORS).filter_map(|_| TcpStream::connect(addr).ok()).collect();
+    let wakers: Vec<_> = (0..ACCEPTORS)
+        .filter_map(|_| TcpStream::connect(addr).ok())
+        .collect();
     for t in threads {
         let _ = t.join();
     }
@@ -283,7 +309,12 @@ impl TracerProcess {
             .with_context(|| format!("starting {TRACER}"))?;
         let stderr = lines_of(child.stderr.take().context("tracer stderr")?);
         let kind = metrics.map_or(Kind::Watch, Kind::Run);
-        let mut t = TracerProcess { child, start_cpu_us: 0.0, kind, stderr };
+        let mut t = TracerProcess {
+            child,
+            start_cpu_us: 0.0,
+            kind,
+            stderr,
+        };
         loop {
             match t.stderr.recv_timeout(Duration::from_secs(30)) {
                 Ok(line) if line.starts_with("tracer: attached") => {
@@ -315,15 +346,26 @@ impl TracerProcess {
                 } else if let Some(n) = line.strip_prefix('@').and_then(|l| l.rsplit(": ").next()) {
                     counted += n.trim().parse::<u64>().unwrap_or(0);
                 } else if let Some(n) = line.strip_prefix("Lost ") {
-                    lost += n.split(' ').next().and_then(|n| n.parse().ok()).unwrap_or(0);
+                    lost += n
+                        .split(' ')
+                        .next()
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(0);
                 } else if !line.is_empty() {
                     printed += 1;
                 }
             }
             (printed, counted, lost)
         });
-        let mut t = TracerProcess { child, start_cpu_us: 0.0, kind: Kind::Bpftrace(reader), stderr };
-        ready.recv_timeout(Duration::from_secs(60)).context("bpftrace did not attach")?;
+        let mut t = TracerProcess {
+            child,
+            start_cpu_us: 0.0,
+            kind: Kind::Bpftrace(reader),
+            stderr,
+        };
+        ready
+            .recv_timeout(Duration::from_secs(60))
+            .context("bpftrace did not attach")?;
         t.start_cpu_us = cpu_micros(t.child.id())?;
         Ok(t)
     }
@@ -335,7 +377,10 @@ impl TracerProcess {
         let from_metrics = match self.kind {
             Kind::Run(addr) => {
                 let text = scrape(addr)?;
-                Some((metric(&text, "tracer_events_total"), metric(&text, "tracer_events_lost_total")))
+                Some((
+                    metric(&text, "tracer_events_total"),
+                    metric(&text, "tracer_events_lost_total"),
+                ))
             }
             _ => None,
         };
@@ -363,7 +408,9 @@ impl TracerProcess {
         while let Ok(line) = self.stderr.recv_timeout(Duration::from_secs(2)) {
             if line.contains("events received") {
                 summary = Some(line);
-            } else if line.contains("lost") || (line.contains("missed") && !line.contains(" 0 missed")) {
+            } else if line.contains("lost")
+                || (line.contains("missed") && !line.contains(" 0 missed"))
+            {
                 println!("  {line}");
             }
         }
@@ -371,13 +418,17 @@ impl TracerProcess {
             return Ok((events, lost, cpu_us));
         }
         if let Kind::Bpftrace(reader) = std::mem::replace(&mut self.kind, Kind::Watch) {
-            let (printed, counted, lost) = reader.join().map_err(|_| anyhow::anyhow!("bpftrace reader"))?;
+            let (printed, counted, lost) = reader
+                .join()
+                .map_err(|_| anyhow::anyhow!("bpftrace reader"))?;
             return Ok((printed.max(counted), lost, cpu_us));
         }
         // watch: "tracer: N events received, M printed, L lost"
         let line = summary.context("no summary line from tracer watch")?;
-        let nums: Vec<u64> =
-            line.split(|c: char| !c.is_ascii_digit()).filter_map(|s| s.parse().ok()).collect();
+        let nums: Vec<u64> = line
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|s| s.parse().ok())
+            .collect();
         match nums[..] {
             [received, _, lost] => Ok((received, lost, cpu_us)),
             _ => bail!("unexpected summary {line:?}"),
@@ -418,7 +469,10 @@ fn probe_cost_phase(duration: Duration) -> Result<()> {
         "probe cost (kernel.bpf_stats_enabled=1, one run, {:.0} conn/s):",
         conns as f64 / duration.as_secs_f64()
     );
-    for line in text.lines().filter(|l| l.starts_with("tracer_probe_runs_total{")) {
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("tracer_probe_runs_total{"))
+    {
         let (labels, runs) = line.rsplit_once(' ').context("metric line")?;
         let program = labels.trim_start_matches("tracer_probe_runs_total");
         let runs: f64 = runs.parse()?;
@@ -427,7 +481,11 @@ fn probe_cost_phase(duration: Duration) -> Result<()> {
             .find_map(|l| l.strip_prefix(&format!("tracer_probe_run_seconds_total{program} ")))
             .and_then(|v| v.parse::<f64>().ok())
             .unwrap_or(0.0);
-        let per_run = if runs > 0.0 { seconds * 1e9 / runs } else { 0.0 };
+        let per_run = if runs > 0.0 {
+            seconds * 1e9 / runs
+        } else {
+            0.0
+        };
         println!("  {program:<40} {runs:>10.0} runs  {per_run:>6.0} ns per run");
     }
     Ok(())
@@ -446,7 +504,10 @@ impl Drop for TracerProcess {
 fn cpu_micros(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("parsing /proc/PID/stat")?;
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("parsing /proc/PID/stat")?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
     // SAFETY: sysconf has no preconditions.
@@ -457,7 +518,10 @@ fn cpu_micros(pid: u32) -> Result<f64> {
 fn scrape(addr: SocketAddr) -> Result<String> {
     let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut body = String::new();
     s.read_to_string(&mut body)?;
     Ok(body)
@@ -480,7 +544,13 @@ const HOLD_PER_PROCESS: usize = 9_000;
 fn memory_phase(held: usize) -> Result<()> {
     let addr = free_port()?;
     let mut tracer = TracerProcess::start(
-        &["run", "--listen", &addr.to_string(), "--max-sockets", &(4 * held).to_string()],
+        &[
+            "run",
+            "--listen",
+            &addr.to_string(),
+            "--max-sockets",
+            &(4 * held).to_string(),
+        ],
         Some(addr),
     )?;
     let before = metric(&scrape(addr)?, "process_resident_memory_bytes");

@@ -37,7 +37,11 @@ pub fn run() -> Result<()> {
 fn rules() -> Result<()> {
     let dir = Path::new("deploy/prometheus");
     run_in(dir, "promtool", &["check", "rules", "tracer-alerts.yml"])?;
-    run_in(dir, "promtool", &["test", "rules", "tracer-alerts.test.yml"])
+    run_in(
+        dir,
+        "promtool",
+        &["test", "rules", "tracer-alerts.test.yml"],
+    )
 }
 
 /// Each dashboard becomes a TypeScript object literal typed as Grafana's `Dashboard`: tsc
@@ -45,16 +49,32 @@ fn rules() -> Result<()> {
 fn dashboards() -> Result<()> {
     let work = PathBuf::from("target/schema-check");
     std::fs::create_dir_all(&work)?;
-    if !work.join("node_modules/@grafana/schema").exists() || !work.join("node_modules/.bin/tsc").exists() {
+    if !work.join("node_modules/@grafana/schema").exists()
+        || !work.join("node_modules/.bin/tsc").exists()
+    {
         std::fs::write(work.join("package.json"), "{\"private\": true}\n")?;
-        run_in(&work, "npm", &["install", "--no-audit", "--no-fund", "--silent", GRAFANA_SCHEMA, TYPESCRIPT])?;
+        run_in(
+            &work,
+            "npm",
+            &[
+                "install",
+                "--no-audit",
+                "--no-fund",
+                "--silent",
+                GRAFANA_SCHEMA,
+                TYPESCRIPT,
+            ],
+        )?;
     }
     let mut files = Vec::new();
     for entry in std::fs::read_dir("dashboards")?.flatten() {
         let path = entry.path();
         if path.extension().is_some_and(|e| e == "json") {
             let json = std::fs::read_to_string(&path)?;
-            let name = format!("{}.ts", path.file_stem().unwrap_or_default().to_string_lossy());
+            let name = format!(
+                "{}.ts",
+                path.file_stem().unwrap_or_default().to_string_lossy()
+            );
             let ts = format!(
                 "// Generated from {}: a type check, not code.\nimport type {{ Dashboard }} from '@grafana/schema';\nexport const dashboard: Dashboard = {json};\n",
                 path.display()
@@ -75,9 +95,21 @@ fn dashboards() -> Result<()> {
 }
 
 fn manifests() -> Result<()> {
-    let installed = Command::new("kubernetes-validate").arg("--version").output().is_ok_and(|o| o.status.success());
+    let installed = Command::new("kubernetes-validate")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !installed {
-        run_in(Path::new("."), "pip3", &["install", "--quiet", "--disable-pip-version-check", KUBERNETES_VALIDATE])?;
+        run_in(
+            Path::new("."),
+            "pip3",
+            &[
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                KUBERNETES_VALIDATE,
+            ],
+        )?;
     }
     let mut args = vec!["--strict".to_owned(), "--quiet".to_owned()];
     for entry in std::fs::read_dir("deploy/kubernetes")?.flatten() {
@@ -91,7 +123,8 @@ fn manifests() -> Result<()> {
 fn unit() -> Result<()> {
     let work = PathBuf::from("target/unit-check");
     std::fs::create_dir_all(&work)?;
-    let binary = std::fs::canonicalize("target/release/tracer").context("target/release/tracer (build first)")?;
+    let binary = std::fs::canonicalize("target/release/tracer")
+        .context("target/release/tracer (build first)")?;
     let unit = std::fs::read_to_string("deploy/systemd/tracer.service")?
         .replace("/usr/local/bin/tracer", &binary.display().to_string());
     std::fs::write(work.join("tracer.service"), unit)?;

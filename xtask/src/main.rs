@@ -48,7 +48,9 @@ fn main() -> ExitCode {
         Task::Test => test(),
         Task::Hold { connections } => bench::hold(connections),
         Task::Churn { seconds } => bench::churn_only(seconds),
-        Task::Bench(args) => setup::run().and_then(|()| build_release()).and_then(|()| bench::run(&args)),
+        Task::Bench(args) => setup::run()
+            .and_then(|()| build_release())
+            .and_then(|()| bench::run(&args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -82,7 +84,15 @@ fn test() -> Result<()> {
     build_release()?;
     setup::mount_tracefs()?;
     cargo(&["test", "--release", "--lib", "--bins"])?;
-    let kernel_tests = cargo(&["test", "--release", "--no-fail-fast", "--test", "*", "--", "--test-threads=1"]);
+    let kernel_tests = cargo(&[
+        "test",
+        "--release",
+        "--no-fail-fast",
+        "--test",
+        "*",
+        "--",
+        "--test-threads=1",
+    ]);
     // The deploy checks run even when a kernel test failed, so that one run shows both.
     let deploy = checks::run();
     kernel_tests.and(deploy)

@@ -40,7 +40,11 @@ pub fn run() -> Result<()> {
 
 /// Installs the Debian packages of `packages` that are missing; no network work otherwise.
 pub fn install_packages(packages: &[&str]) -> Result<()> {
-    let missing: Vec<&str> = packages.iter().copied().filter(|p| !package_installed(p)).collect();
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| !package_installed(p))
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -68,7 +72,10 @@ fn link_toolchain() -> Result<()> {
         .args(["toolchain", "list"])
         .output()
         .context("running rustup (the project expects rustup's cargo on PATH)")?;
-    if String::from_utf8_lossy(&list.stdout).lines().any(|l| l.starts_with(BPF_TOOLCHAIN)) {
+    if String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .any(|l| l.starts_with(BPF_TOOLCHAIN))
+    {
         return Ok(());
     }
     eprintln!("xtask: registering Debian's rustc-web with rustup as {BPF_TOOLCHAIN}");

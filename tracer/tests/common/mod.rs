@@ -51,7 +51,9 @@ impl Ftrace {
             root.join("instances").exists(),
             "tracefs is not mounted at /sys/kernel/tracing (cargo xtask test mounts it)"
         );
-        let dir = root.join("instances").join(format!("{name}-{}", std::process::id()));
+        let dir = root
+            .join("instances")
+            .join(format!("{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir(&dir);
         std::fs::create_dir(&dir).expect("creating an ftrace instance");
         let ft = Ftrace { dir };
@@ -61,7 +63,10 @@ impl Ftrace {
             .map(|p| format!("sport == {p} || dport == {p}"))
             .collect::<Vec<_>>()
             .join(" || ");
-        ft.write("events/sock/inet_sock_set_state/filter", &format!("protocol == 6 && ({filter})"));
+        ft.write(
+            "events/sock/inet_sock_set_state/filter",
+            &format!("protocol == 6 && ({filter})"),
+        );
         ft.write("events/sock/inet_sock_set_state/enable", "1");
         ft
     }
@@ -77,11 +82,17 @@ impl Ftrace {
         for entry in std::fs::read_dir(self.dir.join("per_cpu")).expect("per_cpu") {
             let stats = std::fs::read_to_string(entry.expect("cpu dir").path().join("stats"))
                 .expect("per-cpu stats");
-            let overrun = stats.lines().find_map(|l| l.strip_prefix("overrun: ")).unwrap_or("0");
+            let overrun = stats
+                .lines()
+                .find_map(|l| l.strip_prefix("overrun: "))
+                .unwrap_or("0");
             assert_eq!(overrun.trim(), "0", "the ftrace oracle itself lost events");
         }
         let text = std::fs::read_to_string(self.dir.join("trace")).expect("reading trace");
-        text.lines().filter(|l| !l.starts_with('#')).filter_map(parse_ftrace_line).collect()
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(parse_ftrace_line)
+            .collect()
     }
 }
 
@@ -97,7 +108,9 @@ impl Drop for Ftrace {
 fn parse_ftrace_line(line: &str) -> Option<Key> {
     let (_, fields) = line.split_once("inet_sock_set_state: ")?;
     let get = |key: &str| {
-        fields.split_whitespace().find_map(|f| f.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+        fields
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
     };
     let state = |v: &str| v.trim_start_matches("TCP_").to_ascii_lowercase();
     Some((
@@ -218,12 +231,21 @@ impl Tracer {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        let stdout = self.stdout.take().expect("stdout thread").join().expect("stdout reader");
+        let stdout = self
+            .stdout
+            .take()
+            .expect("stdout thread")
+            .join()
+            .expect("stdout reader");
         let mut stderr = std::mem::take(&mut self.stderr_seen);
         while let Ok(line) = self.stderr_lines.recv_timeout(Duration::from_secs(2)) {
             stderr.push(line);
         }
-        Output { stdout, stderr, status }
+        Output {
+            stdout,
+            stderr,
+            status,
+        }
     }
 }
 
@@ -366,40 +388,49 @@ pub fn free_listen_addr() -> SocketAddr {
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     use std::io::Write;
     let mut s = TcpStream::connect(addr).expect("connect to agent");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
     // HTTP/1.0: answers come whole, never chunked.
     write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("write");
     let mut raw = String::new();
     s.read_to_string(&mut raw).expect("read response");
     let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP response");
-    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status");
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status");
     (code, body.to_owned())
 }
 
 /// The value of the sample `name{labels}` (labels matched exactly, in any order) in a
 /// Prometheus text exposition; None when absent.
 pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let mut want: Vec<(String, String)> =
-        labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let mut want: Vec<(String, String)> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     want.sort();
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
-        let (series, value) = line.rsplit_once(' ')?;
-        let (metric, rest) = match series.split_once('{') {
-            Some((m, r)) => (m, r.strip_suffix('}')?),
-            None => (series, ""),
-        };
-        if metric != name {
-            return None;
-        }
-        let mut got: Vec<(String, String)> = rest
-            .split(',')
-            .filter(|p| !p.is_empty())
-            .filter_map(|p| p.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
-            .collect();
-        got.sort();
-        (got == want).then(|| value.parse().ok()).flatten()
-    })
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, rest) = match series.split_once('{') {
+                Some((m, r)) => (m, r.strip_suffix('}')?),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            let mut got: Vec<(String, String)> = rest
+                .split(',')
+                .filter(|p| !p.is_empty())
+                .filter_map(|p| p.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
+                .collect();
+            got.sort();
+            (got == want).then(|| value.parse().ok()).flatten()
+        })
 }
 
 /// A running `tracer run` agent on a free loopback port.
@@ -467,8 +498,16 @@ impl Netns {
             .spawn()
             .expect("nft");
         use std::io::Write;
-        child.stdin.take().expect("stdin").write_all(rules.as_bytes()).expect("rules");
-        assert!(child.wait().expect("nft").success(), "nft rejected:\n{rules}");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(rules.as_bytes())
+            .expect("rules");
+        assert!(
+            child.wait().expect("nft").success(),
+            "nft rejected:\n{rules}"
+        );
     }
 
     /// Runs `f` on a thread that has entered the namespace: sockets it makes live there.
@@ -495,7 +534,9 @@ impl Netns {
     /// The namespace's inode number, as the agent reports it.
     pub fn inode(&self) -> u64 {
         use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(format!("/run/netns/{}", self.name)).expect("netns").ino()
+        std::fs::metadata(format!("/run/netns/{}", self.name))
+            .expect("netns")
+            .ino()
     }
 
     /// Runs a command inside the namespace and returns its stdout.
@@ -505,19 +546,28 @@ impl Netns {
             .args(cmd)
             .output()
             .expect("ip netns exec");
-        assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
 pub fn run_ok(cmd: &str, args: &[&str]) {
-    let status = Command::new(cmd).args(args).status().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    let status = Command::new(cmd)
+        .args(args)
+        .status()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
     assert!(status.success(), "{cmd} {args:?} failed");
 }
 
@@ -530,8 +580,16 @@ pub fn sockets_json(agent: &Agent, query: &str) -> serde_json::Value {
 
 /// Lines `ss -tan FILTER` prints (the header excluded), in this thread's namespace.
 pub fn ss_lines(filter: &str) -> Vec<String> {
-    let out = Command::new("ss").arg("-tan").args(filter.split_whitespace()).output().expect("ss");
-    String::from_utf8_lossy(&out.stdout).lines().skip(1).map(str::to_owned).collect()
+    let out = Command::new("ss")
+        .arg("-tan")
+        .args(filter.split_whitespace())
+        .output()
+        .expect("ss");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .map(str::to_owned)
+        .collect()
 }
 
 /// A Prometheus server on loopback with its own config and storage, killed (by PID) on drop.
@@ -553,28 +611,46 @@ impl Prometheus {
         std::fs::write(dir.join("prometheus.yml"), config).unwrap();
         let addr = free_listen_addr();
         let child = Command::new("prometheus")
-            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
             .arg(format!("--web.listen-address={addr}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("starting prometheus (cargo xtask setup installs Debian's package)");
         let p = Prometheus { child, addr, dir };
-        p.wait_for("the first successful scrape", "up{job=\"tracer\"}", |v| v == 1.0);
+        p.wait_for("the first successful scrape", "up{job=\"tracer\"}", |v| {
+            v == 1.0
+        });
         p
     }
 
     /// Evaluates an instant query; Err with Prometheus's message when it does not parse.
     pub fn query_status(&self, promql: &str) -> Result<(), String> {
-        let (_, body) = http_get(self.addr, &format!("/api/v1/query?query={}", encode(promql)));
+        let (_, body) = http_get(
+            self.addr,
+            &format!("/api/v1/query?query={}", encode(promql)),
+        );
         let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
-        if v["status"] == "success" { Ok(()) } else { Err(format!("{promql}: {}", v["error"])) }
+        if v["status"] == "success" {
+            Ok(())
+        } else {
+            Err(format!("{promql}: {}", v["error"]))
+        }
     }
 
     /// Evaluates an instant query; None when it returns no series.
     pub fn query(&self, promql: &str) -> Option<f64> {
-        let (code, body) = http_get(self.addr, &format!("/api/v1/query?query={}", encode(promql)));
+        let (code, body) = http_get(
+            self.addr,
+            &format!("/api/v1/query?query={}", encode(promql)),
+        );
         assert_eq!(code, 200, "{promql}: {body}");
         let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
         assert_eq!(v["status"], "success", "{promql}: {body}");
@@ -592,7 +668,10 @@ impl Prometheus {
                     return v;
                 }
             }
-            assert!(Instant::now() < deadline, "Prometheus: timed out waiting for {what} ({promql})");
+            assert!(
+                Instant::now() < deadline,
+                "Prometheus: timed out waiting for {what} ({promql})"
+            );
             std::thread::sleep(Duration::from_millis(250));
         }
     }
@@ -611,9 +690,10 @@ impl Drop for Prometheus {
 fn encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
 }
-
