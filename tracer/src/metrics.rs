@@ -143,7 +143,7 @@ pub struct Metrics {
     listen_drops: IntCounter,
     /// Last TcpExt listen counters per network namespace, to turn them into increments.
     last_listen: HashMap<u64, (u64, u64)>,
-    events: LocalIntCounter,
+    events: IntCounter,
     events_lost: IntCounter,
     probe_runs: IntCounterVec,
     probe_run_seconds: prometheus::CounterVec,
@@ -249,8 +249,7 @@ impl Metrics {
         let events = single(
             "tracer_events_total",
             "Transitions read from the probe's ring buffer (inet_sock_set_state).",
-        )?
-        .local();
+        )?;
         let events_lost = single(
             "tracer_events_lost_total",
             "Transitions that never reached the agent: ring buffer full, or skipped by the kernel \
@@ -391,11 +390,6 @@ impl Metrics {
         })
     }
 
-    /// Counts one transition read from the ring buffer.
-    pub fn event(&self) {
-        self.events.inc();
-    }
-
     /// Records what the socket table observed. The per-event path: no allocation once a label
     /// set has been seen.
     pub fn record(&mut self, o: Observation) {
@@ -461,11 +455,11 @@ impl Metrics {
         }
     }
 
-    /// Publishes what [`Metrics::event`] and [`Metrics::record`] gathered since the last call.
-    /// The per-event path updates thread-local copies (no atomic operation per event); call
-    /// this after each batch, before anything reads the registry.
-    pub fn flush(&self) {
-        self.events.flush();
+    /// Publishes what [`Metrics::record`] gathered since the last call, and counts the batch's
+    /// `events` (transitions read). The per-event path updates thread-local copies (no atomic
+    /// operation per event); call this after each batch, before anything reads the registry.
+    pub fn flush(&self, events: u64) {
+        self.events.inc_by(events);
         self.transitions_h
             .iter()
             .flatten()
@@ -685,7 +679,7 @@ mod tests {
             before.contains("_count{mode=\"active\",port=\"80\"} 0\n"),
             "published only at flush: {before}"
         );
-        m.flush();
+        m.flush(0);
         let text = Metrics::encode(&m.registry).unwrap();
         let bucket = |le: &str| -> u64 {
             let needle = format!(

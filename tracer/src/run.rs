@@ -126,10 +126,11 @@ pub async fn run(args: &RunArgs) -> Result<()> {
 /// Feeds what the rings hold through the socket table into the metrics (all of it when
 /// `flush`; see [`EventRings::drain`]).
 fn follow(rings: &mut EventRings, flush: bool, table: &mut SocketTable, metrics: &mut Metrics) {
+    let mut read = 0;
     rings.drain(flush, |t| {
-        metrics.event();
+        read += 1;
         table.follow(t, |o| metrics.record(o));
         true
     });
-    metrics.flush();
+    metrics.flush(read);
 }

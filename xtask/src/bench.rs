@@ -476,11 +476,7 @@ fn probe_cost_phase(duration: Duration) -> Result<()> {
         let (labels, runs) = line.rsplit_once(' ').context("metric line")?;
         let program = labels.trim_start_matches("tracer_probe_runs_total");
         let runs: f64 = runs.parse()?;
-        let seconds = text
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("tracer_probe_run_seconds_total{program} ")))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0);
+        let seconds = sample(&text, &format!("tracer_probe_run_seconds_total{program}"));
         let per_run = if runs > 0.0 {
             seconds * 1e9 / runs
         } else {
@@ -529,10 +525,15 @@ fn scrape(addr: SocketAddr) -> Result<String> {
 
 /// The value of an unlabelled sample, 0 when absent.
 fn metric(text: &str, name: &str) -> u64 {
+    sample(text, name) as u64
+}
+
+/// The value of the sample `name` (with its labels, if any) in a metrics text; 0 if absent.
+fn sample(text: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
         .and_then(|v| v.trim().parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
+        .unwrap_or(0.0)
 }
 
 /// Connections one `hold` process keeps open (two fds each, under a 20,000-fd limit).
