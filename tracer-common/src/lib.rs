@@ -73,7 +73,11 @@ pub struct Transition {
     /// At SYN_RECV -> ESTABLISHED only (else 0): `tcp_sock.total_retrans`, the SYN-ACK
     /// retransmissions of the handshake.
     pub retrans: u16,
-    pub _pad: [u8; 4],
+    /// Inode number of the socket's network namespace (`net.ns.inum`, as in
+    /// `/proc/PID/ns/net -> net:[INODE]`), on the transitions that open a socket (into
+    /// SYN_SENT or LISTEN, and a passive child's LISTEN -> SYN_RECV); 0 elsewhere: userspace
+    /// carries it from the socket's first event, as it does the owner.
+    pub netns: u32,
 }
 
 // The layout both sides rely on: no implicit padding, `comm` 8-byte aligned.
@@ -111,6 +115,8 @@ pub struct SockOffsets {
     /// `tcp_sock.srtt_us` and `tcp_sock.total_retrans` (`u32`).
     pub srtt_us: u32,
     pub total_retrans: u32,
+    /// `net.ns` + `ns_common.inum` (`unsigned int`): the namespace's inode number.
+    pub net_inum: u32,
 }
 
 /// Key of the probe's listener table: a listening port in one network namespace.

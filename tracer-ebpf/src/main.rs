@@ -45,6 +45,7 @@ static OFFSETS: SockOffsets = SockOffsets {
     sk_err: 0,
     srtt_us: 0,
     total_retrans: 0,
+    net_inum: 0,
 };
 
 /// Unread bytes in a ring of `EVENTS` at which the probe wakes the reader; set at load time.
@@ -265,7 +266,19 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
         addr_of_mut!((*t).srtt_us).write(srtt_us);
         addr_of_mut!((*t).sk_err).write(sk_err);
         addr_of_mut!((*t).retrans).write(retrans);
-        addr_of_mut!((*t)._pad).write([0; 4]);
+        // The namespace on the transitions that open a socket (userspace carries it after).
+        let opening = newstate == state::SYN_SENT
+            || newstate == state::LISTEN
+            || (oldstate == state::LISTEN && newstate == state::SYN_RECV);
+        let netns = if opening {
+            // SAFETY: as above; `skc_net` is a `possible_net_t` (one `struct net *`), whose
+            // `ns.inum` is read with the helper (a plain pointer, not a BTF-typed one).
+            let net = field::<u64>(sk, offset!(skc_net)) as *const u8;
+            read::<u32>(net, offset!(net_inum)).unwrap_or(0)
+        } else {
+            0
+        };
+        addr_of_mut!((*t).netns).write(netns);
     }
     // SAFETY: read-only global, volatile for the same reason as OFFSETS.
     let wakeup_bytes = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };

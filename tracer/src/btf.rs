@@ -48,6 +48,7 @@ pub fn sock_offsets(btf: &Btf) -> Result<SockOffsets> {
         sk_err: field_offset(btf, "sock", &["sk_err"])?,
         srtt_us: field_offset(btf, "tcp_sock", &["srtt_us"])?,
         total_retrans: field_offset(btf, "tcp_sock", &["total_retrans"])?,
+        net_inum: field_offset(btf, "net", &["ns", "inum"])?,
     })
 }
 

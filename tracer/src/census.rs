@@ -67,6 +67,9 @@ pub struct NetnsCensus {
     /// `TcpExt: ListenOverflows` and `ListenDrops` from its `/proc/net/netstat`.
     pub listen_overflows: u64,
     pub listen_drops: u64,
+    /// CLOCK_MONOTONIC ns just before its sockets were dumped: a socket the agent saw change
+    /// state before this, and the dump does not show, is gone.
+    pub dumped_at_ns: u64,
 }
 
 /// Takes the census of every network namespace on the host: those a process is in (found
@@ -133,8 +136,10 @@ fn netns_census(netns: u64) -> Result<NetnsCensus> {
     let netstat = std::fs::read_to_string("/proc/thread-self/net/netstat")
         .context("reading /proc/net/netstat")?;
     let tcp_ext = parse_netstat(&netstat, "TcpExt");
+    let dumped_at_ns = crate::ring::monotonic_ns();
     Ok(NetnsCensus {
         netns,
+        dumped_at_ns,
         sockets: dump_tcp()?,
         port_range: parse_port_range(&range).context("parsing ip_local_port_range")?,
         listen_overflows: tcp_ext.get("ListenOverflows").copied().unwrap_or(0),

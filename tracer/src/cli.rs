@@ -61,7 +61,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "ADDR:PORT", default_value = DEFAULT_LISTEN)]
     pub listen: std::net::SocketAddr,
     /// Service ports that get their own `port` label value (repeatable); others are "other".
-    /// Without it, the first --max-ports ports seen get one.
+    /// Without it, listening and connected-to service ports get one (see README).
     #[arg(long = "port", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub ports: Vec<u16>,
     /// Distinct `port` label values at most (without --port).
@@ -79,6 +79,10 @@ pub struct RunArgs {
     /// syn_sent, syn_recv 10s.
     #[arg(long = "stuck-after", value_name = "STATE=DURATION", value_parser = parse_threshold)]
     pub stuck_after: Vec<(u8, Duration)>,
+    /// How often to take the socket census of every namespace that the census metrics and
+    /// /sockets show, e.g. 5s; never more than 5% of the time (see README).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub census_interval: Duration,
 }
 
 #[derive(Debug, Args)]

@@ -109,7 +109,7 @@ pub(crate) mod tests {
             srtt_us: 0,
             sk_err: 0,
             retrans: 0,
-            _pad: [0; 4],
+            netns: 0,
         }
     }
 

@@ -1,30 +1,34 @@
-//! The agent's HTTP endpoints: `/metrics` (Prometheus text format), `/healthz`, and `/`.
+//! The agent's HTTP endpoints: `/metrics` (Prometheus text format), `/sockets`, `/healthz`
+//! and `/`, served on a thread of their own.
 //!
-//! Owns: routing and the scrape (census, then encode). Does not own: what the metrics mean
-//! (`metrics`) or how the census is taken (`census`).
+//! Owns: routing, and the HTTP thread. Does not own: what the metrics mean (`*_metrics`), the
+//! listing (`listing`), or the census (`scrape`): every request reads the last published
+//! census, so no request waits for a census or starts one, and concurrent requests share it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
-
-use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use prometheus::{IntCounter, Registry};
-use tokio::sync::{mpsc, oneshot};
+use prometheus::Registry;
+use tokio::sync::Semaphore;
 
-use crate::census::HostCensus;
-use crate::event::{parse_state, state_name};
-use crate::metrics::Metrics;
-use crate::stuck::{AgeSource, Snapshot, SocketView};
+use crate::listing::SocketFilter;
+use crate::scrape::Published;
 
 /// How long the event reader may be silent before `/healthz` says 503. It drains every 10 ms,
 /// so this is only exceeded when the agent is stuck.
 pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the server waits for the first census before it answers anyway.
+const FIRST_CENSUS_WAIT: Duration = Duration::from_secs(30);
+
+/// `/sockets` renderings at once: each sorts up to every socket of the host.
+const HEAVY_REQUESTS: usize = 2;
 
 /// Proof of life of the event reader: when it last drained the ring buffer.
 #[derive(Default)]
@@ -59,48 +63,55 @@ fn now_ms() -> u64 {
     crate::ring::monotonic_ns() / 1_000_000
 }
 
-/// A census for the event loop to join with its socket table; it answers with the snapshot.
-pub struct CensusRequest {
-    pub census: HostCensus,
-    pub reply: oneshot::Sender<Snapshot>,
-}
-
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AppState {
     pub registry: Registry,
-    pub census_errors: IntCounter,
     pub health: Arc<Health>,
-    pub requests: mpsc::Sender<CensusRequest>,
+    pub published: Arc<Published>,
+    pub heavy: Arc<Semaphore>,
 }
 
-/// Takes the census of every namespace (off the event loop) and has the loop join it with the
-/// socket table and update the census metrics. A failure is counted and reported; the caller
-/// goes on without it.
-async fn take_census(state: &AppState) -> Option<Snapshot> {
-    let census = match tokio::task::spawn_blocking(crate::census::all_namespaces).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            state.census_errors.inc();
-            eprintln!("tracer: socket census failed: {e:#}");
-            return None;
-        }
-        Err(_) => {
-            state.census_errors.inc();
-            return None;
-        }
+/// Serves on a new thread with its own runtime, once the first census is published (so that
+/// the first scrape has every series), until the process ends. An error that stops the server
+/// is sent on `failed`.
+pub fn spawn(
+    listener: std::net::TcpListener,
+    registry: Registry,
+    health: Arc<Health>,
+    published: Arc<Published>,
+    failed: tokio::sync::oneshot::Sender<std::io::Error>,
+) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let state = AppState {
+        registry,
+        health,
+        published,
+        heavy: Arc::new(Semaphore::new(HEAVY_REQUESTS)),
     };
-    let (reply, answer) = oneshot::channel();
-    state
-        .requests
-        .send(CensusRequest { census, reply })
-        .await
-        .ok()?;
-    answer.await.ok()
+    std::thread::Builder::new()
+        .name("http".into())
+        .spawn(move || {
+            let waited = Instant::now();
+            while state.published.latest().is_none()
+                && state.published.errors.load(Ordering::Relaxed) == 0
+                && waited.elapsed() < FIRST_CENSUS_WAIT
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let result = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .and_then(|rt| rt.block_on(serve(listener, state)));
+            if let Err(e) = result {
+                let _ = failed.send(e);
+            }
+        })?;
+    Ok(())
 }
 
-/// Serves until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> std::io::Result<()> {
+async fn serve(listener: std::net::TcpListener, state: AppState) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
     let app = Router::new()
         .route("/", get(index))
         .route("/metrics", get(metrics))
@@ -132,8 +143,7 @@ async fn healthz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    let _ = take_census(&state).await;
-    match Metrics::encode(&state.registry) {
+    match crate::event_metrics::encode(&state.registry) {
         Ok(body) => (
             [(
                 header::CONTENT_TYPE,
@@ -150,134 +160,30 @@ async fn metrics(State(state): State<AppState>) -> Response {
     }
 }
 
-/// Default and largest `limit` of `/sockets`.
-const SOCKETS_LIMIT: usize = 100;
-const SOCKETS_MAX_LIMIT: usize = 10_000;
-
 /// `GET /sockets?state=close_wait&port=8080&older_than=30s&limit=50`: sockets of every
-/// namespace, oldest first, as JSON.
+/// namespace at the last census, oldest first, as JSON (`listing::Listing`).
 async fn sockets(
     State(state): State<AppState>,
-    Query(q): Query<HashMap<String, String>>,
+    Query(q): Query<Vec<(String, String)>>,
 ) -> Response {
     let filter = match SocketFilter::from_query(&q) {
         Ok(f) => f,
         Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
     };
-    let Some(snap) = take_census(&state).await else {
+    let Some(report) = state.published.latest() else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            "socket census failed; see the agent's log\n",
+            "no socket census yet; see the agent's log\n",
         )
             .into_response();
     };
-    let body = filter.render(&snap);
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
-    )
-        .into_response()
-}
-
-/// The query of `/sockets`.
-#[derive(Debug, Default)]
-pub struct SocketFilter {
-    pub states: Vec<u8>,
-    pub port: Option<u16>,
-    pub older_than: Option<Duration>,
-    pub limit: usize,
-}
-
-impl SocketFilter {
-    /// Reads the query parameters; an error names the bad one.
-    pub fn from_query(q: &HashMap<String, String>) -> Result<SocketFilter, String> {
-        let mut f = SocketFilter {
-            limit: SOCKETS_LIMIT,
-            ..Default::default()
-        };
-        if let Some(states) = q.get("state") {
-            for name in states.split(',').filter(|s| !s.is_empty()) {
-                f.states
-                    .push(parse_state(name).ok_or_else(|| format!("unknown state {name:?}"))?);
-            }
-        }
-        if let Some(p) = q.get("port") {
-            f.port = Some(
-                p.parse()
-                    .map_err(|_| format!("port {p:?} is not a port number"))?,
-            );
-        }
-        if let Some(d) = q.get("older_than") {
-            f.older_than = Some(crate::cli::parse_duration(d)?);
-        }
-        if let Some(l) = q.get("limit") {
-            let n: usize = l
-                .parse()
-                .map_err(|_| format!("limit {l:?} is not a number"))?;
-            f.limit = n.clamp(1, SOCKETS_MAX_LIMIT);
-        }
-        Ok(f)
-    }
-
-    /// The matching sockets, oldest first (unknown ages last), and the busiest destinations.
-    pub fn render(&self, snap: &Snapshot) -> serde_json::Value {
-        let mut matched: Vec<&SocketView> = snap
-            .sockets
-            .iter()
-            .filter(|s| self.states.is_empty() || self.states.contains(&s.state))
-            .filter(|s| {
-                self.port
-                    .is_none_or(|p| s.local.port() == p || s.remote.port() == p)
-            })
-            .filter(|s| {
-                self.older_than
-                    .is_none_or(|d| s.age.is_some_and(|a| a >= d))
-            })
-            .collect();
-        matched.sort_by_key(|s| std::cmp::Reverse(s.age));
-        let total = matched.len();
-        let sockets: Vec<serde_json::Value> = matched
-            .into_iter()
-            .take(self.limit)
-            .map(|s| {
-                serde_json::json!({
-                    "state": state_name(s.state),
-                    "age_seconds": s.age.map(|a| a.as_secs_f64()),
-                    "age_is_lower_bound": matches!(s.age_source, AgeSource::AgentStart | AgeSource::SynAckTimer),
-                    "age_source": s.age_source.name(),
-                    "local_addr": s.local.ip().to_string(),
-                    "local_port": s.local.port(),
-                    "remote_addr": s.remote.ip().to_string(),
-                    "remote_port": s.remote.port(),
-                    "service_port": s.port,
-                    "pid": s.pid,
-                    "comm": crate::stuck::comm_string(&s.comm),
-                    "netns": s.netns,
-                    "stuck": s.stuck.is_some(),
-                    "reason": s.stuck,
-                })
-            })
-            .collect();
-        let destinations: Vec<serde_json::Value> = snap
-            .destinations
-            .iter()
-            .map(|d| {
-                serde_json::json!({
-                    "netns": d.netns,
-                    "local_addr": d.local_ip.to_string(),
-                    "remote_addr": d.remote.ip().to_string(),
-                    "remote_port": d.remote.port(),
-                    "ephemeral_ports_used": d.used,
-                    "ephemeral_port_range": d.range,
-                    "utilization": d.utilization(),
-                })
-            })
-            .collect();
-        serde_json::json!({
-            "total": total,
-            "sockets": sockets,
-            "busiest_destinations": destinations,
-        })
+    let Ok(_permit) = state.heavy.acquire().await else {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    };
+    let listing = filter.render(&report, crate::ring::monotonic_ns());
+    match serde_json::to_string(&listing) {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
     }
 }
 

@@ -7,13 +7,19 @@
 
 pub mod btf;
 pub mod census;
+pub mod census_metrics;
 pub mod cli;
 pub mod event;
+pub mod event_metrics;
 pub mod http;
-pub mod metrics;
+pub mod join;
+pub mod kernel_metrics;
+pub mod listing;
+pub mod ports;
 pub mod probe;
 pub mod ring;
 pub mod run;
+pub mod scrape;
 pub mod sockets;
 pub mod sockets_cmd;
 pub mod stuck;

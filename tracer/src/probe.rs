@@ -26,7 +26,7 @@ static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 const MAIN_PROGRAM: &str = "inet_sock_set_state";
 
 /// Every program of the probe and the tracepoint it attaches to, in attach order.
-const PROGRAMS: [(&str, &str); 5] = [
+pub const PROGRAMS: [(&str, &str); 5] = [
     (MAIN_PROGRAM, "inet_sock_set_state"),
     ("inet_sock_set_state_rescue", "inet_sock_set_state"),
     ("tcp_retransmit_synack", "tcp_retransmit_synack"),

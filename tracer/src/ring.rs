@@ -87,7 +87,18 @@ impl EventRings {
 
     /// Reads every ring and hands `f` the events older than [`HOLD_BACK_NS`] (all of them
     /// when `flush`), oldest first; `f` returns false to stop early (the rest are dropped).
-    pub fn drain(&mut self, flush: bool, f: impl FnMut(&Transition) -> bool) {
+    /// Returns the cutoff: every event stamped up to it has been handed over.
+    ///
+    /// The cutoff is taken before the rings are read: an event stamped before it was
+    /// committed (within microseconds of its stamp) before the reading began, so it is read
+    /// now, however long reading the rings takes. A cutoff taken after reading could pass an
+    /// event that a CPU committed to a ring already read, and it would come out of order.
+    pub fn drain(&mut self, flush: bool, f: impl FnMut(&Transition) -> bool) -> u64 {
+        let cutoff = if flush {
+            u64::MAX
+        } else {
+            monotonic_ns().saturating_sub(HOLD_BACK_NS)
+        };
         for ring in &mut self.rings {
             while let Some(item) = ring.next() {
                 if let Some(t) = event::decode(&item) {
@@ -95,12 +106,8 @@ impl EventRings {
                 }
             }
         }
-        let cutoff = if flush {
-            u64::MAX
-        } else {
-            monotonic_ns().saturating_sub(HOLD_BACK_NS)
-        };
         self.pending.hand_over(cutoff, f);
+        cutoff
     }
 }
 

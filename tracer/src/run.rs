@@ -1,24 +1,34 @@
-//! `tracer run`: the agent. Follows every socket from the probe's events, keeps the metrics,
-//! and serves them over HTTP until SIGINT or SIGTERM.
+//! `tracer run`: the agent. Three threads, each with one job:
+//! - the **event thread** (this one): drains the rings, follows sockets in the table, feeds the
+//!   event metrics, reads the probe's counters once a second; it never waits for a scrape;
+//! - the **census thread** (`scrape`): censuses of every namespace, joined with the table and
+//!   published;
+//! - the **HTTP thread** (`http`): answers from the registry and the last published census.
 //!
-//! Owns: the agent's loop (ring buffer → socket table → metrics; kernel counters once a
-//! second) and its start-up and shutdown.
+//! The table is the one thing the event and census threads share, behind a lock that the
+//! event thread takes once per batch and the census thread a few thousand sockets at a time.
+//!
+//! Owns: start-up, the event loop, and shutdown.
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use prometheus::{IntGaugeVec, Opts, Registry};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::mpsc;
 
+use crate::census_metrics::CensusCollector;
 use crate::cli::RunArgs;
-use crate::http::{AppState, CensusRequest, Health};
-use crate::metrics::{Metrics, PortLabels};
+use crate::event_metrics::EventMetrics;
+use crate::http::Health;
+use crate::join::lock;
+use crate::kernel_metrics::KernelMetrics;
+use crate::ports::{PortLabelCollector, PortLabels, DEFAULT_EPHEMERAL};
 use crate::probe::{Probe, ProbeConfig, DRAIN_INTERVAL};
 use crate::ring::{monotonic_ns, EventRings};
+use crate::scrape::{CensusConfig, PortNews, Published};
 use crate::sockets::SocketTable;
-use crate::stuck;
 
 /// Runs the agent until a signal.
 pub async fn run(args: &RunArgs) -> Result<()> {
@@ -26,40 +36,47 @@ pub async fn run(args: &RunArgs) -> Result<()> {
         ring_buffer_bytes: args.ring_buffer_size,
         ports: Vec::new(),
     })?;
-    let mut rings = probe.event_rings()?;
-    let mut table = SocketTable::new(args.max_sockets as usize);
-    let mut metrics = Metrics::new(PortLabels::new(&args.ports, usize::from(args.max_ports)))?;
-    let health = Arc::new(Health::default());
-    health.beat();
-
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
     // Sockets already there now get "at least since start" as their age, never an invented one.
     let started_ns = monotonic_ns();
-    // (TIME-WAIT sockets are left out: they are many, short-lived, and have no threshold.)
-    // A failed first census only costs those "at least since start" ages: say so, go on.
-    let first_census = crate::census::all_namespaces().unwrap_or_else(|e| {
-        eprintln!("tracer: first socket census failed ({e:#}); sockets older than the agent will show no age");
-        Default::default()
-    });
-    let mut at_start: HashSet<u64> = first_census
-        .namespaces
-        .iter()
-        .flat_map(|ns| ns.sockets.iter())
-        .filter(|r| r.state != tracer_common::state::TIME_WAIT)
-        .map(|r| r.cookie)
-        .collect();
-    drop(first_census);
-    let thresholds = args.thresholds();
-    let (requests, mut census_requests) = mpsc::channel::<CensusRequest>(4);
-    let state = AppState {
-        registry: metrics.registry.clone(),
-        census_errors: metrics.census_errors.clone(),
-        health: health.clone(),
-        requests,
+    let mut rings = probe.event_rings()?;
+    let listener = std::net::TcpListener::bind(args.listen)
+        .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
+
+    let table = Arc::new(Mutex::new(SocketTable::new(args.max_sockets as usize)));
+    let registry = Registry::new();
+    let ports = PortLabels::new(&args.ports, usize::from(args.max_ports), own_port_range());
+    let labelled = ports.shared();
+    let mut events = EventMetrics::new(&registry, ports)?;
+    let mut kernel = KernelMetrics::new(&registry)?;
+    let published = Arc::new(Published::default());
+    registry.register(Box::new(CensusCollector::new(
+        published.clone(),
+        labelled.clone(),
+    )?))?;
+    registry.register(Box::new(PortLabelCollector::new(labelled.clone())?))?;
+    register_build_info(&registry)?;
+
+    // How far (in probe time) the event thread has applied events: the census waits for it.
+    let applied_ns = Arc::new(AtomicU64::new(0));
+    let (news_tx, news) = mpsc::channel::<PortNews>();
+    let (stop_census, stop) = mpsc::channel::<()>();
+    let census = {
+        let config = CensusConfig {
+            interval: args.census_interval,
+            thresholds: args.thresholds(),
+            started_ns,
+        };
+        let (table, applied_ns, published) = (table.clone(), applied_ns.clone(), published.clone());
+        std::thread::Builder::new()
+            .name("census".into())
+            .spawn(move || crate::scrape::run(config, table, applied_ns, published, news_tx, stop))
+            .context("starting the census thread")?
     };
-    let mut server = tokio::spawn(crate::http::serve(listener, state));
+    let health = Arc::new(Health::default());
+    health.beat();
+    let (failed_tx, mut http_failed) = tokio::sync::oneshot::channel();
+    crate::http::spawn(listener, registry, health.clone(), published, failed_tx)
+        .context("starting the HTTP thread")?;
     eprintln!(
         "tracer: attached to inet_sock_set_state; serving http://{}/metrics (Ctrl-C to stop)",
         args.listen
@@ -70,67 +87,105 @@ pub async fn run(args: &RunArgs) -> Result<()> {
     let mut drain = tokio::time::interval(DRAIN_INTERVAL);
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sync = tokio::time::interval(Duration::from_secs(1));
-    loop {
+    let step = |rings: &mut EventRings, flush, events: &mut EventMetrics| {
+        follow(rings, flush, &table, events, &applied_ns)
+    };
+    let outcome = loop {
         tokio::select! {
             woken = rings.woken() => {
-                woken?;
-                follow(&mut rings, false, &mut table, &mut metrics);
+                if let Err(e) = woken {
+                    break Err(e);
+                }
+                step(&mut rings, false, &mut events);
             }
             _ = drain.tick() => {
-                follow(&mut rings, false, &mut table, &mut metrics);
+                step(&mut rings, false, &mut events);
                 health.beat();
             }
             _ = sync.tick() => {
-                metrics.sync(&probe.readings()?, table.len(), table.evicted());
+                for n in news.try_iter() {
+                    events.ports.set_ranges(n.ranges);
+                    if let Some(seed) = n.seed {
+                        events.ports.seed(seed);
+                    }
+                }
+                let readings = match probe.readings() {
+                    Ok(r) => r,
+                    Err(e) => break Err(e.context("reading the probe's counters")),
+                };
+                let (tracked, evicted) = {
+                    let t = lock(&table);
+                    (t.len(), t.evicted())
+                };
+                kernel.sync(&readings, &labelled, tracked, evicted);
             }
-            Some(request) = census_requests.recv() => {
-                // Read what is pending first, so that the join sees every transition so far
-                // (but the last HOLD_BACK_NS, which may still be out of order).
-                follow(&mut rings, false, &mut table, &mut metrics);
-                let census = &request.census.namespaces;
-                let snap = stuck::snapshot(
-                    census,
-                    |cookie| table.get(cookie),
-                    &at_start,
-                    &thresholds,
-                    monotonic_ns(),
-                    started_ns,
-                );
-                metrics.apply_census(census, request.census.unreachable, &snap);
-                let present: HashSet<u64> =
-                    census.iter().flat_map(|ns| ns.sockets.iter().map(|r| r.cookie)).collect();
-                at_start.retain(|c| present.contains(c));
-                let _ = request.reply.send(snap);
-            }
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-            result = &mut server => {
-                // The HTTP server only returns on an error.
-                let e = result.map_err(anyhow::Error::from).and_then(|r| r.map_err(Into::into));
-                return e.context("HTTP server stopped");
-            }
+            _ = sigint.recv() => break Ok(()),
+            _ = sigterm.recv() => break Ok(()),
+            Ok(e) = &mut http_failed => break Err(anyhow::Error::from(e).context("HTTP server stopped")),
         }
-    }
-    server.abort();
-    follow(&mut rings, true, &mut table, &mut metrics);
+    };
+    drop(stop_census);
+    step(&mut rings, true, &mut events);
     let c = probe.counters()?;
     drop(rings);
     drop(probe);
+    // The census thread stops between censuses; one under way finishes first.
+    let _ = census.join();
+    outcome?;
     eprintln!(
         "tracer: stopped; {} ring buffer full, {} missed by the kernel, {} rescued, {} sockets evicted",
-        c.lost, c.missed, c.rescued, table.evicted()
+        c.lost,
+        c.missed,
+        c.rescued,
+        lock(&table).evicted()
     );
     Ok(())
 }
 
 /// Feeds what the rings hold through the socket table into the metrics (all of it when
-/// `flush`; see [`EventRings::drain`]).
-fn follow(rings: &mut EventRings, flush: bool, table: &mut SocketTable, metrics: &mut Metrics) {
+/// `flush`; see [`EventRings::drain`]), then says how far it got.
+fn follow(
+    rings: &mut EventRings,
+    flush: bool,
+    table: &Mutex<SocketTable>,
+    metrics: &mut EventMetrics,
+    applied_ns: &AtomicU64,
+) {
     let mut read = 0;
-    rings.drain(flush, |t| {
+    let mut t = lock(table);
+    let cutoff = rings.drain(flush, |ev| {
         read += 1;
-        table.follow(t, |o| metrics.record(o));
+        t.follow(ev, |o| metrics.record(o));
         true
     });
+    drop(t);
+    applied_ns.store(cutoff, Ordering::Release);
     metrics.flush(read);
+}
+
+/// `ip_local_port_range` of the agent's own namespace (Linux's default when unreadable): the
+/// range of namespaces no census has visited yet.
+fn own_port_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| crate::census::parse_port_range(&t))
+        .unwrap_or(DEFAULT_EPHEMERAL)
+}
+
+fn register_build_info(registry: &Registry) -> Result<()> {
+    let build_info = IntGaugeVec::new(
+        Opts::new(
+            "tracer_build_info",
+            "Always 1; the version of the running tracer.",
+        ),
+        &["version"],
+    )?;
+    registry.register(Box::new(build_info.clone()))?;
+    build_info
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
+    registry.register(Box::new(
+        prometheus::process_collector::ProcessCollector::for_self(),
+    ))?;
+    Ok(())
 }

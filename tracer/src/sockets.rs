@@ -50,43 +50,71 @@ const ETIMEDOUT: u16 = 110;
 
 /// What one transition tells, for the metrics. Durations in nanoseconds, ports are service
 /// ports: the remote port of an active open, the local port of a passive one (0: not known).
+/// `netns` is the socket's network namespace inode (0: not known), which decides whether a
+/// remote port is an ephemeral one (see `ports`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Observation {
     /// Every transition.
     Transition { from: u8, to: u8 },
     /// Time spent in `state`, when the table saw the socket enter it.
     Dwell { state: u8, ns: u64 },
+    /// A socket started listening on `port` (CLOSE -> LISTEN).
+    Listen { port: u16, netns: u32 },
     /// A completed handshake. Active: SYN_SENT -> ESTABLISHED. Passive: the kernel's sample
     /// from the first SYN-ACK to the final ACK (`tcp_sock.srtt_us` of the new child).
-    Handshake { mode: Mode, port: u16, ns: u64 },
+    Handshake {
+        mode: Mode,
+        port: u16,
+        netns: u32,
+        ns: u64,
+    },
     /// A failed active open.
-    HandshakeFailure { reason: Failure, port: u16 },
+    HandshakeFailure {
+        reason: Failure,
+        port: u16,
+        netns: u32,
+    },
     /// From leaving ESTABLISHED to CLOSE.
     Teardown { mode: Teardown, port: u16, ns: u64 },
     /// From ESTABLISHED to CLOSE.
     Lifetime { mode: Mode, port: u16, ns: u64 },
 }
 
-/// What the table remembers of one socket.
+/// Where the time a socket entered its current state comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Since {
+    /// The table saw the transition into the state: exact.
+    Transition,
+    /// The socket was already in that state when the agent started: the start time, so the
+    /// age is a lower bound.
+    AgentStart,
+    /// A census found the socket in a state the table did not follow it into (its transition
+    /// was lost): the start of that census, so the age is a lower bound.
+    Census,
+}
+
+/// What the table remembers of one socket: 56 bytes (see `SocketTable` for the cost of each).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Entry {
-    /// The state the socket is in now.
-    state: u8,
-    /// When it entered that state (CLOCK_MONOTONIC ns, the probe's clock).
+    /// When it entered `state` (CLOCK_MONOTONIC ns, the probe's clock), and how that is known.
     since_ns: u64,
-    /// When the table first saw the socket; ties the eviction queue to this entry.
-    first_seen_ns: u64,
-    /// How it was opened, when the table saw that.
-    mode: Option<Mode>,
-    /// Its service port (0: not known).
-    port: u16,
     /// When it became ESTABLISHED (0: not seen).
     established_ns: u64,
-    /// Who started closing, and when (not seen: None).
-    teardown: Option<(Teardown, u64)>,
+    /// When it left ESTABLISHED (0: not seen); who started closing is in `teardown`.
+    teardown_ns: u64,
     /// The owner the probe named (pid 0: unknown).
     pid: u32,
+    /// Its network namespace inode (0: not known).
+    netns: u32,
     comm: [u8; 16],
+    /// Its service port (0: not known).
+    port: u16,
+    /// The state the socket is in now.
+    state: u8,
+    since: Since,
+    /// How it was opened, when the table saw that.
+    mode: Option<Mode>,
+    teardown: Option<Teardown>,
 }
 
 /// What following one transition tells.
@@ -104,22 +132,32 @@ pub struct Step {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SocketInfo {
     pub state: u8,
-    /// When it entered `state` (CLOCK_MONOTONIC ns).
+    /// When it entered `state` (CLOCK_MONOTONIC ns), and how that is known.
     pub since_ns: u64,
+    pub since: Since,
     pub pid: u32,
     pub comm: [u8; 16],
     /// The service port the table learnt when it saw the socket open (0: not known).
     pub port: u16,
+    /// Network namespace inode (0: not known).
+    pub netns: u32,
 }
 
 /// Bounded table of live sockets.
+///
+/// Memory: an entry is 56 bytes plus its 8-byte key in the hash table (whose load factor lies
+/// between 7/16 and 7/8 after each doubling), plus 8 bytes in the eviction queue: 73 to 155
+/// bytes per followed socket, depending on where the last doubling landed.
 pub struct SocketTable {
     /// By socket cookie. foldhash rather than SipHash: the keys are the kernel's, not an
     /// attacker's, and hashing is a visible share of the per-event cost.
     entries: foldhash::HashMap<u64, Entry>,
-    /// (cookie, first seen) in the order sockets were first seen, for evicting the oldest;
-    /// entries whose socket has since closed are skipped (and dropped) when reached.
-    order: VecDeque<(u64, u64)>,
+    /// Cookies in the order sockets were first seen, for evicting the oldest; cookies whose
+    /// socket has since closed are skipped (and dropped) when reached. A cookie is never
+    /// reused while the kernel runs, so a cookie still in `entries` is the same socket.
+    order: VecDeque<u64>,
+    /// Where the census's sweep for closed sockets is in `order` (see [`SocketTable::sweep`]).
+    sweep_at: usize,
     capacity: usize,
     evicted: u64,
 }
@@ -134,6 +172,7 @@ impl SocketTable {
         SocketTable {
             entries: foldhash::HashMap::with_capacity_and_hasher(initial, Default::default()),
             order: VecDeque::with_capacity(initial),
+            sweep_at: 0,
             capacity,
             evicted: 0,
         }
@@ -150,26 +189,36 @@ impl SocketTable {
         let (old, new, now) = (t.oldstate, t.newstate, t.time_ns);
         sink(Observation::Transition { from: old, to: new });
         let known = self.entries.get(&t.cookie).copied();
-        let seen = known.filter(|e| e.state == old && now >= e.since_ns);
-        let dwell = seen.map(|e| now - e.since_ns);
+        // A dwell only when the table saw the socket enter `old` (not a census's guess).
+        let seen = known.filter(|e| e.state == old && e.since == Since::Transition);
+        let dwell = seen.filter(|e| now >= e.since_ns).map(|e| now - e.since_ns);
         if let Some(ns) = dwell {
             sink(Observation::Dwell { state: old, ns });
         }
 
         let mut e = known.unwrap_or(Entry {
-            state: old,
             since_ns: 0,
-            first_seen_ns: now,
-            mode: opening_mode(old, new),
-            port: 0,
             established_ns: 0,
-            teardown: None,
+            teardown_ns: 0,
             pid: 0,
+            netns: 0,
             comm: [0; 16],
+            port: 0,
+            state: old,
+            since: Since::Transition,
+            mode: opening_mode(old, new),
+            teardown: None,
         });
+        if e.mode.is_none() {
+            // A socket the census found before the table saw it open.
+            e.mode = opening_mode(old, new);
+        }
         if t.pid != 0 {
             e.pid = t.pid;
             e.comm = t.comm;
+        }
+        if t.netns != 0 {
+            e.netns = t.netns;
         }
         if e.port == 0 {
             e.port = match e.mode {
@@ -180,11 +229,16 @@ impl SocketTable {
         }
 
         match (old, new) {
+            (CLOSE, LISTEN) => sink(Observation::Listen {
+                port: t.sport,
+                netns: e.netns,
+            }),
             (SYN_SENT, ESTABLISHED) => {
                 if let Some(ns) = dwell {
                     sink(Observation::Handshake {
                         mode: Mode::Active,
                         port: e.port,
+                        netns: e.netns,
                         ns,
                     });
                 }
@@ -195,6 +249,7 @@ impl SocketTable {
                 sink(Observation::Handshake {
                     mode: Mode::Passive,
                     port: t.sport,
+                    netns: e.netns,
                     ns,
                 });
             }
@@ -208,12 +263,15 @@ impl SocketTable {
                 sink(Observation::HandshakeFailure {
                     reason,
                     port: t.dport,
+                    netns: e.netns,
                 });
             }
-            (ESTABLISHED, FIN_WAIT1) => e.teardown = Some((Teardown::Active, now)),
-            (ESTABLISHED, CLOSE_WAIT) => e.teardown = Some((Teardown::Passive, now)),
+            (ESTABLISHED, FIN_WAIT1) => (e.teardown, e.teardown_ns) = (Some(Teardown::Active), now),
+            (ESTABLISHED, CLOSE_WAIT) => {
+                (e.teardown, e.teardown_ns) = (Some(Teardown::Passive), now)
+            }
             (FIN_WAIT1, CLOSING) => {
-                e.teardown = e.teardown.map(|(_, start)| (Teardown::Simultaneous, start));
+                e.teardown = e.teardown.map(|_| Teardown::Simultaneous);
             }
             _ => {}
         }
@@ -222,11 +280,11 @@ impl SocketTable {
         }
 
         if new == CLOSE {
-            if let Some((mode, start)) = e.teardown.filter(|&(_, start)| now >= start) {
+            if let Some(mode) = e.teardown.filter(|_| now >= e.teardown_ns) {
                 sink(Observation::Teardown {
                     mode,
                     port: e.port,
-                    ns: now - start,
+                    ns: now - e.teardown_ns,
                 });
             }
             if let (Some(mode), true) = (e.mode, e.established_ns != 0 && now >= e.established_ns) {
@@ -248,11 +306,10 @@ impl SocketTable {
 
         e.state = new;
         e.since_ns = now;
+        e.since = Since::Transition;
         if known.is_none() {
-            if self.entries.len() >= self.capacity {
-                self.evict_oldest();
-            }
-            self.order.push_back((t.cookie, e.first_seen_ns));
+            self.make_room();
+            self.order.push_back(t.cookie);
             self.compact_order();
         }
         self.entries.insert(t.cookie, e);
@@ -273,6 +330,11 @@ impl SocketTable {
         self.entries.is_empty()
     }
 
+    /// True when a new socket would evict another.
+    pub fn is_full(&self) -> bool {
+        self.entries.len() >= self.capacity
+    }
+
     /// Sockets evicted because the table was full, since it was made.
     pub fn evicted(&self) -> u64 {
         self.evicted
@@ -283,20 +345,88 @@ impl SocketTable {
         self.entries.get(&cookie).map(|e| SocketInfo {
             state: e.state,
             since_ns: e.since_ns,
+            since: e.since,
             pid: e.pid,
             comm: e.comm,
             port: e.port,
+            netns: e.netns,
         })
     }
 
-    fn evict_oldest(&mut self) {
-        while let Some((cookie, first_seen)) = self.order.pop_front() {
-            if self
-                .entries
-                .get(&cookie)
-                .is_some_and(|e| e.first_seen_ns == first_seen)
-            {
-                self.entries.remove(&cookie);
+    /// Takes what a census saw of a socket whose transition into `state` the table did not
+    /// follow: in that state since `since_ns` at the latest (`since` says why). A socket the
+    /// table does not follow yet is added, unless the table is full (a census never evicts).
+    /// Returns false when nothing was recorded.
+    pub fn correct(&mut self, cookie: u64, state: u8, since_ns: u64, since: Since, netns: u32) -> bool {
+        if let Some(e) = self.entries.get_mut(&cookie) {
+            (e.state, e.since_ns, e.since) = (state, since_ns, since);
+            if e.netns == 0 {
+                e.netns = netns;
+            }
+            return true;
+        }
+        if self.is_full() {
+            return false;
+        }
+        self.entries.insert(
+            cookie,
+            Entry {
+                since_ns,
+                established_ns: 0,
+                teardown_ns: 0,
+                pid: 0,
+                netns,
+                comm: [0; 16],
+                port: 0,
+                state,
+                since,
+                mode: None,
+                teardown: None,
+            },
+        );
+        self.order.push_back(cookie);
+        self.compact_order();
+        true
+    }
+
+    /// Stops following a socket (a census found it closed); false when it was not followed.
+    pub fn forget(&mut self, cookie: u64) -> bool {
+        self.entries.remove(&cookie).is_some()
+    }
+
+    /// Starts a sweep over every followed socket (see [`SocketTable::sweep`]).
+    pub fn start_sweep(&mut self) {
+        self.sweep_at = 0;
+    }
+
+    /// Visits up to `max` more sockets of the sweep started by [`SocketTable::start_sweep`]
+    /// and drops those for which `gone` is true (their CLOSE was lost: a census no longer
+    /// shows them). Returns how many were dropped, and whether the sweep is done. Done in
+    /// steps so that a caller sharing the table with the event reader holds it briefly.
+    pub fn sweep(&mut self, max: usize, mut gone: impl FnMut(u64, &SocketInfo) -> bool) -> (u64, bool) {
+        let mut dropped = 0;
+        let end = (self.sweep_at + max).min(self.order.len());
+        for i in self.sweep_at..end {
+            let cookie = self.order[i];
+            if let Some(info) = self.get(cookie) {
+                if gone(cookie, &info) {
+                    self.entries.remove(&cookie);
+                    dropped += 1;
+                }
+            }
+        }
+        self.sweep_at = end;
+        (dropped, end >= self.order.len())
+    }
+
+    /// Evicts the socket seen longest ago when the table is full.
+    fn make_room(&mut self) {
+        if !self.is_full() {
+            return;
+        }
+        while let Some(cookie) = self.order.pop_front() {
+            self.sweep_at = self.sweep_at.saturating_sub(1);
+            if self.entries.remove(&cookie).is_some() {
                 self.evicted += 1;
                 return;
             }
@@ -310,11 +440,16 @@ impl SocketTable {
             return;
         }
         let entries = &self.entries;
-        self.order.retain(|(cookie, first)| {
-            entries
-                .get(cookie)
-                .is_some_and(|e| e.first_seen_ns == *first)
+        let (mut index, sweep_at, mut kept_before) = (0, self.sweep_at, 0);
+        self.order.retain(|cookie| {
+            let keep = entries.contains_key(cookie);
+            if keep && index < sweep_at {
+                kept_before += 1;
+            }
+            index += 1;
+            keep
         });
+        self.sweep_at = kept_before;
     }
 }
 
@@ -470,6 +605,7 @@ mod tests {
                 Observation::Handshake {
                     mode: Mode::Active,
                     port: 8080,
+                    netns: 0,
                     ns: 50
                 },
                 Observation::Teardown {
@@ -506,6 +642,7 @@ mod tests {
                 Observation::Handshake {
                     mode: Mode::Passive,
                     port: 443,
+                    netns: 0,
                     ns: 1_025_000_000
                 },
                 Observation::Teardown {
@@ -530,7 +667,9 @@ mod tests {
             outcomes(&[transition(3, 0, CLOSE, SYN_SENT), t])
         };
         let reason = |o: Vec<Observation>| match o[..] {
-            [Observation::HandshakeFailure { reason, port: 8080 }] => reason,
+            [Observation::HandshakeFailure {
+                reason, port: 8080, ..
+            }] => reason,
             _ => panic!("{o:?}"),
         };
         assert_eq!(reason(fail(111)), Failure::Refused);

@@ -2,12 +2,16 @@
 //! as a table, oldest first, or as the agent's JSON.
 
 use std::fmt::Write as _;
+use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
-use serde_json::Value;
 
 use crate::cli::SocketsArgs;
 use crate::event::state_name;
+use crate::listing::Listing;
+
+/// How long to wait for the agent: it answers from its last census, at once.
+const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Fetches and prints the listing.
 pub fn run(args: &SocketsArgs) -> Result<()> {
@@ -17,7 +21,8 @@ pub fn run(args: &SocketsArgs) -> Result<()> {
         println!("{body}");
         return Ok(());
     }
-    let listing: Value = serde_json::from_str(&body).context("the agent's answer is not JSON")?;
+    let listing: Listing =
+        serde_json::from_str(&body).context("the agent's answer is not a socket listing")?;
     print!("{}", render(&listing));
     Ok(())
 }
@@ -43,11 +48,20 @@ pub fn query_url(args: &SocketsArgs) -> String {
 }
 
 fn fetch(url: &str, agent: &str) -> Result<String> {
-    match ureq::get(url).call() {
-        Ok(mut response) => {
-            response.body_mut().read_to_string().map_err(|e| anyhow!("reading the agent's answer: {e}"))
+    // The agent is usually on loopback: never through a proxy from the environment.
+    let client: ureq::Agent = ureq::Agent::config_builder()
+        .proxy(None)
+        .timeout_global(Some(TIMEOUT))
+        .build()
+        .into();
+    match client.get(url).call() {
+        Ok(mut response) => response
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| anyhow!("reading the agent's answer: {e}")),
+        Err(ureq::Error::StatusCode(code)) => {
+            Err(anyhow!("the agent at {agent} answered HTTP {code}"))
         }
-        Err(ureq::Error::StatusCode(code)) => Err(anyhow!("the agent at {agent} answered HTTP {code}")),
         Err(e) => Err(anyhow!(
             "no agent answers at {agent} ({e}): start one with `sudo tracer run`, or name it with --agent"
         )),
@@ -55,35 +69,33 @@ fn fetch(url: &str, agent: &str) -> Result<String> {
 }
 
 /// The table people read.
-pub fn render(listing: &Value) -> String {
+pub fn render(listing: &Listing) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
         "{:>10} {:<12} {:>7} {:<15} {:>11} {:<28} {:<28} FLAG",
         "AGE", "STATE", "PID", "COMM", "NETNS", "LOCAL", "REMOTE"
     );
-    let empty = Vec::new();
-    for s in listing["sockets"].as_array().unwrap_or(&empty) {
-        let age = match s["age_seconds"].as_f64() {
-            Some(a) if s["age_source"].as_str() == Some("synack_timer") => format!("~{}", human(a)),
-            Some(a) if s["age_is_lower_bound"].as_bool() == Some(true) => format!(">={}", human(a)),
+    for s in &listing.sockets {
+        let age = match s.age_seconds {
+            Some(a) if s.age_source == "synack_timer" => format!("~{}", human(a)),
+            Some(a) if s.age_is_lower_bound => format!(">={}", human(a)),
             Some(a) => human(a),
             None => "?".to_owned(),
         };
-        let pid = match s["pid"].as_u64() {
-            Some(0) | None => "-".to_owned(),
-            Some(p) => p.to_string(),
+        let pid = match s.pid {
+            0 => "-".to_owned(),
+            p => p.to_string(),
         };
-        let comm = s["comm"].as_str().filter(|c| !c.is_empty()).unwrap_or("-");
-        let endpoint = |addr: &Value, port: &Value| {
-            let a = addr.as_str().unwrap_or("?");
+        let comm = if s.comm.is_empty() { "-" } else { &s.comm };
+        let endpoint = |a: &str, port: u16| {
             if a.contains(':') {
                 format!("[{a}]:{port}")
             } else {
                 format!("{a}:{port}")
             }
         };
-        let flag = match s["reason"].as_str() {
+        let flag = match &s.reason {
             Some(r) => format!("stuck: {r}"),
             None => String::new(),
         };
@@ -91,39 +103,41 @@ pub fn render(listing: &Value) -> String {
             out,
             "{:>10} {:<12} {:>7} {:<15} {:>11} {:<28} {:<28} {}",
             age,
-            s["state"].as_str().unwrap_or("?"),
+            s.state,
             pid,
             comm,
-            s["netns"],
-            endpoint(&s["local_addr"], &s["local_port"]),
-            endpoint(&s["remote_addr"], &s["remote_port"]),
+            s.netns,
+            endpoint(&s.local_addr, s.local_port),
+            endpoint(&s.remote_addr, s.remote_port),
             flag
         );
     }
-    let total = listing["total"].as_u64().unwrap_or(0);
-    let shown = listing["sockets"].as_array().map_or(0, Vec::len) as u64;
-    if total > shown {
+    let shown = listing.sockets.len();
+    if listing.total > shown {
         let _ = writeln!(
             out,
-            "({shown} of {total} shown; raise --limit or narrow with --state/--port)"
+            "({shown} of {} shown; raise --limit or narrow with --state/--port)",
+            listing.total
         );
     }
-    if let Some(d) = listing["busiest_destinations"]
-        .as_array()
-        .and_then(|d| d.first())
-    {
+    if let Some(d) = listing.busiest_destinations.first() {
         let _ = writeln!(
             out,
             "busiest destination: {}:{} from {} uses {} of {} ephemeral ports ({:.1}%) in netns {}",
-            d["remote_addr"].as_str().unwrap_or("?"),
-            d["remote_port"],
-            d["local_addr"].as_str().unwrap_or("?"),
-            d["ephemeral_ports_used"],
-            d["ephemeral_port_range"],
-            d["utilization"].as_f64().unwrap_or(0.0) * 100.0,
-            d["netns"]
+            d.remote_addr,
+            d.remote_port,
+            d.local_addr,
+            d.ephemeral_ports_used,
+            d.ephemeral_port_range,
+            d.utilization * 100.0,
+            d.netns
         );
     }
+    let _ = writeln!(
+        out,
+        "(census taken {:.1}s ago)",
+        listing.census_age_seconds
+    );
     out
 }
 
@@ -143,22 +157,34 @@ mod tests {
 
     #[test]
     fn table_marks_lower_bounds_unknowns_and_stuck_sockets() {
-        let listing = serde_json::json!({
-            "total": 4,
-            "sockets": [
-                {"state": "close_wait", "age_seconds": 65.0, "age_is_lower_bound": true, "pid": 0,
-                 "comm": "", "netns": 4026531840u64, "local_addr": "127.0.0.1", "local_port": 80,
-                 "remote_addr": "::1", "remote_port": 5, "reason": "the peer closed"},
-                {"state": "syn_recv", "age_seconds": null, "age_is_lower_bound": false, "pid": 7,
-                 "comm": "srv", "netns": 1, "local_addr": "127.0.0.1", "local_port": 80,
-                 "remote_addr": "127.0.0.1", "remote_port": 6, "reason": null},
-                {"state": "syn_recv", "age_seconds": 2.5, "age_is_lower_bound": true,
-                 "age_source": "synack_timer", "pid": 0, "comm": "", "netns": 1,
-                 "local_addr": "127.0.0.1", "local_port": 80, "remote_addr": "127.0.0.1",
-                 "remote_port": 7, "reason": null}
+        let socket = |state: &str, age: Option<f64>, source: &str, pid, comm: &str, remote: &str, port, reason: Option<&str>| {
+            crate::listing::ListedSocket {
+                state: state.into(),
+                age_seconds: age,
+                age_is_lower_bound: matches!(source, "agent_start" | "census" | "synack_timer"),
+                age_source: source.into(),
+                local_addr: "127.0.0.1".into(),
+                local_port: 80,
+                remote_addr: remote.into(),
+                remote_port: port,
+                service_port: 80,
+                pid,
+                comm: comm.into(),
+                netns: 4026531840,
+                stuck: reason.is_some(),
+                reason: reason.map(Into::into),
+            }
+        };
+        let listing = Listing {
+            census_age_seconds: 1.25,
+            total: 4,
+            sockets: vec![
+                socket("close_wait", Some(65.0), "census", 0, "", "::1", 5, Some("the peer closed")),
+                socket("syn_recv", None, "unknown", 7, "srv", "127.0.0.1", 6, None),
+                socket("syn_recv", Some(2.5), "synack_timer", 0, "", "127.0.0.1", 7, None),
             ],
-            "busiest_destinations": []
-        });
+            busiest_destinations: vec![],
+        };
         let text = render(&listing);
         let lines: Vec<&str> = text.lines().collect();
         assert!(
@@ -175,5 +201,6 @@ mod tests {
         );
         assert!(lines[3].trim_start().starts_with("~2.5s"), "{text}");
         assert!(lines[4].contains("3 of 4 shown"), "{text}");
+        assert!(lines[5].contains("census taken 1.2s ago"), "{text}");
     }
 }

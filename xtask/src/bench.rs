@@ -5,15 +5,17 @@
 //! printing each one), interleaved so that a noisy neighbour hits every mode alike; the report
 //! gives medians over rounds, the ratio to the no-tracer median, events handled and lost, and
 //! the tracer's CPU per event. Two last phases measure what the probe costs the kernel per run
-//! (with `kernel.bpf_stats_enabled=1` for that run only) and hold many connections open under
-//! `tracer run` to read its resident memory. It reports figures; it does not pass or fail.
+//! (with `kernel.bpf_stats_enabled=1` for that run only) and play a busy host: over 100,000
+//! sockets held open under `tracer run` while the load runs and the agent is scraped, for the
+//! events lost, the scrape latency and the memory per followed socket. `--only PHASE` runs one
+//! phase. It reports figures; it does not pass or fail.
 //!
 //! The load: a listener on 127.0.0.1, acceptor threads that accept and close at once, and
-//! client threads that connect, read to EOF and close, for a fixed time (server closes first). Only
-//! loopback is used; every loop ends by itself.
+//! client threads that connect, read to EOF and close, for a fixed time (server closes first).
+//! Only loopback (127.0.0.0/8) is used; every loop ends by itself, every request has a timeout.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Receiver;
@@ -30,12 +32,34 @@ pub struct BenchArgs {
     /// Rounds; each runs every mode once.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
-    /// Connections held open for the memory figure (two tracked sockets each); 0 skips it.
-    #[arg(long, default_value_t = 50_000)]
+    /// Busy phase: connections opened while `tracer run` runs and held through the phase (two
+    /// followed sockets each); 0 skips the phase.
+    #[arg(long, default_value_t = 100_000)]
     held: usize,
+    /// Busy phase: connections opened before the agent starts (in its census; it follows them
+    /// from their next transition).
+    #[arg(long, default_value_t = 10_000)]
+    held_before: usize,
+    /// Busy phase: seconds of churn while `/metrics` and `/sockets` are scraped.
+    #[arg(long, default_value_t = 30)]
+    busy_seconds: u64,
+    /// Run only this phase (repeatable); every phase by default.
+    #[arg(long, value_enum)]
+    only: Vec<Phase>,
     /// Leave out the bpftrace reference modes (otherwise Debian's bpftrace is installed).
     #[arg(long)]
     no_bpftrace: bool,
+}
+
+/// The bench's phases, in the order they run.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Phase {
+    /// Every mode side by side, interleaved over rounds.
+    Rounds,
+    /// One `tracer run` with the kernel timing the probe's programs.
+    ProbeCost,
+    /// Many sockets held open while churn runs and the agent is scraped.
+    Busy,
 }
 
 const TRACER: &str = "target/release/tracer";
@@ -83,10 +107,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let tw_reuse = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_tw_reuse").unwrap_or_default();
     println!(
-        "bench: {cpus} CPUs, {} s per run, {} rounds, {CLIENTS} client + {ACCEPTORS} acceptor threads, \
-         tcp_tw_reuse={}",
-        args.seconds,
-        args.rounds,
+        "bench: {cpus} CPUs, {CLIENTS} client + {ACCEPTORS} acceptor threads, tcp_tw_reuse={}",
         tw_reuse.trim()
     );
     if tw_reuse.trim() == "0" {
@@ -94,6 +115,26 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "bench: tcp_tw_reuse is 0: clients may run out of ephemeral ports (counted below)"
         );
     }
+    let runs = |phase| args.only.is_empty() || args.only.contains(&phase);
+    if runs(Phase::Rounds) {
+        rounds(args)?;
+    }
+    if runs(Phase::ProbeCost) {
+        probe_cost_phase(Duration::from_secs(args.seconds))?;
+    }
+    if runs(Phase::Busy) && args.held > 0 {
+        busy_phase(
+            args.held,
+            args.held_before,
+            Duration::from_secs(args.busy_seconds),
+        )?;
+    }
+    Ok(())
+}
+
+/// Every mode once per round, interleaved; prints each run, then medians per mode.
+fn rounds(args: &BenchArgs) -> Result<()> {
+    println!("rounds: {} s per run, {} rounds", args.seconds, args.rounds);
     let mut modes = vec![Mode::Baseline, Mode::Watch, Mode::Run];
     if !args.no_bpftrace {
         crate::setup::install_packages(&["bpftrace"])?;
@@ -152,13 +193,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         );
     }
     println!(
-        "reproduce: cargo xtask bench --seconds {} --rounds {} --held {}",
-        args.seconds, args.rounds, args.held
+        "reproduce: cargo xtask bench --only rounds --seconds {} --rounds {}{}",
+        args.seconds,
+        args.rounds,
+        if args.no_bpftrace {
+            " --no-bpftrace"
+        } else {
+            ""
+        }
     );
-    probe_cost_phase(Duration::from_secs(args.seconds))?;
-    if args.held > 0 {
-        memory_phase(args.held)?;
-    }
     Ok(())
 }
 
@@ -218,6 +261,11 @@ pub fn churn_only(seconds: u64) -> Result<()> {
 /// Connect/close churn for `duration`; returns (connections completed, EADDRNOTAVAIL count).
 fn churn(duration: Duration) -> Result<(u64, u64)> {
     let listener = TcpListener::bind("127.0.0.1:0").context("binding the churn listener")?;
+    churn_on(listener, duration)
+}
+
+/// [`churn`] toward a listener bound by the caller on 127.0.0.1.
+fn churn_on(listener: TcpListener, duration: Duration) -> Result<(u64, u64)> {
     let addr = listener.local_addr()?;
     let listener = Arc::new(listener);
     let stop = Arc::new(AtomicBool::new(false));
@@ -511,16 +559,35 @@ fn cpu_micros(pid: u32) -> Result<f64> {
     Ok(ticks as f64 / hz * 1e6)
 }
 
+/// The agent's `/metrics` text.
 fn scrape(addr: SocketAddr) -> Result<String> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    Ok(body)
+    get(&format!("http://{addr}/metrics"))
+}
+
+/// The body of a 200 answer to `GET url`; any other status is an error.
+fn get(url: &str) -> Result<String> {
+    let mut response = http()
+        .get(url)
+        .call()
+        .with_context(|| format!("GET {url}"))?;
+    response
+        .body_mut()
+        .read_to_string()
+        .with_context(|| format!("reading the answer to GET {url}"))
+}
+
+/// The HTTP client of every request the bench makes, all to the agent on loopback: no proxy
+/// (ureq's default configuration takes one from `HTTP_PROXY`/`ALL_PROXY`), and 10 s at most
+/// per request, body included, so that no scrape can hang the bench.
+fn http() -> &'static ureq::Agent {
+    static AGENT: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
+    AGENT.get_or_init(|| {
+        ureq::Agent::config_builder()
+            .proxy(None)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .into()
+    })
 }
 
 /// The value of an unlabelled sample, 0 when absent.
@@ -536,68 +603,346 @@ fn sample(text: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Connections one `hold` process keeps open (two fds each, under a 20,000-fd limit).
-const HOLD_PER_PROCESS: usize = 9_000;
-
-/// Holds `held` connections open under `tracer run` and reports its resident memory.
-/// The connections live in `cargo xtask hold` child processes, so that no one process needs
-/// more open files than its limit allows.
-fn memory_phase(held: usize) -> Result<()> {
-    let addr = free_port()?;
+/// The busy host: `held_before` connections opened before `tracer run` starts and `held` more
+/// opened under it (two sockets each, kept by `cargo xtask hold` child processes), then churn
+/// for `duration` while `/metrics` is scraped every second and `/sockets?limit=100` every two,
+/// as Prometheus and someone running `tracer sockets` would. Reports the events read and lost,
+/// the latency of each scrape, and the agent's resident memory per followed socket.
+fn busy_phase(held: usize, held_before: usize, duration: Duration) -> Result<()> {
+    let (per_process, ports) = hold_capacity()?;
+    // The held client sockets take ports of 127.0.0.1 all over the ephemeral range; a later
+    // bind there could find none free. So the churn listener is bound now, and the agent and
+    // each hold process listen on addresses of their own (127.0.0.0/8 is all loopback), where
+    // those ports do not conflict.
+    let churn_listener = TcpListener::bind("127.0.0.1:0").context("binding the churn listener")?;
+    let addr = TcpListener::bind((AGENT_ADDR, 0))
+        .with_context(|| format!("finding a free port on {AGENT_ADDR}"))?
+        .local_addr()?;
+    let mut next_addr = 2; // hold listeners on 127.0.0.2, .3, ...
+    let before = Holders::open(held_before, per_process, &mut next_addr)?;
+    let max_sockets = (2 * (held + held_before) + 100_000).max(524_288);
     let mut tracer = TracerProcess::start(
         &[
             "run",
             "--listen",
             &addr.to_string(),
             "--max-sockets",
-            &(4 * held).to_string(),
+            &max_sockets.to_string(),
         ],
         Some(addr),
     )?;
-    let before = metric(&scrape(addr)?, "process_resident_memory_bytes");
-    let exe = std::env::current_exe()?;
-    let mut holders = Vec::new();
-    let mut left = held;
-    while left > 0 {
-        let n = left.min(HOLD_PER_PROCESS);
-        left -= n;
-        let mut child = Command::new(&exe)
-            .args(["hold", &n.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("starting a hold process")?;
-        let mut ready = String::new();
-        BufReader::new(child.stdout.take().context("hold stdout")?).read_line(&mut ready)?;
-        if ready.trim() != "ready" {
-            let _ = child.kill();
-            bail!("a hold process failed to open its connections");
-        }
-        holders.push(child);
-    }
-    std::thread::sleep(Duration::from_secs(2));
-    let text = scrape(addr)?;
-    let tracked = metric(&text, "tracer_tracked_sockets");
-    let rss = metric(&text, "process_resident_memory_bytes");
-    println!(
-        "memory: tracer run follows {tracked} sockets with {:.1} MiB resident ({:.1} MiB before \
-         the {held} connections opened: {:.0} bytes per tracked socket)",
-        rss as f64 / 1048576.0,
-        before as f64 / 1048576.0,
-        (rss.saturating_sub(before)) as f64 / tracked.max(1) as f64
+    let pid = tracer.child.id();
+    wait_healthy(addr)?;
+    let s0 = Snapshot::take(addr, pid)?;
+
+    let opening = Instant::now();
+    let holders = Holders::open(held, per_process, &mut next_addr)?;
+    let opening = opening.elapsed();
+    std::thread::sleep(Duration::from_secs(2)); // the agent drains the opening's events
+    let s1 = Snapshot::take(addr, pid)?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let metrics = scraper(
+        format!("http://{addr}/metrics"),
+        Duration::from_secs(1),
+        stop.clone(),
     );
-    for mut h in holders {
-        drop(h.stdin.take()); // EOF: the holder closes its connections and exits
-        let _ = h.wait();
+    let sockets = scraper(
+        format!("http://{addr}/sockets?limit=100"),
+        Duration::from_secs(2),
+        stop.clone(),
+    );
+    let churned = churn_on(churn_listener, duration);
+    stop.store(true, Ordering::Relaxed);
+    let metrics = metrics
+        .join()
+        .map_err(|_| anyhow::anyhow!("the /metrics scraper panicked"))?;
+    let sockets = sockets
+        .join()
+        .map_err(|_| anyhow::anyhow!("the /sockets scraper panicked"))?;
+    let (conns, addr_errors) = churned?;
+    std::thread::sleep(Duration::from_millis(1_200)); // one sync of the probe's figures
+    let s2 = Snapshot::take(addr, pid)?;
+    let peak = proc_status_bytes(pid, "VmHWM:")?;
+    tracer.stop()?;
+    drop(holders);
+    drop(before);
+
+    let mib = |b: u64| b as f64 / 1048576.0;
+    let followed = s1.tracked.saturating_sub(s0.tracked);
+    println!(
+        "busy host: {} connections held open before `tracer run` started and {held} opened \
+         under it ({} sockets; {} hold processes, ephemeral range {}-{}), then {} s of churn \
+         while /metrics is scraped every 1 s and /sockets?limit=100 every 2 s",
+        held_before,
+        2 * (held + held_before),
+        held.div_ceil(per_process) + held_before.div_ceil(per_process),
+        ports.0,
+        ports.1,
+        duration.as_secs(),
+    );
+    println!(
+        "  opening    {held} connections in {:.1} s",
+        opening.as_secs_f64()
+    );
+    println!(
+        "  churn      {:.0} conn/s{}",
+        conns as f64 / duration.as_secs_f64(),
+        if addr_errors > 0 {
+            format!(" ({addr_errors} connects failed with EADDRNOTAVAIL and were retried)")
+        } else {
+            String::new()
+        }
+    );
+    println!(
+        "  events     {} read, {} lost ({} while opening, {} during the churn); {} sockets \
+         evicted, {} census errors",
+        s2.events.saturating_sub(s0.events),
+        s2.lost.saturating_sub(s0.lost),
+        s1.lost.saturating_sub(s0.lost),
+        s2.lost.saturating_sub(s1.lost),
+        s2.evicted.saturating_sub(s0.evicted),
+        s2.census_errors.saturating_sub(s0.census_errors),
+    );
+    for (path, log) in [("/metrics", &metrics), ("/sockets", &sockets)] {
+        let ms: Vec<f64> = log.ok.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+        println!(
+            "  {path:<10} {} requests, {} failed; latency median {:.1} ms, max {:.1} ms{}",
+            ms.len() as u64 + log.failed,
+            log.failed,
+            median(ms.clone()),
+            ms.iter().copied().fold(0.0, f64::max),
+            log.first_error
+                .as_ref()
+                .map_or(String::new(), |e| format!(" (first failure: {e})")),
+        );
     }
-    let _ = tracer.stop()?;
+    println!(
+        "  sockets    the agent followed {} before the opening, {} after, {} after the churn; \
+         the census saw {}, {} and {} on the host",
+        s0.tracked, s1.tracked, s2.tracked, s0.host_sockets, s1.host_sockets, s2.host_sockets
+    );
+    // Each figure is read after a scrape, so it includes the census's high-water mark for the
+    // host's sockets at that moment (TIME-WAIT sockets left by earlier phases included).
+    println!(
+        "  memory     {:.1} MiB resident before the opening, {:.1} MiB after: {:.0} bytes per \
+         followed socket; {:.1} MiB after the churn, {:.1} MiB at the peak (VmHWM)",
+        mib(s0.rss),
+        mib(s1.rss),
+        s1.rss.saturating_sub(s0.rss) as f64 / followed.max(1) as f64,
+        mib(s2.rss),
+        mib(peak),
+    );
+    println!(
+        "reproduce: cargo xtask bench --only busy --held {held} --held-before {held_before} \
+         --busy-seconds {}",
+        duration.as_secs()
+    );
     Ok(())
 }
 
-/// `cargo xtask hold N` (used by the bench): opens N loopback connections, says "ready", and
-/// keeps them until its stdin closes.
-pub fn hold(n: usize) -> Result<()> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
+/// Where the busy phase's agent listens: a loopback address of its own (see [`busy_phase`]).
+const AGENT_ADDR: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 254);
+
+/// The agent's figures at one moment of the busy phase.
+struct Snapshot {
+    events: u64,
+    lost: u64,
+    tracked: u64,
+    evicted: u64,
+    census_errors: u64,
+    /// Sockets of every state in the census (`tracer_tcp_sockets`, summed).
+    host_sockets: u64,
+    /// The agent's resident memory (VmRSS) just after the scrape, its census included.
+    rss: u64,
+}
+
+impl Snapshot {
+    fn take(addr: SocketAddr, pid: u32) -> Result<Snapshot> {
+        let text = scrape(addr)?;
+        Ok(Snapshot {
+            events: metric(&text, "tracer_events_total"),
+            lost: metric(&text, "tracer_events_lost_total"),
+            tracked: metric(&text, "tracer_tracked_sockets"),
+            evicted: metric(&text, "tracer_tracked_sockets_evicted_total"),
+            census_errors: metric(&text, "tracer_census_errors_total"),
+            host_sockets: text
+                .lines()
+                .filter(|l| l.starts_with("tracer_tcp_sockets{"))
+                .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+                .sum::<f64>() as u64,
+            rss: proc_status_bytes(pid, "VmRSS:")?,
+        })
+    }
+}
+
+/// Waits (at most 30 s) for the agent's `/healthz` to answer 200.
+fn wait_healthy(addr: SocketAddr) -> Result<()> {
+    let url = format!("http://{addr}/healthz");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match get(&url) {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() > deadline => {
+                return Err(e.context("the agent did not become healthy within 30 s"))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// A `/proc/PID/status` figure given in kB (`VmRSS:`, `VmHWM:`), in bytes.
+fn proc_status_bytes(pid: u32, field: &str) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))?;
+    Ok(kb * 1024)
+}
+
+/// What one scraper saw: the latency of each answered request, and the failures.
+#[derive(Default)]
+struct ScrapeLog {
+    ok: Vec<Duration>,
+    failed: u64,
+    first_error: Option<String>,
+}
+
+/// GETs `url` every `period` (a request that overruns skips the ticks it covered, as
+/// Prometheus does) until `stop` is set.
+fn scraper(
+    url: String,
+    period: Duration,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<ScrapeLog> {
+    std::thread::spawn(move || {
+        let mut log = ScrapeLog::default();
+        let mut next = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            if now < next {
+                std::thread::sleep((next - now).min(Duration::from_millis(50)));
+                continue;
+            }
+            match get(&url) {
+                Ok(_) => log.ok.push(now.elapsed()),
+                Err(e) => {
+                    log.failed += 1;
+                    log.first_error.get_or_insert_with(|| format!("{e:#}"));
+                }
+            }
+            while next <= Instant::now() {
+                next += period;
+            }
+        }
+        log
+    })
+}
+
+/// Connections one hold process can keep, and the ephemeral port range: two descriptors each
+/// under the hard open-file limit (`hold` raises its soft limit to it), and at most 3/4 of the
+/// range, since all of a process's connections go to one listener and each needs its own
+/// port toward it.
+fn hold_capacity() -> Result<(usize, (u32, u32))> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .context("reading net.ipv4.ip_local_port_range")?;
+    let ports: Vec<u32> = range
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let &[low, high] = &ports[..] else {
+        bail!("unexpected ip_local_port_range {range:?}");
+    };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        bail!(
+            "getrlimit(RLIMIT_NOFILE): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let by_fds = (limit.rlim_max.min(1 << 20) as usize).saturating_sub(100) / 2;
+    let by_ports = (high.saturating_sub(low) as usize + 1) * 3 / 4;
+    let per_process = by_fds.min(by_ports);
+    if per_process < 100 {
+        bail!(
+            "a hold process could keep only {per_process} connections (open-file hard limit \
+             {}, ephemeral range {low}-{high}): raise them",
+            limit.rlim_max
+        );
+    }
+    Ok((per_process, (low, high)))
+}
+
+/// `cargo xtask hold` processes, each holding connections to a listener on its own loopback
+/// address. Dropping it closes their stdin (they close their connections and exit) and waits
+/// for them, killing any still there after 10 s.
+struct Holders(Vec<Child>);
+
+impl Holders {
+    /// Starts enough processes for `connections` (`per_process` at most each, on 127.0.0.N
+    /// from `*next_addr` on); returns once all of them hold theirs.
+    fn open(connections: usize, per_process: usize, next_addr: &mut u8) -> Result<Holders> {
+        let exe = std::env::current_exe()?;
+        let mut holders = Holders(Vec::new());
+        let mut left = connections;
+        while left > 0 {
+            let n = left.min(per_process);
+            left -= n;
+            if *next_addr >= AGENT_ADDR.octets()[3] {
+                bail!("too many hold processes: raise the open-file limit");
+            }
+            let ip = Ipv4Addr::new(127, 0, 0, *next_addr);
+            *next_addr += 1;
+            let child = Command::new(&exe)
+                .args(["hold", &n.to_string(), "--addr", &ip.to_string()])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .context("starting a hold process")?;
+            holders.0.push(child);
+        }
+        // They open their connections side by side; each says "ready" when done, or exits.
+        for child in &mut holders.0 {
+            let mut ready = String::new();
+            BufReader::new(child.stdout.take().context("hold stdout")?).read_line(&mut ready)?;
+            if ready.trim() != "ready" {
+                bail!("a hold process failed to open its connections");
+            }
+        }
+        Ok(holders)
+    }
+}
+
+impl Drop for Holders {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            drop(child.stdin.take()); // EOF: the holder closes its connections and exits
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for child in &mut self.0 {
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if let Ok(None) = child.try_wait() {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `cargo xtask hold N --addr IP` (used by the bench): opens N loopback connections to a
+/// listener on IP, says "ready", and keeps them until its stdin closes.
+pub fn hold(n: usize, addr: Ipv4Addr) -> Result<()> {
+    raise_open_file_limit()?;
+    let listener = TcpListener::bind((addr, 0)).with_context(|| format!("listening on {addr}"))?;
     let addr = listener.local_addr()?;
     let mut conns = Vec::with_capacity(2 * n);
     for _ in 0..n {
@@ -608,5 +953,27 @@ pub fn hold(n: usize) -> Result<()> {
     std::io::stdout().flush()?;
     let mut sink = Vec::new();
     let _ = std::io::stdin().read_to_end(&mut sink);
+    Ok(())
+}
+
+/// Raises this process's soft open-file limit to its hard limit.
+fn raise_open_file_limit() -> Result<()> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct we own; setrlimit reads it.
+    let failed = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 || {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0
+        }
+    };
+    if failed {
+        bail!(
+            "raising the open-file limit: {}",
+            std::io::Error::last_os_error()
+        );
+    }
     Ok(())
 }

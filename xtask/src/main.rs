@@ -32,9 +32,14 @@ enum Task {
     Test,
     /// Set up, build, and measure connection churn with and without the tracer.
     Bench(bench::BenchArgs),
-    /// (Used by bench) hold N loopback connections open until stdin closes.
+    /// (Used by bench) hold N loopback connections to a listener on ADDR open until stdin closes.
     #[command(hide = true)]
-    Hold { connections: usize },
+    Hold {
+        connections: usize,
+        /// The loopback address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        addr: std::net::Ipv4Addr,
+    },
     /// Only the bench's loopback churn, for SECONDS, to profile a tracer under load (e.g. with
     /// `perf record -a`).
     Churn { seconds: u64 },
@@ -46,7 +51,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::run(),
         Task::Run { args } => run_tracer(args),
         Task::Test => test(),
-        Task::Hold { connections } => bench::hold(connections),
+        Task::Hold { connections, addr } => bench::hold(connections, addr),
         Task::Churn { seconds } => bench::churn_only(seconds),
         Task::Bench(args) => setup::run()
             .and_then(|()| build_release())

@@ -384,23 +384,24 @@ pub fn free_listen_addr() -> SocketAddr {
     closed_port(V4)
 }
 
-/// `GET path` on loopback; returns (status code, body).
+/// `GET path` on loopback, with the project's HTTP client; returns (status code, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    use std::io::Write;
-    let mut s = TcpStream::connect(addr).expect("connect to agent");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    // HTTP/1.0: answers come whole, never chunked.
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("write");
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).expect("read response");
-    let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP response");
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status");
-    (code, body.to_owned())
+    let client: ureq::Agent = ureq::Agent::config_builder()
+        .proxy(None)
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into();
+    let mut response = client
+        .get(&format!("http://{addr}{path}"))
+        .call()
+        .unwrap_or_else(|e| panic!("GET {path} from the agent at {addr}: {e}"));
+    let code = response.status().as_u16();
+    let body = response
+        .body_mut()
+        .read_to_string()
+        .unwrap_or_else(|e| panic!("reading {path}: {e}"));
+    (code, body)
 }
 
 /// The value of the sample `name{labels}` (labels matched exactly, in any order) in a
@@ -444,6 +445,10 @@ impl Agent {
         let addr = free_listen_addr();
         let listen = addr.to_string();
         let mut args = vec!["run", "--listen", &listen];
+        // A census every 200 ms (the default is 5 s), so that tests see changes at once.
+        if !extra.contains(&"--census-interval") {
+            args.extend_from_slice(&["--census-interval", "200ms"]);
+        }
         args.extend_from_slice(extra);
         let tracer = Tracer::start(&args, true);
         Agent { tracer, addr }

@@ -1,0 +1,391 @@
+//! The metrics of the event path: what the socket table observes, turned into Prometheus
+//! samples (in seconds, converted here and only here).
+//!
+//! Owns: the histograms and counters fed by transitions, and their label handles, resolved
+//! once per label set and kept, so that the per-event path does no string work and no atomic
+//! operation (thread-local copies published after each batch). Does not own: which ports get
+//! a label value (`ports`), kernel counters (`kernel_metrics`), the census (`census_metrics`).
+
+use anyhow::Result;
+use prometheus::local::{LocalHistogram, LocalIntCounter};
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
+
+use crate::event::{state_name, STATE_NAMES};
+use crate::ports::{PortLabels, Use, OTHER};
+use crate::sockets::{Failure, Mode, Observation, Teardown};
+
+/// Handshake and teardown buckets (seconds): from tens of microseconds (loopback) to a minute,
+/// with an edge between every SYN retransmission step. With an initial RTO of 1 s, classic
+/// exponential backoff retries at 1 s, 3 s, 7 s, 15 s; since Linux 6.5 the first
+/// `tcp_syn_linear_timeouts` (default 4) retries of an active open are linear: 1, 2, 3, 4, 5 s.
+/// The half-second edges put each step in its own bucket.
+pub const HANDSHAKE_BUCKETS: &[f64] = &[
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.5, 3.5, 4.5, 5.5, 7.5, 10.0, 15.5, 31.5, 60.0,
+];
+
+/// Dwell and lifetime buckets (seconds): the handshake ones, then up to a day.
+pub const LONG_BUCKETS: &[f64] = &[
+    0.000_01, 0.000_1, 0.001, 0.01, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+    600.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0,
+];
+
+pub const MODES: [&str; 2] = ["active", "passive"];
+pub const TEARDOWNS: [&str; 3] = ["active", "passive", "simultaneous"];
+pub const FAILURES: [&str; 4] = ["refused", "timeout", "aborted", "other"];
+
+/// Label handles of one metric, by (one closed label) x port slot, made on first use.
+struct ByPort<T> {
+    handles: Vec<Vec<Option<T>>>,
+}
+
+impl<T: Clone> ByPort<T> {
+    fn new(kinds: usize) -> Self {
+        ByPort {
+            handles: vec![Vec::new(); kinds],
+        }
+    }
+
+    fn get(&mut self, kind: usize, slot: usize, make: impl FnOnce() -> T) -> &T {
+        let row = &mut self.handles[kind];
+        if row.len() <= slot {
+            row.resize(slot + 1, None);
+        }
+        row[slot].get_or_insert_with(make)
+    }
+
+    fn all(&self) -> impl Iterator<Item = &T> {
+        self.handles.iter().flatten().flatten()
+    }
+}
+
+/// The metrics the event path feeds.
+pub struct EventMetrics {
+    /// Which ports get a label value (the event path is where values are given).
+    pub ports: PortLabels,
+    handshake: HistogramVec,
+    handshake_h: ByPort<LocalHistogram>,
+    failures: IntCounterVec,
+    failures_h: ByPort<LocalIntCounter>,
+    teardown: HistogramVec,
+    teardown_h: ByPort<LocalHistogram>,
+    lifetime: HistogramVec,
+    lifetime_h: ByPort<LocalHistogram>,
+    state_duration: Vec<LocalHistogram>,
+    transitions: IntCounterVec,
+    transitions_h: Vec<Option<LocalIntCounter>>,
+    events: IntCounter,
+}
+
+impl EventMetrics {
+    /// Registers every event metric in `registry`, with the series of port `other` at 0.
+    pub fn new(registry: &Registry, ports: PortLabels) -> Result<EventMetrics> {
+        let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
+            let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+            let h = HistogramVec::new(opts, labels)?;
+            registry.register(Box::new(h.clone()))?;
+            Ok::<_, prometheus::Error>(h)
+        };
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok::<_, prometheus::Error>(c)
+        };
+        let handshake = histogram(
+            "tracer_tcp_handshake_duration_seconds",
+            "TCP handshakes completed, from inet_sock_set_state: active is SYN_SENT to \
+             ESTABLISHED on the connecting side, passive is the kernel's first-SYN-ACK-to-final-ACK \
+             time on the accepting side; seconds.",
+            &["mode", "port"],
+            HANDSHAKE_BUCKETS,
+        )?;
+        let failures = counter(
+            "tracer_tcp_handshake_failures_total",
+            "Active opens that ended SYN_SENT -> CLOSE, from inet_sock_set_state, by sk_err reason.",
+            &["mode", "reason", "port"],
+        )?;
+        let teardown = histogram(
+            "tracer_tcp_teardown_duration_seconds",
+            "Time from leaving ESTABLISHED (FIN_WAIT1 or CLOSE_WAIT) to CLOSE, from \
+             inet_sock_set_state, by who closed first; seconds.",
+            &["mode", "port"],
+            HANDSHAKE_BUCKETS,
+        )?;
+        let lifetime = histogram(
+            "tracer_tcp_connection_duration_seconds",
+            "Connection lifetime from ESTABLISHED to CLOSE, from inet_sock_set_state, by open mode; \
+             seconds.",
+            &["mode", "port"],
+            LONG_BUCKETS,
+        )?;
+        let state_vec = histogram(
+            "tracer_tcp_state_duration_seconds",
+            "Time sockets spent in a state, from inet_sock_set_state, when the tracer saw them \
+             enter it; seconds.",
+            &["state"],
+            LONG_BUCKETS,
+        )?;
+        let state_duration = STATE_NAMES
+            .iter()
+            .map(|s| state_vec.with_label_values(&[s]).local())
+            .collect();
+        let transitions = counter(
+            "tracer_tcp_transitions_total",
+            "TCP state changes, from inet_sock_set_state.",
+            &["from", "to"],
+        )?;
+        let events = IntCounter::new(
+            "tracer_events_total",
+            "Transitions read from the probe's ring buffers (inet_sock_set_state).",
+        )?;
+        registry.register(Box::new(events.clone()))?;
+
+        let mut metrics = EventMetrics {
+            ports,
+            handshake,
+            handshake_h: ByPort::new(MODES.len()),
+            failures,
+            failures_h: ByPort::new(FAILURES.len()),
+            teardown,
+            teardown_h: ByPort::new(TEARDOWNS.len()),
+            lifetime,
+            lifetime_h: ByPort::new(MODES.len()),
+            state_duration,
+            transitions,
+            transitions_h: vec![None; STATE_NAMES.len() * STATE_NAMES.len()],
+            events,
+        };
+        // Panels and alerts read these from the first scrape: 0, not "No data".
+        for mode in MODES {
+            metrics.handshake.with_label_values(&[mode, OTHER]);
+            metrics.lifetime.with_label_values(&[mode, OTHER]);
+        }
+        for mode in TEARDOWNS {
+            metrics.teardown.with_label_values(&[mode, OTHER]);
+        }
+        for reason in FAILURES {
+            metrics.failures.with_label_values(&["active", reason, OTHER]);
+        }
+        metrics.new_ports();
+        Ok(metrics)
+    }
+
+    /// Records what the socket table observed. The per-event path: no allocation once a label
+    /// set has been seen.
+    pub fn record(&mut self, o: Observation) {
+        let secs = |ns: u64| ns as f64 / 1e9;
+        match o {
+            Observation::Transition { from, to } => {
+                let (f, t) = (
+                    from as usize % STATE_NAMES.len(),
+                    to as usize % STATE_NAMES.len(),
+                );
+                let transitions = &self.transitions;
+                self.transitions_h[f * STATE_NAMES.len() + t]
+                    .get_or_insert_with(|| {
+                        transitions
+                            .with_label_values(&[state_name(from), state_name(to)])
+                            .local()
+                    })
+                    .inc();
+            }
+            Observation::Dwell { state, ns } => {
+                if let Some(h) = self.state_duration.get(state as usize) {
+                    h.observe(secs(ns));
+                }
+            }
+            Observation::Listen { port, netns } => {
+                self.ports.slot(port, Use::Listening { netns });
+            }
+            Observation::Handshake {
+                mode,
+                port,
+                netns,
+                ns,
+            } => {
+                let why = match mode {
+                    Mode::Active => Use::Connected { netns },
+                    Mode::Passive => Use::Accepted,
+                };
+                let slot = self.ports.slot(port, why);
+                let (vec, name) = (&self.handshake, self.ports.name(slot));
+                self.handshake_h
+                    .get(mode as usize, slot, || {
+                        vec.with_label_values(&[MODES[mode as usize], name]).local()
+                    })
+                    .observe(secs(ns));
+            }
+            Observation::HandshakeFailure {
+                reason,
+                port,
+                netns,
+            } => {
+                let slot = self.ports.slot(port, Use::Connected { netns });
+                let (vec, name) = (&self.failures, self.ports.name(slot));
+                self.failures_h
+                    .get(reason as usize, slot, || {
+                        vec.with_label_values(&["active", FAILURES[reason as usize], name])
+                            .local()
+                    })
+                    .inc();
+            }
+            Observation::Teardown { mode, port, ns } => {
+                let slot = self.ports.slot(port, Use::Counted);
+                let (vec, name) = (&self.teardown, self.ports.name(slot));
+                self.teardown_h
+                    .get(mode as usize, slot, || {
+                        vec.with_label_values(&[TEARDOWNS[mode as usize], name])
+                            .local()
+                    })
+                    .observe(secs(ns));
+            }
+            Observation::Lifetime { mode, port, ns } => {
+                let slot = self.ports.slot(port, Use::Counted);
+                let (vec, name) = (&self.lifetime, self.ports.name(slot));
+                self.lifetime_h
+                    .get(mode as usize, slot, || {
+                        vec.with_label_values(&[MODES[mode as usize], name]).local()
+                    })
+                    .observe(secs(ns));
+            }
+        }
+    }
+
+    /// Publishes what [`EventMetrics::record`] gathered since the last call, and counts the
+    /// batch's `events` (transitions read). The per-event path updates thread-local copies (no
+    /// atomic operation per event); call this after each batch.
+    pub fn flush(&mut self, events: u64) {
+        self.events.inc_by(events);
+        self.transitions_h
+            .iter()
+            .flatten()
+            .for_each(LocalIntCounter::flush);
+        self.state_duration.iter().for_each(LocalHistogram::flush);
+        self.failures_h.all().for_each(LocalIntCounter::flush);
+        for h in [&self.handshake_h, &self.teardown_h, &self.lifetime_h] {
+            h.all().for_each(LocalHistogram::flush);
+        }
+        self.new_ports();
+    }
+
+    /// Makes the series of ports given a label value since the last call, at 0: the passive
+    /// ones of a listening port, the active ones (and failures) of a connected-to port.
+    fn new_ports(&mut self) {
+        for (port, why) in self.ports.take_new() {
+            let name = port.to_string();
+            if matches!(why, Use::Accepted | Use::Listening { .. } | Use::Counted) {
+                self.handshake.with_label_values(&["passive", &name]);
+            }
+            if matches!(why, Use::Connected { .. } | Use::Counted) {
+                self.handshake.with_label_values(&["active", &name]);
+                for reason in FAILURES {
+                    self.failures.with_label_values(&["active", reason, &name]);
+                }
+            }
+        }
+    }
+}
+
+/// Label value of a teardown mode (for tests and docs).
+pub fn teardown_name(t: Teardown) -> &'static str {
+    TEARDOWNS[t as usize]
+}
+
+/// Label value of a failure reason.
+pub fn failure_name(f: Failure) -> &'static str {
+    FAILURES[f as usize]
+}
+
+/// Label value of an open mode.
+pub fn mode_name(m: Mode) -> &'static str {
+    MODES[m as usize]
+}
+
+/// The text exposition of every metric in `registry`.
+pub fn encode(registry: &Registry) -> Result<String> {
+    let mut out = String::new();
+    prometheus::TextEncoder::new().encode_utf8(&registry.gather(), &mut out)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ports::DEFAULT_EPHEMERAL;
+
+    fn metrics(max_ports: usize) -> (Registry, EventMetrics) {
+        let registry = Registry::new();
+        let ports = PortLabels::new(&[], max_ports, DEFAULT_EPHEMERAL);
+        let m = EventMetrics::new(&registry, ports).unwrap();
+        (registry, m)
+    }
+
+    #[test]
+    fn handshakes_land_in_the_bucket_of_their_retry_step() {
+        let (registry, mut m) = metrics(8);
+        for ns in [
+            40_000,
+            1_030_000_000,
+            3_050_000_000,
+            4_050_000_000,
+            7_100_000_000,
+        ] {
+            m.record(Observation::Handshake {
+                mode: Mode::Active,
+                port: 80,
+                netns: 0,
+                ns,
+            });
+        }
+        m.flush(0);
+        let text = encode(&registry).unwrap();
+        let bucket = |le: &str| -> u64 {
+            let needle = format!(
+                "tracer_tcp_handshake_duration_seconds_bucket{{mode=\"active\",port=\"80\",le=\"{le}\"}} "
+            );
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(&needle))
+                .unwrap_or_else(|| panic!("{needle}"));
+            line.rsplit(' ').next().unwrap().parse().unwrap()
+        };
+        assert_eq!(bucket("0.00005"), 1);
+        assert_eq!(bucket("1"), 1);
+        assert_eq!(bucket("1.5"), 2);
+        assert_eq!(bucket("3.5"), 3);
+        assert_eq!(bucket("4.5"), 4);
+        assert_eq!(bucket("7.5"), 5);
+    }
+
+    #[test]
+    fn the_series_panels_read_exist_at_zero_before_any_event() {
+        let (registry, mut m) = metrics(8);
+        let text = encode(&registry).unwrap();
+        for line in [
+            "tracer_tcp_handshake_duration_seconds_count{mode=\"active\",port=\"other\"} 0",
+            "tracer_tcp_handshake_duration_seconds_count{mode=\"passive\",port=\"other\"} 0",
+            "tracer_tcp_handshake_failures_total{mode=\"active\",port=\"other\",reason=\"refused\"} 0",
+            "tracer_tcp_teardown_duration_seconds_count{mode=\"passive\",port=\"other\"} 0",
+            "tracer_tcp_connection_duration_seconds_count{mode=\"active\",port=\"other\"} 0",
+            "tracer_events_total 0",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+        // A port given a value for a failed connect gets its failure and handshake series.
+        m.record(Observation::HandshakeFailure {
+            reason: Failure::Timeout,
+            port: 5432,
+            netns: 0,
+        });
+        m.flush(1);
+        let text = encode(&registry).unwrap();
+        assert!(text.contains(
+            "tracer_tcp_handshake_failures_total{mode=\"active\",port=\"5432\",reason=\"refused\"} 0"
+        ));
+        assert!(text.contains(
+            "tracer_tcp_handshake_failures_total{mode=\"active\",port=\"5432\",reason=\"timeout\"} 1"
+        ));
+        assert!(text
+            .contains("tracer_tcp_handshake_duration_seconds_count{mode=\"active\",port=\"5432\"} 0"));
+    }
+}

@@ -1,0 +1,265 @@
+//! The metrics read from the probe's own counters once a second: what was lost, what the probe
+//! costs, the kernel events it counts in maps (SYN-ACK retransmissions, resets), its tables
+//! running full, and the agent's socket table size.
+//!
+//! Owns: turning the probe's cumulative kernel counters into counter increments. Does not own:
+//! reading them (`probe`).
+
+use std::collections::HashMap;
+
+use anyhow::Result;
+use prometheus::{CounterVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+use crate::event::state_name;
+use crate::ports::{LabelledPorts, OTHER};
+use crate::probe::{ProbeReadings, RESET_STATES};
+
+const DIRECTIONS: [&str; 2] = ["sent", "received"];
+
+/// The probe's tables that can run full, by the `table` label of `tracer_probe_table_full_total`.
+const TABLES: [&str; 2] = ["listener_owners", "synack_ports"];
+
+/// Kernel-counter metrics and the table's size.
+pub struct KernelMetrics {
+    synack: IntCounterVec,
+    resets: IntCounterVec,
+    events_lost: IntCounter,
+    probe_runs: IntCounterVec,
+    probe_run_seconds: CounterVec,
+    table_full: IntCounterVec,
+    tracked: IntGauge,
+    evicted: IntCounter,
+    /// Last kernel totals seen, to turn them into counter increments.
+    last: KernelTotals,
+}
+
+#[derive(Default)]
+struct KernelTotals {
+    lost: u64,
+    /// Per program: (runs, run nanoseconds).
+    programs: HashMap<&'static str, (u64, u64)>,
+    evicted: u64,
+    synack: HashMap<u16, u64>,
+    resets: [[u64; RESET_STATES as usize]; 2],
+    table_full: [u64; 2],
+}
+
+impl KernelMetrics {
+    /// Registers the metrics in `registry`, each series a panel or alert reads at 0.
+    pub fn new(registry: &Registry) -> Result<KernelMetrics> {
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok::<_, prometheus::Error>(c)
+        };
+        let single = |name: &str, help: &str| -> Result<IntCounter> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let synack = counter(
+            "tracer_tcp_synack_retransmits_total",
+            "SYN-ACK retransmissions, from tcp/tcp_retransmit_synack, by listening port.",
+            &["port"],
+        )?;
+        synack.with_label_values(&[OTHER]);
+        let resets = counter(
+            "tracer_tcp_resets_total",
+            "TCP resets, from tcp/tcp_send_reset and tcp/tcp_receive_reset, by the socket's state \
+             (none: a reset that answered no socket).",
+            &["direction", "state"],
+        )?;
+        for (direction, state) in [
+            ("sent", "none"),
+            ("sent", "established"),
+            ("received", "syn_sent"),
+            ("received", "established"),
+        ] {
+            resets.with_label_values(&[direction, state]);
+        }
+        let events_lost = single(
+            "tracer_events_lost_total",
+            "Transitions that never reached the agent: ring buffer full, or skipped by the kernel \
+             as nested runs that the rescue program could not deliver.",
+        )?;
+        let probe_runs = counter(
+            "tracer_probe_runs_total",
+            "Runs of each eBPF program, counted by the kernel only while the sysctl \
+             kernel.bpf_stats_enabled is 1 (0 otherwise).",
+            &["program"],
+        )?;
+        let probe_run_seconds = CounterVec::new(
+            Opts::new(
+                "tracer_probe_run_seconds_total",
+                "Kernel CPU time spent in each eBPF program, counted only while the sysctl \
+                 kernel.bpf_stats_enabled is 1 (0 otherwise).",
+            ),
+            &["program"],
+        )?;
+        registry.register(Box::new(probe_run_seconds.clone()))?;
+        for (name, _) in crate::probe::PROGRAMS {
+            probe_runs.with_label_values(&[name]);
+            probe_run_seconds.with_label_values(&[name]);
+        }
+        let table_full = counter(
+            "tracer_probe_table_full_total",
+            "Times a probe map was full: listener_owners (an accepted socket's owner could not \
+             be remembered: it shows as unknown), synack_ports (a SYN-ACK retransmission of a \
+             new listening port was not counted).",
+            &["table"],
+        )?;
+        for table in TABLES {
+            table_full.with_label_values(&[table]);
+        }
+        let tracked = IntGauge::new("tracer_tracked_sockets", "Sockets the agent follows now.")?;
+        registry.register(Box::new(tracked.clone()))?;
+        let evicted = single(
+            "tracer_tracked_sockets_evicted_total",
+            "Sockets dropped from the agent's table because it was full (--max-sockets).",
+        )?;
+        Ok(KernelMetrics {
+            synack,
+            resets,
+            events_lost,
+            probe_runs,
+            probe_run_seconds,
+            table_full,
+            tracked,
+            evicted,
+            last: KernelTotals::default(),
+        })
+    }
+
+    /// Brings the kernel-side counters and the table's size into the metrics (once a second).
+    /// `ports` says which ports have a label value; SYN-ACK counts only look them up.
+    pub fn sync(
+        &mut self,
+        probe: &ProbeReadings,
+        ports: &LabelledPorts,
+        tracked: usize,
+        evicted: u64,
+    ) {
+        let lost = probe.counters.lost_total();
+        self.events_lost.inc_by(lost.saturating_sub(self.last.lost));
+        self.last.lost = self.last.lost.max(lost);
+        self.evicted
+            .inc_by(evicted.saturating_sub(self.last.evicted));
+        self.last.evicted = self.last.evicted.max(evicted);
+        self.tracked.set(tracked as i64);
+        for p in &probe.programs {
+            let (runs, ns) = self
+                .last
+                .programs
+                .insert(p.name, (p.runs, p.run_ns))
+                .unwrap_or((0, 0));
+            self.probe_runs
+                .with_label_values(&[p.name])
+                .inc_by(p.runs.saturating_sub(runs));
+            let secs = p.run_ns.saturating_sub(ns) as f64 / 1e9;
+            self.probe_run_seconds
+                .with_label_values(&[p.name])
+                .inc_by(secs);
+        }
+        for port in ports.ports() {
+            // Listening ports with a value show 0 until their first retransmission.
+            self.synack.with_label_values(&[&port.to_string()]);
+        }
+        for &(port, total) in &probe.synack {
+            let before = self.last.synack.insert(port, total).unwrap_or(0);
+            if total > before {
+                self.synack
+                    .with_label_values(&[&ports.label(port)])
+                    .inc_by(total - before);
+            }
+        }
+        for (d, direction) in DIRECTIONS.iter().enumerate() {
+            for (state, &total) in probe.resets[d].iter().enumerate() {
+                let before = std::mem::replace(&mut self.last.resets[d][state], total);
+                if total > before {
+                    let name = if state == 0 {
+                        "none"
+                    } else {
+                        state_name(state as u8)
+                    };
+                    self.resets
+                        .with_label_values(&[direction, name])
+                        .inc_by(total - before);
+                }
+            }
+        }
+        let full = [probe.counters.owners_full, probe.counters.synack_ports_full];
+        for (i, table) in TABLES.iter().enumerate() {
+            let before = std::mem::replace(&mut self.last.table_full[i], full[i]);
+            self.table_full
+                .with_label_values(&[table])
+                .inc_by(full[i].saturating_sub(before));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ports::{PortLabels, Use, DEFAULT_EPHEMERAL};
+    use crate::probe::{ProbeCounters, ProgramStats};
+
+    #[test]
+    fn kernel_counters_become_increments() {
+        let registry = Registry::new();
+        let mut m = KernelMetrics::new(&registry).unwrap();
+        let mut labels = PortLabels::new(&[], 8, DEFAULT_EPHEMERAL);
+        labels.slot(8080, Use::Accepted);
+        let ports = labels.shared();
+        let mut resets = [[0; RESET_STATES as usize]; 2];
+        resets[0][0] = 3;
+        let counters = ProbeCounters {
+            lost: 2,
+            missed: 1,
+            owners_full: 4,
+            ..Default::default()
+        };
+        let stats = |runs, run_ns| {
+            vec![ProgramStats {
+                name: "inet_sock_set_state",
+                runs,
+                run_ns,
+            }]
+        };
+        let mut probe = ProbeReadings {
+            counters,
+            synack: vec![(8080, 5), (9999, 2)],
+            resets,
+            programs: stats(10, 1_000),
+        };
+        m.sync(&probe, &ports, 7, 0);
+        probe.synack = vec![(8080, 6), (9999, 2)];
+        probe.programs = stats(30, 5_000);
+        m.sync(&probe, &ports, 7, 0);
+        let text = crate::event_metrics::encode(&registry).unwrap();
+        for line in [
+            "tracer_events_lost_total 3\n",
+            "tracer_tcp_synack_retransmits_total{port=\"8080\"} 6\n",
+            // A port without a value is counted under other, never given one.
+            "tracer_tcp_synack_retransmits_total{port=\"other\"} 2\n",
+            "tracer_tcp_resets_total{direction=\"sent\",state=\"none\"} 3\n",
+            "tracer_tcp_resets_total{direction=\"received\",state=\"syn_sent\"} 0\n",
+            "tracer_tracked_sockets 7\n",
+            "tracer_tracked_sockets_evicted_total 0\n",
+            "tracer_probe_runs_total{program=\"inet_sock_set_state\"} 30\n",
+            "tracer_probe_table_full_total{table=\"listener_owners\"} 4\n",
+            "tracer_probe_table_full_total{table=\"synack_ports\"} 0\n",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+        assert!(!ports.contains(9999));
+        let seconds: f64 = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("tracer_probe_run_seconds_total{program=\"inet_sock_set_state\"} ")
+            })
+            .expect("run seconds exported")
+            .parse()
+            .unwrap();
+        assert!((seconds - 5e-6).abs() < 1e-12, "{seconds}");
+    }
+}

@@ -1,0 +1,282 @@
+//! The `/sockets` listing: its query, its JSON schema (one typed struct, used by the agent to
+//! write it and by `tracer sockets` to read it), and choosing what to list from a census.
+//!
+//! Owns: filters, ordering (oldest first), the limit, and the age of each socket at the moment
+//! of the request (from when it entered its state, so that a report a few seconds old still
+//! shows current ages). Does not own: the census or the join.
+
+use std::cmp::Reverse;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::{parse_state, state_name};
+use crate::join::{Destination, SocketView};
+use crate::scrape::Report;
+use crate::stuck::{comm_string, reason};
+
+/// Default and largest `limit`.
+pub const DEFAULT_LIMIT: usize = 100;
+pub const MAX_LIMIT: usize = 10_000;
+
+/// The answer of `GET /sockets`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Listing {
+    /// Seconds since the census behind this listing began (see `--census-interval`).
+    pub census_age_seconds: f64,
+    /// Sockets that match the filters (more than listed when `limit` cut them).
+    pub total: usize,
+    pub sockets: Vec<ListedSocket>,
+    /// Destinations whose ephemeral ports are fullest, busiest first.
+    pub busiest_destinations: Vec<ListedDestination>,
+}
+
+/// One socket of the listing.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ListedSocket {
+    pub state: String,
+    /// Time in its state; null when nothing tells it.
+    pub age_seconds: Option<f64>,
+    /// True when the age is at least this (the agent did not see the socket enter its state).
+    pub age_is_lower_bound: bool,
+    /// `transition`, `agent_start`, `census`, `synack_timer` or `unknown`.
+    pub age_source: String,
+    pub local_addr: String,
+    pub local_port: u16,
+    pub remote_addr: String,
+    pub remote_port: u16,
+    pub service_port: u16,
+    /// The owner (0 and "" when unknown).
+    pub pid: u32,
+    pub comm: String,
+    /// Network namespace inode, as in `/proc/PID/ns/net -> net:[INODE]`.
+    pub netns: u64,
+    pub stuck: bool,
+    /// Why being stuck in this state matters; null when not stuck.
+    pub reason: Option<String>,
+}
+
+/// A destination of the listing.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ListedDestination {
+    pub netns: u64,
+    pub local_addr: String,
+    pub remote_addr: String,
+    pub remote_port: u16,
+    pub ephemeral_ports_used: u64,
+    pub ephemeral_port_range: u64,
+    pub utilization: f64,
+}
+
+/// The query of `/sockets`.
+#[derive(Debug, PartialEq)]
+pub struct SocketFilter {
+    pub states: Vec<u8>,
+    pub port: Option<u16>,
+    pub older_than: Option<Duration>,
+    pub limit: usize,
+}
+
+impl Default for SocketFilter {
+    fn default() -> Self {
+        SocketFilter {
+            states: Vec::new(),
+            port: None,
+            older_than: None,
+            limit: DEFAULT_LIMIT,
+        }
+    }
+}
+
+impl SocketFilter {
+    /// Reads the query parameters (repeated `state` add up); an error names the bad one.
+    pub fn from_query(pairs: &[(String, String)]) -> Result<SocketFilter, String> {
+        let mut f = SocketFilter::default();
+        for (key, value) in pairs {
+            match key.as_str() {
+                "state" => {
+                    for name in value.split(',').filter(|s| !s.is_empty()) {
+                        f.states.push(
+                            parse_state(name).ok_or_else(|| format!("unknown state {name:?}"))?,
+                        );
+                    }
+                }
+                "port" => {
+                    f.port = Some(
+                        value
+                            .parse()
+                            .map_err(|_| format!("port {value:?} is not a port number"))?,
+                    )
+                }
+                "older_than" => f.older_than = Some(crate::cli::parse_duration(value)?),
+                "limit" => {
+                    f.limit = match value.parse() {
+                        Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
+                        _ => return Err(format!("limit {value:?} is not a number from 1 to {MAX_LIMIT}")),
+                    }
+                }
+                other => {
+                    return Err(format!(
+                        "unknown parameter {other:?}; use state, port, older_than, limit"
+                    ))
+                }
+            }
+        }
+        Ok(f)
+    }
+
+    /// The listing of `report` at `now_ns` (CLOCK_MONOTONIC): matching sockets oldest first
+    /// (unknown ages last), at most `limit`. Memory: one reference per matching socket.
+    pub fn render(&self, report: &Report, now_ns: u64) -> Listing {
+        let thresholds = &report.thresholds;
+        let mut matched: Vec<(Option<Duration>, &SocketView)> = report
+            .joined
+            .sockets
+            .iter()
+            .filter(|s| self.states.is_empty() || self.states.contains(&s.state))
+            .filter(|s| {
+                self.port
+                    .is_none_or(|p| s.local.port() == p || s.remote.port() == p)
+            })
+            .map(|s| (s.age(now_ns), s))
+            .filter(|(age, _)| self.older_than.is_none_or(|d| age.is_some_and(|a| a >= d)))
+            .collect();
+        let total = matched.len();
+        let by_age = |a: &(Option<Duration>, &SocketView)| Reverse(a.0);
+        if matched.len() > self.limit {
+            matched.select_nth_unstable_by_key(self.limit, by_age);
+            matched.truncate(self.limit);
+        }
+        matched.sort_by_key(by_age);
+        let sockets = matched
+            .into_iter()
+            .map(|(age, s)| {
+                let stuck = age.is_some_and(|a| thresholds.is_stuck(s.state, a));
+                ListedSocket {
+                    state: state_name(s.state).to_owned(),
+                    age_seconds: age.map(|a| a.as_secs_f64()),
+                    age_is_lower_bound: s.age_source.is_lower_bound(),
+                    age_source: s.age_source.name().to_owned(),
+                    local_addr: s.local.ip().to_string(),
+                    local_port: s.local.port(),
+                    remote_addr: s.remote.ip().to_string(),
+                    remote_port: s.remote.port(),
+                    service_port: s.port,
+                    pid: s.pid,
+                    comm: comm_string(&s.comm),
+                    netns: s.netns,
+                    stuck,
+                    reason: stuck.then(|| reason(s.state).to_owned()),
+                }
+            })
+            .collect();
+        Listing {
+            census_age_seconds: now_ns.saturating_sub(report.taken_ns) as f64 / 1e9,
+            total,
+            sockets,
+            busiest_destinations: report
+                .joined
+                .destinations
+                .iter()
+                .map(destination)
+                .collect(),
+        }
+    }
+}
+
+fn destination(d: &Destination) -> ListedDestination {
+    ListedDestination {
+        netns: d.netns,
+        local_addr: d.local_ip.to_string(),
+        remote_addr: d.remote.ip().to_string(),
+        remote_port: d.remote.port(),
+        ephemeral_ports_used: d.used,
+        ephemeral_port_range: d.range,
+        utilization: d.utilization(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::join::{AgeSource, Joined};
+    use tracer_common::state;
+
+    const S: u64 = 1_000_000_000;
+
+    fn view(state: u8, entered_s: Option<u64>, port: u16) -> SocketView {
+        SocketView {
+            netns: 1,
+            state,
+            local: format!("127.0.0.1:{port}").parse().unwrap(),
+            remote: "127.0.0.1:40000".parse().unwrap(),
+            entered_ns: entered_s.map(|s| s * S),
+            age_source: AgeSource::Transition,
+            pid: 7,
+            comm: *b"srv\0\0\0\0\0\0\0\0\0\0\0\0\0",
+            port,
+        }
+    }
+
+    fn report(sockets: Vec<SocketView>) -> Report {
+        Report {
+            taken_ns: 90 * S,
+            taken_at: std::time::SystemTime::now(),
+            duration: Duration::ZERO,
+            visited: 1,
+            unreachable: 0,
+            joined: Joined {
+                sockets,
+                ..Default::default()
+            },
+            listen_overflows: 0,
+            listen_drops: 0,
+            state_corrected: 0,
+            added: 0,
+            dropped: 0,
+            thresholds: Default::default(),
+        }
+    }
+
+    fn query(q: &[(&str, &str)]) -> Result<SocketFilter, String> {
+        let pairs: Vec<(String, String)> =
+            q.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        SocketFilter::from_query(&pairs)
+    }
+
+    #[test]
+    fn oldest_first_ages_at_request_time_and_the_limit_keeps_the_oldest() {
+        let r = report(vec![
+            view(state::CLOSE_WAIT, Some(50), 1),
+            view(state::CLOSE_WAIT, None, 2),
+            view(state::CLOSE_WAIT, Some(10), 3),
+            view(state::ESTABLISHED, Some(5), 4),
+            view(state::CLOSE_WAIT, Some(30), 5),
+        ]);
+        let f = query(&[("state", "close_wait"), ("limit", "2")]).unwrap();
+        let l = f.render(&r, 100 * S);
+        assert_eq!(l.total, 4);
+        let got: Vec<(u16, Option<f64>, bool)> = l
+            .sockets
+            .iter()
+            .map(|s| (s.local_port, s.age_seconds, s.stuck))
+            .collect();
+        // 90 s and 70 s in CLOSE_WAIT at the request: both past the 60 s threshold.
+        assert_eq!(got, vec![(3, Some(90.0), true), (5, Some(70.0), true)]);
+        assert_eq!(l.census_age_seconds, 10.0);
+        let all = query(&[]).unwrap().render(&r, 100 * S);
+        assert_eq!(all.sockets.last().unwrap().age_seconds, None, "unknown ages last");
+        let json = serde_json::to_string(&l).unwrap();
+        assert_eq!(serde_json::from_str::<Listing>(&json).unwrap(), l);
+    }
+
+    #[test]
+    fn queries_are_checked_and_repeated_states_add_up() {
+        let f = query(&[("state", "close_wait"), ("state", "syn_sent,syn_recv")]).unwrap();
+        assert_eq!(f.states, vec![state::CLOSE_WAIT, state::SYN_SENT, state::SYN_RECV]);
+        assert!(query(&[("limit", "0")]).unwrap_err().contains("limit"));
+        assert!(query(&[("limit", "10001")]).is_err());
+        assert!(query(&[("state", "bogus")]).unwrap_err().contains("bogus"));
+        assert!(query(&[("older", "1s")]).unwrap_err().contains("unknown parameter"));
+    }
+}

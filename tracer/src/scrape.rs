@@ -1,0 +1,224 @@
+//! The scrape path's engine: one census thread that takes a census of every namespace, joins
+//! it with the socket table, and publishes the result for every reader.
+//!
+//! Owns: when a census runs, waiting for the event reader to catch up with it, and the last
+//! published [`Report`]. Does not own: the census I/O (`census`), the join (`join`), or how the
+//! report is shown (`census_metrics`, `listing`).
+//!
+//! Why a thread that publishes, rather than a census per request: a census walks every socket
+//! of the host (hundreds of milliseconds with 10^5-10^6 sockets). Run per request, concurrent
+//! scrapes multiply that work and its memory; run on the event thread, it stalls the reader
+//! and events are lost. Here there is one census at a time, off the event thread; `/metrics`
+//! and `/sockets` answer at once from the last report, whose age is exported
+//! (`tracer_census_timestamp_seconds`). It runs every `--census-interval`, but never more than
+//! 1/20 of the time (after a census that took `d`, the next starts `20 d` later at the
+//! earliest), so that a huge host costs at most 5% of a core in censuses.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::join::{join, Joined, Mode};
+use crate::ports::Use;
+use crate::ring::monotonic_ns;
+use crate::sockets::SocketTable;
+use crate::stuck::Thresholds;
+
+/// A census's time may not exceed this share of the wall clock.
+const MAX_DUTY: u32 = 20;
+
+/// How long a census waits for the event reader to apply the events stamped before it ended;
+/// past this the join changes nothing in the table (the reader is far behind).
+const CATCH_UP: Duration = Duration::from_secs(2);
+
+/// One published census, joined with the table.
+#[derive(Debug)]
+pub struct Report {
+    /// When the census began: CLOCK_MONOTONIC ns (the probe's clock) and wall-clock time.
+    pub taken_ns: u64,
+    pub taken_at: SystemTime,
+    /// How long the census and the join took.
+    pub duration: Duration,
+    /// Namespaces visited, and found but not visited.
+    pub visited: u64,
+    pub unreachable: u64,
+    pub joined: Joined,
+    /// Running totals since the agent started: TcpExt ListenOverflows and ListenDrops over
+    /// every namespace, and the join's corrections of the table.
+    pub listen_overflows: u64,
+    pub listen_drops: u64,
+    pub state_corrected: u64,
+    pub added: u64,
+    pub dropped: u64,
+    pub thresholds: Thresholds,
+}
+
+/// What the census thread publishes and the HTTP side reads.
+#[derive(Default)]
+pub struct Published {
+    latest: Mutex<Option<Arc<Report>>>,
+    /// Censuses that failed (the last report stays published).
+    pub errors: AtomicU64,
+}
+
+impl Published {
+    /// The last report, if a census has completed.
+    pub fn latest(&self) -> Option<Arc<Report>> {
+        self.latest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    pub(crate) fn publish(&self, report: Report) {
+        *self
+            .latest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(report));
+    }
+}
+
+/// What the census tells the event path's port label policy (`ports`).
+pub struct PortNews {
+    /// `ip_local_port_range` of each namespace visited.
+    pub ranges: std::collections::HashMap<u32, (u16, u16)>,
+    /// At the first census: the service ports in use and their volume, for the seed.
+    pub seed: Option<Vec<(u16, u64, Use)>>,
+}
+
+/// What the census thread needs.
+pub struct CensusConfig {
+    pub interval: Duration,
+    pub thresholds: Thresholds,
+    /// CLOCK_MONOTONIC when the probe was attached: sockets older than that are "at least
+    /// since start".
+    pub started_ns: u64,
+}
+
+/// Runs censuses until `stop` is dropped (or sends). `applied_ns` is how far (in probe time)
+/// the event reader has applied events to `table`.
+pub fn run(
+    config: CensusConfig,
+    table: Arc<Mutex<SocketTable>>,
+    applied_ns: Arc<AtomicU64>,
+    published: Arc<Published>,
+    news: Sender<PortNews>,
+    stop: Receiver<()>,
+) {
+    let mut totals = Totals::default();
+    let mut first = true;
+    loop {
+        let began = Instant::now();
+        match crate::census::all_namespaces() {
+            Ok(census) => {
+                let taken_ns = census
+                    .namespaces
+                    .iter()
+                    .map(|n| n.dumped_at_ns)
+                    .min()
+                    .unwrap_or_else(monotonic_ns);
+                let taken_at = SystemTime::now() - began.elapsed();
+                let mode = match (first, caught_up(&applied_ns, monotonic_ns())) {
+                    (_, false) => Mode::ReadOnly,
+                    (true, true) => Mode::AtStart {
+                        started_ns: config.started_ns,
+                    },
+                    (false, true) => Mode::Correct,
+                };
+                let joined = join(&census, &table, &config.thresholds, mode, monotonic_ns());
+                let ranges = census
+                    .namespaces
+                    .iter()
+                    .map(|n| (n.netns as u32, n.port_range))
+                    .collect();
+                let seed = first.then(|| {
+                    joined
+                        .services
+                        .iter()
+                        .map(|&(port, n, listening)| {
+                            let why = if listening {
+                                Use::Accepted
+                            } else {
+                                Use::Connected { netns: 0 }
+                            };
+                            (port, n, why)
+                        })
+                        .collect()
+                });
+                let _ = news.send(PortNews { ranges, seed });
+                totals.add(&census, &joined);
+                published.publish(Report {
+                    taken_ns,
+                    taken_at,
+                    duration: began.elapsed(),
+                    visited: census.namespaces.len() as u64,
+                    unreachable: census.unreachable,
+                    listen_overflows: totals.overflows,
+                    listen_drops: totals.drops,
+                    state_corrected: totals.state_corrected,
+                    added: totals.added,
+                    dropped: totals.dropped,
+                    joined,
+                    thresholds: config.thresholds.clone(),
+                });
+                first = false;
+            }
+            Err(e) => {
+                published.errors.fetch_add(1, Ordering::Relaxed);
+                eprintln!("tracer: socket census failed: {e:#}");
+            }
+        }
+        let wait = config.interval.max(began.elapsed() * MAX_DUTY);
+        match stop.recv_timeout(wait.saturating_sub(began.elapsed())) {
+            Err(RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+    }
+}
+
+/// Waits (briefly) until the reader has applied every event stamped up to `until_ns`; false
+/// when it did not within [`CATCH_UP`].
+fn caught_up(applied_ns: &AtomicU64, until_ns: u64) -> bool {
+    let deadline = Instant::now() + CATCH_UP;
+    while applied_ns.load(Ordering::Acquire) < until_ns {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    true
+}
+
+/// Running totals across censuses.
+#[derive(Default)]
+struct Totals {
+    /// Last TcpExt listen counters per network namespace, to turn them into increments.
+    last_listen: std::collections::HashMap<u64, (u64, u64)>,
+    overflows: u64,
+    drops: u64,
+    state_corrected: u64,
+    added: u64,
+    dropped: u64,
+}
+
+impl Totals {
+    fn add(&mut self, census: &crate::census::HostCensus, joined: &Joined) {
+        // Kernel counters per namespace become increments; a new namespace adds its total.
+        for ns in &census.namespaces {
+            let (ovf, drops) = self.last_listen.get(&ns.netns).copied().unwrap_or((0, 0));
+            self.overflows += ns.listen_overflows.saturating_sub(ovf);
+            self.drops += ns.listen_drops.saturating_sub(drops);
+            self.last_listen.insert(
+                ns.netns,
+                (ns.listen_overflows.max(ovf), ns.listen_drops.max(drops)),
+            );
+        }
+        let present: std::collections::HashSet<u64> =
+            census.namespaces.iter().map(|n| n.netns).collect();
+        self.last_listen.retain(|ns, _| present.contains(ns));
+        self.state_corrected += joined.corrections.state_corrected;
+        self.added += joined.corrections.added;
+        self.dropped += joined.corrections.dropped;
+    }
+}
