@@ -24,6 +24,8 @@ pub const MAX_LIMIT: usize = 10_000;
 pub struct Listing {
     /// Seconds since the census behind this listing began (see `--census-interval`).
     pub census_age_seconds: f64,
+    /// When it began, Unix time in seconds (as `tracer_census_timestamp_seconds`).
+    pub census_timestamp_seconds: f64,
     /// Sockets that match the filters (more than listed when `limit` cut them).
     pub total: usize,
     pub sockets: Vec<ListedSocket>,
@@ -172,6 +174,11 @@ impl SocketFilter {
             .collect();
         Listing {
             census_age_seconds: now_ns.saturating_sub(report.taken_ns) as f64 / 1e9,
+            census_timestamp_seconds: report
+                .taken_at
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64(),
             total,
             sockets,
             busiest_destinations: report

@@ -177,6 +177,7 @@ mod tests {
         };
         let listing = Listing {
             census_age_seconds: 1.25,
+            census_timestamp_seconds: 1.7e9,
             total: 4,
             sockets: vec![
                 socket("close_wait", Some(65.0), "census", 0, "", "::1", 5, Some("the peer closed")),

@@ -21,19 +21,18 @@ fn promql_over_scraped_metrics_matches_the_traffic() {
     let agent = Agent::start(&["--port", &p, "--port", &r]);
     let prom = Prometheus::start(agent.addr);
 
-    // One of each first, so that the series exist in Prometheus before the counted traffic:
-    // rate() and increase() cannot see the first sample of a series as an increase.
-    let server = Server::start_at(server_addr, 101, Closer::Client);
-    connect_many(server_addr, 1, Closer::Client);
-    connect_refused(refused_addr, 1);
+    // The series exist at 0 from the agent's start (rate() and increase() cannot see the
+    // first sample of a series as an increase, so a counter born at its first event would
+    // lose it): Prometheus stores the 0 before the traffic.
     let refused = format!("tracer_tcp_handshake_failures_total{{reason=\"refused\",port=\"{r}\"}}");
-    prom.wait_for("the warm-up to be scraped", &refused, |v| v == 1.0);
+    prom.wait_for("the zero to be scraped", &refused, |v| v == 0.0);
     std::thread::sleep(Duration::from_millis(1500));
 
+    let server = Server::start_at(server_addr, 100, Closer::Client);
     connect_many(server_addr, 100, Closer::Client);
     connect_refused(refused_addr, 20);
     server.join();
-    prom.wait_for("the traffic to be scraped", &refused, |v| v == 21.0);
+    prom.wait_for("the traffic to be scraped", &refused, |v| v == 20.0);
     std::thread::sleep(Duration::from_millis(1500));
 
     // Exactly what was sent, from the stored samples...

@@ -454,8 +454,24 @@ impl Agent {
         Agent { tracer, addr }
     }
 
-    /// Scrapes /metrics.
+    /// Scrapes /metrics once its census metrics come from a census that began after this
+    /// call: the agent publishes a census every `--census-interval` (200 ms here) and answers
+    /// from the last one, so a test that just changed sockets waits for the next.
     pub fn metrics(&self) -> String {
+        let asked = unix_now();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let body = self.metrics_now();
+            if sample(&body, "tracer_census_timestamp_seconds", &[]).unwrap_or(0.0) > asked {
+                return body;
+            }
+            assert!(Instant::now() < deadline, "no census after {asked} within 10 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Scrapes /metrics as it is now.
+    pub fn metrics_now(&self) -> String {
         let (code, body) = http_get(self.addr, "/metrics");
         assert_eq!(code, 200, "/metrics: {body}");
         body
@@ -577,10 +593,28 @@ pub fn run_ok(cmd: &str, args: &[&str]) {
 }
 
 /// The agent's `/sockets` answer for a query string.
+/// `/sockets?query` from a census that began after this call (see [`Agent::metrics`]).
 pub fn sockets_json(agent: &Agent, query: &str) -> serde_json::Value {
-    let (code, body) = http_get(agent.addr, &format!("/sockets?{query}"));
-    assert_eq!(code, 200, "/sockets?{query}: {body}");
-    serde_json::from_str(&body).expect("JSON")
+    let asked = unix_now();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, body) = http_get(agent.addr, &format!("/sockets?{query}"));
+        assert_eq!(code, 200, "/sockets?{query}: {body}");
+        let listing: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        if listing["census_timestamp_seconds"].as_f64().unwrap_or(0.0) > asked {
+            return listing;
+        }
+        assert!(Instant::now() < deadline, "no census after {asked} within 10 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Now, Unix time in seconds (the unit of `tracer_census_timestamp_seconds`).
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
 }
 
 /// Lines `ss -tan FILTER` prints (the header excluded), in this thread's namespace.
