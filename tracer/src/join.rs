@@ -15,7 +15,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
+
+use parking_lot::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use tracer_common::state;
@@ -183,7 +184,7 @@ pub fn join(
         let netns = ns.netns as u32;
         let first = out.sockets.len();
         for chunk in ns.sockets.chunks(CHUNK) {
-            let mut table = lock(table);
+            let mut table = table.lock();
             for r in chunk {
                 let census_state = if r.state == state::NEW_SYN_RECV {
                     state::SYN_RECV
@@ -279,6 +280,9 @@ pub fn join(
                     port,
                 });
             }
+            // Hand the table to the event reader if it is waiting, rather than taking it
+            // straight back for the next chunk.
+            MutexGuard::unlock_fair(table);
         }
         // A request socket belongs to its listener (the probe credits a passive child the
         // same way).
@@ -349,9 +353,10 @@ fn drop_gone(census: &HostCensus, table: &Mutex<SocketTable>) -> u64 {
     let everywhere = census.unreachable == 0;
     let first_dump = dumped_at.values().copied().min().unwrap_or(0);
     let mut dropped = 0;
-    lock(table).start_sweep();
+    table.lock().start_sweep();
     loop {
-        let (n, done) = lock(table).sweep(CHUNK, |cookie, info| {
+        let mut t = table.lock();
+        let (n, done) = t.sweep(CHUNK, |cookie, info| {
             let before = match dumped_at.get(&info.netns) {
                 Some(&at) => at,
                 None if info.netns == 0 && everywhere => first_dump,
@@ -359,6 +364,7 @@ fn drop_gone(census: &HostCensus, table: &Mutex<SocketTable>) -> u64 {
             };
             info.since_ns < before && !present.contains(&cookie)
         });
+        MutexGuard::unlock_fair(t);
         dropped += n;
         if done {
             return dropped;
@@ -366,13 +372,6 @@ fn drop_gone(census: &HostCensus, table: &Mutex<SocketTable>) -> u64 {
     }
 }
 
-/// The table, even if a thread panicked while holding it (its data stay consistent: every
-/// change to it is a single insert or remove).
-pub fn lock(table: &Mutex<SocketTable>) -> std::sync::MutexGuard<'_, SocketTable> {
-    table
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 #[cfg(test)]
 mod tests {
@@ -421,13 +420,13 @@ mod tests {
         let mut open = transition(2, 5 * S, state::LISTEN, state::SYN_RECV);
         (open.sport, open.dport, open.pid) = (8080, 40001, 77);
         open.comm = *b"leaky\0\0\0\0\0\0\0\0\0\0\0";
-        lock(&t).observe(&open);
+        t.lock().observe(&open);
         let mut est = transition(2, 5 * S, state::SYN_RECV, state::ESTABLISHED);
         est.pid = 0;
-        lock(&t).observe(&est);
+        t.lock().observe(&est);
         let mut cw = transition(2, 10 * S, state::ESTABLISHED, state::CLOSE_WAIT);
         cw.pid = 0;
-        lock(&t).observe(&cw);
+        t.lock().observe(&cw);
         let c = census(
             vec![
                 rec(state::LISTEN, "127.0.0.1:8080", "0.0.0.0:0", 1),
@@ -477,8 +476,8 @@ mod tests {
     fn a_lost_transition_takes_the_census_state_with_a_lower_bound_age_and_is_flagged_later() {
         let t = table();
         // Followed into ESTABLISHED at 1 s; its ESTABLISHED -> CLOSE_WAIT was lost.
-        lock(&t).observe(&transition(3, S / 2, state::CLOSE, state::SYN_SENT));
-        lock(&t).observe(&transition(3, S, state::SYN_SENT, state::ESTABLISHED));
+        t.lock().observe(&transition(3, S / 2, state::CLOSE, state::SYN_SENT));
+        t.lock().observe(&transition(3, S, state::SYN_SENT, state::ESTABLISHED));
         let cookie = 1_000_003;
         let sockets = vec![rec(state::CLOSE_WAIT, "127.0.0.1:40002", "127.0.0.1:8080", cookie)];
         let j = join(&census(sockets.clone(), 20 * S), &t, &Thresholds::default(), Mode::Correct, 20 * S);
@@ -492,20 +491,20 @@ mod tests {
         assert_eq!(j.sockets[0].age(81 * S), Some(Duration::from_secs(61)));
         assert_eq!(j.stuck.get(&(state::CLOSE_WAIT, 8080)), Some(&1), "service port from the table");
         // Its dwell in CLOSE_WAIT is not known when it leaves it: no invented figure.
-        let step = lock(&t).observe(&transition(3, 90 * S, state::CLOSE_WAIT, state::LAST_ACK));
+        let step = t.lock().observe(&transition(3, 90 * S, state::CLOSE_WAIT, state::LAST_ACK));
         assert_eq!(step.dwell, None);
     }
 
     #[test]
     fn followed_sockets_the_census_no_longer_shows_are_dropped_unless_newer_than_the_dump() {
         let t = table();
-        lock(&t).observe(&transition(4, S, state::CLOSE, state::SYN_SENT));
-        lock(&t).observe(&transition(5, 12 * S, state::CLOSE, state::SYN_SENT));
+        t.lock().observe(&transition(4, S, state::CLOSE, state::SYN_SENT));
+        t.lock().observe(&transition(5, 12 * S, state::CLOSE, state::SYN_SENT));
         // Socket 4's CLOSE was lost; socket 5 opened after the dump began.
         let j = join(&census(vec![], 10 * S), &t, &Thresholds::default(), Mode::Correct, 13 * S);
         assert_eq!(j.corrections.dropped, 1);
-        assert!(lock(&t).get(1_000_004).is_none());
-        assert!(lock(&t).get(1_000_005).is_some());
+        assert!(t.lock().get(1_000_004).is_none());
+        assert!(t.lock().get(1_000_005).is_some());
         // A census that could not visit every namespace drops nothing of unknown namespace.
         let mut partial = census(vec![], 20 * S);
         partial.unreachable = 1;
@@ -522,7 +521,7 @@ mod tests {
         let mut listen = transition(1, 0, state::CLOSE, state::LISTEN);
         (listen.sport, listen.pid) = (9000, 42);
         listen.comm = *b"srv\0\0\0\0\0\0\0\0\0\0\0\0\0";
-        lock(&t).observe(&listen);
+        t.lock().observe(&listen);
         let mut r = rec(state::SYN_RECV, "127.0.0.1:9000", "127.0.0.1:50001", 6);
         (r.inode, r.retransmit) = (0, Some((Duration::from_millis(500), 3)));
         let l = rec(state::LISTEN, "127.0.0.1:9000", "0.0.0.0:0", 1_000_001);

@@ -11,7 +11,9 @@
 //! Owns: start-up, the event loop, and shutdown.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -22,7 +24,6 @@ use crate::census_metrics::CensusCollector;
 use crate::cli::RunArgs;
 use crate::event_metrics::EventMetrics;
 use crate::http::Health;
-use crate::join::lock;
 use crate::kernel_metrics::KernelMetrics;
 use crate::ports::{PortLabelCollector, PortLabels, DEFAULT_EPHEMERAL};
 use crate::probe::{Probe, ProbeConfig, DRAIN_INTERVAL};
@@ -114,7 +115,7 @@ pub async fn run(args: &RunArgs) -> Result<()> {
                     Err(e) => break Err(e.context("reading the probe's counters")),
                 };
                 let (tracked, evicted) = {
-                    let t = lock(&table);
+                    let t = table.lock();
                     (t.len(), t.evicted())
                 };
                 kernel.sync(&readings, &labelled, tracked, evicted);
@@ -137,7 +138,7 @@ pub async fn run(args: &RunArgs) -> Result<()> {
         c.lost,
         c.missed,
         c.rescued,
-        lock(&table).evicted()
+        table.lock().evicted()
     );
     Ok(())
 }
@@ -152,7 +153,7 @@ fn follow(
     applied_ns: &AtomicU64,
 ) {
     let mut read = 0;
-    let mut t = lock(table);
+    let mut t = table.lock();
     let cutoff = rings.drain(flush, |ev| {
         read += 1;
         t.follow(ev, |o| metrics.record(o));

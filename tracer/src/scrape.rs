@@ -16,7 +16,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::join::{join, Joined, Mode};
@@ -24,6 +26,9 @@ use crate::ports::Use;
 use crate::ring::monotonic_ns;
 use crate::sockets::SocketTable;
 use crate::stuck::Thresholds;
+
+/// Nice value of the census thread (the event thread keeps the default, 0).
+const CENSUS_NICE: libc::c_int = 10;
 
 /// A census's time may not exceed this share of the wall clock.
 const MAX_DUTY: u32 = 20;
@@ -65,17 +70,11 @@ pub struct Published {
 impl Published {
     /// The last report, if a census has completed.
     pub fn latest(&self) -> Option<Arc<Report>> {
-        self.latest
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        self.latest.lock().clone()
     }
 
     pub(crate) fn publish(&self, report: Report) {
-        *self
-            .latest
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(report));
+        *self.latest.lock() = Some(Arc::new(report));
     }
 }
 
@@ -106,6 +105,11 @@ pub fn run(
     news: Sender<PortNews>,
     stop: Receiver<()>,
 ) {
+    // The census can wait; the event reader, which shares the CPUs, cannot: on a saturated
+    // host the scheduler should run the reader first.
+    // SAFETY: setpriority on this thread's id (Linux applies PRIO_PROCESS to one thread);
+    // a failure only leaves the default priority.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, CENSUS_NICE) };
     let mut totals = Totals::default();
     let mut first = true;
     loop {
