@@ -93,7 +93,7 @@ pub enum Since {
     Census,
 }
 
-/// What the table remembers of one socket: 56 bytes (see `SocketTable` for the cost of each).
+/// What the table remembers of one socket: 40 bytes (see `SocketTable` for the cost of each).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Entry {
     /// When it entered `state` (CLOCK_MONOTONIC ns, the probe's clock), and how that is known.
@@ -102,11 +102,10 @@ struct Entry {
     established_ns: u64,
     /// When it left ESTABLISHED (0: not seen); who started closing is in `teardown`.
     teardown_ns: u64,
-    /// The owner the probe named (pid 0: unknown).
-    pid: u32,
+    /// The owner the probe named, as an id in [`Owners`] (0: unknown).
+    owner: u32,
     /// Its network namespace inode (0: not known).
     netns: u32,
-    comm: [u8; 16],
     /// Its service port (0: not known).
     port: u16,
     /// The state the socket is in now.
@@ -145,9 +144,10 @@ pub struct SocketInfo {
 
 /// Bounded table of live sockets.
 ///
-/// Memory: an entry is 56 bytes plus its 8-byte key in the hash table (whose load factor lies
-/// between 7/16 and 7/8 after each doubling), plus 8 bytes in the eviction queue: 73 to 155
-/// bytes per followed socket, depending on where the last doubling landed.
+/// Memory: an entry is 40 bytes plus its 8-byte key and a control byte in the hash table
+/// (whose load factor lies between 7/16 and 7/8 after each doubling), plus 8 bytes in the
+/// eviction queue: 64 to 120 bytes per followed socket, depending on where the last doubling
+/// landed, plus one owner record per distinct owning process.
 pub struct SocketTable {
     /// By socket cookie. foldhash rather than SipHash: the keys are the kernel's, not an
     /// attacker's, and hashing is a visible share of the per-event cost.
@@ -158,8 +158,66 @@ pub struct SocketTable {
     order: VecDeque<u64>,
     /// Where the census's sweep for closed sockets is in `order` (see [`SocketTable::sweep`]).
     sweep_at: usize,
+    owners: Owners,
     capacity: usize,
     evicted: u64,
+}
+
+/// The owners (pid, command name) of followed sockets, each kept once: a host's sockets
+/// belong to few processes, so an entry holds a 4-byte id rather than 20 bytes.
+#[derive(Default)]
+struct Owners {
+    ids: foldhash::HashMap<(u32, [u8; 16]), u32>,
+    /// Owner `id` is at `id - 1`, with the number of entries that refer to it.
+    list: Vec<((u32, [u8; 16]), u32)>,
+    /// Ids no entry refers to any more, to reuse.
+    free: Vec<u32>,
+}
+
+impl Owners {
+    /// The id of this owner, counted as one more reference.
+    fn acquire(&mut self, pid: u32, comm: [u8; 16]) -> u32 {
+        let key = (pid, comm);
+        let id = match self.ids.get(&key) {
+            Some(&id) => id,
+            None => {
+                let id = match self.free.pop() {
+                    Some(id) => {
+                        self.list[id as usize - 1] = (key, 0);
+                        id
+                    }
+                    None => {
+                        self.list.push((key, 0));
+                        self.list.len() as u32
+                    }
+                };
+                self.ids.insert(key, id);
+                id
+            }
+        };
+        self.list[id as usize - 1].1 += 1;
+        id
+    }
+
+    /// Drops one reference to `id` (0: none), and the owner with its last one.
+    fn release(&mut self, id: u32) {
+        let Some((key, refs)) = id.checked_sub(1).and_then(|i| self.list.get_mut(i as usize)) else {
+            return;
+        };
+        *refs -= 1;
+        if *refs == 0 {
+            self.ids.remove(key);
+            self.free.push(id);
+        }
+    }
+
+    /// The pid and command name of `id` (0 and empty for 0).
+    fn get(&self, id: u32) -> (u32, [u8; 16]) {
+        match id.checked_sub(1).and_then(|i| self.list.get(i as usize)) {
+            Some(&(owner, _)) => owner,
+            None => (0, [0; 16]),
+        }
+    }
 }
 
 impl SocketTable {
@@ -173,6 +231,7 @@ impl SocketTable {
             entries: foldhash::HashMap::with_capacity_and_hasher(initial, Default::default()),
             order: VecDeque::with_capacity(initial),
             sweep_at: 0,
+            owners: Owners::default(),
             capacity,
             evicted: 0,
         }
@@ -200,9 +259,8 @@ impl SocketTable {
             since_ns: 0,
             established_ns: 0,
             teardown_ns: 0,
-            pid: 0,
+            owner: 0,
             netns: 0,
-            comm: [0; 16],
             port: 0,
             state: old,
             since: Since::Transition,
@@ -213,10 +271,11 @@ impl SocketTable {
             // A socket the census found before the table saw it open.
             e.mode = opening_mode(old, new);
         }
-        if t.pid != 0 {
-            e.pid = t.pid;
-            e.comm = t.comm;
-        }
+        let (pid, comm) = if t.pid != 0 {
+            (t.pid, t.comm)
+        } else {
+            self.owners.get(e.owner)
+        };
         if t.netns != 0 {
             e.netns = t.netns;
         }
@@ -296,12 +355,15 @@ impl SocketTable {
             }
             if known.is_some() {
                 self.entries.remove(&t.cookie);
+                self.owners.release(e.owner);
             }
-            return Step {
-                dwell,
-                pid: e.pid,
-                comm: e.comm,
-            };
+            return Step { dwell, pid, comm };
+        }
+        if t.pid != 0 {
+            // Taken before the old one is let go: the same owner is not dropped and re-made.
+            let id = self.owners.acquire(t.pid, t.comm);
+            self.owners.release(e.owner);
+            e.owner = id;
         }
 
         e.state = new;
@@ -313,11 +375,7 @@ impl SocketTable {
             self.compact_order();
         }
         self.entries.insert(t.cookie, e);
-        Step {
-            dwell,
-            pid: e.pid,
-            comm: e.comm,
-        }
+        Step { dwell, pid, comm }
     }
 
     /// Number of sockets followed now.
@@ -342,14 +400,17 @@ impl SocketTable {
 
     /// What the table knows of the socket with this cookie.
     pub fn get(&self, cookie: u64) -> Option<SocketInfo> {
-        self.entries.get(&cookie).map(|e| SocketInfo {
-            state: e.state,
-            since_ns: e.since_ns,
-            since: e.since,
-            pid: e.pid,
-            comm: e.comm,
-            port: e.port,
-            netns: e.netns,
+        self.entries.get(&cookie).map(|e| {
+            let (pid, comm) = self.owners.get(e.owner);
+            SocketInfo {
+                state: e.state,
+                since_ns: e.since_ns,
+                since: e.since,
+                pid,
+                comm,
+                port: e.port,
+                netns: e.netns,
+            }
         })
     }
 
@@ -374,9 +435,8 @@ impl SocketTable {
                 since_ns,
                 established_ns: 0,
                 teardown_ns: 0,
-                pid: 0,
+                owner: 0,
                 netns,
-                comm: [0; 16],
                 port: 0,
                 state,
                 since,
@@ -391,7 +451,18 @@ impl SocketTable {
 
     /// Stops following a socket (a census found it closed); false when it was not followed.
     pub fn forget(&mut self, cookie: u64) -> bool {
-        self.entries.remove(&cookie).is_some()
+        self.remove(cookie)
+    }
+
+    /// Removes a socket and lets go of its owner; false when it was not followed.
+    fn remove(&mut self, cookie: u64) -> bool {
+        match self.entries.remove(&cookie) {
+            Some(e) => {
+                self.owners.release(e.owner);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Starts a sweep over every followed socket (see [`SocketTable::sweep`]).
@@ -410,7 +481,7 @@ impl SocketTable {
             let cookie = self.order[i];
             if let Some(info) = self.get(cookie) {
                 if gone(cookie, &info) {
-                    self.entries.remove(&cookie);
+                    self.remove(cookie);
                     dropped += 1;
                 }
             }
@@ -426,7 +497,7 @@ impl SocketTable {
         }
         while let Some(cookie) = self.order.pop_front() {
             self.sweep_at = self.sweep_at.saturating_sub(1);
-            if self.entries.remove(&cookie).is_some() {
+            if self.remove(cookie) {
                 self.evicted += 1;
                 return;
             }
@@ -732,6 +803,25 @@ mod tests {
         );
         assert_eq!(&info.comm[..4], b"curl");
         assert_eq!(table.get(9), None, "not keyed by address");
+    }
+
+    #[test]
+    fn an_entry_is_40_bytes_and_owners_are_kept_once_while_referred_to() {
+        assert_eq!(std::mem::size_of::<Entry>(), 40);
+        let mut table = SocketTable::new(2);
+        for cookie in 1..=3 {
+            table.observe(&transition(cookie, cookie * 10, CLOSE, SYN_SENT));
+        }
+        // Three sockets of one owner, one evicted: one owner record, two references.
+        assert_eq!((table.owners.ids.len(), table.owners.list[0].1), (1, 2));
+        table.observe(&transition(2, 100, SYN_SENT, CLOSE));
+        table.forget(3 + 1_000_000);
+        assert!(table.owners.ids.is_empty(), "no entry refers to the owner");
+        let mut other = transition(4, 200, CLOSE, SYN_SENT);
+        (other.pid, other.comm) = (43, *b"wget\0\0\0\0\0\0\0\0\0\0\0\0");
+        table.observe(&other);
+        assert_eq!(table.owners.list.len(), 1, "the freed id is reused");
+        assert_eq!(table.get(4 + 1_000_000).map(|i| i.pid), Some(43));
     }
 
     #[test]
