@@ -171,6 +171,9 @@ pub fn join(
     now_ns: u64,
 ) -> Joined {
     let mut out = Joined::default();
+    // Sized once: a vector grown by doubling would hold up to twice the sockets' memory.
+    out.sockets
+        .reserve_exact(census.namespaces.iter().map(|n| n.sockets.len()).sum());
     let mut per_destination: HashMap<(u64, IpAddr, SocketAddr), u64> = HashMap::new();
     let mut services: HashMap<(u16, bool), u64> = HashMap::new();
     for ns in &census.namespaces {
