@@ -19,6 +19,14 @@ const DIRECTIONS: [&str; 2] = ["sent", "received"];
 /// The probe's tables that can run full, by the `table` label of `tracer_probe_table_full_total`.
 const TABLES: [&str; 2] = ["listener_owners", "synack_ports"];
 
+/// The socket table's size, as [`KernelMetrics::sync`] exports it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TableSize {
+    pub tracked: usize,
+    pub bytes: usize,
+    pub evicted: u64,
+}
+
 /// Kernel-counter metrics and the table's size.
 pub struct KernelMetrics {
     synack: IntCounterVec,
@@ -28,6 +36,7 @@ pub struct KernelMetrics {
     probe_run_seconds: CounterVec,
     table_full: IntCounterVec,
     tracked: IntGauge,
+    table_bytes: IntGauge,
     evicted: IntCounter,
     /// Last kernel totals seen, to turn them into counter increments.
     last: KernelTotals,
@@ -113,6 +122,12 @@ impl KernelMetrics {
         }
         let tracked = IntGauge::new("tracer_tracked_sockets", "Sockets the agent follows now.")?;
         registry.register(Box::new(tracked.clone()))?;
+        let table_bytes = IntGauge::new(
+            "tracer_tracked_sockets_bytes",
+            "Memory the agent's socket table holds now (hash table at its capacity, eviction \
+             queue, owners); bytes.",
+        )?;
+        registry.register(Box::new(table_bytes.clone()))?;
         let evicted = single(
             "tracer_tracked_sockets_evicted_total",
             "Sockets dropped from the agent's table because it was full (--max-sockets).",
@@ -125,6 +140,7 @@ impl KernelMetrics {
             probe_run_seconds,
             table_full,
             tracked,
+            table_bytes,
             evicted,
             last: KernelTotals::default(),
         })
@@ -132,13 +148,12 @@ impl KernelMetrics {
 
     /// Brings the kernel-side counters and the table's size into the metrics (once a second).
     /// `ports` says which ports have a label value; SYN-ACK counts only look them up.
-    pub fn sync(
-        &mut self,
-        probe: &ProbeReadings,
-        ports: &LabelledPorts,
-        tracked: usize,
-        evicted: u64,
-    ) {
+    pub fn sync(&mut self, probe: &ProbeReadings, ports: &LabelledPorts, table: TableSize) {
+        let TableSize {
+            tracked,
+            bytes,
+            evicted,
+        } = table;
         let lost = probe.counters.lost_total();
         self.events_lost.inc_by(lost.saturating_sub(self.last.lost));
         self.last.lost = self.last.lost.max(lost);
@@ -146,6 +161,7 @@ impl KernelMetrics {
             .inc_by(evicted.saturating_sub(self.last.evicted));
         self.last.evicted = self.last.evicted.max(evicted);
         self.tracked.set(tracked as i64);
+        self.table_bytes.set(bytes as i64);
         for p in &probe.programs {
             let (runs, ns) = self
                 .last
@@ -231,10 +247,10 @@ mod tests {
             resets,
             programs: stats(10, 1_000),
         };
-        m.sync(&probe, &ports, 7, 0);
+        m.sync(&probe, &ports, TableSize { tracked: 7, bytes: 448, evicted: 0 });
         probe.synack = vec![(8080, 6), (9999, 2)];
         probe.programs = stats(30, 5_000);
-        m.sync(&probe, &ports, 7, 0);
+        m.sync(&probe, &ports, TableSize { tracked: 7, bytes: 448, evicted: 0 });
         let text = crate::event_metrics::encode(&registry).unwrap();
         for line in [
             "tracer_events_lost_total 3\n",
@@ -244,6 +260,7 @@ mod tests {
             "tracer_tcp_resets_total{direction=\"sent\",state=\"none\"} 3\n",
             "tracer_tcp_resets_total{direction=\"received\",state=\"syn_sent\"} 0\n",
             "tracer_tracked_sockets 7\n",
+            "tracer_tracked_sockets_bytes 448\n",
             "tracer_tracked_sockets_evicted_total 0\n",
             "tracer_probe_runs_total{program=\"inet_sock_set_state\"} 30\n",
             "tracer_probe_table_full_total{table=\"listener_owners\"} 4\n",

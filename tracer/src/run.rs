@@ -24,7 +24,7 @@ use crate::census_metrics::CensusCollector;
 use crate::cli::RunArgs;
 use crate::event_metrics::EventMetrics;
 use crate::http::Health;
-use crate::kernel_metrics::KernelMetrics;
+use crate::kernel_metrics::{KernelMetrics, TableSize};
 use crate::ports::{PortLabelCollector, PortLabels, DEFAULT_EPHEMERAL};
 use crate::probe::{Probe, ProbeConfig, DRAIN_INTERVAL};
 use crate::ring::{monotonic_ns, EventRings};
@@ -114,11 +114,11 @@ pub async fn run(args: &RunArgs) -> Result<()> {
                     Ok(r) => r,
                     Err(e) => break Err(e.context("reading the probe's counters")),
                 };
-                let (tracked, evicted) = {
+                let size = {
                     let t = table.lock();
-                    (t.len(), t.evicted())
+                    TableSize { tracked: t.len(), bytes: t.allocated_bytes(), evicted: t.evicted() }
                 };
-                kernel.sync(&readings, &labelled, tracked, evicted);
+                kernel.sync(&readings, &labelled, size);
             }
             _ = sigint.recv() => break Ok(()),
             _ = sigterm.recv() => break Ok(()),

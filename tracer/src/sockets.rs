@@ -393,6 +393,18 @@ impl SocketTable {
         self.entries.len() >= self.capacity
     }
 
+    /// Bytes the table holds now: its hash table (buckets and control bytes, at its current
+    /// capacity), the eviction queue and the owners.
+    pub fn allocated_bytes(&self) -> usize {
+        let bucket = std::mem::size_of::<(u64, Entry)>() + 1;
+        let buckets = (self.entries.capacity() * 8 / 7).next_power_of_two();
+        let owner = std::mem::size_of::<((u32, [u8; 16]), u32)>();
+        buckets * bucket
+            + self.order.capacity() * 8
+            + self.owners.list.capacity() * owner
+            + self.owners.ids.capacity() * 8 / 7 * (owner + 1)
+    }
+
     /// Sockets evicted because the table was full, since it was made.
     pub fn evicted(&self) -> u64 {
         self.evicted

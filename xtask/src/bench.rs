@@ -43,6 +43,9 @@ pub struct BenchArgs {
     /// Busy phase: seconds of churn while `/metrics` and `/sockets` are scraped.
     #[arg(long, default_value_t = 30)]
     busy_seconds: u64,
+    /// Table phase: connections opened under the agent (two followed sockets each); 0 skips it.
+    #[arg(long, default_value_t = 100_000)]
+    table_held: usize,
     /// Run only this phase (repeatable); every phase by default.
     #[arg(long, value_enum)]
     only: Vec<Phase>,
@@ -60,6 +63,8 @@ enum Phase {
     ProbeCost,
     /// Many sockets held open while churn runs and the agent is scraped.
     Busy,
+    /// The socket table's memory alone: sockets opened under an agent that takes no census.
+    Table,
 }
 
 const TRACER: &str = "target/release/tracer";
@@ -129,6 +134,71 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             Duration::from_secs(args.busy_seconds),
         )?;
     }
+    if runs(Phase::Table) && args.table_held > 0 {
+        table_phase(args.table_held)?;
+    }
+    Ok(())
+}
+
+/// The socket table's memory per followed socket, alone: `held` connections opened under an
+/// agent whose only census is the one at its start (`--census-interval 1h`), so that the
+/// resident memory grows by the table and nothing else.
+fn table_phase(held: usize) -> Result<()> {
+    let (per_process, _) = hold_capacity()?;
+    let addr = TcpListener::bind((AGENT_ADDR, 0))
+        .with_context(|| format!("finding a free port on {AGENT_ADDR}"))?
+        .local_addr()?;
+    let max_sockets = (2 * held + 100_000).max(524_288);
+    let mut tracer = TracerProcess::start(
+        &[
+            "run",
+            "--listen",
+            &addr.to_string(),
+            "--census-interval",
+            "1h",
+            "--ring-buffer-size",
+            &std::env::var("TABLE_RING").unwrap_or("1M".into()),
+            "--max-sockets",
+            &max_sockets.to_string(),
+        ],
+        Some(addr),
+    )?;
+    let pid = tracer.child.id();
+    wait_healthy(addr)?;
+    std::thread::sleep(Duration::from_millis(1_200)); // one sync of the table's size
+    let s0 = Snapshot::take(addr, pid)?;
+    let mut next_addr = 2;
+    let opening = Instant::now();
+    let holders = Holders::open(held, per_process, &mut next_addr)?;
+    let opening = opening.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let s1 = loop {
+        std::thread::sleep(Duration::from_millis(1_200));
+        let s = Snapshot::take(addr, pid)?;
+        if s.tracked >= s0.tracked + 2 * held as u64 || Instant::now() > deadline {
+            break s;
+        }
+    };
+    tracer.stop()?;
+    drop(holders);
+    let followed = s1.tracked.saturating_sub(s0.tracked);
+    println!(
+        "socket table: {held} connections opened in {:.1} s under an agent with no census \
+         running; it followed {} sockets before and {} after ({} evicted, {} events lost): \
+         {:.1} MiB resident before, {:.1} MiB after: {:.0} bytes per followed socket; the \
+         table counts {:.1} MiB of its own: {:.0} bytes per followed socket",
+        opening.as_secs_f64(),
+        s0.tracked,
+        s1.tracked,
+        s1.evicted,
+        s1.lost.saturating_sub(s0.lost),
+        s0.rss as f64 / 1048576.0,
+        s1.rss as f64 / 1048576.0,
+        s1.rss.saturating_sub(s0.rss) as f64 / followed.max(1) as f64,
+        s1.table_bytes as f64 / 1048576.0,
+        s1.table_bytes as f64 / s1.tracked.max(1) as f64,
+    );
+    println!("reproduce: cargo xtask bench --only table --table-held {held}");
     Ok(())
 }
 
@@ -749,6 +819,8 @@ struct Snapshot {
     events: u64,
     lost: u64,
     tracked: u64,
+    /// What the agent's socket table says it holds (`tracer_tracked_sockets_bytes`).
+    table_bytes: u64,
     evicted: u64,
     census_errors: u64,
     /// Sockets of every state in the census (`tracer_tcp_sockets`, summed).
@@ -764,6 +836,7 @@ impl Snapshot {
             events: metric(&text, "tracer_events_total"),
             lost: metric(&text, "tracer_events_lost_total"),
             tracked: metric(&text, "tracer_tracked_sockets"),
+            table_bytes: metric(&text, "tracer_tracked_sockets_bytes"),
             evicted: metric(&text, "tracer_tracked_sockets_evicted_total"),
             census_errors: metric(&text, "tracer_census_errors_total"),
             host_sockets: text
