@@ -169,10 +169,14 @@ impl CensusMetrics {
         let j = &r.joined;
         for (s, &n) in j.by_state.iter().enumerate().skip(1) {
             if s != state::NEW_SYN_RECV as usize {
-                self.sockets.with_label_values(&[state_name(s as u8)]).set(n as i64);
+                self.sockets
+                    .with_label_values(&[state_name(s as u8)])
+                    .set(n as i64);
             }
         }
-        self.namespaces.with_label_values(&["visited"]).set(r.visited as i64);
+        self.namespaces
+            .with_label_values(&["visited"])
+            .set(r.visited as i64);
         self.namespaces
             .with_label_values(&["unreachable"])
             .set(r.unreachable as i64);
@@ -202,8 +206,10 @@ impl CensusMetrics {
         }
         self.ephemeral
             .set(j.destinations.first().map_or(0.0, |d| d.utilization()));
-        let queues: BTreeMap<u16, u64> = j.listen_queue.iter().map(|(&p, &(q, _))| (p, q)).collect();
-        let limits: BTreeMap<u16, u64> = j.listen_queue.iter().map(|(&p, &(_, l))| (p, l)).collect();
+        let queues: BTreeMap<u16, u64> =
+            j.listen_queue.iter().map(|(&p, &(q, _))| (p, q)).collect();
+        let limits: BTreeMap<u16, u64> =
+            j.listen_queue.iter().map(|(&p, &(_, l))| (p, l)).collect();
         for (port, n) in fold(&queues, |&p| ports.label(p)) {
             self.listen_queue.with_label_values(&[&port]).set(n);
         }

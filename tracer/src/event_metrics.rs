@@ -164,7 +164,9 @@ impl EventMetrics {
             metrics.teardown.with_label_values(&[mode, OTHER]);
         }
         for reason in FAILURES {
-            metrics.failures.with_label_values(&["active", reason, OTHER]);
+            metrics
+                .failures
+                .with_label_values(&["active", reason, OTHER]);
         }
         metrics.new_ports();
         Ok(metrics)
@@ -385,7 +387,8 @@ mod tests {
         assert!(text.contains(
             "tracer_tcp_handshake_failures_total{mode=\"active\",port=\"5432\",reason=\"timeout\"} 1"
         ));
-        assert!(text
-            .contains("tracer_tcp_handshake_duration_seconds_count{mode=\"active\",port=\"5432\"} 0"));
+        assert!(text.contains(
+            "tracer_tcp_handshake_duration_seconds_count{mode=\"active\",port=\"5432\"} 0"
+        ));
     }
 }

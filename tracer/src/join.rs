@@ -217,17 +217,35 @@ pub fn join(
                         (Some(i), _) if i.since_ns >= ns.dumped_at_ns => view_state = i.state,
                         (Some(_), Mode::ReadOnly) => info = None,
                         (Some(_), _) => {
-                            table.correct(r.cookie, census_state, ns.dumped_at_ns, Since::Census, netns);
+                            table.correct(
+                                r.cookie,
+                                census_state,
+                                ns.dumped_at_ns,
+                                Since::Census,
+                                netns,
+                            );
                             out.corrections.state_corrected += 1;
                             info = table.get(r.cookie);
                         }
                         (None, Mode::ReadOnly) => {}
                         (None, Mode::AtStart { started_ns }) => {
-                            table.correct(r.cookie, census_state, started_ns, Since::AgentStart, netns);
+                            table.correct(
+                                r.cookie,
+                                census_state,
+                                started_ns,
+                                Since::AgentStart,
+                                netns,
+                            );
                             info = table.get(r.cookie);
                         }
                         (None, Mode::Correct) => {
-                            if table.correct(r.cookie, census_state, ns.dumped_at_ns, Since::Census, netns) {
+                            if table.correct(
+                                r.cookie,
+                                census_state,
+                                ns.dumped_at_ns,
+                                Since::Census,
+                                netns,
+                            ) {
                                 out.corrections.added += 1;
                             }
                             info = table.get(r.cookie);
@@ -250,26 +268,34 @@ pub fn join(
                     *services.entry((port, true)).or_default() += 0;
                 } else if local_is_service {
                     *services.entry((r.local.port(), true)).or_default() += 1;
-                } else if (lo..=hi).contains(&r.local.port()) && !(lo..=hi).contains(&r.remote.port()) {
+                } else if (lo..=hi).contains(&r.local.port())
+                    && !(lo..=hi).contains(&r.remote.port())
+                {
                     // This host connected from an ephemeral port to a service port.
                     *services.entry((r.remote.port(), false)).or_default() += 1;
                 }
                 if census_state == state::TIME_WAIT {
                     *out.time_wait.entry(port).or_default() += 1;
                 }
-                if census_state != state::LISTEN && !local_is_service && (lo..=hi).contains(&r.local.port()) {
+                if census_state != state::LISTEN
+                    && !local_is_service
+                    && (lo..=hi).contains(&r.local.port())
+                {
                     *per_destination
                         .entry((ns.netns, r.local.ip(), r.remote))
                         .or_default() += 1;
                 }
-                let (entered_ns, age_source) = match (info, r.retransmit) {
-                    (Some(i), _) => (Some(i.since_ns), AgeSource::of(i.since)),
-                    (None, Some((expires, retransmits))) if request => (
-                        Some(now_ns.saturating_sub(request_age(expires, retransmits).as_nanos() as u64)),
-                        AgeSource::SynAckTimer,
-                    ),
-                    (None, _) => (None, AgeSource::Unknown),
-                };
+                let (entered_ns, age_source) =
+                    match (info, r.retransmit) {
+                        (Some(i), _) => (Some(i.since_ns), AgeSource::of(i.since)),
+                        (None, Some((expires, retransmits))) if request => (
+                            Some(now_ns.saturating_sub(
+                                request_age(expires, retransmits).as_nanos() as u64,
+                            )),
+                            AgeSource::SynAckTimer,
+                        ),
+                        (None, _) => (None, AgeSource::Unknown),
+                    };
                 let (pid, comm) = info.map_or((0, [0; 16]), |i| (i.pid, i.comm));
                 out.sockets.push(SocketView {
                     netns: ns.netns,
@@ -375,7 +401,6 @@ fn drop_gone(census: &HostCensus, table: &Mutex<SocketTable>) -> u64 {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -433,20 +458,46 @@ mod tests {
         let c = census(
             vec![
                 rec(state::LISTEN, "127.0.0.1:8080", "0.0.0.0:0", 1),
-                rec(state::CLOSE_WAIT, "127.0.0.1:8080", "127.0.0.1:40001", 1_000_002),
+                rec(
+                    state::CLOSE_WAIT,
+                    "127.0.0.1:8080",
+                    "127.0.0.1:40001",
+                    1_000_002,
+                ),
             ],
             74 * S,
         );
         let j = join(&c, &t, &Thresholds::default(), Mode::Correct, 75 * S);
         let v = &j.sockets[1];
         assert_eq!(
-            (v.age(75 * S), v.age_source, v.pid, comm_string(&v.comm).as_str(), v.port),
-            (Some(Duration::from_secs(65)), AgeSource::Transition, 77, "leaky", 8080)
+            (
+                v.age(75 * S),
+                v.age_source,
+                v.pid,
+                comm_string(&v.comm).as_str(),
+                v.port
+            ),
+            (
+                Some(Duration::from_secs(65)),
+                AgeSource::Transition,
+                77,
+                "leaky",
+                8080
+            )
         );
         assert_eq!(j.stuck.get(&(state::CLOSE_WAIT, 8080)), Some(&1));
-        assert_eq!(j.oldest.get(&state::CLOSE_WAIT), Some(&Duration::from_secs(65)));
+        assert_eq!(
+            j.oldest.get(&state::CLOSE_WAIT),
+            Some(&Duration::from_secs(65))
+        );
         // The listener was not followed: now it is, as there since the census.
-        assert_eq!(j.corrections, Corrections { added: 1, ..Default::default() });
+        assert_eq!(
+            j.corrections,
+            Corrections {
+                added: 1,
+                ..Default::default()
+            }
+        );
     }
 
     #[test]
@@ -471,7 +522,10 @@ mod tests {
         let later = census(c.namespaces[0].sockets.clone(), 100 * S);
         let j = join(&later, &t, &Thresholds::default(), Mode::Correct, 100 * S);
         let v = &j.sockets[0];
-        assert_eq!((v.age(100 * S), v.age_source), (Some(Duration::from_secs(70)), AgeSource::AgentStart));
+        assert_eq!(
+            (v.age(100 * S), v.age_source),
+            (Some(Duration::from_secs(70)), AgeSource::AgentStart)
+        );
         assert_eq!(j.stuck.get(&(state::CLOSE_WAIT, 9000)), Some(&1));
     }
 
@@ -479,32 +533,68 @@ mod tests {
     fn a_lost_transition_takes_the_census_state_with_a_lower_bound_age_and_is_flagged_later() {
         let t = table();
         // Followed into ESTABLISHED at 1 s; its ESTABLISHED -> CLOSE_WAIT was lost.
-        t.lock().observe(&transition(3, S / 2, state::CLOSE, state::SYN_SENT));
-        t.lock().observe(&transition(3, S, state::SYN_SENT, state::ESTABLISHED));
+        t.lock()
+            .observe(&transition(3, S / 2, state::CLOSE, state::SYN_SENT));
+        t.lock()
+            .observe(&transition(3, S, state::SYN_SENT, state::ESTABLISHED));
         let cookie = 1_000_003;
-        let sockets = vec![rec(state::CLOSE_WAIT, "127.0.0.1:40002", "127.0.0.1:8080", cookie)];
-        let j = join(&census(sockets.clone(), 20 * S), &t, &Thresholds::default(), Mode::Correct, 20 * S);
+        let sockets = vec![rec(
+            state::CLOSE_WAIT,
+            "127.0.0.1:40002",
+            "127.0.0.1:8080",
+            cookie,
+        )];
+        let j = join(
+            &census(sockets.clone(), 20 * S),
+            &t,
+            &Thresholds::default(),
+            Mode::Correct,
+            20 * S,
+        );
         assert_eq!(j.corrections.state_corrected, 1);
         let v = &j.sockets[0];
-        assert_eq!((v.state, v.age_source, v.age(20 * S)), (state::CLOSE_WAIT, AgeSource::Census, Some(Duration::ZERO)));
+        assert_eq!(
+            (v.state, v.age_source, v.age(20 * S)),
+            (state::CLOSE_WAIT, AgeSource::Census, Some(Duration::ZERO))
+        );
         assert!(j.stuck.is_empty());
         // The next censuses keep the lower bound from the first one: past 60 s, it is stuck.
-        let j = join(&census(sockets, 81 * S), &t, &Thresholds::default(), Mode::Correct, 81 * S);
+        let j = join(
+            &census(sockets, 81 * S),
+            &t,
+            &Thresholds::default(),
+            Mode::Correct,
+            81 * S,
+        );
         assert_eq!(j.corrections, Corrections::default());
         assert_eq!(j.sockets[0].age(81 * S), Some(Duration::from_secs(61)));
-        assert_eq!(j.stuck.get(&(state::CLOSE_WAIT, 8080)), Some(&1), "service port from the table");
+        assert_eq!(
+            j.stuck.get(&(state::CLOSE_WAIT, 8080)),
+            Some(&1),
+            "service port from the table"
+        );
         // Its dwell in CLOSE_WAIT is not known when it leaves it: no invented figure.
-        let step = t.lock().observe(&transition(3, 90 * S, state::CLOSE_WAIT, state::LAST_ACK));
+        let step = t
+            .lock()
+            .observe(&transition(3, 90 * S, state::CLOSE_WAIT, state::LAST_ACK));
         assert_eq!(step.dwell, None);
     }
 
     #[test]
     fn followed_sockets_the_census_no_longer_shows_are_dropped_unless_newer_than_the_dump() {
         let t = table();
-        t.lock().observe(&transition(4, S, state::CLOSE, state::SYN_SENT));
-        t.lock().observe(&transition(5, 12 * S, state::CLOSE, state::SYN_SENT));
+        t.lock()
+            .observe(&transition(4, S, state::CLOSE, state::SYN_SENT));
+        t.lock()
+            .observe(&transition(5, 12 * S, state::CLOSE, state::SYN_SENT));
         // Socket 4's CLOSE was lost; socket 5 opened after the dump began.
-        let j = join(&census(vec![], 10 * S), &t, &Thresholds::default(), Mode::Correct, 13 * S);
+        let j = join(
+            &census(vec![], 10 * S),
+            &t,
+            &Thresholds::default(),
+            Mode::Correct,
+            13 * S,
+        );
         assert_eq!(j.corrections.dropped, 1);
         assert!(t.lock().get(1_000_004).is_none());
         assert!(t.lock().get(1_000_005).is_some());
@@ -514,7 +604,13 @@ mod tests {
         let j = join(&partial, &t, &Thresholds::default(), Mode::Correct, 21 * S);
         assert_eq!(j.corrections.dropped, 0);
         // Nor does a census the reader did not catch up with.
-        let j = join(&census(vec![], 20 * S), &t, &Thresholds::default(), Mode::ReadOnly, 21 * S);
+        let j = join(
+            &census(vec![], 20 * S),
+            &t,
+            &Thresholds::default(),
+            Mode::ReadOnly,
+            21 * S,
+        );
         assert_eq!(j.corrections.dropped, 0);
     }
 
@@ -528,13 +624,23 @@ mod tests {
         let mut r = rec(state::SYN_RECV, "127.0.0.1:9000", "127.0.0.1:50001", 6);
         (r.inode, r.retransmit) = (0, Some((Duration::from_millis(500), 3)));
         let l = rec(state::LISTEN, "127.0.0.1:9000", "0.0.0.0:0", 1_000_001);
-        let j = join(&census(vec![l, r], 20 * S), &t, &Thresholds::default(), Mode::Correct, 20 * S);
+        let j = join(
+            &census(vec![l, r], 20 * S),
+            &t,
+            &Thresholds::default(),
+            Mode::Correct,
+            20 * S,
+        );
         let v = &j.sockets[1];
         assert_eq!((v.pid, comm_string(&v.comm).as_str()), (42, "srv"));
         // 1+2+4+8-0.5 = 14.5 s old: past the 10 s threshold.
         assert_eq!(
             (v.state, v.age(20 * S), v.age_source),
-            (state::SYN_RECV, Some(Duration::from_millis(14_500)), AgeSource::SynAckTimer)
+            (
+                state::SYN_RECV,
+                Some(Duration::from_millis(14_500)),
+                AgeSource::SynAckTimer
+            )
         );
         assert_eq!(j.stuck.get(&(state::SYN_RECV, 9000)), Some(&1));
     }
@@ -561,7 +667,10 @@ mod tests {
         assert_eq!(j.time_wait.get(&80), Some(&1));
         assert_eq!(j.time_wait.get(&5432), Some(&2));
         let worst = &j.destinations[0];
-        assert_eq!((worst.remote.port(), worst.used, worst.range), (5432, 3, 10));
+        assert_eq!(
+            (worst.remote.port(), worst.used, worst.range),
+            (5432, 3, 10)
+        );
         let mut services = j.services.clone();
         services.sort();
         assert_eq!(services, vec![(80, 1, true), (5432, 3, false)]);
@@ -573,7 +682,13 @@ mod tests {
         let mut l = rec(state::LISTEN, "127.0.0.1:7000", "0.0.0.0:0", 1);
         l.rqueue = 2;
         l.wqueue = 1;
-        let j = join(&census(vec![l], S), &table(), &Thresholds::default(), Mode::ReadOnly, S);
+        let j = join(
+            &census(vec![l], S),
+            &table(),
+            &Thresholds::default(),
+            Mode::ReadOnly,
+            S,
+        );
         assert_eq!(j.listen_queue.get(&7000), Some(&(2, 1)));
     }
 }

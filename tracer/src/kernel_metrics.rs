@@ -247,10 +247,26 @@ mod tests {
             resets,
             programs: stats(10, 1_000),
         };
-        m.sync(&probe, &ports, TableSize { tracked: 7, bytes: 448, evicted: 0 });
+        m.sync(
+            &probe,
+            &ports,
+            TableSize {
+                tracked: 7,
+                bytes: 448,
+                evicted: 0,
+            },
+        );
         probe.synack = vec![(8080, 6), (9999, 2)];
         probe.programs = stats(30, 5_000);
-        m.sync(&probe, &ports, TableSize { tracked: 7, bytes: 448, evicted: 0 });
+        m.sync(
+            &probe,
+            &ports,
+            TableSize {
+                tracked: 7,
+                bytes: 448,
+                evicted: 0,
+            },
+        );
         let text = crate::event_metrics::encode(&registry).unwrap();
         for line in [
             "tracer_events_lost_total 3\n",

@@ -114,7 +114,11 @@ impl SocketFilter {
                 "limit" => {
                     f.limit = match value.parse() {
                         Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
-                        _ => return Err(format!("limit {value:?} is not a number from 1 to {MAX_LIMIT}")),
+                        _ => {
+                            return Err(format!(
+                                "limit {value:?} is not a number from 1 to {MAX_LIMIT}"
+                            ))
+                        }
                     }
                 }
                 other => {
@@ -181,12 +185,7 @@ impl SocketFilter {
                 .as_secs_f64(),
             total,
             sockets,
-            busiest_destinations: report
-                .joined
-                .destinations
-                .iter()
-                .map(destination)
-                .collect(),
+            busiest_destinations: report.joined.destinations.iter().map(destination).collect(),
         }
     }
 }
@@ -247,8 +246,10 @@ mod tests {
     }
 
     fn query(q: &[(&str, &str)]) -> Result<SocketFilter, String> {
-        let pairs: Vec<(String, String)> =
-            q.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let pairs: Vec<(String, String)> = q
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         SocketFilter::from_query(&pairs)
     }
 
@@ -273,7 +274,11 @@ mod tests {
         assert_eq!(got, vec![(3, Some(90.0), true), (5, Some(70.0), true)]);
         assert_eq!(l.census_age_seconds, 10.0);
         let all = query(&[]).unwrap().render(&r, 100 * S);
-        assert_eq!(all.sockets.last().unwrap().age_seconds, None, "unknown ages last");
+        assert_eq!(
+            all.sockets.last().unwrap().age_seconds,
+            None,
+            "unknown ages last"
+        );
         let json = serde_json::to_string(&l).unwrap();
         assert_eq!(serde_json::from_str::<Listing>(&json).unwrap(), l);
     }
@@ -281,10 +286,15 @@ mod tests {
     #[test]
     fn queries_are_checked_and_repeated_states_add_up() {
         let f = query(&[("state", "close_wait"), ("state", "syn_sent,syn_recv")]).unwrap();
-        assert_eq!(f.states, vec![state::CLOSE_WAIT, state::SYN_SENT, state::SYN_RECV]);
+        assert_eq!(
+            f.states,
+            vec![state::CLOSE_WAIT, state::SYN_SENT, state::SYN_RECV]
+        );
         assert!(query(&[("limit", "0")]).unwrap_err().contains("limit"));
         assert!(query(&[("limit", "10001")]).is_err());
         assert!(query(&[("state", "bogus")]).unwrap_err().contains("bogus"));
-        assert!(query(&[("older", "1s")]).unwrap_err().contains("unknown parameter"));
+        assert!(query(&[("older", "1s")])
+            .unwrap_err()
+            .contains("unknown parameter"));
     }
 }

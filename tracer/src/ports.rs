@@ -173,7 +173,11 @@ impl PortLabels {
 
     /// True when `port` lies in the ephemeral range of namespace `netns`.
     pub fn is_ephemeral(&self, port: u16, netns: u32) -> bool {
-        let (lo, hi) = self.ranges.get(&netns).copied().unwrap_or(self.default_range);
+        let (lo, hi) = self
+            .ranges
+            .get(&netns)
+            .copied()
+            .unwrap_or(self.default_range);
         (lo..=hi).contains(&port)
     }
 
@@ -206,7 +210,12 @@ pub struct PortLabelCollector {
 impl PortLabelCollector {
     pub fn new(shared: Arc<LabelledPorts>) -> prometheus::Result<PortLabelCollector> {
         let (info, overflow) = Self::metrics()?;
-        let descs = info.desc().into_iter().chain(overflow.desc()).cloned().collect();
+        let descs = info
+            .desc()
+            .into_iter()
+            .chain(overflow.desc())
+            .cloned()
+            .collect();
         Ok(PortLabelCollector { shared, descs })
     }
 
@@ -269,7 +278,10 @@ mod tests {
         assert_eq!(p.name(s), "40001");
         assert_eq!(
             p.take_new(),
-            vec![(5432, Use::Connected { netns: NS }), (40_001, Use::Accepted)]
+            vec![
+                (5432, Use::Connected { netns: NS }),
+                (40_001, Use::Accepted)
+            ]
         );
         assert!(p.shared().contains(5432) && !p.shared().contains(40_000));
         assert_eq!(p.shared().label(40_000), "other");
@@ -291,7 +303,10 @@ mod tests {
         let b = p.slot(443, Use::Accepted);
         assert_eq!(p.slot(8080, Use::Accepted), 0, "budget spent");
         assert_eq!(p.slot(8080, Use::Counted), 0, "a lookup is no overflow");
-        assert_eq!((p.slot(80, Use::Counted), p.slot(443, Use::Counted)), (a, b));
+        assert_eq!(
+            (p.slot(80, Use::Counted), p.slot(443, Use::Counted)),
+            (a, b)
+        );
         assert_eq!(p.shared().overflow.load(Ordering::Relaxed), 1);
     }
 

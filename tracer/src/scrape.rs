@@ -109,7 +109,13 @@ pub fn run(
     // host the scheduler should run the reader first.
     // SAFETY: setpriority on this thread's id (Linux applies PRIO_PROCESS to one thread);
     // a failure only leaves the default priority.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, CENSUS_NICE) };
+    unsafe {
+        libc::setpriority(
+            libc::PRIO_PROCESS,
+            libc::gettid() as libc::id_t,
+            CENSUS_NICE,
+        )
+    };
     let mut totals = Totals::default();
     let mut first = true;
     loop {

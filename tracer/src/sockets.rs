@@ -201,7 +201,10 @@ impl Owners {
 
     /// Drops one reference to `id` (0: none), and the owner with its last one.
     fn release(&mut self, id: u32) {
-        let Some((key, refs)) = id.checked_sub(1).and_then(|i| self.list.get_mut(i as usize)) else {
+        let Some((key, refs)) = id
+            .checked_sub(1)
+            .and_then(|i| self.list.get_mut(i as usize))
+        else {
             return;
         };
         *refs -= 1;
@@ -430,7 +433,14 @@ impl SocketTable {
     /// follow: in that state since `since_ns` at the latest (`since` says why). A socket the
     /// table does not follow yet is added, unless the table is full (a census never evicts).
     /// Returns false when nothing was recorded.
-    pub fn correct(&mut self, cookie: u64, state: u8, since_ns: u64, since: Since, netns: u32) -> bool {
+    pub fn correct(
+        &mut self,
+        cookie: u64,
+        state: u8,
+        since_ns: u64,
+        since: Since,
+        netns: u32,
+    ) -> bool {
         if let Some(e) = self.entries.get_mut(&cookie) {
             (e.state, e.since_ns, e.since) = (state, since_ns, since);
             if e.netns == 0 {
@@ -486,7 +496,11 @@ impl SocketTable {
     /// and drops those for which `gone` is true (their CLOSE was lost: a census no longer
     /// shows them). Returns how many were dropped, and whether the sweep is done. Done in
     /// steps so that a caller sharing the table with the event reader holds it briefly.
-    pub fn sweep(&mut self, max: usize, mut gone: impl FnMut(u64, &SocketInfo) -> bool) -> (u64, bool) {
+    pub fn sweep(
+        &mut self,
+        max: usize,
+        mut gone: impl FnMut(u64, &SocketInfo) -> bool,
+    ) -> (u64, bool) {
         let mut dropped = 0;
         let end = (self.sweep_at + max).min(self.order.len());
         for i in self.sweep_at..end {

@@ -133,11 +133,7 @@ pub fn render(listing: &Listing) -> String {
             d.netns
         );
     }
-    let _ = writeln!(
-        out,
-        "(census taken {:.1}s ago)",
-        listing.census_age_seconds
-    );
+    let _ = writeln!(out, "(census taken {:.1}s ago)", listing.census_age_seconds);
     out
 }
 
@@ -157,7 +153,14 @@ mod tests {
 
     #[test]
     fn table_marks_lower_bounds_unknowns_and_stuck_sockets() {
-        let socket = |state: &str, age: Option<f64>, source: &str, pid, comm: &str, remote: &str, port, reason: Option<&str>| {
+        let socket = |state: &str,
+                      age: Option<f64>,
+                      source: &str,
+                      pid,
+                      comm: &str,
+                      remote: &str,
+                      port,
+                      reason: Option<&str>| {
             crate::listing::ListedSocket {
                 state: state.into(),
                 age_seconds: age,
@@ -180,9 +183,27 @@ mod tests {
             census_timestamp_seconds: 1.7e9,
             total: 4,
             sockets: vec![
-                socket("close_wait", Some(65.0), "census", 0, "", "::1", 5, Some("the peer closed")),
+                socket(
+                    "close_wait",
+                    Some(65.0),
+                    "census",
+                    0,
+                    "",
+                    "::1",
+                    5,
+                    Some("the peer closed"),
+                ),
                 socket("syn_recv", None, "unknown", 7, "srv", "127.0.0.1", 6, None),
-                socket("syn_recv", Some(2.5), "synack_timer", 0, "", "127.0.0.1", 7, None),
+                socket(
+                    "syn_recv",
+                    Some(2.5),
+                    "synack_timer",
+                    0,
+                    "",
+                    "127.0.0.1",
+                    7,
+                    None,
+                ),
             ],
             busiest_destinations: vec![],
         };

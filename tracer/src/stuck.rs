@@ -87,7 +87,6 @@ pub fn comm_string(comm: &[u8; 16]) -> String {
     String::from_utf8_lossy(&comm[..end]).into_owned()
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

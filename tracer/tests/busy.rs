@@ -38,7 +38,10 @@ fn port_label_values(text: &str) -> BTreeSet<String> {
 
 /// Ports something listens on in this namespace, as `ss -ltn` shows them.
 fn listening_ports() -> BTreeSet<String> {
-    let out = std::process::Command::new("ss").args(["-Hltn"]).output().unwrap();
+    let out = std::process::Command::new("ss")
+        .args(["-Hltn"])
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.split_whitespace().nth(3))
@@ -83,10 +86,16 @@ fn a_service_started_after_thousands_of_time_waits_gets_its_own_port_label() {
         sample(&text, "tracer_port_label_info", &[("port", &port)]),
         Some(1.0)
     );
-    assert_eq!(sample(&text, "tracer_port_label_overflow_total", &[]), Some(0.0));
+    assert_eq!(
+        sample(&text, "tracer_port_label_overflow_total", &[]),
+        Some(0.0)
+    );
     // The old TIME-WAIT sockets are counted, under `other`: their ports are no services.
     let other_tw = sample(&text, "tracer_tcp_time_wait_sockets", &[("port", "other")]).unwrap();
-    assert!(other_tw >= tw as f64, "TIME-WAIT under other: {other_tw}, ss {tw}");
+    assert!(
+        other_tw >= tw as f64,
+        "TIME-WAIT under other: {other_tw}, ss {tw}"
+    );
     // No label value in the ephemeral range, but for a port something listens on (a listening
     // port is a service by rule; this host's own daemons may have some).
     let listening = listening_ports();
@@ -95,13 +104,18 @@ fn a_service_started_after_thousands_of_time_waits_gets_its_own_port_label() {
         .filter(|v| v.parse::<u16>().is_ok_and(|p| (lo..=hi).contains(&p)))
         .filter(|v| !listening.contains(v))
         .collect();
-    assert!(ephemeral.is_empty(), "ephemeral ports with a label value: {ephemeral:?}");
+    assert!(
+        ephemeral.is_empty(),
+        "ephemeral ports with a label value: {ephemeral:?}"
+    );
     assert!(!port_label_values(&text).contains(&old_port.to_string()));
 }
 
 #[test]
 fn a_close_wait_leak_whose_transitions_were_lost_is_flagged_with_a_lower_bound_age() {
-    if !require_root("a_close_wait_leak_whose_transitions_were_lost_is_flagged_with_a_lower_bound_age") {
+    if !require_root(
+        "a_close_wait_leak_whose_transitions_were_lost_is_flagged_with_a_lower_bound_age",
+    ) {
         return;
     }
     let addr = service_port();
@@ -139,7 +153,10 @@ fn a_close_wait_leak_whose_transitions_were_lost_is_flagged_with_a_lower_bound_a
     assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
 
     let query = format!("state=close_wait&port={port}");
-    let listed = sockets_json(&agent, &query)["sockets"].as_array().unwrap().clone();
+    let listed = sockets_json(&agent, &query)["sockets"]
+        .as_array()
+        .unwrap()
+        .clone();
     assert_eq!(listed.len(), 25, "{listed:?}");
     let text = agent.metrics();
     let lost = sample(&text, "tracer_events_lost_total", &[]).unwrap() - lost_before;
@@ -151,15 +168,28 @@ fn a_close_wait_leak_whose_transitions_were_lost_is_flagged_with_a_lower_bound_a
         assert_eq!(s["stuck"], false, "{s}");
     }
     assert!(
-        sample(&text, "tracer_census_corrections_total", &[("action", "added")]).unwrap() >= 25.0
+        sample(
+            &text,
+            "tracer_census_corrections_total",
+            &[("action", "added")]
+        )
+        .unwrap()
+            >= 25.0
     );
 
     // Past the threshold, counted from the census that found them: flagged.
     std::thread::sleep(Duration::from_millis(2_300));
-    let listed = sockets_json(&agent, &query)["sockets"].as_array().unwrap().clone();
+    let listed = sockets_json(&agent, &query)["sockets"]
+        .as_array()
+        .unwrap()
+        .clone();
     assert_eq!(listed.len(), 25);
     for s in &listed {
-        assert_eq!((s["stuck"].as_bool(), s["age_source"].as_str()), (Some(true), Some("census")), "{s}");
+        assert_eq!(
+            (s["stuck"].as_bool(), s["age_source"].as_str()),
+            (Some(true), Some("census")),
+            "{s}"
+        );
         assert!(s["age_seconds"].as_f64().unwrap() >= 2.0, "{s}");
     }
     let text = agent.metrics();
@@ -173,7 +203,13 @@ fn a_close_wait_leak_whose_transitions_were_lost_is_flagged_with_a_lower_bound_a
     );
     // Burst sockets whose CLOSE was lost are dropped from the table, not kept until evicted.
     assert!(
-        sample(&text, "tracer_census_corrections_total", &[("action", "dropped")]).unwrap() >= 1.0,
+        sample(
+            &text,
+            "tracer_census_corrections_total",
+            &[("action", "dropped")]
+        )
+        .unwrap()
+            >= 1.0,
         "{text}"
     );
     drop((kept, listener));
@@ -215,7 +251,10 @@ fn every_metric_dashboards_and_alerts_use_is_exported_right_after_start() {
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| l.split(['{', ' ']).next())
         .collect();
-    let missing: Vec<&String> = names.iter().filter(|n| !exported.contains(n.as_str())).collect();
+    let missing: Vec<&String> = names
+        .iter()
+        .filter(|n| !exported.contains(n.as_str()))
+        .collect();
     assert!(missing.is_empty(), "not exported at start: {missing:?}");
     // The per-port ones have their `other` series.
     for name in [
@@ -226,7 +265,8 @@ fn every_metric_dashboards_and_alerts_use_is_exported_right_after_start() {
         "tracer_tcp_handshake_duration_seconds_count",
     ] {
         assert!(
-            text.lines().any(|l| l.starts_with(name) && l.contains("port=\"other\"")),
+            text.lines()
+                .any(|l| l.starts_with(name) && l.contains("port=\"other\"")),
             "{name} has no port=\"other\" series"
         );
     }

@@ -450,7 +450,11 @@ fn socket_census_agrees_with_ss() {
         let after = ss_counts_everywhere(&format!("not {ours_filter}"));
         let total = listing["total"].as_u64().unwrap();
         let listed = listing["sockets"].as_array().unwrap();
-        assert_eq!(total as usize, listed.len(), "more than 10,000 sockets on this host");
+        assert_eq!(
+            total as usize,
+            listed.len(),
+            "more than 10,000 sockets on this host"
+        );
         let mut all = std::collections::BTreeMap::<String, f64>::new();
         let mut ours = std::collections::BTreeMap::<String, f64>::new();
         for s in listed {
@@ -486,7 +490,9 @@ fn socket_census_agrees_with_ss() {
             drop(held);
             return;
         }
-        last = format!("tracer {ours:?}\nss     {theirs:?}\nss after {after:?}\nsame census {same_census}");
+        last = format!(
+            "tracer {ours:?}\nss     {theirs:?}\nss after {after:?}\nsame census {same_census}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     panic!("census and ss disagree five times:\n{last}");

@@ -465,7 +465,10 @@ impl Agent {
             if sample(&body, "tracer_census_timestamp_seconds", &[]).unwrap_or(0.0) > asked {
                 return body;
             }
-            assert!(Instant::now() < deadline, "no census after {asked} within 10 s");
+            assert!(
+                Instant::now() < deadline,
+                "no census after {asked} within 10 s"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -604,7 +607,10 @@ pub fn sockets_json(agent: &Agent, query: &str) -> serde_json::Value {
         if listing["census_timestamp_seconds"].as_f64().unwrap_or(0.0) > asked {
             return listing;
         }
-        assert!(Instant::now() < deadline, "no census after {asked} within 10 s");
+        assert!(
+            Instant::now() < deadline,
+            "no census after {asked} within 10 s"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
