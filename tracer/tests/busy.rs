@@ -271,3 +271,43 @@ fn every_metric_dashboards_and_alerts_use_is_exported_right_after_start() {
         );
     }
 }
+
+#[test]
+fn concurrent_requests_share_the_published_census_and_start_none() {
+    if !require_root("concurrent_requests_share_the_published_census_and_start_none") {
+        return;
+    }
+    // The first census runs at start; with an hour's interval no other runs during the test.
+    let agent = Agent::start(&["--census-interval", "1h"]);
+    let stamp = |t: &str| sample(t, "tracer_census_timestamp_seconds", &[]).unwrap();
+    let first = stamp(&agent.metrics_now());
+    let addr = agent.addr;
+    let clients: Vec<_> = (0..40)
+        .map(|i| {
+            std::thread::spawn(move || {
+                for _ in 0..10 {
+                    let path = if i % 2 == 0 {
+                        "/sockets?limit=1"
+                    } else {
+                        "/metrics"
+                    };
+                    let (code, _) = http_get(addr, path);
+                    assert_eq!(code, 200, "{path}");
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    // 400 requests answered, every one from the census taken at start.
+    let text = agent.metrics_now();
+    assert_eq!(stamp(&text), first, "a request started a census");
+    let listing = http_get(addr, "/sockets?limit=1").1;
+    let listing: serde_json::Value = serde_json::from_str(&listing).unwrap();
+    assert_eq!(listing["census_timestamp_seconds"].as_f64(), Some(first));
+    // Bad queries are refused, not reinterpreted.
+    for bad in ["limit=0", "state=bogus", "older=1s"] {
+        assert_eq!(http_get(addr, &format!("/sockets?{bad}")).0, 400, "{bad}");
+    }
+}
