@@ -241,32 +241,21 @@ mod tests {
                 run_ns,
             }]
         };
+        let size = TableSize {
+            tracked: 7,
+            bytes: 448,
+            evicted: 0,
+        };
         let mut probe = ProbeReadings {
             counters,
             synack: vec![(8080, 5), (9999, 2)],
             resets,
             programs: stats(10, 1_000),
         };
-        m.sync(
-            &probe,
-            &ports,
-            TableSize {
-                tracked: 7,
-                bytes: 448,
-                evicted: 0,
-            },
-        );
+        m.sync(&probe, &ports, size);
         probe.synack = vec![(8080, 6), (9999, 2)];
         probe.programs = stats(30, 5_000);
-        m.sync(
-            &probe,
-            &ports,
-            TableSize {
-                tracked: 7,
-                bytes: 448,
-                evicted: 0,
-            },
-        );
+        m.sync(&probe, &ports, size);
         let text = crate::event_metrics::encode(&registry).unwrap();
         for line in [
             "tracer_events_lost_total 3\n",

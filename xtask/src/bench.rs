@@ -148,23 +148,7 @@ fn table_phase(held: usize) -> Result<()> {
     let addr = TcpListener::bind((AGENT_ADDR, 0))
         .with_context(|| format!("finding a free port on {AGENT_ADDR}"))?
         .local_addr()?;
-    let max_sockets = (2 * held + 100_000).max(524_288);
-    let mut tracer = TracerProcess::start(
-        &[
-            "run",
-            "--listen",
-            &addr.to_string(),
-            "--census-interval",
-            "1h",
-            "--ring-buffer-size",
-            &std::env::var("TABLE_RING").unwrap_or("1M".into()),
-            "--max-sockets",
-            &max_sockets.to_string(),
-        ],
-        Some(addr),
-    )?;
-    let pid = tracer.child.id();
-    wait_healthy(addr)?;
+    let (mut tracer, pid) = start_agent(addr, 2 * held, &["--census-interval", "1h"])?;
     std::thread::sleep(Duration::from_millis(1_200)); // one sync of the table's size
     let s0 = Snapshot::take(addr, pid)?;
     let mut next_addr = 2;
@@ -690,19 +674,7 @@ fn busy_phase(held: usize, held_before: usize, duration: Duration) -> Result<()>
         .local_addr()?;
     let mut next_addr = 2; // hold listeners on 127.0.0.2, .3, ...
     let before = Holders::open(held_before, per_process, &mut next_addr)?;
-    let max_sockets = (2 * (held + held_before) + 100_000).max(524_288);
-    let mut tracer = TracerProcess::start(
-        &[
-            "run",
-            "--listen",
-            &addr.to_string(),
-            "--max-sockets",
-            &max_sockets.to_string(),
-        ],
-        Some(addr),
-    )?;
-    let pid = tracer.child.id();
-    wait_healthy(addr)?;
+    let (mut tracer, pid) = start_agent(addr, 2 * (held + held_before), &[])?;
     let s0 = Snapshot::take(addr, pid)?;
 
     let opening = Instant::now();
@@ -847,6 +819,19 @@ impl Snapshot {
             rss: proc_status_bytes(pid, "VmRSS:")?,
         })
     }
+}
+
+/// Starts `tracer run` on `addr` with room for `sockets` more than the host's own, and waits
+/// until it is healthy; returns it and its pid.
+fn start_agent(addr: SocketAddr, sockets: usize, extra: &[&str]) -> Result<(TracerProcess, u32)> {
+    let max_sockets = (sockets + 100_000).max(524_288).to_string();
+    let listen = addr.to_string();
+    let mut args = vec!["run", "--listen", &listen, "--max-sockets", &max_sockets];
+    args.extend_from_slice(extra);
+    let tracer = TracerProcess::start(&args, Some(addr))?;
+    let pid = tracer.child.id();
+    wait_healthy(addr)?;
+    Ok((tracer, pid))
 }
 
 /// Waits (at most 30 s) for the agent's `/healthz` to answer 200.
