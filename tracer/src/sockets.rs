@@ -158,6 +158,9 @@ pub struct SocketTable {
     order: VecDeque<u64>,
     /// Where the census's sweep for closed sockets is in `order` (see [`SocketTable::sweep`]).
     sweep_at: usize,
+    /// Passive children whose first event carried their listener's cookie, by kernel
+    /// address, until their next event carries their own (see [`SocketTable::follow`]).
+    awaiting_cookie: foldhash::HashMap<u64, Entry>,
     owners: Owners,
     capacity: usize,
     evicted: u64,
@@ -234,6 +237,7 @@ impl SocketTable {
             entries: foldhash::HashMap::with_capacity_and_hasher(initial, Default::default()),
             order: VecDeque::with_capacity(initial),
             sweep_at: 0,
+            awaiting_cookie: Default::default(),
             owners: Owners::default(),
             capacity,
             evicted: 0,
@@ -250,7 +254,22 @@ impl SocketTable {
         use state::*;
         let (old, new, now) = (t.oldstate, t.newstate, t.time_ns);
         sink(Observation::Transition { from: old, to: new });
-        let known = self.entries.get(&t.cookie).copied();
+        let mut known = self.entries.get(&t.cookie).copied();
+        // A passive child's LISTEN -> SYN_RECV fires while the kernel clones the listener
+        // (`inet_csk_clone_lock`). On some kernels (Debian's 6.1 and 6.12, in the kernel
+        // matrix; not 6.18) the clone still holds the listener's cookie at that moment and
+        // takes its own (the request socket's) just after: the event names the listener's
+        // cookie and the child's next event another one. The child is then kept by its
+        // kernel address until that next event.
+        let listeners_cookie =
+            (old, new) == (LISTEN, SYN_RECV) && known.is_some_and(|e| e.state == LISTEN);
+        let mut adopted = false;
+        if listeners_cookie {
+            known = None;
+        } else if known.is_none() && !self.awaiting_cookie.is_empty() {
+            known = self.awaiting_cookie.remove(&t.skaddr);
+            adopted = known.is_some();
+        }
         // A dwell only when the table saw the socket enter `old` (not a census's guess).
         let seen = known.filter(|e| e.state == old && e.since == Since::Transition);
         let dwell = seen.filter(|e| now >= e.since_ns).map(|e| now - e.since_ns);
@@ -368,11 +387,18 @@ impl SocketTable {
             self.owners.release(e.owner);
             e.owner = id;
         }
+        if listeners_cookie {
+            e.state = new;
+            e.since_ns = now;
+            e.since = Since::Transition;
+            self.await_cookie(t.skaddr, e);
+            return Step { dwell, pid, comm };
+        }
 
         e.state = new;
         e.since_ns = now;
         e.since = Since::Transition;
-        if known.is_none() {
+        if known.is_none() || adopted {
             self.make_room();
             self.order.push_back(t.cookie);
             self.compact_order();
@@ -514,6 +540,22 @@ impl SocketTable {
         }
         self.sweep_at = end;
         (dropped, end >= self.order.len())
+    }
+
+    /// Keeps a passive child by its kernel address until its own cookie shows. The kernel
+    /// gives it that cookie within the same packet's processing, so this holds a handful;
+    /// should the child's next event be lost, the oldest are let go (counted as evicted).
+    fn await_cookie(&mut self, skaddr: u64, e: Entry) {
+        const MAX_AWAITING: usize = 4_096;
+        if self.awaiting_cookie.len() >= MAX_AWAITING {
+            for (_, stale) in self.awaiting_cookie.drain() {
+                self.owners.release(stale.owner);
+                self.evicted += 1;
+            }
+        }
+        if let Some(old) = self.awaiting_cookie.insert(skaddr, e) {
+            self.owners.release(old.owner);
+        }
     }
 
     /// Evicts the socket seen longest ago when the table is full.
@@ -829,6 +871,42 @@ mod tests {
         );
         assert_eq!(&info.comm[..4], b"curl");
         assert_eq!(table.get(9), None, "not keyed by address");
+    }
+
+    #[test]
+    fn a_child_cloned_with_its_listeners_cookie_keeps_its_owner_and_the_listener_stays() {
+        // As Linux 6.1 and 6.12 report it: the child's LISTEN -> SYN_RECV carries the
+        // listener's cookie (1_000_001), its next events its own (2_000_000).
+        let mut table = SocketTable::new(16);
+        let mut listen = transition(1, 100, CLOSE, LISTEN);
+        (listen.sport, listen.dport) = (8080, 0);
+        table.observe(&listen);
+        let child = |at, old, new, cookie, pid| {
+            let mut t = transition(7, at, old, new);
+            (t.sport, t.dport, t.cookie, t.pid) = (8080, 40_000, cookie, pid);
+            t
+        };
+        let listener_cookie = 1_000_001;
+        let first = table.observe(&child(200, LISTEN, SYN_RECV, listener_cookie, 42));
+        assert_eq!(first.dwell, None, "the child was never in LISTEN");
+        let mut out = Vec::new();
+        let mut est = child(200, SYN_RECV, ESTABLISHED, 2_000_000, 0);
+        est.srtt_us = 80 << 3;
+        let step = table.follow(&est, |o| out.push(o));
+        assert_eq!((step.pid, step.dwell), (42, Some(0)));
+        assert!(out.contains(&Observation::Handshake {
+            mode: Mode::Passive,
+            port: 8080,
+            netns: 0,
+            ns: 80_000
+        }));
+        let step = table.observe(&child(900, ESTABLISHED, CLOSE_WAIT, 2_000_000, 0));
+        assert_eq!((step.pid, &step.comm[..4]), (42, &b"curl"[..]));
+        let listener = table.get(listener_cookie).expect("the listener is still followed");
+        assert_eq!((listener.state, listener.since_ns), (LISTEN, 100));
+        let child = table.get(2_000_000).expect("the child under its own cookie");
+        assert_eq!((child.state, child.pid, child.port), (CLOSE_WAIT, 42, 8080));
+        assert!(table.awaiting_cookie.is_empty());
     }
 
     #[test]
