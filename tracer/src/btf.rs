@@ -15,7 +15,7 @@ pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 pub fn kernel_btf() -> Result<Btf> {
     if !std::path::Path::new(VMLINUX_BTF).exists() {
         bail!(
-            "kernel BTF not found at {VMLINUX_BTF}: tracer needs Linux 5.8 or newer built with \
+            "kernel BTF not found at {VMLINUX_BTF}: tracer needs Linux 5.12 or newer built with \
              CONFIG_DEBUG_INFO_BTF=y"
         );
     }

@@ -346,15 +346,54 @@ fn load_error(err: &dyn std::error::Error) -> anyhow::Error {
         text.push_str(&s.to_string());
         source = s.source();
     }
-    if text.contains("Operation not permitted") || text.contains("EPERM") {
-        anyhow::anyhow!(
-            "the kernel refused the eBPF probe ({text}): run as root or with \
+    anyhow::anyhow!("{}", load_error_line(&text))
+}
+
+/// One line that says why the kernel refused the probe and what to do, from the error text
+/// (which may hold the verifier's whole log: it is summarised, never printed).
+fn load_error_line(text: &str) -> String {
+    // The verifier names a helper this kernel does not offer to BTF tracepoint programs.
+    let helper = text.lines().find_map(|l| {
+        let l = l.trim();
+        let rest = l
+            .strip_prefix("unknown func ")
+            .or_else(|| l.split_once("cannot use helper ").map(|(_, r)| r))?;
+        Some(rest.split('#').next().unwrap_or(rest).to_owned())
+    });
+    let first = text.lines().next().unwrap_or_default();
+    let first = first.split(". Verifier output").next().unwrap_or(first);
+    if let Some(helper) = helper {
+        format!(
+            "this kernel does not let the probe call {helper} from a BTF tracepoint program \
+             ({first}): tracer needs Linux 5.12 or newer (or a kernel with that backported)"
+        )
+    } else if text.contains("Operation not permitted") || text.contains("EPERM") {
+        format!(
+            "the kernel refused the eBPF probe ({first}): run as root or with \
              CAP_BPF+CAP_PERFMON, and check that lockdown or seccomp does not forbid bpf()"
         )
     } else {
-        anyhow::anyhow!(
-            "cannot load the eBPF probe ({text}): tracer needs Linux 5.8 or newer with BTF \
-             and the inet_sock_set_state tracepoint"
+        format!(
+            "cannot load the eBPF probe ({first}): tracer needs Linux 5.12 or newer with BTF \
+             (CONFIG_DEBUG_INFO_BTF) and the inet_sock_set_state tracepoint"
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_verifier_log_becomes_one_line_naming_the_missing_helper() {
+        let log = "the BPF_PROG_LOAD syscall failed. Verifier output: 0: R1=ctx() R10=fp0\n\
+                   12: (85) call bpf_get_socket_cookie#46\n\
+                   program of this type cannot use helper bpf_get_socket_cookie#46\n\
+                   processed 12 insns\n";
+        let line = load_error_line(log);
+        assert!(!line.contains('\n'), "{line}");
+        assert!(line.contains("call bpf_get_socket_cookie from a BTF tracepoint"), "{line}");
+        assert!(line.contains("Linux 5.12"), "{line}");
+        assert!(!line.contains("R10=fp0"), "no verifier dump: {line}");
     }
 }

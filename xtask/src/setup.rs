@@ -5,7 +5,7 @@
 //! the probe is built with Debian's `rustc-web`, which ships a prebuilt `core` for the BPF
 //! target; `bpf-linker` must be built against the same LLVM major (22).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
@@ -110,7 +110,7 @@ pub fn mount_tracefs() -> Result<()> {
     run_cmd(Command::new("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]))
 }
 
-fn require_root(what: &str) -> Result<()> {
+pub fn require_root(what: &str) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("{what} needs root: run this again with sudo");
@@ -118,11 +118,185 @@ fn require_root(what: &str) -> Result<()> {
     Ok(())
 }
 
-fn run_cmd(cmd: &mut Command) -> Result<()> {
+pub fn run_cmd(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");
     let status = cmd.status().with_context(|| format!("starting {shown}"))?;
     if !status.success() {
         bail!("{shown} failed ({status})");
     }
     Ok(())
+}
+
+// ---- The kernel matrix (`cargo xtask kernels`): QEMU, virtme-ng, virtiofsd, Debian kernels ----
+
+/// Debian packages for booting other kernels: QEMU, `depmod` for the kernels' modules, and what
+/// virtiofsd links against (it is not packaged in Debian 12 and is built from crates.io).
+pub const KERNEL_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "kmod",
+    "libcap-ng-dev",
+    "libseccomp-dev",
+];
+/// Versions seen working here (see shared/kernel-matrix.md).
+const VIRTME_NG_VERSION: &str = "1.42";
+const VIRTIOFSD_VERSION: &str = "1.14.0";
+
+/// Installs QEMU and friends, virtme-ng and virtiofsd (into `cache/virtiofsd`) where missing.
+/// Returns the `vng` command and the directory holding `virtiofsd`, for `PATH`.
+pub fn install_vm_tools(cache: &Path) -> Result<(PathBuf, PathBuf)> {
+    install_packages(KERNEL_PACKAGES)?;
+    let vng = install_vng()?;
+    let virtiofsd = install_virtiofsd(&cache.join("virtiofsd"))?;
+    Ok((vng, virtiofsd))
+}
+
+/// `vng` from PATH or from python3's scripts directory (where pip puts it), if it is the
+/// pinned version.
+fn find_vng() -> Option<PathBuf> {
+    let scripts = Command::new("python3")
+        .args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"])
+        .output()
+        .ok()
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).join("vng"));
+    [Some(PathBuf::from("vng")), scripts]
+        .into_iter()
+        .flatten()
+        .find(|vng| {
+            Command::new(vng)
+                .arg("--version")
+                .stdin(Stdio::null())
+                .output()
+                .is_ok_and(|o| {
+                    o.status.success()
+                        && String::from_utf8_lossy(&o.stdout).contains(VIRTME_NG_VERSION)
+                })
+        })
+}
+
+fn install_vng() -> Result<PathBuf> {
+    if let Some(vng) = find_vng() {
+        return Ok(vng);
+    }
+    eprintln!("xtask: installing virtme-ng {VIRTME_NG_VERSION} (pip)");
+    run_cmd(
+        Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+            .arg(format!("virtme-ng=={VIRTME_NG_VERSION}")),
+    )?;
+    find_vng().context("virtme-ng was installed but no `vng` of that version is found")
+}
+
+/// Builds virtiofsd into `root` unless it is there; returns `root/bin`. Without virtiofsd,
+/// vng falls back to 9p, which Debian's cloud kernels do not have.
+fn install_virtiofsd(root: &Path) -> Result<PathBuf> {
+    let bin = root.join("bin");
+    if bin.join("virtiofsd").exists() {
+        return Ok(bin);
+    }
+    eprintln!("xtask: building virtiofsd {VIRTIOFSD_VERSION} into {} (about a minute)", root.display());
+    run_cmd(
+        Command::new("cargo")
+            .args(["install", "--locked", "--quiet"])
+            .arg(format!("virtiofsd@{VIRTIOFSD_VERSION}"))
+            .arg("--root")
+            .arg(root),
+    )?;
+    Ok(bin)
+}
+
+/// A Debian kernel unpacked under the cache.
+pub struct DebianKernel {
+    /// `uname -r` of that kernel, e.g. `6.1.0-53-cloud-amd64`.
+    pub release: String,
+    pub vmlinuz: PathBuf,
+}
+
+/// The newest `linux-image-SERIES.*-cloud-amd64-unsigned` the package lists know, unpacked into
+/// `cache/RELEASE` and its modules installed under /lib/modules (vng loads 6.1's virtio-fs
+/// from there). Skips whatever is already done; asks the network only for what is missing.
+pub fn install_debian_kernel(series: &str, cache: &Path) -> Result<DebianKernel> {
+    let mut updated = false;
+    let release = match newest_cloud_kernel(series)? {
+        Some(r) => r,
+        None => {
+            // A fresh machine's package lists may be empty or old.
+            require_root("updating the package lists")?;
+            run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
+            updated = true;
+            newest_cloud_kernel(series)?.with_context(|| {
+                format!("no linux-image-{series}.*-cloud-amd64-unsigned in the package lists")
+            })?
+        }
+    };
+    let dir = cache.join(&release);
+    let vmlinuz = dir.join("boot").join(format!("vmlinuz-{release}"));
+    if !vmlinuz.exists() {
+        let package = format!("linux-image-{release}-unsigned");
+        let debs = cache.join("debs");
+        std::fs::create_dir_all(&debs)?;
+        eprintln!("xtask: downloading {package}");
+        let download = || run_cmd(Command::new("apt-get").args(["download", "-qq", &package]).current_dir(&debs));
+        if download().is_err() && !updated {
+            run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
+            download()?;
+        }
+        let deb = std::fs::read_dir(&debs)?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_")))
+            })
+            .with_context(|| format!("apt-get download left no {package}_*.deb"))?;
+        let partial = cache.join(format!("{release}.partial"));
+        let _ = std::fs::remove_dir_all(&partial);
+        run_cmd(Command::new("dpkg").arg("-x").arg(&deb).arg(&partial))?;
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::rename(&partial, &dir)?;
+        std::fs::remove_file(&deb)?;
+    }
+    let modules = Path::new("/lib/modules").join(&release);
+    if !modules.join("modules.dep").exists() {
+        require_root(&format!("installing the modules of {release} under /lib/modules"))?;
+        eprintln!("xtask: installing {} (for the guest)", modules.display());
+        std::fs::create_dir_all("/lib/modules")?;
+        let _ = std::fs::remove_dir_all(&modules);
+        run_cmd(
+            Command::new("cp")
+                .arg("-a")
+                .arg(dir.join("lib/modules").join(&release))
+                .arg("/lib/modules/"),
+        )?;
+        run_cmd(Command::new("/sbin/depmod").arg(&release))?;
+    }
+    Ok(DebianKernel { release, vmlinuz })
+}
+
+/// The release (`uname -r`) of the newest cloud kernel of `series` ("6.1", "6.12") in the
+/// package lists, compared number by number (6.1.0-9 < 6.1.0-53).
+fn newest_cloud_kernel(series: &str) -> Result<Option<String>> {
+    let out = Command::new("apt-cache")
+        .args(["search", "--names-only"])
+        .arg(format!(
+            "^linux-image-{}\\..*-cloud-amd64-unsigned$",
+            series.replace('.', "\\.")
+        ))
+        .output()
+        .context("running apt-cache search")?;
+    let prefix = format!("{series}.");
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter_map(|p| p.strip_prefix("linux-image-")?.strip_suffix("-unsigned"))
+        .filter(|r| r.starts_with(&prefix))
+        .max_by_key(|r| version_key(r))
+        .map(str::to_owned))
+}
+
+/// The numbers in `s`, in order: a version's sort key.
+fn version_key(s: &str) -> Vec<u64> {
+    s.split(|c: char| !c.is_ascii_digit())
+        .filter(|n| !n.is_empty())
+        .map(|n| n.parse().unwrap_or(u64::MAX))
+        .collect()
 }
