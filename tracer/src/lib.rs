@@ -11,6 +11,7 @@ pub mod census_metrics;
 pub mod cli;
 pub mod event;
 pub mod event_metrics;
+pub mod features;
 pub mod http;
 pub mod join;
 pub mod kernel_metrics;

@@ -51,6 +51,8 @@ pub struct ProbeConfig {
 
 /// The loaded, attached probe.
 pub struct Probe {
+    /// What this kernel can report (see `features`).
+    pub features: Vec<crate::features::Feature>,
     ebpf: Ebpf,
     /// One per possible CPU, until [`Probe::event_rings`] takes them.
     rings: Vec<RingBuf<MapData>>,
@@ -107,6 +109,8 @@ impl Probe {
         raise_memlock_limit();
         let kernel_btf = crate::btf::kernel_btf()?;
         let offsets = crate::btf::sock_offsets(&kernel_btf)?;
+        let features = crate::features::detect(&kernel_btf);
+        drop(kernel_btf);
         let filter_ports: u8 = u8::from(!config.ports.is_empty());
         // Wake the reader early only when a quarter of the ring is waiting; otherwise it
         // drains every DRAIN_INTERVAL (see WAKEUP_BYTES in the probe for why).
@@ -167,7 +171,11 @@ impl Probe {
                 .map_err(|e| load_error(&e))?;
             program.attach().map_err(|e| load_error(&e))?;
         }
-        Ok(Probe { ebpf, rings })
+        Ok(Probe {
+            features,
+            ebpf,
+            rings,
+        })
     }
 
     /// Reads every counter the probe keeps.
@@ -392,7 +400,10 @@ mod tests {
                    processed 12 insns\n";
         let line = load_error_line(log);
         assert!(!line.contains('\n'), "{line}");
-        assert!(line.contains("call bpf_get_socket_cookie from a BTF tracepoint"), "{line}");
+        assert!(
+            line.contains("call bpf_get_socket_cookie from a BTF tracepoint"),
+            "{line}"
+        );
         assert!(line.contains("Linux 5.12"), "{line}");
         assert!(!line.contains("R10=fp0"), "no verifier dump: {line}");
     }

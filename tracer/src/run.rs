@@ -23,6 +23,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::census_metrics::CensusCollector;
 use crate::cli::RunArgs;
 use crate::event_metrics::EventMetrics;
+use crate::features::Feature;
 use crate::http::Health;
 use crate::kernel_metrics::{KernelMetrics, TableSize};
 use crate::ports::{PortLabelCollector, PortLabels, DEFAULT_EPHEMERAL};
@@ -56,6 +57,7 @@ pub async fn run(args: &RunArgs) -> Result<()> {
     )?))?;
     registry.register(Box::new(PortLabelCollector::new(labelled.clone())?))?;
     register_build_info(&registry)?;
+    register_features(&registry, &probe.features)?;
 
     // How far (in probe time) the event thread has applied events: the census waits for it.
     let applied_ns = Arc::new(AtomicU64::new(0));
@@ -171,6 +173,29 @@ fn own_port_range() -> (u16, u16) {
         .ok()
         .and_then(|t| crate::census::parse_port_range(&t))
         .unwrap_or(DEFAULT_EPHEMERAL)
+}
+
+/// Exports which optional features this kernel allows, and says once what each missing one
+/// costs.
+fn register_features(registry: &Registry, features: &[Feature]) -> Result<()> {
+    let enabled = IntGaugeVec::new(
+        Opts::new(
+            "tracer_feature_enabled",
+            "1 when this kernel lets tracer report the feature, 0 when it cannot (the agent \
+             says why when it starts).",
+        ),
+        &["feature"],
+    )?;
+    registry.register(Box::new(enabled.clone()))?;
+    for f in features {
+        enabled
+            .with_label_values(&[f.name])
+            .set(i64::from(f.enabled));
+        if !f.enabled {
+            eprintln!("tracer: {} unavailable: {}", f.name, f.missing);
+        }
+    }
+    Ok(())
 }
 
 fn register_build_info(registry: &Registry) -> Result<()> {

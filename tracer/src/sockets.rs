@@ -902,9 +902,13 @@ mod tests {
         }));
         let step = table.observe(&child(900, ESTABLISHED, CLOSE_WAIT, 2_000_000, 0));
         assert_eq!((step.pid, &step.comm[..4]), (42, &b"curl"[..]));
-        let listener = table.get(listener_cookie).expect("the listener is still followed");
+        let listener = table
+            .get(listener_cookie)
+            .expect("the listener is still followed");
         assert_eq!((listener.state, listener.since_ns), (LISTEN, 100));
-        let child = table.get(2_000_000).expect("the child under its own cookie");
+        let child = table
+            .get(2_000_000)
+            .expect("the child under its own cookie");
         assert_eq!((child.state, child.pid, child.port), (CLOSE_WAIT, 42, 8080));
         assert!(table.awaiting_cookie.is_empty());
     }

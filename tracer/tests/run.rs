@@ -177,9 +177,15 @@ fn refused_connects_count_as_refused_failures() {
         )
         .unwrap_or(0.0)
     };
+    // Some kernels do not report a reset that answers no socket: the agent says so.
+    let sent_none = sample(
+        &agent.metrics_now(),
+        "tracer_feature_enabled",
+        &[("feature", "resets_sent_without_socket")],
+    ) == Some(1.0);
     let text = agent.metrics_until("50 refused and their resets", |t| {
         sample(t, "tracer_tcp_handshake_failures_total", &refused) == Some(50.0)
-            && resets(t, "sent", "none") >= 50.0
+            && (!sent_none || resets(t, "sent", "none") >= 50.0)
             && resets(t, "received", "syn_sent") >= 50.0
     });
     assert_eq!(
@@ -188,7 +194,17 @@ fn refused_connects_count_as_refused_failures() {
     );
     // Each refusal is a RST sent for no socket and received by a socket in SYN_SENT (other
     // traffic on the machine may add more).
-    assert!(resets(&text, "sent", "none") >= 50.0 && resets(&text, "received", "syn_sent") >= 50.0);
+    assert!(resets(&text, "received", "syn_sent") >= 50.0);
+    if sent_none {
+        assert!(resets(&text, "sent", "none") >= 50.0);
+    } else {
+        assert_eq!(resets(&text, "sent", "none"), 0.0);
+        unsupported(
+            "resets_sent_without_socket",
+            "this kernel's tcp_send_reset tracepoint does not fire for resets that answer no \
+             socket; the agent exports tracer_feature_enabled 0 and the counter stays 0",
+        );
+    }
 }
 
 #[test]

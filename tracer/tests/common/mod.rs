@@ -26,6 +26,12 @@ pub fn require_root(test: &str) -> bool {
     false
 }
 
+/// Says (on stdout, which the kernel matrix reads) that this kernel cannot give a figure the
+/// test would otherwise check, and why; the test then checks what the agent does instead.
+pub fn unsupported(feature: &str, why: &str) {
+    println!("UNSUPPORTED {feature}: {why}");
+}
+
 /// One transition as (sport, dport, old, new): what the tracer and ftrace are compared on.
 pub type Key = (u16, u16, String, String);
 
@@ -707,7 +713,9 @@ impl Prometheus {
     pub fn wait_for(&self, what: &str, promql: &str, ok: impl Fn(f64) -> bool) -> f64 {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let ready = std::net::TcpStream::connect(self.addr).is_ok();
+            // Prometheus answers 503 until its storage is open (seconds under emulation).
+            let ready = std::net::TcpStream::connect(self.addr).is_ok()
+                && http_get(self.addr, "/-/ready").0 == 200;
             if ready {
                 if let Some(v) = self.query(promql).filter(|v| ok(*v)) {
                     return v;
