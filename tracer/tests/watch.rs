@@ -88,7 +88,6 @@ fn every_transition_ftrace_records_is_printed_once() {
 
     let printed = out.keys();
     let (received, printed_n, lost) = out.summary();
-    assert_eq!(lost, 0, "events lost: {:?}", out.stderr);
     assert_eq!(printed_n as usize, printed.len());
     assert_eq!(received, printed_n);
     // Sanity of the oracle itself: 2,000 handshakes on each side, 200 refused connects.
@@ -100,7 +99,19 @@ fn every_transition_ftrace_records_is_printed_once() {
         "ftrace recorded only {}",
         oracle.len()
     );
-    let (want, got) = (multiset(oracle), multiset(printed));
+    let (want, got) = (multiset(oracle.clone()), multiset(printed.clone()));
+    if lost > 0 {
+        // The kernel skipped some runs of the probe (nested on a CPU: rare on real hardware,
+        // frequent under emulation in the kernel matrix) and said so: then every printed
+        // transition is one ftrace recorded, and ftrace has at most the lost ones more. (The
+        // count of skipped runs may include transitions of other ports.)
+        let invented: Vec<_> = got.iter().filter(|(k, n)| want.get(*k).is_none_or(|w| w < n)).collect();
+        assert!(invented.is_empty(), "printed but not in ftrace: {invented:?}");
+        let missing = oracle.len() - printed.len();
+        assert!(missing as u64 <= lost, "ftrace has {missing} more, {lost} reported lost");
+        println!("{lost} transitions skipped by the kernel and reported; {missing} of ours");
+        return;
+    }
     if want != got {
         let missing: Vec<_> = want
             .iter()

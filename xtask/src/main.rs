@@ -3,6 +3,7 @@
 
 mod bench;
 mod checks;
+mod kernels;
 mod setup;
 
 use std::process::{Command, ExitCode};
@@ -32,6 +33,10 @@ enum Task {
     Test,
     /// Set up, build, and measure connection churn with and without the tracer.
     Bench(bench::BenchArgs),
+    /// Run the kernel tests on other kernels too: the newest Debian 6.1 and 6.12 cloud kernels
+    /// (booted under QEMU with virtme-ng) and this machine's own; one line per kernel and test.
+    /// Installs what it needs (QEMU, virtme-ng, virtiofsd, the kernels) where missing.
+    Kernels(kernels::KernelsArgs),
     /// (Used by bench) hold N loopback connections to a listener on ADDR open until stdin closes.
     #[command(hide = true)]
     Hold {
@@ -51,6 +56,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::run(),
         Task::Run { args } => run_tracer(args),
         Task::Test => test(),
+        Task::Kernels(args) => kernels::run(&args),
         Task::Hold { connections, addr } => bench::hold(connections, addr),
         Task::Churn { seconds } => bench::churn_only(seconds),
         Task::Bench(args) => setup::run()
@@ -82,8 +88,9 @@ fn run_tracer(mut args: Vec<String>) -> Result<()> {
     Ok(())
 }
 
-/// Runs the unit tests, then the kernel tests one at a time: they attach probes and read the
-/// kernel's trace buffers, which are shared by the whole machine.
+/// Runs the unit tests, then the kernel tests one at a time (they attach probes and read the
+/// kernel's trace buffers, which are shared by the whole machine), the deploy checks, and
+/// the kernel tests again on Debian's 6.1 and 6.12 kernels (the kernel matrix).
 fn test() -> Result<()> {
     setup::run()?;
     build_release()?;
@@ -100,7 +107,8 @@ fn test() -> Result<()> {
     ]);
     // The deploy checks run even when a kernel test failed, so that one run shows both.
     let deploy = checks::run();
-    kernel_tests.and(deploy)
+    let matrix = kernels::run(&kernels::KernelsArgs::debian());
+    kernel_tests.and(deploy).and(matrix)
 }
 
 fn build_release() -> Result<()> {

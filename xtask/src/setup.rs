@@ -129,15 +129,17 @@ pub fn run_cmd(cmd: &mut Command) -> Result<()> {
 
 // ---- The kernel matrix (`cargo xtask kernels`): QEMU, virtme-ng, virtiofsd, Debian kernels ----
 
-/// Debian packages for booting other kernels: QEMU, `depmod` for the kernels' modules, and what
-/// virtiofsd links against (it is not packaged in Debian 12 and is built from crates.io).
+/// Debian packages for booting other kernels: QEMU, `depmod` for the kernels' modules, the
+/// static busybox that vng puts in the guest's initramfs, and what virtiofsd links against
+/// (virtiofsd is not packaged in Debian 12 and is built from crates.io).
 pub const KERNEL_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "kmod",
+    "busybox-static",
     "libcap-ng-dev",
     "libseccomp-dev",
 ];
-/// Versions seen working here (see shared/kernel-matrix.md).
+/// Versions seen working with the kernel matrix (README, "Kernels").
 const VIRTME_NG_VERSION: &str = "1.42";
 const VIRTIOFSD_VERSION: &str = "1.14.0";
 
@@ -154,7 +156,10 @@ pub fn install_vm_tools(cache: &Path) -> Result<(PathBuf, PathBuf)> {
 /// pinned version.
 fn find_vng() -> Option<PathBuf> {
     let scripts = Command::new("python3")
-        .args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"])
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_path('scripts'))",
+        ])
         .output()
         .ok()
         .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).join("vng"));
@@ -180,7 +185,14 @@ fn install_vng() -> Result<PathBuf> {
     eprintln!("xtask: installing virtme-ng {VIRTME_NG_VERSION} (pip)");
     run_cmd(
         Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--root-user-action=ignore",
+            ])
             .arg(format!("virtme-ng=={VIRTME_NG_VERSION}")),
     )?;
     find_vng().context("virtme-ng was installed but no `vng` of that version is found")
@@ -193,7 +205,10 @@ fn install_virtiofsd(root: &Path) -> Result<PathBuf> {
     if bin.join("virtiofsd").exists() {
         return Ok(bin);
     }
-    eprintln!("xtask: building virtiofsd {VIRTIOFSD_VERSION} into {} (about a minute)", root.display());
+    eprintln!(
+        "xtask: building virtiofsd {VIRTIOFSD_VERSION} into {} (about a minute)",
+        root.display()
+    );
     run_cmd(
         Command::new("cargo")
             .args(["install", "--locked", "--quiet"])
@@ -212,8 +227,8 @@ pub struct DebianKernel {
 }
 
 /// The newest `linux-image-SERIES.*-cloud-amd64-unsigned` the package lists know, unpacked into
-/// `cache/RELEASE` and its modules installed under /lib/modules (vng loads 6.1's virtio-fs
-/// from there). Skips whatever is already done; asks the network only for what is missing.
+/// `cache/RELEASE` with its modules indexed there (nothing is installed on the host). Skips
+/// whatever is already done; asks the network only for what is missing.
 pub fn install_debian_kernel(series: &str, cache: &Path) -> Result<DebianKernel> {
     let mut updated = false;
     let release = match newest_cloud_kernel(series)? {
@@ -235,7 +250,14 @@ pub fn install_debian_kernel(series: &str, cache: &Path) -> Result<DebianKernel>
         let debs = cache.join("debs");
         std::fs::create_dir_all(&debs)?;
         eprintln!("xtask: downloading {package}");
-        let download = || run_cmd(Command::new("apt-get").args(["download", "-qq", &package]).current_dir(&debs));
+        let download = || {
+            run_cmd(
+                Command::new("apt-get")
+                    // Into a directory of root's: apt's sandbox user could not write there.
+                    .args(["download", "-qq", "-o", "APT::Sandbox::User=root", &package])
+                    .current_dir(&debs),
+            )
+        };
         if download().is_err() && !updated {
             run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
             download()?;
@@ -255,19 +277,22 @@ pub fn install_debian_kernel(series: &str, cache: &Path) -> Result<DebianKernel>
         std::fs::rename(&partial, &dir)?;
         std::fs::remove_file(&deb)?;
     }
-    let modules = Path::new("/lib/modules").join(&release);
-    if !modules.join("modules.dep").exists() {
-        require_root(&format!("installing the modules of {release} under /lib/modules"))?;
-        eprintln!("xtask: installing {} (for the guest)", modules.display());
-        std::fs::create_dir_all("/lib/modules")?;
-        let _ = std::fs::remove_dir_all(&modules);
+    // The package ships its modules without their index. vng takes the modules that sit beside
+    // the image (`cache/RELEASE/lib/modules/RELEASE`: 6.1 needs its virtio-fs module to mount
+    // the root) and would run depmod itself; doing it here keeps it out of the boot.
+    if !dir
+        .join("lib/modules")
+        .join(&release)
+        .join("modules.dep")
+        .exists()
+    {
         run_cmd(
-            Command::new("cp")
+            Command::new("/sbin/depmod")
                 .arg("-a")
-                .arg(dir.join("lib/modules").join(&release))
-                .arg("/lib/modules/"),
+                .arg("-b")
+                .arg(&dir)
+                .arg(&release),
         )?;
-        run_cmd(Command::new("/sbin/depmod").arg(&release))?;
     }
     Ok(DebianKernel { release, vmlinuz })
 }
@@ -299,4 +324,24 @@ fn version_key(s: &str) -> Vec<u64> {
         .filter(|n| !n.is_empty())
         .map(|n| n.parse().unwrap_or(u64::MAX))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_releases_compare_number_by_number() {
+        let mut releases = [
+            "6.1.0-53-cloud-amd64",
+            "6.1.0-9-cloud-amd64",
+            "6.1.0-56-cloud-amd64",
+        ];
+        releases.sort_by_key(|r| version_key(r));
+        assert_eq!(releases[2], "6.1.0-56-cloud-amd64");
+        assert_eq!(releases[0], "6.1.0-9-cloud-amd64");
+        assert!(
+            version_key("6.12.117+deb12-cloud-amd64") > version_key("6.12.9+deb12-cloud-amd64")
+        );
+    }
 }
