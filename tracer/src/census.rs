@@ -54,6 +54,8 @@ pub struct HostCensus {
     /// Namespaces found but not visited (no permission to open or enter them, or their
     /// census failed): their sockets are missing from this census.
     pub unreachable: u64,
+    /// CPU time the walk over every namespace took (its thread's own).
+    pub cpu: std::time::Duration,
 }
 
 /// What one network namespace holds.
@@ -105,6 +107,7 @@ pub fn all_namespaces() -> Result<HostCensus> {
         let mut out = HostCensus {
             namespaces: Vec::with_capacity(found.len()),
             unreachable: 0,
+            cpu: std::time::Duration::ZERO,
         };
         // Our own namespace first, without a setns.
         out.namespaces.push(netns_census(own)?);
@@ -123,10 +126,23 @@ pub fn all_namespaces() -> Result<HostCensus> {
                 Err(_) => out.unreachable += 1,
             }
         }
+        out.cpu = thread_cpu_time();
         Ok(out)
     })
     .join()
     .map_err(|_| anyhow!("the census thread panicked"))?
+}
+
+/// CPU time the calling thread has used (CLOCK_THREAD_CPUTIME_ID): time stopped, waiting or
+/// preempted does not count.
+pub fn thread_cpu_time() -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for clock_gettime to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// The census of the calling thread's current network namespace.

@@ -433,7 +433,7 @@ mod tests {
                 dumped_at_ns,
                 ..Default::default()
             }],
-            unreachable: 0,
+            ..Default::default()
         }
     }
 

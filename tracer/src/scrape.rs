@@ -10,9 +10,10 @@
 //! scrapes multiply that work and its memory; run on the event thread, it stalls the reader
 //! and events are lost. Here there is one census at a time, off the event thread; `/metrics`
 //! and `/sockets` answer at once from the last report, whose age is exported
-//! (`tracer_census_timestamp_seconds`). It runs every `--census-interval`, but never more than
-//! 1/20 of the time (after a census that took `d`, the next starts `20 d` later at the
-//! earliest), so that a huge host costs at most 5% of a core in censuses.
+//! (`tracer_census_timestamp_seconds`). It runs every `--census-interval`, but never uses more
+//! than 1/20 of a core (after a census that used `c` of CPU, the next starts `20 c` later at
+//! the earliest), so that a huge host costs at most 5% of a core in censuses. CPU time, not
+//! wall time: a census slowed by a busy machine (or a stopped process) is not held against it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
@@ -120,6 +121,8 @@ pub fn run(
     let mut first = true;
     loop {
         let began = Instant::now();
+        let cpu_before = crate::census::thread_cpu_time();
+        let mut cpu = Duration::ZERO;
         match crate::census::all_namespaces() {
             Ok(census) => {
                 let taken_ns = census
@@ -173,6 +176,7 @@ pub fn run(
                     thresholds: config.thresholds.clone(),
                 });
                 first = false;
+                cpu = census.cpu;
                 drop(census);
                 return_freed_memory();
             }
@@ -181,7 +185,8 @@ pub fn run(
                 eprintln!("tracer: socket census failed: {e:#}");
             }
         }
-        let wait = config.interval.max(began.elapsed() * MAX_DUTY);
+        let cpu = cpu + crate::census::thread_cpu_time().saturating_sub(cpu_before);
+        let wait = config.interval.max(cpu * MAX_DUTY);
         match stop.recv_timeout(wait.saturating_sub(began.elapsed())) {
             Err(RecvTimeoutError::Timeout) => {}
             _ => return,

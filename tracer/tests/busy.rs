@@ -158,9 +158,10 @@ fn a_close_wait_leak_whose_transitions_were_lost_is_flagged_with_a_lower_bound_a
         .unwrap()
         .clone();
     assert_eq!(listed.len(), 25, "{listed:?}");
-    let text = agent.metrics();
-    let lost = sample(&text, "tracer_events_lost_total", &[]).unwrap() - lost_before;
-    assert!(lost >= 4_500.0, "the burst's events were lost: {lost}");
+    // The probe's loss counters are read once a second.
+    let lost = |t: &str| sample(t, "tracer_events_lost_total", &[]).unwrap() - lost_before;
+    let text = agent.metrics_until("the burst's losses", |t| lost(t) >= 4_500.0);
+    assert!(lost(&text) >= 4_500.0);
     for s in &listed {
         // The agent never saw them enter CLOSE_WAIT: the census's lower bound.
         assert_eq!(s["age_source"], "census", "{s}");

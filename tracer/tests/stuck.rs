@@ -133,12 +133,20 @@ fn time_wait_per_port_matches_ss_and_a_narrow_port_range_shows_its_use() {
     let server = Server::start_at(addr, 40, Closer::Client);
     connect_many(addr, 40, Closer::Client);
     server.join();
-    settle();
+    // Every client reaches TIME-WAIT once the server's FIN is in: give a slow machine (a
+    // kernel under emulation) up to 5 s.
+    let time_waits = || {
+        ss_lines(&format!(
+            "state time-wait ( dport = :{port} or sport = :{port} )"
+        ))
+        .len()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while time_waits() < 40 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let text = agent.metrics();
-    let ss = ss_lines(&format!(
-        "state time-wait ( dport = :{port} or sport = :{port} )"
-    ))
-    .len();
+    let ss = time_waits();
     assert_eq!(
         ss, 40,
         "client-closed connections leave TIME-WAIT on the client side"

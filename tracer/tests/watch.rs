@@ -105,10 +105,19 @@ fn every_transition_ftrace_records_is_printed_once() {
         // frequent under emulation in the kernel matrix) and said so: then every printed
         // transition is one ftrace recorded, and ftrace has at most the lost ones more. (The
         // count of skipped runs may include transitions of other ports.)
-        let invented: Vec<_> = got.iter().filter(|(k, n)| want.get(*k).is_none_or(|w| w < n)).collect();
-        assert!(invented.is_empty(), "printed but not in ftrace: {invented:?}");
+        let invented: Vec<_> = got
+            .iter()
+            .filter(|(k, n)| want.get(*k).is_none_or(|w| w < n))
+            .collect();
+        assert!(
+            invented.is_empty(),
+            "printed but not in ftrace: {invented:?}"
+        );
         let missing = oracle.len() - printed.len();
-        assert!(missing as u64 <= lost, "ftrace has {missing} more, {lost} reported lost");
+        assert!(
+            missing as u64 <= lost,
+            "ftrace has {missing} more, {lost} reported lost"
+        );
         println!("{lost} transitions skipped by the kernel and reported; {missing} of ours");
         return;
     }

@@ -48,19 +48,6 @@ pub struct KernelsArgs {
     test_timeout: u64,
 }
 
-impl KernelsArgs {
-    /// The Debian kernels of the matrix, every test: what `cargo xtask test` runs after the
-    /// tests on this machine's own kernel.
-    pub fn debian() -> KernelsArgs {
-        KernelsArgs {
-            kernels: vec!["6.1".into(), "6.12".into()],
-            binaries: Vec::new(),
-            filters: Vec::new(),
-            test_timeout: 240,
-        }
-    }
-}
-
 /// One test binary built by `cargo test --no-run`.
 struct Binary {
     /// `lib`, or the integration test's name.
