@@ -150,6 +150,13 @@ pub struct Joined {
     pub corrections: Corrections,
 }
 
+/// Sockets a census found that the table does not follow, by cookie: their state and when
+/// that census began. One is added to the table only when the next census finds it again in
+/// the same state: a socket that closed between a census and its join (and so already left
+/// the table) must not come back as a ghost.
+#[derive(Debug, Default)]
+pub struct Unfollowed(HashMap<u64, (u8, u64)>);
+
 /// How the join may change the table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -166,11 +173,13 @@ pub enum Mode {
 pub fn join(
     census: &HostCensus,
     table: &Mutex<SocketTable>,
+    unfollowed: &mut Unfollowed,
     thresholds: &Thresholds,
     mode: Mode,
     now_ns: u64,
 ) -> Joined {
     let mut out = Joined::default();
+    let mut unfollowed_now = Unfollowed::default();
     // Sized once: a vector grown by doubling would hold up to twice the sockets' memory.
     out.sockets
         .reserve_exact(census.namespaces.iter().map(|n| n.sockets.len()).sum());
@@ -238,18 +247,21 @@ pub fn join(
                             );
                             info = table.get(r.cookie);
                         }
-                        (None, Mode::Correct) => {
-                            if table.correct(
-                                r.cookie,
-                                census_state,
-                                ns.dumped_at_ns,
-                                Since::Census,
-                                netns,
-                            ) {
-                                out.corrections.added += 1;
+                        (None, Mode::Correct) => match unfollowed.0.get(&r.cookie) {
+                            // Found by the previous census too, in this state: add it, in
+                            // that state since that census at the latest.
+                            Some(&(state, since_ns)) if state == census_state => {
+                                if table.correct(r.cookie, state, since_ns, Since::Census, netns) {
+                                    out.corrections.added += 1;
+                                }
+                                info = table.get(r.cookie);
                             }
-                            info = table.get(r.cookie);
-                        }
+                            _ => {
+                                unfollowed_now
+                                    .0
+                                    .insert(r.cookie, (census_state, ns.dumped_at_ns));
+                            }
+                        },
                     }
                 }
                 // The service port: as the table learnt it when the socket opened; else the
@@ -330,6 +342,7 @@ pub fn join(
     }
     if mode != Mode::ReadOnly {
         out.corrections.dropped += drop_gone(census, table);
+        *unfollowed = unfollowed_now;
     }
     for v in &out.sockets {
         let Some(age) = v.age(now_ns) else { continue };
@@ -437,6 +450,24 @@ mod tests {
         }
     }
 
+    /// A join with no earlier census.
+    fn join_once(
+        census: &HostCensus,
+        table: &Mutex<SocketTable>,
+        thresholds: &Thresholds,
+        mode: Mode,
+        now_ns: u64,
+    ) -> Joined {
+        join(
+            census,
+            table,
+            &mut Unfollowed::default(),
+            thresholds,
+            mode,
+            now_ns,
+        )
+    }
+
     fn table() -> Mutex<SocketTable> {
         Mutex::new(SocketTable::new(64))
     }
@@ -467,7 +498,7 @@ mod tests {
             ],
             74 * S,
         );
-        let j = join(&c, &t, &Thresholds::default(), Mode::Correct, 75 * S);
+        let j = join_once(&c, &t, &Thresholds::default(), Mode::Correct, 75 * S);
         let v = &j.sockets[1];
         assert_eq!(
             (
@@ -490,14 +521,9 @@ mod tests {
             j.oldest.get(&state::CLOSE_WAIT),
             Some(&Duration::from_secs(65))
         );
-        // The listener was not followed: now it is, as there since the census.
-        assert_eq!(
-            j.corrections,
-            Corrections {
-                added: 1,
-                ..Default::default()
-            }
-        );
+        // The listener was not followed: one census is not enough to add it (see the test
+        // of unfollowed sockets).
+        assert_eq!(j.corrections, Corrections::default());
     }
 
     #[test]
@@ -510,7 +536,7 @@ mod tests {
             ],
             30 * S,
         );
-        let j = join(
+        let j = join_once(
             &c,
             &t,
             &Thresholds::default(),
@@ -520,7 +546,7 @@ mod tests {
         assert_eq!(j.sockets[0].age_source, AgeSource::AgentStart);
         // Seventy seconds later a census sees it still there: at least 70 s old, stuck.
         let later = census(c.namespaces[0].sockets.clone(), 100 * S);
-        let j = join(&later, &t, &Thresholds::default(), Mode::Correct, 100 * S);
+        let j = join_once(&later, &t, &Thresholds::default(), Mode::Correct, 100 * S);
         let v = &j.sockets[0];
         assert_eq!(
             (v.age(100 * S), v.age_source),
@@ -544,7 +570,7 @@ mod tests {
             "127.0.0.1:8080",
             cookie,
         )];
-        let j = join(
+        let j = join_once(
             &census(sockets.clone(), 20 * S),
             &t,
             &Thresholds::default(),
@@ -559,7 +585,7 @@ mod tests {
         );
         assert!(j.stuck.is_empty());
         // The next censuses keep the lower bound from the first one: past 60 s, it is stuck.
-        let j = join(
+        let j = join_once(
             &census(sockets, 81 * S),
             &t,
             &Thresholds::default(),
@@ -581,6 +607,37 @@ mod tests {
     }
 
     #[test]
+    fn an_unfollowed_socket_is_added_when_two_censuses_find_it_and_a_closed_one_never() {
+        let t = table();
+        let mut unfollowed = Unfollowed::default();
+        let thresholds = Thresholds::default();
+        let leak = rec(state::CLOSE_WAIT, "127.0.0.1:8080", "127.0.0.1:40001", 9);
+        let closing = rec(state::ESTABLISHED, "127.0.0.1:8080", "127.0.0.1:40002", 10);
+        let c = census(vec![leak.clone(), closing], 10 * S);
+        let j = join(&c, &t, &mut unfollowed, &thresholds, Mode::Correct, 10 * S);
+        assert_eq!((j.corrections.added, t.lock().len()), (0, 0));
+        assert_eq!(j.sockets[0].age_source, AgeSource::Unknown);
+        // Socket 10 closed (its CLOSE was seen, or it closed before this join): not added.
+        let j = join(
+            &census(vec![leak], 20 * S),
+            &t,
+            &mut unfollowed,
+            &thresholds,
+            Mode::Correct,
+            70 * S,
+        );
+        assert_eq!(j.corrections.added, 1);
+        assert!(t.lock().get(10).is_none());
+        // In CLOSE_WAIT since the first census at the latest: 60 s, stuck.
+        let v = &j.sockets[0];
+        assert_eq!(
+            (v.age_source, v.age(70 * S)),
+            (AgeSource::Census, Some(Duration::from_secs(60)))
+        );
+        assert_eq!(j.stuck.get(&(state::CLOSE_WAIT, 40001)), Some(&1));
+    }
+
+    #[test]
     fn followed_sockets_the_census_no_longer_shows_are_dropped_unless_newer_than_the_dump() {
         let t = table();
         t.lock()
@@ -588,7 +645,7 @@ mod tests {
         t.lock()
             .observe(&transition(5, 12 * S, state::CLOSE, state::SYN_SENT));
         // Socket 4's CLOSE was lost; socket 5 opened after the dump began.
-        let j = join(
+        let j = join_once(
             &census(vec![], 10 * S),
             &t,
             &Thresholds::default(),
@@ -601,10 +658,10 @@ mod tests {
         // A census that could not visit every namespace drops nothing of unknown namespace.
         let mut partial = census(vec![], 20 * S);
         partial.unreachable = 1;
-        let j = join(&partial, &t, &Thresholds::default(), Mode::Correct, 21 * S);
+        let j = join_once(&partial, &t, &Thresholds::default(), Mode::Correct, 21 * S);
         assert_eq!(j.corrections.dropped, 0);
         // Nor does a census the reader did not catch up with.
-        let j = join(
+        let j = join_once(
             &census(vec![], 20 * S),
             &t,
             &Thresholds::default(),
@@ -624,7 +681,7 @@ mod tests {
         let mut r = rec(state::SYN_RECV, "127.0.0.1:9000", "127.0.0.1:50001", 6);
         (r.inode, r.retransmit) = (0, Some((Duration::from_millis(500), 3)));
         let l = rec(state::LISTEN, "127.0.0.1:9000", "0.0.0.0:0", 1_000_001);
-        let j = join(
+        let j = join_once(
             &census(vec![l, r], 20 * S),
             &t,
             &Thresholds::default(),
@@ -663,7 +720,7 @@ mod tests {
             ],
             S,
         );
-        let j = join(&c, &table(), &Thresholds::default(), Mode::ReadOnly, S);
+        let j = join_once(&c, &table(), &Thresholds::default(), Mode::ReadOnly, S);
         assert_eq!(j.time_wait.get(&80), Some(&1));
         assert_eq!(j.time_wait.get(&5432), Some(&2));
         let worst = &j.destinations[0];
@@ -682,7 +739,7 @@ mod tests {
         let mut l = rec(state::LISTEN, "127.0.0.1:7000", "0.0.0.0:0", 1);
         l.rqueue = 2;
         l.wqueue = 1;
-        let j = join(
+        let j = join_once(
             &census(vec![l], S),
             &table(),
             &Thresholds::default(),

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::join::{join, Joined, Mode};
+use crate::join::{join, Joined, Mode, Unfollowed};
 use crate::ports::Use;
 use crate::ring::monotonic_ns;
 use crate::sockets::SocketTable;
@@ -118,6 +118,7 @@ pub fn run(
         )
     };
     let mut totals = Totals::default();
+    let mut unfollowed = Unfollowed::default();
     let mut first = true;
     loop {
         let began = Instant::now();
@@ -139,7 +140,14 @@ pub fn run(
                     },
                     (false, true) => Mode::Correct,
                 };
-                let joined = join(&census, &table, &config.thresholds, mode, monotonic_ns());
+                let joined = join(
+                    &census,
+                    &table,
+                    &mut unfollowed,
+                    &config.thresholds,
+                    mode,
+                    monotonic_ns(),
+                );
                 let ranges = census
                     .namespaces
                     .iter()

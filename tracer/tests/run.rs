@@ -43,9 +43,25 @@ fn handshakes_teardowns_and_lifetimes_are_counted_per_port() {
     a.join();
     b.join();
     settle();
-    let text = agent.metrics_until("300 active handshakes", |t| {
+    // Every handshake and every teardown (the last clients' teardowns end when the server
+    // closes its side, just before it returns).
+    let teardowns = |t: &str, port: &str| {
+        ["active", "passive"]
+            .iter()
+            .map(|m| {
+                count(
+                    t,
+                    "tracer_tcp_teardown_duration_seconds",
+                    &[("mode", m), ("port", port)],
+                )
+            })
+            .sum::<f64>()
+    };
+    let text = agent.metrics_until("300 active handshakes and 600 teardowns", |t| {
         count(t, HS, &[("mode", "active"), ("port", &p)]) == 200.0
             && count(t, HS, &[("mode", "active"), ("port", &q)]) == 100.0
+            && teardowns(t, &p) == 400.0
+            && teardowns(t, &q) == 200.0
     });
     for (port, n) in [(&p, 200.0), (&q, 100.0)] {
         for mode in ["active", "passive"] {
