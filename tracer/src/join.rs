@@ -203,9 +203,6 @@ pub fn join(
                 } else {
                     r.state
                 };
-                if let Some(c) = out.by_state.get_mut(census_state as usize) {
-                    *c += 1;
-                }
                 // sock_diag reports request sockets as SYN_RECV with their SYN-ACK timer
                 // (inet_req_diag_fill); they never pass the tracepoint.
                 let request = census_state == state::SYN_RECV && r.inode == 0;
@@ -263,6 +260,10 @@ pub fn join(
                             }
                         },
                     }
+                }
+                // Counted as listed: in the table's state when it changed during the dump.
+                if let Some(c) = out.by_state.get_mut(view_state as usize) {
+                    *c += 1;
                 }
                 // The service port: as the table learnt it when the socket opened; else the
                 // local port when something listens on it (or the socket listens), else the
