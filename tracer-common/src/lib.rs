@@ -154,7 +154,23 @@ pub mod counter {
     pub const RESCUED: u32 = 2;
     /// SYN-ACK retransmissions not counted because `SYNACK_RETRANSMITS` was full.
     pub const SYNACK_PORTS_FULL: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// Kernel field reads that failed (`bpf_probe_read_kernel` returned an error): the field
+    /// is reported as 0; the transition itself is still delivered.
+    pub const READ_FAILED: u32 = 4;
+    /// Transitions of a TCP socket whose family is neither `AF_INET` nor `AF_INET6`: delivered
+    /// with the family as read and IPv4-style addresses.
+    pub const UNKNOWN_FAMILY: u32 = 5;
+    pub const COUNT: u32 = 6;
+}
+
+/// The fields whose read can fail in the probe, as the `detail` of a `READ_FAILED` report
+/// (its log line names the field).
+pub mod field {
+    pub const INET_SPORT: u32 = 0;
+    pub const SRTT_US: u32 = 1;
+    pub const TOTAL_RETRANS: u32 = 2;
+    pub const NET_INUM: u32 = 3;
+    pub const IPV6_ADDRESS: u32 = 4;
 }
 
 /// Direction index of the `RESETS` counters: `RESETS[direction * RESET_STATES + state]`.

@@ -4,6 +4,10 @@
 //! and writes a [`Transition`] into this CPU's ring buffer in `EVENTS`. It counts what it cannot deliver
 //! (`COUNTERS`); it keeps no other statistics: userspace follows the sockets.
 //!
+//! What goes wrong on its rare paths (a full map, a field read that fails on a kernel, an
+//! address family it does not know) is counted and said through aya-log, at most once a second
+//! per problem and CPU ([`report`]); the agent prints it at the level `RUST_LOG` picks.
+//!
 //! Why a BTF tracepoint (`tp_btf`) rather than the classic tracepoint: it attaches by name
 //! through `bpf()` with no tracefs mounted (containers rarely have it), and it receives the
 //! kernel's `struct sock *`, whose fields later features read. The fields are read at byte
@@ -22,11 +26,13 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
     programs::BtfTracePointContext,
 };
+use aya_log_ebpf::{error, warn};
 use core::ffi::c_void;
 use core::ptr::{addr_of, addr_of_mut};
 use tracer_common::{
-    counter, state, ListenerKey, Owner, SockOffsets, Transition, AF_INET6, COMM_LEN, IPPROTO_TCP,
-    MAX_LISTENERS, MAX_SYNACK_PORTS, PORT_FILTER_LEN, RESET_RECEIVED, RESET_SENT, RESET_STATES,
+    counter, field, state, ListenerKey, Owner, SockOffsets, Transition, AF_INET, AF_INET6,
+    COMM_LEN, IPPROTO_TCP, MAX_LISTENERS, MAX_SYNACK_PORTS, PORT_FILTER_LEN, RESET_RECEIVED,
+    RESET_SENT, RESET_STATES,
 };
 
 /// Field offsets, set by userspace at load time (see `tracer::btf`).
@@ -99,6 +105,14 @@ static SYNACK_RETRANSMITS: PerCpuHashMap<u16, u64> =
 #[map]
 static RESETS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2 * RESET_STATES, 0);
 
+/// When each problem of `tracer_common::counter` was last logged on this CPU
+/// (`bpf_ktime_get_ns`): the rate limit of [`report`].
+#[map]
+static LOGGED_AT: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Least time between two log lines of one problem on one CPU.
+const LOG_EVERY_NS: u64 = 1_000_000_000;
+
 /// Set on a CPU while `inet_sock_set_state` runs there: read by the rescue program.
 #[map]
 static RUNNING: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
@@ -136,14 +150,17 @@ pub fn inet_sock_set_state_rescue(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "tcp_retransmit_synack")]
 pub fn tcp_retransmit_synack(ctx: BtfTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
-    let Ok(port) = read::<u16>(sk, offset!(inet_sport)).map(u16::from_be) else {
-        return 0;
-    };
+    let port = u16::from_be(read_or_report(
+        &ctx,
+        sk,
+        offset!(inet_sport),
+        field::INET_SPORT,
+    ));
     if let Some(n) = SYNACK_RETRANSMITS.get_ptr_mut(&port) {
         // SAFETY: this CPU's value of a per-CPU map; preemption is disabled here.
         unsafe { *n += 1 };
     } else if SYNACK_RETRANSMITS.insert(&port, &1, 0).is_err() {
-        count(counter::SYNACK_PORTS_FULL);
+        report(&ctx, counter::SYNACK_PORTS_FULL, u32::from(port));
     }
     0
 }
@@ -207,7 +224,12 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
     }
     // `inet_sport` lies in `struct inet_sock`, past `struct sock`, where the verifier allows no
     // direct load through a `struct sock *`: read it with the helper.
-    let sport = u16::from_be(read::<u16>(sk, offset!(inet_sport))?);
+    let sport = u16::from_be(read_or_report(
+        ctx,
+        sk,
+        offset!(inet_sport),
+        field::INET_SPORT,
+    ));
     if !port_wanted(sport) && !port_wanted(dport) {
         return Ok(());
     }
@@ -236,9 +258,15 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
         addr_of_mut!((*t).cookie).write(bpf_get_socket_cookie(sk as *mut c_void));
         let (saddr, daddr) = (addr_of_mut!((*t).saddr), addr_of_mut!((*t).daddr));
         if family == AF_INET6 {
-            read_into(saddr, sk, offset!(skc_v6_rcv_saddr));
-            read_into(daddr, sk, offset!(skc_v6_daddr));
+            let read_both = read_into(saddr, sk, offset!(skc_v6_rcv_saddr))
+                & read_into(daddr, sk, offset!(skc_v6_daddr));
+            if !read_both {
+                report(ctx, counter::READ_FAILED, field::IPV6_ADDRESS);
+            }
         } else {
+            if family != AF_INET {
+                report(ctx, counter::UNKNOWN_FAMILY, u32::from(family));
+            }
             // Both are `__be32` fields of `struct sock_common`, loaded directly as above.
             let s: u32 = field(sk, offset!(skc_rcv_saddr));
             let d: u32 = field(sk, offset!(skc_daddr));
@@ -247,7 +275,7 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
             (saddr as *mut u32).write(s);
             (daddr as *mut u32).write(d);
         }
-        let pid = write_owner(t, sk, sport, oldstate, newstate);
+        let pid = write_owner(ctx, t, sk, sport, oldstate, newstate);
         addr_of_mut!((*t).pid).write(pid);
         addr_of_mut!((*t).sport).write(sport);
         addr_of_mut!((*t).dport).write(dport);
@@ -257,8 +285,9 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
         // Handshake facts the tracepoint does not carry, read where they mean something.
         let (mut srtt_us, mut sk_err, mut retrans) = (0u32, 0u16, 0u16);
         if oldstate == state::SYN_RECV && newstate == state::ESTABLISHED {
-            srtt_us = read(sk, offset!(srtt_us)).unwrap_or(0);
-            retrans = read::<u32>(sk, offset!(total_retrans)).unwrap_or(0) as u16;
+            srtt_us = read_or_report(ctx, sk, offset!(srtt_us), field::SRTT_US);
+            retrans =
+                read_or_report::<u32>(ctx, sk, offset!(total_retrans), field::TOTAL_RETRANS) as u16;
         } else if oldstate == state::SYN_SENT && newstate == state::CLOSE {
             // `sk_err` is an `int` of `struct sock`, loaded directly as above.
             sk_err = field::<i32>(sk, offset!(sk_err)) as u16;
@@ -274,7 +303,7 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
             // SAFETY: as above; `skc_net` is a `possible_net_t` (one `struct net *`), whose
             // `ns.inum` is read with the helper (a plain pointer, not a BTF-typed one).
             let net = field::<u64>(sk, offset!(skc_net)) as *const u8;
-            read::<u32>(net, offset!(net_inum)).unwrap_or(0)
+            read_or_report(ctx, net, offset!(net_inum), field::NET_INUM)
         } else {
             0
         };
@@ -309,6 +338,7 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
 /// `t` must point at a reserved ring buffer record and `sk` be the tracepoint's socket.
 #[inline(always)]
 unsafe fn write_owner(
+    ctx: &BtfTracePointContext,
     t: *mut Transition,
     sk: *const u8,
     sport: u16,
@@ -334,7 +364,7 @@ unsafe fn write_owner(
                 _pad: [0; 4],
             };
             if LISTENERS.insert(&listener(sport), &owner, 0).is_err() {
-                count(counter::OWNERS_FULL);
+                report(ctx, counter::OWNERS_FULL, u32::from(sport));
             }
         }
         return pid;
@@ -394,17 +424,37 @@ fn read<T>(base: *const u8, offset: usize) -> Result<T, i32> {
     unsafe { bpf_probe_read_kernel(base.add(offset) as *const T) }
 }
 
+/// [`read`], or 0 when the read fails, which is reported as a failed read of `which`
+/// (`tracer_common::field`).
+#[inline(always)]
+fn read_or_report<T: Default>(
+    ctx: &BtfTracePointContext,
+    base: *const u8,
+    offset: usize,
+    which: u32,
+) -> T {
+    match read(base, offset) {
+        Ok(value) => value,
+        Err(_) => {
+            report(ctx, counter::READ_FAILED, which);
+            T::default()
+        }
+    }
+}
+
 /// Reads 16 bytes at byte offset `offset` of the kernel object at `base` straight into `dst`
-/// (ring buffer memory); zeroes them if the read fails.
+/// (ring buffer memory); zeroes them and returns false if the read fails.
 ///
 /// # Safety
 /// `dst` must be 16 writable, 8-byte aligned bytes.
 #[inline(always)]
-unsafe fn read_into(dst: *mut [u8; 16], base: *const u8, offset: usize) {
+unsafe fn read_into(dst: *mut [u8; 16], base: *const u8, offset: usize) -> bool {
     let src = base.add(offset) as *const c_void;
     if gen::bpf_probe_read_kernel(dst as *mut c_void, 16, src) != 0 {
         zero16(dst);
+        return false;
     }
+    true
 }
 
 /// Zeroes 16 bytes with two stores (an array write would become a byte-wise memset call).
@@ -416,6 +466,66 @@ unsafe fn zero16(dst: *mut [u8; 16]) {
     let p = dst as *mut u64;
     p.write_volatile(0);
     p.add(1).write_volatile(0);
+}
+
+/// Counts `problem` (a `tracer_common::counter` index) and says what happened through aya-log,
+/// at most once a second per problem on this CPU. `detail` is the port, field or family the
+/// message names.
+///
+/// Out of line: the per-event path pays for it only when something went wrong, and a burst
+/// of problems costs a map lookup and a clock read each, not a log record.
+#[inline(never)]
+fn report(ctx: &BtfTracePointContext, problem: u32, detail: u32) {
+    count(problem);
+    let Some(logged_at) = LOGGED_AT.get_ptr_mut(problem) else {
+        return;
+    };
+    // SAFETY: a helper with no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: this CPU's slot; preemption is disabled here.
+    unsafe {
+        if *logged_at != 0 && now.wrapping_sub(*logged_at) < LOG_EVERY_NS {
+            return;
+        }
+        *logged_at = now;
+    }
+    match problem {
+        counter::OWNERS_FULL => warn!(
+            ctx,
+            "listener table full ({} listening ports): sockets accepted on port {} will have no owner",
+            MAX_LISTENERS,
+            detail
+        ),
+        counter::SYNACK_PORTS_FULL => warn!(
+            ctx,
+            "SYN-ACK table full ({} listening ports): retransmissions on port {} are not counted",
+            MAX_SYNACK_PORTS,
+            detail
+        ),
+        counter::READ_FAILED => error!(
+            ctx,
+            "reading {} of a socket failed on this kernel: it is reported as 0",
+            field_name(detail)
+        ),
+        counter::UNKNOWN_FAMILY => error!(
+            ctx,
+            "a TCP socket of address family {} (neither IPv4 nor IPv6): its addresses are not decoded",
+            detail
+        ),
+        _ => {}
+    }
+}
+
+/// The kernel's name of a `tracer_common::field`, for log lines.
+#[inline(always)]
+fn field_name(which: u32) -> &'static str {
+    match which {
+        field::INET_SPORT => "inet_sock.inet_sport",
+        field::SRTT_US => "tcp_sock.srtt_us",
+        field::TOTAL_RETRANS => "tcp_sock.total_retrans",
+        field::NET_INUM => "net.ns.inum",
+        _ => "sock_common.skc_v6_rcv_saddr/skc_v6_daddr",
+    }
 }
 
 #[inline(always)]

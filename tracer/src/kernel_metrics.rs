@@ -19,6 +19,10 @@ const DIRECTIONS: [&str; 2] = ["sent", "received"];
 /// The probe's tables that can run full, by the `table` label of `tracer_probe_table_full_total`.
 const TABLES: [&str; 2] = ["listener_owners", "synack_ports"];
 
+/// What can go wrong in the probe besides a full table, by the `error` label of
+/// `tracer_probe_errors_total`.
+const PROBE_ERRORS: [&str; 2] = ["field_read", "address_family"];
+
 /// The socket table's size, as [`KernelMetrics::sync`] exports it.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TableSize {
@@ -35,6 +39,7 @@ pub struct KernelMetrics {
     probe_runs: IntCounterVec,
     probe_run_seconds: CounterVec,
     table_full: IntCounterVec,
+    probe_errors: IntCounterVec,
     tracked: IntGauge,
     table_bytes: IntGauge,
     evicted: IntCounter,
@@ -51,6 +56,7 @@ struct KernelTotals {
     synack: HashMap<u16, u64>,
     resets: [[u64; RESET_STATES as usize]; 2],
     table_full: [u64; 2],
+    probe_errors: [u64; 2],
 }
 
 impl KernelMetrics {
@@ -120,6 +126,16 @@ impl KernelMetrics {
         for table in TABLES {
             table_full.with_label_values(&[table]);
         }
+        let probe_errors = counter(
+            "tracer_probe_errors_total",
+            "Problems the probe met on its rare paths, each also logged (rate-limited): \
+             field_read (a kernel field could not be read; it was reported as 0), \
+             address_family (a TCP socket neither IPv4 nor IPv6).",
+            &["error"],
+        )?;
+        for error in PROBE_ERRORS {
+            probe_errors.with_label_values(&[error]);
+        }
         let tracked = IntGauge::new("tracer_tracked_sockets", "Sockets the agent follows now.")?;
         registry.register(Box::new(tracked.clone()))?;
         let table_bytes = IntGauge::new(
@@ -139,6 +155,7 @@ impl KernelMetrics {
             probe_runs,
             probe_run_seconds,
             table_full,
+            probe_errors,
             tracked,
             table_bytes,
             evicted,
@@ -210,6 +227,13 @@ impl KernelMetrics {
                 .with_label_values(&[table])
                 .inc_by(full[i].saturating_sub(before));
         }
+        let errors = [probe.counters.read_failed, probe.counters.unknown_family];
+        for (i, error) in PROBE_ERRORS.iter().enumerate() {
+            let before = std::mem::replace(&mut self.last.probe_errors[i], errors[i]);
+            self.probe_errors
+                .with_label_values(&[error])
+                .inc_by(errors[i].saturating_sub(before));
+        }
     }
 }
 
@@ -232,6 +256,7 @@ mod tests {
             lost: 2,
             missed: 1,
             owners_full: 4,
+            read_failed: 5,
             ..Default::default()
         };
         let stats = |runs, run_ns| {
@@ -270,6 +295,8 @@ mod tests {
             "tracer_probe_runs_total{program=\"inet_sock_set_state\"} 30\n",
             "tracer_probe_table_full_total{table=\"listener_owners\"} 4\n",
             "tracer_probe_table_full_total{table=\"synack_ports\"} 0\n",
+            "tracer_probe_errors_total{error=\"field_read\"} 5\n",
+            "tracer_probe_errors_total{error=\"address_family\"} 0\n",
         ] {
             assert!(text.contains(line), "{line} missing from:\n{text}");
         }

@@ -33,6 +33,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    init_log();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -49,4 +50,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Sends what the probe logs (aya-log records, passed on by `Probe::flush_log`) to stderr, one
+/// line each, at the levels `RUST_LOG` picks: `warn` by default (full tables, failed reads),
+/// `off` for none, `debug` for everything.
+fn init_log() {
+    use std::io::Write;
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format(|out, record| {
+            let level = record.level().as_str().to_ascii_lowercase();
+            writeln!(out, "tracer: probe {level}: {}", record.args())
+        })
+        .init();
 }

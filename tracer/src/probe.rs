@@ -11,6 +11,7 @@ use aya::{
     programs::BtfTracePoint,
     Ebpf, EbpfLoader,
 };
+use aya_log::EbpfLogger;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use aya_obj::generated::{bpf_cmd, bpf_map_type, bpf_prog_info};
@@ -54,6 +55,9 @@ pub struct Probe {
     /// What this kernel can report (see `features`).
     pub features: Vec<crate::features::Feature>,
     ebpf: Ebpf,
+    /// The probe's log records (aya-log), passed to the `log` crate by [`Probe::flush_log`].
+    /// Kept for the probe's whole life: it holds the map the programs write into.
+    logger: EbpfLogger<&'static dyn log::Log>,
     /// One per possible CPU, until [`Probe::event_rings`] takes them.
     rings: Vec<RingBuf<MapData>>,
 }
@@ -73,6 +77,10 @@ pub struct ProbeCounters {
     pub owners_full: u64,
     /// SYN-ACK retransmissions not counted because the per-port table was full.
     pub synack_ports_full: u64,
+    /// Kernel field reads that failed (the field was reported as 0).
+    pub read_failed: u64,
+    /// Transitions of TCP sockets of an address family other than IPv4 and IPv6.
+    pub unknown_family: u64,
 }
 
 /// One program's run count and total run time, as the kernel measures them.
@@ -119,13 +127,19 @@ impl Probe {
         let cpus = aya::util::nr_cpus()
             .map_err(|(what, e)| anyhow::anyhow!("reading {what}: {e}"))? as u32;
 
+        // The probe logs only at the levels the `log` crate lets through (`RUST_LOG`): the
+        // numbers of `log::LevelFilter` and aya-log's levels are the same (off 0 .. trace 5).
+        let log_level = log::max_level() as u8;
+
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
             .override_global("FILTER_PORTS", &filter_ports, true)
             .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
+            .override_global(aya_log::LEVEL, &log_level, true)
             .map_max_entries("EVENTS", cpus)
             .load(PROBE_OBJECT)
             .map_err(|e| load_error(&e))?;
+        let logger = EbpfLogger::init(&mut ebpf).context("opening the probe's log (aya-log)")?;
 
         // One ring per possible CPU, each referenced from the probe's `EVENTS` array.
         let mut events: ArrayOfMaps<_, RingBuf<MapData>> =
@@ -174,8 +188,15 @@ impl Probe {
         Ok(Probe {
             features,
             ebpf,
+            logger,
             rings,
         })
+    }
+
+    /// Hands what the probe logged since the last call to the `log` crate (which prints what
+    /// `RUST_LOG` asks for). The probe logs at most once a second per problem and CPU.
+    pub fn flush_log(&mut self) {
+        self.logger.flush();
     }
 
     /// Reads every counter the probe keeps.
@@ -264,6 +285,8 @@ impl Probe {
             rescued,
             owners_full: sum(counter::OWNERS_FULL)?,
             synack_ports_full: sum(counter::SYNACK_PORTS_FULL)?,
+            read_failed: sum(counter::READ_FAILED)?,
+            unknown_family: sum(counter::UNKNOWN_FAMILY)?,
         })
     }
 }

@@ -112,6 +112,7 @@ pub async fn run(args: &RunArgs) -> Result<()> {
                         events.ports.seed(seed);
                     }
                 }
+                probe.flush_log();
                 let readings = match probe.readings() {
                     Ok(r) => r,
                     Err(e) => break Err(e.context("reading the probe's counters")),
@@ -130,6 +131,7 @@ pub async fn run(args: &RunArgs) -> Result<()> {
     drop(stop_census);
     step(&mut rings, true, &mut events);
     let c = probe.counters()?;
+    probe.flush_log();
     drop(rings);
     drop(probe);
     // The census thread stops between censuses; one under way finishes first.

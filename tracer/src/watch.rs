@@ -66,11 +66,15 @@ pub async fn run(args: &WatchArgs) -> Result<Summary> {
             _ = drain.tick() => {
                 if printer.drain(&mut rings, false)? { break; }
             }
-            _ = report.tick() => report_losses(&probe, &mut reported)?,
+            _ = report.tick() => {
+                probe.flush_log();
+                report_losses(&probe, &mut reported)?;
+            }
         }
     }
     // Print what the probe delivered before the stop, then detach (drop) and report.
     printer.drain(&mut rings, true)?;
+    probe.flush_log();
     report_losses(&probe, &mut reported)?;
     drop(rings);
     drop(probe);

@@ -129,6 +129,23 @@ struct KernelRun {
     console: PathBuf,
 }
 
+impl KernelsArgs {
+    /// The Debian kernels of the matrix, every test: what `cargo xtask test` runs after the
+    /// host's own tests (which it has just run on this kernel).
+    pub fn other_kernels() -> KernelsArgs {
+        KernelsArgs {
+            kernels: DEFAULT_KERNELS
+                .iter()
+                .filter(|k| **k != "host")
+                .map(|k| k.to_string())
+                .collect(),
+            binaries: Vec::new(),
+            filters: Vec::new(),
+            test_timeout: 240,
+        }
+    }
+}
+
 pub fn run(args: &KernelsArgs) -> Result<()> {
     let started = Instant::now();
     let root = workspace_root();

@@ -29,8 +29,14 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Set up, build, and run every test (the kernel tests need root).
-    Test,
+    /// Set up, build, and run every test (the kernel tests need root): unit tests, kernel
+    /// tests on this machine's kernel, deploy checks, then the kernel tests on Debian's 6.1 and
+    /// 6.12 kernels under QEMU (`cargo xtask kernels`).
+    Test {
+        /// Leave out the Debian kernels (for a quicker run while developing; CI runs them).
+        #[arg(long)]
+        host_only: bool,
+    },
     /// Set up, build, and measure connection churn with and without the tracer.
     Bench(bench::BenchArgs),
     /// Run the kernel tests on other kernels too: the newest Debian 6.1 and 6.12 cloud kernels
@@ -55,7 +61,7 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Setup => setup::run(),
         Task::Run { args } => run_tracer(args),
-        Task::Test => test(),
+        Task::Test { host_only } => test(host_only),
         Task::Kernels(args) => kernels::run(&args),
         Task::Hold { connections, addr } => bench::hold(connections, addr),
         Task::Churn { seconds } => bench::churn_only(seconds),
@@ -89,9 +95,9 @@ fn run_tracer(mut args: Vec<String>) -> Result<()> {
 }
 
 /// Runs the unit tests, then the kernel tests one at a time (they attach probes and read the
-/// kernel's trace buffers, which are shared by the whole machine), then the deploy checks.
-/// The same kernel tests on other kernels: `cargo xtask kernels`.
-fn test() -> Result<()> {
+/// kernel's trace buffers, which are shared by the whole machine), then the deploy checks,
+/// then (unless `host_only`) the same kernel tests on the Debian kernels of the matrix.
+fn test(host_only: bool) -> Result<()> {
     setup::run()?;
     build_release()?;
     setup::mount_tracefs()?;
@@ -105,9 +111,16 @@ fn test() -> Result<()> {
         "--",
         "--test-threads=1",
     ]);
-    // The deploy checks run even when a kernel test failed, so that one run shows both.
+    // The deploy checks and the other kernels run even when a test failed, so that one run
+    // shows everything.
     let deploy = checks::run();
-    kernel_tests.and(deploy)
+    let matrix = if host_only {
+        eprintln!("xtask: --host-only: the Debian 6.1 and 6.12 kernels were NOT tested");
+        Ok(())
+    } else {
+        kernels::run(&kernels::KernelsArgs::other_kernels())
+    };
+    kernel_tests.and(deploy).and(matrix)
 }
 
 fn build_release() -> Result<()> {

@@ -148,8 +148,14 @@ impl Tracer {
     /// nobody reads its stdout until [`Tracer::read_stdout`]: its pipe fills and it stalls,
     /// which is how a test makes its ring buffer overflow on purpose.
     pub fn start(args: &[&str], read_stdout: bool) -> Tracer {
+        Tracer::start_with_env(args, &[], read_stdout)
+    }
+
+    /// [`Tracer::start`] with these environment variables set (e.g. `RUST_LOG`).
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)], read_stdout: bool) -> Tracer {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tracer"))
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -448,6 +454,11 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(extra: &[&str]) -> Agent {
+        Agent::start_with_env(extra, &[])
+    }
+
+    /// [`Agent::start`] with these environment variables set (e.g. `RUST_LOG`).
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Agent {
         let addr = free_listen_addr();
         let listen = addr.to_string();
         let mut args = vec!["run", "--listen", &listen];
@@ -456,7 +467,7 @@ impl Agent {
             args.extend_from_slice(&["--census-interval", "200ms"]);
         }
         args.extend_from_slice(extra);
-        let tracer = Tracer::start(&args, true);
+        let tracer = Tracer::start_with_env(&args, env, true);
         Agent { tracer, addr }
     }
 
