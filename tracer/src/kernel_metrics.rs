@@ -220,20 +220,32 @@ impl KernelMetrics {
                 }
             }
         }
-        let full = [probe.counters.owners_full, probe.counters.synack_ports_full];
-        for (i, table) in TABLES.iter().enumerate() {
-            let before = std::mem::replace(&mut self.last.table_full[i], full[i]);
-            self.table_full
-                .with_label_values(&[table])
-                .inc_by(full[i].saturating_sub(before));
-        }
-        let errors = [probe.counters.read_failed, probe.counters.unknown_family];
-        for (i, error) in PROBE_ERRORS.iter().enumerate() {
-            let before = std::mem::replace(&mut self.last.probe_errors[i], errors[i]);
-            self.probe_errors
-                .with_label_values(&[error])
-                .inc_by(errors[i].saturating_sub(before));
-        }
+        let c = &probe.counters;
+        let full = [c.owners_full, c.synack_ports_full];
+        add_growth(&self.table_full, &TABLES, &mut self.last.table_full, full);
+        let errors = [c.read_failed, c.unknown_family];
+        add_growth(
+            &self.probe_errors,
+            &PROBE_ERRORS,
+            &mut self.last.probe_errors,
+            errors,
+        );
+    }
+}
+
+/// Adds to the series `labels[i]` of `counter` what the kernel total `now[i]` grew by since
+/// `last[i]`, and remembers `now`.
+fn add_growth<const N: usize>(
+    counter: &IntCounterVec,
+    labels: &[&str; N],
+    last: &mut [u64; N],
+    now: [u64; N],
+) {
+    for (i, label) in labels.iter().enumerate() {
+        let before = std::mem::replace(&mut last[i], now[i]);
+        counter
+            .with_label_values(&[label])
+            .inc_by(now[i].saturating_sub(before));
     }
 }
 

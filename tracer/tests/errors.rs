@@ -91,3 +91,27 @@ fn without_privileges_it_says_to_use_sudo() {
     assert_eq!(code, 1);
     assert_one_line(&stderr, "sudo");
 }
+
+#[test]
+fn without_kernel_btf_it_says_what_is_missing() {
+    if !common::require_root("without_kernel_btf_it_says_what_is_missing") {
+        return;
+    }
+    // A kernel built without BTF, as far as tracer can tell: in a private mount namespace,
+    // an empty file system over /sys/kernel/btf.
+    let no_btf = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        "mount -t tmpfs none /sys/kernel/btf && exec \"$0\" \"$@\"",
+    ];
+    for command in ["run", "watch"] {
+        let (code, stderr) = run(&no_btf, &[command]);
+        assert_eq!(code, 1, "{command}: {stderr:?}");
+        assert_one_line(&stderr, "kernel BTF not found at /sys/kernel/btf/vmlinux");
+        assert!(stderr[0].contains("CONFIG_DEBUG_INFO_BTF"), "{stderr:?}");
+    }
+}

@@ -111,10 +111,16 @@ fn a_close_wait_leak_is_listed_with_its_owner_and_flagged_after_its_threshold() 
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Each row names the owner: the process and thread that called listen().
+    let (pid, comm) = (
+        std::process::id().to_string(),
+        &thread[..thread.len().min(15)],
+    );
     assert_eq!(
         table
             .lines()
             .filter(|l| l.contains("close_wait") && l.contains("stuck:"))
+            .filter(|l| l.split_whitespace().any(|w| w == pid) && l.contains(comm))
             .count(),
         25,
         "{table}"
