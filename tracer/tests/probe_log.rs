@@ -29,26 +29,16 @@ fn a_full_listener_table_is_counted_exactly_and_logged_at_most_once_a_second_per
     if !require_root("a_full_listener_table_is_counted_exactly_and_logged") {
         return;
     }
-    let agent = Agent::start_with_env(&[], &[("RUST_LOG", "warn")]);
-    let netns = Netns::new("logfull");
     let started = Instant::now();
-    let listeners = listen_on_many(&netns, TABLE + OVER);
-    let text = agent.metrics_until("17 listener owners not recorded", |t| {
-        table_full(t) >= FULL as f64
-    });
+    let (agent, _netns, listeners) = agent_with_a_full_listener_table("warn");
     // Let a second pass, in which no more fail, to see that the count stays exact.
     std::thread::sleep(Duration::from_millis(1_100));
-    let text_later = agent.metrics_now();
+    let text = agent.metrics_now();
     let elapsed = started.elapsed().as_secs_f64();
-    assert_eq!(table_full(&text), FULL as f64, "{text}");
-    assert_eq!(table_full(&text_later), FULL as f64);
+    assert_eq!(table_full(&text), FULL as f64);
     for error in ["field_read", "address_family"] {
         assert_eq!(
-            sample(
-                &text_later,
-                "tracer_probe_errors_total",
-                &[("error", error)]
-            ),
+            sample(&text, "tracer_probe_errors_total", &[("error", error)]),
             Some(0.0),
             "tracer_probe_errors_total{{error={error}}}"
         );
@@ -90,13 +80,7 @@ fn rust_log_off_silences_the_probe_but_not_its_counters() {
     if !require_root("rust_log_off_silences_the_probe_but_not_its_counters") {
         return;
     }
-    let agent = Agent::start_with_env(&[], &[("RUST_LOG", "off")]);
-    let netns = Netns::new("logoff");
-    let listeners = listen_on_many(&netns, TABLE + OVER);
-    let text = agent.metrics_until("17 listener owners not recorded", |t| {
-        table_full(t) >= FULL as f64
-    });
-    assert_eq!(table_full(&text), FULL as f64, "{text}");
+    let (agent, _netns, listeners) = agent_with_a_full_listener_table("off");
     drop(listeners);
     let out = agent.tracer.stop_with(libc::SIGTERM);
     let said: Vec<&String> = out
@@ -105,6 +89,20 @@ fn rust_log_off_silences_the_probe_but_not_its_counters() {
         .filter(|l| l.starts_with("tracer: probe"))
         .collect();
     assert!(said.is_empty(), "RUST_LOG=off, yet: {said:#?}");
+}
+
+/// Starts an agent with `RUST_LOG=level`, then opens 16 listening ports more than the probe's
+/// listener table holds, in a new namespace; returns once the agent counts exactly the 17
+/// listens that found the table full.
+fn agent_with_a_full_listener_table(level: &str) -> (Agent, Netns, Vec<TcpListener>) {
+    let agent = Agent::start_with_env(&[], &[("RUST_LOG", level)]);
+    let netns = Netns::new(&format!("log{level}"));
+    let listeners = listen_on_many(&netns, TABLE + OVER);
+    let text = agent.metrics_until("17 listener owners not recorded", |t| {
+        table_full(t) >= FULL as f64
+    });
+    assert_eq!(table_full(&text), FULL as f64, "{text}");
+    (agent, netns, listeners)
 }
 
 fn table_full(text: &str) -> f64 {
