@@ -46,9 +46,22 @@ pub struct SocketsArgs {
     /// Print the agent's JSON as it is.
     #[arg(long)]
     pub json: bool,
-    /// The agent to ask.
+    /// The agent to ask (https://... for an agent serving TLS).
     #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:9479")]
     pub agent: String,
+    /// CA certificate (PEM) that signed the agent's TLS certificate.
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for an agent that asks for one; with --key-file.
+    #[arg(long, value_name = "FILE", requires = "key_file")]
+    pub cert_file: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "cert_file")]
+    pub key_file: Option<std::path::PathBuf>,
+    /// User of the agent's basic_auth_users; the password is read from the environment
+    /// variable TRACER_PASSWORD (never from the command line, which other users can read).
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
 }
 
 /// Default `--listen`: loopback only (exposing it wider is the user's choice), on a fixed port
@@ -60,6 +73,10 @@ pub struct RunArgs {
     /// Address to serve /metrics, /healthz and / on.
     #[arg(long, value_name = "ADDR:PORT", default_value = DEFAULT_LISTEN)]
     pub listen: std::net::SocketAddr,
+    /// TLS and basic authentication for the endpoints: a web configuration file in the format
+    /// of the Prometheus exporter-toolkit (tls_server_config, basic_auth_users); see README.
+    #[arg(long, value_name = "FILE")]
+    pub web_config: Option<std::path::PathBuf>,
     /// Service ports that get their own `port` label value (repeatable); others are "other".
     /// Without it, listening and connected-to service ports get one (see README).
     #[arg(long = "port", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]

@@ -75,19 +75,100 @@ fn addr(family: u16, bytes: &[u8; 16]) -> IpAddr {
     }
 }
 
-/// The owner's command name: the bytes before the first NUL, or `""` when unknown.
-pub fn comm(t: &Transition) -> &str {
-    let end = t.comm.iter().position(|&b| b == 0).unwrap_or(t.comm.len());
-    // Task names are set by userspace and may hold any bytes: fall back to the valid prefix.
-    match std::str::from_utf8(&t.comm[..end]) {
-        Ok(s) => s,
-        Err(e) => std::str::from_utf8(&t.comm[..e.valid_up_to()]).unwrap_or(""),
+/// A command name as the kernel keeps it (`task_struct.comm`): the bytes before the first NUL.
+/// Any process can set its own to any bytes (`prctl(PR_SET_NAME)`), escape sequences included.
+pub fn comm_bytes(comm: &[u8; 16]) -> &[u8] {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    &comm[..end]
+}
+
+/// The command name as text, invalid UTF-8 replaced (U+FFFD); `""` when unknown. For JSON,
+/// which escapes control characters itself; a terminal gets [`Printable`].
+pub fn comm_text(comm: &[u8; 16]) -> std::borrow::Cow<'_, str> {
+    String::from_utf8_lossy(comm_bytes(comm))
+}
+
+/// Text from a user or the kernel, made safe for a terminal: control characters (ESC among
+/// them), backslashes and bytes that are not UTF-8 are written as `\xNN` / `\u{NNNN}`, so that
+/// a process name cannot move the cursor, erase lines or hide text. Honours width and
+/// alignment (`{:<15}`) without allocating.
+pub struct Printable<'a>(pub &'a [u8]);
+
+impl Printable<'_> {
+    /// Calls `piece` with each piece of the escaped text, in order.
+    fn for_each_piece(&self, mut piece: impl FnMut(&str) -> std::fmt::Result) -> std::fmt::Result {
+        for chunk in self.0.utf8_chunks() {
+            for c in chunk.valid().chars() {
+                if c.is_control() || c == '\\' {
+                    let mut buf = [0u8; 12];
+                    let escaped = if (c as u32) < 0x80 {
+                        write_escape(&mut buf, format_args!("\\x{:02x}", c as u32))
+                    } else {
+                        write_escape(&mut buf, format_args!("\\u{{{:x}}}", c as u32))
+                    };
+                    piece(escaped)?;
+                } else {
+                    piece(c.encode_utf8(&mut [0u8; 4]))?;
+                }
+            }
+            for &b in chunk.invalid() {
+                let mut buf = [0u8; 12];
+                piece(write_escape(&mut buf, format_args!("\\x{b:02x}")))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Formats `args` into `buf` (an escape is at most 10 bytes) and returns the text.
+fn write_escape<'b>(buf: &'b mut [u8; 12], args: std::fmt::Arguments<'_>) -> &'b str {
+    use std::io::Write;
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    let _ = cursor.write_fmt(args);
+    let len = cursor.position() as usize;
+    std::str::from_utf8(&buf[..len]).unwrap_or("?")
+}
+
+impl std::fmt::Display for Printable<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut chars = 0;
+        self.for_each_piece(|p| {
+            chars += p.chars().count();
+            Ok(())
+        })?;
+        let pad = f.width().unwrap_or(0).saturating_sub(chars);
+        let (before, after) = match f.align() {
+            Some(std::fmt::Alignment::Right) => (pad, 0),
+            Some(std::fmt::Alignment::Center) => (pad / 2, pad - pad / 2),
+            _ => (0, pad),
+        };
+        for _ in 0..before {
+            f.write_str(" ")?;
+        }
+        self.for_each_piece(|p| f.write_str(p))?;
+        for _ in 0..after {
+            f.write_str(" ")?;
+        }
+        Ok(())
     }
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn printable_escapes_what_could_drive_a_terminal() {
+        let name = b"\x1b[2K\x1b[1A\x1b[8m";
+        assert_eq!(Printable(name).to_string(), "\\x1b[2K\\x1b[1A\\x1b[8m");
+        // Not UTF-8, a backslash, a C1 control: each escaped; other text as it is, padded.
+        assert_eq!(
+            format!("[{:<15}]", Printable("a\\b\u{9b}é".as_bytes())),
+            "[a\\x5cb\\u{9b}é  ]"
+        );
+        assert_eq!(format!("[{:>6}]", Printable(b"x\xff")), "[ x\\xff]");
+        assert_eq!(comm_text(b"curl\0\0\0\0\0\0\0\0\0\0\0\0"), "curl");
+    }
 
     /// A transition with the given ports and states, on 127.0.0.1, as tests elsewhere need.
     pub(crate) fn transition(skaddr: u64, time_ns: u64, old: u8, new: u8) -> Transition {
@@ -158,10 +239,12 @@ pub(crate) mod tests {
     #[test]
     fn comm_stops_at_nul_and_survives_bad_utf8() {
         let mut t = transition(1, 0, state::CLOSE, state::SYN_SENT);
-        assert_eq!(comm(&t), "curl");
+        assert_eq!(comm_text(&t.comm), "curl");
         t.comm = [0; 16];
-        assert_eq!(comm(&t), "");
+        assert_eq!(comm_text(&t.comm), "");
         t.comm[..4].copy_from_slice(&[b'a', b'b', 0xff, b'c']);
-        assert_eq!(comm(&t), "ab");
+        // JSON gets the replacement character; a terminal gets the byte, escaped.
+        assert_eq!(comm_text(&t.comm), "ab\u{fffd}c");
+        assert_eq!(Printable(comm_bytes(&t.comm)).to_string(), "ab\\xffc");
     }
 }

@@ -1,24 +1,42 @@
 //! The agent's HTTP endpoints: `/metrics` (Prometheus text format), `/sockets`, `/healthz`
-//! and `/`, served on a thread of their own.
+//! and `/`, served on a thread of their own, over TLS and with basic authentication when the
+//! web configuration file asks for them (`web_config`).
 //!
-//! Owns: routing, and the HTTP thread. Does not own: what the metrics mean (`*_metrics`), the
-//! listing (`listing`), or the census (`scrape`): every request reads the last published
-//! census, so no request waits for a census or starts one, and concurrent requests share it.
+//! Owns: routing, who may read what, the bounds on connections, and the HTTP thread. Does not
+//! own: what the metrics mean (`*_metrics`), the listing (`listing`), or the census
+//! (`scrape`): every request reads the last published census, so no request waits for a
+//! census or starts one, and concurrent requests share it.
+//!
+//! Bounds, so that no client can starve `/healthz` or grow the agent's memory:
+//! - at most [`MAX_CONNECTIONS`] connections; a new one past it makes the oldest give way
+//!   (it finishes the request it is in, if any, and closes), and so does running out of file
+//!   descriptors: a liveness probe always gets in;
+//! - a request's headers must arrive within [`HEADER_TIMEOUT`], which also closes a kept-alive
+//!   connection that sends nothing for that long (slowloris, idle clients);
+//! - a TLS handshake must end within [`HEADER_TIMEOUT`];
+//! - `/sockets` renderings run [`HEAVY_REQUESTS`] at a time; password checks (bcrypt) run off
+//!   the server thread, [`PASSWORD_CHECKS`] at a time.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use axum::body::Body;
 use axum::extract::{Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderName, HeaderValue, Request, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::Registry;
-use tokio::sync::Semaphore;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{Notify, Semaphore};
+use tower::Service as _;
 
 use crate::listing::SocketFilter;
 use crate::scrape::Published;
+use crate::web_config::WebConfig;
 
 /// How long the event reader may be silent before `/healthz` says 503. It drains every 10 ms,
 /// so this is only exceeded when the agent is stuck.
@@ -29,6 +47,16 @@ const FIRST_CENSUS_WAIT: Duration = Duration::from_secs(30);
 
 /// `/sockets` renderings at once: each sorts up to every socket of the host.
 const HEAVY_REQUESTS: usize = 2;
+
+/// Connections served at once (each holds a few KiB of buffers).
+pub const MAX_CONNECTIONS: usize = 256;
+
+/// Time a client has to send a request's headers, or a TLS handshake to end; a kept-alive
+/// connection that sends no new request for this long is closed too.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// bcrypt checks of unknown credentials at once (each about 50 ms of CPU at cost 10).
+const PASSWORD_CHECKS: usize = 2;
 
 /// Proof of life of the event reader: when it last drained the ring buffer.
 #[derive(Default)]
@@ -77,6 +105,7 @@ pub struct AppState {
 /// is sent on `failed`.
 pub fn spawn(
     listener: std::net::TcpListener,
+    web: WebConfig,
     registry: Registry,
     health: Arc<Health>,
     published: Arc<Published>,
@@ -101,8 +130,9 @@ pub fn spawn(
             }
             let result = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                .max_blocking_threads(PASSWORD_CHECKS)
                 .build()
-                .and_then(|rt| rt.block_on(serve(listener, state)));
+                .and_then(|rt| rt.block_on(serve(listener, web, state)));
             if let Err(e) = result {
                 let _ = failed.send(e);
             }
@@ -110,7 +140,47 @@ pub fn spawn(
     Ok(())
 }
 
-async fn serve(listener: std::net::TcpListener, state: AppState) -> std::io::Result<()> {
+/// What the server knows of a request's client, for [`authorize`].
+#[derive(Clone, Copy)]
+struct Client {
+    loopback: bool,
+    /// A client certificate verified against the configured CA was presented.
+    certified: bool,
+}
+
+/// The open connections, oldest first, each with the signal that makes it give way.
+#[derive(Default)]
+struct Connections {
+    next: u64,
+    open: BTreeMap<u64, Arc<Notify>>,
+}
+
+impl Connections {
+    /// Registers a new connection; past `MAX_CONNECTIONS`, tells the oldest to give way.
+    fn add(&mut self) -> (u64, Arc<Notify>) {
+        if self.open.len() >= MAX_CONNECTIONS {
+            self.give_way();
+        }
+        let id = self.next;
+        self.next += 1;
+        let notify = Arc::new(Notify::new());
+        self.open.insert(id, notify.clone());
+        (id, notify)
+    }
+
+    /// Tells the oldest connection to close once its request (if any) is answered.
+    fn give_way(&mut self) {
+        if let Some((_, oldest)) = self.open.pop_first() {
+            oldest.notify_one();
+        }
+    }
+}
+
+async fn serve(
+    listener: std::net::TcpListener,
+    web: WebConfig,
+    state: AppState,
+) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let app = Router::new()
         .route("/", get(index))
@@ -118,7 +188,159 @@ async fn serve(listener: std::net::TcpListener, state: AppState) -> std::io::Res
         .route("/healthz", get(healthz))
         .route("/sockets", get(sockets))
         .with_state(state);
-    axum::serve(listener, app).await
+    let tls = web.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+    let web = Arc::new(web);
+    let checks = Arc::new(Semaphore::new(PASSWORD_CHECKS));
+    let connections = Arc::new(Mutex::new(Connections::default()));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            // Out of file descriptors (or another transient failure): free one and retry,
+            // so that the next liveness probe gets in.
+            Err(_) => {
+                if let Ok(mut c) = connections.lock() {
+                    c.give_way();
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let Ok((id, give_way)) = connections.lock().map(|mut c| c.add()) else {
+            continue;
+        };
+        let (app, tls, web, checks, connections) = (
+            app.clone(),
+            tls.clone(),
+            web.clone(),
+            checks.clone(),
+            connections.clone(),
+        );
+        tokio::spawn(async move {
+            let loopback = peer.ip().is_loopback();
+            match tls {
+                None => {
+                    let client = Client {
+                        loopback,
+                        certified: false,
+                    };
+                    connection(stream, client, app, web, checks, &give_way).await;
+                }
+                Some(acceptor) => {
+                    let handshake = tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream));
+                    let stream = tokio::select! {
+                        done = handshake => done.ok().and_then(Result::ok),
+                        _ = give_way.notified() => None,
+                    };
+                    if let Some(stream) = stream {
+                        let certified = stream.get_ref().1.peer_certificates().is_some();
+                        let client = Client {
+                            loopback,
+                            certified,
+                        };
+                        connection(stream, client, app, web, checks, &give_way).await;
+                    }
+                }
+            }
+            if let Ok(mut c) = connections.lock() {
+                c.open.remove(&id);
+            }
+        });
+    }
+}
+
+/// Serves HTTP/1.1 on one connection until the client closes it, a timeout, or `give_way`.
+async fn connection<S>(
+    stream: S,
+    client: Client,
+    app: Router,
+    web: Arc<WebConfig>,
+    checks: Arc<Semaphore>,
+    give_way: &Notify,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+        let (mut app, web, checks) = (app.clone(), web.clone(), checks.clone());
+        async move {
+            let mut response = match authorize(&request, client, &web, &checks).await {
+                Ok(()) => app.call(request.map(Body::new)).await?,
+                Err(refusal) => refusal,
+            };
+            for (name, value) in &web.headers {
+                if let (Ok(n), Ok(v)) = (
+                    HeaderName::try_from(name.as_str()),
+                    HeaderValue::try_from(value.as_str()),
+                ) {
+                    response.headers_mut().insert(n, v);
+                }
+            }
+            Ok::<_, std::convert::Infallible>(response)
+        }
+    });
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT);
+    let conn = http.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = give_way.notified() => conn.as_mut().graceful_shutdown(),
+    }
+    let _ = tokio::time::timeout(HEADER_TIMEOUT, conn).await;
+}
+
+/// Who may read what:
+/// - `/healthz` and `/`: anyone who reaches the port (a liveness probe carries no password);
+/// - `/metrics`: with `basic_auth_users` configured, only a user with its password;
+/// - `/sockets` (every process's sockets, pids and names, in every namespace: more than `ss`
+///   shows an unprivileged user): as `/metrics`, and besides only a client that proved who it
+///   is (a password or a verified client certificate) or one on loopback.
+async fn authorize(
+    request: &Request<hyper::body::Incoming>,
+    client: Client,
+    web: &WebConfig,
+    checks: &Arc<Semaphore>,
+) -> Result<(), Response> {
+    let path = request.uri().path();
+    if path == "/healthz" || path == "/" {
+        return Ok(());
+    }
+    let mut authenticated = client.certified;
+    if !web.users.is_empty() {
+        let header = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let users = web.users.clone();
+        let ok = match checks.clone().acquire_owned().await {
+            Ok(permit) => tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                users.check(header.as_deref())
+            })
+            .await
+            .unwrap_or(false),
+            Err(_) => false,
+        };
+        if !ok {
+            return Err((
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Basic realm=\"tracer\"")],
+                "a user and password of --web-config's basic_auth_users are needed\n",
+            )
+                .into_response());
+        }
+        authenticated = true;
+    }
+    if path == "/sockets" && !authenticated && !client.loopback {
+        return Err((
+            StatusCode::FORBIDDEN,
+            "/sockets lists every process's sockets: ask from loopback, or configure \
+             basic_auth_users or client certificates in --web-config\n",
+        )
+            .into_response());
+    }
+    Ok(())
 }
 
 async fn index() -> Html<&'static str> {

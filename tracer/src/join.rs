@@ -419,8 +419,8 @@ fn drop_gone(census: &HostCensus, table: &Mutex<SocketTable>) -> u64 {
 mod tests {
     use super::*;
     use crate::census::{NetnsCensus, SocketRecord};
+    use crate::event::comm_text;
     use crate::event::tests::transition;
-    use crate::stuck::comm_string;
 
     const S: u64 = 1_000_000_000;
     const NS: u64 = 4026531840;
@@ -506,7 +506,7 @@ mod tests {
                 v.age(75 * S),
                 v.age_source,
                 v.pid,
-                comm_string(&v.comm).as_str(),
+                &*comm_text(&v.comm),
                 v.port
             ),
             (
@@ -690,7 +690,7 @@ mod tests {
             20 * S,
         );
         let v = &j.sockets[1];
-        assert_eq!((v.pid, comm_string(&v.comm).as_str()), (42, "srv"));
+        assert_eq!((v.pid, &*comm_text(&v.comm)), (42, "srv"));
         // 1+2+4+8-0.5 = 14.5 s old: past the 10 s threshold.
         assert_eq!(
             (v.state, v.age(20 * S), v.age_source),

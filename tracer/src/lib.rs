@@ -25,3 +25,4 @@ pub mod sockets;
 pub mod sockets_cmd;
 pub mod stuck;
 pub mod watch;
+pub mod web_config;

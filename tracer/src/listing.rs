@@ -10,10 +10,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::event::comm_text;
 use crate::event::{parse_state, state_name};
 use crate::join::{Destination, SocketView};
 use crate::scrape::Report;
-use crate::stuck::{comm_string, reason};
+use crate::stuck::reason;
 
 /// Default and largest `limit`.
 pub const DEFAULT_LIMIT: usize = 100;
@@ -169,7 +170,7 @@ impl SocketFilter {
                     remote_port: s.remote.port(),
                     service_port: s.port,
                     pid: s.pid,
-                    comm: comm_string(&s.comm),
+                    comm: comm_text(&s.comm).into_owned(),
                     netns: s.netns,
                     stuck,
                     reason: stuck.then(|| reason(s.state).to_owned()),

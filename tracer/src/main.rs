@@ -34,6 +34,9 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     init_log();
+    if !matches!(cli.command, Command::Sockets(_)) {
+        stop_on_signals()?;
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -63,4 +66,30 @@ fn init_log() {
             writeln!(out, "tracer: probe {level}: {}", record.args())
         })
         .init();
+}
+
+/// How long `watch` and `run` have to stop by themselves after SIGINT or SIGTERM (draining,
+/// printing their summary) before the process exits anyway.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_millis(800);
+
+/// Makes SIGINT and SIGTERM stop tracer within a second in every state. The subcommands stop
+/// cleanly on their own signal handlers; this thread exits the process, with status 0, if they
+/// have not done so `STOP_GRACE` after the signal: while the probe loads, while a write to a
+/// stdout that nobody reads blocks, while a census is under way. Exiting closes the probe's
+/// links and maps, which detaches it.
+fn stop_on_signals() -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .map_err(|e| anyhow::anyhow!("cannot install signal handlers: {e}"))?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if signals.forever().next().is_some() {
+                std::thread::sleep(STOP_GRACE);
+                eprintln!("tracer: stopped by signal (it could not stop cleanly in time)");
+                std::process::exit(0);
+            }
+        })
+        .map_err(|e| anyhow::anyhow!("cannot start the signal thread: {e}"))?;
+    Ok(())
 }

@@ -345,7 +345,13 @@ pub fn check_privileges() -> Result<()> {
     bail!("tracer needs root or CAP_BPF+CAP_PERFMON to load its eBPF probe: run it with sudo")
 }
 
-/// Validates `--ring-buffer-size`: the kernel wants a power of two, a whole number of pages.
+/// Largest `--ring-buffer-size`. Each CPU gets a ring of that size in kernel memory that is
+/// never swapped, so 2G would take 4 GiB on two CPUs (and seconds to start); 1M already holds
+/// about 10,000 transitions of 104 bytes (record and header), 10 ms of drain at 1M events/s.
+pub const MAX_RING_BUFFER_BYTES: u32 = 256 << 20;
+
+/// Validates `--ring-buffer-size`: the kernel wants a power of two, a whole number of pages;
+/// this tool wants a size whose kernel memory stays sane.
 pub fn check_ring_buffer_size(bytes: u32) -> Result<()> {
     // SAFETY: sysconf has no preconditions.
     let page = u32::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
@@ -353,6 +359,16 @@ pub fn check_ring_buffer_size(bytes: u32) -> Result<()> {
         bail!(
             "--ring-buffer-size {bytes} is not valid: use a power of two of at least {page} \
              bytes, e.g. 8M"
+        );
+    }
+    if bytes > MAX_RING_BUFFER_BYTES {
+        let cpus = aya::util::nr_cpus().map_or(1, |n| n) as u64;
+        bail!(
+            "--ring-buffer-size {}M is too large: at most {}M per CPU (this host's {cpus} CPUs \
+             would pin {}M of kernel memory); 1M holds about 10,000 transitions",
+            bytes >> 20,
+            MAX_RING_BUFFER_BYTES >> 20,
+            cpus * u64::from(bytes >> 20)
         );
     }
     Ok(())

@@ -31,9 +31,16 @@ use crate::probe::{Probe, ProbeConfig, DRAIN_INTERVAL};
 use crate::ring::{monotonic_ns, EventRings};
 use crate::scrape::{CensusConfig, PortNews, Published};
 use crate::sockets::SocketTable;
+use crate::web_config::WebConfig;
 
 /// Runs the agent until a signal.
 pub async fn run(args: &RunArgs) -> Result<()> {
+    // Checked before anything is loaded: a bad file is one line, not a half-started agent.
+    let web = match &args.web_config {
+        Some(path) => WebConfig::load(path)?,
+        None => WebConfig::default(),
+    };
+    raise_open_files_limit();
     let mut probe = Probe::attach(&ProbeConfig {
         ring_buffer_bytes: args.ring_buffer_size,
         ports: Vec::new(),
@@ -78,8 +85,15 @@ pub async fn run(args: &RunArgs) -> Result<()> {
     let health = Arc::new(Health::default());
     health.beat();
     let (failed_tx, mut http_failed) = tokio::sync::oneshot::channel();
-    crate::http::spawn(listener, registry, health.clone(), published, failed_tx)
-        .context("starting the HTTP thread")?;
+    crate::http::spawn(
+        listener,
+        web,
+        registry,
+        health.clone(),
+        published,
+        failed_tx,
+    )
+    .context("starting the HTTP thread")?;
     eprintln!(
         "tracer: attached to inet_sock_set_state; serving http://{}/metrics (Ctrl-C to stop)",
         args.listen
@@ -134,8 +148,6 @@ pub async fn run(args: &RunArgs) -> Result<()> {
     probe.flush_log();
     drop(rings);
     drop(probe);
-    // The census thread stops between censuses; one under way finishes first.
-    let _ = census.join();
     outcome?;
     eprintln!(
         "tracer: stopped; {} ring buffer full, {} missed by the kernel, {} rescued, {} sockets evicted",
@@ -144,6 +156,9 @@ pub async fn run(args: &RunArgs) -> Result<()> {
         c.rescued,
         table.lock().evicted()
     );
+    // The census thread stops between censuses; one under way finishes first (or the signal
+    // watchdog in main ends the process, the probe being detached already).
+    let _ = census.join();
     Ok(())
 }
 
@@ -166,6 +181,24 @@ fn follow(
     drop(t);
     applied_ns.store(cutoff, Ordering::Release);
     metrics.flush(read);
+}
+
+/// Raises the soft limit on open files to the hard one: each HTTP connection and each
+/// namespace a census enters takes a descriptor, and the common soft limit (1,024) is low for a
+/// busy node. The HTTP server bounds its own share (`http::MAX_CONNECTIONS`).
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own; setrlimit reads it.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
 }
 
 /// `ip_local_port_range` of the agent's own namespace (Linux's default when unreadable): the

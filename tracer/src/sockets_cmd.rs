@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
+use base64::Engine as _;
 
 use crate::cli::SocketsArgs;
 use crate::event::state_name;
@@ -16,7 +17,7 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// Fetches and prints the listing.
 pub fn run(args: &SocketsArgs) -> Result<()> {
     let url = query_url(args);
-    let body = fetch(&url, &args.agent)?;
+    let body = fetch(&url, args)?;
     if args.json {
         println!("{body}");
         return Ok(());
@@ -47,18 +48,36 @@ pub fn query_url(args: &SocketsArgs) -> String {
     url
 }
 
-fn fetch(url: &str, agent: &str) -> Result<String> {
+fn fetch(url: &str, args: &SocketsArgs) -> Result<String> {
+    let agent = &args.agent;
     // The agent is usually on loopback: never through a proxy from the environment.
     let client: ureq::Agent = ureq::Agent::config_builder()
         .proxy(None)
         .timeout_global(Some(TIMEOUT))
+        .tls_config(tls_config(args)?)
         .build()
         .into();
-    match client.get(url).call() {
+    let mut request = client.get(url);
+    if let Some(user) = &args.user {
+        let password = std::env::var("TRACER_PASSWORD").map_err(|_| {
+            anyhow!("--user {user}: set the password in the environment variable TRACER_PASSWORD")
+        })?;
+        let credential =
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        request = request.header("Authorization", format!("Basic {credential}"));
+    }
+    match request.call() {
         Ok(mut response) => response
             .body_mut()
             .read_to_string()
             .map_err(|e| anyhow!("reading the agent's answer: {e}")),
+        Err(ureq::Error::StatusCode(401)) => Err(anyhow!(
+            "the agent at {agent} wants a user and password: give --user and TRACER_PASSWORD"
+        )),
+        Err(ureq::Error::StatusCode(403)) => Err(anyhow!(
+            "the agent at {agent} shows /sockets only on loopback or to an authenticated client: \
+             give --user (and TRACER_PASSWORD) or --cert-file/--key-file"
+        )),
         Err(ureq::Error::StatusCode(code)) => {
             Err(anyhow!("the agent at {agent} answered HTTP {code}"))
         }
@@ -66,6 +85,35 @@ fn fetch(url: &str, agent: &str) -> Result<String> {
             "no agent answers at {agent} ({e}): start one with `sudo tracer run`, or name it with --agent"
         )),
     }
+}
+
+/// TLS settings for an `https://` agent: its CA and our client certificate, when given.
+fn tls_config(args: &SocketsArgs) -> Result<ureq::tls::TlsConfig> {
+    use ureq::tls::{Certificate, ClientCert, PrivateKey, RootCerts, TlsConfig};
+    let read = |flag: &str, path: &std::path::Path| {
+        std::fs::read(path).with_context(|| format!("cannot read {flag} {}", path.display()))
+    };
+    let mut tls = TlsConfig::builder();
+    if let Some(path) = &args.ca_file {
+        let pem = read("--ca-file", path)?;
+        let certs = ureq::tls::parse_pem(&pem)
+            .filter_map(|item| match item {
+                Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            })
+            .collect::<Result<Vec<Certificate<'static>>, _>>()
+            .map_err(|e| anyhow!("--ca-file {}: {e}", path.display()))?;
+        tls = tls.root_certs(RootCerts::new_with_certs(&certs));
+    }
+    if let (Some(cert), Some(key)) = (&args.cert_file, &args.key_file) {
+        let chain = Certificate::from_pem(&read("--cert-file", cert)?)
+            .map_err(|e| anyhow!("--cert-file {}: {e}", cert.display()))?;
+        let key = PrivateKey::from_pem(&read("--key-file", key)?)
+            .map_err(|e| anyhow!("--key-file {}: {e}", key.display()))?;
+        tls = tls.client_cert(Some(ClientCert::new_with_certs(&[chain], key)));
+    }
+    Ok(tls.build())
 }
 
 /// The table people read.
@@ -87,7 +135,12 @@ pub fn render(listing: &Listing) -> String {
             0 => "-".to_owned(),
             p => p.to_string(),
         };
-        let comm = if s.comm.is_empty() { "-" } else { &s.comm };
+        // The name is whatever the process set: escaped, so that it cannot drive the terminal.
+        let comm = crate::event::Printable(if s.comm.is_empty() {
+            b"-"
+        } else {
+            s.comm.as_bytes()
+        });
         let endpoint = |a: &str, port: u16| {
             if a.contains(':') {
                 format!("[{a}]:{port}")

@@ -81,12 +81,6 @@ pub fn request_age(expires: Duration, retransmits: u8) -> Duration {
     periods.saturating_sub(expires)
 }
 
-/// The text of a NUL-padded command name.
-pub fn comm_string(comm: &[u8; 16]) -> String {
-    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
-    String::from_utf8_lossy(&comm[..end]).into_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

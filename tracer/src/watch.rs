@@ -224,7 +224,7 @@ impl Printer {
             "{{\"time_ns\":{time_ns},\"skaddr\":\"{:#x}\",\"pid\":{},\"comm\":",
             t.skaddr, t.pid
         )?;
-        serde_json::to_writer(&mut *out, event::comm(t))?;
+        serde_json::to_writer(&mut *out, &*event::comm_text(&t.comm))?;
         write!(
             out,
             ",\"family\":\"{}\",\"saddr\":\"{}\",\"sport\":{},\"daddr\":\"{}\",\"dport\":{},\
@@ -256,7 +256,8 @@ impl Printer {
         if t.pid == 0 {
             write!(self.out, "{:>7} {:<15} ", "-", "-")?;
         } else {
-            write!(self.out, "{:>7} {:<15} ", t.pid, event::comm(t))?;
+            let comm = event::Printable(event::comm_bytes(&t.comm));
+            write!(self.out, "{:>7} {:<15} ", t.pid, comm)?;
         }
         write_endpoint(&mut self.out, event::local_addr(t), t.sport)?;
         write_endpoint(&mut self.out, event::remote_addr(t), t.dport)?;

@@ -75,6 +75,17 @@ fn ring_buffer_size_must_be_a_power_of_two() {
 }
 
 #[test]
+fn a_ring_buffer_past_256m_per_cpu_is_refused_with_its_cost() {
+    let (code, stderr) = run(&[], &["run", "--ring-buffer-size", "2G"]);
+    assert_eq!(code, 1);
+    assert_one_line(
+        &stderr,
+        "--ring-buffer-size 2048M is too large: at most 256M per CPU",
+    );
+    assert!(stderr[0].contains("of kernel memory"), "{stderr:?}");
+}
+
+#[test]
 fn without_privileges_it_says_to_use_sudo() {
     if !common::require_root("without_privileges_it_says_to_use_sudo") {
         return;

@@ -273,8 +273,10 @@ fn a_first_syn_dropped_by_a_full_accept_queue_makes_the_active_handshake_one_sec
         2.0,
         "one retry lands in (1, 1.5]"
     );
+    // The server's sample starts at its first SYN-ACK, after the dropped SYN: no 1 s in it
+    // (under full emulation a loopback SYN-ACK to ACK can take over 10 ms).
     assert_eq!(
-        bucket(&text, HS, &passive, "0.01"),
+        bucket(&text, HS, &passive, "0.5"),
         2.0,
         "the server never saw the dropped SYN"
     );

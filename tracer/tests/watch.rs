@@ -6,6 +6,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 
 /// Mixed traffic: IPv4 and IPv6, client-closes-first and server-closes-first, and refused
@@ -427,4 +429,28 @@ fn pid_filter_keeps_only_that_owners_sockets() {
     assert_eq!(count(&keys, "close", "listen"), 1, "{keys:?}");
     assert_eq!(count(&keys, "listen", "syn_recv"), 3, "{keys:?}");
     assert_eq!(count(&keys, "close", "syn_sent"), 0, "{keys:?}");
+}
+
+#[test]
+fn sigterm_stops_watch_within_a_second_with_its_stdout_blocked() {
+    if !require_root("sigterm_stops_watch_within_a_second_with_its_stdout_blocked") {
+        return;
+    }
+    let addr = closed_port(V4);
+    let port = addr.port().to_string();
+    // Nobody reads its stdout: once the pipe (64 KiB) is full, watch blocks writing.
+    let mut tracer = Tracer::start(&["watch", "--json", "--port", &port], false);
+    let server = Server::start_at(addr, 1_000, Closer::Client);
+    // 1,000 connections make about 10,000 lines of JSON, well over 1 MB.
+    connect_many(addr, 1_000, Closer::Client);
+    server.join();
+    settle();
+    let (took, status) = tracer
+        .signal_and_time_exit(libc::SIGTERM, Duration::from_secs(5))
+        .expect("watch still running 5 s after SIGTERM");
+    assert!(
+        took < Duration::from_secs(1),
+        "watch took {took:?} to stop after SIGTERM"
+    );
+    assert!(status.success(), "exit status {status:?}");
 }

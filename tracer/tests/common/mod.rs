@@ -229,6 +229,26 @@ impl Tracer {
         self.wait()
     }
 
+    /// Sends `signal` by PID without ever reading stdout, and returns how long the tracer took
+    /// to exit and how; None when it was still running after `limit` (it is then killed).
+    pub fn signal_and_time_exit(
+        &mut self,
+        signal: i32,
+        limit: Duration,
+    ) -> Option<(Duration, std::process::ExitStatus)> {
+        let sent = Instant::now();
+        // SAFETY: kill on our own child's PID, which we have not yet reaped.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        while sent.elapsed() < limit {
+            if let Some(status) = self.child.try_wait().expect("waiting for tracer") {
+                return Some((sent.elapsed(), status));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = self.child.kill();
+        None
+    }
+
     /// Waits for the tracer to exit by itself (`--count`, `--duration`).
     pub fn wait(mut self) -> Output {
         self.read_stdout();
