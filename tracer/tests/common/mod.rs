@@ -479,9 +479,17 @@ impl Agent {
 
     /// [`Agent::start`] with these environment variables set (e.g. `RUST_LOG`).
     pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Agent {
-        let addr = free_listen_addr();
-        let listen = addr.to_string();
-        let mut args = vec!["run", "--listen", &listen];
+        Agent::start_full(&free_listen_addr().to_string(), extra, env)
+    }
+
+    /// [`Agent::start`] listening on `listen`.
+    pub fn start_at(listen: &str, extra: &[&str]) -> Agent {
+        Agent::start_full(listen, extra, &[])
+    }
+
+    fn start_full(listen: &str, extra: &[&str], env: &[(&str, &str)]) -> Agent {
+        let addr: SocketAddr = listen.parse().expect("an ADDR:PORT");
+        let mut args = vec!["run", "--listen", listen];
         // A census every 200 ms (the default is 5 s), so that tests see changes at once.
         if !extra.contains(&"--census-interval") {
             args.extend_from_slice(&["--census-interval", "200ms"]);
@@ -683,12 +691,18 @@ pub struct Prometheus {
 
 impl Prometheus {
     pub fn start(target: SocketAddr) -> Prometheus {
+        Prometheus::start_with(target, "")
+    }
+
+    /// [`Prometheus::start`] with `job` (YAML lines indented 4 spaces, e.g. `scheme: https`)
+    /// added to the scrape job.
+    pub fn start_with(target: SocketAddr, job: &str) -> Prometheus {
         let dir = std::env::temp_dir().join(format!("tracer-prometheus-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let config = format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-             scrape_configs:\n  - job_name: tracer\n    static_configs:\n      - targets: ['{target}']\n"
+             scrape_configs:\n  - job_name: tracer\n    static_configs:\n      - targets: ['{target}']\n{job}"
         );
         std::fs::write(dir.join("prometheus.yml"), config).unwrap();
         let addr = free_listen_addr();

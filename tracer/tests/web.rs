@@ -1,0 +1,397 @@
+//! The agent's endpoints on a shared node: TLS and basic authentication from an exporter-toolkit
+//! web configuration file (checked with a real Prometheus too), who may read `/sockets`, and
+//! the bounds that keep `/healthz` answering whatever clients do.
+//!
+//! Certificates are made per test with `openssl` (a CA, the agent's certificate for 127.0.0.1
+//! and 10.231.0.1, a client certificate); the bcrypt hash with the `bcrypt` crate.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const USER: &str = "prometheus";
+const PASSWORD: &str = "correct horse battery staple";
+
+/// A CA, a server certificate and a client certificate, in a fresh directory.
+struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    fn new(tag: &str) -> Pki {
+        let dir = std::env::temp_dir().join(format!("tracer-web-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .expect("openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        ssl(&[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=tracer test CA",
+            ],
+        ]
+        .concat());
+        for (name, ext) in [
+            (
+                "server",
+                "subjectAltName=IP:127.0.0.1,IP:10.231.0.1\nextendedKeyUsage=serverAuth\n",
+            ),
+            ("client", "extendedKeyUsage=clientAuth\n"),
+        ] {
+            std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+            ssl(&[
+                &["req", "-new"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    &format!("{name}.key"),
+                    "-out",
+                    &format!("{name}.csr"),
+                    "-subj",
+                    &format!("/CN={name}"),
+                ],
+            ]
+            .concat());
+            ssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-out",
+                &format!("{name}.crt"),
+                "-extfile",
+                &format!("{name}.ext"),
+            ]);
+        }
+        Pki { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Writes a web configuration file with the server's certificate and `extra` lines.
+    fn web_config(&self, extra: &str) -> PathBuf {
+        let path = self.path("web.yml");
+        let text =
+            format!("tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n{extra}");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `basic_auth_users` with [`USER`] and a bcrypt hash of [`PASSWORD`].
+fn users() -> String {
+    let hash = bcrypt::hash(PASSWORD, 10).unwrap();
+    format!("basic_auth_users:\n  {USER}: '{hash}'\n")
+}
+
+/// An HTTPS client trusting the test CA, with a client certificate when `client` is set.
+fn https_client(pki: &Pki, client: bool) -> ureq::Agent {
+    use ureq::tls::{Certificate, ClientCert, PrivateKey, RootCerts, TlsConfig};
+    let ca = Certificate::from_pem(&std::fs::read(pki.path("ca.crt")).unwrap())
+        .unwrap()
+        .to_owned();
+    let mut tls = TlsConfig::builder().root_certs(RootCerts::new_with_certs(&[ca]));
+    if client {
+        let cert = Certificate::from_pem(&std::fs::read(pki.path("client.crt")).unwrap())
+            .unwrap()
+            .to_owned();
+        let key = PrivateKey::from_pem(&std::fs::read(pki.path("client.key")).unwrap())
+            .unwrap()
+            .to_owned();
+        tls = tls.client_cert(Some(ClientCert::new_with_certs(&[cert], key)));
+    }
+    ureq::Agent::config_builder()
+        .proxy(None)
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .tls_config(tls.build())
+        .build()
+        .into()
+}
+
+/// GET `url`, optionally with basic auth; (status, body), or the error as text.
+fn get(
+    client: &ureq::Agent,
+    url: &str,
+    auth: Option<(&str, &str)>,
+) -> Result<(u16, String), String> {
+    let mut request = client.get(url);
+    if let Some((user, password)) = auth {
+        use base64::Engine as _;
+        let credential =
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        request = request.header("Authorization", format!("Basic {credential}"));
+    }
+    let mut response = request.call().map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let body = response
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| e.to_string())?;
+    Ok((status, body))
+}
+
+#[test]
+fn https_and_a_password_guard_metrics_and_sockets_and_plain_http_gets_nothing() {
+    if !require_root("https_and_a_password_guard_metrics_and_sockets") {
+        return;
+    }
+    let pki = Pki::new("auth");
+    let config = pki.web_config(&users());
+    let agent = Agent::start(&["--web-config", config.to_str().unwrap()]);
+    let base = format!("https://{}", agent.addr);
+    let client = https_client(&pki, false);
+    let right = Some((USER, PASSWORD));
+
+    let (code, body) = get(&client, &format!("{base}/metrics"), right).unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("tracer_build_info{"), "{body}");
+    let (code, body) = get(&client, &format!("{base}/sockets?limit=1"), right).unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"sockets\""), "{body}");
+    for (path, auth) in [
+        ("/metrics", None),
+        ("/metrics", Some((USER, "wrong"))),
+        ("/metrics", Some(("nobody", PASSWORD))),
+        ("/sockets", None),
+    ] {
+        let (code, _) = get(&client, &format!("{base}{path}"), auth).unwrap();
+        assert_eq!(code, 401, "{path} with {auth:?}");
+    }
+    // A liveness probe carries no password.
+    assert_eq!(
+        get(&client, &format!("{base}/healthz"), None).unwrap().0,
+        200
+    );
+    // Plain HTTP on the TLS port gets no metrics.
+    let plain = get(
+        &https_client(&pki, false),
+        &format!("http://{}/metrics", agent.addr),
+        right,
+    );
+    assert!(
+        !matches!(&plain, Ok((200, _))),
+        "plain HTTP answered: {plain:?}"
+    );
+    // tracer sockets reaches the secured agent with the same CA and user.
+    let out = Command::new(env!("CARGO_BIN_EXE_tracer"))
+        .args(["sockets", "--agent", &base, "--ca-file"])
+        .arg(pki.path("ca.crt"))
+        .args(["--user", USER])
+        .env("TRACER_PASSWORD", PASSWORD)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("       AGE STATE"));
+    let out = Command::new(env!("CARGO_BIN_EXE_tracer"))
+        .args(["sockets", "--agent", &base, "--ca-file"])
+        .arg(pki.path("ca.crt"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr.contains("wants a user and password"), "{stderr}");
+    drop(agent);
+}
+
+#[test]
+fn prometheus_scrapes_over_https_with_the_same_web_config_settings() {
+    if !require_root("prometheus_scrapes_over_https_with_the_same_web_config_settings") {
+        return;
+    }
+    let pki = Pki::new("prom");
+    let config = pki.web_config(&users());
+    let agent = Agent::start(&["--web-config", config.to_str().unwrap()]);
+    let scrape = format!(
+        "    scheme: https\n    tls_config:\n      ca_file: {}\n    basic_auth:\n      username: {USER}\n      password: '{PASSWORD}'\n",
+        pki.path("ca.crt").display()
+    );
+    // Prometheus waits for up == 1: it scraped over TLS with the password.
+    let prometheus = Prometheus::start_with(agent.addr, &scrape);
+    let built = prometheus.wait_for("tracer_build_info", "tracer_build_info", |v| v == 1.0);
+    assert_eq!(built, 1.0);
+    drop(prometheus);
+    drop(agent);
+}
+
+#[test]
+fn client_certificates_are_verified_and_sockets_off_loopback_need_them() {
+    if !require_root("client_certificates_are_verified_and_sockets_off_loopback_need_them") {
+        return;
+    }
+    let pki = Pki::new("mtls");
+    // Certificates verified if given: without one, /metrics is open (no users) but /sockets is
+    // not, from off loopback.
+    let config = pki.web_config(&format!(
+        "  client_auth_type: VerifyClientCertIfGiven\n  client_ca_file: {}\n",
+        pki.path("ca.crt").display()
+    ));
+    // A test namespace reaches the agent over a veth pair, from 10.231.0.2: not loopback.
+    let ns = Netns::new("web");
+    let veth = format!("trw{}", std::process::id() % 100_000);
+    run_ok(
+        "ip",
+        &[
+            "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+        ],
+    );
+    run_ok("ip", &["addr", "add", "10.231.0.1/30", "dev", &veth]);
+    run_ok("ip", &["link", "set", &veth, "up"]);
+    ns.exec(&["ip", "addr", "add", "10.231.0.2/30", "dev", "eth0"]);
+    ns.exec(&["ip", "link", "set", "eth0", "up"]);
+    let port = closed_port(V4).port();
+    let listen = format!("10.231.0.1:{port}");
+    let agent = Agent::start_at(&listen, &["--web-config", config.to_str().unwrap()]);
+    let base = format!("https://{listen}");
+    let (without, with) = (https_client(&pki, false), https_client(&pki, true));
+    let asks = ns.run(move || {
+        [
+            get(&without, &format!("{base}/metrics"), None).map(|r| r.0),
+            get(&without, &format!("{base}/sockets"), None).map(|r| r.0),
+            get(&with, &format!("{base}/sockets"), None).map(|r| r.0),
+        ]
+    });
+    assert_eq!(asks, [Ok(200), Ok(403), Ok(200)]);
+    drop(agent);
+
+    // Required: no certificate, no TLS session.
+    let config = pki.web_config(&format!(
+        "  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: {}\n",
+        pki.path("ca.crt").display()
+    ));
+    let agent = Agent::start(&["--web-config", config.to_str().unwrap()]);
+    let base = format!("https://{}", agent.addr);
+    assert!(get(&https_client(&pki, false), &format!("{base}/metrics"), None).is_err());
+    assert_eq!(
+        get(&https_client(&pki, true), &format!("{base}/metrics"), None).map(|r| r.0),
+        Ok(200)
+    );
+    let _ = Command::new("ip").args(["link", "del", &veth]).status();
+}
+
+#[test]
+fn a_thousand_idle_connections_and_a_slowloris_never_starve_healthz() {
+    if !require_root("a_thousand_idle_connections_and_a_slowloris_never_starve_healthz") {
+        return;
+    }
+    let agent = Agent::start(&[]);
+    // The agent raises its own soft limit at start; put it back to the common 1,024, hard
+    // limit included, so that 1,100 connections exhaust its descriptors.
+    run_ok(
+        "prlimit",
+        &[
+            &format!("--pid={}", agent.tracer.pid()),
+            "--nofile=1024:1024",
+        ],
+    );
+    raise_own_open_files(4_096);
+    let idle: Vec<TcpStream> = (0..1_100)
+        .map(|_| TcpStream::connect(agent.addr).expect("connect"))
+        .collect();
+    let asked = Instant::now();
+    let (code, _) = http_get(agent.addr, "/healthz");
+    let took = asked.elapsed();
+    assert_eq!(code, 200);
+    assert!(
+        took < Duration::from_secs(1),
+        "/healthz took {took:?} behind 1,100 idle connections"
+    );
+    assert!(agent.metrics_now().contains("tracer_build_info"));
+    drop(idle);
+
+    // A slowloris: headers one byte a second; the agent closes it within its 10 s timeout.
+    let mut slow = TcpStream::connect(agent.addr).unwrap();
+    slow.set_read_timeout(Some(Duration::from_millis(900)))
+        .unwrap();
+    let started = Instant::now();
+    let closed_after = loop {
+        if slow.write_all(b"X").is_err() {
+            break started.elapsed();
+        }
+        let mut buf = [0u8; 256];
+        match slow.read(&mut buf) {
+            Ok(_) => break started.elapsed(), // closed (0) or an error answer, then closed
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => break started.elapsed(),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the slowloris was never closed"
+        );
+    };
+    assert!(
+        closed_after >= Duration::from_secs(9) && closed_after < Duration::from_secs(12),
+        "slowloris closed after {closed_after:?}"
+    );
+    assert_eq!(http_get(agent.addr, "/healthz").0, 200);
+}
+
+fn raise_own_open_files(at_least: u64) {
+    let mut now = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid rlimit pointers.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut now);
+        if now.rlim_cur < at_least {
+            let limit = libc::rlimit {
+                rlim_cur: at_least,
+                rlim_max: now.rlim_max.max(at_least),
+            };
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+        }
+    }
+}
