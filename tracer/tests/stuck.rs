@@ -381,3 +381,52 @@ fn half_open_handshakes_are_listed_and_a_black_holed_connect_is_flagged() {
     );
     drop((listener, clients, black_hole));
 }
+
+#[test]
+fn a_process_name_made_of_escape_sequences_is_printed_escaped() {
+    if !require_root("a_process_name_made_of_escape_sequences_is_printed_escaped") {
+        return;
+    }
+    // Any user can name a thread so (prctl PR_SET_NAME): erase a line, move up, hide text.
+    const NAME: &str = "\x1b[2K\x1b[1A\x1b[8m";
+    const ESCAPED: &str = r"\x1b[2K\x1b[1A\x1b[8m";
+    let addr = closed_port(V4);
+    let port = addr.port().to_string();
+    let agent = Agent::start(&["--port", &port]);
+    let watch = Tracer::start(&["watch", "--port", &port], true);
+    let kept = std::thread::spawn(move || {
+        let name = std::ffi::CString::new(NAME).unwrap();
+        // SAFETY: PR_SET_NAME with a NUL-terminated string of at most 16 bytes.
+        assert_eq!(unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) }, 0);
+        leak(addr)
+    })
+    .join()
+    .unwrap();
+    settle();
+    let listing = sockets_json(&agent, &format!("state=close_wait&port={port}"));
+    assert_eq!(
+        array(&listing)[0]["comm"],
+        NAME,
+        "JSON keeps the name, escaped by JSON"
+    );
+    let table = std::process::Command::new(env!("CARGO_BIN_EXE_tracer"))
+        .args(["sockets", "--agent", &format!("http://{}", agent.addr)])
+        .args(["--state", "close_wait", "--port", &port])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    let out = watch.stop_with(libc::SIGTERM);
+    let lines = out.stdout.join("\n");
+    for (what, text) in [("tracer sockets", &table), ("tracer watch", &lines)] {
+        assert!(
+            !text.contains('\x1b'),
+            "{what} printed a raw ESC:\n{text:?}"
+        );
+        assert!(
+            text.contains(ESCAPED),
+            "{what} should show {ESCAPED}:\n{text}"
+        );
+    }
+    assert_eq!(table.matches(ESCAPED).count(), 25, "{table}");
+    drop(kept);
+}

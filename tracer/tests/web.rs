@@ -395,3 +395,96 @@ fn raise_own_open_files(at_least: u64) {
         }
     }
 }
+
+#[test]
+fn forty_clients_with_50000_sockets_on_the_host_stay_under_the_shipped_memory_limit() {
+    if !require_root("forty_clients_with_50000_sockets_on_the_host_stay_under_the_memory_limit") {
+        return;
+    }
+    // The DaemonSet's and the unit's memory limit.
+    const LIMIT_MIB: u64 = 256;
+    // 27,000 connections (54,000 sockets), held by three processes: one process may hold
+    // about 20,000 descriptors on these hosts.
+    let held: Vec<Holder> = (0..3).map(|_| Holder::new(9_000)).collect();
+    let agent = Agent::start(&[]);
+    let census = agent.metrics();
+    let on_host: f64 = census
+        .lines()
+        .filter(|l| l.starts_with("tracer_tcp_sockets{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum();
+    assert!(on_host >= 50_000.0, "the census saw {on_host} sockets");
+    let addr = agent.addr;
+    let until = Instant::now() + Duration::from_secs(10);
+    let clients: Vec<_> = (0..40)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let path = if i % 2 == 0 {
+                    "/metrics"
+                } else {
+                    "/sockets?limit=1"
+                };
+                let mut answered = 0;
+                while Instant::now() < until {
+                    assert_eq!(http_get(addr, path).0, 200, "{path}");
+                    answered += 1;
+                }
+                answered
+            })
+        })
+        .collect();
+    let answered: usize = clients.into_iter().map(|c| c.join().unwrap()).sum();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.tracer.pid())).unwrap();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmHWM");
+    println!(
+        "{answered} requests; peak resident memory {} MiB",
+        peak_kib / 1024
+    );
+    assert!(answered >= 40, "{answered} requests answered");
+    assert!(
+        peak_kib / 1024 < LIMIT_MIB,
+        "peak resident memory {} MiB with 40 clients",
+        peak_kib / 1024
+    );
+    drop(held);
+}
+
+/// A process holding `n` loopback connections open (both ends) until dropped.
+struct Holder(std::process::Child);
+
+impl Holder {
+    fn new(n: usize) -> Holder {
+        const SCRIPT: &str = "import resource, socket, sys\n\
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n\
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))\n\
+            l = socket.socket(); l.bind(('127.0.0.1', 0)); l.listen(4096); kept = []\n\
+            for _ in range(int(sys.argv[1])):\n\
+            \x20   kept.append(socket.create_connection(l.getsockname())); kept.append(l.accept()[0])\n\
+            print('ready', flush=True); sys.stdin.read()\n";
+        let mut child = Command::new("python3")
+            .args(["-c", SCRIPT, &n.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "ready", "holding {n} connections");
+        Holder(child)
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        drop(self.0.stdin.take());
+        let _ = self.0.wait();
+    }
+}
