@@ -126,3 +126,43 @@ fn without_kernel_btf_it_says_what_is_missing() {
         assert!(stderr[0].contains("CONFIG_DEBUG_INFO_BTF"), "{stderr:?}");
     }
 }
+
+#[test]
+fn the_example_web_config_is_refused_until_its_password_hash_is_set() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/web-config.yml");
+    let dir = std::env::temp_dir().join(format!("tracer-webcfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("web.yml");
+    std::fs::copy(example, &config).unwrap();
+    let (code, stderr) = run(&[], &["run", "--web-config", config.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert_one_line(&stderr, "tls_server_config.cert_file tls.crt");
+    // With a certificate beside it, what stops it is the placeholder password hash.
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args([
+            "-nodes", "-keyout", "tls.key", "-out", "tls.crt", "-days", "1", "-subj", "/CN=t",
+        ])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let (code, stderr) = run(&[], &["run", "--web-config", config.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert_one_line(&stderr, "basic_auth_users.prometheus: not a bcrypt hash");
+    assert!(
+        stderr[0].contains("htpasswd -nBC 10 prometheus"),
+        "{stderr:?}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    let (code, stderr) = run(&[], &["run", "--web-config", "/nonexistent/web.yml"]);
+    assert_eq!(code, 1);
+    assert_one_line(&stderr, "cannot read --web-config /nonexistent/web.yml");
+}

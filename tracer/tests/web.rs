@@ -9,12 +9,13 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 
+/// The user of `deploy/web-config.yml`.
 const USER: &str = "prometheus";
 const PASSWORD: &str = "correct horse battery staple";
 
@@ -183,7 +184,19 @@ fn https_and_a_password_guard_metrics_and_sockets_and_plain_http_gets_nothing() 
         return;
     }
     let pki = Pki::new("auth");
-    let config = pki.web_config(&users());
+    // The example the deployment files use, with its placeholder replaced by a real hash.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let example = std::fs::read_to_string(root.join("deploy/web-config.yml")).unwrap();
+    assert!(
+        example.contains("prometheus: REPLACE-WITH-A-BCRYPT-HASH"),
+        "{example}"
+    );
+    let hash = bcrypt::hash(PASSWORD, 10).unwrap();
+    let example = example.replace("REPLACE-WITH-A-BCRYPT-HASH", &format!("'{hash}'"));
+    let config = pki.path("web.yml");
+    std::fs::write(&config, example).unwrap();
+    std::fs::copy(pki.path("server.crt"), pki.path("tls.crt")).unwrap();
+    std::fs::copy(pki.path("server.key"), pki.path("tls.key")).unwrap();
     let agent = Agent::start(&["--web-config", config.to_str().unwrap()]);
     let base = format!("https://{}", agent.addr);
     let client = https_client(&pki, false);
