@@ -17,6 +17,7 @@ pub mod join;
 pub mod kernel_metrics;
 pub mod listing;
 pub mod ports;
+pub mod privileges;
 pub mod probe;
 pub mod ring;
 pub mod run;

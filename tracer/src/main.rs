@@ -84,6 +84,8 @@ fn stop_on_signals() -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
+            // This thread only waits and exits: it keeps no privilege.
+            let _ = tracer::privileges::keep_only(&[]);
             if signals.forever().next().is_some() {
                 std::thread::sleep(STOP_GRACE);
                 eprintln!("tracer: stopped by signal (it could not stop cleanly in time)");

@@ -50,6 +50,9 @@ pub async fn run(args: &RunArgs) -> Result<()> {
     let mut rings = probe.event_rings()?;
     let listener = std::net::TcpListener::bind(args.listen)
         .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
+    // Attached and listening: from here on only the census needs privileges. Before any other
+    // thread starts, so that none inherits more.
+    crate::privileges::keep_only(crate::privileges::CENSUS)?;
 
     let table = Arc::new(Mutex::new(SocketTable::new(args.max_sockets as usize)));
     let registry = Registry::new();

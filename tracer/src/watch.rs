@@ -38,6 +38,8 @@ pub async fn run(args: &WatchArgs) -> Result<Summary> {
         ports: args.ports.clone(),
     })?;
     let mut rings = probe.event_rings()?;
+    // Attached: reading what the probe writes needs no privilege.
+    crate::privileges::keep_only(&[])?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let stop_at =

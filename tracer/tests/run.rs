@@ -598,3 +598,82 @@ fn a_full_socket_table_evicts_the_oldest_and_counts_it() {
     assert!((1.0..=10.0).contains(&tracked), "tracked {tracked}");
     drop(held);
 }
+
+#[test]
+fn after_start_run_keeps_only_the_census_capabilities_and_watch_none() {
+    if !require_root("after_start_run_keeps_only_the_census_capabilities_and_watch_none") {
+        return;
+    }
+    // CAP_SYS_PTRACE (19) and CAP_SYS_ADMIN (21), from include/uapi/linux/capability.h.
+    const CENSUS: u64 = (1 << 19) | (1 << 21);
+    let ns = Netns::new("caps");
+    let agent = Agent::start(&[]);
+    let threads = capabilities_of_every_thread(agent.tracer.pid());
+    assert!(threads.len() >= 3, "{threads:?}");
+    for (tid, (effective, permitted, bounding, no_new_privs)) in &threads {
+        assert!(
+            effective | CENSUS == CENSUS && permitted | CENSUS == CENSUS,
+            "thread {tid} of run has {effective:#x} / {permitted:#x}"
+        );
+        assert_eq!(bounding | CENSUS, CENSUS, "bounding set of thread {tid}");
+        assert!(*no_new_privs, "thread {tid} may gain privileges");
+    }
+    let main = threads[&agent.tracer.pid()];
+    assert_eq!((main.0, main.1, main.2), (CENSUS, CENSUS, CENSUS), "run's event thread");
+    // With only those, the census still enters every namespace, the test's included.
+    let text = agent.metrics();
+    let visited = sample(&text, "tracer_census_namespaces", &[("result", "visited")]);
+    let unreachable = sample(
+        &text,
+        "tracer_census_namespaces",
+        &[("result", "unreachable")],
+    );
+    assert!(visited.unwrap_or(0.0) >= 2.0, "{visited:?}");
+    assert_eq!(unreachable, Some(0.0));
+    drop((agent, ns));
+
+    let watch = Tracer::start(&["watch", "--port", "1"], true);
+    for (tid, (effective, permitted, bounding, _)) in capabilities_of_every_thread(watch.pid()) {
+        assert_eq!(
+            (effective, permitted, bounding),
+            (0, 0, 0),
+            "thread {tid} of watch"
+        );
+    }
+}
+
+/// For each thread of `pid`: its effective, permitted and bounding capability sets and
+/// whether it set no_new_privs, from `/proc/PID/task/TID/status`.
+fn capabilities_of_every_thread(
+    pid: u32,
+) -> std::collections::BTreeMap<u32, (u64, u64, u64, bool)> {
+    let mut out = std::collections::BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let tid: u32 = task.file_name().to_string_lossy().parse().unwrap();
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue; // a thread that just ended
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(str::trim)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let hex = |name: &str| u64::from_str_radix(&field(name), 16).unwrap();
+        out.insert(
+            tid,
+            (
+                hex("CapEff:"),
+                hex("CapPrm:"),
+                hex("CapBnd:"),
+                field("NoNewPrivs:") == "1",
+            ),
+        );
+    }
+    out
+}
