@@ -95,7 +95,12 @@ impl SocketFilter {
     /// Reads the query parameters (repeated `state` add up); an error names the bad one.
     pub fn from_query(pairs: &[(String, String)]) -> Result<SocketFilter, String> {
         let mut f = SocketFilter::default();
-        for (key, value) in pairs {
+        for (i, (key, value)) in pairs.iter().enumerate() {
+            // A second port, age or limit would silently replace the first: refused. Repeated
+            // states add up (state=a&state=b is state=a,b).
+            if key != "state" && pairs[..i].iter().any(|(k, _)| k == key) {
+                return Err(format!("parameter {key:?} given twice; give it once"));
+            }
             match key.as_str() {
                 "state" => {
                     for name in value.split(',').filter(|s| !s.is_empty()) {
@@ -297,5 +302,9 @@ mod tests {
         assert!(query(&[("older", "1s")])
             .unwrap_err()
             .contains("unknown parameter"));
+        assert!(query(&[("port", "1"), ("port", "2")])
+            .unwrap_err()
+            .contains("given twice"));
+        assert!(query(&[("limit", "5"), ("state", "listen"), ("limit", "9")]).is_err());
     }
 }

@@ -70,7 +70,7 @@ fn init_log() {
 
 /// How long `watch` and `run` have to stop by themselves after SIGINT or SIGTERM (draining,
 /// printing their summary) before the process exits anyway.
-const STOP_GRACE: std::time::Duration = std::time::Duration::from_millis(800);
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Makes SIGINT and SIGTERM stop tracer within a second in every state. The subcommands stop
 /// cleanly on their own signal handlers; this thread exits the process, with status 0, if they

@@ -619,7 +619,11 @@ fn after_start_run_keeps_only_the_census_capabilities_and_watch_none() {
         assert!(*no_new_privs, "thread {tid} may gain privileges");
     }
     let main = threads[&agent.tracer.pid()];
-    assert_eq!((main.0, main.1, main.2), (CENSUS, CENSUS, CENSUS), "run's event thread");
+    assert_eq!(
+        (main.0, main.1, main.2),
+        (CENSUS, CENSUS, CENSUS),
+        "run's event thread"
+    );
     // With only those, the census still enters every namespace, the test's included.
     let text = agent.metrics();
     let visited = sample(&text, "tracer_census_namespaces", &[("result", "visited")]);
@@ -676,4 +680,39 @@ fn capabilities_of_every_thread(
         );
     }
     out
+}
+
+#[test]
+fn sigterm_during_start_up_stops_the_agent_with_0_within_a_second() {
+    if !require_root("sigterm_during_start_up_stops_the_agent_with_0_within_a_second") {
+        return;
+    }
+    // 64 MiB rings on every CPU: loading takes a few hundred ms, and the signal comes during it.
+    let listen = free_listen_addr().to_string();
+    let mut agent = std::process::Command::new(env!("CARGO_BIN_EXE_tracer"))
+        .args(["run", "--listen", &listen, "--ring-buffer-size", "64M"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let sent = Instant::now();
+    // SAFETY: kill on our own child's PID, not yet reaped.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    let status = loop {
+        if let Some(status) = agent.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(5),
+            "still running 5 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let took = sent.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "stopped {took:?} after SIGTERM"
+    );
+    assert_eq!(status.code(), Some(0), "{status:?}");
 }
