@@ -318,8 +318,10 @@ fn a_dropped_handshake_ack_makes_the_passive_handshake_one_second() {
     let text = agent.metrics_until("one handshake each side", |t| {
         count(t, HS, &active) == 1.0 && count(t, HS, &passive) == 1.0
     });
+    // The client's connect returned at the SYN-ACK: no 1 s in it (under full emulation a
+    // loopback handshake can take over 10 ms).
     assert_eq!(
-        bucket(&text, HS, &active, "0.01"),
+        bucket(&text, HS, &active, "0.5"),
         1.0,
         "the client saw a fast handshake"
     );

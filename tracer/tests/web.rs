@@ -347,7 +347,7 @@ fn a_thousand_idle_connections_and_a_slowloris_never_starve_healthz() {
             "--nofile=1024:1024",
         ],
     );
-    raise_own_open_files(4_096);
+    raise_open_files(4_096);
     let idle: Vec<TcpStream> = (0..1_100)
         .map(|_| TcpStream::connect(agent.addr).expect("connect"))
         .collect();
@@ -389,24 +389,6 @@ fn a_thousand_idle_connections_and_a_slowloris_never_starve_healthz() {
         "slowloris closed after {closed_after:?}"
     );
     assert_eq!(http_get(agent.addr, "/healthz").0, 200);
-}
-
-fn raise_own_open_files(at_least: u64) {
-    let mut now = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: valid rlimit pointers.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut now);
-        if now.rlim_cur < at_least {
-            let limit = libc::rlimit {
-                rlim_cur: at_least,
-                rlim_max: now.rlim_max.max(at_least),
-            };
-            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
-        }
-    }
 }
 
 #[test]

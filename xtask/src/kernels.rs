@@ -46,7 +46,14 @@ pub struct KernelsArgs {
     /// Time limit of one test, in seconds (a hung test is reported as TIMEOUT).
     #[arg(long, default_value_t = 240)]
     test_timeout: u64,
+    /// Of the unit tests (`lib`), run only those that read the running kernel (its BTF); the
+    /// others are pure code, the same on every kernel (`cargo xtask test` runs them on the host).
+    #[arg(long)]
+    kernel_unit_tests_only: bool,
 }
+
+/// The unit tests that read the running kernel: the rest of `lib` is pure code.
+const KERNEL_UNIT_TESTS: [&str; 2] = ["btf::", "features::"];
 
 /// One test binary built by `cargo test --no-run`.
 struct Binary {
@@ -142,6 +149,7 @@ impl KernelsArgs {
             binaries: Vec::new(),
             filters: Vec::new(),
             test_timeout: 240,
+            kernel_unit_tests_only: true,
         }
     }
 }
@@ -291,6 +299,12 @@ fn build(root: &Path, args: &KernelsArgs) -> Result<Vec<Binary>> {
         let all = list_tests(&exe, &package_dir, false)?;
         let ignored = list_tests(&exe, &package_dir, true)?;
         let keep = |t: &String| {
+            if name == "lib"
+                && args.kernel_unit_tests_only
+                && !KERNEL_UNIT_TESTS.iter().any(|m| t.starts_with(m))
+            {
+                return false;
+            }
             args.filters.is_empty()
                 || args
                     .filters

@@ -795,3 +795,28 @@ fn encode(s: &str) -> String {
         })
         .collect()
 }
+
+/// Raises this process's limit on open files to at least `at_least` (the hard limit too,
+/// where the machine lets root raise it).
+pub fn raise_open_files(at_least: u64) {
+    let mut now = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid rlimit pointers.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut now);
+        if now.rlim_cur < at_least {
+            let limit = libc::rlimit {
+                rlim_cur: at_least,
+                rlim_max: now.rlim_max.max(at_least),
+            };
+            assert_eq!(
+                libc::setrlimit(libc::RLIMIT_NOFILE, &limit),
+                0,
+                "raising RLIMIT_NOFILE to {at_least}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
