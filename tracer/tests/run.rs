@@ -697,7 +697,23 @@ fn sigterm_during_start_up_stops_the_agent_with_0_within_a_second() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    // Once its handler is installed (SigCgt), the first thing main does: before that, under
+    // full emulation, exec and dynamic loading alone can take longer than a fixed pause.
+    let caught = || {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", agent.id()));
+        status.ok().and_then(|s| {
+            let mask = s.lines().find_map(|l| l.strip_prefix("SigCgt:"))?;
+            u64::from_str_radix(mask.trim(), 16).ok()
+        })
+    };
+    let waiting = Instant::now();
+    while caught().unwrap_or(0) & (1 << (libc::SIGTERM - 1)) == 0 {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(10),
+            "no SIGTERM handler"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let sent = Instant::now();
     // SAFETY: kill on our own child's PID, not yet reaped.
     unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };

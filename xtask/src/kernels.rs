@@ -378,7 +378,7 @@ fn script(binaries: &[Binary], out: &Path, package_dir: &Path, timeout: u64) -> 
          [ -e /sys/kernel/debug/tracing ] || mount -t debugfs none /sys/kernel/debug 2>/dev/null\n\
          # Root-only tests fail rather than skip; temporary files (Prometheus's storage) go\n\
          # where the guest can write.\n\
-         export CI=1 TMPDIR=\"$OUT/tmp\" PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n\
+         export CI=1 TRACER_KERNEL_MATRIX=1 TMPDIR=\"$OUT/tmp\" PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n\
          unset RUST_BACKTRACE\n\
          mkdir -p \"$TMPDIR\"\n\
          cd {}\n\

@@ -32,6 +32,17 @@ pub fn unsupported(feature: &str, why: &str) {
     println!("UNSUPPORTED {feature}: {why}");
 }
 
+/// True (and says so, as the kernel matrix reads it) when this test runs in the kernel
+/// matrix (`cargo xtask kernels`, which sets TRACER_KERNEL_MATRIX) and checks something that
+/// does not depend on the kernel: it then runs on the host only, by `cargo xtask test`.
+pub fn host_only(test: &str, why: &str) -> bool {
+    if std::env::var_os("TRACER_KERNEL_MATRIX").is_none() {
+        return false;
+    }
+    println!("SKIPPED {test}: {why}; it runs on the host kernel (cargo xtask test)");
+    true
+}
+
 /// One transition as (sport, dport, old, new): what the tracer and ftrace are compared on.
 pub type Key = (u16, u16, String, String);
 
