@@ -250,8 +250,10 @@ fn build(root: &Path, args: &KernelsArgs) -> Result<Vec<Binary>> {
     if !status.success() {
         bail!("cargo build --release failed ({status})");
     }
+    // The workspace's default members, as `cargo xtask test` builds them: the same feature
+    // set, so that nothing is built twice; only tracer's test binaries are kept below.
     let out = Command::new(&cargo)
-        .args(["test", "--release", "--package", "tracer", "--no-run"])
+        .args(["test", "--release", "--no-run"])
         .args(["--lib", "--test", "*", "--message-format=json"])
         .current_dir(root)
         .stderr(Stdio::inherit())
@@ -271,6 +273,14 @@ fn build(root: &Path, args: &KernelsArgs) -> Result<Vec<Binary>> {
         let Some(exe) = msg.get("executable").and_then(json::Value::as_str) else {
             continue;
         };
+        // `path+file:///.../tracer#0.1.0`: tracer's own, not tracer-common's or xtask's.
+        let package = msg
+            .get("package_id")
+            .and_then(json::Value::as_str)
+            .unwrap_or("");
+        if !package.contains("/tracer#") {
+            continue;
+        }
         let target = msg
             .get("target")
             .context("cargo message without a target")?;
