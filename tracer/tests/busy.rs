@@ -10,21 +10,9 @@ use std::time::Duration;
 
 use common::*;
 
-/// `ip_local_port_range` of this namespace.
-fn ephemeral_range() -> (u16, u16) {
-    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
-    let mut it = text.split_whitespace().map(|v| v.parse::<u16>().unwrap());
-    (it.next().unwrap(), it.next().unwrap())
-}
-
 /// A free loopback port below the ephemeral range: where services listen.
 fn service_port() -> SocketAddr {
-    let (lo, _) = ephemeral_range();
-    (20_000..lo)
-        .find_map(|p| TcpListener::bind((V4, p)).ok())
-        .expect("a free port below the ephemeral range")
-        .local_addr()
-        .unwrap()
+    closed_port(V4)
 }
 
 /// Every value of the `port` label in a Prometheus text exposition.

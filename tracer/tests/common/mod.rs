@@ -406,10 +406,38 @@ pub fn connect_refused(addr: SocketAddr, n: usize) {
     }
 }
 
-/// A loopback port with nothing listening (bound and released; nothing else here binds it).
+/// `ip_local_port_range` of this namespace: where the kernel picks ports for `connect()` and
+/// `bind(0)`.
+pub fn ephemeral_range() -> (u16, u16) {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .expect("ip_local_port_range");
+    let mut it = text
+        .split_whitespace()
+        .map(|v| v.parse::<u16>().expect("port"));
+    (it.next().expect("low"), it.next().expect("high"))
+}
+
+/// A loopback port with nothing listening, below the ephemeral range, where services listen.
+///
+/// A port from `bind(0)` would come from the ephemeral range: once released, the kernel may hand
+/// it to any `connect()` on the host (Prometheus scraping the agent, the test's own clients) or to
+/// the next `bind(0)`, and the test's later `bind` fails with "address in use". Below the range
+/// only explicit binds take a port; each call here takes the next one, from a start that depends
+/// on the process, so tests in one process or in parallel processes do not meet.
 pub fn closed_port(ip: &str) -> SocketAddr {
-    let l = TcpListener::bind((ip, 0)).expect("bind");
-    l.local_addr().expect("addr")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const FIRST: u32 = 10_000;
+    let (lo, _) = ephemeral_range();
+    let span = u32::from(lo).saturating_sub(FIRST).max(1);
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let port = FIRST + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        if let Ok(l) = TcpListener::bind((ip, port as u16)) {
+            return l.local_addr().expect("addr");
+        }
+    }
+    panic!("no free port in {FIRST}..{lo}");
 }
 
 pub const V4: &str = "127.0.0.1";
