@@ -78,10 +78,14 @@ pub struct Transition {
     /// SYN_SENT or LISTEN, and a passive child's LISTEN -> SYN_RECV); 0 elsewhere: userspace
     /// carries it from the socket's first event, as it does the owner.
     pub netns: u32,
+    /// Id of the socket's cgroup v2 cgroup (`sock.sk_cgrp_data.cgroup->kn->id`, the number
+    /// `ss --cgroup` resolves and the inode of the cgroup's directory), on the same opening
+    /// transitions as `netns`; 0 elsewhere, and where the kernel does not keep it.
+    pub cgroup: u64,
 }
 
 // The layout both sides rely on: no implicit padding, `comm` 8-byte aligned.
-const _: () = assert!(core::mem::size_of::<Transition>() == 96);
+const _: () = assert!(core::mem::size_of::<Transition>() == 104);
 const _: () = assert!(core::mem::offset_of!(Transition, comm) == 56);
 
 /// Byte offsets of the kernel fields the probe reads from a `struct sock *`.
@@ -117,6 +121,13 @@ pub struct SockOffsets {
     pub total_retrans: u32,
     /// `net.ns` + `ns_common.inum` (`unsigned int`): the namespace's inode number.
     pub net_inum: u32,
+    /// `sock.sk_cgrp_data.cgroup` (`struct cgroup *`, Linux 5.15+), `cgroup.kn`
+    /// (`struct kernfs_node *`) and `kernfs_node.id` (`u64`): the socket's cgroup id.
+    /// `sk_cgroup` is 0 where the kernel has no such field: the probe then reports no cgroup.
+    pub sk_cgroup: u32,
+    pub cgroup_kn: u32,
+    pub kn_id: u32,
+    pub _pad: u32,
 }
 
 /// Key of the probe's listener table: a listening port in one network namespace.
@@ -171,6 +182,7 @@ pub mod field {
     pub const TOTAL_RETRANS: u32 = 2;
     pub const NET_INUM: u32 = 3;
     pub const IPV6_ADDRESS: u32 = 4;
+    pub const CGROUP_ID: u32 = 5;
 }
 
 /// Direction index of the `RESETS` counters: `RESETS[direction * RESET_STATES + state]`.

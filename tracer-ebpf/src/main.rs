@@ -52,6 +52,10 @@ static OFFSETS: SockOffsets = SockOffsets {
     srtt_us: 0,
     total_retrans: 0,
     net_inum: 0,
+    sk_cgroup: 0,
+    cgroup_kn: 0,
+    kn_id: 0,
+    _pad: 0,
 };
 
 /// Unread bytes in a ring of `EVENTS` at which the probe wakes the reader; set at load time.
@@ -308,6 +312,8 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
             0
         };
         addr_of_mut!((*t).netns).write(netns);
+        let cgroup = if opening { cgroup_id(ctx, sk) } else { 0 };
+        addr_of_mut!((*t).cgroup).write(cgroup);
     }
     // SAFETY: read-only global, volatile for the same reason as OFFSETS.
     let wakeup_bytes = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
@@ -407,6 +413,31 @@ macro_rules! offset {
     }};
 }
 use offset;
+
+/// The id of the socket's cgroup v2 cgroup (`sk->sk_cgrp_data.cgroup->kn->id`, what
+/// `cgroup_id()` returns and sock_diag reports), or 0 where this kernel does not keep it.
+///
+/// Read on the opening transitions only, like the namespace: a socket keeps the cgroup it was
+/// created in (a passive child its listener's, copied by `sk_clone_lock`), so userspace
+/// carries it from there.
+#[inline(always)]
+fn cgroup_id(ctx: &BtfTracePointContext, sk: *const u8) -> u64 {
+    let sk_cgroup = offset!(sk_cgroup);
+    if sk_cgroup == 0 {
+        return 0;
+    }
+    // SAFETY: `sk_cgrp_data.cgroup` is a pointer field of `struct sock`, loaded directly as
+    // the fields above; what it points to is read with the helper.
+    let cgroup = unsafe { field::<u64>(sk, sk_cgroup) } as *const u8;
+    if cgroup.is_null() {
+        return 0;
+    }
+    let kn: u64 = read_or_report(ctx, cgroup, offset!(cgroup_kn), field::CGROUP_ID);
+    if kn == 0 {
+        return 0;
+    }
+    read_or_report(ctx, kn as *const u8, offset!(kn_id), field::CGROUP_ID)
+}
 
 /// Loads a `T` at byte offset `offset` of the kernel object at `base` with one instruction.
 ///
@@ -524,6 +555,7 @@ fn field_name(which: u32) -> &'static str {
         field::SRTT_US => "tcp_sock.srtt_us",
         field::TOTAL_RETRANS => "tcp_sock.total_retrans",
         field::NET_INUM => "net.ns.inum",
+        field::CGROUP_ID => "sock.sk_cgrp_data.cgroup->kn->id",
         _ => "sock_common.skc_v6_rcv_saddr/skc_v6_daddr",
     }
 }

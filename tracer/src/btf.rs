@@ -49,7 +49,18 @@ pub fn sock_offsets(btf: &Btf) -> Result<SockOffsets> {
         srtt_us: field_offset(btf, "tcp_sock", &["srtt_us"])?,
         total_retrans: field_offset(btf, "tcp_sock", &["total_retrans"])?,
         net_inum: field_offset(btf, "net", &["ns", "inum"])?,
+        sk_cgroup: field_offset(btf, "sock", &["sk_cgrp_data", "cgroup"]).unwrap_or(0),
+        cgroup_kn: field_offset(btf, "cgroup", &["kn"]).unwrap_or(0),
+        kn_id: field_offset(btf, "kernfs_node", &["id"]).unwrap_or(0),
+        _pad: 0,
     })
+}
+
+/// True when the probe can read a socket's cgroup on this kernel: `struct sock_cgroup_data`
+/// holds a plain `struct cgroup *` (Linux 5.15+; before, a tagged union with the v1 classid)
+/// and `kernfs_node.id` is the 64-bit id (Linux 5.5+).
+pub fn reads_cgroup(offsets: &SockOffsets) -> bool {
+    offsets.sk_cgroup != 0 && offsets.kn_id != 0
 }
 
 /// Byte offset of `path` (a field, or a field of a field) inside `struct name`.

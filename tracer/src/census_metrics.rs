@@ -15,9 +15,11 @@ use prometheus::{Gauge, GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Opts};
 use tracer_common::state;
 
 use crate::event::state_name;
+use crate::pods::PodLabels;
 use crate::ports::{LabelledPorts, OTHER};
 use crate::scrape::{Published, Report};
 use crate::stuck::DEFAULT_THRESHOLDS;
+use parking_lot::Mutex;
 
 /// One scrape's census metrics (made anew for each scrape).
 struct CensusMetrics {
@@ -80,8 +82,9 @@ impl CensusMetrics {
             stuck: gauges(
                 "tracer_tcp_stuck_sockets",
                 "Sockets older than their state's --stuck-after threshold at the last census, \
-                 from sock_diag joined with inet_sock_set_state, every network namespace.",
-                &["state", "port"],
+                 from sock_diag joined with inet_sock_set_state, every network namespace, by the \
+                 Kubernetes namespace and pod of the socket's cgroup (empty outside pods).",
+                &["state", "port", "namespace", "pod"],
             )?,
             oldest_age: GaugeVec::new(
                 Opts::new(
@@ -145,7 +148,13 @@ impl CensusMetrics {
     }
 
     /// Fills every metric from `report` (none yet: the series that exist at 0).
-    fn fill(&self, report: Option<&Report>, ports: &LabelledPorts, errors: u64) {
+    fn fill(
+        &self,
+        report: Option<&Report>,
+        ports: &LabelledPorts,
+        pods: &Mutex<PodLabels>,
+        errors: u64,
+    ) {
         self.errors.inc_by(errors);
         for result in ["visited", "unreachable"] {
             self.namespaces.with_label_values(&[result]);
@@ -159,7 +168,7 @@ impl CensusMetrics {
         for (s, _) in DEFAULT_THRESHOLDS {
             self.oldest_age.with_label_values(&[state_name(s)]);
             for v in &values {
-                self.stuck.with_label_values(&[state_name(s), v]);
+                self.stuck.with_label_values(&[state_name(s), v, "", ""]);
             }
         }
         for v in &values {
@@ -193,8 +202,16 @@ impl CensusMetrics {
         ] {
             self.corrections.with_label_values(&[action]).inc_by(n);
         }
-        for ((s, port), n) in fold(&j.stuck, |&(s, port)| (s, ports.label(port))) {
-            self.stuck.with_label_values(&[state_name(s), &port]).set(n);
+        let stuck = {
+            let mut pods = pods.lock();
+            fold(&j.stuck, |&(s, port, cgroup)| {
+                (s, ports.label(port), pods.label(r.workload(cgroup)))
+            })
+        };
+        for ((s, port, (namespace, pod)), n) in stuck {
+            self.stuck
+                .with_label_values(&[state_name(s), &port, &namespace, &pod])
+                .set(n);
         }
         for (&s, age) in &j.oldest {
             self.oldest_age
@@ -222,7 +239,7 @@ impl CensusMetrics {
 }
 
 /// Sums counts whose keys map to the same label values.
-fn fold<K, L: Ord>(counts: &BTreeMap<K, u64>, label: impl Fn(&K) -> L) -> BTreeMap<L, i64> {
+fn fold<K, L: Ord>(counts: &BTreeMap<K, u64>, mut label: impl FnMut(&K) -> L) -> BTreeMap<L, i64> {
     let mut out = BTreeMap::new();
     for (k, &n) in counts {
         *out.entry(label(k)).or_default() += n as i64;
@@ -234,11 +251,17 @@ fn fold<K, L: Ord>(counts: &BTreeMap<K, u64>, label: impl Fn(&K) -> L) -> BTreeM
 pub struct CensusCollector {
     published: Arc<Published>,
     ports: Arc<LabelledPorts>,
+    /// The pod label budget, shared with the event metrics.
+    pods: Arc<Mutex<PodLabels>>,
     descs: Vec<Desc>,
 }
 
 impl CensusCollector {
-    pub fn new(published: Arc<Published>, ports: Arc<LabelledPorts>) -> prometheus::Result<Self> {
+    pub fn new(
+        published: Arc<Published>,
+        ports: Arc<LabelledPorts>,
+        pods: Arc<Mutex<PodLabels>>,
+    ) -> prometheus::Result<Self> {
         let template = CensusMetrics::new()?;
         let descs = template
             .collectors()
@@ -249,6 +272,7 @@ impl CensusCollector {
         Ok(CensusCollector {
             published,
             ports,
+            pods,
             descs,
         })
     }
@@ -268,6 +292,7 @@ impl Collector for CensusCollector {
         m.fill(
             report.as_deref(),
             &self.ports,
+            &self.pods,
             self.published.errors.load(Ordering::Relaxed),
         );
         m.collectors().iter().flat_map(|c| c.collect()).collect()
@@ -283,7 +308,10 @@ fn text(report: Option<Report>, ports: Arc<LabelledPorts>) -> String {
     }
     let registry = prometheus::Registry::new();
     registry
-        .register(Box::new(CensusCollector::new(published, ports).unwrap()))
+        .register(Box::new(
+            CensusCollector::new(published, ports, Arc::new(Mutex::new(PodLabels::new(8))))
+                .unwrap(),
+        ))
         .unwrap();
     crate::event_metrics::encode(&registry).unwrap()
 }
@@ -301,8 +329,8 @@ mod tests {
         labels.slot(8080, Use::Accepted);
         let t = text(None, labels.shared());
         for line in [
-            "tracer_tcp_stuck_sockets{port=\"other\",state=\"close_wait\"} 0\n",
-            "tracer_tcp_stuck_sockets{port=\"8080\",state=\"syn_sent\"} 0\n",
+            "tracer_tcp_stuck_sockets{namespace=\"\",pod=\"\",port=\"other\",state=\"close_wait\"} 0\n",
+            "tracer_tcp_stuck_sockets{namespace=\"\",pod=\"\",port=\"8080\",state=\"syn_sent\"} 0\n",
             "tracer_tcp_time_wait_sockets{port=\"other\"} 0\n",
             "tracer_tcp_oldest_socket_age_seconds{state=\"close_wait\"} 0\n",
             "tracer_tcp_listen_overflows_total 0\n",
@@ -320,7 +348,7 @@ mod tests {
         labels.slot(5432, Use::Connected { netns: 0 });
         let mut joined = Joined {
             time_wait: [(5432, 3), (40_001, 2), (40_002, 5)].into(),
-            stuck: [((state::CLOSE_WAIT, 40_003), 1)].into(),
+            stuck: [((state::CLOSE_WAIT, 40_003, 0), 1)].into(),
             ..Default::default()
         };
         joined.by_state[state::TIME_WAIT as usize] = 10;
@@ -337,12 +365,13 @@ mod tests {
             added: 2,
             dropped: 3,
             thresholds: Default::default(),
+            workloads: Default::default(),
         };
         let t = text(Some(report), labels.shared());
         for line in [
             "tracer_tcp_time_wait_sockets{port=\"5432\"} 3\n",
             "tracer_tcp_time_wait_sockets{port=\"other\"} 7\n",
-            "tracer_tcp_stuck_sockets{port=\"other\",state=\"close_wait\"} 1\n",
+            "tracer_tcp_stuck_sockets{namespace=\"\",pod=\"\",port=\"other\",state=\"close_wait\"} 1\n",
             "tracer_tcp_sockets{state=\"time_wait\"} 10\n",
             "tracer_census_timestamp_seconds 1700000000\n",
             "tracer_census_duration_seconds 0.25\n",

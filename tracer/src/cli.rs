@@ -40,6 +40,15 @@ pub struct SocketsArgs {
     /// Only sockets at least this long in their state, e.g. 30s.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub older_than: Option<Duration>,
+    /// Only sockets of this Kubernetes pod (its name or UID).
+    #[arg(long, value_name = "NAME")]
+    pub pod: Option<String>,
+    /// Only sockets of pods in this Kubernetes namespace.
+    #[arg(long, value_name = "NAME")]
+    pub namespace: Option<String>,
+    /// Only sockets of this container (its id, or the start of it).
+    #[arg(long, value_name = "ID")]
+    pub container: Option<String>,
     /// At most this many sockets.
     #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub limit: u32,
@@ -100,6 +109,25 @@ pub struct RunArgs {
     /// /sockets show, e.g. 5s; never more than 5% of the time (see README).
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub census_interval: Duration,
+    /// Most pods given their own `namespace` and `pod` label values in metrics (stuck sockets,
+    /// handshake failures); later pods are counted under `other`.
+    #[arg(long, value_name = "N", default_value_t = 128, value_parser = clap::value_parser!(u16).range(1..=10_000))]
+    pub max_pods: u16,
+    #[command(flatten)]
+    pub attribution: AttributionArgs,
+}
+
+/// Where sockets' cgroups are resolved to containers and pods.
+#[derive(Clone, Debug, Args)]
+pub struct AttributionArgs {
+    /// The cgroup v2 file system of the host, to resolve socket cgroups in (default: the
+    /// cgroup2 mount in /proc/self/mountinfo; a hybrid host's /sys/fs/cgroup works too). In a
+    /// container, mount the host's /sys/fs/cgroup and give it here.
+    #[arg(long, value_name = "DIR")]
+    pub cgroup_root: Option<std::path::PathBuf>,
+    /// The kubelet's pod log directory, whose <namespace>_<name>_<uid> entries name pods.
+    #[arg(long, value_name = "DIR", default_value = "/var/log/pods")]
+    pub pod_logs_dir: std::path::PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -126,6 +154,8 @@ pub struct WatchArgs {
     /// (the memory it takes is this times the number of CPUs).
     #[arg(long, value_name = "BYTES", default_value = "1M", value_parser = parse_size)]
     pub ring_buffer_size: u32,
+    #[command(flatten)]
+    pub attribution: AttributionArgs,
 }
 
 impl RunArgs {

@@ -191,6 +191,7 @@ pub(crate) mod tests {
             sk_err: 0,
             retrans: 0,
             netns: 0,
+            cgroup: 0,
         }
     }
 

@@ -11,6 +11,9 @@ use prometheus::local::{LocalHistogram, LocalIntCounter};
 use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
 
 use crate::event::{state_name, STATE_NAMES};
+use std::collections::HashMap;
+
+use crate::pods::{PodAttribution, PodLabel};
 use crate::ports::{PortLabels, Use, OTHER};
 use crate::sockets::{Failure, Mode, Observation, Teardown};
 
@@ -66,7 +69,10 @@ pub struct EventMetrics {
     handshake: HistogramVec,
     handshake_h: ByPort<LocalHistogram>,
     failures: IntCounterVec,
-    failures_h: ByPort<LocalIntCounter>,
+    /// By (reason, port slot, namespace and pod).
+    failures_h: HashMap<(usize, usize, PodLabel), LocalIntCounter>,
+    /// Which pod a failed connect came from.
+    pods: PodAttribution,
     teardown: HistogramVec,
     teardown_h: ByPort<LocalHistogram>,
     lifetime: HistogramVec,
@@ -79,7 +85,11 @@ pub struct EventMetrics {
 
 impl EventMetrics {
     /// Registers every event metric in `registry`, with the series of port `other` at 0.
-    pub fn new(registry: &Registry, ports: PortLabels) -> Result<EventMetrics> {
+    pub fn new(
+        registry: &Registry,
+        ports: PortLabels,
+        pods: PodAttribution,
+    ) -> Result<EventMetrics> {
         let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
             let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
             let h = HistogramVec::new(opts, labels)?;
@@ -101,8 +111,10 @@ impl EventMetrics {
         )?;
         let failures = counter(
             "tracer_tcp_handshake_failures_total",
-            "Active opens that ended SYN_SENT -> CLOSE, from inet_sock_set_state, by sk_err reason.",
-            &["mode", "reason", "port"],
+            "Active opens that ended SYN_SENT -> CLOSE, from inet_sock_set_state, by sk_err reason \
+             and by the Kubernetes namespace and pod of the connecting socket's cgroup (empty \
+             outside pods).",
+            &["mode", "reason", "port", "namespace", "pod"],
         )?;
         let teardown = histogram(
             "tracer_tcp_teardown_duration_seconds",
@@ -145,7 +157,8 @@ impl EventMetrics {
             handshake,
             handshake_h: ByPort::new(MODES.len()),
             failures,
-            failures_h: ByPort::new(FAILURES.len()),
+            failures_h: HashMap::new(),
+            pods,
             teardown,
             teardown_h: ByPort::new(TEARDOWNS.len()),
             lifetime,
@@ -166,7 +179,7 @@ impl EventMetrics {
         for reason in FAILURES {
             metrics
                 .failures
-                .with_label_values(&["active", reason, OTHER]);
+                .with_label_values(&["active", reason, OTHER, "", ""]);
         }
         metrics.new_ports();
         Ok(metrics)
@@ -221,14 +234,15 @@ impl EventMetrics {
                 reason,
                 port,
                 netns,
+                cgroup,
             } => {
                 let slot = self.ports.slot(port, Use::Connected { netns });
+                let pod = self.pods.label(cgroup);
                 let (vec, name) = (&self.failures, self.ports.name(slot));
+                let labels = ["active", FAILURES[reason as usize], name, &*pod.0, &*pod.1];
                 self.failures_h
-                    .get(reason as usize, slot, || {
-                        vec.with_label_values(&["active", FAILURES[reason as usize], name])
-                            .local()
-                    })
+                    .entry((reason as usize, slot, pod.clone()))
+                    .or_insert_with(|| vec.with_label_values(&labels).local())
                     .inc();
             }
             Observation::Teardown { mode, port, ns } => {
@@ -263,7 +277,7 @@ impl EventMetrics {
             .flatten()
             .for_each(LocalIntCounter::flush);
         self.state_duration.iter().for_each(LocalHistogram::flush);
-        self.failures_h.all().for_each(LocalIntCounter::flush);
+        self.failures_h.values().for_each(LocalIntCounter::flush);
         for h in [&self.handshake_h, &self.teardown_h, &self.lifetime_h] {
             h.all().for_each(LocalHistogram::flush);
         }
@@ -281,7 +295,8 @@ impl EventMetrics {
             if matches!(why, Use::Connected { .. } | Use::Counted) {
                 self.handshake.with_label_values(&["active", &name]);
                 for reason in FAILURES {
-                    self.failures.with_label_values(&["active", reason, &name]);
+                    self.failures
+                        .with_label_values(&["active", reason, &name, "", ""]);
                 }
             }
         }
@@ -318,7 +333,11 @@ mod tests {
     fn metrics(max_ports: usize) -> (Registry, EventMetrics) {
         let registry = Registry::new();
         let ports = PortLabels::new(&[], max_ports, DEFAULT_EPHEMERAL);
-        let m = EventMetrics::new(&registry, ports).unwrap();
+        let pods = PodAttribution {
+            resolver: None,
+            labels: Default::default(),
+        };
+        let m = EventMetrics::new(&registry, ports, pods).unwrap();
         (registry, m)
     }
 
@@ -366,7 +385,7 @@ mod tests {
         for line in [
             "tracer_tcp_handshake_duration_seconds_count{mode=\"active\",port=\"other\"} 0",
             "tracer_tcp_handshake_duration_seconds_count{mode=\"passive\",port=\"other\"} 0",
-            "tracer_tcp_handshake_failures_total{mode=\"active\",port=\"other\",reason=\"refused\"} 0",
+            "tracer_tcp_handshake_failures_total{mode=\"active\",namespace=\"\",pod=\"\",port=\"other\",reason=\"refused\"} 0",
             "tracer_tcp_teardown_duration_seconds_count{mode=\"passive\",port=\"other\"} 0",
             "tracer_tcp_connection_duration_seconds_count{mode=\"active\",port=\"other\"} 0",
             "tracer_events_total 0",
@@ -378,14 +397,15 @@ mod tests {
             reason: Failure::Timeout,
             port: 5432,
             netns: 0,
+            cgroup: 0,
         });
         m.flush(1);
         let text = encode(&registry).unwrap();
         assert!(text.contains(
-            "tracer_tcp_handshake_failures_total{mode=\"active\",port=\"5432\",reason=\"refused\"} 0"
+            "tracer_tcp_handshake_failures_total{mode=\"active\",namespace=\"\",pod=\"\",port=\"5432\",reason=\"refused\"} 0"
         ));
         assert!(text.contains(
-            "tracer_tcp_handshake_failures_total{mode=\"active\",port=\"5432\",reason=\"timeout\"} 1"
+            "tracer_tcp_handshake_failures_total{mode=\"active\",namespace=\"\",pod=\"\",port=\"5432\",reason=\"timeout\"} 1"
         ));
         assert!(text.contains(
             "tracer_tcp_handshake_duration_seconds_count{mode=\"active\",port=\"5432\"} 0"

@@ -6,6 +6,7 @@
 //! does with them (it attaches the same programs everywhere).
 
 use btf_rs::{Btf, Type};
+use tracer_common::SockOffsets;
 
 /// One optional feature.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,16 +24,27 @@ pub struct Feature {
 ///   for resets sent by a socket; 6.12 and 6.18 also for those that answer no socket. The
 ///   kernels that do have a third tracepoint argument (`enum sk_rst_reason`), which is what
 ///   is detected.
-pub fn detect(btf: &Btf) -> Vec<Feature> {
-    vec![Feature {
-        name: "resets_sent_without_socket",
-        enabled: tracepoint_args(btf, "tcp_send_reset").is_some_and(|n| n >= 3),
-        missing: "this kernel's tcp/tcp_send_reset tracepoint does not fire for a reset that \
+///
+/// - `cgroup`: the socket's cgroup (and so its container and pod) needs `struct
+///   sock_cgroup_data` with a plain `cgroup` pointer (Linux 5.15+).
+pub fn detect(btf: &Btf, offsets: &SockOffsets) -> Vec<Feature> {
+    vec![
+        Feature {
+            name: "cgroup",
+            enabled: crate::btf::reads_cgroup(offsets),
+            missing: "this kernel's struct sock_cgroup_data has no plain cgroup pointer (Linux \
+                      5.15+ has one): sockets are not attributed to cgroups, containers or pods",
+        },
+        Feature {
+            name: "resets_sent_without_socket",
+            enabled: tracepoint_args(btf, "tcp_send_reset").is_some_and(|n| n >= 3),
+            missing: "this kernel's tcp/tcp_send_reset tracepoint does not fire for a reset that \
                   answers no socket (a SYN to a closed port), so \
                   tracer_tcp_resets_total{direction=\"sent\",state=\"none\"} stays 0 (kernels \
                   whose tracepoint has a reset-reason argument do: 6.12 and 6.18 in the \
                   kernel matrix, not 6.1)",
-    }]
+        },
+    ]
 }
 
 /// Number of arguments of a tracepoint (the `__data` context pointer not counted), from the

@@ -88,6 +88,8 @@ pub struct SocketView {
     pub pid: u32,
     /// NUL-padded, as the kernel keeps it (turned into text only when rendered).
     pub comm: [u8; 16],
+    /// The socket's cgroup id (0: not known; see `workload` for what it names).
+    pub cgroup: u64,
     /// The service port (not a label value: `ports` decides that when exporting).
     pub port: u16,
 }
@@ -132,8 +134,8 @@ pub struct Corrections {
 #[derive(Clone, Debug, Default)]
 pub struct Joined {
     pub sockets: Vec<SocketView>,
-    /// Stuck sockets per (state, service port) at the census.
-    pub stuck: BTreeMap<(u8, u16), u64>,
+    /// Stuck sockets per (state, service port, cgroup id) at the census.
+    pub stuck: BTreeMap<(u8, u16, u64), u64>,
     /// Oldest age per state at the census, among sockets with a known age or lower bound.
     pub oldest: BTreeMap<u8, Duration>,
     /// TIME-WAIT sockets per service port.
@@ -229,6 +231,7 @@ pub fn join(
                                 ns.dumped_at_ns,
                                 Since::Census,
                                 netns,
+                                r.cgroup,
                             );
                             out.corrections.state_corrected += 1;
                             info = table.get(r.cookie);
@@ -241,6 +244,7 @@ pub fn join(
                                 started_ns,
                                 Since::AgentStart,
                                 netns,
+                                r.cgroup,
                             );
                             info = table.get(r.cookie);
                         }
@@ -248,7 +252,14 @@ pub fn join(
                             // Found by the previous census too, in this state: add it, in
                             // that state since that census at the latest.
                             Some(&(state, since_ns)) if state == census_state => {
-                                if table.correct(r.cookie, state, since_ns, Since::Census, netns) {
+                                if table.correct(
+                                    r.cookie,
+                                    state,
+                                    since_ns,
+                                    Since::Census,
+                                    netns,
+                                    r.cgroup,
+                                ) {
                                     out.corrections.added += 1;
                                 }
                                 info = table.get(r.cookie);
@@ -310,6 +321,10 @@ pub fn join(
                         (None, _) => (None, AgeSource::Unknown),
                     };
                 let (pid, comm) = info.map_or((0, [0; 16]), |i| (i.pid, i.comm));
+                // The cgroup the probe read when the socket opened, else sock_diag's (full
+                // sockets only: TIME-WAIT and request sockets have none there).
+                let cgroup = info.map_or(0, |i| i.cgroup);
+                let cgroup = if cgroup != 0 { cgroup } else { r.cgroup };
                 out.sockets.push(SocketView {
                     netns: ns.netns,
                     state: view_state,
@@ -319,6 +334,7 @@ pub fn join(
                     age_source,
                     pid,
                     comm,
+                    cgroup,
                     port,
                 });
             }
@@ -328,15 +344,15 @@ pub fn join(
         }
         // A request socket belongs to its listener (the probe credits a passive child the
         // same way).
-        let owners: HashMap<u16, (u32, [u8; 16])> = out.sockets[first..]
+        let owners: HashMap<u16, (u32, [u8; 16], u64)> = out.sockets[first..]
             .iter()
-            .filter(|v| v.state == state::LISTEN && v.pid != 0)
-            .map(|v| (v.local.port(), (v.pid, v.comm)))
+            .filter(|v| v.state == state::LISTEN && (v.pid != 0 || v.cgroup != 0))
+            .map(|v| (v.local.port(), (v.pid, v.comm, v.cgroup)))
             .collect();
         for v in &mut out.sockets[first..] {
             if v.age_source == AgeSource::SynAckTimer {
-                if let Some(&(pid, comm)) = owners.get(&v.local.port()) {
-                    (v.pid, v.comm) = (pid, comm);
+                if let Some(&(pid, comm, cgroup)) = owners.get(&v.local.port()) {
+                    (v.pid, v.comm, v.cgroup) = (pid, comm, cgroup);
                 }
             }
         }
@@ -350,7 +366,7 @@ pub fn join(
         let oldest = out.oldest.entry(v.state).or_default();
         *oldest = (*oldest).max(age);
         if thresholds.is_stuck(v.state, age) {
-            *out.stuck.entry((v.state, v.port)).or_default() += 1;
+            *out.stuck.entry((v.state, v.port, v.cgroup)).or_default() += 1;
         }
     }
     out.services = services
@@ -435,6 +451,7 @@ mod tests {
             inode: 1,
             cookie,
             retransmit: None,
+            cgroup: 0,
         }
     }
 
@@ -517,7 +534,7 @@ mod tests {
                 8080
             )
         );
-        assert_eq!(j.stuck.get(&(state::CLOSE_WAIT, 8080)), Some(&1));
+        assert_eq!(j.stuck.get(&(state::CLOSE_WAIT, 8080, 0)), Some(&1));
         assert_eq!(
             j.oldest.get(&state::CLOSE_WAIT),
             Some(&Duration::from_secs(65))
@@ -553,7 +570,7 @@ mod tests {
             (v.age(100 * S), v.age_source),
             (Some(Duration::from_secs(70)), AgeSource::AgentStart)
         );
-        assert_eq!(j.stuck.get(&(state::CLOSE_WAIT, 9000)), Some(&1));
+        assert_eq!(j.stuck.get(&(state::CLOSE_WAIT, 9000, 0)), Some(&1));
     }
 
     #[test]
@@ -596,7 +613,7 @@ mod tests {
         assert_eq!(j.corrections, Corrections::default());
         assert_eq!(j.sockets[0].age(81 * S), Some(Duration::from_secs(61)));
         assert_eq!(
-            j.stuck.get(&(state::CLOSE_WAIT, 8080)),
+            j.stuck.get(&(state::CLOSE_WAIT, 8080, 0)),
             Some(&1),
             "service port from the table"
         );
@@ -635,7 +652,7 @@ mod tests {
             (v.age_source, v.age(70 * S)),
             (AgeSource::Census, Some(Duration::from_secs(60)))
         );
-        assert_eq!(j.stuck.get(&(state::CLOSE_WAIT, 40001)), Some(&1));
+        assert_eq!(j.stuck.get(&(state::CLOSE_WAIT, 40001, 0)), Some(&1));
     }
 
     #[test]
@@ -700,7 +717,7 @@ mod tests {
                 AgeSource::SynAckTimer
             )
         );
-        assert_eq!(j.stuck.get(&(state::SYN_RECV, 9000)), Some(&1));
+        assert_eq!(j.stuck.get(&(state::SYN_RECV, 9000, 0)), Some(&1));
     }
 
     #[test]

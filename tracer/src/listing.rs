@@ -15,6 +15,7 @@ use crate::event::{parse_state, state_name};
 use crate::join::{Destination, SocketView};
 use crate::scrape::Report;
 use crate::stuck::reason;
+use crate::workload::Workload;
 
 /// Default and largest `limit`.
 pub const DEFAULT_LIMIT: usize = 100;
@@ -54,9 +55,69 @@ pub struct ListedSocket {
     pub comm: String,
     /// Network namespace inode, as in `/proc/PID/ns/net -> net:[INODE]`.
     pub netns: u64,
+    /// Its cgroup and what that is: container, pod, unit.
+    #[serde(flatten)]
+    pub workload: WorkloadFields,
     pub stuck: bool,
     /// Why being stuck in this state matters; null when not stuck.
     pub reason: Option<String>,
+}
+
+/// Which cgroup, container and pod a socket belongs to; null where not known (the same keys
+/// as `tracer watch --json`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct WorkloadFields {
+    /// The kernel's id of the socket's cgroup v2 cgroup (0: not known).
+    #[serde(default)]
+    pub cgroup_id: u64,
+    /// Its path in the cgroup v2 hierarchy, as `ss --cgroup` shows it.
+    #[serde(default)]
+    pub cgroup: Option<String>,
+    #[serde(default)]
+    pub container_id: Option<String>,
+    /// `containerd`, `crio` or `docker`, where the path names the runtime.
+    #[serde(default)]
+    pub container_runtime: Option<String>,
+    #[serde(default)]
+    pub pod_uid: Option<String>,
+    /// From the kubelet's pod log directory; null when the node does not keep it.
+    #[serde(default)]
+    pub pod_namespace: Option<String>,
+    #[serde(default)]
+    pub pod_name: Option<String>,
+    /// `guaranteed`, `burstable` or `besteffort`.
+    #[serde(default)]
+    pub pod_qos: Option<String>,
+    /// The systemd unit, for a cgroup that is not a container's.
+    #[serde(default)]
+    pub unit: Option<String>,
+}
+
+impl WorkloadFields {
+    /// The fields of a socket in cgroup `id`, which is `w` (None: not resolved).
+    pub fn new(id: u64, w: Option<&Workload>) -> WorkloadFields {
+        let Some(w) = w else {
+            return WorkloadFields {
+                cgroup_id: id,
+                ..Default::default()
+            };
+        };
+        let container = w.container.as_ref();
+        let pod = w.pod.as_ref();
+        WorkloadFields {
+            cgroup_id: id,
+            cgroup: Some(w.path.to_string()),
+            container_id: container.map(|c| c.id.clone()),
+            container_runtime: container
+                .map(|c| c.runtime.to_owned())
+                .filter(|r| !r.is_empty()),
+            pod_uid: pod.map(|p| p.uid.clone()),
+            pod_namespace: pod.and_then(|p| p.namespace.clone()),
+            pod_name: pod.and_then(|p| p.name.clone()),
+            pod_qos: pod.map(|p| p.qos.to_owned()),
+            unit: w.unit.clone(),
+        }
+    }
 }
 
 /// A destination of the listing.
@@ -77,6 +138,11 @@ pub struct SocketFilter {
     pub states: Vec<u8>,
     pub port: Option<u16>,
     pub older_than: Option<Duration>,
+    /// Only sockets of this pod (its name or UID), of pods in this Kubernetes namespace, of
+    /// this container (its id or a prefix of it).
+    pub pod: Option<String>,
+    pub namespace: Option<String>,
+    pub container: Option<String>,
     pub limit: usize,
 }
 
@@ -86,6 +152,9 @@ impl Default for SocketFilter {
             states: Vec::new(),
             port: None,
             older_than: None,
+            pod: None,
+            namespace: None,
+            container: None,
             limit: DEFAULT_LIMIT,
         }
     }
@@ -127,9 +196,14 @@ impl SocketFilter {
                         }
                     }
                 }
+                "pod" => f.pod = Some(value.clone()),
+                "namespace" => f.namespace = Some(value.clone()),
+                "container" if value.is_empty() => return Err("container is empty".into()),
+                "container" => f.container = Some(value.clone()),
                 other => {
                     return Err(format!(
-                        "unknown parameter {other:?}; use state, port, older_than, limit"
+                        "unknown parameter {other:?}; use state, port, older_than, pod, \
+                         namespace, container, limit"
                     ))
                 }
             }
@@ -150,6 +224,7 @@ impl SocketFilter {
                 self.port
                     .is_none_or(|p| s.local.port() == p || s.remote.port() == p)
             })
+            .filter(|s| self.matches_workload(report.workload(s.cgroup)))
             .map(|s| (s.age(now_ns), s))
             .filter(|(age, _)| self.older_than.is_none_or(|d| age.is_some_and(|a| a >= d)))
             .collect();
@@ -177,6 +252,7 @@ impl SocketFilter {
                     pid: s.pid,
                     comm: comm_text(&s.comm).into_owned(),
                     netns: s.netns,
+                    workload: WorkloadFields::new(s.cgroup, report.workload(s.cgroup)),
                     stuck,
                     reason: stuck.then(|| reason(s.state).to_owned()),
                 }
@@ -193,6 +269,24 @@ impl SocketFilter {
             sockets,
             busiest_destinations: report.joined.destinations.iter().map(destination).collect(),
         }
+    }
+}
+
+impl SocketFilter {
+    /// True when a socket in `w` passes the pod, namespace and container filters.
+    fn matches_workload(&self, w: Option<&Workload>) -> bool {
+        let pod = w.and_then(|w| w.pod.as_ref());
+        let container = w.and_then(|w| w.container.as_ref());
+        self.pod.as_deref().is_none_or(|want| {
+            pod.is_some_and(|p| p.uid == want || p.name.as_deref() == Some(want))
+        }) && self
+            .namespace
+            .as_deref()
+            .is_none_or(|want| pod.is_some_and(|p| p.namespace.as_deref() == Some(want)))
+            && self
+                .container
+                .as_deref()
+                .is_none_or(|want| container.is_some_and(|c| c.id.starts_with(want)))
     }
 }
 
@@ -226,6 +320,7 @@ mod tests {
             age_source: AgeSource::Transition,
             pid: 7,
             comm: *b"srv\0\0\0\0\0\0\0\0\0\0\0\0\0",
+            cgroup: 0,
             port,
         }
     }
@@ -248,6 +343,7 @@ mod tests {
             added: 0,
             dropped: 0,
             thresholds: Default::default(),
+            workloads: Default::default(),
         }
     }
 

@@ -102,6 +102,15 @@ pub struct ProbeReadings {
     pub programs: Vec<ProgramStats>,
 }
 
+impl Probe {
+    /// True when the probe reports each socket's cgroup on this kernel (feature `cgroup`).
+    pub fn reads_cgroups(&self) -> bool {
+        self.features
+            .iter()
+            .any(|f| f.name == "cgroup" && f.enabled)
+    }
+}
+
 impl ProbeCounters {
     /// Every transition that did not reach userspace.
     pub fn lost_total(&self) -> u64 {
@@ -117,7 +126,7 @@ impl Probe {
         raise_memlock_limit();
         let kernel_btf = crate::btf::kernel_btf()?;
         let offsets = crate::btf::sock_offsets(&kernel_btf)?;
-        let features = crate::features::detect(&kernel_btf);
+        let features = crate::features::detect(&kernel_btf, &offsets);
         drop(kernel_btf);
         let filter_ports: u8 = u8::from(!config.ports.is_empty());
         // Wake the reader early only when a quarter of the ring is waiting; otherwise it

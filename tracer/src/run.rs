@@ -26,6 +26,7 @@ use crate::event_metrics::EventMetrics;
 use crate::features::Feature;
 use crate::http::Health;
 use crate::kernel_metrics::{KernelMetrics, TableSize};
+use crate::pods::{PodAttribution, PodLabels};
 use crate::ports::{PortLabelCollector, PortLabels, DEFAULT_EPHEMERAL};
 use crate::probe::{Probe, ProbeConfig, DRAIN_INTERVAL};
 use crate::ring::{monotonic_ns, EventRings};
@@ -58,12 +59,22 @@ pub async fn run(args: &RunArgs) -> Result<()> {
     let registry = Registry::new();
     let ports = PortLabels::new(&args.ports, usize::from(args.max_ports), own_port_range());
     let labelled = ports.shared();
-    let mut events = EventMetrics::new(&registry, ports)?;
+    // Pods get label values from one budget, shared by the event and census metrics; each
+    // thread resolves cgroups with its own resolver (a miss walks the cgroup tree, at most
+    // once a second, on that thread only).
+    let pod_labels = Arc::new(Mutex::new(PodLabels::new(usize::from(args.max_pods))));
+    let resolver = || crate::pods::resolver(&args.attribution, probe.reads_cgroups());
+    let pods = PodAttribution {
+        resolver: resolver(),
+        labels: pod_labels.clone(),
+    };
+    let mut events = EventMetrics::new(&registry, ports, pods)?;
     let mut kernel = KernelMetrics::new(&registry)?;
     let published = Arc::new(Published::default());
     registry.register(Box::new(CensusCollector::new(
         published.clone(),
         labelled.clone(),
+        pod_labels,
     )?))?;
     registry.register(Box::new(PortLabelCollector::new(labelled.clone())?))?;
     register_build_info(&registry)?;
@@ -78,6 +89,7 @@ pub async fn run(args: &RunArgs) -> Result<()> {
             interval: args.census_interval,
             thresholds: args.thresholds(),
             started_ns,
+            resolver: resolver(),
         };
         let (table, applied_ns, published) = (table.clone(), applied_ns.clone(), published.clone());
         std::thread::Builder::new()

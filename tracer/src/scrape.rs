@@ -22,11 +22,14 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
+use std::collections::HashMap;
+
 use crate::join::{join, Joined, Mode, Unfollowed};
 use crate::ports::Use;
 use crate::ring::monotonic_ns;
 use crate::sockets::SocketTable;
 use crate::stuck::Thresholds;
+use crate::workload::{Resolver, Workload};
 
 /// Nice value of the census thread (the event thread keeps the default, 0).
 const CENSUS_NICE: libc::c_int = 10;
@@ -58,6 +61,16 @@ pub struct Report {
     pub added: u64,
     pub dropped: u64,
     pub thresholds: Thresholds,
+    /// What the cgroup of each listed socket is (container, pod, unit), for the sockets whose
+    /// cgroup could be resolved.
+    pub workloads: HashMap<u64, Arc<Workload>>,
+}
+
+impl Report {
+    /// What the cgroup `id` is, if known.
+    pub fn workload(&self, id: u64) -> Option<&Workload> {
+        self.workloads.get(&id).map(|w| &**w)
+    }
 }
 
 /// What the census thread publishes and the HTTP side reads.
@@ -94,12 +107,14 @@ pub struct CensusConfig {
     /// CLOCK_MONOTONIC when the probe was attached: sockets older than that are "at least
     /// since start".
     pub started_ns: u64,
+    /// Resolves cgroup ids to containers and pods (None: not on this host).
+    pub resolver: Option<Resolver>,
 }
 
 /// Runs censuses until `stop` is dropped (or sends). `applied_ns` is how far (in probe time)
 /// the event reader has applied events to `table`.
 pub fn run(
-    config: CensusConfig,
+    mut config: CensusConfig,
     table: Arc<Mutex<SocketTable>>,
     applied_ns: Arc<AtomicU64>,
     published: Arc<Published>,
@@ -168,6 +183,7 @@ pub fn run(
                         .collect()
                 });
                 let _ = news.send(PortNews { ranges, seed });
+                let workloads = resolve_all(config.resolver.as_mut(), &joined);
                 totals.add(&census, &joined);
                 published.publish(Report {
                     taken_ns,
@@ -182,6 +198,7 @@ pub fn run(
                     dropped: totals.dropped,
                     joined,
                     thresholds: config.thresholds.clone(),
+                    workloads,
                 });
                 first = false;
                 cpu = census.cpu;
@@ -257,4 +274,20 @@ impl Totals {
         self.added += joined.corrections.added;
         self.dropped += joined.corrections.dropped;
     }
+}
+
+/// The workload of every distinct cgroup among the census's sockets.
+fn resolve_all(resolver: Option<&mut Resolver>, joined: &Joined) -> HashMap<u64, Arc<Workload>> {
+    let mut out = HashMap::new();
+    let Some(resolver) = resolver else {
+        return out;
+    };
+    for v in &joined.sockets {
+        if v.cgroup != 0 && !out.contains_key(&v.cgroup) {
+            if let Some(w) = resolver.resolve(v.cgroup) {
+                out.insert(v.cgroup, w);
+            }
+        }
+    }
+    out
 }

@@ -68,11 +68,12 @@ pub enum Observation {
         netns: u32,
         ns: u64,
     },
-    /// A failed active open.
+    /// A failed active open, from a socket in cgroup `cgroup` (0: not known).
     HandshakeFailure {
         reason: Failure,
         port: u16,
         netns: u32,
+        cgroup: u64,
     },
     /// From leaving ESTABLISHED to CLOSE.
     Teardown { mode: Teardown, port: u16, ns: u64 },
@@ -102,7 +103,7 @@ struct Entry {
     established_ns: u64,
     /// When it left ESTABLISHED (0: not seen); who started closing is in `teardown`.
     teardown_ns: u64,
-    /// The owner the probe named, as an id in [`Owners`] (0: unknown).
+    /// The owner the probe named (process and cgroup), as an id in [`Owners`] (0: unknown).
     owner: u32,
     /// Its network namespace inode (0: not known).
     netns: u32,
@@ -125,6 +126,8 @@ pub struct Step {
     /// (pid 0 and an empty comm when the table never saw that).
     pub pid: u32,
     pub comm: [u8; 16],
+    /// Its cgroup id, as the probe read it then (0: not known).
+    pub cgroup: u64,
 }
 
 /// What the table knows of one socket, for the stuck-socket listing.
@@ -136,6 +139,8 @@ pub struct SocketInfo {
     pub since: Since,
     pub pid: u32,
     pub comm: [u8; 16],
+    /// Its cgroup id (0: not known).
+    pub cgroup: u64,
     /// The service port the table learnt when it saw the socket open (0: not known).
     pub port: u16,
     /// Network namespace inode (0: not known).
@@ -166,21 +171,23 @@ pub struct SocketTable {
     evicted: u64,
 }
 
-/// The owners (pid, command name) of followed sockets, each kept once: a host's sockets
-/// belong to few processes, so an entry holds a 4-byte id rather than 20 bytes.
+/// The owners (pid, command name, cgroup id) of followed sockets, each kept once: a host's
+/// sockets belong to few processes, so an entry holds a 4-byte id rather than 28 bytes.
 #[derive(Default)]
 struct Owners {
-    ids: foldhash::HashMap<(u32, [u8; 16]), u32>,
+    ids: foldhash::HashMap<OwnerKey, u32>,
     /// Owner `id` is at `id - 1`, with the number of entries that refer to it.
-    list: Vec<((u32, [u8; 16]), u32)>,
+    list: Vec<(OwnerKey, u32)>,
     /// Ids no entry refers to any more, to reuse.
     free: Vec<u32>,
 }
 
+/// An owner: pid, command name and cgroup id.
+type OwnerKey = (u32, [u8; 16], u64);
+
 impl Owners {
     /// The id of this owner, counted as one more reference.
-    fn acquire(&mut self, pid: u32, comm: [u8; 16]) -> u32 {
-        let key = (pid, comm);
+    fn acquire(&mut self, key: OwnerKey) -> u32 {
         let id = match self.ids.get(&key) {
             Some(&id) => id,
             None => {
@@ -217,11 +224,11 @@ impl Owners {
         }
     }
 
-    /// The pid and command name of `id` (0 and empty for 0).
-    fn get(&self, id: u32) -> (u32, [u8; 16]) {
+    /// The pid, command name and cgroup of `id` (0, empty and 0 for 0).
+    fn get(&self, id: u32) -> OwnerKey {
         match id.checked_sub(1).and_then(|i| self.list.get(i as usize)) {
             Some(&(owner, _)) => owner,
-            None => (0, [0; 16]),
+            None => (0, [0; 16], 0),
         }
     }
 }
@@ -293,8 +300,10 @@ impl SocketTable {
             // A socket the census found before the table saw it open.
             e.mode = opening_mode(old, new);
         }
-        let (pid, comm) = if t.pid != 0 {
-            (t.pid, t.comm)
+        // The opening transitions name the owner and the cgroup; the others carry neither.
+        let names_owner = t.pid != 0 || t.cgroup != 0;
+        let (pid, comm, cgroup) = if names_owner {
+            (t.pid, t.comm, t.cgroup)
         } else {
             self.owners.get(e.owner)
         };
@@ -345,6 +354,7 @@ impl SocketTable {
                     reason,
                     port: t.dport,
                     netns: e.netns,
+                    cgroup,
                 });
             }
             (ESTABLISHED, FIN_WAIT1) => (e.teardown, e.teardown_ns) = (Some(Teardown::Active), now),
@@ -379,11 +389,16 @@ impl SocketTable {
                 self.entries.remove(&t.cookie);
                 self.owners.release(e.owner);
             }
-            return Step { dwell, pid, comm };
+            return Step {
+                dwell,
+                pid,
+                comm,
+                cgroup,
+            };
         }
-        if t.pid != 0 {
+        if names_owner {
             // Taken before the old one is let go: the same owner is not dropped and re-made.
-            let id = self.owners.acquire(t.pid, t.comm);
+            let id = self.owners.acquire((t.pid, t.comm, t.cgroup));
             self.owners.release(e.owner);
             e.owner = id;
         }
@@ -392,7 +407,12 @@ impl SocketTable {
             e.since_ns = now;
             e.since = Since::Transition;
             self.await_cookie(t.skaddr, e);
-            return Step { dwell, pid, comm };
+            return Step {
+                dwell,
+                pid,
+                comm,
+                cgroup,
+            };
         }
 
         e.state = new;
@@ -404,7 +424,12 @@ impl SocketTable {
             self.compact_order();
         }
         self.entries.insert(t.cookie, e);
-        Step { dwell, pid, comm }
+        Step {
+            dwell,
+            pid,
+            comm,
+            cgroup,
+        }
     }
 
     /// Number of sockets followed now.
@@ -427,7 +452,7 @@ impl SocketTable {
     pub fn allocated_bytes(&self) -> usize {
         let bucket = std::mem::size_of::<(u64, Entry)>() + 1;
         let buckets = (self.entries.capacity() * 8 / 7).next_power_of_two();
-        let owner = std::mem::size_of::<((u32, [u8; 16]), u32)>();
+        let owner = std::mem::size_of::<(OwnerKey, u32)>();
         buckets * bucket
             + self.order.capacity() * 8
             + self.owners.list.capacity() * owner
@@ -442,13 +467,14 @@ impl SocketTable {
     /// What the table knows of the socket with this cookie.
     pub fn get(&self, cookie: u64) -> Option<SocketInfo> {
         self.entries.get(&cookie).map(|e| {
-            let (pid, comm) = self.owners.get(e.owner);
+            let (pid, comm, cgroup) = self.owners.get(e.owner);
             SocketInfo {
                 state: e.state,
                 since_ns: e.since_ns,
                 since: e.since,
                 pid,
                 comm,
+                cgroup,
                 port: e.port,
                 netns: e.netns,
             }
@@ -466,24 +492,37 @@ impl SocketTable {
         since_ns: u64,
         since: Since,
         netns: u32,
+        cgroup: u64,
     ) -> bool {
         if let Some(e) = self.entries.get_mut(&cookie) {
             (e.state, e.since_ns, e.since) = (state, since_ns, since);
             if e.netns == 0 {
                 e.netns = netns;
             }
+            let (pid, comm, known) = self.owners.get(e.owner);
+            if known == 0 && cgroup != 0 {
+                let id = self.owners.acquire((pid, comm, cgroup));
+                self.owners.release(e.owner);
+                e.owner = id;
+            }
             return true;
         }
         if self.is_full() {
             return false;
         }
+        // A socket older than the agent: no owner is known, its cgroup is (sock_diag's).
+        let owner = if cgroup != 0 {
+            self.owners.acquire((0, [0; 16], cgroup))
+        } else {
+            0
+        };
         self.entries.insert(
             cookie,
             Entry {
                 since_ns,
                 established_ns: 0,
                 teardown_ns: 0,
-                owner: 0,
+                owner,
                 netns,
                 port: 0,
                 state,

@@ -9,7 +9,7 @@ use base64::Engine as _;
 
 use crate::cli::SocketsArgs;
 use crate::event::state_name;
-use crate::listing::Listing;
+use crate::listing::{Listing, WorkloadFields};
 
 /// How long to wait for the agent: it answers from its last census, at once.
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,7 +45,54 @@ pub fn query_url(args: &SocketsArgs) -> String {
     if let Some(d) = args.older_than {
         let _ = write!(url, "&older_than={}ms", d.as_millis());
     }
+    for (key, value) in [
+        ("pod", &args.pod),
+        ("namespace", &args.namespace),
+        ("container", &args.container),
+    ] {
+        if let Some(v) = value {
+            let _ = write!(url, "&{key}={}", percent_encode(v));
+        }
+    }
     url
+}
+
+/// `value` for a query string: unreserved characters as they are, every other byte `%XX`.
+fn percent_encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+/// One column's worth of who owns a socket: `namespace/pod` (and the container's first 12
+/// characters), the container alone, the systemd unit, the cgroup path, or `-`.
+fn workload_column(w: &WorkloadFields) -> String {
+    let container = w.container_id.as_deref().map(|id| &id[..id.len().min(12)]);
+    let pod = match (&w.pod_namespace, &w.pod_name, &w.pod_uid) {
+        (Some(ns), Some(name), _) => Some(format!("{ns}/{name}")),
+        (_, _, Some(uid)) => Some(format!("pod:{uid}")),
+        _ => None,
+    };
+    match (pod, container, &w.unit, &w.cgroup) {
+        (Some(p), Some(c), _, _) => format!("{p}/{c}"),
+        (Some(p), None, _, _) => p,
+        (None, Some(c), _, _) => {
+            format!(
+                "{}:{c}",
+                w.container_runtime.as_deref().unwrap_or("container")
+            )
+        }
+        (None, None, Some(unit), _) => unit.clone(),
+        (None, None, None, Some(path)) => path.clone(),
+        (None, None, None, None) if w.cgroup_id != 0 => format!("cgroup:{}", w.cgroup_id),
+        _ => "-".to_owned(),
+    }
 }
 
 fn fetch(url: &str, args: &SocketsArgs) -> Result<String> {
@@ -121,8 +168,8 @@ pub fn render(listing: &Listing) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:>10} {:<12} {:>7} {:<15} {:>11} {:<28} {:<28} FLAG",
-        "AGE", "STATE", "PID", "COMM", "NETNS", "LOCAL", "REMOTE"
+        "{:>10} {:<12} {:>7} {:<15} {:>11} {:<28} {:<28} {:<40} FLAG",
+        "AGE", "STATE", "PID", "COMM", "NETNS", "LOCAL", "REMOTE", "WORKLOAD"
     );
     for s in &listing.sockets {
         let age = match s.age_seconds {
@@ -154,7 +201,7 @@ pub fn render(listing: &Listing) -> String {
         };
         let _ = writeln!(
             out,
-            "{:>10} {:<12} {:>7} {:<15} {:>11} {:<28} {:<28} {}",
+            "{:>10} {:<12} {:>7} {:<15} {:>11} {:<28} {:<28} {:<40} {}",
             age,
             s.state,
             pid,
@@ -162,6 +209,7 @@ pub fn render(listing: &Listing) -> String {
             s.netns,
             endpoint(&s.local_addr, s.local_port),
             endpoint(&s.remote_addr, s.remote_port),
+            crate::event::Printable(workload_column(&s.workload).as_bytes()),
             flag
         );
     }
@@ -227,6 +275,7 @@ mod tests {
                 pid,
                 comm: comm.into(),
                 netns: 4026531840,
+                workload: Default::default(),
                 stuck: reason.is_some(),
                 reason: reason.map(Into::into),
             }

@@ -16,6 +16,7 @@ use crate::event::{self, Transition};
 use crate::probe::{Probe, ProbeConfig, ProbeCounters};
 use crate::ring::EventRings;
 use crate::sockets::SocketTable;
+use crate::workload::{Resolver, Workload};
 
 /// Sockets the watch command follows for dwell times (about 40 bytes each).
 const WATCH_TABLE_SOCKETS: usize = 1 << 20;
@@ -48,7 +49,8 @@ pub async fn run(args: &WatchArgs) -> Result<Summary> {
     let mut drain = tokio::time::interval(crate::probe::DRAIN_INTERVAL);
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    let mut printer = Printer::new(args);
+    let resolver = crate::pods::resolver(&args.attribution, probe.reads_cgroups());
+    let mut printer = Printer::new(args, resolver);
     eprintln!(
         "tracer: attached to inet_sock_set_state; watching TCP state changes (Ctrl-C to stop)"
     );
@@ -119,6 +121,8 @@ struct Printer {
     pid: Option<u32>,
     remaining: Option<u64>,
     sockets: SocketTable,
+    /// Cgroup ids to containers and pods (None: not available on this host).
+    resolver: Option<Resolver>,
     /// Wall clock minus CLOCK_MONOTONIC, to turn kernel timestamps into wall time.
     realtime_offset_ns: i128,
     received: u64,
@@ -127,7 +131,7 @@ struct Printer {
 }
 
 impl Printer {
-    fn new(args: &WatchArgs) -> Printer {
+    fn new(args: &WatchArgs, resolver: Option<Resolver>) -> Printer {
         let mut states = [false; 256];
         for &s in &args.states {
             states[s as usize] = true;
@@ -140,6 +144,7 @@ impl Printer {
             pid: args.pid,
             remaining: args.count,
             sockets: SocketTable::new(WATCH_TABLE_SOCKETS),
+            resolver,
             realtime_offset_ns: clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC),
             received: 0,
             printed: 0,
@@ -174,11 +179,15 @@ impl Printer {
         // Every socket the probe reports is followed, filtered or not: its dwell times, and
         // its owner, which the probe names only at the socket's opening.
         let step = self.sockets.observe(&t);
-        (t.pid, t.comm) = (step.pid, step.comm);
+        (t.pid, t.comm, t.cgroup) = (step.pid, step.comm, step.cgroup);
         if !self.wanted(&t) {
             return Ok(true);
         }
-        self.print(&t, step.dwell)?;
+        let workload = match self.resolver.as_mut() {
+            Some(r) => r.resolve(t.cgroup),
+            None => None,
+        };
+        self.print(&t, step.dwell, workload.as_deref())?;
         self.printed += 1;
         if let Some(n) = self.remaining.as_mut() {
             *n -= 1;
@@ -204,21 +213,31 @@ impl Printer {
     fn header(&mut self) -> Result<()> {
         writeln!(
             self.out,
-            "{:<15} {:>7} {:<15} {:<30} {:<30} {:<27} {:>9}",
+            "{:<15} {:>7} {:<15} {:<30} {:<30} {:<27} {:>9} WORKLOAD",
             "TIME(UTC)", "PID", "COMM", "LOCAL", "REMOTE", "OLD -> NEW", "DWELL"
         )?;
         Ok(())
     }
 
-    fn print(&mut self, t: &Transition, dwell: Option<u64>) -> io::Result<()> {
+    fn print(
+        &mut self,
+        t: &Transition,
+        dwell: Option<u64>,
+        w: Option<&Workload>,
+    ) -> io::Result<()> {
         if self.json {
-            self.print_json(t, dwell)
+            self.print_json(t, dwell, w)
         } else {
-            self.print_human(t, dwell)
+            self.print_human(t, dwell, w)
         }
     }
 
-    fn print_json(&mut self, t: &Transition, dwell: Option<u64>) -> io::Result<()> {
+    fn print_json(
+        &mut self,
+        t: &Transition,
+        dwell: Option<u64>,
+        w: Option<&Workload>,
+    ) -> io::Result<()> {
         let out = &mut self.out;
         let time_ns = (t.time_ns as i128 + self.realtime_offset_ns).max(0);
         write!(
@@ -240,12 +259,20 @@ impl Printer {
             event::state_name(t.newstate),
         )?;
         match dwell {
-            Some(ns) => writeln!(out, "{ns}}}"),
-            None => writeln!(out, "null}}"),
+            Some(ns) => write!(out, "{ns}")?,
+            None => write!(out, "null")?,
         }
+        write!(out, ",\"cgroup_id\":{}", t.cgroup)?;
+        write_workload_json(out, w)?;
+        writeln!(out, "}}")
     }
 
-    fn print_human(&mut self, t: &Transition, dwell: Option<u64>) -> io::Result<()> {
+    fn print_human(
+        &mut self,
+        t: &Transition,
+        dwell: Option<u64>,
+        w: Option<&Workload>,
+    ) -> io::Result<()> {
         let wall_ns = (t.time_ns as i128 + self.realtime_offset_ns).max(0) as u128;
         let day_us = (wall_ns / 1_000) % 86_400_000_000;
         let (h, m, s, us) = (
@@ -274,12 +301,42 @@ impl Printer {
             pad = 27usize.saturating_sub(used)
         )?;
         match dwell {
-            None => writeln!(self.out, "{:>9}", "-"),
-            Some(ns) if ns < 10_000_000 => writeln!(self.out, "{:>7}us", ns / 1_000),
-            Some(ns) if ns < 10_000_000_000 => writeln!(self.out, "{:>7}ms", ns / 1_000_000),
-            Some(ns) => writeln!(self.out, "{:>8}s", ns / 1_000_000_000),
+            None => write!(self.out, "{:>9}", "-")?,
+            Some(ns) if ns < 10_000_000 => write!(self.out, "{:>7}us", ns / 1_000)?,
+            Some(ns) if ns < 10_000_000_000 => write!(self.out, "{:>7}ms", ns / 1_000_000)?,
+            Some(ns) => write!(self.out, "{:>8}s", ns / 1_000_000_000)?,
+        }
+        match w {
+            Some(w) => writeln!(self.out, " {}", event::Printable(w.short().as_bytes())),
+            None if t.cgroup == 0 => writeln!(self.out, " -"),
+            None => writeln!(self.out, " cgroup:{}", t.cgroup),
         }
     }
+}
+
+/// Writes the JSON keys that say which cgroup, container and pod a socket belongs to (null
+/// where not known), after a preceding key.
+pub fn write_workload_json(out: &mut impl Write, w: Option<&Workload>) -> io::Result<()> {
+    let container = w.and_then(|w| w.container.as_ref());
+    let pod = w.and_then(|w| w.pod.as_ref());
+    let fields: [(&str, Option<&str>); 8] = [
+        ("cgroup", w.map(|w| &*w.path)),
+        ("container_id", container.map(|c| c.id.as_str())),
+        (
+            "container_runtime",
+            container.map(|c| c.runtime).filter(|r| !r.is_empty()),
+        ),
+        ("pod_uid", pod.map(|p| p.uid.as_str())),
+        ("pod_namespace", pod.and_then(|p| p.namespace.as_deref())),
+        ("pod_name", pod.and_then(|p| p.name.as_deref())),
+        ("pod_qos", pod.map(|p| p.qos)),
+        ("unit", w.and_then(|w| w.unit.as_deref())),
+    ];
+    for (key, value) in fields {
+        write!(out, ",\"{key}\":")?;
+        serde_json::to_writer(&mut *out, &value)?;
+    }
+    Ok(())
 }
 
 /// Writes `addr:port` (`[v6]:port`) padded to 30 columns, without allocating.

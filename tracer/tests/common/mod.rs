@@ -475,8 +475,9 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (code, body)
 }
 
-/// The value of the sample `name{labels}` (labels matched exactly, in any order) in a
-/// Prometheus text exposition; None when absent.
+/// The value of the sample `name{labels}` (labels matched exactly, in any order; a label with
+/// an empty value counts as absent, as in Prometheus) in a Prometheus text exposition; None
+/// when absent.
 pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let mut want: Vec<(String, String)> = labels
         .iter()
@@ -499,6 +500,8 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
                 .filter(|p| !p.is_empty())
                 .filter_map(|p| p.split_once('='))
                 .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
+                // An empty value is no label at all, to Prometheus.
+                .filter(|(_, v)| !v.is_empty())
                 .collect();
             got.sort();
             (got == want).then(|| value.parse().ok()).flatten()

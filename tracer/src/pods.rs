@@ -1,0 +1,165 @@
+//! Who owns a socket, in Kubernetes terms, for the metrics: the `namespace` and `pod` label
+//! values, within a budget.
+//!
+//! Owns: which pods get a label value (the first `--max-pods` distinct pods seen, kept for the
+//! agent's life; later ones are `other`), and opening the cgroup resolver from the flags.
+//! Does not own: turning a cgroup into a pod (`workload`, `cgroups`).
+//!
+//! A socket outside any pod (a host process, a systemd service, a plain container) and one
+//! whose cgroup is not known have empty values: those labels are absent in Prometheus terms,
+//! and nothing is invented. A pod whose name the node does not keep (no `/var/log/pods`
+//! directory) is labelled by its UID, with an empty namespace.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::cgroups::{cgroup2_root, CgroupPaths};
+use crate::cli::AttributionArgs;
+use crate::workload::{PodNames, Resolver, Workload};
+
+/// The label value of pods past the budget.
+pub const OTHER: &str = "other";
+
+/// Most cgroups whose path is kept (a node's cgroup tree has a few thousand at most).
+const CGROUP_CAPACITY: usize = 65_536;
+
+/// The `namespace` and `pod` label values of one socket.
+pub type PodLabel = (Arc<str>, Arc<str>);
+
+/// Gives pods label values, at most `budget` of them.
+pub struct PodLabels {
+    budget: usize,
+    given: HashMap<PodLabel, ()>,
+    none: PodLabel,
+    other: PodLabel,
+    /// Label lookups that fell to `other` since the agent started.
+    pub overflowed: u64,
+}
+
+impl Default for PodLabels {
+    /// The default budget of `--max-pods`.
+    fn default() -> Self {
+        PodLabels::new(128)
+    }
+}
+
+impl PodLabels {
+    pub fn new(budget: usize) -> PodLabels {
+        PodLabels {
+            budget,
+            given: HashMap::new(),
+            none: (Arc::from(""), Arc::from("")),
+            other: (Arc::from(OTHER), Arc::from(OTHER)),
+            overflowed: 0,
+        }
+    }
+
+    /// The label values of a socket in `workload` (None: its cgroup is not known).
+    pub fn label(&mut self, workload: Option<&Workload>) -> PodLabel {
+        let Some(pod) = workload.and_then(|w| w.pod.as_ref()) else {
+            return self.none.clone();
+        };
+        let key: PodLabel = match (&pod.namespace, &pod.name) {
+            (Some(ns), Some(name)) => (Arc::from(ns.as_str()), Arc::from(name.as_str())),
+            _ => (Arc::from(""), Arc::from(pod.uid.as_str())),
+        };
+        if self.given.contains_key(&key) {
+            return key;
+        }
+        if self.given.len() >= self.budget {
+            self.overflowed += 1;
+            return self.other.clone();
+        }
+        self.given.insert(key.clone(), ());
+        key
+    }
+
+    /// Pods with a label value.
+    pub fn len(&self) -> usize {
+        self.given.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.given.is_empty()
+    }
+}
+
+/// What the event path needs to label by pod: its own resolver (None: not on this host) and
+/// the label budget it shares with the census metrics.
+pub struct PodAttribution {
+    pub resolver: Option<Resolver>,
+    pub labels: Arc<parking_lot::Mutex<PodLabels>>,
+}
+
+impl PodAttribution {
+    /// The label values of a socket in cgroup `id` (0: not known).
+    pub fn label(&mut self, id: u64) -> PodLabel {
+        let workload = match self.resolver.as_mut() {
+            Some(r) => r.resolve(id),
+            None => None,
+        };
+        self.labels.lock().label(workload.as_deref())
+    }
+}
+
+/// The cgroup resolver the flags ask for, or None (said once, in one line) when this host has
+/// no cgroup v2 file system to resolve ids in or the kernel does not report them.
+pub fn resolver(args: &AttributionArgs, kernel_reports_cgroups: bool) -> Option<Resolver> {
+    if !kernel_reports_cgroups {
+        return None;
+    }
+    match cgroup2_root(args.cgroup_root.as_deref()) {
+        Ok(root) => Some(Resolver::new(
+            CgroupPaths::new(root, CGROUP_CAPACITY),
+            PodNames::new(args.pod_logs_dir.clone()),
+        )),
+        Err(e) => {
+            eprintln!("tracer: {e:#}");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workload::parse_path;
+
+    fn pod(ns: &str, name: &str, uid: &str) -> Workload {
+        let mut w = parse_path(&format!(
+            "/kubepods.slice/kubepods-pod{}.slice",
+            uid.replace('-', "_")
+        ));
+        let p = w.pod.as_mut().expect("a pod path");
+        (p.namespace, p.name) = (Some(ns.into()), Some(name.into()));
+        w
+    }
+
+    #[test]
+    fn pods_get_values_up_to_the_budget_then_other_and_keep_them() {
+        let mut labels = PodLabels::new(2);
+        let a = pod("shop", "cart-1", "11111111-2222-3333-4444-555555555555");
+        let b = pod("shop", "web-1", "21111111-2222-3333-4444-555555555555");
+        let c = pod("db", "pg-0", "31111111-2222-3333-4444-555555555555");
+        assert_eq!(&*labels.label(Some(&a)).1, "cart-1");
+        assert_eq!(&*labels.label(Some(&b)).0, "shop");
+        assert_eq!(&*labels.label(Some(&c)).1, OTHER);
+        assert_eq!(&*labels.label(Some(&a)).1, "cart-1", "kept once given");
+        assert_eq!((labels.len(), labels.overflowed), (2, 1));
+    }
+
+    #[test]
+    fn no_pod_or_unknown_cgroup_has_empty_values_and_a_nameless_pod_its_uid() {
+        let mut labels = PodLabels::new(10);
+        assert_eq!(&*labels.label(None).1, "");
+        let unit = parse_path("/system.slice/nginx.service");
+        assert_eq!(&*labels.label(Some(&unit)).0, "");
+        let uid = "0f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b";
+        let nameless = parse_path(&format!(
+            "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+            uid.replace('-', "_")
+        ));
+        let (ns, pod) = labels.label(Some(&nameless));
+        assert_eq!((&*ns, &*pod), ("", uid));
+    }
+}
