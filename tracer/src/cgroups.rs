@@ -7,7 +7,7 @@
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{DirEntryExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -176,17 +176,18 @@ impl CgroupPaths {
                 continue;
             };
             for child in children.flatten() {
-                // DirEntry::metadata does not follow symlinks.
-                let meta = match child.metadata() {
-                    Ok(meta) if meta.is_dir() => meta,
-                    _ => continue,
-                };
+                // The type and inode number come with the directory entry (getdents): no stat
+                // per entry (a cgroup directory holds a few dozen files), and symlinks are
+                // not followed.
+                if !child.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
                 if found.len() >= self.capacity {
                     self.truncated_walks += 1;
                     break 'walk;
                 }
                 let rel = format!("{rel}/{}", child.file_name().to_string_lossy());
-                found.insert(meta.ino(), Arc::from(rel.as_str()));
+                found.insert(child.ino(), Arc::from(rel.as_str()));
                 pending.push((child.path(), rel));
             }
         }

@@ -77,6 +77,7 @@ fn substitute(expr: &str) -> String {
     expr.replace("$__rate_interval", "30s")
         .replace("$instance", ".*")
         .replace("$port", ".*")
+        .replace("$namespace", ".*")
 }
 
 #[test]
@@ -84,16 +85,38 @@ fn every_panel_query_returns_data_and_every_rule_parses() {
     if !require_root("every_panel_query_returns_data_and_every_rule_parses") {
         return;
     }
-    let agent = Agent::start(&["--stuck-after", "close_wait=1s"]);
+    // A Kubernetes pod (containerd, systemd cgroup driver) for the by-pod panels.
+    let mut tree = Cgroups::new();
+    let uid = "5e1f0c2a-3b4d-4e6f-8a9b-0c1d2e3f4a5b";
+    let pod = tree.make(&format!(
+        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/\
+         cri-containerd-{}.scope",
+        uid.replace('-', "_"),
+        "ab".repeat(32)
+    ));
+    let logs = PodLogs::new(&[("shop", "cart-0", uid)]);
+    let root = tree.root.to_str().unwrap().to_owned();
+    let mut args = vec![
+        "--stuck-after",
+        "close_wait=1s",
+        "--pod-logs-dir",
+        logs.dir(),
+    ];
+    if tree.mounted {
+        args.extend(["--cgroup-root", root.as_str()]);
+    }
+    let agent = Agent::start(&args);
     let prom = Prometheus::start(agent.addr);
 
-    // Handshakes, teardowns, lifetimes; refused connects (failures, resets).
+    // Handshakes, teardowns, lifetimes; refused connects (failures, resets), from the pod.
     let server = Server::start(V4, 50, Closer::Client);
     connect_many(server.addr, 50, Closer::Client);
     server.join();
+    tree.enter(&pod);
     connect_refused(closed_port(V4), 5);
-    // A CLOSE_WAIT leak, stuck after 1 s.
-    let leak = TcpListener::bind((V4, 0)).unwrap();
+    // A CLOSE_WAIT leak in the pod, stuck after 1 s.
+    let leak = TcpListener::bind(closed_port(V4)).unwrap();
+    tree.leave();
     let kept: Vec<_> = (0..3)
         .map(|_| {
             let c = TcpStream::connect(leak.local_addr().unwrap()).unwrap();
@@ -154,4 +177,5 @@ fn every_panel_query_returns_data_and_every_rule_parses() {
             .unwrap_or_else(|e| panic!("{place}: {e}"));
     }
     drop((kept, leak, full));
+    drop(tree);
 }

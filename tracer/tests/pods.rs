@@ -15,123 +15,6 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 
-/// A cgroup v2 subtree made for one test, removed on drop (after the test moved itself back
-/// where it was).
-struct Cgroups {
-    /// The cgroup2 mount, and whether this test mounted it (a kernel-matrix guest may have
-    /// none).
-    root: PathBuf,
-    mounted: bool,
-    /// This test's subtree, and the test process's own cgroup (to go back to).
-    top: PathBuf,
-    home: PathBuf,
-    made: Vec<PathBuf>,
-}
-
-impl Cgroups {
-    fn new() -> Cgroups {
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-        let found = mountinfo.lines().find_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            let point = left.split_whitespace().nth(4)?;
-            (right.split_whitespace().next() == Some("cgroup2")).then(|| PathBuf::from(point))
-        });
-        let (root, mounted) = match found {
-            Some(r) => (r, false),
-            None => {
-                let dir =
-                    std::env::temp_dir().join(format!("tracer-cgroup2-{}", std::process::id()));
-                std::fs::create_dir_all(&dir).expect("mount point");
-                run_ok("mount", &["-t", "cgroup2", "none", dir.to_str().unwrap()]);
-                (dir, true)
-            }
-        };
-        let own = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
-        let own = own
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .expect("a cgroup v2 line in /proc/self/cgroup");
-        let home = root.join(own.trim_start_matches('/'));
-        let top = root.join(format!("tracer-test-{}", std::process::id()));
-        std::fs::create_dir_all(&top).expect("the test's cgroup");
-        Cgroups {
-            root,
-            mounted,
-            top,
-            home,
-            made: Vec::new(),
-        }
-    }
-
-    /// Makes `rel` (and its parents) under this test's subtree.
-    fn make(&mut self, rel: &str) -> PathBuf {
-        let mut dir = self.top.clone();
-        for part in rel.split('/') {
-            dir.push(part);
-            if !dir.exists() {
-                std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {dir:?}: {e}"));
-                self.made.push(dir.clone());
-            }
-        }
-        dir
-    }
-
-    /// Moves this process (every thread) into `dir`: sockets made now belong to it.
-    fn enter(&self, dir: &Path) {
-        std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
-            .unwrap_or_else(|e| panic!("moving into {dir:?}: {e}"));
-    }
-
-    fn leave(&self) {
-        self.enter(&self.home);
-    }
-
-    /// The path as `ss --cgroup` and the agent show it.
-    fn path(&self, dir: &Path) -> String {
-        format!("/{}", dir.strip_prefix(&self.root).unwrap().display())
-    }
-}
-
-impl Drop for Cgroups {
-    fn drop(&mut self) {
-        let _ = std::fs::write(
-            self.home.join("cgroup.procs"),
-            std::process::id().to_string(),
-        );
-        for dir in self.made.iter().rev() {
-            let _ = std::fs::remove_dir(dir);
-        }
-        let _ = std::fs::remove_dir(&self.top);
-        if self.mounted {
-            let _ = std::process::Command::new("umount")
-                .arg(&self.root)
-                .status();
-            let _ = std::fs::remove_dir(&self.root);
-        }
-    }
-}
-
-/// A `/var/log/pods`-style directory: `<namespace>_<name>_<uid>` per pod.
-struct PodLogs(PathBuf);
-
-impl PodLogs {
-    fn new(pods: &[&Pod]) -> PodLogs {
-        let dir = std::env::temp_dir().join(format!("tracer-pod-logs-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        for p in pods {
-            std::fs::create_dir_all(dir.join(format!("{}_{}_{}", p.namespace, p.name, p.uid)))
-                .expect("pod log dir");
-        }
-        PodLogs(dir)
-    }
-}
-
-impl Drop for PodLogs {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// One "pod" of the test, with the container the test runs in.
 struct Pod {
     namespace: &'static str,
@@ -215,7 +98,8 @@ fn every_socket_names_its_container_and_pod_as_the_kernel_records_them() {
     let refuser = pod("web", "api-0", u[2], "guaranteed", Some("docker"), 3);
     let holder = pod("batch", "job-x", u[3], "burstable", None, 4);
     let service = tree.make("system.slice/tracer-test-echo.service");
-    let logs = PodLogs::new(&[&server, &client, &refuser, &holder]);
+    let logs =
+        PodLogs::new(&[&server, &client, &refuser, &holder].map(|p| (p.namespace, p.name, p.uid)));
 
     let (pa, pr, pe) = (closed_port(V4), closed_port(V4), closed_port(V4));
     let ports: Vec<String> = [pa, pr, pe].iter().map(|a| a.port().to_string()).collect();

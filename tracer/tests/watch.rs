@@ -330,9 +330,14 @@ fn human_output_has_aligned_columns_and_unknown_owner_dashes() {
         "{first}"
     );
     assert_eq!(
-        *cols.last().unwrap(),
+        cols[cols.len() - 2],
         "-",
         "dwell of a pre-existing state is unknown: {first}"
+    );
+    assert_eq!(
+        *cols.last().unwrap(),
+        "-",
+        "the cgroup of a socket opened before watch is unknown: {first}"
     );
     let header_new = out.stdout[0].find("OLD -> NEW").unwrap();
     assert_eq!(

@@ -3,6 +3,9 @@
 //! on loopback.
 #![allow(dead_code)]
 
+mod cgroups;
+pub use cgroups::{Cgroups, PodLogs};
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream};
