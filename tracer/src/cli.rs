@@ -113,8 +113,19 @@ pub struct RunArgs {
     /// handshake failures); later pods are counted under `other`.
     #[arg(long, value_name = "N", default_value_t = 128, value_parser = clap::value_parser!(u16).range(1..=10_000))]
     pub max_pods: u16,
+    /// Also label the handshake, teardown and lifetime histograms by `namespace` and `pod`
+    /// (`--label-by pod`). Off by default: each pod multiplies their series.
+    #[arg(long = "label-by", value_name = "LABEL", value_enum)]
+    pub label_by: Vec<LabelBy>,
     #[command(flatten)]
     pub attribution: AttributionArgs,
+}
+
+/// Extra labels of the histograms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LabelBy {
+    /// The Kubernetes namespace and pod of the socket.
+    Pod,
 }
 
 /// Where sockets' cgroups are resolved to containers and pods.

@@ -11,9 +11,7 @@ use prometheus::local::{LocalHistogram, LocalIntCounter};
 use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
 
 use crate::event::{state_name, STATE_NAMES};
-use std::collections::HashMap;
-
-use crate::pods::{PodAttribution, PodLabel};
+use crate::pods::PodAttribution;
 use crate::ports::{PortLabels, Use, OTHER};
 use crate::sockets::{Failure, Mode, Observation, Teardown};
 
@@ -37,9 +35,10 @@ pub const MODES: [&str; 2] = ["active", "passive"];
 pub const TEARDOWNS: [&str; 3] = ["active", "passive", "simultaneous"];
 pub const FAILURES: [&str; 4] = ["refused", "timeout", "aborted", "other"];
 
-/// Label handles of one metric, by (one closed label) x port slot, made on first use.
+/// Label handles of one metric, by (one closed label) x port slot x pod slot, made on first
+/// use.
 struct ByPort<T> {
-    handles: Vec<Vec<Option<T>>>,
+    handles: Vec<Vec<Vec<Option<T>>>>,
 }
 
 impl<T: Clone> ByPort<T> {
@@ -49,16 +48,20 @@ impl<T: Clone> ByPort<T> {
         }
     }
 
-    fn get(&mut self, kind: usize, slot: usize, make: impl FnOnce() -> T) -> &T {
+    fn get(&mut self, kind: usize, slot: usize, pod: usize, make: impl FnOnce() -> T) -> &T {
         let row = &mut self.handles[kind];
         if row.len() <= slot {
-            row.resize(slot + 1, None);
+            row.resize(slot + 1, Vec::new());
         }
-        row[slot].get_or_insert_with(make)
+        let pods = &mut row[slot];
+        if pods.len() <= pod {
+            pods.resize(pod + 1, None);
+        }
+        pods[pod].get_or_insert_with(make)
     }
 
     fn all(&self) -> impl Iterator<Item = &T> {
-        self.handles.iter().flatten().flatten()
+        self.handles.iter().flatten().flatten().flatten()
     }
 }
 
@@ -69,10 +72,11 @@ pub struct EventMetrics {
     handshake: HistogramVec,
     handshake_h: ByPort<LocalHistogram>,
     failures: IntCounterVec,
-    /// By (reason, port slot, namespace and pod).
-    failures_h: HashMap<(usize, usize, PodLabel), LocalIntCounter>,
-    /// Which pod a failed connect came from.
+    failures_h: ByPort<LocalIntCounter>,
+    /// Which pod a socket belongs to: for failed connects always, for the histograms with
+    /// `--label-by pod`.
     pods: PodAttribution,
+    label_by_pod: bool,
     teardown: HistogramVec,
     teardown_h: ByPort<LocalHistogram>,
     lifetime: HistogramVec,
@@ -89,7 +93,14 @@ impl EventMetrics {
         registry: &Registry,
         ports: PortLabels,
         pods: PodAttribution,
+        label_by_pod: bool,
     ) -> Result<EventMetrics> {
+        // The histograms' labels: mode and port, and the pod's when asked for.
+        let by: &[&str] = if label_by_pod {
+            &["mode", "port", "namespace", "pod"]
+        } else {
+            &["mode", "port"]
+        };
         let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
             let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
             let h = HistogramVec::new(opts, labels)?;
@@ -106,7 +117,7 @@ impl EventMetrics {
             "TCP handshakes completed, from inet_sock_set_state: active is SYN_SENT to \
              ESTABLISHED on the connecting side, passive is the kernel's first-SYN-ACK-to-final-ACK \
              time on the accepting side; seconds.",
-            &["mode", "port"],
+            by,
             HANDSHAKE_BUCKETS,
         )?;
         let failures = counter(
@@ -120,14 +131,14 @@ impl EventMetrics {
             "tracer_tcp_teardown_duration_seconds",
             "Time from leaving ESTABLISHED (FIN_WAIT1 or CLOSE_WAIT) to CLOSE, from \
              inet_sock_set_state, by who closed first; seconds.",
-            &["mode", "port"],
+            by,
             HANDSHAKE_BUCKETS,
         )?;
         let lifetime = histogram(
             "tracer_tcp_connection_duration_seconds",
             "Connection lifetime from ESTABLISHED to CLOSE, from inet_sock_set_state, by open mode; \
              seconds.",
-            &["mode", "port"],
+            by,
             LONG_BUCKETS,
         )?;
         let state_vec = histogram(
@@ -157,8 +168,9 @@ impl EventMetrics {
             handshake,
             handshake_h: ByPort::new(MODES.len()),
             failures,
-            failures_h: HashMap::new(),
+            failures_h: ByPort::new(FAILURES.len()),
             pods,
+            label_by_pod,
             teardown,
             teardown_h: ByPort::new(TEARDOWNS.len()),
             lifetime,
@@ -170,11 +182,17 @@ impl EventMetrics {
         };
         // Panels and alerts read these from the first scrape: 0, not "No data".
         for mode in MODES {
-            metrics.handshake.with_label_values(&[mode, OTHER]);
-            metrics.lifetime.with_label_values(&[mode, OTHER]);
+            metrics
+                .handshake
+                .with_label_values(&metrics.values(mode, OTHER, 0));
+            metrics
+                .lifetime
+                .with_label_values(&metrics.values(mode, OTHER, 0));
         }
         for mode in TEARDOWNS {
-            metrics.teardown.with_label_values(&[mode, OTHER]);
+            metrics
+                .teardown
+                .with_label_values(&metrics.values(mode, OTHER, 0));
         }
         for reason in FAILURES {
             metrics
@@ -217,16 +235,27 @@ impl EventMetrics {
                 port,
                 netns,
                 ns,
+                cgroup,
             } => {
                 let why = match mode {
                     Mode::Active => Use::Connected { netns },
                     Mode::Passive => Use::Accepted,
                 };
                 let slot = self.ports.slot(port, why);
-                let (vec, name) = (&self.handshake, self.ports.name(slot));
-                self.handshake_h
-                    .get(mode as usize, slot, || {
-                        vec.with_label_values(&[MODES[mode as usize], name]).local()
+                let pod = self.pod_slot(cgroup);
+                let (vec, handles) = (&self.handshake, &mut self.handshake_h);
+                let values = || {
+                    values(
+                        &self.pods,
+                        self.label_by_pod,
+                        MODES[mode as usize],
+                        self.ports.name(slot),
+                        pod,
+                    )
+                };
+                handles
+                    .get(mode as usize, slot, pod, || {
+                        vec.with_label_values(&values()).local()
                     })
                     .observe(secs(ns));
             }
@@ -237,30 +266,62 @@ impl EventMetrics {
                 cgroup,
             } => {
                 let slot = self.ports.slot(port, Use::Connected { netns });
-                let pod = self.pods.label(cgroup);
+                let pod = self.pods.slot(cgroup);
+                let (namespace, pod_name) = self.pods.label(pod);
                 let (vec, name) = (&self.failures, self.ports.name(slot));
-                let labels = ["active", FAILURES[reason as usize], name, &*pod.0, &*pod.1];
                 self.failures_h
-                    .entry((reason as usize, slot, pod.clone()))
-                    .or_insert_with(|| vec.with_label_values(&labels).local())
+                    .get(reason as usize, slot, pod, || {
+                        let reason = FAILURES[reason as usize];
+                        vec.with_label_values(&["active", reason, name, namespace, pod_name])
+                            .local()
+                    })
                     .inc();
             }
-            Observation::Teardown { mode, port, ns } => {
+            Observation::Teardown {
+                mode,
+                port,
+                ns,
+                cgroup,
+            } => {
                 let slot = self.ports.slot(port, Use::Counted);
-                let (vec, name) = (&self.teardown, self.ports.name(slot));
-                self.teardown_h
-                    .get(mode as usize, slot, || {
-                        vec.with_label_values(&[TEARDOWNS[mode as usize], name])
-                            .local()
+                let pod = self.pod_slot(cgroup);
+                let (vec, handles) = (&self.teardown, &mut self.teardown_h);
+                let values = || {
+                    values(
+                        &self.pods,
+                        self.label_by_pod,
+                        TEARDOWNS[mode as usize],
+                        self.ports.name(slot),
+                        pod,
+                    )
+                };
+                handles
+                    .get(mode as usize, slot, pod, || {
+                        vec.with_label_values(&values()).local()
                     })
                     .observe(secs(ns));
             }
-            Observation::Lifetime { mode, port, ns } => {
+            Observation::Lifetime {
+                mode,
+                port,
+                ns,
+                cgroup,
+            } => {
                 let slot = self.ports.slot(port, Use::Counted);
-                let (vec, name) = (&self.lifetime, self.ports.name(slot));
-                self.lifetime_h
-                    .get(mode as usize, slot, || {
-                        vec.with_label_values(&[MODES[mode as usize], name]).local()
+                let pod = self.pod_slot(cgroup);
+                let (vec, handles) = (&self.lifetime, &mut self.lifetime_h);
+                let values = || {
+                    values(
+                        &self.pods,
+                        self.label_by_pod,
+                        MODES[mode as usize],
+                        self.ports.name(slot),
+                        pod,
+                    )
+                };
+                handles
+                    .get(mode as usize, slot, pod, || {
+                        vec.with_label_values(&values()).local()
                     })
                     .observe(secs(ns));
             }
@@ -277,11 +338,26 @@ impl EventMetrics {
             .flatten()
             .for_each(LocalIntCounter::flush);
         self.state_duration.iter().for_each(LocalHistogram::flush);
-        self.failures_h.values().for_each(LocalIntCounter::flush);
+        self.failures_h.all().for_each(LocalIntCounter::flush);
         for h in [&self.handshake_h, &self.teardown_h, &self.lifetime_h] {
             h.all().for_each(LocalHistogram::flush);
         }
         self.new_ports();
+    }
+
+    /// The pod slot a histogram observation of a socket in `cgroup` goes to: 0 (none) unless
+    /// `--label-by pod`.
+    fn pod_slot(&mut self, cgroup: u64) -> usize {
+        if self.label_by_pod {
+            self.pods.slot(cgroup)
+        } else {
+            0
+        }
+    }
+
+    /// The label values of a histogram series (see [`values`]).
+    fn values<'a>(&'a self, mode: &'a str, port: &'a str, pod: usize) -> Vec<&'a str> {
+        values(&self.pods, self.label_by_pod, mode, port, pod)
     }
 
     /// Makes the series of ports given a label value since the last call, at 0: the passive
@@ -290,10 +366,12 @@ impl EventMetrics {
         for (port, why) in self.ports.take_new() {
             let name = port.to_string();
             if matches!(why, Use::Accepted | Use::Listening { .. } | Use::Counted) {
-                self.handshake.with_label_values(&["passive", &name]);
+                self.handshake
+                    .with_label_values(&self.values("passive", &name, 0));
             }
             if matches!(why, Use::Connected { .. } | Use::Counted) {
-                self.handshake.with_label_values(&["active", &name]);
+                self.handshake
+                    .with_label_values(&self.values("active", &name, 0));
                 for reason in FAILURES {
                     self.failures
                         .with_label_values(&["active", reason, &name, "", ""]);
@@ -301,6 +379,23 @@ impl EventMetrics {
             }
         }
     }
+}
+
+/// The label values of a histogram series: mode and port, and the pod's with `--label-by
+/// pod`. Called when a label set is first used, not per event.
+fn values<'a>(
+    pods: &'a PodAttribution,
+    label_by_pod: bool,
+    mode: &'a str,
+    port: &'a str,
+    pod: usize,
+) -> Vec<&'a str> {
+    let mut v = vec![mode, port];
+    if label_by_pod {
+        let (namespace, pod) = pods.label(pod);
+        v.extend([&**namespace, &**pod]);
+    }
+    v
 }
 
 /// Label value of a teardown mode (for tests and docs).
@@ -333,11 +428,8 @@ mod tests {
     fn metrics(max_ports: usize) -> (Registry, EventMetrics) {
         let registry = Registry::new();
         let ports = PortLabels::new(&[], max_ports, DEFAULT_EPHEMERAL);
-        let pods = PodAttribution {
-            resolver: None,
-            labels: Default::default(),
-        };
-        let m = EventMetrics::new(&registry, ports, pods).unwrap();
+        let pods = PodAttribution::new(None, Default::default());
+        let m = EventMetrics::new(&registry, ports, pods, false).unwrap();
         (registry, m)
     }
 
@@ -356,6 +448,7 @@ mod tests {
                 port: 80,
                 netns: 0,
                 ns,
+                cgroup: 0,
             });
         }
         m.flush(0);

@@ -84,21 +84,65 @@ impl PodLabels {
     }
 }
 
-/// What the event path needs to label by pod: its own resolver (None: not on this host) and
-/// the label budget it shares with the census metrics.
+/// What the event path needs to label by pod: its own resolver (None: not on this host), the
+/// label budget it shares with the census metrics, and the pod of each cgroup it has seen, as
+/// a small number (a slot) that label handles are indexed by.
 pub struct PodAttribution {
-    pub resolver: Option<Resolver>,
-    pub labels: Arc<parking_lot::Mutex<PodLabels>>,
+    resolver: Option<Resolver>,
+    labels: Arc<parking_lot::Mutex<PodLabels>>,
+    /// Label values by slot; slot 0 is no pod (empty values).
+    slots: Vec<PodLabel>,
+    slot_of_label: HashMap<PodLabel, usize>,
+    slot_of_cgroup: HashMap<u64, usize>,
 }
 
 impl PodAttribution {
-    /// The label values of a socket in cgroup `id` (0: not known).
-    pub fn label(&mut self, id: u64) -> PodLabel {
-        let workload = match self.resolver.as_mut() {
-            Some(r) => r.resolve(id),
-            None => None,
+    pub fn new(resolver: Option<Resolver>, labels: Arc<parking_lot::Mutex<PodLabels>>) -> Self {
+        let none: PodLabel = (Arc::from(""), Arc::from(""));
+        PodAttribution {
+            resolver,
+            labels,
+            slots: vec![none.clone()],
+            slot_of_label: HashMap::from([(none, 0)]),
+            slot_of_cgroup: HashMap::new(),
+        }
+    }
+
+    /// The slot of the pod of cgroup `id` (0: no pod, or not known). A cgroup is remembered
+    /// once its pod is known by name; one not resolved yet, or a pod whose name the node does
+    /// not show yet, is looked up again next time (the resolver limits its own walks).
+    pub fn slot(&mut self, id: u64) -> usize {
+        if id == 0 {
+            return 0;
+        }
+        if let Some(&slot) = self.slot_of_cgroup.get(&id) {
+            return slot;
+        }
+        let Some(workload) = self.resolver.as_mut().and_then(|r| r.resolve(id)) else {
+            return 0;
         };
-        self.labels.lock().label(workload.as_deref())
+        let label = self.labels.lock().label(Some(&workload));
+        let slot = match self.slot_of_label.get(&label) {
+            Some(&slot) => slot,
+            None => {
+                self.slots.push(label.clone());
+                self.slot_of_label.insert(label, self.slots.len() - 1);
+                self.slots.len() - 1
+            }
+        };
+        let named = workload.pod.as_ref().is_none_or(|p| p.name.is_some());
+        if named {
+            if self.slot_of_cgroup.len() >= CGROUP_CAPACITY {
+                self.slot_of_cgroup.clear();
+            }
+            self.slot_of_cgroup.insert(id, slot);
+        }
+        slot
+    }
+
+    /// The `namespace` and `pod` label values of a slot.
+    pub fn label(&self, slot: usize) -> &PodLabel {
+        &self.slots[slot]
     }
 }
 

@@ -64,11 +64,9 @@ pub async fn run(args: &RunArgs) -> Result<()> {
     // once a second, on that thread only).
     let pod_labels = Arc::new(Mutex::new(PodLabels::new(usize::from(args.max_pods))));
     let resolver = || crate::pods::resolver(&args.attribution, probe.reads_cgroups());
-    let pods = PodAttribution {
-        resolver: resolver(),
-        labels: pod_labels.clone(),
-    };
-    let mut events = EventMetrics::new(&registry, ports, pods)?;
+    let pods = PodAttribution::new(resolver(), pod_labels.clone());
+    let label_by_pod = args.label_by.contains(&crate::cli::LabelBy::Pod);
+    let mut events = EventMetrics::new(&registry, ports, pods, label_by_pod)?;
     let mut kernel = KernelMetrics::new(&registry)?;
     let published = Arc::new(Published::default());
     registry.register(Box::new(CensusCollector::new(

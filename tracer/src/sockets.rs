@@ -51,7 +51,7 @@ const ETIMEDOUT: u16 = 110;
 /// What one transition tells, for the metrics. Durations in nanoseconds, ports are service
 /// ports: the remote port of an active open, the local port of a passive one (0: not known).
 /// `netns` is the socket's network namespace inode (0: not known), which decides whether a
-/// remote port is an ephemeral one (see `ports`).
+/// remote port is an ephemeral one (see `ports`); `cgroup` its cgroup id (0: not known).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Observation {
     /// Every transition.
@@ -67,6 +67,7 @@ pub enum Observation {
         port: u16,
         netns: u32,
         ns: u64,
+        cgroup: u64,
     },
     /// A failed active open, from a socket in cgroup `cgroup` (0: not known).
     HandshakeFailure {
@@ -76,9 +77,19 @@ pub enum Observation {
         cgroup: u64,
     },
     /// From leaving ESTABLISHED to CLOSE.
-    Teardown { mode: Teardown, port: u16, ns: u64 },
+    Teardown {
+        mode: Teardown,
+        port: u16,
+        ns: u64,
+        cgroup: u64,
+    },
     /// From ESTABLISHED to CLOSE.
-    Lifetime { mode: Mode, port: u16, ns: u64 },
+    Lifetime {
+        mode: Mode,
+        port: u16,
+        ns: u64,
+        cgroup: u64,
+    },
 }
 
 /// Where the time a socket entered its current state comes from.
@@ -330,6 +341,7 @@ impl SocketTable {
                         port: e.port,
                         netns: e.netns,
                         ns,
+                        cgroup,
                     });
                 }
             }
@@ -341,6 +353,7 @@ impl SocketTable {
                     port: t.sport,
                     netns: e.netns,
                     ns,
+                    cgroup,
                 });
             }
             (SYN_SENT, CLOSE) => {
@@ -376,6 +389,7 @@ impl SocketTable {
                     mode,
                     port: e.port,
                     ns: now - e.teardown_ns,
+                    cgroup,
                 });
             }
             if let (Some(mode), true) = (e.mode, e.established_ns != 0 && now >= e.established_ns) {
@@ -383,6 +397,7 @@ impl SocketTable {
                     mode,
                     port: e.port,
                     ns: now - e.established_ns,
+                    cgroup,
                 });
             }
             if known.is_some() {
@@ -784,17 +799,20 @@ mod tests {
                     mode: Mode::Active,
                     port: 8080,
                     netns: 0,
-                    ns: 50
+                    ns: 50,
+                    cgroup: 0,
                 },
                 Observation::Teardown {
                     mode: Teardown::Active,
                     port: 8080,
-                    ns: 50
+                    ns: 50,
+                    cgroup: 0,
                 },
                 Observation::Lifetime {
                     mode: Mode::Active,
                     port: 8080,
-                    ns: 500_050
+                    ns: 500_050,
+                    cgroup: 0,
                 },
             ]
         );
@@ -821,17 +839,20 @@ mod tests {
                     mode: Mode::Passive,
                     port: 443,
                     netns: 0,
-                    ns: 1_025_000_000
+                    ns: 1_025_000_000,
+                    cgroup: 0,
                 },
                 Observation::Teardown {
                     mode: Teardown::Passive,
                     port: 443,
-                    ns: 600
+                    ns: 600,
+                    cgroup: 0,
                 },
                 Observation::Lifetime {
                     mode: Mode::Passive,
                     port: 443,
-                    ns: 7_600
+                    ns: 7_600,
+                    cgroup: 0,
                 },
             ]
         );
@@ -869,7 +890,8 @@ mod tests {
         assert!(out.contains(&Observation::Teardown {
             mode: Teardown::Simultaneous,
             port: 8080,
-            ns: 30
+            ns: 30,
+            cgroup: 0,
         }));
     }
 
@@ -886,7 +908,8 @@ mod tests {
             vec![Observation::Teardown {
                 mode: Teardown::Active,
                 port: 0,
-                ns: 70
+                ns: 70,
+                cgroup: 0,
             }]
         );
         // Seen first at SYN_SENT -> ESTABLISHED: when SYN_SENT began is unknown.
@@ -937,7 +960,8 @@ mod tests {
             mode: Mode::Passive,
             port: 8080,
             netns: 0,
-            ns: 80_000
+            ns: 80_000,
+            cgroup: 0,
         }));
         let step = table.observe(&child(900, ESTABLISHED, CLOSE_WAIT, 2_000_000, 0));
         assert_eq!((step.pid, &step.comm[..4]), (42, &b"curl"[..]));

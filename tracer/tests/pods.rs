@@ -117,9 +117,10 @@ fn every_socket_names_its_container_and_pod_as_the_kernel_records_them() {
     if tree.mounted {
         args.extend(["--cgroup-root", root.as_str()]);
     }
-    let agent = Agent::start(&args);
     let mut watch_args = vec!["watch", "--json"];
     watch_args.extend(&args[2..]); // all but --stuck-after
+    args.extend(["--label-by", "pod"]);
+    let agent = Agent::start(&args);
     let watch = Tracer::start(&watch_args, true);
 
     // The server pod listens; the client pod connects five times and half-closes (the server
@@ -290,6 +291,43 @@ fn every_socket_names_its_container_and_pod_as_the_kernel_records_them() {
         Some(7.0),
         "{text}"
     );
+
+    // With --label-by pod, the handshake histograms too: the accepted sockets under the
+    // server's pod, each client's under its own, the service's under none.
+    let handshakes = |mode: &str, port: &str, namespace: &str, pod: &str| {
+        let labels = [
+            ("mode", mode),
+            ("port", port),
+            ("namespace", namespace),
+            ("pod", pod),
+        ];
+        sample(
+            &text,
+            "tracer_tcp_handshake_duration_seconds_count",
+            &labels,
+        )
+    };
+    assert_eq!(
+        handshakes("passive", &ports[0], "shop", "cart-7d9f"),
+        Some(8.0),
+        "{text}"
+    );
+    assert_eq!(
+        handshakes("active", &ports[0], "db", "pg-0"),
+        Some(5.0),
+        "{text}"
+    );
+    assert_eq!(
+        handshakes("active", &ports[0], "batch", "job-x"),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        handshakes("passive", &ports[2], "", ""),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(handshakes("active", &ports[2], "", ""), Some(2.0), "{text}");
 
     // Every transition `tracer watch` printed names the cgroup its socket was made in,
     // accepted sockets included.

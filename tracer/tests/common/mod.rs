@@ -484,6 +484,7 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let mut want: Vec<(String, String)> = labels
         .iter()
+        .filter(|(_, v)| !v.is_empty())
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     want.sort();
