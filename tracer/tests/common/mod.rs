@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 mod cgroups;
+#[allow(unused_imports)]
 pub use cgroups::{Cgroups, PodLogs};
 
 use std::collections::BTreeMap;
