@@ -6,6 +6,7 @@
 //! allocates nothing per event.
 
 use std::io::{self, Write};
+use std::rc::Rc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -123,6 +124,7 @@ struct Printer {
     sockets: SocketTable,
     /// Cgroup ids to containers and pods (None: not available on this host).
     resolver: Option<Resolver>,
+    rendered: foldhash::HashMap<u64, Rc<Rendered>>,
     /// Wall clock minus CLOCK_MONOTONIC, to turn kernel timestamps into wall time.
     realtime_offset_ns: i128,
     received: u64,
@@ -145,6 +147,7 @@ impl Printer {
             remaining: args.count,
             sockets: SocketTable::new(WATCH_TABLE_SOCKETS),
             resolver,
+            rendered: Default::default(),
             realtime_offset_ns: clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC),
             received: 0,
             printed: 0,
@@ -183,11 +186,8 @@ impl Printer {
         if !self.wanted(&t) {
             return Ok(true);
         }
-        let workload = match self.resolver.as_mut() {
-            Some(r) => r.resolve(t.cgroup),
-            None => None,
-        };
-        self.print(&t, step.dwell, workload.as_deref())?;
+        let workload = self.workload(t.cgroup);
+        self.print(&t, step.dwell, &workload)?;
         self.printed += 1;
         if let Some(n) = self.remaining.as_mut() {
             *n -= 1;
@@ -205,6 +205,27 @@ impl Printer {
         Err(e).context("writing to stdout")
     }
 
+    /// What to print of cgroup `id`: rendered once per cgroup and kept, once what it names is
+    /// settled (resolved, and a pod's name known); until then resolved again for each line
+    /// (the resolver limits its own walks).
+    fn workload(&mut self, id: u64) -> Rc<Rendered> {
+        if let Some(r) = self.rendered.get(&id) {
+            return r.clone();
+        }
+        let w = self.resolver.as_mut().and_then(|r| r.resolve(id));
+        let rendered = Rc::new(Rendered::new(id, w.as_deref()));
+        let settled = id == 0
+            || self.resolver.is_none()
+            || w.is_some_and(|w| w.pod.as_ref().is_none_or(|p| p.name.is_some()));
+        if settled {
+            if self.rendered.len() >= MAX_RENDERED {
+                self.rendered.clear();
+            }
+            self.rendered.insert(id, rendered.clone());
+        }
+        rendered
+    }
+
     fn wanted(&self, t: &Transition) -> bool {
         (self.any_state || self.states[t.oldstate as usize] || self.states[t.newstate as usize])
             && self.pid.is_none_or(|p| p == t.pid)
@@ -219,12 +240,7 @@ impl Printer {
         Ok(())
     }
 
-    fn print(
-        &mut self,
-        t: &Transition,
-        dwell: Option<u64>,
-        w: Option<&Workload>,
-    ) -> io::Result<()> {
+    fn print(&mut self, t: &Transition, dwell: Option<u64>, w: &Rendered) -> io::Result<()> {
         if self.json {
             self.print_json(t, dwell, w)
         } else {
@@ -232,12 +248,7 @@ impl Printer {
         }
     }
 
-    fn print_json(
-        &mut self,
-        t: &Transition,
-        dwell: Option<u64>,
-        w: Option<&Workload>,
-    ) -> io::Result<()> {
+    fn print_json(&mut self, t: &Transition, dwell: Option<u64>, w: &Rendered) -> io::Result<()> {
         let out = &mut self.out;
         let time_ns = (t.time_ns as i128 + self.realtime_offset_ns).max(0);
         write!(
@@ -262,17 +273,11 @@ impl Printer {
             Some(ns) => write!(out, "{ns}")?,
             None => write!(out, "null")?,
         }
-        write!(out, ",\"cgroup_id\":{}", t.cgroup)?;
-        write_workload_json(out, w)?;
+        out.write_all(w.json.as_bytes())?;
         writeln!(out, "}}")
     }
 
-    fn print_human(
-        &mut self,
-        t: &Transition,
-        dwell: Option<u64>,
-        w: Option<&Workload>,
-    ) -> io::Result<()> {
+    fn print_human(&mut self, t: &Transition, dwell: Option<u64>, w: &Rendered) -> io::Result<()> {
         let wall_ns = (t.time_ns as i128 + self.realtime_offset_ns).max(0) as u128;
         let day_us = (wall_ns / 1_000) % 86_400_000_000;
         let (h, m, s, us) = (
@@ -306,10 +311,32 @@ impl Printer {
             Some(ns) if ns < 10_000_000_000 => write!(self.out, "{:>7}ms", ns / 1_000_000)?,
             Some(ns) => write!(self.out, "{:>8}s", ns / 1_000_000_000)?,
         }
-        match w {
-            Some(w) => writeln!(self.out, " {}", event::Printable(w.short().as_bytes())),
-            None if t.cgroup == 0 => writeln!(self.out, " -"),
-            None => writeln!(self.out, " cgroup:{}", t.cgroup),
+        writeln!(self.out, " {}", w.column)
+    }
+}
+
+/// Most cgroups whose rendering `watch` keeps.
+const MAX_RENDERED: usize = 65_536;
+
+/// What `watch` prints of one cgroup: its JSON keys and its WORKLOAD column.
+struct Rendered {
+    json: String,
+    column: String,
+}
+
+impl Rendered {
+    fn new(id: u64, w: Option<&Workload>) -> Rendered {
+        let mut json = Vec::new();
+        let _ = write!(json, ",\"cgroup_id\":{id}");
+        let _ = write_workload_json(&mut json, w);
+        let column = match w {
+            Some(w) => event::Printable(w.short().as_bytes()).to_string(),
+            None if id == 0 => "-".to_owned(),
+            None => format!("cgroup:{id}"),
+        };
+        Rendered {
+            json: String::from_utf8_lossy(&json).into_owned(),
+            column,
         }
     }
 }
