@@ -330,7 +330,7 @@ pub fn count_by_state(records: &[SocketRecord]) -> [u64; 13] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use netlink_packet_core::DoneMessage;
+    use netlink_packet_core::{DefaultNla, DoneMessage};
     use netlink_packet_sock_diag::inet::{InetResponse, InetResponseHeader};
 
     fn response(state: u8, sport: u16, rqueue: u32) -> NetlinkMessage<SockDiagMessage> {
@@ -405,6 +405,21 @@ mod tests {
             (out[0].retransmit, out[2].retransmit),
             (None, Some((std::time::Duration::from_millis(1_500), 2)))
         );
+    }
+
+    #[test]
+    fn a_full_sockets_cgroup_id_is_read_and_one_without_is_zero() {
+        let mut full = response(1, 80, 0);
+        if let NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) = &mut full.payload {
+            // As inet_diag_msg_attrs_fill puts it: a host-order u64 (INET_DIAG_CGROUP_ID).
+            let id = 4_242u64.to_ne_bytes().to_vec();
+            r.nlas
+                .push(Nla::Other(DefaultNla::new(INET_DIAG_CGROUP_ID, id)));
+        }
+        full.finalize();
+        let mut out = Vec::new();
+        parse(&bytes(&[full, response(6, 80, 0)]), &mut out).unwrap();
+        assert_eq!((out[0].cgroup, out[1].cgroup), (4_242, 0));
     }
 
     #[test]

@@ -37,6 +37,9 @@ struct CensusMetrics {
     listen_queue_limit: IntGaugeVec,
     listen_overflows: IntCounter,
     listen_drops: IntCounter,
+    cgroups_unresolved: Gauge,
+    cgroup_walks: IntCounterVec,
+    pod_labels: IntGaugeVec,
 }
 
 impl CensusMetrics {
@@ -125,10 +128,29 @@ impl CensusMetrics {
                 "tracer_tcp_listen_drops_total",
                 "SYNs dropped by listeners (TcpExt ListenDrops), every network namespace.",
             )?,
+            cgroups_unresolved: Gauge::new(
+                "tracer_cgroups_unresolved",
+                "Cgroup ids of the last census's sockets that no walk of the cgroup v2 tree \
+                 found: their sockets name no container or pod (check --cgroup-root).",
+            )?,
+            cgroup_walks: IntCounterVec::new(
+                Opts::new(
+                    "tracer_cgroup_walks_total",
+                    "Walks of the cgroup v2 tree by the census thread to resolve new cgroup \
+                     ids: all, or truncated (more cgroups than the 65,536 kept).",
+                ),
+                &["result"],
+            )?,
+            pod_labels: gauges(
+                "tracer_pod_labels",
+                "Pods with their own namespace and pod label values (own, at most \
+                 --max-pods), and pods counted under other (other).",
+                &["result"],
+            )?,
         })
     }
 
-    fn collectors(&self) -> [&dyn Collector; 14] {
+    fn collectors(&self) -> [&dyn Collector; 17] {
         [
             &self.sockets,
             &self.namespaces,
@@ -144,6 +166,9 @@ impl CensusMetrics {
             &self.listen_queue_limit,
             &self.listen_overflows,
             &self.listen_drops,
+            &self.cgroups_unresolved,
+            &self.cgroup_walks,
+            &self.pod_labels,
         ]
     }
 
@@ -161,6 +186,18 @@ impl CensusMetrics {
         }
         for action in ["state_corrected", "added", "dropped"] {
             self.corrections.with_label_values(&[action]);
+        }
+        {
+            let pods = pods.lock();
+            self.pod_labels
+                .with_label_values(&["own"])
+                .set(pods.len() as i64);
+            self.pod_labels
+                .with_label_values(&["other"])
+                .set(pods.refused() as i64);
+        }
+        for result in ["all", "truncated"] {
+            self.cgroup_walks.with_label_values(&[result]);
         }
         // The label values known now, at 0: panels and alerts show 0, not "No data".
         let mut values: Vec<String> = ports.ports().iter().map(u16::to_string).collect();
@@ -233,6 +270,13 @@ impl CensusMetrics {
         for (port, n) in fold(&limits, |&p| ports.label(p)) {
             self.listen_queue_limit.with_label_values(&[&port]).set(n);
         }
+        self.cgroups_unresolved.set(r.cgroups.unresolved as f64);
+        self.cgroup_walks
+            .with_label_values(&["all"])
+            .inc_by(r.cgroups.walks);
+        self.cgroup_walks
+            .with_label_values(&["truncated"])
+            .inc_by(r.cgroups.truncated_walks);
         self.listen_overflows.inc_by(r.listen_overflows);
         self.listen_drops.inc_by(r.listen_drops);
     }
@@ -366,6 +410,7 @@ mod tests {
             dropped: 3,
             thresholds: Default::default(),
             workloads: Default::default(),
+            cgroups: Default::default(),
         };
         let t = text(Some(report), labels.shared());
         for line in [

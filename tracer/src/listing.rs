@@ -344,6 +344,7 @@ mod tests {
             dropped: 0,
             thresholds: Default::default(),
             workloads: Default::default(),
+            cgroups: Default::default(),
         }
     }
 

@@ -32,8 +32,8 @@ pub struct PodLabels {
     given: HashMap<PodLabel, ()>,
     none: PodLabel,
     other: PodLabel,
-    /// Label lookups that fell to `other` since the agent started.
-    pub overflowed: u64,
+    /// Pods counted under `other` (past the budget), up to [`CGROUP_CAPACITY`] of them.
+    refused: std::collections::HashSet<PodLabel>,
 }
 
 impl Default for PodLabels {
@@ -50,7 +50,7 @@ impl PodLabels {
             given: HashMap::new(),
             none: (Arc::from(""), Arc::from("")),
             other: (Arc::from(OTHER), Arc::from(OTHER)),
-            overflowed: 0,
+            refused: Default::default(),
         }
     }
 
@@ -67,7 +67,9 @@ impl PodLabels {
             return key;
         }
         if self.given.len() >= self.budget {
-            self.overflowed += 1;
+            if self.refused.len() < CGROUP_CAPACITY {
+                self.refused.insert(key);
+            }
             return self.other.clone();
         }
         self.given.insert(key.clone(), ());
@@ -77,6 +79,11 @@ impl PodLabels {
     /// Pods with a label value.
     pub fn len(&self) -> usize {
         self.given.len()
+    }
+
+    /// Distinct pods counted under `other`.
+    pub fn refused(&self) -> usize {
+        self.refused.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -146,6 +153,15 @@ impl PodAttribution {
     }
 }
 
+/// Checks an explicit `--cgroup-root` before anything is loaded: one that is not a cgroup v2
+/// file system is an error (without the flag, a host with none only loses attribution).
+pub fn check_flags(args: &AttributionArgs) -> anyhow::Result<()> {
+    if let Some(root) = &args.cgroup_root {
+        cgroup2_root(Some(root))?;
+    }
+    Ok(())
+}
+
 /// The cgroup resolver the flags ask for, or None (said once, in one line) when this host has
 /// no cgroup v2 file system to resolve ids in or the kernel does not report them.
 pub fn resolver(args: &AttributionArgs, kernel_reports_cgroups: bool) -> Option<Resolver> {
@@ -189,7 +205,8 @@ mod tests {
         assert_eq!(&*labels.label(Some(&b)).0, "shop");
         assert_eq!(&*labels.label(Some(&c)).1, OTHER);
         assert_eq!(&*labels.label(Some(&a)).1, "cart-1", "kept once given");
-        assert_eq!((labels.len(), labels.overflowed), (2, 1));
+        assert_eq!(&*labels.label(Some(&c)).0, OTHER);
+        assert_eq!((labels.len(), labels.refused()), (2, 1));
     }
 
     #[test]

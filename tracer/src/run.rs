@@ -41,6 +41,7 @@ pub async fn run(args: &RunArgs) -> Result<()> {
         Some(path) => WebConfig::load(path)?,
         None => WebConfig::default(),
     };
+    crate::pods::check_flags(&args.attribution)?;
     raise_open_files_limit();
     let mut probe = Probe::attach(&ProbeConfig {
         ring_buffer_bytes: args.ring_buffer_size,

@@ -64,6 +64,19 @@ pub struct Report {
     /// What the cgroup of each listed socket is (container, pod, unit), for the sockets whose
     /// cgroup could be resolved.
     pub workloads: HashMap<u64, Arc<Workload>>,
+    pub cgroups: CgroupReport,
+}
+
+/// How resolving the census's cgroups went.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CgroupReport {
+    /// Cgroup ids of this census's sockets that no walk of the cgroup tree found (a wrong
+    /// `--cgroup-root`, or cgroups removed before they were seen).
+    pub unresolved: u64,
+    /// Walks of the cgroup tree by the census thread, and walks that found more cgroups than
+    /// it keeps, since the agent started.
+    pub walks: u64,
+    pub truncated_walks: u64,
 }
 
 impl Report {
@@ -183,7 +196,15 @@ pub fn run(
                         .collect()
                 });
                 let _ = news.send(PortNews { ranges, seed });
-                let workloads = resolve_all(config.resolver.as_mut(), &joined);
+                let (workloads, unresolved) = resolve_all(config.resolver.as_mut(), &joined);
+                let cgroups = CgroupReport {
+                    unresolved,
+                    walks: config.resolver.as_ref().map_or(0, |r| r.paths().walks()),
+                    truncated_walks: config
+                        .resolver
+                        .as_ref()
+                        .map_or(0, |r| r.paths().truncated_walks()),
+                };
                 totals.add(&census, &joined);
                 published.publish(Report {
                     taken_ns,
@@ -199,6 +220,7 @@ pub fn run(
                     joined,
                     thresholds: config.thresholds.clone(),
                     workloads,
+                    cgroups,
                 });
                 first = false;
                 cpu = census.cpu;
@@ -276,18 +298,29 @@ impl Totals {
     }
 }
 
-/// The workload of every distinct cgroup among the census's sockets.
-fn resolve_all(resolver: Option<&mut Resolver>, joined: &Joined) -> HashMap<u64, Arc<Workload>> {
+/// The workload of every distinct cgroup among the census's sockets, and how many distinct
+/// ids could not be resolved.
+fn resolve_all(
+    resolver: Option<&mut Resolver>,
+    joined: &Joined,
+) -> (HashMap<u64, Arc<Workload>>, u64) {
     let mut out = HashMap::new();
     let Some(resolver) = resolver else {
-        return out;
+        return (out, 0);
     };
+    let mut unresolved = std::collections::HashSet::new();
     for v in &joined.sockets {
-        if v.cgroup != 0 && !out.contains_key(&v.cgroup) {
-            if let Some(w) = resolver.resolve(v.cgroup) {
+        if v.cgroup == 0 || out.contains_key(&v.cgroup) || unresolved.contains(&v.cgroup) {
+            continue;
+        }
+        match resolver.resolve(v.cgroup) {
+            Some(w) => {
                 out.insert(v.cgroup, w);
+            }
+            None => {
+                unresolved.insert(v.cgroup);
             }
         }
     }
-    out
+    (out, unresolved.len() as u64)
 }

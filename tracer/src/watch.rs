@@ -35,6 +35,7 @@ pub struct Summary {
 
 /// Runs `tracer watch` until a signal, `--duration`, `--count`, or a closed stdout.
 pub async fn run(args: &WatchArgs) -> Result<Summary> {
+    crate::pods::check_flags(&args.attribution)?;
     let mut probe = Probe::attach(&ProbeConfig {
         ring_buffer_bytes: args.ring_buffer_size,
         ports: args.ports.clone(),

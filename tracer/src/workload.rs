@@ -262,6 +262,11 @@ impl Resolver {
         self.cgroups.root()
     }
 
+    /// The id-to-path map (its walks, for the agent's own metrics).
+    pub fn paths(&self) -> &CgroupPaths {
+        &self.cgroups
+    }
+
     /// How many times the cache was full and emptied.
     pub fn cache_clears(&self) -> u64 {
         self.cache_clears

@@ -54,6 +54,15 @@ fn unknown_state_lists_the_valid_ones() {
 }
 
 #[test]
+fn a_cgroup_root_that_is_not_cgroup2_is_one_line_naming_the_flag() {
+    for cmd in ["run", "watch"] {
+        let (code, stderr) = run(&[], &[cmd, "--cgroup-root", "/proc"]);
+        assert_eq!(code, 1, "{cmd}: {stderr:?}");
+        assert_one_line(&stderr, "--cgroup-root /proc");
+    }
+}
+
+#[test]
 fn unknown_subcommand_is_one_line() {
     let (code, stderr) = run(&[], &["frobnicate"]);
     assert_eq!(code, 2);

@@ -292,6 +292,23 @@ fn every_socket_names_its_container_and_pod_as_the_kernel_records_them() {
         "{text}"
     );
 
+    // Attribution's own figures: every cgroup of the census resolved, the four pods that
+    // appear in labels given values of their own.
+    assert_eq!(
+        sample(&text, "tracer_cgroups_unresolved", &[]),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "tracer_pod_labels", &[("result", "own")]),
+        Some(4.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "tracer_feature_enabled", &[("feature", "cgroup")]),
+        Some(1.0)
+    );
+
     // With --label-by pod, the handshake histograms too: the accepted sockets under the
     // server's pod, each client's under its own, the service's under none.
     let handshakes = |mode: &str, port: &str, namespace: &str, pod: &str| {
