@@ -65,6 +65,14 @@ impl<T: Clone> ByPort<T> {
     }
 }
 
+/// The histograms of [`EventMetrics::observe`].
+#[derive(Clone, Copy)]
+enum Histogram {
+    Handshake,
+    Teardown,
+    Lifetime,
+}
+
 /// The metrics the event path feeds.
 pub struct EventMetrics {
     /// Which ports get a label value (the event path is where values are given).
@@ -243,21 +251,8 @@ impl EventMetrics {
                 };
                 let slot = self.ports.slot(port, why);
                 let pod = self.pod_slot(cgroup);
-                let (vec, handles) = (&self.handshake, &mut self.handshake_h);
-                let values = || {
-                    values(
-                        &self.pods,
-                        self.label_by_pod,
-                        MODES[mode as usize],
-                        self.ports.name(slot),
-                        pod,
-                    )
-                };
-                handles
-                    .get(mode as usize, slot, pod, || {
-                        vec.with_label_values(&values()).local()
-                    })
-                    .observe(secs(ns));
+                let kind = (mode as usize, MODES[mode as usize]);
+                self.observe(Histogram::Handshake, kind, slot, pod, secs(ns));
             }
             Observation::HandshakeFailure {
                 reason,
@@ -285,21 +280,8 @@ impl EventMetrics {
             } => {
                 let slot = self.ports.slot(port, Use::Counted);
                 let pod = self.pod_slot(cgroup);
-                let (vec, handles) = (&self.teardown, &mut self.teardown_h);
-                let values = || {
-                    values(
-                        &self.pods,
-                        self.label_by_pod,
-                        TEARDOWNS[mode as usize],
-                        self.ports.name(slot),
-                        pod,
-                    )
-                };
-                handles
-                    .get(mode as usize, slot, pod, || {
-                        vec.with_label_values(&values()).local()
-                    })
-                    .observe(secs(ns));
+                let kind = (mode as usize, TEARDOWNS[mode as usize]);
+                self.observe(Histogram::Teardown, kind, slot, pod, secs(ns));
             }
             Observation::Lifetime {
                 mode,
@@ -309,21 +291,8 @@ impl EventMetrics {
             } => {
                 let slot = self.ports.slot(port, Use::Counted);
                 let pod = self.pod_slot(cgroup);
-                let (vec, handles) = (&self.lifetime, &mut self.lifetime_h);
-                let values = || {
-                    values(
-                        &self.pods,
-                        self.label_by_pod,
-                        MODES[mode as usize],
-                        self.ports.name(slot),
-                        pod,
-                    )
-                };
-                handles
-                    .get(mode as usize, slot, pod, || {
-                        vec.with_label_values(&values()).local()
-                    })
-                    .observe(secs(ns));
+                let kind = (mode as usize, MODES[mode as usize]);
+                self.observe(Histogram::Lifetime, kind, slot, pod, secs(ns));
             }
         }
     }
@@ -343,6 +312,30 @@ impl EventMetrics {
             h.all().for_each(LocalHistogram::flush);
         }
         self.new_ports();
+    }
+
+    /// Observes `seconds` in histogram `which`, series (kind, port slot, pod slot); its handle
+    /// is made on first use.
+    fn observe(
+        &mut self,
+        which: Histogram,
+        (kind, kind_name): (usize, &str),
+        slot: usize,
+        pod: usize,
+        seconds: f64,
+    ) {
+        let (vec, handles) = match which {
+            Histogram::Handshake => (&self.handshake, &mut self.handshake_h),
+            Histogram::Teardown => (&self.teardown, &mut self.teardown_h),
+            Histogram::Lifetime => (&self.lifetime, &mut self.lifetime_h),
+        };
+        let (pods, by_pod, port) = (&self.pods, self.label_by_pod, self.ports.name(slot));
+        handles
+            .get(kind, slot, pod, || {
+                vec.with_label_values(&values(pods, by_pod, kind_name, port, pod))
+                    .local()
+            })
+            .observe(seconds);
     }
 
     /// The pod slot a histogram observation of a socket in `cgroup` goes to: 0 (none) unless

@@ -66,30 +66,22 @@ pub struct ListedSocket {
 /// Which cgroup, container and pod a socket belongs to; null where not known (the same keys
 /// as `tracer watch --json`).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct WorkloadFields {
     /// The kernel's id of the socket's cgroup v2 cgroup (0: not known).
-    #[serde(default)]
     pub cgroup_id: u64,
     /// Its path in the cgroup v2 hierarchy, as `ss --cgroup` shows it.
-    #[serde(default)]
     pub cgroup: Option<String>,
-    #[serde(default)]
     pub container_id: Option<String>,
     /// `containerd`, `crio` or `docker`, where the path names the runtime.
-    #[serde(default)]
     pub container_runtime: Option<String>,
-    #[serde(default)]
     pub pod_uid: Option<String>,
     /// From the kubelet's pod log directory; null when the node does not keep it.
-    #[serde(default)]
     pub pod_namespace: Option<String>,
-    #[serde(default)]
     pub pod_name: Option<String>,
     /// `guaranteed`, `burstable` or `besteffort`.
-    #[serde(default)]
     pub pod_qos: Option<String>,
     /// The systemd unit, for a cgroup that is not a container's.
-    #[serde(default)]
     pub unit: Option<String>,
 }
 

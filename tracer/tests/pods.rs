@@ -324,27 +324,19 @@ fn every_socket_names_its_container_and_pod_as_the_kernel_records_them() {
             &labels,
         )
     };
-    assert_eq!(
-        handshakes("passive", &ports[0], "shop", "cart-7d9f"),
-        Some(8.0),
-        "{text}"
-    );
-    assert_eq!(
-        handshakes("active", &ports[0], "db", "pg-0"),
-        Some(5.0),
-        "{text}"
-    );
-    assert_eq!(
-        handshakes("active", &ports[0], "batch", "job-x"),
-        Some(3.0),
-        "{text}"
-    );
-    assert_eq!(
-        handshakes("passive", &ports[2], "", ""),
-        Some(2.0),
-        "{text}"
-    );
-    assert_eq!(handshakes("active", &ports[2], "", ""), Some(2.0), "{text}");
+    for (mode, port, namespace, pod, n) in [
+        ("passive", &ports[0], "shop", "cart-7d9f", 8.0),
+        ("active", &ports[0], "db", "pg-0", 5.0),
+        ("active", &ports[0], "batch", "job-x", 3.0),
+        ("passive", &ports[2], "", "", 2.0),
+        ("active", &ports[2], "", "", 2.0),
+    ] {
+        assert_eq!(
+            handshakes(mode, port, namespace, pod),
+            Some(n),
+            "{mode} {port} {namespace}/{pod}: {text}"
+        );
+    }
 
     // Every transition `tracer watch` printed names the cgroup its socket was made in,
     // accepted sockets included.
