@@ -63,13 +63,18 @@ pub struct Transition {
     pub family: u16,
     pub oldstate: u8,
     pub newstate: u8,
-    /// At SYN_RECV -> ESTABLISHED only (else 0): `tcp_sock.srtt_us`, the smoothed RTT in
-    /// microseconds times 8. For a new passive child it holds the one sample the kernel took,
-    /// from the first SYN-ACK sent to the handshake's final ACK.
+    /// At SYN_RECV -> ESTABLISHED and at every transition to CLOSE (else 0):
+    /// `tcp_sock.srtt_us`, the smoothed RTT in microseconds times 8. For a new passive child
+    /// it holds the one sample the kernel took, from the first SYN-ACK sent to the
+    /// handshake's final ACK.
     pub srtt_us: u32,
-    /// At SYN_SENT -> CLOSE only (else 0): `sock.sk_err`, why the connect failed
-    /// (ECONNREFUSED, ETIMEDOUT; 0 when the application closed it).
-    pub sk_err: u16,
+    /// At every transition to CLOSE (else 0): `sock.sk_err`, why the socket ended
+    /// (ECONNREFUSED, ETIMEDOUT, ECONNRESET, EPIPE; 0 when the application closed it). An
+    /// errno: it fits in a byte.
+    pub sk_err: u8,
+    /// At every transition to CLOSE (else 0): [`close_flags`] bits, the FINs the sequence
+    /// counters `bytes_acked` and `bytes_received` include.
+    pub close_flags: u8,
     /// At SYN_RECV -> ESTABLISHED only (else 0): `tcp_sock.total_retrans`, the SYN-ACK
     /// retransmissions of the handshake.
     pub retrans: u16,
@@ -82,10 +87,18 @@ pub struct Transition {
     /// `ss --cgroup` resolves and the inode of the cgroup's directory), on the same opening
     /// transitions as `netns`; 0 elsewhere, and where the kernel does not keep it.
     pub cgroup: u64,
+    /// At every transition to CLOSE (else 0), what the connection carried and how it went,
+    /// from the kernel's own counters on the socket (`struct tcp_sock`): `bytes_acked`
+    /// (bytes sent that the peer acknowledged), `bytes_received`, the minimum RTT seen
+    /// (`rtt_min`, microseconds) and `total_retrans` (segments retransmitted, SYNs included).
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
+    pub rtt_min_us: u32,
+    pub total_retrans: u32,
 }
 
 // The layout both sides rely on: no implicit padding, `comm` 8-byte aligned.
-const _: () = assert!(core::mem::size_of::<Transition>() == 104);
+const _: () = assert!(core::mem::size_of::<Transition>() == 128);
 const _: () = assert!(core::mem::offset_of!(Transition, comm) == 56);
 
 /// Byte offsets of the kernel fields the probe reads from a `struct sock *`.
@@ -127,7 +140,15 @@ pub struct SockOffsets {
     pub sk_cgroup: u32,
     pub cgroup_kn: u32,
     pub kn_id: u32,
-    pub _pad: u32,
+    /// `tcp_sock.bytes_acked`, `bytes_received` (`u64`) and `rtt_min` + `minmax_sample.v`
+    /// (`u32`, the current minimum).
+    pub bytes_acked: u32,
+    pub bytes_received: u32,
+    pub rtt_min: u32,
+    /// `tcp_sock.snd_una` and `write_seq` (`u32`), and `sock.sk_flags` (`unsigned long`).
+    pub snd_una: u32,
+    pub write_seq: u32,
+    pub sk_flags: u32,
 }
 
 /// Key of the probe's listener table: a listening port in one network namespace.
@@ -154,6 +175,19 @@ pub struct Owner {
 }
 
 const _: () = assert!(core::mem::offset_of!(Owner, comm) == 8);
+
+/// Bits of `Transition::close_flags`.
+pub mod close_flags {
+    /// The peer's FIN arrived (`SOCK_DONE` in `sock.sk_flags`, set by `tcp_fin`): it counts
+    /// one in `bytes_received`.
+    pub const PEER_FIN: u8 = 1;
+    /// This side's FIN was sent and acknowledged (it left FIN_WAIT1, FIN_WAIT2, CLOSING or
+    /// LAST_ACK with `snd_una == write_seq`): it counts one in `bytes_acked`.
+    pub const FIN_ACKED: u8 = 2;
+}
+
+/// `SOCK_DONE` of `enum sock_flags` (`include/net/sock.h`): a bit of `sock.sk_flags`.
+pub const SOCK_DONE: u64 = 1;
 
 /// Indices of the probe's per-CPU counters (`COUNTERS` map).
 pub mod counter {

@@ -30,9 +30,9 @@ use aya_log_ebpf::{error, warn};
 use core::ffi::c_void;
 use core::ptr::{addr_of, addr_of_mut};
 use tracer_common::{
-    counter, field, state, ListenerKey, Owner, SockOffsets, Transition, AF_INET, AF_INET6,
-    COMM_LEN, IPPROTO_TCP, MAX_LISTENERS, MAX_SYNACK_PORTS, PORT_FILTER_LEN, RESET_RECEIVED,
-    RESET_SENT, RESET_STATES,
+    close_flags, counter, field, state, ListenerKey, Owner, SockOffsets, Transition, AF_INET,
+    AF_INET6, COMM_LEN, IPPROTO_TCP, MAX_LISTENERS, MAX_SYNACK_PORTS, PORT_FILTER_LEN,
+    RESET_RECEIVED, RESET_SENT, RESET_STATES, SOCK_DONE,
 };
 
 /// Field offsets, set by userspace at load time (see `tracer::btf`).
@@ -55,7 +55,12 @@ static OFFSETS: SockOffsets = SockOffsets {
     sk_cgroup: 0,
     cgroup_kn: 0,
     kn_id: 0,
-    _pad: 0,
+    bytes_acked: 0,
+    bytes_received: 0,
+    rtt_min: 0,
+    snd_una: 0,
+    write_seq: 0,
+    sk_flags: 0,
 };
 
 /// Unread bytes in a ring of `EVENTS` at which the probe wakes the reader; set at load time.
@@ -287,15 +292,48 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
         addr_of_mut!((*t).oldstate).write(oldstate);
         addr_of_mut!((*t).newstate).write(newstate);
         // Handshake facts the tracepoint does not carry, read where they mean something.
-        let (mut srtt_us, mut sk_err, mut retrans) = (0u32, 0u16, 0u16);
+        let (mut srtt_us, mut sk_err, mut retrans) = (0u32, 0u8, 0u16);
         if oldstate == state::SYN_RECV && newstate == state::ESTABLISHED {
             srtt_us = read_or_report(ctx, sk, offset!(srtt_us), field::SRTT_US);
             retrans =
                 read_or_report::<u32>(ctx, sk, offset!(total_retrans), field::TOTAL_RETRANS) as u16;
-        } else if oldstate == state::SYN_SENT && newstate == state::CLOSE {
-            // `sk_err` is an `int` of `struct sock`, loaded directly as above.
-            sk_err = field::<i32>(sk, offset!(sk_err)) as u16;
         }
+        let (mut bytes_acked, mut bytes_received, mut rtt_min_us, mut total_retrans) =
+            (0u64, 0u64, 0u32, 0u32);
+        let mut flags = 0u8;
+        if newstate == state::CLOSE {
+            // `sk_err` is an `int` of `struct sock`, loaded directly as above.
+            sk_err = field::<i32>(sk, offset!(sk_err)) as u8;
+            if field::<u64>(sk, offset!(sk_flags)) & (1 << SOCK_DONE) != 0 {
+                flags |= close_flags::PEER_FIN;
+            }
+            // The connection's story, for its close record. `bpf_skc_to_tcp_sock` (tracing
+            // programs, Linux 5.9+) returns the socket as a BTF-typed `struct tcp_sock *` (or
+            // null), whose fields are then direct loads: one helper call rather than one per
+            // field.
+            let tp = gen::bpf_skc_to_tcp_sock(sk as *mut c_void) as *const u8;
+            if !tp.is_null() {
+                srtt_us = field::<u32>(tp, offset!(srtt_us));
+                total_retrans = field::<u32>(tp, offset!(total_retrans));
+                bytes_acked = field::<u64>(tp, offset!(bytes_acked));
+                bytes_received = field::<u64>(tp, offset!(bytes_received));
+                rtt_min_us = field::<u32>(tp, offset!(rtt_min));
+                let sent_fin = matches!(
+                    oldstate,
+                    state::FIN_WAIT1 | state::FIN_WAIT2 | state::CLOSING | state::LAST_ACK
+                );
+                let all_acked =
+                    field::<u32>(tp, offset!(snd_una)) == field::<u32>(tp, offset!(write_seq));
+                if sent_fin && all_acked {
+                    flags |= close_flags::FIN_ACKED;
+                }
+            }
+        }
+        addr_of_mut!((*t).close_flags).write(flags);
+        addr_of_mut!((*t).bytes_acked).write(bytes_acked);
+        addr_of_mut!((*t).bytes_received).write(bytes_received);
+        addr_of_mut!((*t).rtt_min_us).write(rtt_min_us);
+        addr_of_mut!((*t).total_retrans).write(total_retrans);
         addr_of_mut!((*t).srtt_us).write(srtt_us);
         addr_of_mut!((*t).sk_err).write(sk_err);
         addr_of_mut!((*t).retrans).write(retrans);

@@ -52,7 +52,16 @@ pub fn sock_offsets(btf: &Btf) -> Result<SockOffsets> {
         sk_cgroup: field_offset(btf, "sock", &["sk_cgrp_data", "cgroup"]).unwrap_or(0),
         cgroup_kn: field_offset(btf, "cgroup", &["kn"]).unwrap_or(0),
         kn_id: field_offset(btf, "kernfs_node", &["id"]).unwrap_or(0),
-        _pad: 0,
+        bytes_acked: field_offset(btf, "tcp_sock", &["bytes_acked"])?,
+        bytes_received: field_offset(btf, "tcp_sock", &["bytes_received"])?,
+        // `struct minmax rtt_min` holds `struct minmax_sample s[3]`; s[0] is the minimum.
+        rtt_min: field_offset(btf, "tcp_sock", &["rtt_min"])?
+            + field_offset(btf, "minmax_sample", &["v"])?,
+        snd_una: field_offset(btf, "tcp_sock", &["snd_una"])?,
+        write_seq: field_offset(btf, "tcp_sock", &["write_seq"])?,
+        // `sock.sk_flags`, or `sock_common.skc_flags` in newer kernels (`#define sk_flags
+        // __sk_common.skc_flags`).
+        sk_flags: field_offset(btf, "sock", &["sk_flags"]).or_else(|_| in_common("skc_flags"))?,
     })
 }
 

@@ -146,6 +146,10 @@ pub struct WatchArgs {
     /// Print one JSON object per line instead of aligned columns.
     #[arg(long)]
     pub json: bool,
+    /// Print one record per connection when it closes (how it opened, how long it lived,
+    /// bytes, retransmissions, RTT, how it ended) instead of every state change.
+    #[arg(long, conflicts_with = "states")]
+    pub connections: bool,
     /// Only sockets with this local or remote port (repeatable); filtered in the kernel.
     #[arg(long = "port", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub ports: Vec<u16>,

@@ -189,9 +189,14 @@ pub(crate) mod tests {
             comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
             srtt_us: 0,
             sk_err: 0,
+            close_flags: 0,
             retrans: 0,
             netns: 0,
             cgroup: 0,
+            bytes_acked: 0,
+            bytes_received: 0,
+            rtt_min_us: 0,
+            total_retrans: 0,
         }
     }
 

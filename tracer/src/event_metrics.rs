@@ -31,7 +31,15 @@ pub const LONG_BUCKETS: &[f64] = &[
     600.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0,
 ];
 
+/// Round-trip-time buckets (seconds): loopback and a data centre (tens of microseconds) to
+/// intercontinental and satellite links and bufferbloat (seconds).
+pub const RTT_BUCKETS: &[f64] = &[
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
 pub const MODES: [&str; 2] = ["active", "passive"];
+pub const DIRECTIONS: [&str; 2] = ["sent", "received"];
 pub const TEARDOWNS: [&str; 3] = ["active", "passive", "simultaneous"];
 pub const FAILURES: [&str; 4] = ["refused", "timeout", "aborted", "other"];
 
@@ -89,6 +97,10 @@ pub struct EventMetrics {
     teardown_h: ByPort<LocalHistogram>,
     lifetime: HistogramVec,
     lifetime_h: ByPort<LocalHistogram>,
+    bytes: IntCounterVec,
+    bytes_h: ByPort<LocalIntCounter>,
+    rtt: HistogramVec,
+    rtt_h: ByPort<LocalHistogram>,
     state_duration: Vec<LocalHistogram>,
     transitions: IntCounterVec,
     transitions_h: Vec<Option<LocalIntCounter>>,
@@ -149,6 +161,20 @@ impl EventMetrics {
             by,
             LONG_BUCKETS,
         )?;
+        let bytes = counter(
+            "tracer_tcp_bytes_total",
+            "Bytes carried by connections, counted when they close (inet_sock_set_state to \
+             CLOSE): sent is tcp_sock.bytes_acked (sent and acknowledged), received is \
+             tcp_sock.bytes_received; bytes.",
+            &["direction", "port"],
+        )?;
+        let rtt = histogram(
+            "tracer_tcp_rtt_seconds",
+            "Smoothed round-trip time of connections when they close (tcp_sock.srtt_us at \
+             inet_sock_set_state to CLOSE), one sample per connection that had one; seconds.",
+            &["port"],
+            RTT_BUCKETS,
+        )?;
         let state_vec = histogram(
             "tracer_tcp_state_duration_seconds",
             "Time sockets spent in a state, from inet_sock_set_state, when the tracer saw them \
@@ -183,6 +209,10 @@ impl EventMetrics {
             teardown_h: ByPort::new(TEARDOWNS.len()),
             lifetime,
             lifetime_h: ByPort::new(MODES.len()),
+            bytes,
+            bytes_h: ByPort::new(DIRECTIONS.len()),
+            rtt,
+            rtt_h: ByPort::new(1),
             state_duration,
             transitions,
             transitions_h: vec![None; STATE_NAMES.len() * STATE_NAMES.len()],
@@ -202,6 +232,10 @@ impl EventMetrics {
                 .teardown
                 .with_label_values(&metrics.values(mode, OTHER, 0));
         }
+        for direction in DIRECTIONS {
+            metrics.bytes.with_label_values(&[direction, OTHER]);
+        }
+        metrics.rtt.with_label_values(&[OTHER]);
         for reason in FAILURES {
             metrics
                 .failures
@@ -294,6 +328,28 @@ impl EventMetrics {
                 let kind = (mode as usize, MODES[mode as usize]);
                 self.observe(Histogram::Lifetime, kind, slot, pod, secs(ns));
             }
+            Observation::Closed(c) => {
+                let slot = self.ports.slot(c.port, Use::Counted);
+                let name = self.ports.name(slot);
+                let sent = c.bytes_sent.unwrap_or(0);
+                for (direction, n) in [(0, sent), (1, c.bytes_received)] {
+                    if n > 0 {
+                        let vec = &self.bytes;
+                        self.bytes_h
+                            .get(direction, slot, 0, || {
+                                vec.with_label_values(&[DIRECTIONS[direction], name])
+                                    .local()
+                            })
+                            .inc_by(n);
+                    }
+                }
+                if c.srtt_us > 0 {
+                    let vec = &self.rtt;
+                    self.rtt_h
+                        .get(0, slot, 0, || vec.with_label_values(&[name]).local())
+                        .observe(f64::from(c.srtt_us) / 1e6);
+                }
+            }
         }
     }
 
@@ -308,6 +364,8 @@ impl EventMetrics {
             .for_each(LocalIntCounter::flush);
         self.state_duration.iter().for_each(LocalHistogram::flush);
         self.failures_h.all().for_each(LocalIntCounter::flush);
+        self.bytes_h.all().for_each(LocalIntCounter::flush);
+        self.rtt_h.all().for_each(LocalHistogram::flush);
         for h in [&self.handshake_h, &self.teardown_h, &self.lifetime_h] {
             h.all().for_each(LocalHistogram::flush);
         }

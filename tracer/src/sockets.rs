@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 
-use tracer_common::state;
+use tracer_common::{close_flags, state};
 
 use crate::event::Transition;
 
@@ -47,6 +47,103 @@ pub enum Failure {
 
 const ECONNREFUSED: u16 = 111;
 const ETIMEDOUT: u16 = 110;
+const ECONNRESET: u16 = 104;
+const EPIPE: u16 = 32;
+
+/// How a connection ended, from the state it left for CLOSE, `sock.sk_err` then, and who
+/// started closing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// This side sent the first FIN and the close completed.
+    ClosedHereFirst,
+    /// The peer sent the first FIN and the close completed.
+    ClosedByPeerFirst,
+    /// Both sent FIN at once.
+    ClosedTogether,
+    /// This side reset it: the application closed with unread data, or with SO_LINGER 0, or
+    /// the kernel aborted it (no error recorded, CLOSE straight from a connected state).
+    ResetSent,
+    /// The peer reset it (ECONNRESET, or EPIPE after the peer's FIN).
+    ResetReceived,
+    /// A RST answered the SYN (ECONNREFUSED).
+    Refused,
+    /// The SYN or data retransmissions ran out (ETIMEDOUT).
+    TimedOut,
+    /// The application closed it while it was connecting.
+    Aborted,
+    /// Any other error (`sk_err` says which, e.g. EHOSTUNREACH).
+    Failed,
+}
+
+impl Ending {
+    /// The name records show.
+    pub fn name(self) -> &'static str {
+        match self {
+            Ending::ClosedHereFirst => "closed_here_first",
+            Ending::ClosedByPeerFirst => "closed_by_peer_first",
+            Ending::ClosedTogether => "closed_together",
+            Ending::ResetSent => "reset_sent",
+            Ending::ResetReceived => "reset_received",
+            Ending::Refused => "refused",
+            Ending::TimedOut => "timed_out",
+            Ending::Aborted => "aborted",
+            Ending::Failed => "failed",
+        }
+    }
+
+    /// How a socket that left state `old` for CLOSE with `sk_err` ended; `teardown` is who
+    /// started closing, when the table saw it.
+    pub fn of(old: u8, sk_err: u16, teardown: Option<Teardown>) -> Ending {
+        use state::*;
+        match (old, sk_err) {
+            (SYN_SENT, ECONNREFUSED) => Ending::Refused,
+            (SYN_SENT, 0) => Ending::Aborted,
+            (_, ETIMEDOUT) => Ending::TimedOut,
+            (_, ECONNRESET | EPIPE) => Ending::ResetReceived,
+            (_, 0) => match (teardown, old) {
+                (Some(Teardown::Simultaneous), _) | (None, CLOSING) => Ending::ClosedTogether,
+                // The peer's FIN came first and ours was acknowledged (LAST_ACK).
+                (_, LAST_ACK) => Ending::ClosedByPeerFirst,
+                // Ours came first, and the socket is handed to TIME-WAIT (or its FIN_WAIT2
+                // timer ran out).
+                (_, FIN_WAIT1 | FIN_WAIT2 | CLOSING) => Ending::ClosedHereFirst,
+                // Straight from a connected state with no error: this side reset it.
+                _ => Ending::ResetSent,
+            },
+            _ => Ending::Failed,
+        }
+    }
+}
+
+/// A connection's story when it closes: what the table saw of it and what the kernel counted
+/// on the socket. Times the table did not see are None, never guessed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Closed {
+    /// Who opened it (None: the table did not see it open).
+    pub mode: Option<Mode>,
+    /// When it began to open (CLOCK_MONOTONIC ns): the SYN sent (active), or the first SYN-ACK
+    /// sent (passive).
+    pub opened_ns: Option<u64>,
+    pub handshake_ns: Option<u64>,
+    /// From ESTABLISHED to CLOSE.
+    pub lifetime_ns: Option<u64>,
+    pub ending: Ending,
+    pub sk_err: u16,
+    /// Service port (0: not known), network namespace, cgroup (0: not known).
+    pub port: u16,
+    pub netns: u32,
+    pub cgroup: u64,
+    /// Data bytes sent and acknowledged, and received (`tcp_sock.bytes_acked` and
+    /// `bytes_received`, less the SYN and FINs they count); bytes sent are None when the
+    /// table did not see the connection open (a SYN may be counted in them).
+    pub bytes_sent: Option<u64>,
+    pub bytes_received: u64,
+    /// Segments retransmitted (`tcp_sock.total_retrans`, SYNs included).
+    pub retransmits: u32,
+    /// Smoothed and minimum RTT, microseconds (0: no sample).
+    pub srtt_us: u32,
+    pub rtt_min_us: u32,
+}
 
 /// What one transition tells, for the metrics. Durations in nanoseconds, ports are service
 /// ports: the remote port of an active open, the local port of a passive one (0: not known).
@@ -90,6 +187,8 @@ pub enum Observation {
         ns: u64,
         cgroup: u64,
     },
+    /// Every transition to CLOSE: the connection's record.
+    Closed(Closed),
 }
 
 /// Where the time a socket entered its current state comes from.
@@ -105,13 +204,15 @@ pub enum Since {
     Census,
 }
 
-/// What the table remembers of one socket: 40 bytes (see `SocketTable` for the cost of each).
+/// What the table remembers of one socket: 48 bytes (see `SocketTable` for the cost of each).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Entry {
     /// When it entered `state` (CLOCK_MONOTONIC ns, the probe's clock), and how that is known.
     since_ns: u64,
     /// When it became ESTABLISHED (0: not seen).
     established_ns: u64,
+    /// When it began to open: SYN sent, or (passive) first SYN-ACK sent (0: not seen).
+    opened_ns: u64,
     /// When it left ESTABLISHED (0: not seen); who started closing is in `teardown`.
     teardown_ns: u64,
     /// The owner the probe named (process and cgroup), as an id in [`Owners`] (0: unknown).
@@ -298,6 +399,7 @@ impl SocketTable {
         let mut e = known.unwrap_or(Entry {
             since_ns: 0,
             established_ns: 0,
+            opened_ns: 0,
             teardown_ns: 0,
             owner: 0,
             netns: 0,
@@ -348,6 +450,7 @@ impl SocketTable {
             (SYN_RECV, ESTABLISHED) if t.srtt_us > 0 => {
                 // srtt_us holds the smoothed RTT times 8; a new child has one sample.
                 let ns = u64::from(t.srtt_us >> 3) * 1_000;
+                e.opened_ns = now.saturating_sub(ns);
                 sink(Observation::Handshake {
                     mode: Mode::Passive,
                     port: t.sport,
@@ -357,7 +460,7 @@ impl SocketTable {
                 });
             }
             (SYN_SENT, CLOSE) => {
-                let reason = match t.sk_err {
+                let reason = match u16::from(t.sk_err) {
                     ECONNREFUSED => Failure::Refused,
                     ETIMEDOUT => Failure::Timeout,
                     0 => Failure::Aborted,
@@ -382,6 +485,9 @@ impl SocketTable {
         if new == ESTABLISHED {
             e.established_ns = now;
         }
+        if (old, new) == (CLOSE, SYN_SENT) {
+            e.opened_ns = now;
+        }
 
         if new == CLOSE {
             if let Some(mode) = e.teardown.filter(|_| now >= e.teardown_ns) {
@@ -392,13 +498,54 @@ impl SocketTable {
                     cgroup,
                 });
             }
-            if let (Some(mode), true) = (e.mode, e.established_ns != 0 && now >= e.established_ns) {
+            let lifetime =
+                (e.established_ns != 0 && now >= e.established_ns).then(|| now - e.established_ns);
+            if let (Some(mode), Some(ns)) = (e.mode, lifetime) {
                 sink(Observation::Lifetime {
                     mode,
                     port: e.port,
-                    ns: now - e.established_ns,
+                    ns,
                     cgroup,
                 });
+            }
+            let opened = (e.opened_ns != 0).then_some(e.opened_ns);
+            let mode = e.mode.filter(|_| known.is_some());
+            // The kernel's counters run over sequence numbers: an active side's SYN, once
+            // answered, counts one in bytes_acked, and each FIN one where it went (the probe
+            // says which FINs did). Data bytes are what is left; with the opening unseen, a SYN
+            // may be in bytes_acked, so the bytes sent are not known exactly.
+            let fin = |bit: u8| u64::from(t.close_flags & bit != 0);
+            let syn = u64::from(mode == Some(Mode::Active) && t.bytes_acked > 0);
+            let bytes_sent = mode.map(|_| {
+                t.bytes_acked
+                    .saturating_sub(syn + fin(close_flags::FIN_ACKED))
+            });
+            let bytes_received = t.bytes_received.saturating_sub(fin(close_flags::PEER_FIN));
+            // A listener closing is not a connection.
+            if old != LISTEN {
+                sink(Observation::Closed(Closed {
+                    mode,
+                    opened_ns: opened,
+                    handshake_ns: opened
+                        .filter(|&o| e.established_ns >= o && e.established_ns != 0)
+                        .map(|o| e.established_ns - o),
+                    lifetime_ns: lifetime,
+                    ending: Ending::of(old, u16::from(t.sk_err), e.teardown),
+                    sk_err: u16::from(t.sk_err),
+                    port: e.port,
+                    netns: e.netns,
+                    cgroup,
+                    bytes_sent,
+                    bytes_received,
+                    retransmits: t.total_retrans,
+                    srtt_us: t.srtt_us >> 3,
+                    // `~0U` until the kernel's first sample.
+                    rtt_min_us: if t.rtt_min_us == u32::MAX {
+                        0
+                    } else {
+                        t.rtt_min_us
+                    },
+                }));
             }
             if known.is_some() {
                 self.entries.remove(&t.cookie);
@@ -536,6 +683,7 @@ impl SocketTable {
             Entry {
                 since_ns,
                 established_ns: 0,
+                opened_ns: 0,
                 teardown_ns: 0,
                 owner,
                 netns,
@@ -773,7 +921,9 @@ mod tests {
             table.follow(t, |o| {
                 if !matches!(
                     o,
-                    Observation::Transition { .. } | Observation::Dwell { .. }
+                    Observation::Transition { .. }
+                        | Observation::Dwell { .. }
+                        | Observation::Closed(_)
                 ) {
                     out.push(o);
                 }
@@ -976,9 +1126,86 @@ mod tests {
         assert!(table.awaiting_cookie.is_empty());
     }
 
+    /// The record of the last transition's socket, from a table that saw `seq`.
+    fn record(seq: &[Transition]) -> Closed {
+        let mut table = SocketTable::new(16);
+        let mut closed = None;
+        for t in seq {
+            table.follow(t, |o| {
+                if let Observation::Closed(c) = o {
+                    closed = Some(c);
+                }
+            });
+        }
+        closed.expect("a record")
+    }
+
     #[test]
-    fn an_entry_is_40_bytes_and_owners_are_kept_once_while_referred_to() {
-        assert_eq!(std::mem::size_of::<Entry>(), 40);
+    fn a_close_record_has_the_data_bytes_and_the_times_the_table_saw() {
+        // An active open: SYN at 100, established at 150, FIN at 500, closed at 600. The
+        // kernel's counters include the SYN and this side's FIN (acked), and the peer's FIN.
+        let mut close = transition(8, 600, FIN_WAIT2, CLOSE);
+        (close.bytes_acked, close.bytes_received) = (1_002, 2_001);
+        close.close_flags = close_flags::FIN_ACKED | close_flags::PEER_FIN;
+        (close.srtt_us, close.rtt_min_us, close.total_retrans) = (40 << 3, u32::MAX, 3);
+        let c = record(&[
+            transition(8, 100, CLOSE, SYN_SENT),
+            transition(8, 150, SYN_SENT, ESTABLISHED),
+            transition(8, 500, ESTABLISHED, FIN_WAIT1),
+            transition(8, 550, FIN_WAIT1, FIN_WAIT2),
+            close,
+        ]);
+        assert_eq!(
+            (c.mode, c.opened_ns, c.handshake_ns, c.lifetime_ns),
+            (Some(Mode::Active), Some(100), Some(50), Some(450))
+        );
+        assert_eq!((c.bytes_sent, c.bytes_received), (Some(1_000), 2_000));
+        assert_eq!((c.srtt_us, c.rtt_min_us, c.retransmits), (40, 0, 3));
+        assert_eq!(c.ending, Ending::ClosedHereFirst);
+        // Seen only from its teardown on: no opening, no handshake or lifetime, and the bytes
+        // sent not known exactly (a SYN may be in them).
+        let c = record(&[transition(9, 500, CLOSE_WAIT, LAST_ACK), {
+            let mut t = transition(9, 600, LAST_ACK, CLOSE);
+            t.bytes_acked = 10;
+            t
+        }]);
+        assert_eq!(
+            (
+                c.mode,
+                c.opened_ns,
+                c.handshake_ns,
+                c.lifetime_ns,
+                c.bytes_sent
+            ),
+            (None, None, None, None, None)
+        );
+        assert_eq!(c.ending, Ending::ClosedByPeerFirst);
+    }
+
+    #[test]
+    fn endings_follow_the_state_left_and_the_socket_error() {
+        use Ending::*;
+        for (old, err, teardown, ending) in [
+            (SYN_SENT, 111, None, Refused),
+            (SYN_SENT, 110, None, TimedOut),
+            (SYN_SENT, 0, None, Aborted),
+            (SYN_SENT, 113, None, Failed),
+            (ESTABLISHED, 104, None, ResetReceived),
+            (CLOSE_WAIT, 32, Some(Teardown::Passive), ResetReceived),
+            (ESTABLISHED, 0, None, ResetSent),
+            (CLOSE_WAIT, 0, Some(Teardown::Passive), ResetSent),
+            (ESTABLISHED, 110, None, TimedOut),
+            (FIN_WAIT2, 0, Some(Teardown::Active), ClosedHereFirst),
+            (LAST_ACK, 0, Some(Teardown::Passive), ClosedByPeerFirst),
+            (CLOSING, 0, Some(Teardown::Simultaneous), ClosedTogether),
+        ] {
+            assert_eq!(Ending::of(old, err, teardown), ending, "{old} {err}");
+        }
+    }
+
+    #[test]
+    fn an_entry_is_48_bytes_and_owners_are_kept_once_while_referred_to() {
+        assert_eq!(std::mem::size_of::<Entry>(), 48);
         let mut table = SocketTable::new(2);
         for cookie in 1..=3 {
             table.observe(&transition(cookie, cookie * 10, CLOSE, SYN_SENT));

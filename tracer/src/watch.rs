@@ -16,7 +16,7 @@ use crate::cli::WatchArgs;
 use crate::event::{self, Transition};
 use crate::probe::{Probe, ProbeConfig, ProbeCounters};
 use crate::ring::EventRings;
-use crate::sockets::SocketTable;
+use crate::sockets::{Closed, Observation, SocketTable};
 use crate::workload::{Resolver, Workload};
 
 /// Sockets the watch command follows for dwell times (about 40 bytes each).
@@ -118,6 +118,8 @@ fn report_losses(probe: &Probe, reported: &mut ProbeCounters) -> Result<()> {
 struct Printer {
     out: io::BufWriter<io::Stdout>,
     json: bool,
+    /// One record per closed connection (`--connections`) rather than every transition.
+    connections: bool,
     states: [bool; 256],
     any_state: bool,
     pid: Option<u32>,
@@ -142,6 +144,7 @@ impl Printer {
         Printer {
             out: io::BufWriter::with_capacity(1 << 16, io::stdout()),
             json: args.json,
+            connections: args.connections,
             states,
             any_state: args.states.is_empty(),
             pid: args.pid,
@@ -182,13 +185,22 @@ impl Printer {
         self.received += 1;
         // Every socket the probe reports is followed, filtered or not: its dwell times, and
         // its owner, which the probe names only at the socket's opening.
-        let step = self.sockets.observe(&t);
+        let mut closed = None;
+        let step = self.sockets.follow(&t, |o| {
+            if let Observation::Closed(c) = o {
+                closed = Some(c);
+            }
+        });
         (t.pid, t.comm, t.cgroup) = (step.pid, step.comm, step.cgroup);
         if !self.wanted(&t) {
             return Ok(true);
         }
         let workload = self.workload(t.cgroup);
-        self.print(&t, step.dwell, &workload)?;
+        match (self.connections, closed) {
+            (false, _) => self.print(&t, step.dwell, &workload)?,
+            (true, Some(c)) => self.print_record(&t, &c, &workload)?,
+            (true, None) => return Ok(true),
+        }
         self.printed += 1;
         if let Some(n) = self.remaining.as_mut() {
             *n -= 1;
@@ -233,6 +245,15 @@ impl Printer {
     }
 
     fn header(&mut self) -> Result<()> {
+        if self.connections {
+            writeln!(
+                self.out,
+                "{:<15} {:>7} {:<15} {:<30} {:<30} {:<7} {:>9} {:>9} {:>10} {:>10} {:>7} {:>9} {:>9} {:<20} WORKLOAD",
+                "TIME(UTC)", "PID", "COMM", "LOCAL", "REMOTE", "MODE", "HANDSHAKE", "LIFETIME",
+                "SENT", "RECEIVED", "RETRANS", "SRTT", "MINRTT", "ENDING"
+            )?;
+            return Ok(());
+        }
         writeln!(
             self.out,
             "{:<15} {:>7} {:<15} {:<30} {:<30} {:<27} {:>9} WORKLOAD",
@@ -278,16 +299,89 @@ impl Printer {
         writeln!(out, "}}")
     }
 
+    /// One closed connection: a line of columns, or a JSON object.
+    fn print_record(&mut self, t: &Transition, c: &Closed, w: &Rendered) -> io::Result<()> {
+        let out = &mut self.out;
+        let wall = |ns: u64| (ns as i128 + self.realtime_offset_ns).max(0);
+        let mode = c.mode.map(crate::event_metrics::mode_name);
+        if self.json {
+            write!(
+                out,
+                "{{\"time_ns\":{},\"pid\":{},\"comm\":",
+                wall(t.time_ns),
+                t.pid
+            )?;
+            serde_json::to_writer(&mut *out, &*event::comm_text(&t.comm))?;
+            write!(
+                out,
+                ",\"family\":\"{}\",\"saddr\":\"{}\",\"sport\":{},\"daddr\":\"{}\",\"dport\":{},\
+                 \"netns\":{},\"mode\":",
+                event::family_name(t.family),
+                event::local_addr(t),
+                t.sport,
+                event::remote_addr(t),
+                t.dport,
+                c.netns,
+            )?;
+            serde_json::to_writer(&mut *out, &mode)?;
+            let opt = |v: Option<u64>| v.map_or("null".to_owned(), |v| v.to_string());
+            write!(
+                out,
+                ",\"opened_ns\":{},\"handshake_ns\":{},\"lifetime_ns\":{},\"bytes_sent\":{},\
+                 \"bytes_received\":{},\"segments_retransmitted\":{},\"srtt_us\":{},\
+                 \"rtt_min_us\":{},\"ending\":\"{}\",\"sk_err\":{}",
+                opt(c.opened_ns.map(|o| wall(o) as u64)),
+                opt(c.handshake_ns),
+                opt(c.lifetime_ns),
+                opt(c.bytes_sent),
+                c.bytes_received,
+                c.retransmits,
+                c.srtt_us,
+                c.rtt_min_us,
+                c.ending.name(),
+                c.sk_err,
+            )?;
+            out.write_all(w.json.as_bytes())?;
+            return writeln!(out, "}}");
+        }
+        write_clock(out, wall(t.time_ns) as u128)?;
+        if t.pid == 0 {
+            write!(out, "{:>7} {:<15} ", "-", "-")?;
+        } else {
+            let comm = event::Printable(event::comm_bytes(&t.comm));
+            write!(out, "{:>7} {:<15} ", t.pid, comm)?;
+        }
+        write_endpoint(out, event::local_addr(t), t.sport)?;
+        write_endpoint(out, event::remote_addr(t), t.dport)?;
+        let duration = |ns: Option<u64>| match ns {
+            None => "-".to_owned(),
+            Some(ns) if ns < 10_000_000 => format!("{}us", ns / 1_000),
+            Some(ns) if ns < 10_000_000_000 => format!("{}ms", ns / 1_000_000),
+            Some(ns) => format!("{}s", ns / 1_000_000_000),
+        };
+        let rtt = |us: u32| match us {
+            0 => "-".to_owned(),
+            us => duration(Some(u64::from(us) * 1_000)),
+        };
+        writeln!(
+            out,
+            "{:<7} {:>9} {:>9} {:>10} {:>10} {:>7} {:>9} {:>9} {:<20} {}",
+            mode.unwrap_or("-"),
+            duration(c.handshake_ns),
+            duration(c.lifetime_ns),
+            c.bytes_sent.map_or("-".to_owned(), |b| b.to_string()),
+            c.bytes_received,
+            c.retransmits,
+            rtt(c.srtt_us),
+            rtt(c.rtt_min_us),
+            c.ending.name(),
+            w.column
+        )
+    }
+
     fn print_human(&mut self, t: &Transition, dwell: Option<u64>, w: &Rendered) -> io::Result<()> {
         let wall_ns = (t.time_ns as i128 + self.realtime_offset_ns).max(0) as u128;
-        let day_us = (wall_ns / 1_000) % 86_400_000_000;
-        let (h, m, s, us) = (
-            day_us / 3_600_000_000,
-            day_us / 60_000_000 % 60,
-            day_us / 1_000_000 % 60,
-            day_us % 1_000_000,
-        );
-        write!(self.out, "{h:02}:{m:02}:{s:02}.{us:06} ")?;
+        write_clock(&mut self.out, wall_ns)?;
         if t.pid == 0 {
             write!(self.out, "{:>7} {:<15} ", "-", "-")?;
         } else {
@@ -365,6 +459,18 @@ pub fn write_workload_json(out: &mut impl Write, w: Option<&Workload>) -> io::Re
         serde_json::to_writer(&mut *out, &value)?;
     }
     Ok(())
+}
+
+/// Writes the time of day (UTC) of `wall_ns`, to the microsecond, and a space.
+fn write_clock(out: &mut impl Write, wall_ns: u128) -> io::Result<()> {
+    let day_us = (wall_ns / 1_000) % 86_400_000_000;
+    let (h, m, s, us) = (
+        day_us / 3_600_000_000,
+        day_us / 60_000_000 % 60,
+        day_us / 1_000_000 % 60,
+        day_us % 1_000_000,
+    );
+    write!(out, "{h:02}:{m:02}:{s:02}.{us:06} ")
 }
 
 /// Writes `addr:port` (`[v6]:port`) padded to 30 columns, without allocating.

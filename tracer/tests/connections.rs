@@ -1,0 +1,289 @@
+//! `tracer watch --connections`: one record per connection when it closes, checked against
+//! what the test itself sent and against the kernel's own figures in a network namespace of
+//! the test's (`ss -ti` for round-trip times, `nstat` for retransmitted segments).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+
+use common::*;
+
+const PORT: u16 = 18090;
+
+/// Starts `tracer watch --connections --json` on `ports`.
+fn records(ports: &[u16]) -> Tracer {
+    let mut args = vec!["watch".to_owned(), "--connections".into(), "--json".into()];
+    for p in ports {
+        args.extend(["--port".to_owned(), p.to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Tracer::start(&args, true)
+}
+
+/// Records by (local port, remote port).
+fn by_ports(out: &Output) -> BTreeMap<(u64, u64), serde_json::Value> {
+    out.json()
+        .into_iter()
+        .map(|r| {
+            (
+                (r["sport"].as_u64().unwrap(), r["dport"].as_u64().unwrap()),
+                r,
+            )
+        })
+        .collect()
+}
+
+/// `rtt:SRTT/VAR` and `minrtt:MIN` (milliseconds) of the socket on `local` in `ss -ti`.
+fn ss_rtts(ns: &Netns, local: u16) -> (f64, f64) {
+    let text = ns.exec(&[
+        "ss",
+        "-tinH",
+        "state",
+        "established",
+        "sport",
+        "=",
+        &format!(":{local}"),
+    ]);
+    let field = |name: &str| -> f64 {
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .and_then(|v| v.split('/').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in ss -ti: {text}"))
+    };
+    (field("rtt:"), field("minrtt:"))
+}
+
+#[test]
+fn a_connections_record_has_its_bytes_rtts_and_who_closed_first() {
+    if !require_root("a_connections_record_has_its_bytes_rtts_and_who_closed_first") {
+        return;
+    }
+    let ns = Netns::new("records");
+    let watch = records(&[PORT]);
+    // The client sends 100,000 bytes, the server 250,000 back; the client closes first.
+    let (sent, answered) = (100_000usize, 250_000usize);
+    let (c, client_port, server) = ns.run(move || {
+        let listener = TcpListener::bind(("127.0.0.1", PORT)).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut got = vec![0u8; sent];
+            s.read_exact(&mut got).unwrap();
+            s.write_all(&vec![7u8; answered]).unwrap();
+            // Wait for the client's FIN, then close: this side closes second.
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest).unwrap();
+            assert!(rest.is_empty());
+        });
+        let mut c = TcpStream::connect(("127.0.0.1", PORT)).unwrap();
+        c.write_all(&vec![1u8; sent]).unwrap();
+        let mut got = vec![0u8; answered];
+        c.read_exact(&mut got).unwrap();
+        let local = c.local_addr().unwrap().port();
+        (c, local, server)
+    });
+    // RTTs as the kernel shows them just before the close.
+    let rtts = (ss_rtts(&ns, client_port), ss_rtts(&ns, PORT));
+    c.shutdown(Shutdown::Both).unwrap();
+    drop(c);
+    server.join().unwrap();
+    settle();
+    let out = watch.stop_with(libc::SIGINT);
+    let records = by_ports(&out);
+    let client = &records[&(u64::from(client_port), u64::from(PORT))];
+    let server = &records[&(u64::from(PORT), u64::from(client_port))];
+    assert_eq!(records.len(), 2, "{records:?}");
+
+    // Bytes: exactly what each side wrote and read.
+    assert_eq!(client["bytes_sent"], sent as u64, "{client}");
+    assert_eq!(client["bytes_received"], answered as u64, "{client}");
+    assert_eq!(server["bytes_sent"], answered as u64, "{server}");
+    assert_eq!(server["bytes_received"], sent as u64, "{server}");
+    // Who opened, who closed first, in which namespace.
+    assert_eq!(client["mode"], "active");
+    assert_eq!(server["mode"], "passive");
+    assert_eq!(client["ending"], "closed_here_first", "{client}");
+    assert_eq!(server["ending"], "closed_by_peer_first", "{server}");
+    for r in [client, server] {
+        assert_eq!(r["netns"], ns.inode(), "{r}");
+        assert_eq!(r["segments_retransmitted"], 0, "{r}");
+        let (handshake, lifetime) = (r["handshake_ns"].as_u64(), r["lifetime_ns"].as_u64());
+        assert!(handshake.is_some_and(|h| h > 0 && h < 500_000_000), "{r}");
+        assert!(lifetime.is_some_and(|l| l > 0), "{r}");
+        assert!(r["opened_ns"].as_u64().is_some(), "{r}");
+    }
+    // RTTs: the minimum can only have fallen since `ss` read it (the FIN exchange is one more
+    // sample), and by at most the granularity ss prints (1 us); the smoothed RTT moves by an
+    // eighth of each new sample's difference, so it stays within a factor of 2 here.
+    for (r, (srtt_ms, min_ms)) in [(client, rtts.0), (server, rtts.1)] {
+        let (srtt, min) = (
+            r["srtt_us"].as_f64().unwrap(),
+            r["rtt_min_us"].as_f64().unwrap(),
+        );
+        assert!(
+            min > 0.0 && min <= min_ms * 1000.0 + 1.0,
+            "min {min} us, ss {min_ms} ms: {r}"
+        );
+        let ss_srtt = srtt_ms * 1000.0;
+        assert!(
+            srtt > 0.0 && srtt <= 2.0 * ss_srtt + 5.0 && srtt >= ss_srtt / 2.0 - 5.0,
+            "srtt {srtt} us, ss {ss_srtt} us: {r}"
+        );
+    }
+}
+
+#[test]
+fn refused_timed_out_reset_and_retransmitting_connections_end_as_they_did() {
+    if !require_root("refused_timed_out_reset_and_retransmitting_connections_end_as_they_did") {
+        return;
+    }
+    let ns = Netns::new("endings");
+    // SYNs to port +1 vanish (a timed-out connect after one retry), and a fifth of the large
+    // data segments from PORT is dropped on arrival (retransmissions; a drop on output is
+    // reported to TCP as a failed send and never retransmitted; never a SYN-ACK, FIN or RST,
+    // whose loss would only slow the test down).
+    ns.exec(&["sysctl", "-qw", "net.ipv4.tcp_syn_retries=1"]);
+    ns.nft(&format!(
+        "table inet t {{\n chain out {{\n type filter hook output priority 0;\n \
+         tcp dport {} drop\n }}\n chain in {{\n type filter hook input priority 0;\n \
+         tcp sport {PORT} meta length > 1000 numgen random mod 5 == 0 drop\n }}\n}}\n",
+        PORT + 1
+    ));
+    let retrans_before = netstat_retrans(&ns);
+    let watch = records(&[PORT, PORT + 1, PORT + 2]);
+    let (reset_port, bulk_port, syn_retransmits) = ns.run(move || {
+        // Refused: nothing listens on PORT + 2.
+        let refused = TcpStream::connect(("127.0.0.1", PORT + 2)).unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+        // Timed out: the SYN and its retries are dropped.
+        let snmp = || std::fs::read_to_string("/proc/thread-self/net/snmp").unwrap();
+        let before = retrans_segs(&snmp());
+        let timed_out = TcpStream::connect(("127.0.0.1", PORT + 1)).unwrap_err();
+        let syn_retransmits = retrans_segs(&snmp()) - before;
+        assert_eq!(
+            timed_out.kind(),
+            std::io::ErrorKind::TimedOut,
+            "{timed_out}"
+        );
+        let listener = TcpListener::bind(("127.0.0.1", PORT)).unwrap();
+        // Reset: the server closes with SO_LINGER 0, which sends a RST.
+        let c = TcpStream::connect(("127.0.0.1", PORT)).unwrap();
+        c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let (s, _) = listener.accept().unwrap();
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt on an open socket with a linger struct of the size given.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                &linger as *const libc::linger as *const libc::c_void,
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "SO_LINGER");
+        let reset_port = c.local_addr().unwrap().port();
+        drop(s);
+        let mut buf = [0u8; 1];
+        let err = (&c).read(&mut buf).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+        drop(c);
+        // Retransmissions: 2 MB from the server with a fifth of its segments dropped.
+        let mut c = TcpStream::connect(("127.0.0.1", PORT)).unwrap();
+        c.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        let (mut s, _) = listener.accept().unwrap();
+        let bulk_port = c.local_addr().unwrap().port();
+        let writer = std::thread::spawn(move || {
+            s.write_all(&vec![3u8; 2_000_000]).unwrap();
+            s.shutdown(Shutdown::Write).unwrap();
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest);
+        });
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).unwrap();
+        assert_eq!(got.len(), 2_000_000);
+        drop(c);
+        writer.join().unwrap();
+        (reset_port, bulk_port, syn_retransmits)
+    });
+    settle();
+    let out = watch.stop_with(libc::SIGINT);
+    let all = out.json();
+    let ending_of = |pred: &dyn Fn(&serde_json::Value) -> bool| -> Vec<String> {
+        all.iter()
+            .filter(|r| pred(r))
+            .map(|r| r["ending"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        ending_of(&|r| r["dport"] == PORT + 2),
+        ["refused"],
+        "{all:?}"
+    );
+    assert_eq!(
+        ending_of(&|r| r["dport"] == PORT + 1),
+        ["timed_out"],
+        "{all:?}"
+    );
+    assert_eq!(
+        ending_of(&|r| r["sport"] == reset_port),
+        ["reset_received"],
+        "{all:?}"
+    );
+    assert_eq!(
+        ending_of(&|r| r["dport"] == reset_port),
+        ["reset_sent"],
+        "{all:?}"
+    );
+    let timed_out = all.iter().find(|r| r["dport"] == PORT + 1).unwrap();
+    assert_eq!(
+        timed_out["segments_retransmitted"], syn_retransmits,
+        "the SYN retries TcpRetransSegs counted during the connect: {timed_out}"
+    );
+    assert_eq!(
+        timed_out["lifetime_ns"],
+        serde_json::Value::Null,
+        "never established"
+    );
+    // Retransmitted segments: the records' sum equals the namespace's own TcpRetransSegs
+    // (both are incremented by the same tcp_skb_pcount in __tcp_retransmit_skb, so segments
+    // that GSO/TSO put in one skb count alike on both sides).
+    let bulk = all.iter().find(|r| r["dport"] == bulk_port).unwrap();
+    assert!(
+        bulk["segments_retransmitted"].as_u64().unwrap() > 0,
+        "{bulk}"
+    );
+    let sum: u64 = all
+        .iter()
+        .map(|r| r["segments_retransmitted"].as_u64().unwrap())
+        .sum();
+    let kernel = netstat_retrans(&ns) - retrans_before;
+    assert_eq!(
+        sum, kernel,
+        "records {sum}, TcpRetransSegs {kernel}: {all:?}"
+    );
+}
+
+/// `Tcp: RetransSegs` of the namespace (what `nstat TcpRetransSegs` reports).
+fn netstat_retrans(ns: &Netns) -> u64 {
+    retrans_segs(&ns.exec(&["cat", "/proc/net/snmp"]))
+}
+
+/// `Tcp: RetransSegs` in the text of a `/proc/net/snmp`.
+fn retrans_segs(snmp: &str) -> u64 {
+    let tcp: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Tcp:")).collect();
+    let names = tcp[0].split_whitespace();
+    let values = tcp[1].split_whitespace();
+    names
+        .zip(values)
+        .find(|(n, _)| *n == "RetransSegs")
+        .and_then(|(_, v)| v.parse().ok())
+        .expect("RetransSegs")
+}
