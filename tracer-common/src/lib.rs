@@ -149,6 +149,9 @@ pub struct SockOffsets {
     pub snd_una: u32,
     pub write_seq: u32,
     pub sk_flags: u32,
+    /// `sk_buff.cb` + `tcp_skb_cb.tcp_gso_segs` (`u16`): the segments an skb stands for
+    /// (`tcp_skb_pcount`).
+    pub skb_gso_segs: u32,
 }
 
 /// Key of the probe's listener table: a listening port in one network namespace.
@@ -205,7 +208,9 @@ pub mod counter {
     /// Transitions of a TCP socket whose family is neither `AF_INET` nor `AF_INET6`: delivered
     /// with the family as read and IPv4-style addresses.
     pub const UNKNOWN_FAMILY: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// Retransmitted segments not counted because `RETRANSMITS` was full.
+    pub const RETRANSMIT_PORTS_FULL: u32 = 6;
+    pub const COUNT: u32 = 7;
 }
 
 /// The fields whose read can fail in the probe, as the `detail` of a `READ_FAILED` report
@@ -217,6 +222,7 @@ pub mod field {
     pub const NET_INUM: u32 = 3;
     pub const IPV6_ADDRESS: u32 = 4;
     pub const CGROUP_ID: u32 = 5;
+    pub const GSO_SEGS: u32 = 6;
 }
 
 /// Direction index of the `RESETS` counters: `RESETS[direction * RESET_STATES + state]`.
@@ -227,6 +233,8 @@ pub const RESET_STATES: u32 = 16;
 
 /// Listening ports whose SYN-ACK retransmissions the probe counts (`SYNACK_RETRANSMITS`).
 pub const MAX_SYNACK_PORTS: u32 = 4_096;
+/// Service ports whose retransmitted segments the probe counts (`RETRANSMITS`).
+pub const MAX_RETRANSMIT_PORTS: u32 = 4_096;
 
 /// Size of the probe's listener table.
 pub const MAX_LISTENERS: u32 = 16_384;

@@ -31,8 +31,8 @@ use core::ffi::c_void;
 use core::ptr::{addr_of, addr_of_mut};
 use tracer_common::{
     close_flags, counter, field, state, ListenerKey, Owner, SockOffsets, Transition, AF_INET,
-    AF_INET6, COMM_LEN, IPPROTO_TCP, MAX_LISTENERS, MAX_SYNACK_PORTS, PORT_FILTER_LEN,
-    RESET_RECEIVED, RESET_SENT, RESET_STATES, SOCK_DONE,
+    AF_INET6, COMM_LEN, IPPROTO_TCP, MAX_LISTENERS, MAX_RETRANSMIT_PORTS, MAX_SYNACK_PORTS,
+    PORT_FILTER_LEN, RESET_RECEIVED, RESET_SENT, RESET_STATES, SOCK_DONE,
 };
 
 /// Field offsets, set by userspace at load time (see `tracer::btf`).
@@ -61,6 +61,7 @@ static OFFSETS: SockOffsets = SockOffsets {
     snd_una: 0,
     write_seq: 0,
     sk_flags: 0,
+    skb_gso_segs: 0,
 };
 
 /// Unread bytes in a ring of `EVENTS` at which the probe wakes the reader; set at load time.
@@ -108,6 +109,11 @@ static LISTENERS: HashMap<ListenerKey, Owner> = HashMap::with_max_entries(MAX_LI
 #[map]
 static SYNACK_RETRANSMITS: PerCpuHashMap<u16, u64> =
     PerCpuHashMap::with_max_entries(MAX_SYNACK_PORTS, 0);
+
+/// Segments retransmitted per service port (`tcp/tcp_retransmit_skb`), read each second.
+#[map]
+static RETRANSMITS: PerCpuHashMap<u16, u64> =
+    PerCpuHashMap::with_max_entries(MAX_RETRANSMIT_PORTS, 0);
 
 /// Resets sent and received, by the socket's state (`tcp/tcp_send_reset`,
 /// `tcp/tcp_receive_reset`), indexed `direction * RESET_STATES + state`.
@@ -170,6 +176,48 @@ pub fn tcp_retransmit_synack(ctx: BtfTracePointContext) -> i32 {
         unsafe { *n += 1 };
     } else if SYNACK_RETRANSMITS.insert(&port, &1, 0).is_err() {
         report(&ctx, counter::SYNACK_PORTS_FULL, u32::from(port));
+    }
+    0
+}
+
+/// `tcp_retransmit_skb(const struct sock *sk, const struct sk_buff *skb)`, after a successful
+/// retransmission: counts the skb's segments (`tcp_skb_pcount`, as `TcpRetransSegs` and
+/// `tcp_sock.total_retrans` count them) under the socket's service port: the local port when
+/// the probe knows a listener on it in the socket's namespace (an accepted connection), else
+/// the remote one.
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn tcp_retransmit_skb(ctx: BtfTracePointContext) -> i32 {
+    let (sk, skb): (*const u8, *const u8) = (ctx.arg(0), ctx.arg(1));
+    let sport = u16::from_be(read_or_report(
+        &ctx,
+        sk,
+        offset!(inet_sport),
+        field::INET_SPORT,
+    ));
+    // SAFETY: direct loads through the BTF-typed socket, as in inet_sock_set_state.
+    let (dport, net) = unsafe {
+        (
+            u16::from_be(field::<u16>(sk, offset!(skc_dport))),
+            field::<u64>(sk, offset!(skc_net)),
+        )
+    };
+    let key = ListenerKey {
+        net,
+        port: u64::from(sport),
+    };
+    // SAFETY: a lookup whose value is only tested for presence.
+    let port = if unsafe { LISTENERS.get(&key) }.is_some() {
+        sport
+    } else {
+        dport
+    };
+    let segs: u16 = read_or_report(&ctx, skb, offset!(skb_gso_segs), field::GSO_SEGS);
+    let segs = u64::from(segs.max(1));
+    if let Some(n) = RETRANSMITS.get_ptr_mut(&port) {
+        // SAFETY: this CPU's value of a per-CPU map; preemption is disabled here.
+        unsafe { *n += segs };
+    } else if RETRANSMITS.insert(&port, &segs, 0).is_err() {
+        report(&ctx, counter::RETRANSMIT_PORTS_FULL, u32::from(port));
     }
     0
 }
@@ -565,6 +613,12 @@ fn report(ctx: &BtfTracePointContext, problem: u32, detail: u32) {
             MAX_LISTENERS,
             detail
         ),
+        counter::RETRANSMIT_PORTS_FULL => warn!(
+            ctx,
+            "retransmission table full ({} ports): retransmissions on port {} are not counted",
+            MAX_RETRANSMIT_PORTS,
+            detail
+        ),
         counter::SYNACK_PORTS_FULL => warn!(
             ctx,
             "SYN-ACK table full ({} listening ports): retransmissions on port {} are not counted",
@@ -594,6 +648,7 @@ fn field_name(which: u32) -> &'static str {
         field::TOTAL_RETRANS => "tcp_sock.total_retrans",
         field::NET_INUM => "net.ns.inum",
         field::CGROUP_ID => "sock.sk_cgrp_data.cgroup->kn->id",
+        field::GSO_SEGS => "tcp_skb_cb.tcp_gso_segs",
         _ => "sock_common.skc_v6_rcv_saddr/skc_v6_daddr",
     }
 }

@@ -62,6 +62,9 @@ pub fn sock_offsets(btf: &Btf) -> Result<SockOffsets> {
         // `sock.sk_flags`, or `sock_common.skc_flags` in newer kernels (`#define sk_flags
         // __sk_common.skc_flags`).
         sk_flags: field_offset(btf, "sock", &["sk_flags"]).or_else(|_| in_common("skc_flags"))?,
+        // TCP keeps its per-skb state in `skb->cb` (`TCP_SKB_CB`).
+        skb_gso_segs: field_offset(btf, "sk_buff", &["cb"])?
+            + field_offset(btf, "tcp_skb_cb", &["tcp_gso_segs"])?,
     })
 }
 

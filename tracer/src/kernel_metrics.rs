@@ -17,7 +17,7 @@ use crate::probe::{ProbeReadings, RESET_STATES};
 const DIRECTIONS: [&str; 2] = ["sent", "received"];
 
 /// The probe's tables that can run full, by the `table` label of `tracer_probe_table_full_total`.
-const TABLES: [&str; 2] = ["listener_owners", "synack_ports"];
+const TABLES: [&str; 3] = ["listener_owners", "synack_ports", "retransmit_ports"];
 
 /// What can go wrong in the probe besides a full table, by the `error` label of
 /// `tracer_probe_errors_total`.
@@ -34,6 +34,7 @@ pub struct TableSize {
 /// Kernel-counter metrics and the table's size.
 pub struct KernelMetrics {
     synack: IntCounterVec,
+    retransmits: IntCounterVec,
     resets: IntCounterVec,
     events_lost: IntCounter,
     probe_runs: IntCounterVec,
@@ -54,8 +55,9 @@ struct KernelTotals {
     programs: HashMap<&'static str, (u64, u64)>,
     evicted: u64,
     synack: HashMap<u16, u64>,
+    retransmits: HashMap<u16, u64>,
     resets: [[u64; RESET_STATES as usize]; 2],
-    table_full: [u64; 2],
+    table_full: [u64; 3],
     probe_errors: [u64; 2],
 }
 
@@ -78,6 +80,14 @@ impl KernelMetrics {
             &["port"],
         )?;
         synack.with_label_values(&[OTHER]);
+        let retransmits = counter(
+            "tracer_tcp_retransmits_total",
+            "Segments retransmitted, from tcp/tcp_retransmit_skb, by service port (the local \
+             port of an accepted connection, else the remote one); SYN-ACKs are in \
+             tracer_tcp_synack_retransmits_total.",
+            &["port"],
+        )?;
+        retransmits.with_label_values(&[OTHER]);
         let resets = counter(
             "tracer_tcp_resets_total",
             "TCP resets, from tcp/tcp_send_reset and tcp/tcp_receive_reset, by the socket's state \
@@ -150,6 +160,7 @@ impl KernelMetrics {
         )?;
         Ok(KernelMetrics {
             synack,
+            retransmits,
             resets,
             events_lost,
             probe_runs,
@@ -197,12 +208,21 @@ impl KernelMetrics {
             // Listening ports with a value show 0 until their first retransmission.
             self.synack.with_label_values(&[&port.to_string()]);
         }
-        for &(port, total) in &probe.synack {
-            let before = self.last.synack.insert(port, total).unwrap_or(0);
-            if total > before {
-                self.synack
-                    .with_label_values(&[&ports.label(port)])
-                    .inc_by(total - before);
+        for (counter, last, now) in [
+            (&self.synack, &mut self.last.synack, &probe.synack),
+            (
+                &self.retransmits,
+                &mut self.last.retransmits,
+                &probe.retransmits,
+            ),
+        ] {
+            for &(port, total) in now {
+                let before = last.insert(port, total).unwrap_or(0);
+                if total > before {
+                    counter
+                        .with_label_values(&[&ports.label(port)])
+                        .inc_by(total - before);
+                }
             }
         }
         for (d, direction) in DIRECTIONS.iter().enumerate() {
@@ -221,7 +241,7 @@ impl KernelMetrics {
             }
         }
         let c = &probe.counters;
-        let full = [c.owners_full, c.synack_ports_full];
+        let full = [c.owners_full, c.synack_ports_full, c.retransmit_ports_full];
         add_growth(&self.table_full, &TABLES, &mut self.last.table_full, full);
         let errors = [c.read_failed, c.unknown_family];
         add_growth(
@@ -286,6 +306,7 @@ mod tests {
         let mut probe = ProbeReadings {
             counters,
             synack: vec![(8080, 5), (9999, 2)],
+            retransmits: Vec::new(),
             resets,
             programs: stats(10, 1_000),
         };

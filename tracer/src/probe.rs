@@ -27,10 +27,11 @@ static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 const MAIN_PROGRAM: &str = "inet_sock_set_state";
 
 /// Every program of the probe and the tracepoint it attaches to, in attach order.
-pub const PROGRAMS: [(&str, &str); 5] = [
+pub const PROGRAMS: [(&str, &str); 6] = [
     (MAIN_PROGRAM, "inet_sock_set_state"),
     ("inet_sock_set_state_rescue", "inet_sock_set_state"),
     ("tcp_retransmit_synack", "tcp_retransmit_synack"),
+    ("tcp_retransmit_skb", "tcp_retransmit_skb"),
     ("tcp_send_reset", "tcp_send_reset"),
     ("tcp_receive_reset", "tcp_receive_reset"),
 ];
@@ -77,6 +78,8 @@ pub struct ProbeCounters {
     pub owners_full: u64,
     /// SYN-ACK retransmissions not counted because the per-port table was full.
     pub synack_ports_full: u64,
+    /// Retransmitted segments not counted because the per-port table was full.
+    pub retransmit_ports_full: u64,
     /// Kernel field reads that failed (the field was reported as 0).
     pub read_failed: u64,
     /// Transitions of TCP sockets of an address family other than IPv4 and IPv6.
@@ -97,6 +100,8 @@ pub struct ProbeReadings {
     pub counters: ProbeCounters,
     /// SYN-ACK retransmissions per listening port.
     pub synack: Vec<(u16, u64)>,
+    /// Retransmitted segments per service port.
+    pub retransmits: Vec<(u16, u64)>,
     /// Resets by direction and socket state (see [`Probe::resets`]).
     pub resets: [[u64; RESET_STATES as usize]; 2],
     pub programs: Vec<ProgramStats>,
@@ -212,22 +217,20 @@ impl Probe {
     pub fn readings(&self) -> Result<ProbeReadings> {
         Ok(ProbeReadings {
             counters: self.counters()?,
-            synack: self.synack_retransmits()?,
+            synack: self.per_port("SYNACK_RETRANSMITS")?,
+            retransmits: self.per_port("RETRANSMITS")?,
             resets: self.resets()?,
             programs: self.program_stats()?,
         })
     }
 
-    /// SYN-ACK retransmissions per listening port, summed over CPUs.
-    pub fn synack_retransmits(&self) -> Result<Vec<(u16, u64)>> {
-        let map: PerCpuHashMap<_, u16, u64> = PerCpuHashMap::try_from(
-            self.ebpf
-                .map("SYNACK_RETRANSMITS")
-                .context("map SYNACK_RETRANSMITS")?,
-        )?;
+    /// A per-port count of the probe (`SYNACK_RETRANSMITS`, `RETRANSMITS`), summed over CPUs.
+    pub fn per_port(&self, name: &str) -> Result<Vec<(u16, u64)>> {
+        let map: PerCpuHashMap<_, u16, u64> =
+            PerCpuHashMap::try_from(self.ebpf.map(name).with_context(|| format!("map {name}"))?)?;
         let mut out = Vec::new();
         for entry in map.iter() {
-            let (port, per_cpu) = entry.context("reading SYNACK_RETRANSMITS")?;
+            let (port, per_cpu) = entry.with_context(|| format!("reading {name}"))?;
             out.push((port, per_cpu.iter().sum()));
         }
         Ok(out)
@@ -294,6 +297,7 @@ impl Probe {
             rescued,
             owners_full: sum(counter::OWNERS_FULL)?,
             synack_ports_full: sum(counter::SYNACK_PORTS_FULL)?,
+            retransmit_ports_full: sum(counter::RETRANSMIT_PORTS_FULL)?,
             read_failed: sum(counter::READ_FAILED)?,
             unknown_family: sum(counter::UNKNOWN_FAMILY)?,
         })

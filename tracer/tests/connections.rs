@@ -153,6 +153,10 @@ fn refused_timed_out_reset_and_retransmitting_connections_end_as_they_did() {
     ));
     let retrans_before = netstat_retrans(&ns);
     let watch = records(&[PORT, PORT + 1, PORT + 2]);
+    let ports: Vec<String> = (PORT..=PORT + 2).map(|p| p.to_string()).collect();
+    let agent = Agent::start(&[
+        "--port", &ports[0], "--port", &ports[1], "--port", &ports[2],
+    ]);
     let (reset_port, bulk_port, syn_retransmits) = ns.run(move || {
         // Refused: nothing listens on PORT + 2.
         let refused = TcpStream::connect(("127.0.0.1", PORT + 2)).unwrap_err();
@@ -268,6 +272,18 @@ fn refused_timed_out_reset_and_retransmitting_connections_end_as_they_did() {
     assert_eq!(
         sum, kernel,
         "records {sum}, TcpRetransSegs {kernel}: {all:?}"
+    );
+    // And so does the agent's tracer_tcp_retransmits_total (from tcp/tcp_retransmit_skb), by
+    // service port: the bulk data under PORT (an accepted connection's local port), the SYN
+    // retries under PORT + 1 (the remote port of a connect).
+    let by_port = |t: &str, p: &str| sample(t, "tracer_tcp_retransmits_total", &[("port", p)]);
+    let text = agent.metrics_until("the retransmissions", |t| {
+        by_port(t, &ports[0]).unwrap_or(0.0) + by_port(t, &ports[1]).unwrap_or(0.0) == kernel as f64
+    });
+    assert_eq!(
+        by_port(&text, &ports[1]),
+        Some(syn_retransmits as f64),
+        "{text}"
     );
 }
 
