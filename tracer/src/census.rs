@@ -72,6 +72,8 @@ pub struct NetnsCensus {
     /// `TcpExt: ListenOverflows` and `ListenDrops` from its `/proc/net/netstat`.
     pub listen_overflows: u64,
     pub listen_drops: u64,
+    /// `Tcp: OutSegs` from its `/proc/net/snmp`: segments sent.
+    pub out_segs: u64,
     /// CLOCK_MONOTONIC ns just before its sockets were dumped: a socket the agent saw change
     /// state before this, and the dump does not show, is gone.
     pub dumped_at_ns: u64,
@@ -155,6 +157,9 @@ fn netns_census(netns: u64) -> Result<NetnsCensus> {
     let netstat = std::fs::read_to_string("/proc/thread-self/net/netstat")
         .context("reading /proc/net/netstat")?;
     let tcp_ext = parse_netstat(&netstat, "TcpExt");
+    let snmp =
+        std::fs::read_to_string("/proc/thread-self/net/snmp").context("reading /proc/net/snmp")?;
+    let tcp = parse_netstat(&snmp, "Tcp");
     let dumped_at_ns = crate::ring::monotonic_ns();
     Ok(NetnsCensus {
         netns,
@@ -163,6 +168,7 @@ fn netns_census(netns: u64) -> Result<NetnsCensus> {
         port_range: parse_port_range(&range).context("parsing ip_local_port_range")?,
         listen_overflows: tcp_ext.get("ListenOverflows").copied().unwrap_or(0),
         listen_drops: tcp_ext.get("ListenDrops").copied().unwrap_or(0),
+        out_segs: tcp.get("OutSegs").copied().unwrap_or(0),
     })
 }
 

@@ -37,6 +37,7 @@ struct CensusMetrics {
     listen_queue_limit: IntGaugeVec,
     listen_overflows: IntCounter,
     listen_drops: IntCounter,
+    segments_sent: IntCounter,
     cgroups_unresolved: Gauge,
     cgroup_walks: IntCounterVec,
     pod_labels: IntGaugeVec,
@@ -128,6 +129,11 @@ impl CensusMetrics {
                 "tracer_tcp_listen_drops_total",
                 "SYNs dropped by listeners (TcpExt ListenDrops), every network namespace.",
             )?,
+            segments_sent: IntCounter::new(
+                "tracer_tcp_segments_sent_total",
+                "TCP segments sent (Tcp OutSegs), every network namespace, read by each census: \
+                 the denominator of the retransmission ratio.",
+            )?,
             cgroups_unresolved: Gauge::new(
                 "tracer_cgroups_unresolved",
                 "Cgroup ids of the last census's sockets that no walk of the cgroup v2 tree \
@@ -150,7 +156,7 @@ impl CensusMetrics {
         })
     }
 
-    fn collectors(&self) -> [&dyn Collector; 17] {
+    fn collectors(&self) -> [&dyn Collector; 18] {
         [
             &self.sockets,
             &self.namespaces,
@@ -166,6 +172,7 @@ impl CensusMetrics {
             &self.listen_queue_limit,
             &self.listen_overflows,
             &self.listen_drops,
+            &self.segments_sent,
             &self.cgroups_unresolved,
             &self.cgroup_walks,
             &self.pod_labels,
@@ -279,6 +286,7 @@ impl CensusMetrics {
             .inc_by(r.cgroups.truncated_walks);
         self.listen_overflows.inc_by(r.listen_overflows);
         self.listen_drops.inc_by(r.listen_drops);
+        self.segments_sent.inc_by(r.segments_sent);
     }
 }
 
@@ -405,6 +413,7 @@ mod tests {
             joined,
             listen_overflows: 4,
             listen_drops: 5,
+            segments_sent: 0,
             state_corrected: 1,
             added: 2,
             dropped: 3,

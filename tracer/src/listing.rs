@@ -331,6 +331,7 @@ mod tests {
             },
             listen_overflows: 0,
             listen_drops: 0,
+            segments_sent: 0,
             state_corrected: 0,
             added: 0,
             dropped: 0,

@@ -57,6 +57,8 @@ pub struct Report {
     /// every namespace, and the join's corrections of the table.
     pub listen_overflows: u64,
     pub listen_drops: u64,
+    /// TCP segments sent (Tcp OutSegs), over every namespace, since the agent started.
+    pub segments_sent: u64,
     pub state_corrected: u64,
     pub added: u64,
     pub dropped: u64,
@@ -214,6 +216,7 @@ pub fn run(
                     unreachable: census.unreachable,
                     listen_overflows: totals.overflows,
                     listen_drops: totals.drops,
+                    segments_sent: totals.out_segs,
                     state_corrected: totals.state_corrected,
                     added: totals.added,
                     dropped: totals.dropped,
@@ -268,10 +271,12 @@ fn caught_up(applied_ns: &AtomicU64, until_ns: u64) -> bool {
 /// Running totals across censuses.
 #[derive(Default)]
 struct Totals {
-    /// Last TcpExt listen counters per network namespace, to turn them into increments.
-    last_listen: std::collections::HashMap<u64, (u64, u64)>,
+    /// Last kernel counters per network namespace (ListenOverflows, ListenDrops, OutSegs), to
+    /// turn them into increments.
+    last: std::collections::HashMap<u64, [u64; 3]>,
     overflows: u64,
     drops: u64,
+    out_segs: u64,
     state_corrected: u64,
     added: u64,
     dropped: u64,
@@ -281,17 +286,18 @@ impl Totals {
     fn add(&mut self, census: &crate::census::HostCensus, joined: &Joined) {
         // Kernel counters per namespace become increments; a new namespace adds its total.
         for ns in &census.namespaces {
-            let (ovf, drops) = self.last_listen.get(&ns.netns).copied().unwrap_or((0, 0));
-            self.overflows += ns.listen_overflows.saturating_sub(ovf);
-            self.drops += ns.listen_drops.saturating_sub(drops);
-            self.last_listen.insert(
-                ns.netns,
-                (ns.listen_overflows.max(ovf), ns.listen_drops.max(drops)),
-            );
+            let now = [ns.listen_overflows, ns.listen_drops, ns.out_segs];
+            let before = self.last.get(&ns.netns).copied().unwrap_or_default();
+            let totals = [&mut self.overflows, &mut self.drops, &mut self.out_segs];
+            for ((total, now), before) in totals.into_iter().zip(now).zip(before) {
+                *total += now.saturating_sub(before);
+            }
+            let kept = [0, 1, 2].map(|i| now[i].max(before[i]));
+            self.last.insert(ns.netns, kept);
         }
         let present: std::collections::HashSet<u64> =
             census.namespaces.iter().map(|n| n.netns).collect();
-        self.last_listen.retain(|ns, _| present.contains(ns));
+        self.last.retain(|ns, _| present.contains(ns));
         self.state_corrected += joined.corrections.state_corrected;
         self.added += joined.corrections.added;
         self.dropped += joined.corrections.dropped;
@@ -323,4 +329,40 @@ fn resolve_all(
         }
     }
     (out, unresolved.len() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::census::{HostCensus, NetnsCensus};
+
+    fn census(namespaces: &[(u64, u64)]) -> HostCensus {
+        HostCensus {
+            namespaces: namespaces
+                .iter()
+                .map(|&(netns, out_segs)| NetnsCensus {
+                    netns,
+                    out_segs,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn kernel_counters_of_each_namespace_add_up_as_increments() {
+        let mut totals = Totals::default();
+        let joined = Joined::default();
+        totals.add(&census(&[(1, 100), (2, 10)]), &joined);
+        assert_eq!(
+            totals.out_segs, 110,
+            "a namespace first seen adds its total"
+        );
+        totals.add(&census(&[(1, 150), (2, 15)]), &joined);
+        assert_eq!(totals.out_segs, 165);
+        // Namespace 2 is gone; a new one (3) appears; 1 goes on.
+        totals.add(&census(&[(1, 160), (3, 7)]), &joined);
+        assert_eq!(totals.out_segs, 182);
+    }
 }
