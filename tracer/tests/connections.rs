@@ -295,12 +295,5 @@ fn netstat_retrans(ns: &Netns) -> u64 {
 
 /// `Tcp: RetransSegs` in the text of a `/proc/net/snmp`.
 fn retrans_segs(snmp: &str) -> u64 {
-    let tcp: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Tcp:")).collect();
-    let names = tcp[0].split_whitespace();
-    let values = tcp[1].split_whitespace();
-    names
-        .zip(values)
-        .find(|(n, _)| *n == "RetransSegs")
-        .and_then(|(_, v)| v.parse().ok())
-        .expect("RetransSegs")
+    tracer::census::parse_netstat(snmp, "Tcp")["RetransSegs"]
 }

@@ -199,16 +199,7 @@ fn time_wait_per_port_matches_ss_and_a_narrow_port_range_shows_its_use() {
 
 fn listen_overflows() -> f64 {
     let text = std::fs::read_to_string("/proc/net/netstat").unwrap();
-    let tcp_ext: Vec<&str> = text.lines().filter(|l| l.starts_with("TcpExt:")).collect();
-    let names = tcp_ext[0].split_whitespace();
-    let values = tcp_ext[1].split_whitespace();
-    names
-        .zip(values)
-        .find(|(n, _)| *n == "ListenOverflows")
-        .unwrap()
-        .1
-        .parse()
-        .unwrap()
+    tracer::census::parse_netstat(&text, "TcpExt")["ListenOverflows"] as f64
 }
 
 #[test]
