@@ -82,6 +82,8 @@ const BPFTRACE_PRINT: &str = "tracepoint:sock:inet_sock_set_state /args->protoco
 enum Mode {
     Baseline,
     Watch,
+    /// `tracer watch --connections --json`: one close record per connection.
+    Records,
     Run,
     BpftraceCount,
     BpftracePrint,
@@ -92,6 +94,7 @@ impl Mode {
         match self {
             Mode::Baseline => "baseline",
             Mode::Watch => "watch",
+            Mode::Records => "records",
             Mode::Run => "run",
             Mode::BpftraceCount => "bt-count",
             Mode::BpftracePrint => "bt-print",
@@ -189,7 +192,7 @@ fn table_phase(held: usize) -> Result<()> {
 /// Every mode once per round, interleaved; prints each run, then medians per mode.
 fn rounds(args: &BenchArgs) -> Result<()> {
     println!("rounds: {} s per run, {} rounds", args.seconds, args.rounds);
-    let mut modes = vec![Mode::Baseline, Mode::Watch, Mode::Run];
+    let mut modes = vec![Mode::Baseline, Mode::Watch, Mode::Records, Mode::Run];
     if !args.no_bpftrace {
         crate::setup::install_packages(&["bpftrace"])?;
         crate::setup::mount_tracefs()?;
@@ -273,6 +276,10 @@ fn run_once(mode: Mode, duration: Duration) -> Result<Sample> {
     let mut tracer = match mode {
         Mode::Baseline => None,
         Mode::Watch => Some(TracerProcess::start(&["watch", "--json"], None)?),
+        Mode::Records => Some(TracerProcess::start(
+            &["watch", "--connections", "--json"],
+            None,
+        )?),
         Mode::Run => {
             let addr = free_port()?;
             Some(TracerProcess::start(
