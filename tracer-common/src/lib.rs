@@ -75,9 +75,9 @@ pub struct Transition {
     /// At every transition to CLOSE (else 0): [`close_flags`] bits, the FINs the sequence
     /// counters `bytes_acked` and `bytes_received` include.
     pub close_flags: u8,
-    /// At SYN_RECV -> ESTABLISHED only (else 0): `tcp_sock.total_retrans`, the SYN-ACK
-    /// retransmissions of the handshake.
-    pub retrans: u16,
+    /// In a [`SENT_RESET`] event only (else 0): why the kernel sent the reset, its
+    /// `enum sk_rst_reason` (Linux 6.10+), whose names userspace reads from BTF.
+    pub reset_reason: u16,
     /// Inode number of the socket's network namespace (`net.ns.inum`, as in
     /// `/proc/PID/ns/net -> net:[INODE]`), on the transitions that open a socket (into
     /// SYN_SENT or LISTEN, and a passive child's LISTEN -> SYN_RECV); 0 elsewhere: userspace
@@ -100,6 +100,13 @@ pub struct Transition {
 // The layout both sides rely on: no implicit padding, `comm` 8-byte aligned.
 const _: () = assert!(core::mem::size_of::<Transition>() == 128);
 const _: () = assert!(core::mem::offset_of!(Transition, comm) == 56);
+
+/// `newstate` of an event that is not a state change: the socket sent a reset
+/// (`tcp/tcp_send_reset`). `oldstate` is the state the socket is in (CLOSE when it reset as it
+/// closed, which is when most resets are sent), `reset_reason` says why, and the owner,
+/// namespace, cgroup and counters are 0. Sent only when userspace asks for them (`RESET_EVENTS`)
+/// and the kernel gives a reason; never by listeners, request or TIME-WAIT sockets.
+pub const SENT_RESET: u8 = 0x40;
 
 /// Byte offsets of the kernel fields the probe reads from a `struct sock *`.
 ///
@@ -230,6 +237,10 @@ pub const RESET_SENT: u32 = 0;
 pub const RESET_RECEIVED: u32 = 1;
 /// States per direction in `RESETS` (state 0 = no socket, e.g. a RST to a closed port).
 pub const RESET_STATES: u32 = 16;
+
+/// Slots of the `RESET_REASONS` counters: one per `enum sk_rst_reason` value (6.18 has 26);
+/// a larger value is counted in the last slot.
+pub const RESET_REASONS: u32 = 64;
 
 /// Listening ports whose SYN-ACK retransmissions the probe counts (`SYNACK_RETRANSMITS`).
 pub const MAX_SYNACK_PORTS: u32 = 4_096;

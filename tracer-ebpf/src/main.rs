@@ -23,7 +23,7 @@ use aya_ebpf::{
         bpf_ktime_get_ns, bpf_probe_read_kernel, generated as gen,
     },
     macros::{btf_map, btf_tracepoint, map},
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{ring_buf::RingBufEntry, Array, HashMap, PerCpuArray, PerCpuHashMap},
     programs::BtfTracePointContext,
 };
 use aya_log_ebpf::{error, warn};
@@ -32,7 +32,8 @@ use core::ptr::{addr_of, addr_of_mut};
 use tracer_common::{
     close_flags, counter, field, state, ListenerKey, Owner, SockOffsets, Transition, AF_INET,
     AF_INET6, COMM_LEN, IPPROTO_TCP, MAX_LISTENERS, MAX_RETRANSMIT_PORTS, MAX_SYNACK_PORTS,
-    PORT_FILTER_LEN, RESET_RECEIVED, RESET_SENT, RESET_STATES, SOCK_DONE,
+    PORT_FILTER_LEN, RESET_REASONS as RESET_REASONS_LEN, RESET_RECEIVED, RESET_SENT, RESET_STATES,
+    SENT_RESET, SOCK_DONE,
 };
 
 /// Field offsets, set by userspace at load time (see `tracer::btf`).
@@ -76,6 +77,11 @@ static WAKEUP_BYTES: u64 = 0;
 /// 1 when `PORT_FILTER` is in force (only ports marked there are reported), set at load time.
 #[no_mangle]
 static FILTER_PORTS: u8 = 0;
+
+/// 1 when userspace wants an event for each reset a socket sends (`tracer watch
+/// --connections`, whose records say why a connection was reset); the agent counts them only.
+#[no_mangle]
+static RESET_EVENTS: u8 = 0;
 
 /// The transitions: one ring buffer per CPU, indexed by CPU number, created and sized by
 /// userspace (`--ring-buffer-size`), which merges them in time order.
@@ -127,6 +133,10 @@ static LOGGED_AT: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUN
 
 /// Least time between two log lines of one problem on one CPU.
 const LOG_EVERY_NS: u64 = 1_000_000_000;
+
+/// Resets sent, by the kernel's reason (`enum sk_rst_reason`, Linux 6.10+), indexed by it.
+#[map]
+static RESET_REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(RESET_REASONS_LEN, 0);
 
 /// Set on a CPU while `inet_sock_set_state` runs there: read by the rescue program.
 #[map]
@@ -222,11 +232,40 @@ pub fn tcp_retransmit_skb(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// `tcp_send_reset(const struct sock *sk, const struct sk_buff *skb, enum sk_rst_reason)`;
-/// `sk` is NULL for a reset that answers no socket (e.g. a SYN to a closed port).
+/// `tcp_send_reset(const struct sock *sk, const struct sk_buff *skb)`, before Linux 6.10,
+/// where resets are sent only by sockets and carry no reason. Userspace loads this one or
+/// [`tcp_send_reset_reason`], whichever the kernel's tracepoint fits.
 #[btf_tracepoint(function = "tcp_send_reset")]
 pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
     count_reset(RESET_SENT, ctx.arg(0));
+    0
+}
+
+/// `tcp_send_reset(const struct sock *sk, const struct sk_buff *skb, enum sk_rst_reason
+/// reason)`, Linux 6.10+; `sk` is NULL for a reset that answers no socket (a SYN to a closed
+/// port). Counts the reset by state and by reason and, when userspace asks, reports a
+/// connection's reset as a [`SENT_RESET`] event in the same ring as its transitions, so that
+/// its close record can say why.
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn tcp_send_reset_reason(ctx: BtfTracePointContext) -> i32 {
+    let (sk, reason): (*const u8, u32) = (ctx.arg(0), ctx.arg(2));
+    let state = count_reset(RESET_SENT, sk);
+    if let Some(c) = RESET_REASONS.get_ptr_mut(reason.min(RESET_REASONS_LEN - 1)) {
+        // SAFETY: this CPU's slot; preemption is disabled here.
+        unsafe { *c += 1 };
+    }
+    // SAFETY: read-only global, volatile for the same reason as OFFSETS.
+    let wanted = unsafe { core::ptr::read_volatile(&RESET_EVENTS) } != 0;
+    // Only a connection's own socket: listeners, request and TIME-WAIT sockets have no
+    // record (and the last two are not a `struct sock`).
+    let connection = !sk.is_null()
+        && !matches!(
+            state,
+            state::LISTEN | state::NEW_SYN_RECV | state::TIME_WAIT
+        );
+    if wanted && connection {
+        let _ = report_reset(&ctx, sk, state, reason as u16);
+    }
     0
 }
 
@@ -237,17 +276,84 @@ pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-fn count_reset(direction: u32, sk: *const u8) {
+/// Counts a reset in `RESETS` under the socket's state, which it returns (0: no socket).
+fn count_reset(direction: u32, sk: *const u8) -> u8 {
     let state = if sk.is_null() {
         0
     } else {
-        read::<u8>(sk, offset!(skc_state)).unwrap_or(0) as u32
+        read::<u8>(sk, offset!(skc_state)).unwrap_or(0)
     };
-    let index = direction * RESET_STATES + (state % RESET_STATES);
+    let index = direction * RESET_STATES + (u32::from(state) % RESET_STATES);
     if let Some(c) = RESETS.get_ptr_mut(index) {
         // SAFETY: this CPU's slot; preemption is disabled here.
         unsafe { *c += 1 };
     }
+    state
+}
+
+/// Writes a [`SENT_RESET`] event for full socket `sk`, in `state`: its addresses, ports and
+/// cookie, as a transition names them, and the reason.
+fn report_reset(
+    ctx: &BtfTracePointContext,
+    sk: *const u8,
+    state: u8,
+    reason: u16,
+) -> Result<(), i32> {
+    // SAFETY: direct loads through the BTF-typed `struct sock *`, as in inet_sock_set_state;
+    // `sk` is a full socket (its state says so).
+    let (family, dport) = unsafe {
+        (
+            field::<u16>(sk, offset!(skc_family)),
+            u16::from_be(field::<u16>(sk, offset!(skc_dport))),
+        )
+    };
+    let sport = u16::from_be(read_or_report(
+        ctx,
+        sk,
+        offset!(inet_sport),
+        field::INET_SPORT,
+    ));
+    if !port_wanted(sport) && !port_wanted(dport) {
+        return Ok(());
+    }
+    // SAFETY: a helper with no arguments, callable from any program type.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let Some(ring) = EVENTS.get(cpu) else {
+        count(counter::LOST_RINGBUF_FULL);
+        return Ok(());
+    };
+    let Some(mut entry) = ring.reserve(0) else {
+        count(counter::LOST_RINGBUF_FULL);
+        return Ok(());
+    };
+    let t: *mut Transition = entry.as_mut_ptr();
+    // SAFETY: `t` points at the reserved record and each write stays inside its field; `sk`
+    // is the tracepoint's BTF-typed socket, not NULL.
+    unsafe {
+        addr_of_mut!((*t).time_ns).write(bpf_ktime_get_ns());
+        addr_of_mut!((*t).skaddr).write(sk as u64);
+        addr_of_mut!((*t).cookie).write(bpf_get_socket_cookie(sk as *mut c_void));
+        write_addresses(ctx, t, sk, family);
+        zero16(addr_of_mut!((*t).comm) as *mut [u8; 16]);
+        addr_of_mut!((*t).pid).write(0);
+        addr_of_mut!((*t).sport).write(sport);
+        addr_of_mut!((*t).dport).write(dport);
+        addr_of_mut!((*t).family).write(family);
+        addr_of_mut!((*t).oldstate).write(state);
+        addr_of_mut!((*t).newstate).write(SENT_RESET);
+        addr_of_mut!((*t).srtt_us).write(0);
+        addr_of_mut!((*t).sk_err).write(0);
+        addr_of_mut!((*t).close_flags).write(0);
+        addr_of_mut!((*t).reset_reason).write(reason);
+        addr_of_mut!((*t).netns).write(0);
+        addr_of_mut!((*t).cgroup).write(0);
+        addr_of_mut!((*t).bytes_acked).write(0);
+        addr_of_mut!((*t).bytes_received).write(0);
+        addr_of_mut!((*t).rtt_min_us).write(0);
+        addr_of_mut!((*t).total_retrans).write(0);
+    }
+    submit(ring, entry);
+    Ok(())
 }
 
 #[inline(always)]
@@ -313,25 +419,7 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
         // `sk` is the tracepoint's BTF-typed socket, which this helper accepts in tracing
         // programs (Linux 5.12+); it returns the existing cookie or makes one.
         addr_of_mut!((*t).cookie).write(bpf_get_socket_cookie(sk as *mut c_void));
-        let (saddr, daddr) = (addr_of_mut!((*t).saddr), addr_of_mut!((*t).daddr));
-        if family == AF_INET6 {
-            let read_both = read_into(saddr, sk, offset!(skc_v6_rcv_saddr))
-                & read_into(daddr, sk, offset!(skc_v6_daddr));
-            if !read_both {
-                report(ctx, counter::READ_FAILED, field::IPV6_ADDRESS);
-            }
-        } else {
-            if family != AF_INET {
-                report(ctx, counter::UNKNOWN_FAMILY, u32::from(family));
-            }
-            // Both are `__be32` fields of `struct sock_common`, loaded directly as above.
-            let s: u32 = field(sk, offset!(skc_rcv_saddr));
-            let d: u32 = field(sk, offset!(skc_daddr));
-            zero16(saddr);
-            zero16(daddr);
-            (saddr as *mut u32).write(s);
-            (daddr as *mut u32).write(d);
-        }
+        write_addresses(ctx, t, sk, family);
         let pid = write_owner(ctx, t, sk, sport, oldstate, newstate);
         addr_of_mut!((*t).pid).write(pid);
         addr_of_mut!((*t).sport).write(sport);
@@ -340,11 +428,9 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
         addr_of_mut!((*t).oldstate).write(oldstate);
         addr_of_mut!((*t).newstate).write(newstate);
         // Handshake facts the tracepoint does not carry, read where they mean something.
-        let (mut srtt_us, mut sk_err, mut retrans) = (0u32, 0u8, 0u16);
+        let (mut srtt_us, mut sk_err) = (0u32, 0u8);
         if oldstate == state::SYN_RECV && newstate == state::ESTABLISHED {
             srtt_us = read_or_report(ctx, sk, offset!(srtt_us), field::SRTT_US);
-            retrans =
-                read_or_report::<u32>(ctx, sk, offset!(total_retrans), field::TOTAL_RETRANS) as u16;
         }
         let (mut bytes_acked, mut bytes_received, mut rtt_min_us, mut total_retrans) =
             (0u64, 0u64, 0u32, 0u32);
@@ -384,7 +470,7 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
         addr_of_mut!((*t).total_retrans).write(total_retrans);
         addr_of_mut!((*t).srtt_us).write(srtt_us);
         addr_of_mut!((*t).sk_err).write(sk_err);
-        addr_of_mut!((*t).retrans).write(retrans);
+        addr_of_mut!((*t).reset_reason).write(0);
         // The namespace on the transitions that open a socket (userspace carries it after).
         let opening = newstate == state::SYN_SENT
             || newstate == state::LISTEN
@@ -401,6 +487,45 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
         let cgroup = if opening { cgroup_id(ctx, sk) } else { 0 };
         addr_of_mut!((*t).cgroup).write(cgroup);
     }
+    submit(ring, entry);
+    Ok(())
+}
+
+/// Writes the socket's local and remote addresses into `t.saddr` and `t.daddr`.
+///
+/// # Safety
+/// `t` must point at a reserved ring buffer record and `sk` be a tracepoint's full socket.
+#[inline(always)]
+unsafe fn write_addresses(
+    ctx: &BtfTracePointContext,
+    t: *mut Transition,
+    sk: *const u8,
+    family: u16,
+) {
+    let (saddr, daddr) = (addr_of_mut!((*t).saddr), addr_of_mut!((*t).daddr));
+    if family == AF_INET6 {
+        let read_both = read_into(saddr, sk, offset!(skc_v6_rcv_saddr))
+            & read_into(daddr, sk, offset!(skc_v6_daddr));
+        if !read_both {
+            report(ctx, counter::READ_FAILED, field::IPV6_ADDRESS);
+        }
+    } else {
+        if family != AF_INET {
+            report(ctx, counter::UNKNOWN_FAMILY, u32::from(family));
+        }
+        // Both are `__be32` fields of `struct sock_common`, loaded directly.
+        let s: u32 = field(sk, offset!(skc_rcv_saddr));
+        let d: u32 = field(sk, offset!(skc_daddr));
+        zero16(saddr);
+        zero16(daddr);
+        (saddr as *mut u32).write(s);
+        (daddr as *mut u32).write(d);
+    }
+}
+
+/// Commits a written record, waking the reader only once a ring holds `WAKEUP_BYTES`.
+#[inline(always)]
+fn submit(ring: &BtfRingBuf<Transition, RING_TEMPLATE_BYTES>, entry: RingBufEntry<Transition>) {
     // SAFETY: read-only global, volatile for the same reason as OFFSETS.
     let wakeup_bytes = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
     // SAFETY: `ring` is the ring buffer map this CPU's slot of `EVENTS` refers to.
@@ -413,7 +538,6 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
         BPF_RB_NO_WAKEUP
     };
     entry.submit(flags.into());
-    Ok(())
 }
 
 /// Writes the owner's command name into `t.comm` and returns its pid, where this transition
@@ -645,7 +769,6 @@ fn field_name(which: u32) -> &'static str {
     match which {
         field::INET_SPORT => "inet_sock.inet_sport",
         field::SRTT_US => "tcp_sock.srtt_us",
-        field::TOTAL_RETRANS => "tcp_sock.total_retrans",
         field::NET_INUM => "net.ns.inum",
         field::CGROUP_ID => "sock.sk_cgrp_data.cgroup->kn->id",
         field::GSO_SEGS => "tcp_skb_cb.tcp_gso_segs",

@@ -75,6 +75,40 @@ pub fn reads_cgroup(offsets: &SockOffsets) -> bool {
     offsets.sk_cgroup != 0 && offsets.kn_id != 0
 }
 
+/// The names of `enum name`'s values, indexed by value, lowercase and without `prefix`
+/// (`enum sk_rst_reason`, prefix `SK_RST_REASON_`: `TCP_ABORT_ON_CLOSE` is
+/// `tcp_abort_on_close`). Empty when the kernel has no such enum; values past 255 and gaps
+/// are left out (a gap is an empty name).
+pub fn enum_names(btf: &Btf, name: &str, prefix: &str) -> Vec<String> {
+    let Some(Type::Enum(e)) = btf
+        .resolve_types_by_name(name)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|t| matches!(t, Type::Enum(_)))
+    else {
+        return Vec::new();
+    };
+    let mut names = Vec::new();
+    for member in &e.members {
+        let Ok(value) = usize::try_from(member.val()) else {
+            continue;
+        };
+        if value > 255 {
+            continue;
+        }
+        let full = btf.resolve_name(member).unwrap_or_default();
+        let short = full
+            .strip_prefix(prefix)
+            .unwrap_or(&full)
+            .to_ascii_lowercase();
+        if names.len() <= value {
+            names.resize(value + 1, String::new());
+        }
+        names[value] = short;
+    }
+    names
+}
+
 /// Byte offset of `path` (a field, or a field of a field) inside `struct name`.
 ///
 /// Fields inside anonymous structs and unions (as most of `sock_common` is) are found by
@@ -174,6 +208,21 @@ mod tests {
         assert_eq!(off.skc_family, 16);
         assert!(off.sk_protocol > off.skc_v6_rcv_saddr, "{off:?}");
         assert!(off.inet_sport > off.sk_protocol, "{off:?}");
+    }
+
+    #[test]
+    fn reset_reasons_are_named_from_the_kernels_enum() {
+        let Some(btf) = btf() else { return };
+        let names = enum_names(&btf, "sk_rst_reason", "SK_RST_REASON_");
+        if names.is_empty() {
+            eprintln!("UNSUPPORTED: reset reasons: no enum sk_rst_reason (Linux 6.10+)");
+            return;
+        }
+        // The first two have been the same since the enum appeared (Linux 6.10).
+        assert_eq!(names[0], "not_specified");
+        assert_eq!(names[1], "no_socket");
+        assert!(names.iter().any(|n| n == "tcp_abort_on_close"), "{names:?}");
+        assert!(enum_names(&btf, "no_such_enum", "").is_empty());
     }
 
     #[test]

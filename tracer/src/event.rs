@@ -190,7 +190,7 @@ pub(crate) mod tests {
             srtt_us: 0,
             sk_err: 0,
             close_flags: 0,
-            retrans: 0,
+            reset_reason: 0,
             netns: 0,
             cgroup: 0,
             bytes_acked: 0,

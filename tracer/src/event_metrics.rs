@@ -328,6 +328,8 @@ impl EventMetrics {
                 let kind = (mode as usize, MODES[mode as usize]);
                 self.observe(Histogram::Lifetime, kind, slot, pod, secs(ns));
             }
+            // Reported only to `watch --connections`; the agent counts resets in the kernel.
+            Observation::ResetSent { .. } => {}
             Observation::Closed(c) => {
                 let slot = self.ports.slot(c.port, Use::Counted);
                 let name = self.ports.name(slot);

@@ -25,6 +25,9 @@ pub struct Feature {
 ///   kernels that do have a third tracepoint argument (`enum sk_rst_reason`), which is what
 ///   is detected.
 ///
+/// - `reset_reason`: why the kernel sent a reset (`enum sk_rst_reason`), the same third
+///   argument.
+///
 /// - `cgroup`: the socket's cgroup (and so its container and pod) needs `struct
 ///   sock_cgroup_data` with a plain `cgroup` pointer (Linux 5.15+).
 pub fn detect(btf: &Btf, offsets: &SockOffsets) -> Vec<Feature> {
@@ -34,6 +37,13 @@ pub fn detect(btf: &Btf, offsets: &SockOffsets) -> Vec<Feature> {
             enabled: crate::btf::reads_cgroup(offsets),
             missing: "this kernel's struct sock_cgroup_data has no plain cgroup pointer (Linux \
                       5.15+ has one): sockets are not attributed to cgroups, containers or pods",
+        },
+        Feature {
+            name: "reset_reason",
+            enabled: tracepoint_args(btf, "tcp_send_reset").is_some_and(|n| n >= 3),
+            missing: "this kernel's tcp/tcp_send_reset tracepoint has no reset-reason argument \
+                      (Linux 6.10+): close records carry no reset_reason and \
+                      tracer_tcp_reset_reasons_total stays empty",
         },
         Feature {
             name: "resets_sent_without_socket",

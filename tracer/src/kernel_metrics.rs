@@ -36,6 +36,9 @@ pub struct KernelMetrics {
     synack: IntCounterVec,
     retransmits: IntCounterVec,
     resets: IntCounterVec,
+    reset_reasons: IntCounterVec,
+    /// The kernel's names of reset reasons, indexed by value (empty: no reasons).
+    reason_names: Vec<String>,
     events_lost: IntCounter,
     probe_runs: IntCounterVec,
     probe_run_seconds: CounterVec,
@@ -57,13 +60,15 @@ struct KernelTotals {
     synack: HashMap<u16, u64>,
     retransmits: HashMap<u16, u64>,
     resets: [[u64; RESET_STATES as usize]; 2],
+    reset_reasons: Vec<u64>,
     table_full: [u64; 3],
     probe_errors: [u64; 2],
 }
 
 impl KernelMetrics {
     /// Registers the metrics in `registry`, each series a panel or alert reads at 0.
-    pub fn new(registry: &Registry) -> Result<KernelMetrics> {
+    /// `reason_names` are the kernel's reset reasons (see `Probe::reset_reasons`).
+    pub fn new(registry: &Registry, reason_names: &[String]) -> Result<KernelMetrics> {
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels)?;
             registry.register(Box::new(c.clone()))?;
@@ -101,6 +106,16 @@ impl KernelMetrics {
             ("received", "established"),
         ] {
             resets.with_label_values(&[direction, state]);
+        }
+        let reset_reasons = counter(
+            "tracer_tcp_reset_reasons_total",
+            "TCP resets sent, by the kernel's reason (enum sk_rst_reason, from tcp/tcp_send_reset; \
+             Linux 6.10+, see tracer_feature_enabled{feature=\"reset_reason\"}).",
+            &["reason"],
+        )?;
+        // Every reason this kernel names, so that a rate over any of them starts at 0.
+        for name in reason_names.iter().filter(|n| !n.is_empty() && *n != "max") {
+            reset_reasons.with_label_values(&[name]);
         }
         let events_lost = single(
             "tracer_events_lost_total",
@@ -162,6 +177,8 @@ impl KernelMetrics {
             synack,
             retransmits,
             resets,
+            reset_reasons,
+            reason_names: reason_names.to_vec(),
             events_lost,
             probe_runs,
             probe_run_seconds,
@@ -240,6 +257,19 @@ impl KernelMetrics {
                 }
             }
         }
+        self.last.reset_reasons.resize(probe.reset_reasons.len(), 0);
+        for (i, &total) in probe.reset_reasons.iter().enumerate() {
+            let before = std::mem::replace(&mut self.last.reset_reasons[i], total);
+            if total > before {
+                let name = match self.reason_names.get(i) {
+                    Some(n) if !n.is_empty() => n.clone(),
+                    _ => format!("reason_{i}"),
+                };
+                self.reset_reasons
+                    .with_label_values(&[&name])
+                    .inc_by(total - before);
+            }
+        }
         let c = &probe.counters;
         let full = [c.owners_full, c.synack_ports_full, c.retransmit_ports_full];
         add_growth(&self.table_full, &TABLES, &mut self.last.table_full, full);
@@ -278,7 +308,8 @@ mod tests {
     #[test]
     fn kernel_counters_become_increments() {
         let registry = Registry::new();
-        let mut m = KernelMetrics::new(&registry).unwrap();
+        let reasons = ["not_specified", "no_socket", "tcp_abort_on_close"].map(String::from);
+        let mut m = KernelMetrics::new(&registry, &reasons).unwrap();
         let mut labels = PortLabels::new(&[], 8, DEFAULT_EPHEMERAL);
         labels.slot(8080, Use::Accepted);
         let ports = labels.shared();
@@ -308,11 +339,13 @@ mod tests {
             synack: vec![(8080, 5), (9999, 2)],
             retransmits: Vec::new(),
             resets,
+            reset_reasons: vec![0, 4, 0],
             programs: stats(10, 1_000),
         };
         m.sync(&probe, &ports, size);
         probe.synack = vec![(8080, 6), (9999, 2)];
         probe.programs = stats(30, 5_000);
+        probe.reset_reasons = vec![0, 4, 1];
         m.sync(&probe, &ports, size);
         let text = crate::event_metrics::encode(&registry).unwrap();
         for line in [
@@ -322,6 +355,9 @@ mod tests {
             "tracer_tcp_synack_retransmits_total{port=\"other\"} 2\n",
             "tracer_tcp_resets_total{direction=\"sent\",state=\"none\"} 3\n",
             "tracer_tcp_resets_total{direction=\"received\",state=\"syn_sent\"} 0\n",
+            "tracer_tcp_reset_reasons_total{reason=\"no_socket\"} 4\n",
+            "tracer_tcp_reset_reasons_total{reason=\"not_specified\"} 0\n",
+            "tracer_tcp_reset_reasons_total{reason=\"tcp_abort_on_close\"} 1\n",
             "tracer_tracked_sockets 7\n",
             "tracer_tracked_sockets_bytes 448\n",
             "tracer_tracked_sockets_evicted_total 0\n",

@@ -26,7 +26,9 @@ static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 /// The program that handles every transition.
 const MAIN_PROGRAM: &str = "inet_sock_set_state";
 
-/// Every program of the probe and the tracepoint it attaches to, in attach order.
+/// Every program of the probe and the tracepoint it attaches to, in attach order. Where the
+/// kernel's `tcp_send_reset` has a reason argument (Linux 6.10+), the program loaded under the
+/// name `tcp_send_reset` is [`RESET_REASON_PROGRAM`].
 pub const PROGRAMS: [(&str, &str); 6] = [
     (MAIN_PROGRAM, "inet_sock_set_state"),
     ("inet_sock_set_state_rescue", "inet_sock_set_state"),
@@ -35,6 +37,9 @@ pub const PROGRAMS: [(&str, &str); 6] = [
     ("tcp_send_reset", "tcp_send_reset"),
     ("tcp_receive_reset", "tcp_receive_reset"),
 ];
+
+/// The `tcp_send_reset` program that also reads the reset's reason.
+const RESET_REASON_PROGRAM: &str = "tcp_send_reset_reason";
 
 /// Default size of each CPU's event ring buffer; see `--ring-buffer-size`.
 pub const DEFAULT_RING_BUFFER_BYTES: u32 = 1024 * 1024;
@@ -49,12 +54,18 @@ pub struct ProbeConfig {
     pub ring_buffer_bytes: u32,
     /// Report only sockets with one of these ports on either side; empty = every port.
     pub ports: Vec<u16>,
+    /// Report each reset a connection sends as an event (see `tracer_common::SENT_RESET`),
+    /// where the kernel gives reasons.
+    pub reset_events: bool,
 }
 
 /// The loaded, attached probe.
 pub struct Probe {
     /// What this kernel can report (see `features`).
     pub features: Vec<crate::features::Feature>,
+    /// The names of the kernel's reset reasons (`enum sk_rst_reason`), indexed by value;
+    /// empty where resets carry no reason (before Linux 6.10).
+    pub reset_reasons: Vec<String>,
     ebpf: Ebpf,
     /// The probe's log records (aya-log), passed to the `log` crate by [`Probe::flush_log`].
     /// Kept for the probe's whole life: it holds the map the programs write into.
@@ -104,6 +115,8 @@ pub struct ProbeReadings {
     pub retransmits: Vec<(u16, u64)>,
     /// Resets by direction and socket state (see [`Probe::resets`]).
     pub resets: [[u64; RESET_STATES as usize]; 2],
+    /// Resets sent, by reason (indexed as [`Probe::reset_reasons`]; empty without reasons).
+    pub reset_reasons: Vec<u64>,
     pub programs: Vec<ProgramStats>,
 }
 
@@ -132,7 +145,15 @@ impl Probe {
         let kernel_btf = crate::btf::kernel_btf()?;
         let offsets = crate::btf::sock_offsets(&kernel_btf)?;
         let features = crate::features::detect(&kernel_btf, &offsets);
+        let with_reasons =
+            crate::features::tracepoint_args(&kernel_btf, "tcp_send_reset").is_some_and(|n| n >= 3);
+        let reset_reasons = if with_reasons {
+            crate::btf::enum_names(&kernel_btf, "sk_rst_reason", "SK_RST_REASON_")
+        } else {
+            Vec::new()
+        };
         drop(kernel_btf);
+        let reset_events = u8::from(config.reset_events && with_reasons);
         let filter_ports: u8 = u8::from(!config.ports.is_empty());
         // Wake the reader early only when a quarter of the ring is waiting; otherwise it
         // drains every DRAIN_INTERVAL (see WAKEUP_BYTES in the probe for why).
@@ -148,6 +169,7 @@ impl Probe {
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
             .override_global("FILTER_PORTS", &filter_ports, true)
+            .override_global("RESET_EVENTS", &reset_events, true)
             .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
             .override_global(aya_log::LEVEL, &log_level, true)
             .map_max_entries("EVENTS", cpus)
@@ -190,6 +212,7 @@ impl Probe {
         let aya_btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
         // The main program first, then the one that rescues its nested runs.
         for (name, tracepoint) in PROGRAMS {
+            let name = object_program(name, !reset_reasons.is_empty());
             let program: &mut BtfTracePoint = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the probe object"))?
@@ -201,6 +224,7 @@ impl Probe {
         }
         Ok(Probe {
             features,
+            reset_reasons,
             ebpf,
             logger,
             rings,
@@ -220,6 +244,7 @@ impl Probe {
             synack: self.per_port("SYNACK_RETRANSMITS")?,
             retransmits: self.per_port("RETRANSMITS")?,
             resets: self.resets()?,
+            reset_reasons: self.reset_reason_counts()?,
             programs: self.program_stats()?,
         })
     }
@@ -250,6 +275,19 @@ impl Probe {
         Ok(out)
     }
 
+    /// Resets sent by reason, summed over CPUs, one per name of [`Probe::reset_reasons`].
+    pub fn reset_reason_counts(&self) -> Result<Vec<u64>> {
+        let map: PerCpuArray<_, u64> = PerCpuArray::try_from(
+            self.ebpf
+                .map("RESET_REASONS")
+                .context("map RESET_REASONS")?,
+        )?;
+        let slots = (self.reset_reasons.len() as u32).min(tracer_common::RESET_REASONS);
+        (0..slots)
+            .map(|i| Ok(map.get(&i, 0)?.iter().sum()))
+            .collect()
+    }
+
     /// Takes the per-CPU event rings, registered with the current tokio runtime; call once.
     pub fn event_rings(&mut self) -> Result<EventRings> {
         anyhow::ensure!(!self.rings.is_empty(), "event rings already taken");
@@ -262,10 +300,11 @@ impl Probe {
     pub fn program_stats(&self) -> Result<Vec<ProgramStats>> {
         let mut out = Vec::with_capacity(PROGRAMS.len());
         for (name, _) in PROGRAMS {
+            let loaded = object_program(name, !self.reset_reasons.is_empty());
             let program: &BtfTracePoint = self
                 .ebpf
-                .program(name)
-                .with_context(|| format!("program {name}"))?
+                .program(loaded)
+                .with_context(|| format!("program {loaded}"))?
                 .try_into()?;
             let info = program_info(program.fd()?.as_fd())?;
             out.push(ProgramStats {
@@ -301,6 +340,15 @@ impl Probe {
             read_failed: sum(counter::READ_FAILED)?,
             unknown_family: sum(counter::UNKNOWN_FAMILY)?,
         })
+    }
+}
+
+/// The program of the probe object loaded as `name` of [`PROGRAMS`].
+fn object_program(name: &'static str, reset_reasons: bool) -> &'static str {
+    if name == "tcp_send_reset" && reset_reasons {
+        RESET_REASON_PROGRAM
+    } else {
+        name
     }
 }
 

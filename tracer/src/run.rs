@@ -46,6 +46,7 @@ pub async fn run(args: &RunArgs) -> Result<()> {
     let mut probe = Probe::attach(&ProbeConfig {
         ring_buffer_bytes: args.ring_buffer_size,
         ports: Vec::new(),
+        reset_events: false,
     })?;
     // Sockets already there now get "at least since start" as their age, never an invented one.
     let started_ns = monotonic_ns();
@@ -68,7 +69,7 @@ pub async fn run(args: &RunArgs) -> Result<()> {
     let pods = PodAttribution::new(resolver(), pod_labels.clone());
     let label_by_pod = args.label_by.contains(&crate::cli::LabelBy::Pod);
     let mut events = EventMetrics::new(&registry, ports, pods, label_by_pod)?;
-    let mut kernel = KernelMetrics::new(&registry)?;
+    let mut kernel = KernelMetrics::new(&registry, &probe.reset_reasons)?;
     let published = Arc::new(Published::default());
     registry.register(Box::new(CensusCollector::new(
         published.clone(),

@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 
-use tracer_common::{close_flags, state};
+use tracer_common::{close_flags, state, SENT_RESET};
 
 use crate::event::Transition;
 
@@ -143,6 +143,18 @@ pub struct Closed {
     /// Smoothed and minimum RTT, microseconds (0: no sample).
     pub srtt_us: u32,
     pub rtt_min_us: u32,
+    /// Why the kernel last sent a reset on this connection (`enum sk_rst_reason`; Linux
+    /// 6.10+, and only where the probe reports resets), if it sent one.
+    pub reset_reason: Option<u16>,
+}
+
+impl Closed {
+    /// The connection sent a reset, for `reason`, as it closed (the kernel sends it just after
+    /// the transition to CLOSE): whatever the states said, this side reset it.
+    pub fn reset_as_it_closed(&mut self, reason: u16) {
+        self.ending = Ending::ResetSent;
+        self.reset_reason = Some(reason);
+    }
 }
 
 /// What one transition tells, for the metrics. Durations in nanoseconds, ports are service
@@ -189,6 +201,10 @@ pub enum Observation {
     },
     /// Every transition to CLOSE: the connection's record.
     Closed(Closed),
+    /// The socket sent a reset for `reason` (a [`SENT_RESET`] event): before its close, the
+    /// table keeps the reason for the record; after it, the record's reader adds it (see
+    /// [`Closed::reset_as_it_closed`]). `followed` says whether the table still follows it.
+    ResetSent { reason: u16, followed: bool },
 }
 
 /// Where the time a socket entered its current state comes from.
@@ -227,6 +243,8 @@ struct Entry {
     /// How it was opened, when the table saw that.
     mode: Option<Mode>,
     teardown: Option<Teardown>,
+    /// Why it last sent a reset (`enum sk_rst_reason`, at most 255), if it did.
+    reset_reason: Option<u8>,
 }
 
 /// What following one transition tells.
@@ -372,6 +390,9 @@ impl SocketTable {
     pub fn follow(&mut self, t: &Transition, mut sink: impl FnMut(Observation)) -> Step {
         use state::*;
         let (old, new, now) = (t.oldstate, t.newstate, t.time_ns);
+        if new == SENT_RESET {
+            return self.reset_sent(t, sink);
+        }
         sink(Observation::Transition { from: old, to: new });
         let mut known = self.entries.get(&t.cookie).copied();
         // A passive child's LISTEN -> SYN_RECV fires while the kernel clones the listener
@@ -408,6 +429,7 @@ impl SocketTable {
             since: Since::Transition,
             mode: opening_mode(old, new),
             teardown: None,
+            reset_reason: None,
         });
         if e.mode.is_none() {
             // A socket the census found before the table saw it open.
@@ -545,6 +567,7 @@ impl SocketTable {
                     } else {
                         t.rtt_min_us
                     },
+                    reset_reason: e.reset_reason.map(u16::from),
                 }));
             }
             if known.is_some() {
@@ -588,6 +611,27 @@ impl SocketTable {
         self.entries.insert(t.cookie, e);
         Step {
             dwell,
+            pid,
+            comm,
+            cgroup,
+        }
+    }
+
+    /// A [`SENT_RESET`] event: keeps the reason on the socket's entry, if it is followed.
+    fn reset_sent(&mut self, t: &Transition, mut sink: impl FnMut(Observation)) -> Step {
+        let entry = self.entries.get_mut(&t.cookie);
+        let followed = entry.is_some();
+        let owner = entry.map_or(0, |e| {
+            e.reset_reason = Some(t.reset_reason.min(255) as u8);
+            e.owner
+        });
+        sink(Observation::ResetSent {
+            reason: t.reset_reason,
+            followed,
+        });
+        let (pid, comm, cgroup) = self.owners.get(owner);
+        Step {
+            dwell: None,
             pid,
             comm,
             cgroup,
@@ -692,6 +736,7 @@ impl SocketTable {
                 since,
                 mode: None,
                 teardown: None,
+                reset_reason: None,
             },
         );
         self.order.push_back(cookie);
@@ -1180,6 +1225,62 @@ mod tests {
             (None, None, None, None, None)
         );
         assert_eq!(c.ending, Ending::ClosedByPeerFirst);
+    }
+
+    #[test]
+    fn a_reset_before_the_close_is_kept_for_the_record_and_one_after_is_reported() {
+        let reset = |cookie, time, state, reason| {
+            let mut t = transition(cookie, time, state, SENT_RESET);
+            t.reset_reason = reason;
+            t
+        };
+        // Keepalive ran out: the kernel resets (reason 15), then closes with ETIMEDOUT.
+        let mut close = transition(8, 900, ESTABLISHED, CLOSE);
+        close.sk_err = ETIMEDOUT as u8;
+        let c = record(&[
+            transition(8, 100, CLOSE, SYN_SENT),
+            transition(8, 150, SYN_SENT, ESTABLISHED),
+            reset(8, 890, ESTABLISHED, 15),
+            close,
+        ]);
+        assert_eq!((c.ending, c.reset_reason), (Ending::TimedOut, Some(15)));
+
+        // A reset after the close (the usual order) finds no entry: its reader completes the
+        // record, which then says this side reset it, whatever the states said.
+        let mut table = SocketTable::new(16);
+        let mut out = Vec::new();
+        for t in [
+            transition(9, 100, CLOSE, SYN_SENT),
+            transition(9, 150, SYN_SENT, ESTABLISHED),
+            transition(9, 500, ESTABLISHED, FIN_WAIT1),
+            transition(9, 550, FIN_WAIT1, FIN_WAIT2),
+            transition(9, 600, FIN_WAIT2, CLOSE),
+            reset(9, 601, CLOSE, 11),
+        ] {
+            table.follow(&t, |o| out.push(o));
+        }
+        let mut c = out
+            .iter()
+            .find_map(|o| match o {
+                Observation::Closed(c) => Some(*c),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!((c.ending, c.reset_reason), (Ending::ClosedHereFirst, None));
+        assert_eq!(
+            out.last(),
+            Some(&Observation::ResetSent {
+                reason: 11,
+                followed: false
+            })
+        );
+        // Not a transition: nothing counts it as one.
+        assert!(!out.contains(&Observation::Transition {
+            from: CLOSE,
+            to: SENT_RESET
+        }));
+        c.reset_as_it_closed(11);
+        assert_eq!((c.ending, c.reset_reason), (Ending::ResetSent, Some(11)));
     }
 
     #[test]

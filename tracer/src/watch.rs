@@ -5,6 +5,7 @@
 //! conditions, and the loss reports on stderr. Formatting writes into a buffered stdout and
 //! allocates nothing per event.
 
+use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::rc::Rc;
 use std::time::Duration;
@@ -18,9 +19,16 @@ use crate::probe::{Probe, ProbeConfig, ProbeCounters};
 use crate::ring::EventRings;
 use crate::sockets::{Closed, Observation, SocketTable};
 use crate::workload::{Resolver, Workload};
+use tracer_common::SENT_RESET;
 
 /// Sockets the watch command follows for dwell times (about 40 bytes each).
 const WATCH_TABLE_SOCKETS: usize = 1 << 20;
+
+/// How long a close record waits for the reset its socket may send: the kernel sends it just
+/// after the transition to CLOSE (tens of microseconds later on an idle host), in the same
+/// call. The record is printed once every event stamped up to this long after the close has
+/// been read.
+const RESET_GRACE_NS: u64 = 10_000_000;
 
 /// What a watch session saw, reported on stderr when it ends.
 #[derive(Clone, Copy, Debug, Default)]
@@ -39,6 +47,7 @@ pub async fn run(args: &WatchArgs) -> Result<Summary> {
     let mut probe = Probe::attach(&ProbeConfig {
         ring_buffer_bytes: args.ring_buffer_size,
         ports: args.ports.clone(),
+        reset_events: args.connections,
     })?;
     let mut rings = probe.event_rings()?;
     // Attached: reading what the probe writes needs no privilege.
@@ -52,7 +61,7 @@ pub async fn run(args: &WatchArgs) -> Result<Summary> {
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let resolver = crate::pods::resolver(&args.attribution, probe.reads_cgroups());
-    let mut printer = Printer::new(args, resolver);
+    let mut printer = Printer::new(args, resolver, probe.reset_reasons.clone());
     eprintln!(
         "tracer: attached to inet_sock_set_state; watching TCP state changes (Ctrl-C to stop)"
     );
@@ -114,6 +123,14 @@ fn report_losses(probe: &Probe, reported: &mut ProbeCounters) -> Result<()> {
     Ok(())
 }
 
+/// A close record waiting to be printed.
+struct Held {
+    /// The transition to CLOSE, with the owner filled in.
+    t: Transition,
+    closed: Closed,
+    workload: Rc<Rendered>,
+}
+
 /// Filters transitions and writes them out.
 struct Printer {
     out: io::BufWriter<io::Stdout>,
@@ -125,6 +142,11 @@ struct Printer {
     pid: Option<u32>,
     remaining: Option<u64>,
     sockets: SocketTable,
+    /// Close records not printed yet, oldest first: each waits [`RESET_GRACE_NS`] for the
+    /// reset its socket may send as it closes.
+    held: VecDeque<Held>,
+    /// The kernel's names of reset reasons, indexed by value (empty: none on this kernel).
+    reset_reasons: Vec<String>,
     /// Cgroup ids to containers and pods (None: not available on this host).
     resolver: Option<Resolver>,
     rendered: foldhash::HashMap<u64, Rc<Rendered>>,
@@ -136,7 +158,7 @@ struct Printer {
 }
 
 impl Printer {
-    fn new(args: &WatchArgs, resolver: Option<Resolver>) -> Printer {
+    fn new(args: &WatchArgs, resolver: Option<Resolver>, reset_reasons: Vec<String>) -> Printer {
         let mut states = [false; 256];
         for &s in &args.states {
             states[s as usize] = true;
@@ -150,6 +172,8 @@ impl Printer {
             pid: args.pid,
             remaining: args.count,
             sockets: SocketTable::new(WATCH_TABLE_SOCKETS),
+            held: VecDeque::new(),
+            reset_reasons,
             resolver,
             rendered: Default::default(),
             realtime_offset_ns: clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC),
@@ -166,13 +190,16 @@ impl Printer {
             return Ok(true);
         }
         let mut failed = None;
-        rings.drain(flush, |t| match self.handle(t) {
+        let cutoff = rings.drain(flush, |t| match self.handle(t) {
             Ok(more) => more,
             Err(e) => {
                 failed = Some(e);
                 false
             }
         });
+        if failed.is_none() {
+            failed = self.release(cutoff).err();
+        }
         if let Some(e) = failed.or_else(|| self.out.flush().err()) {
             return self.write_failed(e);
         }
@@ -185,12 +212,26 @@ impl Printer {
         self.received += 1;
         // Every socket the probe reports is followed, filtered or not: its dwell times, and
         // its owner, which the probe names only at the socket's opening.
-        let mut closed = None;
-        let step = self.sockets.follow(&t, |o| {
-            if let Observation::Closed(c) = o {
-                closed = Some(c);
-            }
+        let (mut closed, mut reset_after_close) = (None, None);
+        let step = self.sockets.follow(&t, |o| match o {
+            Observation::Closed(c) => closed = Some(c),
+            Observation::ResetSent {
+                reason,
+                followed: false,
+            } => reset_after_close = Some(reason),
+            _ => {}
         });
+        if t.newstate == SENT_RESET {
+            // Not a transition: it only completes a record (before its close, the table
+            // keeps the reason; after, the record is still held here).
+            if let Some(reason) = reset_after_close {
+                let cookie = t.cookie;
+                if let Some(h) = self.held.iter_mut().rev().find(|h| h.t.cookie == cookie) {
+                    h.closed.reset_as_it_closed(reason);
+                }
+            }
+            return Ok(true);
+        }
         (t.pid, t.comm, t.cgroup) = (step.pid, step.comm, step.cgroup);
         if !self.wanted(&t) {
             return Ok(true);
@@ -198,15 +239,41 @@ impl Printer {
         let workload = self.workload(t.cgroup);
         match (self.connections, closed) {
             (false, _) => self.print(&t, step.dwell, &workload)?,
-            (true, Some(c)) => self.print_record(&t, &c, &workload)?,
+            (true, Some(closed)) => {
+                self.held.push_back(Held {
+                    t,
+                    closed,
+                    workload,
+                });
+                return Ok(true);
+            }
             (true, None) => return Ok(true),
         }
+        Ok(self.count_printed())
+    }
+
+    /// Prints the held close records whose socket closed at least [`RESET_GRACE_NS`] before
+    /// `cutoff` (every event stamped up to `cutoff` has been read; `u64::MAX` prints all).
+    fn release(&mut self, cutoff: u64) -> io::Result<()> {
+        while let Some(h) = self.held.front() {
+            if h.t.time_ns.saturating_add(RESET_GRACE_NS) > cutoff || self.remaining == Some(0) {
+                break;
+            }
+            let h = self.held.pop_front().expect("a held record");
+            self.print_record(&h.t, &h.closed, &h.workload)?;
+            self.count_printed();
+        }
+        Ok(())
+    }
+
+    /// Counts one line printed; returns false when `--count` lines have been.
+    fn count_printed(&mut self) -> bool {
         self.printed += 1;
         if let Some(n) = self.remaining.as_mut() {
             *n -= 1;
-            return Ok(*n > 0);
+            return *n > 0;
         }
-        Ok(true)
+        true
     }
 
     /// A reader that went away (`tracer watch | head`) ends the watch quietly.
@@ -248,7 +315,7 @@ impl Printer {
         if self.connections {
             writeln!(
                 self.out,
-                "{:<15} {:>7} {:<15} {:<30} {:<30} {:<7} {:>9} {:>9} {:>10} {:>10} {:>7} {:>9} {:>9} {:<20} WORKLOAD",
+                "{:<15} {:>7} {:<15} {:<30} {:<30} {:<7} {:>9} {:>9} {:>10} {:>10} {:>7} {:>9} {:>9} {:<32} WORKLOAD",
                 "TIME(UTC)", "PID", "COMM", "LOCAL", "REMOTE", "MODE", "HANDSHAKE", "LIFETIME",
                 "SENT", "RECEIVED", "RETRANS", "SRTT", "MINRTT", "ENDING"
             )?;
@@ -304,6 +371,12 @@ impl Printer {
         let out = &mut self.out;
         let wall = |ns: u64| (ns as i128 + self.realtime_offset_ns).max(0);
         let mode = c.mode.map(crate::event_metrics::mode_name);
+        let reason = c
+            .reset_reason
+            .map(|r| match self.reset_reasons.get(usize::from(r)) {
+                Some(name) if !name.is_empty() => name.clone(),
+                _ => format!("reason_{r}"),
+            });
         if self.json {
             write!(
                 out,
@@ -341,6 +414,8 @@ impl Printer {
                 c.ending.name(),
                 c.sk_err,
             )?;
+            out.write_all(b",\"reset_reason\":")?;
+            serde_json::to_writer(&mut *out, &reason)?;
             out.write_all(w.json.as_bytes())?;
             return writeln!(out, "}}");
         }
@@ -363,9 +438,13 @@ impl Printer {
             0 => "-".to_owned(),
             us => duration(Some(u64::from(us) * 1_000)),
         };
+        let ending = match &reason {
+            Some(reason) => format!("{}({reason})", c.ending.name()),
+            None => c.ending.name().to_owned(),
+        };
         writeln!(
             out,
-            "{:<7} {:>9} {:>9} {:>10} {:>10} {:>7} {:>9} {:>9} {:<20} {}",
+            "{:<7} {:>9} {:>9} {:>10} {:>10} {:>7} {:>9} {:>9} {:<32} {}",
             mode.unwrap_or("-"),
             duration(c.handshake_ns),
             duration(c.lifetime_ns),
@@ -374,7 +453,7 @@ impl Printer {
             c.retransmits,
             rtt(c.srtt_us),
             rtt(c.rtt_min_us),
-            c.ending.name(),
+            ending,
             w.column
         )
     }

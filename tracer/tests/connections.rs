@@ -109,6 +109,7 @@ fn a_connections_record_has_its_bytes_rtts_and_who_closed_first() {
     for r in [client, server] {
         assert_eq!(r["netns"], ns.inode(), "{r}");
         assert_eq!(r["segments_retransmitted"], 0, "{r}");
+        assert_eq!(r["reset_reason"], serde_json::Value::Null, "{r}");
         let (handshake, lifetime) = (r["handshake_ns"].as_u64(), r["lifetime_ns"].as_u64());
         assert!(handshake.is_some_and(|h| h > 0 && h < 500_000_000), "{r}");
         assert!(lifetime.is_some_and(|l| l > 0), "{r}");
@@ -296,4 +297,234 @@ fn netstat_retrans(ns: &Netns) -> u64 {
 /// `Tcp: RetransSegs` in the text of a `/proc/net/snmp`.
 fn retrans_segs(snmp: &str) -> u64 {
     tracer::census::parse_netstat(snmp, "Tcp")["RetransSegs"]
+}
+
+/// Sets an integer socket option; panics naming it on failure.
+fn set_int_option(fd: &impl std::os::fd::AsRawFd, level: i32, name: i32, value: i32, what: &str) {
+    // SAFETY: setsockopt on an open socket with an int of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            &value as *const i32 as *const libc::c_void,
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "{what}: {}", std::io::Error::last_os_error());
+}
+
+/// A connection on `listener`: (client, server, client's port).
+fn pair(listener: &TcpListener) -> (TcpStream, TcpStream, u16) {
+    let c = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let (s, _) = listener.accept().unwrap();
+    let port = c.local_addr().unwrap().port();
+    (c, s, port)
+}
+
+/// Waits until the peer of `c` has closed its sending side (its FIN arrived and was acked).
+fn read_eof(mut c: &TcpStream) {
+    let mut buf = [0u8; 16];
+    assert_eq!(c.read(&mut buf).unwrap(), 0, "expected the peer's FIN");
+}
+
+/// `events/tcp/tcp_send_reset` in a private ftrace instance: the kernel's own record of every
+/// reset sent, with its reason, read as (source port, destination port, state, reason).
+struct ResetTrace {
+    dir: std::path::PathBuf,
+}
+
+impl ResetTrace {
+    fn start() -> ResetTrace {
+        let dir = std::path::PathBuf::from(format!(
+            "/sys/kernel/tracing/instances/resets-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir(&dir);
+        std::fs::create_dir(&dir).expect("creating an ftrace instance");
+        std::fs::write(dir.join("events/tcp/tcp_send_reset/enable"), "1").unwrap();
+        ResetTrace { dir }
+    }
+
+    fn stop(&self) -> Vec<(u16, u16, String, String)> {
+        std::fs::write(self.dir.join("events/tcp/tcp_send_reset/enable"), "0").unwrap();
+        let text = std::fs::read_to_string(self.dir.join("trace")).unwrap();
+        // `... tcp_send_reset: skbaddr=.. skaddr=.. src=127.0.0.1:18093 dest=127.0.0.1:40000
+        // state=TCP_CLOSE reason=TCP_ABORT_ON_CLOSE`
+        text.lines()
+            .filter_map(|line| {
+                let (_, fields) = line.split_once("tcp_send_reset: ")?;
+                let get = |key: &str| {
+                    fields
+                        .split_whitespace()
+                        .find_map(|f| f.strip_prefix(key)?.strip_prefix('='))
+                };
+                let port = |v: &str| v.rsplit(':').next()?.parse::<u16>().ok();
+                Some((
+                    port(get("src")?)?,
+                    port(get("dest")?)?,
+                    get("state")?
+                        .trim_start_matches("TCP_")
+                        .to_ascii_lowercase(),
+                    get("reason")?.to_ascii_lowercase(),
+                ))
+            })
+            .collect()
+    }
+}
+
+impl Drop for ResetTrace {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.dir.join("events/tcp/tcp_send_reset/enable"), "0");
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+#[test]
+fn a_reset_connection_says_why_the_kernel_reset_it() {
+    if !require_root("a_reset_connection_says_why_the_kernel_reset_it") {
+        return;
+    }
+    let port = PORT + 3;
+    // The kernel's own word on whether its resets carry a reason (Linux 6.10+).
+    let format = std::fs::read_to_string("/sys/kernel/tracing/events/tcp/tcp_send_reset/format")
+        .expect("tcp_send_reset format (cargo xtask test mounts tracefs)");
+    let reasons = format.contains("sk_rst_reason reason");
+    if !reasons {
+        unsupported(
+            "reset_reason",
+            "this kernel's tcp_send_reset has no reason: endings are checked, reasons are not",
+        );
+    }
+    let ns = Netns::new("resets");
+    let trace = reasons.then(ResetTrace::start);
+    let agent = Agent::start(&[]);
+    let watch = records(&[port]);
+    let ports = ns.run(move || {
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        // A: the server closes with 100 bytes it never read: the kernel resets.
+        let (mut c, s, unread) = pair(&listener);
+        c.write_all(&[1u8; 100]).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        drop(s);
+        assert_eq!(
+            c.read(&mut [0u8; 1]).unwrap_err().kind(),
+            std::io::ErrorKind::ConnectionReset
+        );
+        drop(c);
+        // B: the same after the server's FIN was acknowledged (FIN_WAIT2): by its states alone
+        // this one closed first; in fact it reset.
+        let (mut c, s, unread_after_fin) = pair(&listener);
+        s.shutdown(Shutdown::Write).unwrap();
+        read_eof(&c);
+        c.write_all(&[2u8; 10]).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        drop(s);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        drop(c);
+        // C: the client closes with SO_LINGER 0.
+        let (c, s, zero_linger) = pair(&listener);
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt on an open socket with a linger struct of the size given.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&c),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                &linger as *const libc::linger as *const libc::c_void,
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "SO_LINGER");
+        drop(c);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        drop(s);
+        // D: the server in FIN_WAIT2 with TCP_LINGER2 -1 closes: reset rather than TIME-WAIT.
+        let (c, s, linger2) = pair(&listener);
+        s.shutdown(Shutdown::Write).unwrap();
+        read_eof(&c);
+        set_int_option(&s, libc::IPPROTO_TCP, libc::TCP_LINGER2, -1, "TCP_LINGER2");
+        drop(s);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        drop(c);
+        [unread, unread_after_fin, zero_linger, linger2]
+    });
+    let [unread, unread_after_fin, zero_linger, linger2] = ports.map(u64::from);
+    settle();
+    let out = watch.stop_with(libc::SIGINT);
+    let records = by_ports(&out);
+    let p = u64::from(port);
+    let ending = |key: (u64, u64)| {
+        let r = records
+            .get(&key)
+            .unwrap_or_else(|| panic!("no record {key:?}: {records:?}"));
+        (
+            r["ending"].as_str().unwrap().to_owned(),
+            r["reset_reason"].as_str().map(str::to_owned),
+        )
+    };
+    let sent = |reason: &str| ("reset_sent".to_owned(), Some(reason.to_owned()));
+    let received = ("reset_received".to_owned(), None);
+    assert_eq!(ending((unread, p)), received);
+    assert_eq!(ending((unread_after_fin, p)), received);
+    assert_eq!(ending((p, zero_linger)), received);
+    assert_eq!(ending((linger2, p)).1, None);
+    if !reasons {
+        // From the states alone: the first and third are right, the others look like an
+        // orderly close (the limit the reasons lift).
+        assert_eq!(ending((p, unread)), ("reset_sent".to_owned(), None));
+        assert_eq!(ending((zero_linger, p)), ("reset_sent".to_owned(), None));
+        return;
+    }
+    assert_eq!(ending((p, unread)), sent("tcp_abort_on_close"));
+    assert_eq!(ending((p, unread_after_fin)), sent("tcp_abort_on_close"));
+    // SO_LINGER 0 (tcp_disconnect) and TCP_LINGER2 -1: the kernel names these reasons as it
+    // sees fit (tcp_state and tcp_abort_on_data on 6.18): the oracle below checks them.
+    assert_eq!(ending((zero_linger, p)).0, "reset_sent");
+    assert_eq!(ending((p, linger2)).0, "reset_sent");
+
+    // The agent counts resets by reason in the kernel. The one of TCP_LINGER2 is rare: its
+    // count must be exactly what ftrace saw on the whole host.
+    let trace = trace.unwrap();
+    let linger2_reason = records[&(p, linger2)]["reset_reason"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let count = |t: &str, reason: &str| {
+        sample(t, "tracer_tcp_reset_reasons_total", &[("reason", reason)]).unwrap_or(-1.0)
+    };
+    let text = agent.metrics_until("the resets by reason", |t| {
+        count(t, &linger2_reason) >= 1.0 && count(t, "tcp_abort_on_close") >= 2.0
+    });
+    let all = trace.stop();
+    let host_wide = all.iter().filter(|r| r.3 == linger2_reason).count();
+    assert_eq!(count(&text, &linger2_reason), host_wide as f64, "{text}");
+    assert_eq!(
+        sample(
+            &text,
+            "tracer_feature_enabled",
+            &[("feature", "reset_reason")]
+        ),
+        Some(1.0)
+    );
+
+    // Every reason recorded is the one the kernel traced for that connection, and every reset
+    // a connection of ours sent has its record.
+    let mut traced: Vec<(u64, u64, String)> = all
+        .into_iter()
+        .filter(|(s, d, state, _)| (*s == port || *d == port) && state != "time_wait")
+        .map(|(s, d, _, reason)| (u64::from(s), u64::from(d), reason))
+        .collect();
+    let mut recorded: Vec<(u64, u64, String)> = records
+        .iter()
+        .filter_map(|(&(s, d), r)| Some((s, d, r["reset_reason"].as_str()?.to_owned())))
+        .collect();
+    traced.sort();
+    recorded.sort();
+    assert_eq!(recorded, traced, "records against ftrace's tcp_send_reset");
 }
