@@ -401,7 +401,8 @@ fn a_reset_connection_says_why_the_kernel_reset_it() {
     let ns = Netns::new("resets");
     let trace = reasons.then(ResetTrace::start);
     let agent = Agent::start(&[]);
-    let watch = records(&[port]);
+    let keepalive_port = port + 1;
+    let watch = records(&[port, keepalive_port]);
     let ports = ns.run(move || {
         let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
         // A: the server closes with 100 bytes it never read: the kernel resets.
@@ -452,9 +453,41 @@ fn a_reset_connection_says_why_the_kernel_reset_it() {
         drop(s);
         std::thread::sleep(std::time::Duration::from_millis(50));
         drop(c);
-        [unread, unread_after_fin, zero_linger, linger2]
+        // E: keepalive probes go unanswered (the server's packets are dropped from now on):
+        // the kernel resets, then closes with ETIMEDOUT, in that order.
+        let listener = TcpListener::bind(("127.0.0.1", keepalive_port)).unwrap();
+        let (mut c, _s, keepalive) = pair(&listener);
+        for (name, value) in [
+            (libc::TCP_KEEPIDLE, 1),
+            (libc::TCP_KEEPINTVL, 1),
+            (libc::TCP_KEEPCNT, 1),
+        ] {
+            set_int_option(&c, libc::IPPROTO_TCP, name, value, "keepalive");
+        }
+        set_int_option(&c, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1, "SO_KEEPALIVE");
+        let rules = format!(
+            "table inet t {{\n chain in {{\n type filter hook input priority 0;\n \
+             tcp sport {keepalive_port} drop\n }}\n}}\n"
+        );
+        let mut nft = std::process::Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("nft");
+        nft.stdin
+            .take()
+            .unwrap()
+            .write_all(rules.as_bytes())
+            .unwrap();
+        assert!(nft.wait().unwrap().success(), "nft");
+        assert_eq!(
+            c.read(&mut [0u8; 1]).unwrap_err().kind(),
+            std::io::ErrorKind::TimedOut
+        );
+        [unread, unread_after_fin, zero_linger, linger2, keepalive]
     });
-    let [unread, unread_after_fin, zero_linger, linger2] = ports.map(u64::from);
+    let [unread, unread_after_fin, zero_linger, linger2, keepalive] = ports.map(u64::from);
+    let kp = u64::from(keepalive_port);
     settle();
     let out = watch.stop_with(libc::SIGINT);
     let records = by_ports(&out);
@@ -474,7 +507,9 @@ fn a_reset_connection_says_why_the_kernel_reset_it() {
     assert_eq!(ending((unread_after_fin, p)), received);
     assert_eq!(ending((p, zero_linger)), received);
     assert_eq!(ending((linger2, p)).1, None);
+    assert_eq!(ending((kp, keepalive)), received);
     if !reasons {
+        assert_eq!(ending((keepalive, kp)), ("timed_out".to_owned(), None));
         // From the states alone: the first and third are right, the others look like an
         // orderly close (the limit the reasons lift).
         assert_eq!(ending((p, unread)), ("reset_sent".to_owned(), None));
@@ -483,6 +518,14 @@ fn a_reset_connection_says_why_the_kernel_reset_it() {
     }
     assert_eq!(ending((p, unread)), sent("tcp_abort_on_close"));
     assert_eq!(ending((p, unread_after_fin)), sent("tcp_abort_on_close"));
+    // A reset before the close keeps the ending the close gives.
+    assert_eq!(
+        ending((keepalive, kp)),
+        (
+            "timed_out".to_owned(),
+            Some("tcp_keepalive_timeout".to_owned())
+        )
+    );
     // SO_LINGER 0 (tcp_disconnect) and TCP_LINGER2 -1: the kernel names these reasons as it
     // sees fit (tcp_state and tcp_abort_on_data on 6.18): the oracle below checks them.
     assert_eq!(ending((zero_linger, p)).0, "reset_sent");
@@ -517,7 +560,9 @@ fn a_reset_connection_says_why_the_kernel_reset_it() {
     // a connection of ours sent has its record.
     let mut traced: Vec<(u64, u64, String)> = all
         .into_iter()
-        .filter(|(s, d, state, _)| (*s == port || *d == port) && state != "time_wait")
+        .filter(|(s, d, state, _)| {
+            [*s, *d].iter().any(|x| [port, keepalive_port].contains(x)) && state != "time_wait"
+        })
         .map(|(s, d, _, reason)| (u64::from(s), u64::from(d), reason))
         .collect();
     let mut recorded: Vec<(u64, u64, String)> = records
