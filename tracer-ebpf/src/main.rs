@@ -264,7 +264,7 @@ pub fn tcp_send_reset_reason(ctx: BtfTracePointContext) -> i32 {
             state::LISTEN | state::NEW_SYN_RECV | state::TIME_WAIT
         );
     if wanted && connection {
-        let _ = report_reset(&ctx, sk, state, reason as u16);
+        report_reset(&ctx, sk, state, reason as u16);
     }
     0
 }
@@ -293,12 +293,7 @@ fn count_reset(direction: u32, sk: *const u8) -> u8 {
 
 /// Writes a [`SENT_RESET`] event for full socket `sk`, in `state`: its addresses, ports and
 /// cookie, as a transition names them, and the reason.
-fn report_reset(
-    ctx: &BtfTracePointContext,
-    sk: *const u8,
-    state: u8,
-    reason: u16,
-) -> Result<(), i32> {
+fn report_reset(ctx: &BtfTracePointContext, sk: *const u8, state: u8, reason: u16) {
     // SAFETY: direct loads through the BTF-typed `struct sock *`, as in inet_sock_set_state;
     // `sk` is a full socket (its state says so).
     let (family, dport) = unsafe {
@@ -314,17 +309,17 @@ fn report_reset(
         field::INET_SPORT,
     ));
     if !port_wanted(sport) && !port_wanted(dport) {
-        return Ok(());
+        return;
     }
     // SAFETY: a helper with no arguments, callable from any program type.
     let cpu = unsafe { bpf_get_smp_processor_id() };
     let Some(ring) = EVENTS.get(cpu) else {
         count(counter::LOST_RINGBUF_FULL);
-        return Ok(());
+        return;
     };
     let Some(mut entry) = ring.reserve(0) else {
         count(counter::LOST_RINGBUF_FULL);
-        return Ok(());
+        return;
     };
     let t: *mut Transition = entry.as_mut_ptr();
     // SAFETY: `t` points at the reserved record and each write stays inside its field; `sk`
@@ -353,7 +348,6 @@ fn report_reset(
         addr_of_mut!((*t).total_retrans).write(0);
     }
     submit(ring, entry);
-    Ok(())
 }
 
 #[inline(always)]
