@@ -573,3 +573,74 @@ fn a_reset_connection_says_why_the_kernel_reset_it() {
     recorded.sort();
     assert_eq!(recorded, traced, "records against ftrace's tcp_send_reset");
 }
+
+#[test]
+fn records_lost_with_their_events_are_counted_and_none_is_invented() {
+    if !require_root("records_lost_with_their_events_are_counted_and_none_is_invented") {
+        return;
+    }
+    let n = 300;
+    let server = Server::start(V4, n, Closer::Client);
+    let port = server.addr.port();
+    let ftrace = Ftrace::start("tracer-records-drops", &[port]);
+    let port_arg = port.to_string();
+    // One page per CPU: about 30 events fill a ring.
+    let mut tracer = Tracer::start(
+        &[
+            "watch",
+            "--connections",
+            "--json",
+            "--ring-buffer-size",
+            "4096",
+            "--port",
+            &port_arg,
+        ],
+        true,
+    );
+    // The reader stops while the traffic runs: its rings overflow.
+    let pid = tracer.pid() as i32;
+    // SAFETY: signalling our own child process.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    connect_many(server.addr, n, Closer::Client);
+    server.join();
+    settle();
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    settle();
+    let oracle = ftrace.stop();
+    tracer.read_stdout();
+    let out = tracer.stop_with(libc::SIGINT);
+    assert!(out.status.success(), "{:?}", out.stderr);
+
+    let (received, printed, lost) = out.summary();
+    assert!(lost > 0, "expected drops; stderr {:?}", out.stderr);
+    // Every event is either received or counted lost (no reset on these connections).
+    assert_eq!(received + lost, oracle.len() as u64, "vs ftrace");
+    // A record per connection side: the kernel closed 2n sockets; each record missing is
+    // among the events counted lost.
+    let closes = oracle
+        .iter()
+        .filter(|k| k.3 == "close" && k.2 != "listen")
+        .count() as u64;
+    assert_eq!(closes, 2 * n as u64);
+    assert_eq!(printed as usize, out.stdout.len());
+    assert!(
+        printed <= closes && closes - printed <= lost,
+        "{printed} records of {closes} closes, {lost} events lost"
+    );
+    // What the agent did not see is null, never made up.
+    for r in out.json() {
+        if r["mode"].is_null() {
+            for key in ["opened_ns", "handshake_ns", "bytes_sent"] {
+                assert!(
+                    r[key].is_null(),
+                    "{key} of a connection not seen opening: {r}"
+                );
+            }
+        }
+        if r["opened_ns"].is_null() {
+            assert!(r["handshake_ns"].is_null(), "{r}");
+        }
+    }
+    println!("{printed} records of {closes} closes; {lost} events lost and reported");
+}
