@@ -311,24 +311,14 @@ fn report_reset(ctx: &BtfTracePointContext, sk: *const u8, state: u8, reason: u1
     if !port_wanted(sport) && !port_wanted(dport) {
         return;
     }
-    // SAFETY: a helper with no arguments, callable from any program type.
-    let cpu = unsafe { bpf_get_smp_processor_id() };
-    let Some(ring) = EVENTS.get(cpu) else {
-        count(counter::LOST_RINGBUF_FULL);
-        return;
-    };
-    let Some(mut entry) = ring.reserve(0) else {
-        count(counter::LOST_RINGBUF_FULL);
+    let Some((ring, mut entry)) = reserve() else {
         return;
     };
     let t: *mut Transition = entry.as_mut_ptr();
     // SAFETY: `t` points at the reserved record and each write stays inside its field; `sk`
     // is the tracepoint's BTF-typed socket, not NULL.
     unsafe {
-        addr_of_mut!((*t).time_ns).write(bpf_ktime_get_ns());
-        addr_of_mut!((*t).skaddr).write(sk as u64);
-        addr_of_mut!((*t).cookie).write(bpf_get_socket_cookie(sk as *mut c_void));
-        write_addresses(ctx, t, sk, family);
+        write_socket(ctx, t, sk, family);
         zero16(addr_of_mut!((*t).comm) as *mut [u8; 16]);
         addr_of_mut!((*t).pid).write(0);
         addr_of_mut!((*t).sport).write(sport);
@@ -392,14 +382,7 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
     }
     let (oldstate, newstate) = (oldstate as u8, newstate as u8);
 
-    // SAFETY: a helper with no arguments, callable from any program type.
-    let cpu = unsafe { bpf_get_smp_processor_id() };
-    let Some(ring) = EVENTS.get(cpu) else {
-        count(counter::LOST_RINGBUF_FULL);
-        return Ok(());
-    };
-    let Some(mut entry) = ring.reserve(0) else {
-        count(counter::LOST_RINGBUF_FULL);
+    let Some((ring, mut entry)) = reserve() else {
         return Ok(());
     };
     // Every field is written once, in place in the ring buffer: no copy through the stack,
@@ -408,12 +391,7 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
     // SAFETY: `t` points at the reserved record, `size_of::<Transition>()` writable bytes,
     // and each write below stays inside the field it names.
     unsafe {
-        addr_of_mut!((*t).time_ns).write(bpf_ktime_get_ns());
-        addr_of_mut!((*t).skaddr).write(sk as u64);
-        // `sk` is the tracepoint's BTF-typed socket, which this helper accepts in tracing
-        // programs (Linux 5.12+); it returns the existing cookie or makes one.
-        addr_of_mut!((*t).cookie).write(bpf_get_socket_cookie(sk as *mut c_void));
-        write_addresses(ctx, t, sk, family);
+        write_socket(ctx, t, sk, family);
         let pid = write_owner(ctx, t, sk, sport, oldstate, newstate);
         addr_of_mut!((*t).pid).write(pid);
         addr_of_mut!((*t).sport).write(sport);
@@ -485,10 +463,42 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
     Ok(())
 }
 
-/// Writes the socket's local and remote addresses into `t.saddr` and `t.daddr`.
+/// This CPU's ring.
+type Ring = BtfRingBuf<Transition, RING_TEMPLATE_BYTES>;
+
+/// Reserves a record in this CPU's ring; a full ring is counted as a lost event.
+#[inline(always)]
+fn reserve() -> Option<(&'static Ring, RingBufEntry<Transition>)> {
+    // SAFETY: a helper with no arguments, callable from any program type.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let reserved = EVENTS
+        .get(cpu)
+        .and_then(|ring| Some((ring, ring.reserve(0)?)));
+    if reserved.is_none() {
+        count(counter::LOST_RINGBUF_FULL);
+    }
+    reserved
+}
+
+/// Writes what names the socket: the time, its kernel address and cookie, and its local and
+/// remote addresses.
 ///
 /// # Safety
 /// `t` must point at a reserved ring buffer record and `sk` be a tracepoint's full socket.
+#[inline(always)]
+unsafe fn write_socket(ctx: &BtfTracePointContext, t: *mut Transition, sk: *const u8, family: u16) {
+    addr_of_mut!((*t).time_ns).write(bpf_ktime_get_ns());
+    addr_of_mut!((*t).skaddr).write(sk as u64);
+    // `sk` is the tracepoint's BTF-typed socket, which this helper accepts in tracing programs
+    // (Linux 5.12+); it returns the existing cookie or makes one.
+    addr_of_mut!((*t).cookie).write(bpf_get_socket_cookie(sk as *mut c_void));
+    write_addresses(ctx, t, sk, family);
+}
+
+/// Writes the socket's local and remote addresses into `t.saddr` and `t.daddr`.
+///
+/// # Safety
+/// As [`write_socket`].
 #[inline(always)]
 unsafe fn write_addresses(
     ctx: &BtfTracePointContext,
@@ -519,7 +529,7 @@ unsafe fn write_addresses(
 
 /// Commits a written record, waking the reader only once a ring holds `WAKEUP_BYTES`.
 #[inline(always)]
-fn submit(ring: &BtfRingBuf<Transition, RING_TEMPLATE_BYTES>, entry: RingBufEntry<Transition>) {
+fn submit(ring: &Ring, entry: RingBufEntry<Transition>) {
     // SAFETY: read-only global, volatile for the same reason as OFFSETS.
     let wakeup_bytes = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
     // SAFETY: `ring` is the ring buffer map this CPU's slot of `EVENTS` refers to.

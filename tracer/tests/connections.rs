@@ -179,21 +179,7 @@ fn refused_timed_out_reset_and_retransmitting_connections_end_as_they_did() {
         c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
             .unwrap();
         let (s, _) = listener.accept().unwrap();
-        let linger = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        // SAFETY: setsockopt on an open socket with a linger struct of the size given.
-        let rc = unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&s),
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                &linger as *const libc::linger as *const libc::c_void,
-                std::mem::size_of::<libc::linger>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0, "SO_LINGER");
+        linger_zero(&s);
         let reset_port = c.local_addr().unwrap().port();
         drop(s);
         let mut buf = [0u8; 1];
@@ -314,6 +300,25 @@ fn set_int_option(fd: &impl std::os::fd::AsRawFd, level: i32, name: i32, value: 
     assert_eq!(rc, 0, "{what}: {}", std::io::Error::last_os_error());
 }
 
+/// `SO_LINGER` 0: closing `fd` then resets the connection rather than sending a FIN.
+fn linger_zero(fd: &impl std::os::fd::AsRawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on an open socket with a linger struct of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &linger as *const libc::linger as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+}
+
 /// A connection on `listener`: (client, server, client's port).
 fn pair(listener: &TcpListener) -> (TcpStream, TcpStream, u16) {
     let c = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
@@ -427,21 +432,7 @@ fn a_reset_connection_says_why_the_kernel_reset_it() {
         drop(c);
         // C: the client closes with SO_LINGER 0.
         let (c, s, zero_linger) = pair(&listener);
-        let linger = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        // SAFETY: setsockopt on an open socket with a linger struct of the size given.
-        let rc = unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&c),
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                &linger as *const libc::linger as *const libc::c_void,
-                std::mem::size_of::<libc::linger>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0, "SO_LINGER");
+        linger_zero(&c);
         drop(c);
         std::thread::sleep(std::time::Duration::from_millis(50));
         drop(s);
