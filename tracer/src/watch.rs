@@ -346,15 +346,10 @@ impl Printer {
             t.skaddr, t.pid
         )?;
         serde_json::to_writer(&mut *out, &*event::comm_text(&t.comm))?;
+        write_endpoints_json(out, t)?;
         write!(
             out,
-            ",\"family\":\"{}\",\"saddr\":\"{}\",\"sport\":{},\"daddr\":\"{}\",\"dport\":{},\
-             \"old\":\"{}\",\"new\":\"{}\",\"dwell_ns\":",
-            event::family_name(t.family),
-            event::local_addr(t),
-            t.sport,
-            event::remote_addr(t),
-            t.dport,
+            ",\"old\":\"{}\",\"new\":\"{}\",\"dwell_ns\":",
             event::state_name(t.oldstate),
             event::state_name(t.newstate),
         )?;
@@ -385,17 +380,8 @@ impl Printer {
                 t.pid
             )?;
             serde_json::to_writer(&mut *out, &*event::comm_text(&t.comm))?;
-            write!(
-                out,
-                ",\"family\":\"{}\",\"saddr\":\"{}\",\"sport\":{},\"daddr\":\"{}\",\"dport\":{},\
-                 \"netns\":{},\"mode\":",
-                event::family_name(t.family),
-                event::local_addr(t),
-                t.sport,
-                event::remote_addr(t),
-                t.dport,
-                c.netns,
-            )?;
+            write_endpoints_json(out, t)?;
+            write!(out, ",\"netns\":{},\"mode\":", c.netns)?;
             serde_json::to_writer(&mut *out, &mode)?;
             let opt = |v: Option<u64>| v.map_or("null".to_owned(), |v| v.to_string());
             write!(
@@ -541,6 +527,19 @@ pub fn write_workload_json(out: &mut impl Write, w: Option<&Workload>) -> io::Re
 }
 
 /// Writes the time of day (UTC) of `wall_ns`, to the microsecond, and a space.
+/// The `family`, `saddr`, `sport`, `daddr` and `dport` keys of a JSON line, each after a comma.
+fn write_endpoints_json(out: &mut impl Write, t: &Transition) -> io::Result<()> {
+    write!(
+        out,
+        ",\"family\":\"{}\",\"saddr\":\"{}\",\"sport\":{},\"daddr\":\"{}\",\"dport\":{}",
+        event::family_name(t.family),
+        event::local_addr(t),
+        t.sport,
+        event::remote_addr(t),
+        t.dport,
+    )
+}
+
 fn write_clock(out: &mut impl Write, wall_ns: u128) -> io::Result<()> {
     let day_us = (wall_ns / 1_000) % 86_400_000_000;
     let (h, m, s, us) = (
