@@ -147,7 +147,8 @@ pub struct WatchArgs {
     #[arg(long)]
     pub json: bool,
     /// Print one record per connection when it closes (how it opened, how long it lived,
-    /// bytes, retransmissions, RTT, how it ended) instead of every state change.
+    /// bytes, retransmissions, RTT, how it ended and, on Linux 6.10+, why the kernel reset
+    /// it) instead of every state change.
     #[arg(long, conflicts_with = "states")]
     pub connections: bool,
     /// Only sockets with this local or remote port (repeatable); filtered in the kernel.
