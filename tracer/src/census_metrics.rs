@@ -78,8 +78,8 @@ impl CensusMetrics {
                     "tracer_census_corrections_total",
                     "Changes a census made to the agent's socket table because events were \
                      lost: state_corrected (a socket found in another state), added (a socket \
-                     found that the agent did not follow), dropped (a followed socket found \
-                     closed).",
+                     found that the agent did not follow), dropped (a followed socket that two \
+                     censuses in a row found closed).",
                 ),
                 &["action"],
             )?,

@@ -152,12 +152,21 @@ pub struct Joined {
     pub corrections: Corrections,
 }
 
-/// Sockets a census found that the table does not follow, by cookie: their state and when
-/// that census began. One is added to the table only when the next census finds it again in
-/// the same state: a socket that closed between a census and its join (and so already left
-/// the table) must not come back as a ghost.
+/// What a census saw that the next one must confirm before the table changes.
 #[derive(Debug, Default)]
-pub struct Unfollowed(HashMap<u64, (u8, u64)>);
+pub struct Sightings {
+    /// Sockets found that the table does not follow, by cookie: their state and when that
+    /// census began. One is added only when the next census finds it again in the same state:
+    /// a socket that closed between a census and its join (and so already left the table)
+    /// must not come back as a ghost.
+    unfollowed: HashMap<u64, (u8, u64)>,
+    /// Followed sockets not found, by cookie. One is dropped only when the next census does
+    /// not find it either: a CLOSE still on its way to the table must not be taken for a lost
+    /// one. (The reader has applied every event stamped before the census, on the assumption
+    /// that the probe commits an event within `ring::HOLD_BACK_NS` of stamping it; a virtual
+    /// CPU descheduled in between, as under emulation or CPU steal, commits it later.)
+    missing: HashSet<u64>,
+}
 
 /// How the join may change the table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -175,13 +184,13 @@ pub enum Mode {
 pub fn join(
     census: &HostCensus,
     table: &Mutex<SocketTable>,
-    unfollowed: &mut Unfollowed,
+    sightings: &mut Sightings,
     thresholds: &Thresholds,
     mode: Mode,
     now_ns: u64,
 ) -> Joined {
     let mut out = Joined::default();
-    let mut unfollowed_now = Unfollowed::default();
+    let mut unfollowed_now = HashMap::new();
     // Sized once: a vector grown by doubling would hold up to twice the sockets' memory.
     out.sockets
         .reserve_exact(census.namespaces.iter().map(|n| n.sockets.len()).sum());
@@ -248,7 +257,7 @@ pub fn join(
                             );
                             info = table.get(r.cookie);
                         }
-                        (None, Mode::Correct) => match unfollowed.0.get(&r.cookie) {
+                        (None, Mode::Correct) => match sightings.unfollowed.get(&r.cookie) {
                             // Found by the previous census too, in this state: add it, in
                             // that state since that census at the latest.
                             Some(&(state, since_ns)) if state == census_state => {
@@ -265,9 +274,7 @@ pub fn join(
                                 info = table.get(r.cookie);
                             }
                             _ => {
-                                unfollowed_now
-                                    .0
-                                    .insert(r.cookie, (census_state, ns.dumped_at_ns));
+                                unfollowed_now.insert(r.cookie, (census_state, ns.dumped_at_ns));
                             }
                         },
                     }
@@ -358,8 +365,12 @@ pub fn join(
         }
     }
     if mode != Mode::ReadOnly {
-        out.corrections.dropped += drop_gone(census, table);
-        *unfollowed = unfollowed_now;
+        let (dropped, missing) = drop_gone(census, table, &sightings.missing);
+        out.corrections.dropped += dropped;
+        *sightings = Sightings {
+            unfollowed: unfollowed_now,
+            missing,
+        };
     }
     for v in &out.sockets {
         let Some(age) = v.age(now_ns) else { continue };
@@ -394,11 +405,16 @@ pub fn join(
     out
 }
 
-/// Drops followed sockets that the census no longer shows and that the table saw nothing of
-/// since the dump of their namespace began: their CLOSE was lost. A socket of a namespace the
-/// census could not visit is kept; one whose namespace is not known only when the census
-/// visited every namespace.
-fn drop_gone(census: &HostCensus, table: &Mutex<SocketTable>) -> u64 {
+/// Drops followed sockets that this census and the one before (`missing_before`) no longer
+/// show and that the table saw nothing of since the dump of their namespace began: their
+/// CLOSE was lost. A socket of a namespace the census could not visit is kept; one whose
+/// namespace is not known only when the census visited every namespace. Returns how many were
+/// dropped, and the sockets missing for the first time.
+fn drop_gone(
+    census: &HostCensus,
+    table: &Mutex<SocketTable>,
+    missing_before: &HashSet<u64>,
+) -> (u64, HashSet<u64>) {
     let present: HashSet<u64> = census
         .namespaces
         .iter()
@@ -411,7 +427,7 @@ fn drop_gone(census: &HostCensus, table: &Mutex<SocketTable>) -> u64 {
         .collect();
     let everywhere = census.unreachable == 0;
     let first_dump = dumped_at.values().copied().min().unwrap_or(0);
-    let mut dropped = 0;
+    let (mut dropped, mut missing) = (0, HashSet::new());
     table.lock().start_sweep();
     loop {
         let mut t = table.lock();
@@ -421,12 +437,17 @@ fn drop_gone(census: &HostCensus, table: &Mutex<SocketTable>) -> u64 {
                 None if info.netns == 0 && everywhere => first_dump,
                 None => return false,
             };
-            info.since_ns < before && !present.contains(&cookie)
+            let gone = info.since_ns < before && !present.contains(&cookie);
+            if gone && !missing_before.contains(&cookie) {
+                missing.insert(cookie);
+                return false;
+            }
+            gone
         });
         MutexGuard::unlock_fair(t);
         dropped += n;
         if done {
-            return dropped;
+            return (dropped, missing);
         }
     }
 }
@@ -479,7 +500,7 @@ mod tests {
         join(
             census,
             table,
-            &mut Unfollowed::default(),
+            &mut Sightings::default(),
             thresholds,
             mode,
             now_ns,
@@ -627,7 +648,7 @@ mod tests {
     #[test]
     fn an_unfollowed_socket_is_added_when_two_censuses_find_it_and_a_closed_one_never() {
         let t = table();
-        let mut unfollowed = Unfollowed::default();
+        let mut unfollowed = Sightings::default();
         let thresholds = Thresholds::default();
         let leak = rec(state::CLOSE_WAIT, "127.0.0.1:8080", "127.0.0.1:40001", 9);
         let closing = rec(state::ESTABLISHED, "127.0.0.1:8080", "127.0.0.1:40002", 10);
@@ -662,31 +683,41 @@ mod tests {
             .observe(&transition(4, S, state::CLOSE, state::SYN_SENT));
         t.lock()
             .observe(&transition(5, 12 * S, state::CLOSE, state::SYN_SENT));
-        // Socket 4's CLOSE was lost; socket 5 opened after the dump began.
-        let j = join_once(
-            &census(vec![], 10 * S),
-            &t,
-            &Thresholds::default(),
-            Mode::Correct,
-            13 * S,
-        );
-        assert_eq!(j.corrections.dropped, 1);
+        // Socket 4's CLOSE was lost; socket 5 opened after the dump began. A first census
+        // that misses socket 4 only notes it (its CLOSE may still be on its way); the next one
+        // drops it.
+        let mut sightings = Sightings::default();
+        for (dumped_at, dropped) in [(10 * S, 0), (11 * S, 1)] {
+            let j = join(
+                &census(vec![], dumped_at),
+                &t,
+                &mut sightings,
+                &Thresholds::default(),
+                Mode::Correct,
+                13 * S,
+            );
+            assert_eq!(j.corrections.dropped, dropped, "census at {dumped_at}");
+        }
         assert!(t.lock().get(1_000_004).is_none());
         assert!(t.lock().get(1_000_005).is_some());
-        // A census that could not visit every namespace drops nothing of unknown namespace.
+        // Socket 5 is missing from every census from now on. Twice from a census that could
+        // not visit every namespace: nothing of unknown namespace is dropped.
         let mut partial = census(vec![], 20 * S);
         partial.unreachable = 1;
-        let j = join_once(&partial, &t, &Thresholds::default(), Mode::Correct, 21 * S);
-        assert_eq!(j.corrections.dropped, 0);
-        // Nor does a census the reader did not catch up with.
-        let j = join_once(
-            &census(vec![], 20 * S),
-            &t,
-            &Thresholds::default(),
-            Mode::ReadOnly,
-            21 * S,
-        );
-        assert_eq!(j.corrections.dropped, 0);
+        let mut join_at = |c: &HostCensus, mode: Mode| {
+            join(c, &t, &mut sightings, &Thresholds::default(), mode, 21 * S)
+                .corrections
+                .dropped
+        };
+        assert_eq!(join_at(&partial, Mode::Correct), 0);
+        assert_eq!(join_at(&partial, Mode::Correct), 0);
+        // Nor twice from a census the reader did not catch up with.
+        let full = census(vec![], 20 * S);
+        assert_eq!(join_at(&full, Mode::ReadOnly), 0);
+        assert_eq!(join_at(&full, Mode::ReadOnly), 0);
+        // Two full censuses in a row drop it.
+        assert_eq!(join_at(&full, Mode::Correct), 0);
+        assert_eq!(join_at(&full, Mode::Correct), 1);
     }
 
     #[test]

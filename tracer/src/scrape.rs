@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use std::collections::HashMap;
 
-use crate::join::{join, Joined, Mode, Unfollowed};
+use crate::join::{join, Joined, Mode, Sightings};
 use crate::ports::Use;
 use crate::ring::monotonic_ns;
 use crate::sockets::SocketTable;
@@ -148,7 +148,7 @@ pub fn run(
         )
     };
     let mut totals = Totals::default();
-    let mut unfollowed = Unfollowed::default();
+    let mut sightings = Sightings::default();
     let mut first = true;
     loop {
         let began = Instant::now();
@@ -173,7 +173,7 @@ pub fn run(
                 let joined = join(
                     &census,
                     &table,
-                    &mut unfollowed,
+                    &mut sightings,
                     &config.thresholds,
                     mode,
                     monotonic_ns(),
