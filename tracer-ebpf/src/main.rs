@@ -302,15 +302,9 @@ fn report_reset(ctx: &BtfTracePointContext, sk: *const u8, state: u8, reason: u1
             u16::from_be(field::<u16>(sk, offset!(skc_dport))),
         )
     };
-    let sport = u16::from_be(read_or_report(
-        ctx,
-        sk,
-        offset!(inet_sport),
-        field::INET_SPORT,
-    ));
-    if !port_wanted(sport) && !port_wanted(dport) {
+    let Some(sport) = wanted_sport(ctx, sk, dport) else {
         return;
-    }
+    };
     let Some((ring, mut entry)) = reserve() else {
         return;
     };
@@ -369,17 +363,9 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
     if protocol != IPPROTO_TCP {
         return Ok(());
     }
-    // `inet_sport` lies in `struct inet_sock`, past `struct sock`, where the verifier allows no
-    // direct load through a `struct sock *`: read it with the helper.
-    let sport = u16::from_be(read_or_report(
-        ctx,
-        sk,
-        offset!(inet_sport),
-        field::INET_SPORT,
-    ));
-    if !port_wanted(sport) && !port_wanted(dport) {
+    let Some(sport) = wanted_sport(ctx, sk, dport) else {
         return Ok(());
-    }
+    };
     let (oldstate, newstate) = (oldstate as u8, newstate as u8);
 
     let Some((ring, mut entry)) = reserve() else {
@@ -604,6 +590,20 @@ unsafe fn write_owner(
     }
     zero16(comm);
     0
+}
+
+/// The socket's local port, when it or `dport` passes the port filter.
+#[inline(always)]
+fn wanted_sport(ctx: &BtfTracePointContext, sk: *const u8, dport: u16) -> Option<u16> {
+    // `inet_sport` lies in `struct inet_sock`, past `struct sock`, where the verifier allows no
+    // direct load through a `struct sock *`: read it with the helper.
+    let sport = u16::from_be(read_or_report(
+        ctx,
+        sk,
+        offset!(inet_sport),
+        field::INET_SPORT,
+    ));
+    (port_wanted(sport) || port_wanted(dport)).then_some(sport)
 }
 
 /// True when no port filter is set or `port` is in it.
