@@ -139,6 +139,33 @@ pub struct AttributionArgs {
     /// The kubelet's pod log directory, whose <namespace>_<name>_<uid> entries name pods.
     #[arg(long, value_name = "DIR", default_value = "/var/log/pods")]
     pub pod_logs_dir: std::path::PathBuf,
+    /// A cgroup the kubelet puts pods in, from the cgroup2 root (repeatable; default
+    /// /kubepods.slice and /kubepods, its systemd and cgroupfs drivers). Pods are only found
+    /// right under these: a kubelet run with --cgroup-root=/kubelet and the systemd driver
+    /// needs /kubelet.slice/kubelet-kubepods.slice.
+    #[arg(long = "kubepods-cgroup", value_name = "PATH", value_parser = parse_kubepods)]
+    pub kubepods_cgroups: Vec<String>,
+}
+
+impl AttributionArgs {
+    /// The cgroups pods are found under.
+    pub fn kubepods(&self) -> Vec<String> {
+        if self.kubepods_cgroups.is_empty() {
+            return crate::workload::DEFAULT_KUBEPODS.map(String::from).to_vec();
+        }
+        self.kubepods_cgroups.clone()
+    }
+}
+
+/// `--kubepods-cgroup`: an absolute cgroup path below the root.
+fn parse_kubepods(s: &str) -> Result<String, String> {
+    let path = s.trim_end_matches('/');
+    if !path.starts_with('/') || path.len() < 2 || path.split('/').any(|p| p == "..") {
+        return Err(format!(
+            "{s:?} is not a cgroup path from the cgroup2 root, like /kubepods.slice"
+        ));
+    }
+    Ok(path.to_owned())
 }
 
 #[derive(Debug, Args)]

@@ -99,7 +99,7 @@ impl Printable<'_> {
     fn for_each_piece(&self, mut piece: impl FnMut(&str) -> std::fmt::Result) -> std::fmt::Result {
         for chunk in self.0.utf8_chunks() {
             for c in chunk.valid().chars() {
-                if c.is_control() || c == '\\' {
+                if c.is_control() || c == '\\' || is_bidi_control(c) {
                     let mut buf = [0u8; 12];
                     let escaped = if (c as u32) < 0x80 {
                         write_escape(&mut buf, format_args!("\\x{:02x}", c as u32))
@@ -118,6 +118,12 @@ impl Printable<'_> {
         }
         Ok(())
     }
+}
+
+/// The Unicode bidirectional formatting characters (UAX #9): not controls to Rust, but a
+/// terminal that honours them shows text reordered (U+202E makes `exe.txt` look like `txt.exe`).
+pub fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 /// Formats `args` into `buf` (an escape is at most 10 bytes) and returns the text.
@@ -167,6 +173,11 @@ pub(crate) mod tests {
             "[a\\x5cb\\u{9b}é  ]"
         );
         assert_eq!(format!("[{:>6}]", Printable(b"x\xff")), "[ x\\xff]");
+        // Bidirectional controls reorder what a terminal shows: escaped too.
+        assert_eq!(
+            Printable("a\u{202e}b\u{2066}c\u{200f}".as_bytes()).to_string(),
+            "a\\u{202e}b\\u{2066}c\\u{200f}"
+        );
         assert_eq!(comm_text(b"curl\0\0\0\0\0\0\0\0\0\0\0\0"), "curl");
     }
 

@@ -9,8 +9,12 @@
 //!
 //! Bounds, so that no client can starve `/healthz` or grow the agent's memory:
 //! - at most [`MAX_CONNECTIONS`] connections; a new one past it makes the oldest give way
-//!   (it finishes the request it is in, if any, and closes), and so does running out of file
-//!   descriptors: a liveness probe always gets in;
+//!   (it has [`GIVE_WAY_GRACE`] to finish what it is sending, and a request it sends
+//!   meanwhile is answered 503 with `Retry-After`, `/healthz` excepted), and so does running
+//!   out of file descriptors: a liveness probe always gets in;
+//! - every answer's bytes, from rendering until freed, count against a budget
+//!   (`http_limits`), and a write that makes no progress for its timeout closes the
+//!   connection: a client that never reads holds a bounded amount, for a bounded time;
 //! - a request's headers must arrive within [`HEADER_TIMEOUT`], which also closes a kept-alive
 //!   connection that sends nothing for that long (slowloris, idle clients);
 //! - a TLS handshake must end within [`HEADER_TIMEOUT`];
@@ -34,7 +38,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Notify, Semaphore};
 use tower::Service as _;
 
-use crate::listing::SocketFilter;
+use crate::http_limits::{Budget, Deadline, Refusals, METRICS_BUDGET, SOCKETS_BUDGET};
+use crate::listing::{SocketFilter, MAX_BODY_BYTES, RENDER_BYTES_PER_SOCKET};
 use crate::scrape::Published;
 use crate::web_config::WebConfig;
 
@@ -57,6 +62,13 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// bcrypt checks of unknown credentials at once (each about 50 ms of CPU at cost 10).
 const PASSWORD_CHECKS: usize = 2;
+
+/// How long a connection that gave way to a newer one may go on (finishing an answer).
+pub const GIVE_WAY_GRACE: Duration = Duration::from_secs(2);
+
+/// Largest buffer hyper keeps for a connection's request (headers included; the smallest it
+/// takes): a request past it is refused with 431.
+const READ_BUFFER: usize = 16 << 10;
 
 /// Proof of life of the event reader: when it last drained the ring buffer.
 #[derive(Default)]
@@ -98,6 +110,11 @@ pub struct AppState {
     pub health: Arc<Health>,
     pub published: Arc<Published>,
     pub heavy: Arc<Semaphore>,
+    pub sockets_budget: Budget,
+    pub metrics_budget: Budget,
+    /// The size of the last `/metrics` answer, to reserve the next one by.
+    pub metrics_size: Arc<AtomicU64>,
+    pub refusals: Refusals,
 }
 
 /// Serves on a new thread with its own runtime, once the first census is published (so that
@@ -112,11 +129,17 @@ pub fn spawn(
     failed: tokio::sync::oneshot::Sender<std::io::Error>,
 ) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
+    let (held, refusals) =
+        crate::http_limits::register(&registry).map_err(std::io::Error::other)?;
     let state = AppState {
         registry,
         health,
         published,
         heavy: Arc::new(Semaphore::new(HEAVY_REQUESTS)),
+        sockets_budget: Budget::new(SOCKETS_BUDGET, held.clone()),
+        metrics_budget: Budget::new(METRICS_BUDGET, held),
+        metrics_size: Arc::new(AtomicU64::new(0)),
+        refusals,
     };
     std::thread::Builder::new()
         .name("http".into())
@@ -152,26 +175,41 @@ struct Client {
 #[derive(Default)]
 struct Connections {
     next: u64,
-    open: BTreeMap<u64, Arc<Notify>>,
+    open: BTreeMap<u64, Arc<GiveWay>>,
+}
+
+/// Tells a connection that it is past the connection limit.
+#[derive(Default)]
+struct GiveWay {
+    notify: Notify,
+    told: std::sync::atomic::AtomicBool,
+}
+
+impl GiveWay {
+    fn told(&self) -> bool {
+        self.told.load(Ordering::Relaxed)
+    }
 }
 
 impl Connections {
     /// Registers a new connection; past `MAX_CONNECTIONS`, tells the oldest to give way.
-    fn add(&mut self) -> (u64, Arc<Notify>) {
+    fn add(&mut self) -> (u64, Arc<GiveWay>) {
         if self.open.len() >= MAX_CONNECTIONS {
             self.give_way();
         }
         let id = self.next;
         self.next += 1;
-        let notify = Arc::new(Notify::new());
-        self.open.insert(id, notify.clone());
-        (id, notify)
+        let slot = Arc::new(GiveWay::default());
+        self.open.insert(id, slot.clone());
+        (id, slot)
     }
 
-    /// Tells the oldest connection to close once its request (if any) is answered.
+    /// Tells the oldest connection to finish within [`GIVE_WAY_GRACE`] and answer 503 to any
+    /// request it has not begun answering.
     fn give_way(&mut self) {
         if let Some((_, oldest)) = self.open.pop_first() {
-            oldest.notify_one();
+            oldest.told.store(true, Ordering::Relaxed);
+            oldest.notify.notify_one();
         }
     }
 }
@@ -187,11 +225,13 @@ async fn serve(
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/sockets", get(sockets))
-        .with_state(state);
+        .with_state(state.clone());
+    let state_refusals = state.refusals.clone();
     let tls = web.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     let web = Arc::new(web);
     let checks = Arc::new(Semaphore::new(PASSWORD_CHECKS));
     let connections = Arc::new(Mutex::new(Connections::default()));
+    let refusals = state_refusals;
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -215,21 +255,28 @@ async fn serve(
             checks.clone(),
             connections.clone(),
         );
+        // What a client that stops reading holds in the kernel, charged to the agent's
+        // memory cgroup, stays small (a failure only leaves the kernel's default).
+        let _ =
+            socket2::SockRef::from(&stream).set_send_buffer_size(crate::http_limits::SEND_BUFFER);
+        let stream = Deadline::new(stream, refusals.write_timeout.clone());
+        let refused = refusals.connections.clone();
         tokio::spawn(async move {
-            let loopback = peer.ip().is_loopback();
+            // A dual-stack listener (`[::]:PORT`) sees IPv4 clients as `::ffff:a.b.c.d`.
+            let loopback = peer.ip().to_canonical().is_loopback();
             match tls {
                 None => {
                     let client = Client {
                         loopback,
                         certified: false,
                     };
-                    connection(stream, client, app, web, checks, &give_way).await;
+                    connection(stream, client, app, web, checks, &give_way, refused).await;
                 }
                 Some(acceptor) => {
                     let handshake = tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream));
                     let stream = tokio::select! {
                         done = handshake => done.ok().and_then(Result::ok),
-                        _ = give_way.notified() => None,
+                        _ = give_way.notify.notified() => None,
                     };
                     if let Some(stream) = stream {
                         let certified = stream.get_ref().1.peer_certificates().is_some();
@@ -237,7 +284,7 @@ async fn serve(
                             loopback,
                             certified,
                         };
-                        connection(stream, client, app, web, checks, &give_way).await;
+                        connection(stream, client, app, web, checks, &give_way, refused).await;
                     }
                 }
             }
@@ -248,24 +295,39 @@ async fn serve(
     }
 }
 
-/// Serves HTTP/1.1 on one connection until the client closes it, a timeout, or `give_way`.
+/// Serves HTTP/1.1 on one connection until the client closes it, a timeout, or
+/// [`GIVE_WAY_GRACE`] after `give_way`.
 async fn connection<S>(
     stream: S,
     client: Client,
     app: Router,
     web: Arc<WebConfig>,
     checks: Arc<Semaphore>,
-    give_way: &Notify,
+    give_way: &Arc<GiveWay>,
+    refused: prometheus::IntCounter,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let told = give_way.clone();
     let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
         let (mut app, web, checks) = (app.clone(), web.clone(), checks.clone());
+        let (told, refused) = (told.clone(), refused.clone());
         async move {
-            let mut response = match authorize(&request, client, &web, &checks).await {
-                Ok(()) => app.call(request.map(Body::new)).await?,
-                Err(refusal) => refusal,
+            let past_limit = told.told();
+            let mut response = if past_limit && request.uri().path() != "/healthz" {
+                refused.inc();
+                busy("too many connections to the agent")
+            } else {
+                match authorize(&request, client, &web, &checks).await {
+                    Ok(()) => app.call(request.map(Body::new)).await?,
+                    Err(refusal) => refusal,
+                }
             };
+            if past_limit {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             for (name, value) in &web.headers {
                 if let (Ok(n), Ok(v)) = (
                     HeaderName::try_from(name.as_str()),
@@ -279,14 +341,27 @@ async fn connection<S>(
     });
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT);
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(READ_BUFFER);
     let conn = http.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => return,
-        _ = give_way.notified() => conn.as_mut().graceful_shutdown(),
+        _ = give_way.notify.notified() => {}
     }
-    let _ = tokio::time::timeout(HEADER_TIMEOUT, conn).await;
+    // Not hyper's graceful shutdown: it closes a connection whose request has not arrived
+    // yet, which its client sees as an empty reply. Its request is answered 503 instead.
+    let _ = tokio::time::timeout(GIVE_WAY_GRACE, conn).await;
+}
+
+/// 503 with `Retry-After: 1`, saying why.
+fn busy(why: &str) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::RETRY_AFTER, "1")],
+        format!("{why}: retry in a second\n"),
+    )
+        .into_response()
 }
 
 /// Who may read what:
@@ -335,8 +410,9 @@ async fn authorize(
     if path == "/sockets" && !authenticated && !client.loopback {
         return Err((
             StatusCode::FORBIDDEN,
-            "/sockets lists every process's sockets: ask from loopback, or configure \
-             basic_auth_users or client certificates in --web-config\n",
+            "/sockets lists every process's sockets: ask from this host's loopback \
+             (127.0.0.1 or ::1), or configure basic_auth_users or client certificates in \
+             --web-config\n",
         )
             .into_response());
     }
@@ -365,13 +441,24 @@ async fn healthz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    // Encoding takes about three times the text it makes (the gathered families, the text).
+    let last = state.metrics_size.load(Ordering::Relaxed) as usize;
+    let Some(held) = state.metrics_budget.reserve(3 * last.max(64 << 10)).await else {
+        state.refusals.memory.inc();
+        return busy("the agent's answers to slow clients fill its /metrics memory budget");
+    };
     match crate::event_metrics::encode(&state.registry) {
         Ok(body) => (
             [(
                 header::CONTENT_TYPE,
                 "text/plain; version=0.0.4; charset=utf-8",
             )],
-            body,
+            {
+                state
+                    .metrics_size
+                    .store(body.len() as u64, Ordering::Relaxed);
+                held.into_body(body.into_bytes())
+            },
         )
             .into_response(),
         Err(e) => (
@@ -402,11 +489,17 @@ async fn sockets(
     let Ok(_permit) = state.heavy.acquire().await else {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     };
-    let listing = filter.render(&report, crate::ring::monotonic_ns());
-    match serde_json::to_string(&listing) {
-        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
-    }
+    let rendering = MAX_BODY_BYTES + RENDER_BYTES_PER_SOCKET * report.joined.sockets.len();
+    let Some(held) = state.sockets_budget.reserve(rendering).await else {
+        state.refusals.memory.inc();
+        return busy("the agent's answers to slow clients fill its /sockets memory budget");
+    };
+    let body = filter.render_json(&report, crate::ring::monotonic_ns(), MAX_BODY_BYTES);
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        held.into_body(body),
+    )
+        .into_response()
 }
 
 #[cfg(test)]

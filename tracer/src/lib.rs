@@ -14,6 +14,7 @@ pub mod event;
 pub mod event_metrics;
 pub mod features;
 pub mod http;
+pub mod http_limits;
 pub mod join;
 pub mod kernel_metrics;
 pub mod listing;

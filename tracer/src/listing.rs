@@ -15,11 +15,21 @@ use crate::event::{parse_state, state_name};
 use crate::join::{Destination, SocketView};
 use crate::scrape::Report;
 use crate::stuck::reason;
-use crate::workload::Workload;
+use crate::workload::{cut_tail, Workload, MAX_PATH_CHARS};
 
 /// Default and largest `limit`.
 pub const DEFAULT_LIMIT: usize = 100;
 pub const MAX_LIMIT: usize = 10_000;
+
+/// Largest `/sockets` answer: sockets past it are left out (and `cut_at_bytes` set), so that
+/// `limit=10000` always gives an answer that `tracer sockets` reads (it reads up to a MiB
+/// more), however long the sockets' cgroup paths are. About 600 bytes a socket on a usual
+/// host: 10,000 sockets fit.
+pub const MAX_BODY_BYTES: usize = 8 << 20;
+
+/// Memory a rendering takes besides its answer, per socket of the census: one (age,
+/// reference) pair per matching socket, to sort them.
+pub const RENDER_BYTES_PER_SOCKET: usize = std::mem::size_of::<(Option<Duration>, &SocketView)>();
 
 /// The answer of `GET /sockets`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -31,6 +41,10 @@ pub struct Listing {
     /// Sockets that match the filters (more than listed when `limit` cut them).
     pub total: usize,
     pub sockets: Vec<ListedSocket>,
+    /// True when sockets that the limit allowed were left out to keep the answer within
+    /// [`MAX_BODY_BYTES`].
+    #[serde(default)]
+    pub cut_at_bytes: bool,
     /// Destinations whose ephemeral ports are fullest, busiest first.
     pub busiest_destinations: Vec<ListedDestination>,
 }
@@ -98,7 +112,7 @@ impl WorkloadFields {
         let pod = w.pod.as_ref();
         WorkloadFields {
             cgroup_id: id,
-            cgroup: Some(w.path.to_string()),
+            cgroup: Some(cut_tail(&w.path, MAX_PATH_CHARS).into_owned()),
             container_id: container.map(|c| c.id.clone()),
             container_runtime: container
                 .map(|c| c.runtime.to_owned())
@@ -204,9 +218,63 @@ impl SocketFilter {
     }
 
     /// The listing of `report` at `now_ns` (CLOCK_MONOTONIC): matching sockets oldest first
-    /// (unknown ages last), at most `limit`. Memory: one reference per matching socket.
+    /// (unknown ages last), at most `limit`.
     pub fn render(&self, report: &Report, now_ns: u64) -> Listing {
-        let thresholds = &report.thresholds;
+        let (total, matched) = self.select(report, now_ns);
+        let sockets = matched
+            .into_iter()
+            .map(|(age, s)| listed(report, age, s))
+            .collect();
+        head(report, now_ns, total, sockets)
+    }
+
+    /// [`SocketFilter::render`] as JSON, at most `max_bytes` of it: sockets are written one
+    /// by one until the next would pass the bound. Memory: the answer (its buffer never grows
+    /// past `max_bytes`) and one (age, reference) pair per matching socket.
+    pub fn render_json(&self, report: &Report, now_ns: u64, max_bytes: usize) -> Vec<u8> {
+        let (total, matched) = self.select(report, now_ns);
+        let mut listing = head(report, now_ns, total, Vec::new());
+        // The schema's own serialization around an empty `sockets`, which the sockets are
+        // written into: the fields before it are numbers, so its first match is the field.
+        let framing = |l: &Listing| serde_json::to_vec(l).unwrap_or_default();
+        let empty = framing(&listing);
+        let at = find(&empty, b"\"sockets\":[]").map_or(empty.len(), |i| i + 11);
+        listing.cut_at_bytes = true;
+        let room = max_bytes.saturating_sub(framing(&listing).len());
+        let mut body = Vec::with_capacity(max_bytes.min(64 << 10));
+        body.extend_from_slice(&empty[..at]);
+        let mut one = Vec::new();
+        let mut written = 0;
+        for (i, (age, s)) in matched.into_iter().enumerate() {
+            one.clear();
+            if i > 0 {
+                one.push(b',');
+            }
+            let _ = serde_json::to_writer(&mut one, &listed(report, age, s));
+            if body.len() + one.len() > room {
+                break;
+            }
+            if body.capacity() < body.len() + one.len() {
+                // Doubling, but never past the bound: the budget reserved for this answer.
+                let want = (body.capacity() * 2).clamp(body.len() + one.len(), max_bytes);
+                body.reserve_exact(want - body.len());
+            }
+            body.extend_from_slice(&one);
+            written += 1;
+        }
+        listing.cut_at_bytes = written < total.min(self.limit);
+        let tail = framing(&listing);
+        body.reserve_exact(tail.len() - at);
+        body.extend_from_slice(&tail[at..]);
+        body
+    }
+
+    /// How many sockets match, and the oldest `limit` of them, oldest first.
+    fn select<'r>(
+        &self,
+        report: &'r Report,
+        now_ns: u64,
+    ) -> (usize, Vec<(Option<Duration>, &'r SocketView)>) {
         let mut matched: Vec<(Option<Duration>, &SocketView)> = report
             .joined
             .sockets
@@ -227,41 +295,51 @@ impl SocketFilter {
             matched.truncate(self.limit);
         }
         matched.sort_by_key(by_age);
-        let sockets = matched
-            .into_iter()
-            .map(|(age, s)| {
-                let stuck = age.is_some_and(|a| thresholds.is_stuck(s.state, a));
-                ListedSocket {
-                    state: state_name(s.state).to_owned(),
-                    age_seconds: age.map(|a| a.as_secs_f64()),
-                    age_is_lower_bound: s.age_source.is_lower_bound(),
-                    age_source: s.age_source.name().to_owned(),
-                    local_addr: s.local.ip().to_string(),
-                    local_port: s.local.port(),
-                    remote_addr: s.remote.ip().to_string(),
-                    remote_port: s.remote.port(),
-                    service_port: s.port,
-                    pid: s.pid,
-                    comm: comm_text(&s.comm).into_owned(),
-                    netns: s.netns,
-                    workload: WorkloadFields::new(s.cgroup, report.workload(s.cgroup)),
-                    stuck,
-                    reason: stuck.then(|| reason(s.state).to_owned()),
-                }
-            })
-            .collect();
-        Listing {
-            census_age_seconds: now_ns.saturating_sub(report.taken_ns) as f64 / 1e9,
-            census_timestamp_seconds: report
-                .taken_at
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs_f64(),
-            total,
-            sockets,
-            busiest_destinations: report.joined.destinations.iter().map(destination).collect(),
-        }
+        (total, matched)
     }
+}
+
+/// One socket of the listing, `age` in its state.
+fn listed(report: &Report, age: Option<Duration>, s: &SocketView) -> ListedSocket {
+    let stuck = age.is_some_and(|a| report.thresholds.is_stuck(s.state, a));
+    ListedSocket {
+        state: state_name(s.state).to_owned(),
+        age_seconds: age.map(|a| a.as_secs_f64()),
+        age_is_lower_bound: s.age_source.is_lower_bound(),
+        age_source: s.age_source.name().to_owned(),
+        local_addr: s.local.ip().to_string(),
+        local_port: s.local.port(),
+        remote_addr: s.remote.ip().to_string(),
+        remote_port: s.remote.port(),
+        service_port: s.port,
+        pid: s.pid,
+        comm: comm_text(&s.comm).into_owned(),
+        netns: s.netns,
+        workload: WorkloadFields::new(s.cgroup, report.workload(s.cgroup)),
+        stuck,
+        reason: stuck.then(|| reason(s.state).to_owned()),
+    }
+}
+
+/// The listing of `report` with these sockets.
+fn head(report: &Report, now_ns: u64, total: usize, sockets: Vec<ListedSocket>) -> Listing {
+    Listing {
+        census_age_seconds: now_ns.saturating_sub(report.taken_ns) as f64 / 1e9,
+        census_timestamp_seconds: report
+            .taken_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64(),
+        total,
+        sockets,
+        cut_at_bytes: false,
+        busiest_destinations: report.joined.destinations.iter().map(destination).collect(),
+    }
+}
+
+/// Where `needle` first starts in `hay`.
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 impl SocketFilter {
@@ -396,5 +474,36 @@ mod tests {
             .unwrap_err()
             .contains("given twice"));
         assert!(query(&[("limit", "5"), ("state", "listen"), ("limit", "9")]).is_err());
+    }
+
+    #[test]
+    fn json_answers_stop_at_the_byte_bound_and_say_so() {
+        let sockets = (1..=50).map(|i| view(state::CLOSE_WAIT, Some(i), 1000 + i as u16));
+        let r = report(sockets.collect());
+        let f = query(&[("limit", "40")]).unwrap();
+        let whole = f.render(&r, 100 * S);
+        let unbounded = f.render_json(&r, 100 * S, MAX_BODY_BYTES);
+        assert_eq!(
+            unbounded,
+            serde_json::to_vec(&whole).unwrap(),
+            "the schema's own JSON"
+        );
+        for max in [300, 2_000, 9_000] {
+            let body = f.render_json(&r, 100 * S, max);
+            assert!(body.len() <= max, "{} > {max}", body.len());
+            let l: Listing = serde_json::from_slice(&body).unwrap();
+            assert!(
+                l.cut_at_bytes && l.sockets.len() < 40,
+                "{max}: {}",
+                l.sockets.len()
+            );
+            assert_eq!(
+                (l.total, &l.sockets[..]),
+                (50, &whole.sockets[..l.sockets.len()])
+            );
+        }
+        let tiny = f.render_json(&r, 100 * S, 10);
+        let l: Listing = serde_json::from_slice(&tiny).unwrap();
+        assert!(l.sockets.is_empty() && l.cut_at_bytes);
     }
 }

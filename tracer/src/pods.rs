@@ -7,8 +7,8 @@
 //!
 //! A socket outside any pod (a host process, a systemd service, a plain container) and one
 //! whose cgroup is not known have empty values: those labels are absent in Prometheus terms,
-//! and nothing is invented. A pod whose name the node does not keep (no `/var/log/pods`
-//! directory) is labelled by its UID, with an empty namespace.
+//! and nothing is invented. So has a pod that the node does not name (no `/var/log/pods`
+//! directory): only the kubelet makes those, so no other process can spend the budget.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -59,9 +59,11 @@ impl PodLabels {
         let Some(pod) = workload.and_then(|w| w.pod.as_ref()) else {
             return self.none.clone();
         };
+        // Only a pod the node itself names (its /var/log/pods entry, which only the kubelet
+        // writes) gets a value: a cgroup alone could be anyone's to make.
         let key: PodLabel = match (&pod.namespace, &pod.name) {
             (Some(ns), Some(name)) => (Arc::from(ns.as_str()), Arc::from(name.as_str())),
-            _ => (Arc::from(""), Arc::from(pod.uid.as_str())),
+            _ => return self.none.clone(),
         };
         if self.given.contains_key(&key) {
             return key;
@@ -169,10 +171,13 @@ pub fn resolver(args: &AttributionArgs, kernel_reports_cgroups: bool) -> Option<
         return None;
     }
     match cgroup2_root(args.cgroup_root.as_deref()) {
-        Ok(root) => Some(Resolver::new(
-            CgroupPaths::new(root, CGROUP_CAPACITY),
-            PodNames::new(args.pod_logs_dir.clone()),
-        )),
+        Ok(root) => Some(
+            Resolver::new(
+                CgroupPaths::new(root, CGROUP_CAPACITY),
+                PodNames::new(args.pod_logs_dir.clone()),
+            )
+            .with_kubepods(args.kubepods()),
+        ),
         Err(e) => {
             eprintln!("tracer: {e:#}");
             None
@@ -183,13 +188,16 @@ pub fn resolver(args: &AttributionArgs, kernel_reports_cgroups: bool) -> Option<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workload::parse_path;
+    use crate::workload::{parse_path, DEFAULT_KUBEPODS};
 
     fn pod(ns: &str, name: &str, uid: &str) -> Workload {
-        let mut w = parse_path(&format!(
-            "/kubepods.slice/kubepods-pod{}.slice",
-            uid.replace('-', "_")
-        ));
+        let mut w = parse_path(
+            &format!(
+                "/kubepods.slice/kubepods-pod{}.slice",
+                uid.replace('-', "_")
+            ),
+            &DEFAULT_KUBEPODS,
+        );
         let p = w.pod.as_mut().expect("a pod path");
         (p.namespace, p.name) = (Some(ns.into()), Some(name.into()));
         w
@@ -213,14 +221,19 @@ mod tests {
     fn no_pod_or_unknown_cgroup_has_empty_values_and_a_nameless_pod_its_uid() {
         let mut labels = PodLabels::new(10);
         assert_eq!(&*labels.label(None).1, "");
-        let unit = parse_path("/system.slice/nginx.service");
+        let unit = parse_path("/system.slice/nginx.service", &DEFAULT_KUBEPODS);
         assert_eq!(&*labels.label(Some(&unit)).0, "");
         let uid = "0f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b";
-        let nameless = parse_path(&format!(
-            "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
-            uid.replace('-', "_")
-        ));
+        let nameless = parse_path(
+            &format!(
+                "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+                uid.replace('-', "_")
+            ),
+            &DEFAULT_KUBEPODS,
+        );
+        // A pod the node does not name (no /var/log/pods entry) spends no label value.
         let (ns, pod) = labels.label(Some(&nameless));
-        assert_eq!((&*ns, &*pod), ("", uid));
+        assert_eq!((&*ns, &*pod), ("", ""));
+        assert_eq!((labels.len(), labels.refused()), (0, 0));
     }
 }

@@ -1,5 +1,11 @@
 //! `tracer sockets`: asks a running agent for its socket listing (`GET /sockets`) and prints it
 //! as a table, oldest first, or as the agent's JSON.
+//!
+//! Trusts nothing it reads: whoever binds the agent's port while the agent is down answers
+//! instead (an unprivileged port), and an operator runs this as root. An answer is read up
+//! to [`MAX_ANSWER_BYTES`] (more than the agent ever sends), parsed into the typed schema,
+//! and every string printed through [`Printable`], so no field can drive the terminal; no
+//! answer can make it panic (`tests::any_answer_...` throws arbitrary ones at it).
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -8,8 +14,12 @@ use anyhow::{anyhow, Context, Result};
 use base64::Engine as _;
 
 use crate::cli::SocketsArgs;
-use crate::event::state_name;
-use crate::listing::{Listing, WorkloadFields};
+use crate::event::{state_name, Printable};
+use crate::listing::{Listing, WorkloadFields, MAX_BODY_BYTES};
+use crate::workload::{cut_tail, MAX_COLUMN_CHARS};
+
+/// The largest answer read: the agent's bound, and room for its last socket and the rest.
+pub const MAX_ANSWER_BYTES: u64 = MAX_BODY_BYTES as u64 + (1 << 20);
 
 /// How long to wait for the agent: it answers from its last census, at once.
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -18,14 +28,34 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 pub fn run(args: &SocketsArgs) -> Result<()> {
     let url = query_url(args);
     let body = fetch(&url, args)?;
+    let listing = parse(&body)?;
     if args.json {
-        println!("{body}");
+        println!("{}", json(&listing));
         return Ok(());
     }
-    let listing: Listing =
-        serde_json::from_str(&body).context("the agent's answer is not a socket listing")?;
     print!("{}", render(&listing));
     Ok(())
+}
+
+/// The agent's answer as a listing, or a one-line error.
+pub fn parse(body: &str) -> Result<Listing> {
+    serde_json::from_str(body).context("the agent's answer is not a socket listing")
+}
+
+/// The listing as JSON for `--json`, written anew from the typed schema (so it is exactly
+/// that schema), with the characters JSON allows raw in strings but a terminal acts on (C1
+/// controls, bidirectional controls) escaped as `\uNNNN`: still the same JSON value.
+pub fn json(listing: &Listing) -> String {
+    let text = serde_json::to_string(listing).unwrap_or_default();
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() || crate::event::is_bidi_control(c) {
+            let _ = write!(out, "\\u{:04x}", c as u32);
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The `/sockets` URL for these flags.
@@ -73,7 +103,15 @@ fn percent_encode(value: &str) -> String {
 /// One column's worth of who owns a socket: `namespace/pod` (and the container's first 12
 /// characters), the container alone, the systemd unit, the cgroup path, or `-`.
 fn workload_column(w: &WorkloadFields) -> String {
-    let container = w.container_id.as_deref().map(|id| &id[..id.len().min(12)]);
+    cut_tail(&workload_text(w), MAX_COLUMN_CHARS).into_owned()
+}
+
+fn workload_text(w: &WorkloadFields) -> String {
+    // Characters, not bytes: the agent's answer is not trusted to hold ASCII ids.
+    let container = w
+        .container_id
+        .as_deref()
+        .map(|id| id.chars().take(12).collect::<String>());
     let pod = match (&w.pod_namespace, &w.pod_name, &w.pod_uid) {
         (Some(ns), Some(name), _) => Some(format!("{ns}/{name}")),
         (_, _, Some(uid)) => Some(format!("pod:{uid}")),
@@ -116,8 +154,16 @@ fn fetch(url: &str, args: &SocketsArgs) -> Result<String> {
     match request.call() {
         Ok(mut response) => response
             .body_mut()
+            .with_config()
+            .limit(MAX_ANSWER_BYTES)
             .read_to_string()
-            .map_err(|e| anyhow!("reading the agent's answer: {e}")),
+            .map_err(|e| match e {
+                ureq::Error::BodyExceedsLimit(_) => anyhow!(
+                    "the answer of {agent} is over {} MiB, more than an agent sends: is it tracer?",
+                    MAX_ANSWER_BYTES >> 20
+                ),
+                e => anyhow!("reading the agent's answer: {e}"),
+            }),
         Err(ureq::Error::StatusCode(401)) => Err(anyhow!(
             "the agent at {agent} wants a user and password: give --user and TRACER_PASSWORD"
         )),
@@ -182,52 +228,46 @@ pub fn render(listing: &Listing) -> String {
             0 => "-".to_owned(),
             p => p.to_string(),
         };
-        // The name is whatever the process set: escaped, so that it cannot drive the terminal.
-        let comm = crate::event::Printable(if s.comm.is_empty() {
-            b"-"
-        } else {
-            s.comm.as_bytes()
-        });
-        let endpoint = |a: &str, port: u16| {
-            if a.contains(':') {
-                format!("[{a}]:{port}")
-            } else {
-                format!("{a}:{port}")
-            }
-        };
+        // Every string is whatever the agent (or whoever answers in its place) sent, and
+        // the command name whatever the process set: escaped, so it cannot drive the terminal.
+        let comm = if s.comm.is_empty() { "-" } else { &s.comm };
         let flag = match &s.reason {
-            Some(r) => format!("stuck: {r}"),
+            Some(r) => format!("stuck: {}", Printable(r.as_bytes())),
             None => String::new(),
         };
         let _ = writeln!(
             out,
             "{:>10} {:<12} {:>7} {:<15} {:>11} {:<28} {:<28} {:<40} {}",
             age,
-            s.state,
+            Printable(s.state.as_bytes()),
             pid,
-            comm,
+            Printable(comm.as_bytes()),
             s.netns,
             endpoint(&s.local_addr, s.local_port),
             endpoint(&s.remote_addr, s.remote_port),
-            crate::event::Printable(workload_column(&s.workload).as_bytes()),
+            Printable(workload_column(&s.workload).as_bytes()),
             flag
         );
     }
     let shown = listing.sockets.len();
     if listing.total > shown {
+        let why = if listing.cut_at_bytes {
+            format!("the answer reached its {} MiB bound", MAX_BODY_BYTES >> 20)
+        } else {
+            "raise --limit".to_owned()
+        };
         let _ = writeln!(
             out,
-            "({shown} of {} shown; raise --limit or narrow with --state/--port)",
+            "({shown} of {} shown; {why}, or narrow with --state/--port)",
             listing.total
         );
     }
     if let Some(d) = listing.busiest_destinations.first() {
         let _ = writeln!(
             out,
-            "busiest destination: {}:{} from {} uses {} of {} ephemeral ports ({:.1}%) in netns {}",
-            d.remote_addr,
-            d.remote_port,
-            d.local_addr,
+            "busiest destination: {} from {} uses {} of {} ephemeral ports ({:.1}%) in netns {}",
+            endpoint(&d.remote_addr, d.remote_port),
+            Printable(d.local_addr.as_bytes()),
             d.ephemeral_ports_used,
             d.ephemeral_port_range,
             d.utilization * 100.0,
@@ -236,6 +276,16 @@ pub fn render(listing: &Listing) -> String {
     }
     let _ = writeln!(out, "(census taken {:.1}s ago)", listing.census_age_seconds);
     out
+}
+
+/// `addr:port`, `[v6]:port`, the address escaped.
+fn endpoint(addr: &str, port: u16) -> String {
+    let a = Printable(addr.as_bytes());
+    if addr.contains(':') {
+        format!("[{a}]:{port}")
+    } else {
+        format!("{a}:{port}")
+    }
 }
 
 /// `3.2s`, `4m05s`, `2h03m`.
@@ -307,6 +357,7 @@ mod tests {
                     None,
                 ),
             ],
+            cut_at_bytes: false,
             busiest_destinations: vec![],
         };
         let text = render(&listing);
@@ -326,5 +377,137 @@ mod tests {
         assert!(lines[3].trim_start().starts_with("~2.5s"), "{text}");
         assert!(lines[4].contains("3 of 4 shown"), "{text}");
         assert!(lines[5].contains("census taken 1.2s ago"), "{text}");
+    }
+
+    /// True when `text` holds nothing a terminal acts on but newlines.
+    fn inert(text: &str) -> bool {
+        text.chars()
+            .all(|c| c == '\n' || !(c.is_control() || crate::event::is_bidi_control(c)))
+    }
+
+    /// A listing whose every string is `s` (and ids `id`), as a hostile agent could send.
+    fn hostile(s: &str, id: &str, n: f64) -> Listing {
+        let w = WorkloadFields {
+            cgroup_id: 1,
+            cgroup: Some(s.into()),
+            container_id: Some(id.into()),
+            container_runtime: Some(s.into()),
+            pod_uid: Some(s.into()),
+            pod_namespace: Some(s.into()),
+            pod_name: Some(s.into()),
+            pod_qos: Some(s.into()),
+            unit: Some(s.into()),
+        };
+        let socket = crate::listing::ListedSocket {
+            state: s.into(),
+            age_seconds: Some(n),
+            age_is_lower_bound: true,
+            age_source: s.into(),
+            local_addr: s.into(),
+            local_port: 1,
+            remote_addr: s.into(),
+            remote_port: 2,
+            service_port: 3,
+            pid: 4,
+            comm: s.into(),
+            netns: 5,
+            workload: w,
+            stuck: true,
+            reason: Some(s.into()),
+        };
+        let mut unpodded = socket.clone();
+        (unpodded.workload.pod_uid, unpodded.workload.pod_name) = (None, None);
+        let mut unit = unpodded.clone();
+        unit.workload.container_id = None;
+        let mut bare = unit.clone();
+        bare.workload.unit = None;
+        Listing {
+            census_age_seconds: n,
+            census_timestamp_seconds: n,
+            total: usize::MAX,
+            sockets: vec![socket, unpodded, unit, bare],
+            cut_at_bytes: true,
+            busiest_destinations: vec![crate::listing::ListedDestination {
+                netns: 1,
+                local_addr: s.into(),
+                remote_addr: s.into(),
+                remote_port: 9,
+                ephemeral_ports_used: u64::MAX,
+                ephemeral_port_range: 0,
+                utilization: n,
+            }],
+        }
+    }
+
+    #[test]
+    fn a_hostile_answer_prints_escaped_and_a_multibyte_id_is_cut_by_characters() {
+        // The 12th byte of this id falls inside a character: once a panic.
+        let id = "aaaaaaaaaaa\u{e9}\u{e9}";
+        let evil = "\x1b]0;owned\x07\x1b[2J\u{9b}31m\u{202e}gpj.exe";
+        let l = hostile(evil, id, f64::NAN);
+        let text = render(&l);
+        assert!(inert(&text), "{text:?}");
+        assert!(
+            text.contains("\\x1b]0;owned\\x07") && text.contains("\\u{202e}"),
+            "{text}"
+        );
+        assert!(text.contains("aaaaaaaaaaa\u{e9}"), "{text}");
+        let json = json(&hostile(evil, id, 1.5));
+        assert!(inert(&json), "{json:?}");
+        let back: Listing = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.sockets[0].comm, evil, "escaping keeps the JSON value");
+        // Huge, negative and infinite numbers print as numbers.
+        for n in [f64::INFINITY, -1e300, 1e300, -0.0] {
+            assert!(inert(&render(&hostile("x", "y", n))));
+        }
+    }
+
+    #[test]
+    fn answers_that_are_not_listings_are_one_line_errors() {
+        for body in [
+            "",
+            "null",
+            "[]",
+            "{\"sockets\":7}",
+            "\u{1b}[2J",
+            "{\"total\":-1}",
+        ] {
+            let e = parse(body).unwrap_err();
+            assert_eq!(format!("{e:#}").lines().count(), 1, "{body:?}: {e:#}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2_000))]
+
+        /// Any string in every field, any number: printed without a panic, and inert.
+        #[test]
+        fn any_listing_renders_inert(s in "\\PC*|.*", id in ".{0,40}", n in proptest::num::f64::ANY) {
+            let l = hostile(&s, &id, n);
+            let text = render(&l);
+            proptest::prop_assert!(inert(&text), "{:?}", text);
+            proptest::prop_assert!(inert(&json(&l)));
+        }
+
+        /// Any answer, JSON-like or not: parsed or refused, never a panic.
+        #[test]
+        fn any_answer_parses_or_is_refused(body in "[{}\\[\\]\",:0-9a-z_ .\\\\-]{0,400}|\\PC{0,200}") {
+            if let Ok(l) = parse(&body) {
+                proptest::prop_assert!(inert(&render(&l)));
+            }
+        }
+
+        /// A real listing's JSON with bytes changed here and there: parsed or refused.
+        #[test]
+        fn mutated_answers_parse_or_are_refused(at in proptest::collection::vec((0usize..4096, proptest::num::u8::ANY), 1..8)) {
+            let mut body = serde_json::to_vec(&hostile("ns/pod", "abc", 1.5)).unwrap();
+            for (i, b) in at {
+                let i = i % body.len();
+                body[i] = b;
+            }
+            if let Ok(l) = parse(&String::from_utf8_lossy(&body)) {
+                proptest::prop_assert!(inert(&render(&l)));
+            }
+        }
     }
 }

@@ -506,8 +506,9 @@ impl Rendered {
 pub fn write_workload_json(out: &mut impl Write, w: Option<&Workload>) -> io::Result<()> {
     let container = w.and_then(|w| w.container.as_ref());
     let pod = w.and_then(|w| w.pod.as_ref());
+    let cgroup = w.map(|w| crate::workload::cut_tail(&w.path, crate::workload::MAX_PATH_CHARS));
     let fields: [(&str, Option<&str>); 8] = [
-        ("cgroup", w.map(|w| &*w.path)),
+        ("cgroup", cgroup.as_deref()),
         ("container_id", container.map(|c| c.id.as_str())),
         (
             "container_runtime",

@@ -19,6 +19,27 @@ pub const POD_LOG_DIR: &str = "/var/log/pods";
 /// Most pods [`PodNames`] knows, and most workloads [`Resolver`] caches.
 const MAX_ENTRIES: usize = 65_536;
 
+/// Longest cgroup path shown in JSON (`cgroup`), in characters: longer ones keep their end,
+/// the most specific part, after a leading `…`. The kernel bounds each name (255 bytes), not
+/// the depth.
+pub const MAX_PATH_CHARS: usize = 1024;
+
+/// Widest WORKLOAD column of `watch` and `tracer sockets`, in characters, cut the same way.
+pub const MAX_COLUMN_CHARS: usize = 64;
+
+/// `text` if it has at most `max` characters, else `…` and its last `max - 1` characters.
+pub fn cut_tail(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    let n = text.chars().count();
+    if n <= max {
+        return text.into();
+    }
+    let start = text
+        .char_indices()
+        .nth(n - max + 1)
+        .map_or(text.len(), |(i, _)| i);
+    format!("…{}", &text[start..]).into()
+}
+
 /// What a cgroup path says.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
@@ -55,11 +76,21 @@ pub struct Pod {
     pub name: Option<String>,
 }
 
-/// The workload a cgroup path names (pod names are left to [`PodNames`]).
-pub fn parse_path(path: &str) -> Workload {
+/// The cgroups the kubelet puts pods in by default: its systemd driver's and its cgroupfs
+/// driver's, at the root of the hierarchy (a kubelet `--cgroup-root` moves them: give
+/// theirs).
+pub const DEFAULT_KUBEPODS: [&str; 2] = ["/kubepods.slice", "/kubepods"];
+
+/// The workload a cgroup path names (pod names are left to [`PodNames`]). A pod is only
+/// recognised right under one of `kubepods` (the cgroups the kubelet puts pods in, which only
+/// root can write): a `kubepods` directory anywhere else is anyone's, since any user with a
+/// delegated subtree (`user@UID.service`, rootless containers) can make one.
+pub fn parse_path(path: &str, kubepods: &[impl AsRef<str>]) -> Workload {
     let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
     // The kubelet puts a pod's containers right under the pod's cgroup.
-    let found = (0..parts.len()).find_map(|i| Some((pod_of(&parts[..=i])?, parts.get(i + 1))));
+    let found = kubepods
+        .iter()
+        .find_map(|root| pod_under(root.as_ref(), &parts));
     let (pod, container, unit) = match found {
         Some((pod, next)) => {
             let container = next.and_then(|n| container_of(n, Some("")));
@@ -73,7 +104,7 @@ pub fn parse_path(path: &str) -> Workload {
                 let bare = (i > 0 && parts[i - 1] == "docker").then_some("docker");
                 container_of(parts[i], bare)
             });
-            let last_unit = parts.iter().rev().find(|p| is_unit(p));
+            let last_unit = parts.iter().rev().copied().find(|p| is_unit(p));
             let unit = last_unit.filter(|_| container.is_none());
             (None, container, unit)
         }
@@ -87,33 +118,52 @@ pub fn parse_path(path: &str) -> Workload {
     }
 }
 
-/// The pod whose cgroup is the last of `parts`, if it is one.
-fn pod_of(parts: &[&str]) -> Option<Pod> {
-    let (&last, above) = parts.split_last()?;
-    // systemd driver: a slice's name repeats its parents', e.g. `kubepods-burstable-pod<uid>`
-    // with the uid's dashes as underscores; a kubelet --cgroup-root adds a prefix.
-    let segments: Vec<&str>;
-    let (uid, above) = match last.strip_suffix(".slice") {
-        Some(name) => {
-            segments = name.split('-').collect();
-            segments.split_last()?
+/// The pod whose cgroup `parts` is in, right under the kubepods cgroup `root`, and the part
+/// after the pod's (its container's, if any).
+fn pod_under<'p>(root: &str, parts: &[&'p str]) -> Option<(Pod, Option<&'p str>)> {
+    let root_parts: Vec<&str> = root.split('/').filter(|p| !p.is_empty()).collect();
+    let under =
+        parts.len() > root_parts.len() && parts.iter().zip(&root_parts).all(|(a, b)| a == b);
+    let rest = parts.get(root_parts.len()..).filter(|_| under)?;
+    let last = root.rsplit('/').find(|p| !p.is_empty())?;
+    let (qos, pod, next) = match last.strip_suffix(".slice") {
+        // systemd driver: each slice's name repeats its parent's, e.g. under `kubepods.slice`
+        // `kubepods-burstable.slice/kubepods-burstable-pod<uid>.slice`, with the uid's dashes
+        // as underscores.
+        Some(stem) => {
+            let (qos, pod, at) = match *rest.first()? {
+                p if p == format!("{stem}-burstable.slice") => ("burstable", *rest.get(1)?, 2),
+                p if p == format!("{stem}-besteffort.slice") => ("besteffort", *rest.get(1)?, 2),
+                p => ("guaranteed", p, 1),
+            };
+            let prefix = match qos {
+                "guaranteed" => format!("{stem}-pod"),
+                q => format!("{stem}-{q}-pod"),
+            };
+            let uid = pod.strip_prefix(&prefix)?.strip_suffix(".slice")?;
+            (qos, uid.replace('_', "-"), rest.get(at).copied())
         }
         // cgroupfs driver: `kubepods/pod<uid>` or `kubepods/<qos>/pod<uid>`.
-        None => (&last, above),
+        None => {
+            let (qos, pod, at) = match *rest.first()? {
+                "burstable" => ("burstable", *rest.get(1)?, 2),
+                "besteffort" => ("besteffort", *rest.get(1)?, 2),
+                p => ("guaranteed", p, 1),
+            };
+            (
+                qos,
+                pod.strip_prefix("pod")?.to_owned(),
+                rest.get(at).copied(),
+            )
+        }
     };
-    let qos = match above {
-        [.., "kubepods"] => "guaranteed",
-        [.., "kubepods", "burstable"] => "burstable",
-        [.., "kubepods", "besteffort"] => "besteffort",
-        _ => return None,
-    };
-    let uid = uid.strip_prefix("pod")?.replace('_', "-");
-    is_pod_uid(&uid).then_some(Pod {
-        uid,
+    let pod = Pod {
+        uid: pod,
         qos,
         namespace: None,
         name: None,
-    })
+    };
+    is_pod_uid(&pod.uid).then_some((pod, next))
 }
 
 /// A UUID (8-4-4-4-12 hex digits), or the 32 hex digits of a static pod's uid.
@@ -156,8 +206,12 @@ fn is_unit(part: &str) -> bool {
 }
 
 impl Workload {
-    /// One short human string for a table column.
+    /// One short human string for a table column, at most [`MAX_COLUMN_CHARS`].
     pub fn short(&self) -> String {
+        cut_tail(&self.short_uncut(), MAX_COLUMN_CHARS).into_owned()
+    }
+
+    fn short_uncut(&self) -> String {
         let id12 = |c: &Container| c.id.chars().take(12).collect::<String>();
         let Some(pod) = &self.pod else {
             return match (&self.container, &self.unit) {
@@ -241,20 +295,30 @@ impl PodNames {
 pub struct Resolver {
     cgroups: CgroupPaths,
     pods: PodNames,
+    /// The cgroups the kubelet puts pods in ([`parse_path`]).
+    kubepods: Vec<String>,
     /// By cgroup id. foldhash: the keys are the kernel's, not an attacker's.
     cache: foldhash::HashMap<u64, Arc<Workload>>,
     cache_clears: u64,
 }
 
 impl Resolver {
-    /// A resolver over `cgroups` (ids to paths) and `pods` (pod names).
+    /// A resolver over `cgroups` (ids to paths) and `pods` (pod names), finding pods under
+    /// the [`DEFAULT_KUBEPODS`] cgroups.
     pub fn new(cgroups: CgroupPaths, pods: PodNames) -> Resolver {
         Resolver {
             cgroups,
             pods,
+            kubepods: DEFAULT_KUBEPODS.map(String::from).to_vec(),
             cache: foldhash::HashMap::default(),
             cache_clears: 0,
         }
+    }
+
+    /// Finds pods under these cgroups instead (paths from the cgroup2 root).
+    pub fn with_kubepods(mut self, kubepods: Vec<String>) -> Self {
+        self.kubepods = kubepods;
+        self
     }
 
     /// The cgroup2 mount the paths are relative to.
@@ -284,7 +348,7 @@ impl Resolver {
             Some(w) if !unnamed(w) => return cached,
             Some(w) => Workload::clone(w),
             // Unknown ids are not cached: a later walk may find them.
-            None => parse_path(&self.cgroups.path(id)?),
+            None => parse_path(&self.cgroups.path(id)?, &self.kubepods),
         };
         if let Some(pod) = workload.pod.as_mut() {
             match self.pods.lookup(&pod.uid) {
@@ -326,7 +390,12 @@ mod tests {
 
     /// `path` parsed, as "<qos> <runtime> <unit>", with "-" for none and "?" for no runtime.
     fn parsed(path: &str) -> String {
-        let w = parse_path(path);
+        let kind = [
+            "/kubelet.slice/kubelet-kubepods.slice",
+            "/kubepods.slice",
+            "/kubepods",
+        ];
+        let w = parse_path(path, &kind);
         let (pod, ctr) = (w.pod.as_ref(), w.container.as_ref());
         assert_eq!(&*w.path, path);
         assert!(pod.is_none_or(|p| (&*p.uid, &p.namespace, &p.name) == (UID, &None, &None)));
@@ -351,6 +420,14 @@ mod tests {
             /kubepods/pod{UID}/{ID}/sub => guaranteed ? -
             /kubepods/pod{UID}/{ID}0 => guaranteed - -
             /kubepods/burstable/podnot-a-uid/{ID} => - - -
+            /kubepods.slice/kubepods-pod{U_}.slice/x/cri-containerd-{ID}.scope => guaranteed - -
+            /kubepods.slice/kubepods-burstable.slice/kubepods-pod{U_}.slice => - - kubepods-pod{U_}.slice
+            /kubepods.slice/kubepods-besteffort-pod{U_}.slice => - - kubepods-besteffort-pod{U_}.slice
+            /kubepods/guaranteed/pod{UID} => - - -
+            /user.slice/user-1000.slice/user@1000.service/kubepods/pod{UID}/{ID} => - - user@1000.service
+            /user.slice/user-1000.slice/user@1000.service{B} => - - kubepods-burstable-pod{U_}.slice
+            /other.slice{B}/crio-{ID}.scope => - crio -
+            /kubepodsx/pod{UID} => - - -
             /system.slice/docker-{ID}.scope => - docker -
             /docker/{ID} => - docker -
             /docker/3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c => - - -
@@ -368,15 +445,28 @@ mod tests {
 
     #[test]
     fn short_names() {
-        let mut w = parse_path(&expand("/kubepods/pod{UID}/{ID}"));
+        let mut w = parse_path(&expand("/kubepods/pod{UID}/{ID}"), &DEFAULT_KUBEPODS);
         assert_eq!(w.short(), format!("pod:{UID}/3f2a1b0c9d8e"));
         let pod = w.pod.as_mut().unwrap();
         (pod.namespace, pod.name) = (Some("shop".into()), Some("cart-7d9f".into()));
         assert_eq!(w.short(), "shop/cart-7d9f/3f2a1b0c9d8e");
-        let short = |p: &str| parse_path(&expand(p)).short();
+        let short = |p: &str| parse_path(&expand(p), &DEFAULT_KUBEPODS).short();
         assert_eq!(short("/docker/{ID}"), "docker:3f2a1b0c9d8e");
         assert_eq!(short("/system.slice/nginx.service"), "nginx.service");
         assert_eq!(short("/machine"), "/machine");
+        let deep = format!("/{}/x.service", "a".repeat(100));
+        assert_eq!(short(&deep), "x.service");
+        let deep = format!("/{}/x", "é".repeat(100));
+        let cut = short(&deep);
+        assert_eq!(cut.chars().count(), MAX_COLUMN_CHARS);
+        assert!(cut.starts_with('…') && cut.ends_with("éé/x"), "{cut}");
+    }
+
+    #[test]
+    fn cut_keeps_the_end_after_a_marker() {
+        assert_eq!(cut_tail("abc", 3), "abc");
+        assert_eq!(cut_tail("abcd", 3), "…cd");
+        assert_eq!(cut_tail("ééééé", 4), "…ééé");
     }
 
     #[test]

@@ -105,6 +105,8 @@ fn every_panel_query_returns_data_and_every_rule_parses() {
     if tree.mounted {
         args.extend(["--cgroup-root", root.as_str()]);
     }
+    let kubepods = tree.kubepods_args();
+    args.extend(kubepods.iter().map(String::as_str));
     let agent = Agent::start(&args);
     let prom = Prometheus::start(agent.addr);
 

@@ -117,6 +117,8 @@ fn every_socket_names_its_container_and_pod_as_the_kernel_records_them() {
     if tree.mounted {
         args.extend(["--cgroup-root", root.as_str()]);
     }
+    let kubepods = tree.kubepods_args();
+    args.extend(kubepods.iter().map(String::as_str));
     let mut watch_args = vec!["watch", "--json"];
     watch_args.extend(&args[2..]); // all but --stuck-after
     args.extend(["--label-by", "pod"]);
@@ -387,4 +389,184 @@ fn every_socket_names_its_container_and_pod_as_the_kernel_records_them() {
     );
     drop(agent);
     drop(tree);
+}
+
+#[test]
+fn a_kubepods_cgroup_below_a_delegated_subtree_is_no_pod_and_spends_no_label() {
+    let name = "a_kubepods_cgroup_below_a_delegated_subtree_is_no_pod_and_spends_no_label";
+    if !require_root(name) {
+        return;
+    }
+    use std::os::unix::process::CommandExt as _;
+    let mut tree = Cgroups::new();
+    let victim = "7e1f0c2a-3b4d-4e6f-8a9b-0c1d2e3f4a5b";
+    let real = tree.make(&format!(
+        "kubepods.slice/kubepods-pod{}.slice/cri-containerd-{}.scope",
+        victim.replace('-', "_"),
+        container_id(9)
+    ));
+    // A user's delegated subtree, as systemd gives `user@UID.service`: the user (nobody here)
+    // makes a `kubepods` of their own in it, in both drivers' spellings, for the victim's UID
+    // and for three more pods that the node does not know.
+    let delegated = tree.make("user.slice/user-65534.slice/user@65534.service");
+    run_ok("chown", &["-R", "65534:65534", delegated.to_str().unwrap()]);
+    let uids = [
+        victim,
+        "8e1f0c2a-3b4d-4e6f-8a9b-0c1d2e3f4a5b",
+        "9e1f0c2a-3b4d-4e6f-8a9b-0c1d2e3f4a5b",
+        "ae1f0c2a-3b4d-4e6f-8a9b-0c1d2e3f4a5b",
+    ];
+    let fakes: Vec<PathBuf> = uids
+        .iter()
+        .enumerate()
+        .map(|(i, uid)| {
+            let rel = match i % 2 {
+                0 => format!("kubepods/pod{uid}/{}", container_id(i as u8)),
+                _ => format!(
+                    "kubepods.slice/kubepods-pod{}.slice/cri-containerd-{}.scope",
+                    uid.replace('-', "_"),
+                    container_id(i as u8)
+                ),
+            };
+            let dir = delegated.join(rel);
+            let made = std::process::Command::new("mkdir")
+                .arg("-p")
+                .arg(&dir)
+                .uid(65534)
+                .gid(65534)
+                .status()
+                .expect("mkdir as nobody");
+            assert!(made.success(), "nobody could not make {dir:?}");
+            dir
+        })
+        .collect();
+    let logs = PodLogs::new(&[("prod", "payments-api", victim)]);
+    let real_port = closed_port(V4);
+    let fake_ports: Vec<std::net::SocketAddr> = fakes.iter().map(|_| closed_port(V4)).collect();
+    let root = tree.root.to_str().unwrap().to_owned();
+    let rp = real_port.port().to_string();
+    let fps: Vec<String> = fake_ports.iter().map(|a| a.port().to_string()).collect();
+    let mut args = vec![
+        "--stuck-after",
+        "close_wait=1s",
+        "--pod-logs-dir",
+        logs.dir(),
+        "--max-pods",
+        "2",
+        "--port",
+        &rp,
+    ];
+    for fp in &fps {
+        args.extend(["--port", fp.as_str()]);
+    }
+    if tree.mounted {
+        args.extend(["--cgroup-root", root.as_str()]);
+    }
+    let kubepods = tree.kubepods_args();
+    args.extend(kubepods.iter().map(String::as_str));
+    let agent = Agent::start(&args);
+
+    // One CLOSE_WAIT leak in each fake pod, and one in the real one.
+    let leak = |dir: &Path, at: std::net::SocketAddr, n: usize| {
+        tree.enter(dir);
+        let listener = TcpListener::bind(at).unwrap();
+        let clients: Vec<TcpStream> = (0..n).map(|_| TcpStream::connect(at).unwrap()).collect();
+        tree.leave();
+        let accepted: Vec<TcpStream> = (0..n).map(|_| listener.accept().unwrap().0).collect();
+        for c in &clients {
+            c.shutdown(std::net::Shutdown::Write).unwrap();
+        }
+        (listener, clients, accepted)
+    };
+    let kept_fake: Vec<_> = fakes
+        .iter()
+        .zip(&fake_ports)
+        .map(|(d, &at)| leak(d, at, 1))
+        .collect();
+    let kept_real = leak(&real, real_port, 2);
+    // Past the 1 s threshold.
+    std::thread::sleep(std::time::Duration::from_millis(1_500));
+
+    let text = agent.metrics_until("the real pod's two stuck sockets", |t| {
+        sample(
+            t,
+            "tracer_tcp_stuck_sockets",
+            &[
+                ("state", "close_wait"),
+                ("port", &rp),
+                ("namespace", "prod"),
+                ("pod", "payments-api"),
+            ],
+        ) == Some(2.0)
+    });
+    // The fake pods' leaks are stuck too, and belong to no pod.
+    for fp in &fps {
+        let stuck = [("state", "close_wait"), ("port", fp.as_str())];
+        assert_eq!(
+            sample(&text, "tracer_tcp_stuck_sockets", &stuck),
+            Some(1.0),
+            "{text}"
+        );
+    }
+    let stuck_lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("tracer_tcp_stuck_sockets{"))
+        .collect();
+    assert!(
+        stuck_lines.iter().all(|l| !l.contains("pod=\"other\"")
+            && !(fps.iter().any(|fp| l.contains(&format!("port=\"{fp}\"")))
+                && l.contains("pod=\"p"))),
+        "{stuck_lines:?}"
+    );
+    // The real pod has the one label value spent; nothing was refused.
+    assert_eq!(
+        sample(&text, "tracer_pod_labels", &[("result", "own")]),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "tracer_pod_labels", &[("result", "other")]),
+        Some(0.0),
+        "{text}"
+    );
+
+    // In the listing: the fake sockets name no pod. A container is named by its cgroup
+    // wherever it is (rootless runtimes make theirs in the user's subtree): the user's own;
+    // without one, the user's unit.
+    let listing = sockets_json(&agent, "state=close_wait&limit=10000");
+    let listed: Vec<&serde_json::Value> = listing["sockets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| fps.contains(&s["local_port"].to_string()))
+        .collect();
+    assert_eq!(listed.len(), 4, "{listing}");
+    for s in listed {
+        assert_eq!(s["pod_uid"], serde_json::Value::Null, "{s}");
+        assert_eq!(s["pod_name"], serde_json::Value::Null, "{s}");
+        assert_eq!(s["pod_qos"], serde_json::Value::Null, "{s}");
+        if s["container_id"].is_null() {
+            assert_eq!(s["unit"], "user@65534.service", "{s}");
+        } else {
+            assert_eq!(s["container_runtime"], "containerd", "{s}");
+        }
+    }
+    let real_listed = sockets_json(&agent, &format!("port={rp}&state=close_wait"));
+    for s in real_listed["sockets"].as_array().unwrap() {
+        assert_eq!(s["pod_name"], "payments-api", "{s}");
+    }
+    assert_eq!(
+        sockets_json(&agent, "pod=payments-api&state=close_wait")["total"],
+        2,
+        "only the real pod's sockets are the pod's"
+    );
+    drop((kept_fake, kept_real));
+    for dir in fakes.iter().rev() {
+        // Made by nobody, below the test's tree: removed leaf first.
+        let mut d = dir.clone();
+        while d != delegated {
+            let _ = std::fs::remove_dir(&d);
+            d.pop();
+        }
+    }
 }

@@ -76,6 +76,16 @@ impl Cgroups {
         self.enter(&self.home);
     }
 
+    /// `--kubepods-cgroup` flags for this test's `kubepods.slice` and `kubepods` (the agent
+    /// finds pods only under the kubelet's cgroups; these stand for them).
+    pub fn kubepods_args(&self) -> Vec<String> {
+        let top = self.path(&self.top);
+        ["kubepods.slice", "kubepods"]
+            .iter()
+            .flat_map(|k| ["--kubepods-cgroup".to_owned(), format!("{top}/{k}")])
+            .collect()
+    }
+
     /// The path as `ss --cgroup` and the agent show it.
     pub fn path(&self, dir: &Path) -> String {
         format!("/{}", dir.strip_prefix(&self.root).unwrap().display())
