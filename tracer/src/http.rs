@@ -18,8 +18,8 @@
 //! - a request's headers must arrive within [`HEADER_TIMEOUT`], which also closes a kept-alive
 //!   connection that sends nothing for that long (slowloris, idle clients);
 //! - a TLS handshake must end within [`HEADER_TIMEOUT`];
-//! - `/sockets` renderings run [`HEAVY_REQUESTS`] at a time; password checks (bcrypt) run off
-//!   the server thread, [`PASSWORD_CHECKS`] at a time.
+//! - `/sockets` renderings run off the server thread, [`HEAVY_REQUESTS`] at a time; so do
+//!   password checks (bcrypt), [`PASSWORD_CHECKS`] at a time.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -153,7 +153,7 @@ pub fn spawn(
             }
             let result = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
-                .max_blocking_threads(PASSWORD_CHECKS)
+                .max_blocking_threads(PASSWORD_CHECKS + HEAVY_REQUESTS)
                 .build()
                 .and_then(|rt| rt.block_on(serve(listener, web, state)));
             if let Err(e) = result {
@@ -161,6 +161,12 @@ pub fn spawn(
             }
         })?;
     Ok(())
+}
+
+/// True for this host's loopback addresses, also as a dual-stack listener (`[::]:PORT`) sees
+/// IPv4 clients: `::ffff:127.0.0.1`.
+fn is_loopback(ip: std::net::IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
 }
 
 /// What the server knows of a request's client, for [`authorize`].
@@ -262,8 +268,7 @@ async fn serve(
         let stream = Deadline::new(stream, refusals.write_timeout.clone());
         let refused = refusals.connections.clone();
         tokio::spawn(async move {
-            // A dual-stack listener (`[::]:PORT`) sees IPv4 clients as `::ffff:a.b.c.d`.
-            let loopback = peer.ip().to_canonical().is_loopback();
+            let loopback = is_loopback(peer.ip());
             match tls {
                 None => {
                     let client = Client {
@@ -494,7 +499,14 @@ async fn sockets(
         state.refusals.memory.inc();
         return busy("the agent's answers to slow clients fill its /sockets memory budget");
     };
-    let body = filter.render_json(&report, crate::ring::monotonic_ns(), MAX_BODY_BYTES);
+    // Off the server thread: a rendering over many sockets takes tens of milliseconds, which
+    // `/healthz` and `/metrics` must not wait behind.
+    let rendered = tokio::task::spawn_blocking(move || {
+        filter.render_json(&report, crate::ring::monotonic_ns(), MAX_BODY_BYTES)
+    });
+    let Ok(body) = rendered.await else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
     (
         [(header::CONTENT_TYPE, "application/json")],
         held.into_body(body),
@@ -505,6 +517,21 @@ async fn sockets(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_is_loopback_through_ipv4_mapped_addresses() {
+        for (ip, want) in [
+            ("127.0.0.1", true),
+            ("::1", true),
+            ("::ffff:127.0.0.1", true),
+            ("::ffff:127.9.9.9", true),
+            ("::ffff:10.231.0.2", false),
+            ("10.231.0.2", false),
+            ("::", false),
+        ] {
+            assert_eq!(is_loopback(ip.parse().unwrap()), want, "{ip}");
+        }
+    }
 
     #[test]
     fn health_fails_when_the_reader_stops_draining() {

@@ -26,7 +26,9 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tracer: {e:#}");
+            // Escaped: an error may quote what a file, the kernel or a fake agent said.
+            let text = format!("{e:#}");
+            eprintln!("tracer: {}", tracer::event::Printable(text.as_bytes()));
             ExitCode::FAILURE
         }
     }

@@ -174,6 +174,9 @@ fn fetch(url: &str, args: &SocketsArgs) -> Result<String> {
         Err(ureq::Error::StatusCode(code)) => {
             Err(anyhow!("the agent at {agent} answered HTTP {code}"))
         }
+        Err(e @ (ureq::Error::Protocol(_) | ureq::Error::LargeResponseHeader(..))) => Err(
+            anyhow!("what answers at {agent} does not speak HTTP as tracer does ({e}): is it tracer?"),
+        ),
         Err(e) => Err(anyhow!(
             "no agent answers at {agent} ({e}): start one with `sudo tracer run`, or name it with --agent"
         )),

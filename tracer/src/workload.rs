@@ -503,4 +503,49 @@ mod tests {
         assert_eq!(*named.path, format!("/{rel}"));
         assert!(Arc::ptr_eq(&named, &resolver.resolve(id).unwrap()));
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3_000))]
+
+        /// Any path: parsed without a panic; a pod only right under a kubepods cgroup, with a
+        /// valid uid; a column of at most its width.
+        #[test]
+        fn any_cgroup_path_parses(
+            parts in proptest::collection::vec(
+                "kubepods(\\.slice)?|kubepods-(burstable|besteffort)(-pod[0-9a-f_-]{0,40})?\\.slice|pod[0-9a-f-]{0,40}|burstable|besteffort|(cri-containerd-|crio-|docker-|libpod-)?[0-9a-f]{60,68}(\\.scope)?|user@1000\\.service|\\PC{0,30}",
+                0..8,
+            ),
+            uid in "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
+            insert_at in 0usize..8,
+        ) {
+            let mut parts = parts;
+            // Now and then a real pod cgroup, somewhere in the path.
+            let at = insert_at.min(parts.len());
+            parts.insert(at, format!("kubepods-pod{}.slice", uid.replace('-', "_")));
+            let path = format!("/{}", parts.join("/"));
+            let w = parse_path(&path, &DEFAULT_KUBEPODS);
+            if let Some(pod) = &w.pod {
+                proptest::prop_assert!(
+                    path.starts_with("/kubepods.slice/") || path.starts_with("/kubepods/"),
+                    "{path}"
+                );
+                proptest::prop_assert!(is_pod_uid(&pod.uid));
+            }
+            if at == 1 && parts[0] == "kubepods.slice" {
+                proptest::prop_assert_eq!(w.pod.as_ref().map(|p| p.uid.clone()), Some(uid));
+            }
+            proptest::prop_assert!(w.short().chars().count() <= MAX_COLUMN_CHARS);
+        }
+
+        /// Any directory name: three non-empty parts without `_`, or nothing.
+        #[test]
+        fn any_pod_log_dir_parses(name in "\\PC{0,80}|[a-z_-]{0,40}") {
+            if let Some((ns, pod, uid)) = parse_pod_log_dir(&name) {
+                for part in [&ns, &pod, &uid] {
+                    proptest::prop_assert!(!part.is_empty() && !part.contains('_'));
+                }
+                proptest::prop_assert_eq!(format!("{ns}_{pod}_{uid}"), name);
+            }
+        }
+    }
 }

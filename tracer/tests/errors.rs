@@ -175,3 +175,122 @@ fn the_example_web_config_is_refused_until_its_password_hash_is_set() {
     assert_eq!(code, 1);
     assert_one_line(&stderr, "cannot read --web-config /nonexistent/web.yml");
 }
+
+/// A fake agent on a port of its own: answers each request with `status` and `body`, then
+/// closes, for `answers` requests.
+fn fake_agent(status: &'static str, body: Vec<u8>, answers: usize) -> std::net::SocketAddr {
+    use std::io::{BufRead, Write};
+    let listener = std::net::TcpListener::bind(common::closed_port(common::V4)).unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for _ in 0..answers {
+            let Ok((stream, _)) = listener.accept() else {
+                return;
+            };
+            let mut reader = std::io::BufReader::new(&stream);
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            let mut w = &stream;
+            let _ = w
+                .write_all(head.as_bytes())
+                .and_then(|_| w.write_all(&body));
+        }
+    });
+    addr
+}
+
+/// Runs `tracer sockets --agent` against `addr` with `extra` flags: (exit code, stdout, stderr).
+fn sockets_from(addr: std::net::SocketAddr, extra: &[&str]) -> (i32, String, Vec<String>) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tracer"))
+        .args(["sockets", "--agent", &format!("http://{addr}")])
+        .args(extra)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("running tracer");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr.lines().map(str::to_owned).collect(),
+    )
+}
+
+/// True when `text` holds nothing a terminal acts on but newlines: no C0 or C1 control, no
+/// bidirectional control.
+fn inert(text: &str) -> bool {
+    text.chars().all(|c| {
+        c == '\n'
+            || !(c.is_control()
+                || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'))
+    })
+}
+
+#[test]
+fn tracer_sockets_against_a_hostile_agent_prints_escaped_rows_or_one_line_never_a_panic() {
+    // Escape sequences in every string field, a container id whose 12th byte falls inside a
+    // character, numbers at their extremes.
+    let evil = "\u{1b}]0;owned\u{7}\u{1b}[2J\u{9b}31m\u{202e}gpj.exe";
+    let id = "aaaaaaaaaaa\u{e9}\u{e9}\u{e9}";
+    let socket = serde_json::json!({
+        "state": evil, "age_seconds": 1e308, "age_is_lower_bound": true, "age_source": evil,
+        "local_addr": evil, "local_port": 65535, "remote_addr": evil, "remote_port": 0,
+        "service_port": 1, "pid": u32::MAX, "comm": evil, "netns": u64::MAX,
+        "cgroup_id": u64::MAX, "cgroup": evil, "container_id": id, "container_runtime": evil,
+        "pod_uid": evil, "pod_namespace": evil, "pod_name": evil, "pod_qos": evil, "unit": evil,
+        "stuck": true, "reason": evil,
+    });
+    let mut unpodded = socket.clone();
+    unpodded["pod_name"] = serde_json::Value::Null;
+    unpodded["pod_uid"] = serde_json::Value::Null;
+    let listing = serde_json::json!({
+        "census_age_seconds": -1.0, "census_timestamp_seconds": 0, "total": u64::MAX,
+        "sockets": [socket, unpodded],
+        "busiest_destinations": [{"netns": 1, "local_addr": evil, "remote_addr": evil,
+            "remote_port": 1, "ephemeral_ports_used": 1, "ephemeral_port_range": 0,
+            "utilization": 1e300}],
+    });
+    let body = serde_json::to_vec(&listing).unwrap();
+    for flags in [&[][..], &["--json"][..]] {
+        let (code, stdout, stderr) = sockets_from(fake_agent("200 OK", body.clone(), 1), flags);
+        assert_eq!(code, 0, "{flags:?}: {stderr:?}");
+        assert!(inert(&stdout), "{flags:?}: {stdout:?}");
+        assert!(
+            stdout.contains("\\x1b]0;owned") || stdout.contains("\\u001b]0;owned"),
+            "{stdout}"
+        );
+    }
+
+    // Answers that are no listing: one line each, exit 1.
+    let huge = {
+        let mut b = b"{\"sockets\":[".to_vec();
+        b.resize(10 << 20, b' ');
+        b
+    };
+    let cases: Vec<(&'static str, Vec<u8>, &str)> = vec![
+        (
+            "200 OK",
+            b"{\"sockets\": \"\x1b[2J\"}".to_vec(),
+            "not a socket listing",
+        ),
+        (
+            "200 OK",
+            b"\xff\xfe\x1b[2J".to_vec(),
+            "reading the agent's answer",
+        ),
+        ("200 OK", huge, "more than an agent sends"),
+        ("500 Oops", b"\x1b[2J".to_vec(), "answered HTTP 500"),
+        ("500 \x1b[2J", b"\x1b[2J".to_vec(), "does not speak HTTP"),
+    ];
+    for (status, body, needle) in cases {
+        let (code, stdout, stderr) = sockets_from(fake_agent(status, body, 1), &[]);
+        assert_eq!(code, 1, "{needle}: {stderr:?}");
+        assert_one_line(&stderr, needle);
+        assert!(inert(&stderr[0]) && stdout.is_empty(), "{stderr:?}");
+    }
+}

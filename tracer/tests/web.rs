@@ -444,12 +444,7 @@ fn forty_clients_with_50000_sockets_on_the_host_stay_under_the_shipped_memory_li
         })
         .collect();
     let answered: usize = clients.into_iter().map(|c| c.join().unwrap()).sum();
-    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.tracer.pid())).unwrap();
-    let peak_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .expect("VmHWM");
+    let peak_kib = vm_hwm_kib(agent.tracer.pid());
     println!(
         "{answered} requests; peak resident memory {} MiB",
         peak_kib / 1024
@@ -461,6 +456,209 @@ fn forty_clients_with_50000_sockets_on_the_host_stay_under_the_shipped_memory_li
         peak_kib / 1024
     );
     drop(held);
+}
+
+#[test]
+fn a_connection_past_the_limit_answers_503_with_retry_after_and_healthz_still_200() {
+    let test = "a_connection_past_the_limit_answers_503_with_retry_after_and_healthz_still_200";
+    if !require_root(test) || host_only(test, "the HTTP server's bounds, not the kernel's") {
+        return;
+    }
+    let agent = Agent::start(&[]);
+    raise_open_files(4_096);
+    // 256 connections that have sent nothing yet, then two more: the two oldest give way.
+    let mut idle: Vec<TcpStream> = (0..258)
+        .map(|_| TcpStream::connect(agent.addr).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let ask = |s: &mut TcpStream, path: &str| {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        s.write_all(request.as_bytes()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        answer.to_ascii_lowercase()
+    };
+    let refused = ask(&mut idle[0], "/metrics");
+    assert!(
+        refused.starts_with("http/1.1 503") && refused.contains("retry-after: 1"),
+        "{refused}"
+    );
+    assert!(refused.contains("connection: close"), "{refused}");
+    let health = ask(&mut idle[1], "/healthz");
+    assert!(health.starts_with("http/1.1 200"), "{health}");
+    // The newest are served as usual.
+    let (code, _) = http_get(agent.addr, "/metrics");
+    assert_eq!(code, 200);
+    let text = agent.metrics_now();
+    assert_eq!(
+        sample(
+            &text,
+            "tracer_http_refused_total",
+            &[("reason", "connections")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_dual_stack_listener_serves_sockets_to_ipv4_loopback() {
+    let test = "a_dual_stack_listener_serves_sockets_to_ipv4_loopback";
+    if !require_root(test) || host_only(test, "the HTTP server's rules, not the kernel's") {
+        return;
+    }
+    let port = closed_port(V4).port();
+    let agent = Agent::start_at(&format!("[::]:{port}"), &[]);
+    for client in ["127.0.0.1", "[::1]"] {
+        let addr: std::net::SocketAddr = format!("{client}:{port}").parse().unwrap();
+        let (code, body) = http_get(addr, "/sockets?limit=1");
+        assert_eq!(code, 200, "/sockets from {client} over [::]: {body}");
+    }
+    drop(agent);
+}
+
+#[test]
+fn five_hundred_clients_that_never_read_leave_the_agent_under_its_memory_limit() {
+    let test = "five_hundred_clients_that_never_read_leave_the_agent_under_its_memory_limit";
+    if !require_root(test) || host_only(test, "the HTTP server's memory, not the kernel's") {
+        return;
+    }
+    const LIMIT_MIB: u64 = 256;
+    // 10,000 sockets in a cgroup whose path is 1,206 characters long (six 200-character
+    // names): each socket's JSON is about 1.5 KB, so 10,000 of them pass the 8 MiB bound.
+    let mut tree = Cgroups::new();
+    let long: Vec<String> = (0..6).map(|i| format!("{i}{}", "x".repeat(199))).collect();
+    let deep = tree.make(&long.join("/"));
+    tree.enter(&deep);
+    let held = Holder::new(5_000);
+    tree.leave();
+    assert_eq!(held.connections, 5_000);
+    let root = tree.root.to_str().unwrap().to_owned();
+    let mut args = vec![];
+    if tree.mounted {
+        args.extend(["--cgroup-root", root.as_str()]);
+    }
+    let agent = Agent::start(&args);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sockets_json(&agent, "limit=1")["total"].as_u64().unwrap() < 10_000 {
+        assert!(
+            Instant::now() < deadline,
+            "the census never saw 10,000 sockets"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    raise_open_files(4_096);
+
+    // 500 clients ask for everything and never read a byte (a 4 KiB receive buffer each,
+    // so the answers stay with the agent), for 15 s: past the 10 s write timeout.
+    let request = b"GET /sockets?limit=10000 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    for _ in 0..500 {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_recv_buffer_size(4096).unwrap();
+        s.connect(&agent.addr.into()).unwrap();
+        let mut s: TcpStream = s.into();
+        s.write_all(request).unwrap();
+        clients.push(s);
+    }
+    let pid = agent.tracer.pid();
+    let mut queued_max = 0u64;
+    let mut health_max = Duration::ZERO;
+    while started.elapsed() < Duration::from_secs(15) {
+        let asked = Instant::now();
+        let (code, _) = http_get(agent.addr, "/healthz");
+        assert_eq!(code, 200, "/healthz under 500 clients that never read");
+        health_max = health_max.max(asked.elapsed());
+        // What the kernel holds for the agent's connections (ss's skmem w: send queues).
+        queued_max = queued_max.max(send_queues(agent.addr.port()));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let peak_kib = vm_hwm_kib(pid);
+    let text = agent.metrics_now();
+    drop(clients);
+    let refused = |r: &str| sample(&text, "tracer_http_refused_total", &[("reason", r)]).unwrap();
+    println!(
+        "peak resident {} MiB, kernel send queues at most {} KiB, /healthz at most {health_max:?}, \
+         refused: memory {}, connections {}, write_timeout {}",
+        peak_kib / 1024,
+        queued_max / 1024,
+        refused("memory"),
+        refused("connections"),
+        refused("write_timeout")
+    );
+    assert!(
+        peak_kib / 1024 + queued_max / (1 << 20) < LIMIT_MIB,
+        "peak resident {} MiB and {} MiB queued in the kernel",
+        peak_kib / 1024,
+        queued_max >> 20
+    );
+    assert!(
+        health_max < Duration::from_secs(2),
+        "/healthz took {health_max:?}"
+    );
+    assert!(refused("memory") > 0.0, "{text}");
+    assert!(
+        refused("write_timeout") > 0.0,
+        "nobody read for 15 s: {text}"
+    );
+    // Once they are gone, what they held is given back.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let held_after = loop {
+        let held = sample(&agent.metrics_now(), "tracer_http_held_bytes", &[]).unwrap();
+        // Only the reservation of the /metrics answer being encoded.
+        if held <= (1 << 20) as f64 || Instant::now() > deadline {
+            break held;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        held_after <= (1 << 20) as f64,
+        "{held_after} bytes still held"
+    );
+
+    // The documented limit works with the client: the answer stops at its bound, and says so.
+    let out = Command::new(env!("CARGO_BIN_EXE_tracer"))
+        .args(["sockets", "--limit", "10000", "--agent"])
+        .arg(format!("http://{}", agent.addr))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows = stdout.lines().count();
+    assert!(
+        stdout.contains("the answer reached its 8 MiB bound") && (3_000..10_000).contains(&rows),
+        "{rows} lines: {}",
+        stdout.lines().last().unwrap_or("")
+    );
+    drop(held);
+}
+
+/// The peak resident memory of process `pid`, in KiB.
+fn vm_hwm_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmHWM")
+}
+
+/// Bytes queued to send on the sockets of local port `port` (`ss -tm`'s `skmem` `w`).
+fn send_queues(port: u16) -> u64 {
+    ss_lines(&format!("-m ( sport = :{port} )"))
+        .iter()
+        .filter_map(|l| {
+            let skmem = l.split("skmem:(").nth(1)?;
+            let w = skmem.split(',').find_map(|f| f.strip_prefix('w'))?;
+            w.trim_end_matches(')').parse::<u64>().ok()
+        })
+        .sum()
 }
 
 /// A process holding up to `n` loopback connections open (both ends), as many as its
