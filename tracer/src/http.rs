@@ -177,18 +177,22 @@ struct Client {
     certified: bool,
 }
 
-/// The open connections, oldest first, each with the signal that makes it give way.
+/// The open connections, oldest first, each with the signal that makes it give way, and
+/// those giving way (at most [`MAX_CONNECTIONS`] more: past that, the oldest of them closes at
+/// once, so a flood of new connections cannot pile them up).
 #[derive(Default)]
 struct Connections {
     next: u64,
     open: BTreeMap<u64, Arc<GiveWay>>,
+    leaving: BTreeMap<u64, Arc<GiveWay>>,
 }
 
-/// Tells a connection that it is past the connection limit.
+/// Tells a connection that it is past the connection limit, and then that its time is up.
 #[derive(Default)]
 struct GiveWay {
     notify: Notify,
     told: std::sync::atomic::AtomicBool,
+    now: Notify,
 }
 
 impl GiveWay {
@@ -213,10 +217,38 @@ impl Connections {
     /// Tells the oldest connection to finish within [`GIVE_WAY_GRACE`] and answer 503 to any
     /// request it has not begun answering.
     fn give_way(&mut self) {
-        if let Some((_, oldest)) = self.open.pop_first() {
+        if let Some((id, oldest)) = self.open.pop_first() {
             oldest.told.store(true, Ordering::Relaxed);
             oldest.notify.notify_one();
+            self.leaving.insert(id, oldest);
         }
+        if self.leaving.len() > MAX_CONNECTIONS {
+            self.close_one_leaving();
+        }
+    }
+
+    /// Out of file descriptors: one is freed now (a connection giving way, else the oldest).
+    fn free_one(&mut self) {
+        if !self.close_one_leaving() {
+            self.give_way();
+            self.close_one_leaving();
+        }
+    }
+
+    /// Closes the oldest connection that is giving way, if there is one.
+    fn close_one_leaving(&mut self) -> bool {
+        match self.leaving.pop_first() {
+            Some((_, oldest)) => {
+                oldest.now.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn remove(&mut self, id: u64) {
+        self.open.remove(&id);
+        self.leaving.remove(&id);
     }
 }
 
@@ -245,7 +277,7 @@ async fn serve(
             // so that the next liveness probe gets in.
             Err(_) => {
                 if let Ok(mut c) = connections.lock() {
-                    c.give_way();
+                    c.free_one();
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
@@ -282,6 +314,7 @@ async fn serve(
                     let stream = tokio::select! {
                         done = handshake => done.ok().and_then(Result::ok),
                         _ = give_way.notify.notified() => None,
+                        _ = give_way.now.notified() => None,
                     };
                     if let Some(stream) = stream {
                         let certified = stream.get_ref().1.peer_certificates().is_some();
@@ -294,7 +327,7 @@ async fn serve(
                 }
             }
             if let Ok(mut c) = connections.lock() {
-                c.open.remove(&id);
+                c.remove(id);
             }
         });
     }
@@ -356,7 +389,10 @@ async fn connection<S>(
     }
     // Not hyper's graceful shutdown: it closes a connection whose request has not arrived
     // yet, which its client sees as an empty reply. Its request is answered 503 instead.
-    let _ = tokio::time::timeout(GIVE_WAY_GRACE, conn).await;
+    tokio::select! {
+        _ = tokio::time::timeout(GIVE_WAY_GRACE, conn) => {}
+        _ = give_way.now.notified() => {}
+    }
 }
 
 /// 503 with `Retry-After: 1`, saying why.
@@ -517,6 +553,29 @@ async fn sockets(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_oldest_gives_way_and_those_giving_way_stay_bounded() {
+        let mut c = Connections::default();
+        let slots: Vec<_> = (0..MAX_CONNECTIONS * 3).map(|_| c.add()).collect();
+        assert_eq!(
+            (c.open.len(), c.leaving.len()),
+            (MAX_CONNECTIONS, MAX_CONNECTIONS)
+        );
+        // The first 256 were told, then closed at once as the next 256 were told.
+        assert!(slots[..2 * MAX_CONNECTIONS].iter().all(|(_, s)| s.told()));
+        assert!(slots[2 * MAX_CONNECTIONS..].iter().all(|(_, s)| !s.told()));
+        assert_eq!(
+            c.leaving.first_key_value().map(|(id, _)| *id),
+            Some(MAX_CONNECTIONS as u64)
+        );
+        c.free_one();
+        assert_eq!(c.leaving.len(), MAX_CONNECTIONS - 1);
+        for (id, _) in &slots {
+            c.remove(*id);
+        }
+        assert!(c.open.is_empty() && c.leaving.is_empty());
+    }
 
     #[test]
     fn loopback_is_loopback_through_ipv4_mapped_addresses() {
