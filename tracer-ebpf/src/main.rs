@@ -1,8 +1,14 @@
-//! The kernel side of `tracer`: one BTF tracepoint program on `inet_sock_set_state`.
+//! The kernel side of `tracer`: BTF tracepoint programs.
 //!
-//! For every TCP state change it names the owning process where it is known, filters by port,
-//! and writes a [`Transition`] into this CPU's ring buffer in `EVENTS`. It counts what it cannot deliver
-//! (`COUNTERS`); it keeps no other statistics: userspace follows the sockets.
+//! - `inet_sock_set_state` (and its rescue twin, for runs nested in it): for every TCP state
+//!   change it names the owning process where it is known, filters by port, and writes a
+//!   [`Transition`] into this CPU's ring buffer in `EVENTS`; userspace follows the sockets.
+//! - `tcp_retransmit_synack`, `tcp_retransmit_skb`, `tcp_send_reset`, `tcp_receive_reset`:
+//!   counted in per-CPU maps that userspace reads (SYN-ACK retransmissions by listening port,
+//!   segments retransmitted by service port, resets by state and by reason), and, for
+//!   `watch --connections`, a connection's reset as an event in the same ring.
+//!
+//! What it cannot deliver is counted (`COUNTERS`).
 //!
 //! What goes wrong on its rare paths (a full map, a field read that fails on a kernel, an
 //! address family it does not know) is counted and said through aya-log, at most once a second

@@ -213,6 +213,12 @@ pub fn dump_tcp() -> Result<Vec<SocketRecord>> {
     Ok(records)
 }
 
+/// The states the census asks sock_diag for, as bits `1 << state`: ESTABLISHED (1) to
+/// NEW_SYN_RECV (12, request sockets, which the crate's flags do not name). Not
+/// TCP_BOUND_INACTIVE (13, Linux 6.8+): a socket that was only bound, neither listening nor
+/// connected, which `ss` does not show either and which is no connection.
+pub const CENSUS_STATES: u32 = ((1 << 13) - 1) & !1;
+
 fn dump_family(socket: &Socket, family: u8, out: &mut Vec<SocketRecord>) -> Result<()> {
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_DUMP;
@@ -222,9 +228,7 @@ fn dump_family(socket: &Socket, family: u8, out: &mut Vec<SocketRecord>) -> Resu
             family,
             protocol: IPPROTO_TCP,
             extensions: ExtensionFlags::empty(),
-            // Every state, including bit 12 (TCP_NEW_SYN_RECV: request sockets), which the
-            // crate's flags do not name.
-            states: StateFlags::from_bits_retain(u32::MAX),
+            states: StateFlags::from_bits_retain(CENSUS_STATES),
             socket_id: if family == AF_INET {
                 SocketId::new_v4()
             } else {
@@ -336,6 +340,15 @@ pub fn count_by_state(records: &[SocketRecord]) -> [u64; 13] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_census_asks_for_every_state_but_bound_only_sockets() {
+        for st in 1..=12u32 {
+            assert_ne!(CENSUS_STATES & (1 << st), 0, "state {st}");
+        }
+        assert_eq!(CENSUS_STATES & (1 << 13), 0, "TCP_BOUND_INACTIVE");
+        assert_eq!(CENSUS_STATES & 1, 0);
+    }
     use netlink_packet_core::{DefaultNla, DoneMessage};
     use netlink_packet_sock_diag::inet::{InetResponse, InetResponseHeader};
 

@@ -17,7 +17,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use aya_obj::generated::{bpf_cmd, bpf_map_type, bpf_prog_info};
 
 use crate::ring::EventRings;
-use tracer_common::{counter, PORT_FILTER_LEN};
+use tracer_common::{counter, Transition, PORT_FILTER_LEN};
 pub use tracer_common::{RESET_RECEIVED, RESET_SENT, RESET_STATES};
 
 /// The probe object built by `build.rs` from `tracer-ebpf`.
@@ -408,8 +408,15 @@ pub fn check_privileges() -> Result<()> {
 
 /// Largest `--ring-buffer-size`. Each CPU gets a ring of that size in kernel memory that is
 /// never swapped, so 2G would take 4 GiB on two CPUs (and seconds to start); 1M already holds
-/// about 10,000 transitions of 104 bytes (record and header), 10 ms of drain at 1M events/s.
+/// [`TRANSITIONS_PER_MIB`] transitions, 7 ms of drain at 1M events/s.
 pub const MAX_RING_BUFFER_BYTES: u32 = 256 << 20;
+
+/// Bytes a transition takes in a ring: the record and the ring's 8-byte header
+/// (`BPF_RINGBUF_HDR_SZ`), rounded up to 8 bytes as the kernel does.
+pub const RING_RECORD_BYTES: usize = (std::mem::size_of::<Transition>() + 8).div_ceil(8) * 8;
+
+/// Transitions a 1 MiB ring holds.
+pub const TRANSITIONS_PER_MIB: usize = (1 << 20) / RING_RECORD_BYTES;
 
 /// Validates `--ring-buffer-size`: the kernel wants a power of two, a whole number of pages;
 /// this tool wants a size whose kernel memory stays sane.
@@ -426,7 +433,7 @@ pub fn check_ring_buffer_size(bytes: u32) -> Result<()> {
         let cpus = aya::util::nr_cpus().map_or(1, |n| n) as u64;
         bail!(
             "--ring-buffer-size {}M is too large: at most {}M per CPU (this host's {cpus} CPUs \
-             would pin {}M of kernel memory); 1M holds about 10,000 transitions",
+             would pin {}M of kernel memory); 1M holds {TRANSITIONS_PER_MIB} transitions",
             bytes >> 20,
             MAX_RING_BUFFER_BYTES >> 20,
             cpus * u64::from(bytes >> 20)
@@ -491,6 +498,14 @@ fn load_error_line(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ring_record_is_136_bytes_as_the_readme_says() {
+        assert_eq!(RING_RECORD_BYTES, 136);
+        let readme = include_str!("../../README.md");
+        let said = format!("{} transitions each", TRANSITIONS_PER_MIB).replacen("7710", "7,710", 1);
+        assert!(readme.contains(&said), "README should say {said:?}");
+    }
 
     #[test]
     fn a_verifier_log_becomes_one_line_naming_the_missing_helper() {

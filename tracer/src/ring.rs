@@ -116,8 +116,8 @@ impl EventRings {
 #[derive(Default)]
 struct Pending {
     events: Vec<Transition>,
-    /// (time, index into `events`), sorted: sorting these 16-byte keys instead of the 96-byte
-    /// events is what keeps the merge cheap.
+    /// (time, index into `events`), sorted: sorting these 16-byte keys instead of the events
+    /// (128 bytes each) is what keeps the merge cheap.
     order: Vec<(u64, u32)>,
     /// The events kept for the next drain, swapped with `events` after each one.
     kept: Vec<Transition>,

@@ -150,6 +150,7 @@ pub fn run(
     let mut totals = Totals::default();
     let mut sightings = Sightings::default();
     let mut first = true;
+    let mut at_start = true;
     loop {
         let began = Instant::now();
         let cpu_before = crate::census::thread_cpu_time();
@@ -163,7 +164,9 @@ pub fn run(
                     .min()
                     .unwrap_or_else(monotonic_ns);
                 let taken_at = SystemTime::now() - began.elapsed();
-                let mode = match (first, caught_up(&applied_ns, monotonic_ns())) {
+                // The start-up pass waits for a census the reader caught up with: one that
+                // only reads the table must not use it up.
+                let mode = match (at_start, caught_up(&applied_ns, monotonic_ns())) {
                     (_, false) => Mode::ReadOnly,
                     (true, true) => Mode::AtStart {
                         started_ns: config.started_ns,
@@ -226,6 +229,7 @@ pub fn run(
                     cgroups,
                 });
                 first = false;
+                at_start &= mode == Mode::ReadOnly;
                 cpu = census.cpu;
                 drop(census);
                 return_freed_memory();

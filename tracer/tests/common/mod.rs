@@ -16,8 +16,9 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// True when the kernel tests can run. Without root they are skipped, loudly; in CI (which runs
-/// as root) a missing privilege is a failure, not a skip.
+/// True when the kernel tests can run. Without root a kernel test fails (so that `cargo test`
+/// as a user is not all green while nothing ran), unless `TRACER_SKIP_KERNEL_TESTS` is set:
+/// then it is skipped and says so. In CI (which runs as root) it always fails.
 pub fn require_root(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
@@ -26,7 +27,13 @@ pub fn require_root(test: &str) -> bool {
     if std::env::var_os("CI").is_some() {
         panic!("{test}: kernel tests need root, and CI runs them as root");
     }
-    eprintln!("SKIPPED {test}: needs root to load eBPF programs (run `sudo cargo xtask test`)");
+    if std::env::var_os("TRACER_SKIP_KERNEL_TESTS").is_none() {
+        panic!(
+            "{test}: needs root to load eBPF programs: run `sudo cargo xtask test`, or set \
+             TRACER_SKIP_KERNEL_TESTS=1 to skip the kernel tests"
+        );
+    }
+    eprintln!("SKIPPED {test}: needs root to load eBPF programs (TRACER_SKIP_KERNEL_TESTS is set)");
     false
 }
 
