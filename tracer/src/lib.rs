@@ -31,3 +31,17 @@ pub mod stuck;
 pub mod watch;
 pub mod web_config;
 pub mod workload;
+
+/// What the unit tests share.
+#[cfg(test)]
+pub(crate) mod testing {
+    /// Property tests' settings: `cases` cases from a fixed seed, so that CI runs the same
+    /// cases every time; `PROPTEST_RNG_SEED=N cargo test` explores others.
+    pub fn proptest_config(cases: u32) -> proptest::prelude::ProptestConfig {
+        let mut config = proptest::prelude::ProptestConfig::with_cases(cases);
+        if std::env::var_os("PROPTEST_RNG_SEED").is_none() {
+            config.rng_seed = proptest::test_runner::RngSeed::Fixed(2026);
+        }
+        config
+    }
+}

@@ -481,7 +481,7 @@ mod tests {
     }
 
     proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2_000))]
+        #![proptest_config(crate::testing::proptest_config(2_000))]
 
         /// Any string in every field, any number: printed without a panic, and inert.
         #[test]
