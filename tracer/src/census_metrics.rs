@@ -79,7 +79,8 @@ impl CensusMetrics {
                     "Changes a census made to the agent's socket table because events were \
                      lost: state_corrected (a socket found in another state), added (a socket \
                      found that the agent did not follow), dropped (a followed socket that two \
-                     censuses in a row found closed).",
+                     censuses in a row found closed), owner_found (a socket whose owner the probe \
+                     never named, found holding it in /proc).",
                 ),
                 &["action"],
             )?,
@@ -179,6 +180,17 @@ impl CensusMetrics {
         ]
     }
 
+    /// Pods with label values and pods counted under `other`, as they are now.
+    fn count_pod_labels(&self, pods: &Mutex<PodLabels>) {
+        let pods = pods.lock();
+        self.pod_labels
+            .with_label_values(&["own"])
+            .set(pods.len() as i64);
+        self.pod_labels
+            .with_label_values(&["other"])
+            .set(pods.refused() as i64);
+    }
+
     /// Fills every metric from `report` (none yet: the series that exist at 0).
     fn fill(
         &self,
@@ -191,17 +203,8 @@ impl CensusMetrics {
         for result in ["visited", "unreachable"] {
             self.namespaces.with_label_values(&[result]);
         }
-        for action in ["state_corrected", "added", "dropped"] {
+        for action in ["state_corrected", "added", "dropped", "owner_found"] {
             self.corrections.with_label_values(&[action]);
-        }
-        {
-            let pods = pods.lock();
-            self.pod_labels
-                .with_label_values(&["own"])
-                .set(pods.len() as i64);
-            self.pod_labels
-                .with_label_values(&["other"])
-                .set(pods.refused() as i64);
         }
         for result in ["all", "truncated"] {
             self.cgroup_walks.with_label_values(&[result]);
@@ -218,7 +221,10 @@ impl CensusMetrics {
         for v in &values {
             self.time_wait.with_label_values(&[v]);
         }
-        let Some(r) = report else { return };
+        let Some(r) = report else {
+            self.count_pod_labels(pods);
+            return;
+        };
         let j = &r.joined;
         for (s, &n) in j.by_state.iter().enumerate().skip(1) {
             if s != state::NEW_SYN_RECV as usize {
@@ -243,6 +249,7 @@ impl CensusMetrics {
             ("state_corrected", r.state_corrected),
             ("added", r.added),
             ("dropped", r.dropped),
+            ("owner_found", r.owner_found),
         ] {
             self.corrections.with_label_values(&[action]).inc_by(n);
         }
@@ -257,6 +264,8 @@ impl CensusMetrics {
                 .with_label_values(&[state_name(s), &port, &namespace, &pod])
                 .set(n);
         }
+        // After the labels this census gave: the counts of the same scrape.
+        self.count_pod_labels(pods);
         for (&s, age) in &j.oldest {
             self.oldest_age
                 .with_label_values(&[state_name(s)])
@@ -417,6 +426,7 @@ mod tests {
             state_corrected: 1,
             added: 2,
             dropped: 3,
+            owner_found: 6,
             thresholds: Default::default(),
             workloads: Default::default(),
             cgroups: Default::default(),
@@ -430,6 +440,7 @@ mod tests {
             "tracer_census_timestamp_seconds 1700000000\n",
             "tracer_census_duration_seconds 0.25\n",
             "tracer_census_corrections_total{action=\"dropped\"} 3\n",
+            "tracer_census_corrections_total{action=\"owner_found\"} 6\n",
             "tracer_tcp_listen_drops_total 5\n",
         ] {
             assert!(t.contains(line), "{line} missing from:\n{t}");

@@ -92,6 +92,9 @@ pub struct SocketView {
     pub cgroup: u64,
     /// The service port (not a label value: `ports` decides that when exporting).
     pub port: u16,
+    /// The socket's cookie and inode (0: no file holds it), to find its owner by.
+    pub cookie: u64,
+    pub inode: u32,
 }
 
 impl SocketView {
@@ -128,6 +131,8 @@ pub struct Corrections {
     pub added: u64,
     /// Followed sockets the census no longer shows (their CLOSE was lost), dropped.
     pub dropped: u64,
+    /// Sockets whose owner the probe never named, named from `/proc` ([`name_owners`]).
+    pub owner_found: u64,
 }
 
 /// Everything a census tells, joined with the agent's table. Ports are service ports.
@@ -178,6 +183,38 @@ pub enum Mode {
     Correct,
     /// The reader did not catch up with the census: read the table, change nothing.
     ReadOnly,
+}
+
+/// Names the owner of each listed socket the probe never named (pid 0) that a process holds
+/// (an inode): as `find` finds them (`owners::find`), in the listing and in the table, so its
+/// later events carry it too. Request sockets keep their listener's. Returns how many were
+/// named.
+pub fn name_owners(
+    joined: &mut Joined,
+    table: &Mutex<SocketTable>,
+    find: impl FnOnce(&HashSet<u64>) -> HashMap<u64, crate::owners::Holder>,
+) -> u64 {
+    let unowned = |v: &SocketView| v.pid == 0 && v.inode != 0;
+    let wanted: HashSet<u64> = joined
+        .sockets
+        .iter()
+        .filter(|v| unowned(v))
+        .map(|v| u64::from(v.inode))
+        .collect();
+    if wanted.is_empty() {
+        return 0;
+    }
+    let found = find(&wanted);
+    let mut named = 0;
+    let mut table = table.lock();
+    for v in joined.sockets.iter_mut().filter(|v| unowned(v)) {
+        if let Some(&(pid, comm)) = found.get(&u64::from(v.inode)) {
+            (v.pid, v.comm) = (pid, comm);
+            table.set_owner(v.cookie, pid, comm);
+            named += 1;
+        }
+    }
+    named
 }
 
 /// Joins `census` with `table`. `now_ns` is CLOCK_MONOTONIC, the probe's clock.
@@ -343,6 +380,8 @@ pub fn join(
                     comm,
                     cgroup,
                     port,
+                    cookie: r.cookie,
+                    inode: r.inode,
                 });
             }
             // Hand the table to the event reader if it is waiting, rather than taking it
@@ -474,6 +513,35 @@ mod tests {
             retransmit: None,
             cgroup: 0,
         }
+    }
+
+    #[test]
+    fn sockets_older_than_the_agent_are_named_by_who_holds_them() {
+        let t = table();
+        let mut listener = rec(state::LISTEN, "0.0.0.0:5432", "0.0.0.0:0", 11);
+        let mut leak = rec(state::CLOSE_WAIT, "127.0.0.1:5432", "127.0.0.1:40001", 12);
+        let mut orphan = rec(state::FIN_WAIT2, "127.0.0.1:5432", "127.0.0.1:40002", 13);
+        (listener.inode, leak.inode, orphan.inode) = (501, 502, 0);
+        let c = census(vec![listener, leak, orphan], 10 * S);
+        let at_start = Mode::AtStart { started_ns: 9 * S };
+        let mut j = join_once(&c, &t, &Thresholds::default(), at_start, 10 * S);
+        assert!(j.sockets.iter().all(|v| v.pid == 0));
+        let comm = *b"postgres\0\0\0\0\0\0\0\0";
+        let mut asked = HashSet::new();
+        let named = name_owners(&mut j, &t, |wanted| {
+            asked = wanted.clone();
+            HashMap::from([(501, (40, comm)), (502, (41, comm))])
+        });
+        // The orphan (no file holds it: inode 0) is not looked for.
+        assert_eq!((named, asked), (2, HashSet::from([501, 502])));
+        let pids: Vec<(u64, u32)> = j.sockets.iter().map(|v| (v.cookie, v.pid)).collect();
+        assert_eq!(pids, vec![(11, 40), (12, 41), (13, 0)]);
+        // Kept in the table: the next census names them without looking.
+        assert_eq!(t.lock().get(12).map(|i| (i.pid, i.comm)), Some((41, comm)));
+        let mut again = join_once(&c, &t, &Thresholds::default(), Mode::Correct, 11 * S);
+        assert_eq!(name_owners(&mut again, &t, |_| unreachable!()), 0);
+        assert_eq!(again.sockets[1].pid, 41);
+        assert!(!t.lock().set_owner(12, 99, comm), "a known owner stays");
     }
 
     fn census(sockets: Vec<SocketRecord>, dumped_at_ns: u64) -> HostCensus {

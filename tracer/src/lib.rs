@@ -18,6 +18,7 @@ pub mod http_limits;
 pub mod join;
 pub mod kernel_metrics;
 pub mod listing;
+pub mod owners;
 pub mod pods;
 pub mod ports;
 pub mod privileges;

@@ -392,6 +392,8 @@ mod tests {
             comm: *b"srv\0\0\0\0\0\0\0\0\0\0\0\0\0",
             cgroup: 0,
             port,
+            cookie: 0,
+            inode: 0,
         }
     }
 
@@ -413,6 +415,7 @@ mod tests {
             state_corrected: 0,
             added: 0,
             dropped: 0,
+            owner_found: 0,
             thresholds: Default::default(),
             workloads: Default::default(),
             cgroups: Default::default(),

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use std::collections::HashMap;
 
-use crate::join::{join, Joined, Mode, Sightings};
+use crate::join::{join, name_owners, Joined, Mode, Sightings};
 use crate::ports::Use;
 use crate::ring::monotonic_ns;
 use crate::sockets::SocketTable;
@@ -62,6 +62,7 @@ pub struct Report {
     pub state_corrected: u64,
     pub added: u64,
     pub dropped: u64,
+    pub owner_found: u64,
     pub thresholds: Thresholds,
     /// What the cgroup of each listed socket is (container, pod, unit), for the sockets whose
     /// cgroup could be resolved.
@@ -173,7 +174,7 @@ pub fn run(
                     },
                     (false, true) => Mode::Correct,
                 };
-                let joined = join(
+                let mut joined = join(
                     &census,
                     &table,
                     &mut sightings,
@@ -181,6 +182,9 @@ pub fn run(
                     mode,
                     monotonic_ns(),
                 );
+                joined.corrections.owner_found = name_owners(&mut joined, &table, |wanted| {
+                    crate::owners::find(std::path::Path::new("/proc"), wanted)
+                });
                 let ranges = census
                     .namespaces
                     .iter()
@@ -223,6 +227,7 @@ pub fn run(
                     state_corrected: totals.state_corrected,
                     added: totals.added,
                     dropped: totals.dropped,
+                    owner_found: totals.owner_found,
                     joined,
                     thresholds: config.thresholds.clone(),
                     workloads,
@@ -284,6 +289,7 @@ struct Totals {
     state_corrected: u64,
     added: u64,
     dropped: u64,
+    owner_found: u64,
 }
 
 impl Totals {
@@ -305,6 +311,7 @@ impl Totals {
         self.state_corrected += joined.corrections.state_corrected;
         self.added += joined.corrections.added;
         self.dropped += joined.corrections.dropped;
+        self.owner_found += joined.corrections.owner_found;
     }
 }
 

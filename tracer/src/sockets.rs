@@ -744,6 +744,22 @@ impl SocketTable {
         true
     }
 
+    /// Names the owner of a followed socket whose owner is not known (pid 0), keeping its
+    /// cgroup; false when it was not followed or already had one.
+    pub fn set_owner(&mut self, cookie: u64, pid: u32, comm: [u8; 16]) -> bool {
+        let Some(e) = self.entries.get_mut(&cookie) else {
+            return false;
+        };
+        let (known, _, cgroup) = self.owners.get(e.owner);
+        if known != 0 {
+            return false;
+        }
+        let id = self.owners.acquire((pid, comm, cgroup));
+        self.owners.release(e.owner);
+        e.owner = id;
+        true
+    }
+
     /// Stops following a socket (a census found it closed); false when it was not followed.
     pub fn forget(&mut self, cookie: u64) -> bool {
         self.remove(cookie)

@@ -106,9 +106,16 @@ fn a_connections_record_has_its_bytes_rtts_and_who_closed_first() {
     assert_eq!(server["mode"], "passive");
     assert_eq!(client["ending"], "closed_here_first", "{client}");
     assert_eq!(server["ending"], "closed_by_peer_first", "{server}");
+    // Loopback loses nothing, but a loaded host can delay an ACK past a tail loss probe: the
+    // records' retransmissions are what the (new) namespace's own TcpRetransSegs counted.
+    let retransmitted = |r: &serde_json::Value| r["segments_retransmitted"].as_u64().unwrap();
+    assert_eq!(
+        retransmitted(client) + retransmitted(server),
+        netstat_retrans(&ns),
+        "{client} {server}"
+    );
     for r in [client, server] {
         assert_eq!(r["netns"], ns.inode(), "{r}");
-        assert_eq!(r["segments_retransmitted"], 0, "{r}");
         assert_eq!(r["reset_reason"], serde_json::Value::Null, "{r}");
         let (handshake, lifetime) = (r["handshake_ns"].as_u64(), r["lifetime_ns"].as_u64());
         assert!(handshake.is_some_and(|h| h > 0 && h < 500_000_000), "{r}");

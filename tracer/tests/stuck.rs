@@ -428,3 +428,122 @@ fn a_process_name_made_of_escape_sequences_is_printed_escaped() {
     assert_eq!(table.matches(ESCAPED).count(), 25, "{table}");
     drop(kept);
 }
+
+/// Pid of each socket `ss -tnp` lists for local port `port` in `state` (its first user).
+fn ss_pids(state: &str, port: u16) -> Vec<u32> {
+    let lines = ss_lines(&format!("-p state {state} ( sport = :{port} )"));
+    lines
+        .iter()
+        .filter_map(|l| {
+            let users = l.split("pid=").nth(1)?;
+            users
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+#[test]
+fn a_leak_older_than_the_agent_is_named_by_the_process_that_holds_it_as_ss_p_names_it() {
+    let test = "a_leak_older_than_the_agent_is_named_by_the_process_that_holds_it_as_ss_p_names_it";
+    if !require_root(test) {
+        return;
+    }
+    // A service that listens and keeps every connection it accepts, started before the agent.
+    let addr = closed_port(V4);
+    const SERVICE: &str = "import socket, sys, threading\n\
+        l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+        l.bind(('127.0.0.1', int(sys.argv[1]))); l.listen(64); kept = []\n\
+        threading.Thread(target=lambda: [kept.append(l.accept()[0]) for _ in range(6)], daemon=True).start()\n\
+        print('ready', flush=True); sys.stdin.read()\n";
+    let mut service = std::process::Command::new("python3")
+        .args(["-c", SERVICE, &addr.port().to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(service.stdout.as_mut().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    assert_eq!(ready.trim(), "ready");
+    // Five clients half-close: five CLOSE_WAIT in the service, before the agent starts.
+    let half_close = || {
+        let c = TcpStream::connect(addr).unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        c
+    };
+    let mut clients: Vec<TcpStream> = (0..5).map(|_| half_close()).collect();
+    settle();
+    let port = addr.port().to_string();
+    let agent = Agent::start(&["--stuck-after", "close_wait=1s", "--port", &port]);
+    // A sixth after the agent started, accepted by the listener it never saw open.
+    clients.push(half_close());
+    settle();
+    let pid = service.id();
+    let listing = sockets_json(&agent, &format!("port={port}&state=close_wait,listen"));
+    let listed = array(&listing);
+    let by_state = |s: &str| -> Vec<(u32, String)> {
+        listed
+            .iter()
+            .filter(|v| v["state"] == s && v["local_port"] == addr.port())
+            .map(|v| {
+                (
+                    v["pid"].as_u64().unwrap() as u32,
+                    v["comm"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        by_state("listen"),
+        vec![(pid, "python3".to_owned())],
+        "{listing}"
+    );
+    assert_eq!(
+        by_state("close_wait"),
+        vec![(pid, "python3".to_owned()); 6],
+        "{listing}"
+    );
+    // The oracle: who ss -p says holds them.
+    assert_eq!(ss_pids("close-wait", addr.port()), vec![pid; 6]);
+    assert_eq!(ss_pids("listening", addr.port()), vec![pid]);
+    // The five older than the agent are aged from its start at most (a lower bound).
+    let sources: Vec<&str> = listed
+        .iter()
+        .filter(|v| v["state"] == "close_wait")
+        .map(|v| v["age_source"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        sources.iter().filter(|s| **s == "agent_start").count(),
+        5,
+        "{sources:?}"
+    );
+    let text = agent.metrics();
+    let named = sample(
+        &text,
+        "tracer_census_corrections_total",
+        &[("action", "owner_found")],
+    );
+    assert!(named.is_some_and(|n| n >= 6.0), "{named:?}");
+    // And `tracer sockets` shows the process.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tracer"))
+        .args(["sockets", "--agent", &format!("http://{}", agent.addr)])
+        .args(["--port", &port, "--state", "close_wait"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<&str> = table.lines().filter(|l| l.contains("close_wait")).collect();
+    assert_eq!(rows.len(), 6, "{table}");
+    assert!(
+        rows.iter().all(|r| r.contains(&format!(" {pid} python3 "))),
+        "{table}"
+    );
+    drop(service.stdin.take());
+    let _ = service.wait();
+    drop(clients);
+}
