@@ -187,24 +187,30 @@ pub enum Mode {
 
 /// Names the owner of each listed socket the probe never named (pid 0) that a process holds
 /// (an inode): as `find` finds them (`owners::find`), in the listing and in the table, so its
-/// later events carry it too. Request sockets keep their listener's. Returns how many were
-/// named.
+/// later events carry it too. Request sockets keep their listener's. `not_found` holds the
+/// inodes looked for before and not found (a process this agent cannot see, say): they are
+/// not looked for again while they last, so that a walk of `/proc` happens only for new
+/// sockets. Returns how many were named.
 pub fn name_owners(
     joined: &mut Joined,
     table: &Mutex<SocketTable>,
+    not_found: &mut HashSet<u64>,
     find: impl FnOnce(&HashSet<u64>) -> HashMap<u64, crate::owners::Holder>,
 ) -> u64 {
     let unowned = |v: &SocketView| v.pid == 0 && v.inode != 0;
-    let wanted: HashSet<u64> = joined
+    let unowned_now: HashSet<u64> = joined
         .sockets
         .iter()
         .filter(|v| unowned(v))
         .map(|v| u64::from(v.inode))
         .collect();
+    not_found.retain(|i| unowned_now.contains(i));
+    let wanted: HashSet<u64> = unowned_now.difference(not_found).copied().collect();
     if wanted.is_empty() {
         return 0;
     }
     let found = find(&wanted);
+    not_found.extend(wanted.iter().filter(|i| !found.contains_key(i)));
     let mut named = 0;
     let mut table = table.lock();
     for v in joined.sockets.iter_mut().filter(|v| unowned(v)) {
@@ -528,7 +534,8 @@ mod tests {
         assert!(j.sockets.iter().all(|v| v.pid == 0));
         let comm = *b"postgres\0\0\0\0\0\0\0\0";
         let mut asked = HashSet::new();
-        let named = name_owners(&mut j, &t, |wanted| {
+        let mut not_found = HashSet::new();
+        let named = name_owners(&mut j, &t, &mut not_found, |wanted| {
             asked = wanted.clone();
             HashMap::from([(501, (40, comm)), (502, (41, comm))])
         });
@@ -539,9 +546,34 @@ mod tests {
         // Kept in the table: the next census names them without looking.
         assert_eq!(t.lock().get(12).map(|i| (i.pid, i.comm)), Some((41, comm)));
         let mut again = join_once(&c, &t, &Thresholds::default(), Mode::Correct, 11 * S);
-        assert_eq!(name_owners(&mut again, &t, |_| unreachable!()), 0);
+        assert_eq!(
+            name_owners(&mut again, &t, &mut not_found, |_| unreachable!()),
+            0
+        );
         assert_eq!(again.sockets[1].pid, 41);
         assert!(!t.lock().set_owner(12, 99, comm), "a known owner stays");
+        // One that no process shows is looked for once, then not while it lasts.
+        let mut hidden = rec(state::ESTABLISHED, "127.0.0.1:5432", "127.0.0.1:40003", 14);
+        hidden.inode = 503;
+        let c = census(vec![hidden], 12 * S);
+        let mut looks = 0;
+        for _ in 0..3 {
+            let mut j = join_once(&c, &t, &Thresholds::default(), Mode::Correct, 12 * S);
+            name_owners(&mut j, &t, &mut not_found, |_| {
+                looks += 1;
+                HashMap::new()
+            });
+        }
+        assert_eq!((looks, not_found.len()), (1, 1));
+        let mut gone = join_once(
+            &census(vec![], 13 * S),
+            &t,
+            &Thresholds::default(),
+            Mode::Correct,
+            13 * S,
+        );
+        name_owners(&mut gone, &t, &mut not_found, |_| unreachable!());
+        assert!(not_found.is_empty(), "forgotten once gone");
     }
 
     fn census(sockets: Vec<SocketRecord>, dumped_at_ns: u64) -> HostCensus {

@@ -152,6 +152,7 @@ pub fn run(
     let mut sightings = Sightings::default();
     let mut first = true;
     let mut at_start = true;
+    let mut owners_not_found = std::collections::HashSet::new();
     loop {
         let began = Instant::now();
         let cpu_before = crate::census::thread_cpu_time();
@@ -182,9 +183,10 @@ pub fn run(
                     mode,
                     monotonic_ns(),
                 );
-                joined.corrections.owner_found = name_owners(&mut joined, &table, |wanted| {
-                    crate::owners::find(std::path::Path::new("/proc"), wanted)
-                });
+                joined.corrections.owner_found =
+                    name_owners(&mut joined, &table, &mut owners_not_found, |wanted| {
+                        crate::owners::find(std::path::Path::new("/proc"), wanted)
+                    });
                 let ranges = census
                     .namespaces
                     .iter()
