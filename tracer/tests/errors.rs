@@ -224,11 +224,8 @@ fn sockets_from(addr: std::net::SocketAddr, extra: &[&str]) -> (i32, String, Vec
 /// True when `text` holds nothing a terminal acts on but newlines: no C0 or C1 control, no
 /// bidirectional control.
 fn inert(text: &str) -> bool {
-    text.chars().all(|c| {
-        c == '\n'
-            || !(c.is_control()
-                || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'))
-    })
+    text.chars()
+        .all(|c| c == '\n' || !(c.is_control() || tracer::event::is_bidi_control(c)))
 }
 
 #[test]

@@ -458,18 +458,7 @@ fn a_leak_older_than_the_agent_is_named_by_the_process_that_holds_it_as_ss_p_nam
         l.bind(('127.0.0.1', int(sys.argv[1]))); l.listen(64); kept = []\n\
         threading.Thread(target=lambda: [kept.append(l.accept()[0]) for _ in range(6)], daemon=True).start()\n\
         print('ready', flush=True); sys.stdin.read()\n";
-    let mut service = std::process::Command::new("python3")
-        .args(["-c", SERVICE, &addr.port().to_string()])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut ready = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(service.stdout.as_mut().unwrap()),
-        &mut ready,
-    )
-    .unwrap();
+    let (mut service, ready) = python_ready(SERVICE, &[&addr.port().to_string()]);
     assert_eq!(ready.trim(), "ready");
     // Five clients half-close: five CLOSE_WAIT in the service, before the agent starts.
     let half_close = || {

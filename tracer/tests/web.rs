@@ -712,18 +712,7 @@ impl Holder {
             for _ in range(n):\n\
             \x20   kept.append(socket.create_connection(l.getsockname())); kept.append(l.accept()[0])\n\
             print('ready', n, flush=True); sys.stdin.read()\n";
-        let mut child = Command::new("python3")
-            .args(["-c", SCRIPT, &n.to_string()])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("python3");
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
-            &mut line,
-        )
-        .unwrap();
+        let (child, line) = python_ready(SCRIPT, &[&n.to_string()]);
         let connections = line
             .strip_prefix("ready ")
             .and_then(|n| n.trim().parse().ok())

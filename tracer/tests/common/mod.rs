@@ -722,6 +722,24 @@ pub fn unix_now() -> f64 {
         .as_secs_f64()
 }
 
+/// Starts `python3 -c SCRIPT ARGS` with stdin and stdout piped, and returns it with the first
+/// line it prints (a helper says it is ready that way; it runs until its stdin closes).
+pub fn python_ready(script: &str, args: &[&str]) -> (Child, String) {
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().expect("stdout"))
+        .read_line(&mut line)
+        .expect("the helper's first line");
+    (child, line)
+}
+
 /// Lines `ss -tan FILTER` prints (the header excluded), in this thread's namespace.
 pub fn ss_lines(filter: &str) -> Vec<String> {
     let out = Command::new("ss")
