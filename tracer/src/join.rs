@@ -211,16 +211,22 @@ pub fn name_owners(
     }
     let found = find(&wanted);
     not_found.extend(wanted.iter().filter(|i| !found.contains_key(i)));
-    let mut named = 0;
-    let mut table = table.lock();
+    let mut named = Vec::new();
     for v in joined.sockets.iter_mut().filter(|v| unowned(v)) {
         if let Some(&(pid, comm)) = found.get(&u64::from(v.inode)) {
             (v.pid, v.comm) = (pid, comm);
-            table.set_owner(v.cookie, pid, comm);
-            named += 1;
+            named.push((v.cookie, pid, comm));
         }
     }
-    named
+    // In chunks, as the join does: the event reader waits for the table at most one chunk.
+    for chunk in named.chunks(CHUNK) {
+        let mut t = table.lock();
+        for &(cookie, pid, comm) in chunk {
+            t.set_owner(cookie, pid, comm);
+        }
+        MutexGuard::unlock_fair(t);
+    }
+    named.len() as u64
 }
 
 /// Joins `census` with `table`. `now_ns` is CLOCK_MONOTONIC, the probe's clock.
