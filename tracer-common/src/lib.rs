@@ -34,7 +34,8 @@ pub mod state {
 /// One TCP state change, written by the probe into the `EVENTS` ring buffer.
 ///
 /// The fields mirror what the `sock/inet_sock_set_state` tracepoint records
-/// (`include/trace/events/sock.h`), plus the owning process, which the probe tracks itself.
+/// (`include/trace/events/sock.h`), plus what the probe keeps on the socket ([`SocketState`]):
+/// every event is complete in itself, and needs none before it to be understood.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Transition {
@@ -52,9 +53,8 @@ pub struct Transition {
     /// Command name of the owner, NUL-padded; empty where `pid` is 0. (8-byte aligned, so that
     /// the probe writes it with two stores.)
     pub comm: [u8; COMM_LEN],
-    /// Process (thread group) id of the socket's owner, set where the probe knows it: at
-    /// SYN_SENT and LISTEN (process context) and at a passive child's LISTEN -> SYN_RECV (the
-    /// listener's owner). 0 elsewhere: userspace carries the owner from the socket's first event.
+    /// Process (thread group) id of the socket's owner, from its storage ([`SocketState::pid`]):
+    /// 0 where the probe does not know it.
     pub pid: u32,
     /// Local and remote port, host byte order. `sport` is still 0 in CLOSE -> SYN_SENT.
     pub sport: u16,
@@ -75,17 +75,16 @@ pub struct Transition {
     /// At every transition to CLOSE (else 0): [`close_flags`] bits, the FINs the sequence
     /// counters `bytes_acked` and `bytes_received` include.
     pub close_flags: u8,
-    /// In a [`SENT_RESET`] event only (else 0): why the kernel sent the reset, its
-    /// `enum sk_rst_reason` (Linux 6.10+), whose names userspace reads from BTF.
+    /// Why the kernel sent a reset, its `enum sk_rst_reason` (Linux 6.10+), whose names
+    /// userspace reads from BTF: in a [`SENT_RESET`] event, and in other events where
+    /// `socket_flags` has [`socket::RESET_SENT`] (the socket reset before this transition).
     pub reset_reason: u16,
     /// Inode number of the socket's network namespace (`net.ns.inum`, as in
-    /// `/proc/PID/ns/net -> net:[INODE]`), on the transitions that open a socket (into
-    /// SYN_SENT or LISTEN, and a passive child's LISTEN -> SYN_RECV); 0 elsewhere: userspace
-    /// carries it from the socket's first event, as it does the owner.
+    /// `/proc/PID/ns/net -> net:[INODE]`), from its storage; 0 where it has none.
     pub netns: u32,
     /// Id of the socket's cgroup v2 cgroup (`sock.sk_cgrp_data.cgroup->kn->id`, the number
-    /// `ss --cgroup` resolves and the inode of the cgroup's directory), on the same opening
-    /// transitions as `netns`; 0 elsewhere, and where the kernel does not keep it.
+    /// `ss --cgroup` resolves and the inode of the cgroup's directory), from its storage; 0
+    /// where it has none, and where the kernel does not keep it.
     pub cgroup: u64,
     /// At every transition to CLOSE (else 0), what the connection carried and how it went,
     /// from the kernel's own counters on the socket (`struct tcp_sock`): `bytes_acked`
@@ -95,11 +94,86 @@ pub struct Transition {
     pub bytes_received: u64,
     pub rtt_min_us: u32,
     pub total_retrans: u32,
+    /// What the probe kept on the socket ([`SocketState`]) as it stood before this transition,
+    /// so that every event is complete in itself: when the socket entered `oldstate` (valid
+    /// with [`socket::SINCE_SEEN`]), began to open, became ESTABLISHED and left it (each 0:
+    /// not seen; CLOCK_MONOTONIC ns).
+    pub since_ns: u64,
+    pub opened_ns: u64,
+    pub established_ns: u64,
+    pub teardown_ns: u64,
+    /// The service port: the remote port of an active open, the local port of a passive one
+    /// and of a listener (0: the probe did not see the socket open).
+    pub port: u16,
+    /// [`socket`] bits: how it opened, who started closing, what is known.
+    pub socket_flags: u16,
+    pub _pad: [u8; 4],
 }
 
 // The layout both sides rely on: no implicit padding, `comm` 8-byte aligned.
-const _: () = assert!(core::mem::size_of::<Transition>() == 128);
+const _: () = assert!(core::mem::size_of::<Transition>() == 168);
 const _: () = assert!(core::mem::offset_of!(Transition, comm) == 56);
+const _: () = assert!(core::mem::offset_of!(Transition, since_ns) == 128);
+
+/// What the probe keeps on each TCP socket, in BPF socket storage (the `SOCKETS` map; freed by
+/// the kernel with the socket): what the transitions so far tell, so that each new one is
+/// stamped with it. A passive child starts with a copy of its listener's (the map is
+/// `BPF_F_CLONE`): the owner, cgroup and namespace of the process that listens.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketState {
+    /// When the socket entered `state` (valid with [`socket::SINCE_SEEN`]), began to open,
+    /// became ESTABLISHED, left ESTABLISHED (0: not seen); CLOCK_MONOTONIC ns.
+    pub since_ns: u64,
+    pub opened_ns: u64,
+    pub established_ns: u64,
+    pub teardown_ns: u64,
+    /// The socket's cgroup v2 id (0: not known), as in [`Transition::cgroup`].
+    pub cgroup: u64,
+    /// The owner: named at SYN_SENT and LISTEN (the process that connects or listens), a
+    /// listener's for its children, or by userspace for a socket older than the probe
+    /// ([`socket::SEEDED`]); pid 0 and an empty name when not known.
+    pub comm: [u8; COMM_LEN],
+    pub pid: u32,
+    /// The socket's network namespace inode.
+    pub netns: u32,
+    /// The service port, as [`Transition::port`].
+    pub port: u16,
+    /// [`socket`] bits.
+    pub flags: u16,
+    /// Why the socket last sent a reset (`enum sk_rst_reason`; valid with
+    /// [`socket::RESET_SENT`]).
+    pub reset_reason: u16,
+    /// The state the probe last saw the socket enter (0: none yet).
+    pub state: u8,
+    pub _pad: u8,
+}
+
+const _: () = assert!(core::mem::size_of::<SocketState>() == 72);
+const _: () = assert!(core::mem::offset_of!(SocketState, comm) == 40);
+
+/// Bits of [`SocketState::flags`] and [`Transition::socket_flags`].
+pub mod socket {
+    /// The probe saw the socket open: it connected (CLOSE -> SYN_SENT) ...
+    pub const ACTIVE: u16 = 1;
+    /// ... or it is a listener's child (LISTEN -> SYN_RECV).
+    pub const PASSIVE: u16 = 2;
+    /// It left ESTABLISHED for FIN_WAIT1: this side sent the first FIN ...
+    pub const TEARDOWN_HERE: u16 = 4;
+    /// ... for CLOSE_WAIT: the peer did. Both bits: both at once (FIN_WAIT1 -> CLOSING).
+    pub const TEARDOWN_PEER: u16 = 8;
+    /// `since_ns` is when the probe saw the socket enter its state.
+    pub const SINCE_SEEN: u16 = 16;
+    /// In an event: the tracepoint's old state is not the one the probe saw the socket enter;
+    /// a transition was skipped (the kernel changed the state without the tracepoint, or the
+    /// probe missed a run). The dwell is then not known.
+    pub const SKIPPED: u16 = 32;
+    /// The owner was given by userspace from the process holding the socket (`/proc`): the
+    /// socket is older than the probe.
+    pub const SEEDED: u16 = 64;
+    /// `reset_reason` holds why the socket last sent a reset.
+    pub const RESET_SENT: u16 = 128;
+}
 
 /// `newstate` of an event that is not a state change: the socket sent a reset
 /// (`tcp/tcp_send_reset`). `oldstate` is the state the socket is in (CLOSE when it reset as it
@@ -161,31 +235,6 @@ pub struct SockOffsets {
     pub skb_gso_segs: u32,
 }
 
-/// Key of the probe's listener table: a listening port in one network namespace.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ListenerKey {
-    /// Address of the `struct net` the listener lives in.
-    pub net: u64,
-    /// The port, host byte order, widened to 64 bits so that the key has no padding bytes to
-    /// zero (the probe's compiler would zero them byte by byte).
-    pub port: u64,
-}
-
-/// The process that owns a socket, as the probe remembers it.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Owner {
-    /// For listener entries: the listening socket, so that only it removes the entry.
-    pub skaddr: u64,
-    /// 8-byte aligned, like `Transition::comm`, so that it is copied with two loads.
-    pub comm: [u8; COMM_LEN],
-    pub pid: u32,
-    pub _pad: [u8; 4],
-}
-
-const _: () = assert!(core::mem::offset_of!(Owner, comm) == 8);
-
 /// Bits of `Transition::close_flags`.
 pub mod close_flags {
     /// The peer's FIN arrived (`SOCK_DONE` in `sock.sk_flags`, set by `tcp_fin`): it counts
@@ -203,21 +252,25 @@ pub const SOCK_DONE: u64 = 1;
 pub mod counter {
     /// Events dropped because the ring buffer was full.
     pub const LOST_RINGBUF_FULL: u32 = 0;
-    /// Listeners whose owner could not be remembered because the listener table was full.
-    pub const OWNERS_FULL: u32 = 1;
     /// Transitions delivered by the rescue program because the main one was busy on the CPU.
-    pub const RESCUED: u32 = 2;
+    pub const RESCUED: u32 = 1;
     /// SYN-ACK retransmissions not counted because `SYNACK_RETRANSMITS` was full.
-    pub const SYNACK_PORTS_FULL: u32 = 3;
+    pub const SYNACK_PORTS_FULL: u32 = 2;
     /// Kernel field reads that failed (`bpf_probe_read_kernel` returned an error): the field
     /// is reported as 0; the transition itself is still delivered.
-    pub const READ_FAILED: u32 = 4;
+    pub const READ_FAILED: u32 = 3;
     /// Transitions of a TCP socket whose family is neither `AF_INET` nor `AF_INET6`: delivered
     /// with the family as read and IPv4-style addresses.
-    pub const UNKNOWN_FAMILY: u32 = 5;
+    pub const UNKNOWN_FAMILY: u32 = 4;
     /// Retransmitted segments not counted because `RETRANSMITS` was full.
-    pub const RETRANSMIT_PORTS_FULL: u32 = 6;
-    pub const COUNT: u32 = 7;
+    pub const RETRANSMIT_PORTS_FULL: u32 = 5;
+    /// Transitions whose old state was not the one the probe last saw the socket enter
+    /// ([`socket::SKIPPED`](crate::socket::SKIPPED)).
+    pub const SKIPPED: u32 = 6;
+    /// Transitions of sockets on which the kernel refused socket storage (a dying socket, or
+    /// `net.core.optmem_max` reached): delivered without what the storage would tell.
+    pub const NO_STORAGE: u32 = 7;
+    pub const COUNT: u32 = 8;
 }
 
 /// The fields whose read can fail in the probe, as the `detail` of a `READ_FAILED` report
@@ -247,17 +300,14 @@ pub const MAX_SYNACK_PORTS: u32 = 4_096;
 /// Service ports whose retransmitted segments the probe counts (`RETRANSMITS`).
 pub const MAX_RETRANSMIT_PORTS: u32 = 4_096;
 
-/// Size of the probe's listener table.
-pub const MAX_LISTENERS: u32 = 16_384;
 /// Number of ports in the port filter array (every u16).
 pub const PORT_FILTER_LEN: u32 = 65_536;
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all four are #[repr(C)], made only of integers and byte arrays, with explicit
+    // SAFETY: all three are #[repr(C)], made only of integers and byte arrays, with explicit
     // padding, so every bit pattern is valid and there are no uninitialised bytes.
     unsafe impl aya::Pod for super::Transition {}
     unsafe impl aya::Pod for super::SockOffsets {}
-    unsafe impl aya::Pod for super::ListenerKey {}
-    unsafe impl aya::Pod for super::Owner {}
+    unsafe impl aya::Pod for super::SocketState {}
 }

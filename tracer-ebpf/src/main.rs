@@ -22,24 +22,27 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{
+        bpf_map_type, BPF_F_CLONE, BPF_F_NO_PREALLOC, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP,
+        BPF_RB_NO_WAKEUP, BPF_SK_STORAGE_GET_F_CREATE,
+    },
     btf_maps::{ArrayOfMaps, RingBuf as BtfRingBuf},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_get_socket_cookie,
         bpf_ktime_get_ns, bpf_probe_read_kernel, generated as gen,
     },
     macros::{btf_map, btf_tracepoint, map},
-    maps::{ring_buf::RingBufEntry, Array, HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{ring_buf::RingBufEntry, Array, PerCpuArray, PerCpuHashMap},
     programs::BtfTracePointContext,
 };
 use aya_log_ebpf::{error, warn};
 use core::ffi::c_void;
 use core::ptr::{addr_of, addr_of_mut};
 use tracer_common::{
-    close_flags, counter, field, state, ListenerKey, Owner, SockOffsets, Transition, AF_INET,
-    AF_INET6, COMM_LEN, IPPROTO_TCP, MAX_LISTENERS, MAX_RETRANSMIT_PORTS, MAX_SYNACK_PORTS,
-    PORT_FILTER_LEN, RESET_REASONS as RESET_REASONS_LEN, RESET_RECEIVED, RESET_SENT, RESET_STATES,
-    SENT_RESET, SOCK_DONE,
+    close_flags, counter, field, socket, state, SockOffsets, SocketState, Transition, AF_INET,
+    AF_INET6, COMM_LEN, IPPROTO_TCP, MAX_RETRANSMIT_PORTS, MAX_SYNACK_PORTS, PORT_FILTER_LEN,
+    RESET_REASONS as RESET_REASONS_LEN, RESET_RECEIVED, RESET_SENT, RESET_STATES, SENT_RESET,
+    SOCK_DONE,
 };
 
 /// Field offsets, set by userspace at load time (see `tracer::btf`).
@@ -113,9 +116,37 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 #[map]
 static PORT_FILTER: Array<u8> = Array::with_max_entries(PORT_FILTER_LEN, 0);
 
-/// Owner of each listening port, so that passive-open children inherit it.
-#[map]
-static LISTENERS: HashMap<ListenerKey, Owner> = HashMap::with_max_entries(MAX_LISTENERS, 0);
+/// Each TCP socket's state, on the socket (see [`SocketState`]).
+#[btf_map]
+static SOCKETS: SocketStorage = SocketStorage::new();
+
+/// The BTF definition of `SOCKETS`, written out because aya-ebpf's `SkStorage` cannot ask for
+/// `BPF_F_CLONE`: with it, the kernel copies a listener's storage to each child it accepts
+/// (`bpf_sk_storage_clone` in `sk_clone_lock`, before the child's LISTEN -> SYN_RECV), which
+/// is how children inherit their listener's owner.
+#[repr(C)]
+struct SocketStorage {
+    r#type: *const [i32; bpf_map_type::BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const SocketState,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; (BPF_F_NO_PREALLOC | BPF_F_CLONE) as usize],
+}
+
+// SAFETY: placeholder pointers that the loader reads as BTF and never dereferenced.
+unsafe impl Sync for SocketStorage {}
+
+impl SocketStorage {
+    const fn new() -> SocketStorage {
+        SocketStorage {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            max_entries: core::ptr::null(),
+            map_flags: core::ptr::null(),
+        }
+    }
+}
 
 /// SYN-ACK retransmissions per listening port (`tcp/tcp_retransmit_synack`), read on scrape.
 #[map]
@@ -198,34 +229,17 @@ pub fn tcp_retransmit_synack(ctx: BtfTracePointContext) -> i32 {
 
 /// `tcp_retransmit_skb(const struct sock *sk, const struct sk_buff *skb)`, after a successful
 /// retransmission: counts the skb's segments (`tcp_skb_pcount`, as `TcpRetransSegs` and
-/// `tcp_sock.total_retrans` count them) under the socket's service port: the local port when
-/// the probe knows a listener on it in the socket's namespace (an accepted connection), else
-/// the remote one.
+/// `tcp_sock.total_retrans` count them) under the socket's service port, as its storage
+/// keeps it; the remote port for a socket the probe did not see open.
 #[btf_tracepoint(function = "tcp_retransmit_skb")]
 pub fn tcp_retransmit_skb(ctx: BtfTracePointContext) -> i32 {
     let (sk, skb): (*const u8, *const u8) = (ctx.arg(0), ctx.arg(1));
-    let sport = u16::from_be(read_or_report(
-        &ctx,
-        sk,
-        offset!(inet_sport),
-        field::INET_SPORT,
-    ));
-    // SAFETY: direct loads through the BTF-typed socket, as in inet_sock_set_state.
-    let (dport, net) = unsafe {
-        (
-            u16::from_be(field::<u16>(sk, offset!(skc_dport))),
-            field::<u64>(sk, offset!(skc_net)),
-        )
-    };
-    let key = ListenerKey {
-        net,
-        port: u64::from(sport),
-    };
-    // SAFETY: a lookup whose value is only tested for presence.
-    let port = if unsafe { LISTENERS.get(&key) }.is_some() {
-        sport
-    } else {
-        dport
+    let s = socket_state(sk, false);
+    // SAFETY: null or this socket's storage; `skc_dport` is a direct load through the
+    // BTF-typed socket, as in inet_sock_set_state.
+    let port = match unsafe { s.as_ref() } {
+        Some(s) if s.port != 0 => s.port,
+        _ => u16::from_be(unsafe { field::<u16>(sk, offset!(skc_dport)) }),
     };
     let segs: u16 = read_or_report(&ctx, skb, offset!(skb_gso_segs), field::GSO_SEGS);
     let segs = u64::from(segs.max(1));
@@ -270,6 +284,15 @@ pub fn tcp_send_reset_reason(ctx: BtfTracePointContext) -> i32 {
             state::LISTEN | state::NEW_SYN_RECV | state::TIME_WAIT
         );
     if wanted && connection {
+        // Kept on the socket for its close record, when the reset comes before the close.
+        let s = socket_state(sk, false);
+        if !s.is_null() {
+            // SAFETY: this socket's storage.
+            unsafe {
+                (*s).reset_reason = reason as u16;
+                (*s).flags |= socket::RESET_SENT;
+            }
+        }
         report_reset(&ctx, sk, state, reason as u16);
     }
     0
@@ -318,24 +341,15 @@ fn report_reset(ctx: &BtfTracePointContext, sk: *const u8, state: u8, reason: u1
     // SAFETY: `t` points at the reserved record and each write stays inside its field; `sk`
     // is the tracepoint's BTF-typed socket, not NULL.
     unsafe {
-        write_socket(ctx, t, sk, family);
-        zero16(addr_of_mut!((*t).comm) as *mut [u8; 16]);
-        addr_of_mut!((*t).pid).write(0);
+        write_socket(ctx, t, sk, family, bpf_ktime_get_ns());
+        write_stamps(t, core::ptr::null(), false);
         addr_of_mut!((*t).sport).write(sport);
         addr_of_mut!((*t).dport).write(dport);
         addr_of_mut!((*t).family).write(family);
         addr_of_mut!((*t).oldstate).write(state);
         addr_of_mut!((*t).newstate).write(SENT_RESET);
-        addr_of_mut!((*t).srtt_us).write(0);
-        addr_of_mut!((*t).sk_err).write(0);
-        addr_of_mut!((*t).close_flags).write(0);
+        write_close(t, sk, state, SENT_RESET, 0);
         addr_of_mut!((*t).reset_reason).write(reason);
-        addr_of_mut!((*t).netns).write(0);
-        addr_of_mut!((*t).cgroup).write(0);
-        addr_of_mut!((*t).bytes_acked).write(0);
-        addr_of_mut!((*t).bytes_received).write(0);
-        addr_of_mut!((*t).rtt_min_us).write(0);
-        addr_of_mut!((*t).total_retrans).write(0);
     }
     submit(ring, entry);
 }
@@ -373,86 +387,282 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
         return Ok(());
     };
     let (oldstate, newstate) = (oldstate as u8, newstate as u8);
+    // SAFETY: a helper with no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
 
-    let Some((ring, mut entry)) = reserve() else {
-        return Ok(());
-    };
-    // Every field is written once, in place in the ring buffer: no copy through the stack,
-    // and no byte-wise memset (which is what zeroed byte arrays on the stack compile to).
-    let t: *mut Transition = entry.as_mut_ptr();
-    // SAFETY: `t` points at the reserved record, `size_of::<Transition>()` writable bytes,
-    // and each write below stays inside the field it names.
-    unsafe {
-        write_socket(ctx, t, sk, family);
-        let pid = write_owner(ctx, t, sk, sport, oldstate, newstate);
-        addr_of_mut!((*t).pid).write(pid);
-        addr_of_mut!((*t).sport).write(sport);
-        addr_of_mut!((*t).dport).write(dport);
-        addr_of_mut!((*t).family).write(family);
-        addr_of_mut!((*t).oldstate).write(oldstate);
-        addr_of_mut!((*t).newstate).write(newstate);
-        // Handshake facts the tracepoint does not carry, read where they mean something.
-        let (mut srtt_us, mut sk_err) = (0u32, 0u8);
-        if oldstate == state::SYN_RECV && newstate == state::ESTABLISHED {
-            srtt_us = read_or_report(ctx, sk, offset!(srtt_us), field::SRTT_US);
+    // The socket's own state. Not made for a socket that is closing (nothing follows CLOSE
+    // but a new opening, which makes it).
+    let s = socket_state(sk, newstate != state::CLOSE);
+    let mut skipped = false;
+    if s.is_null() {
+        if newstate != state::CLOSE {
+            report(ctx, counter::NO_STORAGE, u32::from(sport));
         }
-        let (mut bytes_acked, mut bytes_received, mut rtt_min_us, mut total_retrans) =
-            (0u64, 0u64, 0u32, 0u32);
-        let mut flags = 0u8;
-        if newstate == state::CLOSE {
-            // `sk_err` is an `int` of `struct sock`, loaded directly as above.
-            sk_err = field::<i32>(sk, offset!(sk_err)) as u8;
-            if field::<u64>(sk, offset!(sk_flags)) & (1 << SOCK_DONE) != 0 {
-                flags |= close_flags::PEER_FIN;
-            }
-            // The connection's story, for its close record. `bpf_skc_to_tcp_sock` (tracing
-            // programs, Linux 5.9+) returns the socket as a BTF-typed `struct tcp_sock *` (or
-            // null), whose fields are then direct loads: one helper call rather than one per
-            // field.
-            let tp = gen::bpf_skc_to_tcp_sock(sk as *mut c_void) as *const u8;
-            if !tp.is_null() {
-                srtt_us = field::<u32>(tp, offset!(srtt_us));
-                total_retrans = field::<u32>(tp, offset!(total_retrans));
-                bytes_acked = field::<u64>(tp, offset!(bytes_acked));
-                bytes_received = field::<u64>(tp, offset!(bytes_received));
-                rtt_min_us = field::<u32>(tp, offset!(rtt_min));
-                let sent_fin = matches!(
-                    oldstate,
-                    state::FIN_WAIT1 | state::FIN_WAIT2 | state::CLOSING | state::LAST_ACK
-                );
-                let all_acked =
-                    field::<u32>(tp, offset!(snd_una)) == field::<u32>(tp, offset!(write_seq));
-                if sent_fin && all_acked {
-                    flags |= close_flags::FIN_ACKED;
-                }
-            }
+    } else {
+        // SAFETY: the storage of this socket, which only this transition touches now (a
+        // socket's state changes under its lock).
+        skipped = unsafe { prepare(ctx, &mut *s, sk, sport, dport, oldstate, newstate) };
+        if skipped {
+            count(counter::SKIPPED);
         }
-        addr_of_mut!((*t).close_flags).write(flags);
-        addr_of_mut!((*t).bytes_acked).write(bytes_acked);
-        addr_of_mut!((*t).bytes_received).write(bytes_received);
-        addr_of_mut!((*t).rtt_min_us).write(rtt_min_us);
-        addr_of_mut!((*t).total_retrans).write(total_retrans);
-        addr_of_mut!((*t).srtt_us).write(srtt_us);
-        addr_of_mut!((*t).sk_err).write(sk_err);
-        addr_of_mut!((*t).reset_reason).write(0);
-        // The namespace on the transitions that open a socket (userspace carries it after).
-        let opening = newstate == state::SYN_SENT
-            || newstate == state::LISTEN
-            || (oldstate == state::LISTEN && newstate == state::SYN_RECV);
-        let netns = if opening {
-            // SAFETY: as above; `skc_net` is a `possible_net_t` (one `struct net *`), whose
-            // `ns.inum` is read with the helper (a plain pointer, not a BTF-typed one).
-            let net = field::<u64>(sk, offset!(skc_net)) as *const u8;
-            read_or_report(ctx, net, offset!(net_inum), field::NET_INUM)
-        } else {
-            0
-        };
-        addr_of_mut!((*t).netns).write(netns);
-        let cgroup = if opening { cgroup_id(ctx, sk) } else { 0 };
-        addr_of_mut!((*t).cgroup).write(cgroup);
     }
-    submit(ring, entry);
+    // Handshake facts the tracepoint does not carry, read where they mean something.
+    let srtt_us = if oldstate == state::SYN_RECV && newstate == state::ESTABLISHED {
+        read_or_report(ctx, sk, offset!(srtt_us), field::SRTT_US)
+    } else {
+        0u32
+    };
+
+    // The event is stamped with the state as it stood before this transition; a full ring
+    // loses the event, never the socket's state.
+    if let Some((ring, mut entry)) = reserve() {
+        // Every field is written once, in place in the ring buffer: no copy through the
+        // stack, and no byte-wise memset (which is what zeroed byte arrays on the stack
+        // compile to).
+        let t: *mut Transition = entry.as_mut_ptr();
+        // SAFETY: `t` points at the reserved record, `size_of::<Transition>()` writable
+        // bytes, and each write below stays inside the field it names; `s` is null or this
+        // socket's storage.
+        unsafe {
+            write_socket(ctx, t, sk, family, now);
+            write_stamps(t, s, skipped);
+            addr_of_mut!((*t).sport).write(sport);
+            addr_of_mut!((*t).dport).write(dport);
+            addr_of_mut!((*t).family).write(family);
+            addr_of_mut!((*t).oldstate).write(oldstate);
+            addr_of_mut!((*t).newstate).write(newstate);
+            write_close(t, sk, oldstate, newstate, srtt_us);
+        }
+        submit(ring, entry);
+    }
+    if !s.is_null() {
+        // SAFETY: as above.
+        unsafe { advance(&mut *s, oldstate, newstate, now, srtt_us) };
+    }
     Ok(())
+}
+
+/// This socket's storage in `SOCKETS`, made (zeroed) when `create` and there is none; null
+/// when there is none, or the kernel refuses one (a dying socket, `optmem_max` reached, or
+/// hard-irq context).
+#[inline(always)]
+fn socket_state(sk: *const u8, create: bool) -> *mut SocketState {
+    let flags = if create {
+        u64::from(BPF_SK_STORAGE_GET_F_CREATE)
+    } else {
+        0
+    };
+    // SAFETY: `SOCKETS` is a socket storage map and `sk` a BTF-typed full socket from a
+    // tracepoint's arguments, which `bpf_sk_storage_get` takes in tracing programs (Linux
+    // 5.11+); no initial value (the storage starts zeroed).
+    unsafe {
+        gen::bpf_sk_storage_get(
+            addr_of!(SOCKETS) as *mut c_void,
+            sk as *mut c_void,
+            core::ptr::null_mut(),
+            flags,
+        ) as *mut SocketState
+    }
+}
+
+/// Brings the socket's state to where this transition starts. An opening (CLOSE -> SYN_SENT
+/// or LISTEN), a listener's new child (LISTEN -> SYN_RECV) and a socket seen for the first
+/// time start afresh: the namespace and cgroup read from the socket, the owner named where
+/// this is process context (or the listener's, copied with its storage), how it opened and
+/// its service port. Returns true when a transition was skipped: the old state is not the
+/// one the probe saw the socket enter.
+///
+/// # Safety
+/// `sk` must be the tracepoint's socket and `s` its storage.
+#[inline(always)]
+unsafe fn prepare(
+    ctx: &BtfTracePointContext,
+    s: &mut SocketState,
+    sk: *const u8,
+    sport: u16,
+    dport: u16,
+    old: u8,
+    new: u8,
+) -> bool {
+    let opening = old == state::CLOSE && (new == state::SYN_SENT || new == state::LISTEN);
+    let child = old == state::LISTEN && new == state::SYN_RECV;
+    if !(opening || child || s.state == 0) {
+        if s.state == old {
+            return false;
+        }
+        // Whatever happened in between, the time in `old` is not known.
+        s.flags &= !socket::SINCE_SEEN;
+        return true;
+    }
+    // A child's storage is a copy of its listener's (when the listener had one): the owner,
+    // cgroup and namespace are the listener's, and a seeded owner stays marked so. A socket
+    // older than the probe may have been given its owner by userspace (seeded) before its
+    // first transition here.
+    let seeded = s.flags & socket::SEEDED;
+    let cloned = child && (s.state == state::LISTEN || seeded != 0);
+    let keep_owner = cloned || (s.state == 0 && seeded != 0 && !child);
+    // (A seeded listener's copy has neither: userspace names only the owner.)
+    if !cloned || s.netns == 0 {
+        s.netns = net_inum(ctx, sk);
+        s.cgroup = cgroup_id(ctx, sk);
+    }
+    if !keep_owner {
+        s.pid = 0;
+        zero16(addr_of_mut!(s.comm));
+    }
+    if opening {
+        s.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        let comm = addr_of_mut!(s.comm);
+        if gen::bpf_get_current_comm(comm as *mut c_void, COMM_LEN as u32) != 0 {
+            zero16(comm);
+        }
+    }
+    let seeded = if keep_owner && !opening { seeded } else { 0 };
+    // How it opened: seen now, or told by the state a socket is first seen in.
+    let (mode, port) = match (old, new) {
+        (state::CLOSE, state::LISTEN) => (0, sport),
+        (state::CLOSE, state::SYN_SENT) | (state::SYN_SENT, _) => (socket::ACTIVE, dport),
+        (state::LISTEN, state::SYN_RECV) | (state::SYN_RECV, _) => (socket::PASSIVE, sport),
+        _ => (0, 0),
+    };
+    s.flags = mode | seeded;
+    s.port = port;
+    s.since_ns = 0;
+    s.opened_ns = 0;
+    s.established_ns = 0;
+    s.teardown_ns = 0;
+    s.reset_reason = 0;
+    s.state = old;
+    false
+}
+
+/// Moves the socket's state past this transition.
+#[inline(always)]
+fn advance(s: &mut SocketState, old: u8, new: u8, now: u64, srtt_us: u32) {
+    match (old, new) {
+        (state::CLOSE, state::SYN_SENT) => s.opened_ns = now,
+        // srtt_us holds the smoothed RTT times 8; a new child has one sample, from its first
+        // SYN-ACK to the handshake's final ACK.
+        (state::SYN_RECV, state::ESTABLISHED) if srtt_us > 0 => {
+            s.opened_ns = now.saturating_sub(u64::from(srtt_us >> 3) * 1_000)
+        }
+        (state::ESTABLISHED, state::FIN_WAIT1) => {
+            s.teardown_ns = now;
+            s.flags |= socket::TEARDOWN_HERE;
+        }
+        (state::ESTABLISHED, state::CLOSE_WAIT) => {
+            s.teardown_ns = now;
+            s.flags |= socket::TEARDOWN_PEER;
+        }
+        (state::FIN_WAIT1, state::CLOSING) => {
+            if s.flags & (socket::TEARDOWN_HERE | socket::TEARDOWN_PEER) != 0 {
+                s.flags |= socket::TEARDOWN_HERE | socket::TEARDOWN_PEER;
+            }
+        }
+        _ => {}
+    }
+    if new == state::ESTABLISHED {
+        s.established_ns = now;
+    }
+    s.state = new;
+    s.since_ns = now;
+    s.flags |= socket::SINCE_SEEN;
+}
+
+/// Writes what the socket's storage tells into the event: the owner, cgroup, namespace,
+/// service port, the times and the flags (all 0 where there is no storage).
+///
+/// # Safety
+/// `t` must point at a reserved ring buffer record and `s` be null or a socket's storage.
+#[inline(always)]
+unsafe fn write_stamps(t: *mut Transition, s: *const SocketState, skipped: bool) {
+    let comm = addr_of_mut!((*t).comm);
+    if s.is_null() {
+        zero16(comm);
+        addr_of_mut!((*t).pid).write(0);
+        addr_of_mut!((*t).netns).write(0);
+        addr_of_mut!((*t).cgroup).write(0);
+        addr_of_mut!((*t).since_ns).write(0);
+        addr_of_mut!((*t).opened_ns).write(0);
+        addr_of_mut!((*t).established_ns).write(0);
+        addr_of_mut!((*t).teardown_ns).write(0);
+        addr_of_mut!((*t).port).write(0);
+        addr_of_mut!((*t).socket_flags).write(0);
+        addr_of_mut!((*t).reset_reason).write(0);
+    } else {
+        let (from, to) = (addr_of!((*s).comm) as *const u64, comm as *mut u64);
+        to.write(from.read());
+        to.add(1).write(from.add(1).read());
+        addr_of_mut!((*t).pid).write((*s).pid);
+        addr_of_mut!((*t).netns).write((*s).netns);
+        addr_of_mut!((*t).cgroup).write((*s).cgroup);
+        addr_of_mut!((*t).since_ns).write((*s).since_ns);
+        addr_of_mut!((*t).opened_ns).write((*s).opened_ns);
+        addr_of_mut!((*t).established_ns).write((*s).established_ns);
+        addr_of_mut!((*t).teardown_ns).write((*s).teardown_ns);
+        addr_of_mut!((*t).port).write((*s).port);
+        let skipped = if skipped { socket::SKIPPED } else { 0 };
+        addr_of_mut!((*t).socket_flags).write((*s).flags | skipped);
+        addr_of_mut!((*t).reset_reason).write((*s).reset_reason);
+    }
+    addr_of_mut!((*t)._pad).write([0; 4]);
+}
+
+/// Writes what only a transition to CLOSE carries (zeroes elsewhere), and the handshake's
+/// RTT sample at SYN_RECV -> ESTABLISHED.
+///
+/// # Safety
+/// `t` must point at a reserved ring buffer record and `sk` be the tracepoint's socket.
+#[inline(always)]
+unsafe fn write_close(t: *mut Transition, sk: *const u8, old: u8, new: u8, srtt_us: u32) {
+    let (mut srtt_us, mut sk_err, mut flags) = (srtt_us, 0u8, 0u8);
+    let (mut bytes_acked, mut bytes_received, mut rtt_min_us, mut total_retrans) =
+        (0u64, 0u64, 0u32, 0u32);
+    if new == state::CLOSE {
+        // `sk_err` is an `int` of `struct sock`, loaded directly as above.
+        sk_err = field::<i32>(sk, offset!(sk_err)) as u8;
+        if field::<u64>(sk, offset!(sk_flags)) & (1 << SOCK_DONE) != 0 {
+            flags |= close_flags::PEER_FIN;
+        }
+        // The connection's story, for its close record. `bpf_skc_to_tcp_sock` (tracing
+        // programs, Linux 5.9+) returns the socket as a BTF-typed `struct tcp_sock *` (or
+        // null), whose fields are then direct loads: one helper call rather than one per
+        // field.
+        let tp = gen::bpf_skc_to_tcp_sock(sk as *mut c_void) as *const u8;
+        if !tp.is_null() {
+            srtt_us = field::<u32>(tp, offset!(srtt_us));
+            total_retrans = field::<u32>(tp, offset!(total_retrans));
+            bytes_acked = field::<u64>(tp, offset!(bytes_acked));
+            bytes_received = field::<u64>(tp, offset!(bytes_received));
+            rtt_min_us = field::<u32>(tp, offset!(rtt_min));
+            let sent_fin = matches!(
+                old,
+                state::FIN_WAIT1 | state::FIN_WAIT2 | state::CLOSING | state::LAST_ACK
+            );
+            let all_acked =
+                field::<u32>(tp, offset!(snd_una)) == field::<u32>(tp, offset!(write_seq));
+            if sent_fin && all_acked {
+                flags |= close_flags::FIN_ACKED;
+            }
+        }
+    }
+    addr_of_mut!((*t).close_flags).write(flags);
+    addr_of_mut!((*t).bytes_acked).write(bytes_acked);
+    addr_of_mut!((*t).bytes_received).write(bytes_received);
+    addr_of_mut!((*t).rtt_min_us).write(rtt_min_us);
+    addr_of_mut!((*t).total_retrans).write(total_retrans);
+    addr_of_mut!((*t).srtt_us).write(srtt_us);
+    addr_of_mut!((*t).sk_err).write(sk_err);
+}
+
+/// The inode of the socket's network namespace (`net.ns.inum`).
+#[inline(always)]
+fn net_inum(ctx: &BtfTracePointContext, sk: *const u8) -> u32 {
+    // SAFETY: `skc_net` is a `possible_net_t` (one `struct net *`) of `struct sock_common`,
+    // loaded directly; its `ns.inum` is read with the helper (a plain pointer, not a
+    // BTF-typed one).
+    let net = unsafe { field::<u64>(sk, offset!(skc_net)) } as *const u8;
+    read_or_report(ctx, net, offset!(net_inum), field::NET_INUM)
 }
 
 /// This CPU's ring.
@@ -478,8 +688,14 @@ fn reserve() -> Option<(&'static Ring, RingBufEntry<Transition>)> {
 /// # Safety
 /// `t` must point at a reserved ring buffer record and `sk` be a tracepoint's full socket.
 #[inline(always)]
-unsafe fn write_socket(ctx: &BtfTracePointContext, t: *mut Transition, sk: *const u8, family: u16) {
-    addr_of_mut!((*t).time_ns).write(bpf_ktime_get_ns());
+unsafe fn write_socket(
+    ctx: &BtfTracePointContext,
+    t: *mut Transition,
+    sk: *const u8,
+    family: u16,
+    now: u64,
+) {
+    addr_of_mut!((*t).time_ns).write(now);
     addr_of_mut!((*t).skaddr).write(sk as u64);
     // `sk` is the tracepoint's BTF-typed socket, which this helper accepts in tracing programs
     // (Linux 5.12+); it returns the existing cookie or makes one.
@@ -534,68 +750,6 @@ fn submit(ring: &Ring, entry: RingBufEntry<Transition>) {
         BPF_RB_NO_WAKEUP
     };
     entry.submit(flags.into());
-}
-
-/// Writes the owner's command name into `t.comm` and returns its pid, where this transition
-/// names the owner; an empty name and pid 0 otherwise.
-///
-/// The owner is known in process context: when the socket enters SYN_SENT (connect) or LISTEN
-/// (listen). A passive-open child (LISTEN -> SYN_RECV, in softirq) inherits the owner of the
-/// listener on its port, kept here per (network namespace, port). Every other transition
-/// carries pid 0 and userspace, which follows each socket from its first event, fills in the
-/// owner it recorded: no per-event owner lookup here, and the process that happens to run when
-/// a packet arrives is never named.
-///
-/// # Safety
-/// `t` must point at a reserved ring buffer record and `sk` be the tracepoint's socket.
-#[inline(always)]
-unsafe fn write_owner(
-    ctx: &BtfTracePointContext,
-    t: *mut Transition,
-    sk: *const u8,
-    sport: u16,
-    oldstate: u8,
-    newstate: u8,
-) -> u32 {
-    let comm = addr_of_mut!((*t).comm);
-    let listener = |port: u16| ListenerKey {
-        // SAFETY: as above; `skc_net` is a `possible_net_t` (one `struct net *`).
-        net: unsafe { field::<u64>(sk, offset!(skc_net)) },
-        port: u64::from(port),
-    };
-    if newstate == state::SYN_SENT || newstate == state::LISTEN {
-        let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        if gen::bpf_get_current_comm(comm as *mut c_void, COMM_LEN as u32) != 0 {
-            zero16(comm);
-        }
-        if newstate == state::LISTEN {
-            let owner = Owner {
-                skaddr: sk as u64,
-                comm: *comm,
-                pid,
-                _pad: [0; 4],
-            };
-            if LISTENERS.insert(&listener(sport), &owner, 0).is_err() {
-                report(ctx, counter::OWNERS_FULL, u32::from(sport));
-            }
-        }
-        return pid;
-    }
-    if oldstate == state::LISTEN && newstate == state::SYN_RECV {
-        if let Some(parent) = LISTENERS.get_ptr(&listener(sport)) {
-            let (from, to) = (addr_of!((*parent).comm) as *const u64, comm as *mut u64);
-            to.write(from.read());
-            to.add(1).write(from.add(1).read());
-            return (*parent).pid;
-        }
-    } else if oldstate == state::LISTEN && newstate == state::CLOSE {
-        let key = listener(sport);
-        if LISTENERS.get(&key).is_some_and(|l| l.skaddr == sk as u64) {
-            let _ = LISTENERS.remove(&key);
-        }
-    }
-    zero16(comm);
-    0
 }
 
 /// The socket's local port, when it or `dport` passes the port filter.
@@ -741,10 +895,9 @@ fn report(ctx: &BtfTracePointContext, problem: u32, detail: u32) {
         *logged_at = now;
     }
     match problem {
-        counter::OWNERS_FULL => warn!(
+        counter::NO_STORAGE => warn!(
             ctx,
-            "listener table full ({} listening ports): sockets accepted on port {} will have no owner",
-            MAX_LISTENERS,
+            "the kernel gave a socket on port {} no storage (net.core.optmem_max reached, or a dying socket): its events carry no owner, times or service port",
             detail
         ),
         counter::RETRANSMIT_PORTS_FULL => warn!(

@@ -5,13 +5,16 @@
 //! its decoding ([`parse`], pure, unit-tested on messages built with the same crate); the
 //! visit of every network namespace on the host ([`all_namespaces`]) with the facts read
 //! there (`ip_local_port_range`, TcpExt listen counters).
-//! It sees what the tracepoint never reports: TIME-WAIT sockets and request sockets.
+//! It sees what the tracepoint never reports: TIME-WAIT sockets and request sockets; and in
+//! the same dump, each socket's storage in the probe's `SOCKETS` map
+//! (`INET_DIAG_REQ_SK_BPF_STORAGES`, Linux 5.2+), which is what the probe knows of it.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use netlink_packet_core::{
@@ -23,7 +26,7 @@ use netlink_packet_sock_diag::{
     SockDiagMessage,
 };
 use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket};
-use tracer_common::state;
+use tracer_common::{state, SocketState};
 
 /// One socket of the census.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,7 +51,22 @@ pub struct SocketRecord {
     /// The socket's cgroup v2 id (`INET_DIAG_CGROUP_ID`, Linux 5.7+); 0 for TIME-WAIT and
     /// request sockets, which the kernel reports without one.
     pub cgroup: u64,
+    /// What the probe keeps on the socket (`SocketState`), when it has storage: sockets the
+    /// probe saw change state, or whose owner it was given at start. Never for TIME-WAIT and
+    /// request sockets (not full sockets).
+    pub storage: Option<SocketState>,
+    /// The socket's option memory (`sk_omem_alloc`, `INET_DIAG_SKMEMINFO`), where the kernel
+    /// charges its storage; 0 where not reported.
+    pub optmem: u32,
+    /// A full socket: the kernel sent its memory figures, which it does only for full sockets.
+    /// Not for request sockets, nor for TIME-WAIT sockets, which sock_diag reports in their
+    /// substate: `FIN_WAIT2` for one that entered TIME-WAIT from FIN_WAIT2 (what `ss` shows
+    /// as an orphaned FIN-WAIT-2), `TIME_WAIT` otherwise.
+    pub full: bool,
 }
+
+/// The probe's socket storage map, whose values a census asks sock_diag for.
+pub type StorageMap = Arc<OwnedFd>;
 
 /// The census of every namespace, and how many namespaces could not be entered.
 #[derive(Clone, Debug, Default)]
@@ -83,7 +101,7 @@ pub struct NetnsCensus {
 /// through `/proc/*/ns/net`) and those named by `ip netns` (`/run/netns/*`), which may hold
 /// sockets with no process inside. A thread enters each in turn (`setns`). Namespaces that
 /// disappear meanwhile are skipped.
-pub fn all_namespaces() -> Result<HostCensus> {
+pub fn all_namespaces(storage: Option<StorageMap>) -> Result<HostCensus> {
     let own = std::fs::metadata("/proc/thread-self/ns/net")
         .context("reading this thread's network namespace")?
         .ino();
@@ -115,7 +133,8 @@ pub fn all_namespaces() -> Result<HostCensus> {
             cpu: std::time::Duration::ZERO,
         };
         // Our own namespace first, without a setns.
-        out.namespaces.push(netns_census(own)?);
+        let storage = storage.as_deref();
+        out.namespaces.push(netns_census(own, storage)?);
         for (ino, path) in found.into_iter().filter(|(ino, _)| *ino != own) {
             let Ok(ns) = std::fs::File::open(&path) else {
                 out.unreachable += 1;
@@ -126,7 +145,7 @@ pub fn all_namespaces() -> Result<HostCensus> {
                 out.unreachable += 1;
                 continue;
             }
-            match netns_census(ino) {
+            match netns_census(ino, storage) {
                 Ok(c) => out.namespaces.push(c),
                 Err(_) => out.unreachable += 1,
             }
@@ -151,7 +170,7 @@ pub fn thread_cpu_time() -> std::time::Duration {
 }
 
 /// The census of the calling thread's current network namespace.
-fn netns_census(netns: u64) -> Result<NetnsCensus> {
+fn netns_census(netns: u64, storage: Option<&OwnedFd>) -> Result<NetnsCensus> {
     let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .context("reading ip_local_port_range")?;
     let netstat = std::fs::read_to_string("/proc/thread-self/net/netstat")
@@ -164,7 +183,7 @@ fn netns_census(netns: u64) -> Result<NetnsCensus> {
     Ok(NetnsCensus {
         netns,
         dumped_at_ns,
-        sockets: dump_tcp()?,
+        sockets: dump_tcp(storage)?,
         port_range: parse_port_range(&range).context("parsing ip_local_port_range")?,
         listen_overflows: tcp_ext.get("ListenOverflows").copied().unwrap_or(0),
         listen_drops: tcp_ext.get("ListenDrops").copied().unwrap_or(0),
@@ -197,8 +216,9 @@ pub fn parse_netstat(text: &str, section: &str) -> BTreeMap<String, u64> {
         .collect()
 }
 
-/// Every TCP socket, IPv4 and IPv6, in the calling thread's network namespace.
-pub fn dump_tcp() -> Result<Vec<SocketRecord>> {
+/// Every TCP socket, IPv4 and IPv6, in the calling thread's network namespace, with its
+/// storage in `storage` (the probe's map) where it has one.
+pub fn dump_tcp(storage: Option<&OwnedFd>) -> Result<Vec<SocketRecord>> {
     let mut socket =
         Socket::new(NETLINK_SOCK_DIAG).context("opening a sock_diag netlink socket")?;
     socket.bind_auto().context("binding the netlink socket")?;
@@ -207,7 +227,7 @@ pub fn dump_tcp() -> Result<Vec<SocketRecord>> {
         .context("connecting the netlink socket")?;
     let mut records = Vec::new();
     for family in [AF_INET, AF_INET6] {
-        dump_family(&socket, family, &mut records)
+        dump_family(&socket, family, storage, &mut records)
             .with_context(|| format!("sock_diag dump of family {family}"))?;
     }
     Ok(records)
@@ -219,7 +239,12 @@ pub fn dump_tcp() -> Result<Vec<SocketRecord>> {
 /// connected, which `ss` does not show either and which is no connection.
 pub const CENSUS_STATES: u32 = ((1 << 13) - 1) & !1;
 
-fn dump_family(socket: &Socket, family: u8, out: &mut Vec<SocketRecord>) -> Result<()> {
+fn dump_family(
+    socket: &Socket,
+    family: u8,
+    storage: Option<&OwnedFd>,
+    out: &mut Vec<SocketRecord>,
+) -> Result<()> {
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_DUMP;
     let mut request = NetlinkMessage::new(
@@ -227,7 +252,7 @@ fn dump_family(socket: &Socket, family: u8, out: &mut Vec<SocketRecord>) -> Resu
         SockDiagMessage::InetRequest(InetRequest {
             family,
             protocol: IPPROTO_TCP,
-            extensions: ExtensionFlags::empty(),
+            extensions: ExtensionFlags::SKMEMINFO,
             states: StateFlags::from_bits_retain(CENSUS_STATES),
             socket_id: if family == AF_INET {
                 SocketId::new_v4()
@@ -240,6 +265,9 @@ fn dump_family(socket: &Socket, family: u8, out: &mut Vec<SocketRecord>) -> Resu
     request.finalize();
     let mut buf = vec![0; request.buffer_len()];
     request.serialize(&mut buf);
+    if let Some(map) = storage {
+        ask_for_storage(&mut buf, map.as_raw_fd() as u32);
+    }
     socket.send(&buf, 0).context("sending the dump request")?;
 
     let mut receive = vec![0u8; 64 * 1024];
@@ -267,6 +295,10 @@ pub fn parse(mut bytes: &[u8], out: &mut Vec<SocketRecord>) -> Result<bool> {
             NetlinkPayload::Error(e) => bail!("sock_diag answered with an error: {e:?}"),
             NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
                 let h = r.header;
+                let memory = r.nlas.iter().find_map(|n| match n {
+                    Nla::MemInfo(m) => Some(m),
+                    _ => None,
+                });
                 out.push(SocketRecord {
                     state: h.state,
                     local: SocketAddr::new(h.socket_id.source_address, h.socket_id.source_port),
@@ -285,6 +317,9 @@ pub fn parse(mut bytes: &[u8], out: &mut Vec<SocketRecord>) -> Result<bool> {
                         _ => None,
                     },
                     cgroup: r.nlas.iter().find_map(cgroup_id).unwrap_or(0),
+                    storage: r.nlas.iter().find_map(socket_storage),
+                    optmem: memory.map_or(0, |m| m.options),
+                    full: memory.is_some(),
                 });
             }
             _ => {}
@@ -310,6 +345,70 @@ fn cgroup_id(nla: &Nla) -> Option<u64> {
     let mut value = [0u8; 8];
     nla.emit_value(&mut value);
     Some(u64::from_ne_bytes(value))
+}
+
+/// Attribute numbers of `include/uapi/linux/inet_diag.h` and `sock_diag.h`, which the crate
+/// does not name.
+const INET_DIAG_REQ_SK_BPF_STORAGES: u16 = 2;
+const SK_DIAG_BPF_STORAGE_REQ_MAP_FD: u16 = 1;
+const INET_DIAG_SK_BPF_STORAGES: u16 = 20;
+const SK_DIAG_BPF_STORAGE: u16 = 1;
+const SK_DIAG_BPF_STORAGE_MAP_VALUE: u16 = 3;
+const NLA_F_NESTED: u16 = 1 << 15;
+/// `nla_type` masks the nested and byte-order flags off an attribute's type.
+const NLA_TYPE_MASK: u16 = !(NLA_F_NESTED | (1 << 14));
+
+/// Appends to a serialized dump request the attribute that asks for each socket's storage in
+/// map `fd` (`INET_DIAG_REQ_SK_BPF_STORAGES` holding one `SK_DIAG_BPF_STORAGE_REQ_MAP_FD`,
+/// as `ss --bpf-map-id` sends it), and fixes the message's length.
+fn ask_for_storage(request: &mut Vec<u8>, fd: u32) {
+    let inner = 4 + 4;
+    request.extend_from_slice(&((4 + inner) as u16).to_ne_bytes());
+    request.extend_from_slice(&(INET_DIAG_REQ_SK_BPF_STORAGES | NLA_F_NESTED).to_ne_bytes());
+    request.extend_from_slice(&(inner as u16).to_ne_bytes());
+    request.extend_from_slice(&SK_DIAG_BPF_STORAGE_REQ_MAP_FD.to_ne_bytes());
+    request.extend_from_slice(&fd.to_ne_bytes());
+    let len = request.len() as u32;
+    request[..4].copy_from_slice(&len.to_ne_bytes());
+}
+
+/// The probe's `SocketState` in an `INET_DIAG_SK_BPF_STORAGES` attribute: a list of
+/// `SK_DIAG_BPF_STORAGE`, each holding a map id and the value (`bpf_sk_storage_diag_put`).
+/// Only the probe's map is asked for, so the first value of the right size is its own.
+fn socket_storage(nla: &Nla) -> Option<SocketState> {
+    if nla.kind() & NLA_TYPE_MASK != INET_DIAG_SK_BPF_STORAGES {
+        return None;
+    }
+    let mut value = vec![0u8; nla.value_len()];
+    nla.emit_value(&mut value);
+    let state = attributes(&value)
+        .filter(|(kind, _)| *kind == SK_DIAG_BPF_STORAGE)
+        .flat_map(|(_, storage)| attributes(storage))
+        .find(|(kind, v)| {
+            *kind == SK_DIAG_BPF_STORAGE_MAP_VALUE && v.len() == std::mem::size_of::<SocketState>()
+        })
+        // SAFETY: the length was checked and SocketState is plain old data (every bit pattern
+        // valid); read_unaligned does not need the buffer's alignment.
+        .map(|(_, v)| unsafe { std::ptr::read_unaligned(v.as_ptr().cast::<SocketState>()) });
+    state
+}
+
+/// The netlink attributes packed in `bytes` (each a 4-byte header, its value, padding to 4),
+/// as (type without flags, value); stops at the first malformed one.
+fn attributes(mut bytes: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if bytes.len() < 4 {
+            return None;
+        }
+        let len = usize::from(u16::from_ne_bytes([bytes[0], bytes[1]]));
+        let kind = u16::from_ne_bytes([bytes[2], bytes[3]]) & NLA_TYPE_MASK;
+        if len < 4 || len > bytes.len() {
+            return None;
+        }
+        let value = &bytes[4..len];
+        bytes = &bytes[((len + 3) & !3).min(bytes.len())..];
+        Some((kind, value))
+    })
 }
 
 /// `idiag_cookie` is two host-order `u32`s, low word first (`sock_diag_save_cookie`).
@@ -441,6 +540,71 @@ mod tests {
         assert_eq!((out[0].cgroup, out[1].cgroup), (4_242, 0));
     }
 
+    /// One netlink attribute: header, value, padding to 4 bytes.
+    fn attribute(kind: u16, value: &[u8]) -> Vec<u8> {
+        let mut a = Vec::new();
+        a.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
+        a.extend_from_slice(&kind.to_ne_bytes());
+        a.extend_from_slice(value);
+        a.resize((a.len() + 3) & !3, 0);
+        a
+    }
+
+    #[test]
+    fn a_sockets_probe_storage_is_read_from_its_nested_attributes() {
+        let state = SocketState {
+            since_ns: 123,
+            pid: 77,
+            port: 8080,
+            state: 8,
+            flags: tracer_common::socket::SINCE_SEEN,
+            ..Default::default()
+        };
+        // SAFETY: viewing a POD value as its bytes, as the kernel copies it.
+        let value = unsafe {
+            std::slice::from_raw_parts(
+                (&state as *const SocketState).cast::<u8>(),
+                std::mem::size_of::<SocketState>(),
+            )
+        };
+        // As bpf_sk_storage_diag_put nests it: SK_DIAG_BPF_STORAGE { MAP_ID, MAP_VALUE }.
+        let mut storage = attribute(2, &7u32.to_ne_bytes());
+        storage.extend(attribute(SK_DIAG_BPF_STORAGE_MAP_VALUE, value));
+        let list = attribute(SK_DIAG_BPF_STORAGE | NLA_F_NESTED, &storage);
+        let mut full = response(8, 80, 0);
+        if let NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) = &mut full.payload {
+            r.nlas.push(Nla::Other(DefaultNla::new(
+                INET_DIAG_SK_BPF_STORAGES | NLA_F_NESTED,
+                list,
+            )));
+        }
+        full.finalize();
+        let mut out = Vec::new();
+        parse(&bytes(&[full, response(6, 80, 0)]), &mut out).unwrap();
+        assert_eq!((out[0].storage, out[1].storage), (Some(state), None));
+    }
+
+    #[test]
+    fn the_dump_request_asks_for_the_maps_storage_and_keeps_its_length_right() {
+        let mut request = vec![0u8; 72];
+        request[..4].copy_from_slice(&72u32.to_ne_bytes());
+        ask_for_storage(&mut request, 9);
+        assert_eq!(request.len(), 72 + 12);
+        assert_eq!(&request[..4], &84u32.to_ne_bytes());
+        let attrs: Vec<(u16, Vec<u8>)> = attributes(&request[72..])
+            .map(|(k, v)| (k, v.to_vec()))
+            .collect();
+        assert_eq!(attrs.len(), 1);
+        assert_eq!(attrs[0].0, INET_DIAG_REQ_SK_BPF_STORAGES);
+        let inner: Vec<(u16, Vec<u8>)> = attributes(&attrs[0].1)
+            .map(|(k, v)| (k, v.to_vec()))
+            .collect();
+        assert_eq!(
+            inner,
+            vec![(SK_DIAG_BPF_STORAGE_REQ_MAP_FD, 9u32.to_ne_bytes().to_vec())]
+        );
+    }
+
     #[test]
     fn a_datagram_without_done_asks_for_more() {
         let mut out = Vec::new();
@@ -460,6 +624,9 @@ mod tests {
             inode: 0,
             cookie: 0,
             retransmit: None,
+            storage: None,
+            optmem: 0,
+            full: false,
         };
         let counts = count_by_state(&[r(12), r(3), r(6), r(6), r(1)]);
         assert_eq!(counts[state::SYN_RECV as usize], 2);

@@ -93,9 +93,10 @@ pub struct RunArgs {
     /// Distinct `port` label values at most (without --port).
     #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub max_ports: u16,
-    /// Sockets followed at most; when full, the one seen longest ago is evicted (and counted).
-    #[arg(long, value_name = "N", default_value_t = 524_288, value_parser = clap::value_parser!(u32).range(1..))]
-    pub max_sockets: u32,
+    /// No effect: kept so that older command lines still start (the agent keeps no table of
+    /// sockets; each socket's state is on the socket, in the kernel).
+    #[arg(long, value_name = "N", hide = true)]
+    pub max_sockets: Option<u32>,
     /// Size of each CPU's kernel-to-userspace ring buffer: a power of two, e.g. 256K, 4M
     /// (the memory it takes is this times the number of CPUs).
     #[arg(long, value_name = "BYTES", default_value = "1M", value_parser = parse_size)]

@@ -208,6 +208,13 @@ pub(crate) mod tests {
             bytes_received: 0,
             rtt_min_us: 0,
             total_retrans: 0,
+            since_ns: 0,
+            opened_ns: 0,
+            established_ns: 0,
+            teardown_ns: 0,
+            port: 8080,
+            socket_flags: 0,
+            _pad: [0; 4],
         }
     }
 

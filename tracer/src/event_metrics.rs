@@ -13,7 +13,7 @@ use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, R
 use crate::event::{state_name, STATE_NAMES};
 use crate::pods::PodAttribution;
 use crate::ports::{PortLabels, Use, OTHER};
-use crate::sockets::{Failure, Mode, Observation, Teardown};
+use crate::stream::{Failure, Mode, Observation, Teardown};
 
 /// Handshake and teardown buckets (seconds): from tens of microseconds (loopback) to a minute,
 /// with an edge between every SYN retransmission step. With an initial RTO of 1 s, classic

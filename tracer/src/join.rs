@@ -1,47 +1,40 @@
-//! The census join: every socket a census found, with what the socket table knows of it (by
-//! cookie), and the table corrected by what the census shows.
+//! The census join: every socket a census found, with what the probe keeps on it (its socket
+//! storage, read in the same sock_diag dump): exact ages, owners and service ports, however
+//! many events were lost on the way to the agent.
 //!
 //! Owns: ages and where they come from, owners and service ports of census sockets, the
 //! figures that only a census gives (stuck sockets, TIME-WAIT, ephemeral ports, listen
-//! queues), and the corrections: a socket whose transition the agent lost takes the census's
-//! state with a lower-bound age; a followed socket that the census no longer shows (its CLOSE
-//! was lost) is dropped. Does not own: taking the census (`census`), when it runs (`scrape`),
-//! what is stuck (`stuck`).
-//!
-//! The table is shared with the event reader: the join holds its lock for a few thousand
-//! sockets at a time, never for the whole census. The caller makes sure the reader has applied
-//! every event stamped before the census ended (see `scrape`), so that a difference between
-//! the two is a lost event, not one still in flight.
+//! queues), and the few sockets whose storage does not tell their age (older than the probe,
+//! refused storage, or found in a state the probe did not see them enter), which get a lower
+//! bound kept from census to census. Does not own: taking the census (`census`), when it runs
+//! (`scrape`), what is stuck (`stuck`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 
-use parking_lot::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use tracer_common::state;
+use tracer_common::{socket, state};
 
 use crate::census::HostCensus;
-use crate::sockets::{Since, SocketTable};
+use crate::owners::Holder;
 use crate::stuck::{request_age, Thresholds};
-
-/// Sockets looked up per hold of the table's lock.
-const CHUNK: usize = 4_096;
 
 /// Where a socket's age comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AgeSource {
-    /// The agent saw the transition into the state: exact.
+    /// The probe saw the transition into the state: exact.
     Transition,
-    /// The socket was there when the agent started: the agent's uptime, a lower bound.
+    /// The socket was in its state when the agent started: the agent's uptime, a lower bound.
     AgentStart,
-    /// The agent lost the transition into this state; a census found it there: time since
-    /// that census, a lower bound.
+    /// The probe did not see the socket enter this state (a skipped transition, or a socket
+    /// the kernel gave no storage); a census found it there: time since that census, a lower
+    /// bound.
     Census,
     /// A request socket: derived from its SYN-ACK timer (`stuck::request_age`), a close lower
     /// bound.
     SynAckTimer,
-    /// No age: nothing tells it (a TIME-WAIT socket, or the table was full).
+    /// No age: nothing tells it (a TIME-WAIT socket).
     Unknown,
 }
 
@@ -62,14 +55,6 @@ impl AgeSource {
             self,
             AgeSource::AgentStart | AgeSource::Census | AgeSource::SynAckTimer
         )
-    }
-
-    fn of(since: Since) -> AgeSource {
-        match since {
-            Since::Transition => AgeSource::Transition,
-            Since::AgentStart => AgeSource::AgentStart,
-            Since::Census => AgeSource::Census,
-        }
     }
 }
 
@@ -122,20 +107,23 @@ impl Destination {
     }
 }
 
-/// What the join changed in the table.
+/// What the census found that the probe's storage did not tell, counted once per socket.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Corrections {
-    /// Followed sockets found in another state than the table's (a transition was lost).
+    /// Sockets found in another state than the one the probe saw them enter (a transition
+    /// the probe did not see).
     pub state_corrected: u64,
-    /// Sockets found that the table did not follow (their opening was lost), now followed.
+    /// Sockets found after start without storage (the kernel refused it: see
+    /// `tracer_probe_errors_total{error="no_storage"}`).
     pub added: u64,
-    /// Followed sockets the census no longer shows (their CLOSE was lost), dropped.
+    /// Always 0: nothing is kept that a census could find gone (the kernel frees each
+    /// socket's storage with it). The series stays for dashboards that read it.
     pub dropped: u64,
-    /// Sockets whose owner the probe never named, named from `/proc` ([`name_owners`]).
+    /// Sockets whose owner the probe does not know, named from `/proc` ([`name_owners`]).
     pub owner_found: u64,
 }
 
-/// Everything a census tells, joined with the agent's table. Ports are service ports.
+/// Everything a census tells, joined with what the probe keeps. Ports are service ports.
 #[derive(Clone, Debug, Default)]
 pub struct Joined {
     pub sockets: Vec<SocketView>,
@@ -155,47 +143,50 @@ pub struct Joined {
     /// label policy's seed (see `ports`): (port, sockets, listening).
     pub services: Vec<(u16, u64, bool)>,
     pub corrections: Corrections,
+    /// Sockets with the probe's storage, and the option memory the kernel charges them (where
+    /// their storage is).
+    pub stored: u64,
+    pub stored_bytes: u64,
 }
 
-/// What a census saw that the next one must confirm before the table changes.
+/// What one census leaves the next: the sockets whose age the probe's storage does not tell,
+/// and owners found in `/proc`. It holds only those (and only while they last): every other
+/// socket's state is on the socket.
 #[derive(Debug, Default)]
 pub struct Sightings {
-    /// Sockets found that the table does not follow, by cookie: their state and when that
-    /// census began. One is added only when the next census finds it again in the same state:
-    /// a socket that closed between a census and its join (and so already left the table)
-    /// must not come back as a ghost.
-    unfollowed: HashMap<u64, (u8, u64)>,
-    /// Followed sockets not found, by cookie. One is dropped only when the next census does
-    /// not find it either: a CLOSE still on its way to the table must not be taken for a lost
-    /// one. (The reader has applied every event stamped before the census, on the assumption
-    /// that the probe commits an event within `ring::HOLD_BACK_NS` of stamping it; a virtual
-    /// CPU descheduled in between, as under emulation or CPU steal, commits it later.)
-    missing: HashSet<u64>,
+    /// CLOCK_MONOTONIC when the probe was attached.
+    started_ns: u64,
+    /// Censuses joined so far.
+    censuses: u64,
+    /// Full sockets whose storage does not say when they entered their state, by cookie: the
+    /// state they were found in, since when at the latest, and why. Kept while censuses find
+    /// them in that state.
+    unaged: HashMap<u64, (u8, u64, AgeSource)>,
+    /// Owners found in `/proc` for sockets the probe knows none of, by cookie.
+    owners: HashMap<u64, Holder>,
+    /// Inodes looked for in `/proc` and not found (a process this agent cannot see).
+    not_found: HashSet<u64>,
 }
 
-/// How the join may change the table.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    /// The first census at start: sockets the table does not follow were there before the
-    /// agent, since `started_ns` at the latest.
-    AtStart { started_ns: u64 },
-    /// Later censuses, once the reader caught up: correct the table.
-    Correct,
-    /// The reader did not catch up with the census: read the table, change nothing.
-    ReadOnly,
+impl Sightings {
+    /// Before the first census of an agent whose probe was attached at `started_ns`.
+    pub fn new(started_ns: u64) -> Sightings {
+        Sightings {
+            started_ns,
+            ..Default::default()
+        }
+    }
 }
 
-/// Names the owner of each listed socket the probe never named (pid 0) that a process holds
-/// (an inode): as `find` finds them (`owners::find`), in the listing and in the table, so its
-/// later events carry it too. Request sockets keep their listener's. `not_found` holds the
-/// inodes looked for before and not found (a process this agent cannot see, say): they are
-/// not looked for again while they last, so that a walk of `/proc` happens only for new
+/// Names the owner of each listed socket the probe knows none of (pid 0) that a process
+/// holds (an inode), as `find` finds them (`owners::find`), and keeps the name for the next
+/// censuses. Request sockets keep their listener's. Inodes looked for before and not found
+/// are not looked for again while they last, so that a walk of `/proc` happens only for new
 /// sockets. Returns how many were named.
 pub fn name_owners(
     joined: &mut Joined,
-    table: &Mutex<SocketTable>,
-    not_found: &mut HashSet<u64>,
-    find: impl FnOnce(&HashSet<u64>) -> HashMap<u64, crate::owners::Holder>,
+    sightings: &mut Sightings,
+    find: impl FnOnce(&HashSet<u64>) -> HashMap<u64, Holder>,
 ) -> u64 {
     let unowned = |v: &SocketView| v.pid == 0 && v.inode != 0;
     let unowned_now: HashSet<u64> = joined
@@ -204,6 +195,7 @@ pub fn name_owners(
         .filter(|v| unowned(v))
         .map(|v| u64::from(v.inode))
         .collect();
+    let not_found = &mut sightings.not_found;
     not_found.retain(|i| unowned_now.contains(i));
     let wanted: HashSet<u64> = unowned_now.difference(not_found).copied().collect();
     if wanted.is_empty() {
@@ -211,35 +203,30 @@ pub fn name_owners(
     }
     let found = find(&wanted);
     not_found.extend(wanted.iter().filter(|i| !found.contains_key(i)));
-    let mut named = Vec::new();
+    let mut named = 0;
     for v in joined.sockets.iter_mut().filter(|v| unowned(v)) {
         if let Some(&(pid, comm)) = found.get(&u64::from(v.inode)) {
             (v.pid, v.comm) = (pid, comm);
-            named.push((v.cookie, pid, comm));
+            sightings.owners.insert(v.cookie, (pid, comm));
+            named += 1;
         }
     }
-    // In chunks, as the join does: the event reader waits for the table at most one chunk.
-    for chunk in named.chunks(CHUNK) {
-        let mut t = table.lock();
-        for &(cookie, pid, comm) in chunk {
-            t.set_owner(cookie, pid, comm);
-        }
-        MutexGuard::unlock_fair(t);
-    }
-    named.len() as u64
+    named
 }
 
-/// Joins `census` with `table`. `now_ns` is CLOCK_MONOTONIC, the probe's clock.
+/// Joins `census` with what the probe keeps on each socket. `now_ns` is CLOCK_MONOTONIC, the
+/// probe's clock.
 pub fn join(
     census: &HostCensus,
-    table: &Mutex<SocketTable>,
     sightings: &mut Sightings,
     thresholds: &Thresholds,
-    mode: Mode,
     now_ns: u64,
 ) -> Joined {
     let mut out = Joined::default();
-    let mut unfollowed_now = HashMap::new();
+    let first = sightings.censuses == 0;
+    sightings.censuses += 1;
+    let mut unaged_now = HashMap::new();
+    let mut present = HashSet::new();
     // Sized once: a vector grown by doubling would hold up to twice the sockets' memory.
     out.sockets
         .reserve_exact(census.namespaces.iter().map(|n| n.sockets.len()).sum());
@@ -253,161 +240,132 @@ pub fn join(
             .map(|r| r.local.port())
             .collect();
         let (lo, hi) = ns.port_range;
-        let netns = ns.netns as u32;
-        let first = out.sockets.len();
-        for chunk in ns.sockets.chunks(CHUNK) {
-            let mut table = table.lock();
-            for r in chunk {
-                let census_state = if r.state == state::NEW_SYN_RECV {
-                    state::SYN_RECV
-                } else {
-                    r.state
-                };
-                // sock_diag reports request sockets as SYN_RECV with their SYN-ACK timer
-                // (inet_req_diag_fill); they never pass the tracepoint.
-                let request = census_state == state::SYN_RECV && r.inode == 0;
-                let mut info = table.get(r.cookie);
-                let mut view_state = census_state;
-                if census_state == state::TIME_WAIT || request {
-                    // Not a full socket: the table follows none of these. A TIME-WAIT socket
-                    // carries the cookie of the socket it replaced, whose CLOSE was lost.
-                    if info.is_some() && mode != Mode::ReadOnly {
-                        table.forget(r.cookie);
-                        out.corrections.dropped += 1;
-                    }
-                    info = None;
-                } else {
-                    match (info, mode) {
-                        (Some(i), _) if i.state == census_state => {}
-                        // The table saw it change after the dump began: the table is newer.
-                        (Some(i), _) if i.since_ns >= ns.dumped_at_ns => view_state = i.state,
-                        (Some(_), Mode::ReadOnly) => info = None,
-                        (Some(_), _) => {
-                            table.correct(
-                                r.cookie,
-                                census_state,
-                                ns.dumped_at_ns,
-                                Since::Census,
-                                netns,
-                                r.cgroup,
-                            );
-                            out.corrections.state_corrected += 1;
-                            info = table.get(r.cookie);
-                        }
-                        (None, Mode::ReadOnly) => {}
-                        (None, Mode::AtStart { started_ns }) => {
-                            table.correct(
-                                r.cookie,
-                                census_state,
-                                started_ns,
-                                Since::AgentStart,
-                                netns,
-                                r.cgroup,
-                            );
-                            info = table.get(r.cookie);
-                        }
-                        (None, Mode::Correct) => match sightings.unfollowed.get(&r.cookie) {
-                            // Found by the previous census too, in this state: add it, in
-                            // that state since that census at the latest.
-                            Some(&(state, since_ns)) if state == census_state => {
-                                if table.correct(
-                                    r.cookie,
-                                    state,
-                                    since_ns,
-                                    Since::Census,
-                                    netns,
-                                    r.cgroup,
-                                ) {
-                                    out.corrections.added += 1;
-                                }
-                                info = table.get(r.cookie);
-                            }
-                            _ => {
-                                unfollowed_now.insert(r.cookie, (census_state, ns.dumped_at_ns));
-                            }
-                        },
-                    }
-                }
-                // Counted as listed: in the table's state when it changed during the dump.
-                if let Some(c) = out.by_state.get_mut(view_state as usize) {
-                    *c += 1;
-                }
-                // The service port: as the table learnt it when the socket opened; else the
-                // local port when something listens on it (or the socket listens), else the
-                // remote one.
-                let local_is_service = listening.contains(&r.local.port());
-                let port = match info.map(|i| i.port).filter(|&p| p != 0) {
-                    Some(p) => p,
-                    None if local_is_service || census_state == state::LISTEN => r.local.port(),
-                    None => r.remote.port(),
-                };
-                if census_state == state::LISTEN {
-                    let q = out.listen_queue.entry(port).or_default();
-                    q.0 += u64::from(r.rqueue);
-                    q.1 += u64::from(r.wqueue);
-                    *services.entry((port, true)).or_default() += 0;
-                } else if local_is_service {
-                    *services.entry((r.local.port(), true)).or_default() += 1;
-                } else if (lo..=hi).contains(&r.local.port())
-                    && !(lo..=hi).contains(&r.remote.port())
-                {
-                    // This host connected from an ephemeral port to a service port.
-                    *services.entry((r.remote.port(), false)).or_default() += 1;
-                }
-                if census_state == state::TIME_WAIT {
-                    *out.time_wait.entry(port).or_default() += 1;
-                }
-                if census_state != state::LISTEN
-                    && !local_is_service
-                    && (lo..=hi).contains(&r.local.port())
-                {
-                    *per_destination
-                        .entry((ns.netns, r.local.ip(), r.remote))
-                        .or_default() += 1;
-                }
-                let (entered_ns, age_source) =
-                    match (info, r.retransmit) {
-                        (Some(i), _) => (Some(i.since_ns), AgeSource::of(i.since)),
-                        (None, Some((expires, retransmits))) if request => (
-                            Some(now_ns.saturating_sub(
-                                request_age(expires, retransmits).as_nanos() as u64,
-                            )),
-                            AgeSource::SynAckTimer,
-                        ),
-                        (None, _) => (None, AgeSource::Unknown),
-                    };
-                let (pid, comm) = info.map_or((0, [0; 16]), |i| (i.pid, i.comm));
-                // The cgroup the probe read when the socket opened, else sock_diag's (full
-                // sockets only: TIME-WAIT and request sockets have none there).
-                let cgroup = info.map_or(0, |i| i.cgroup);
-                let cgroup = if cgroup != 0 { cgroup } else { r.cgroup };
-                out.sockets.push(SocketView {
-                    netns: ns.netns,
-                    state: view_state,
-                    local: r.local,
-                    remote: r.remote,
-                    entered_ns,
-                    age_source,
-                    pid,
-                    comm,
-                    cgroup,
-                    port,
-                    cookie: r.cookie,
-                    inode: r.inode,
-                });
+        let first_socket = out.sockets.len();
+        for r in &ns.sockets {
+            present.insert(r.cookie);
+            let census_state = if r.state == state::NEW_SYN_RECV {
+                state::SYN_RECV
+            } else {
+                r.state
+            };
+            // sock_diag reports request sockets as SYN_RECV with their SYN-ACK timer
+            // (inet_req_diag_fill); they never pass the tracepoint. Neither they nor TIME-WAIT
+            // sockets (some shown in their FIN_WAIT2 substate) are full sockets: they have no
+            // storage, and no age but the request's timer.
+            let full = r.full;
+            let request = census_state == state::SYN_RECV && !full;
+            let stored = r.storage.filter(|_| full);
+            if stored.is_some() {
+                out.stored += 1;
+                out.stored_bytes += u64::from(r.optmem);
             }
-            // Hand the table to the event reader if it is waiting, rather than taking it
-            // straight back for the next chunk.
-            MutexGuard::unlock_fair(table);
+            if let Some(c) = out.by_state.get_mut(census_state as usize) {
+                *c += 1;
+            }
+            // The service port: as the probe learnt it when the socket opened; else the
+            // local port when something listens on it (or the socket listens), else the
+            // remote one.
+            let local_is_service = listening.contains(&r.local.port());
+            let port = match stored.map(|s| s.port).filter(|&p| p != 0) {
+                Some(p) => p,
+                None if local_is_service || census_state == state::LISTEN => r.local.port(),
+                None => r.remote.port(),
+            };
+            if census_state == state::LISTEN {
+                let q = out.listen_queue.entry(port).or_default();
+                q.0 += u64::from(r.rqueue);
+                q.1 += u64::from(r.wqueue);
+                *services.entry((port, true)).or_default() += 0;
+            } else if local_is_service {
+                *services.entry((r.local.port(), true)).or_default() += 1;
+            } else if (lo..=hi).contains(&r.local.port()) && !(lo..=hi).contains(&r.remote.port()) {
+                // This host connected from an ephemeral port to a service port.
+                *services.entry((r.remote.port(), false)).or_default() += 1;
+            }
+            if census_state == state::TIME_WAIT {
+                *out.time_wait.entry(port).or_default() += 1;
+            }
+            if census_state != state::LISTEN
+                && !local_is_service
+                && (lo..=hi).contains(&r.local.port())
+            {
+                *per_destination
+                    .entry((ns.netns, r.local.ip(), r.remote))
+                    .or_default() += 1;
+            }
+            let exact =
+                stored.filter(|s| s.state == census_state && s.flags & socket::SINCE_SEEN != 0);
+            let (entered_ns, age_source) = match (exact, r.retransmit) {
+                (Some(s), _) => (Some(s.since_ns), AgeSource::Transition),
+                (None, Some((expires, retransmits))) if request => (
+                    Some(
+                        now_ns.saturating_sub(request_age(expires, retransmits).as_nanos() as u64),
+                    ),
+                    AgeSource::SynAckTimer,
+                ),
+                (None, _) if !full => (None, AgeSource::Unknown),
+                (None, _) => {
+                    let kept = sightings
+                        .unaged
+                        .get(&r.cookie)
+                        .filter(|(s, _, _)| *s == census_state)
+                        .map(|&(_, since, source)| (since, source));
+                    let (since, source) = kept.unwrap_or_else(|| {
+                        // No transition since the probe was attached: storage it was only
+                        // given at start (state 0), or none at the first census.
+                        let before_probe = stored.map_or(first, |s| s.state == 0);
+                        if before_probe {
+                            (sightings.started_ns, AgeSource::AgentStart)
+                        } else {
+                            if stored.is_some() {
+                                out.corrections.state_corrected += 1;
+                            } else {
+                                out.corrections.added += 1;
+                            }
+                            (ns.dumped_at_ns, AgeSource::Census)
+                        }
+                    });
+                    unaged_now.insert(r.cookie, (census_state, since, source));
+                    (Some(since), source)
+                }
+            };
+            let (pid, comm) = match stored.filter(|s| s.pid != 0) {
+                Some(s) => (s.pid, s.comm),
+                None => sightings
+                    .owners
+                    .get(&r.cookie)
+                    .copied()
+                    .unwrap_or((0, [0; 16])),
+            };
+            // The cgroup the probe read from the socket, else sock_diag's (full sockets only:
+            // TIME-WAIT and request sockets have none there).
+            let cgroup = match stored.map_or(0, |s| s.cgroup) {
+                0 => r.cgroup,
+                c => c,
+            };
+            out.sockets.push(SocketView {
+                netns: ns.netns,
+                state: census_state,
+                local: r.local,
+                remote: r.remote,
+                entered_ns,
+                age_source,
+                pid,
+                comm,
+                cgroup,
+                port,
+                cookie: r.cookie,
+                inode: r.inode,
+            });
         }
         // A request socket belongs to its listener (the probe credits a passive child the
         // same way).
-        let owners: HashMap<u16, (u32, [u8; 16], u64)> = out.sockets[first..]
+        let owners: HashMap<u16, (u32, [u8; 16], u64)> = out.sockets[first_socket..]
             .iter()
             .filter(|v| v.state == state::LISTEN && (v.pid != 0 || v.cgroup != 0))
             .map(|v| (v.local.port(), (v.pid, v.comm, v.cgroup)))
             .collect();
-        for v in &mut out.sockets[first..] {
+        for v in &mut out.sockets[first_socket..] {
             if v.age_source == AgeSource::SynAckTimer {
                 if let Some(&(pid, comm, cgroup)) = owners.get(&v.local.port()) {
                     (v.pid, v.comm, v.cgroup) = (pid, comm, cgroup);
@@ -415,13 +373,15 @@ pub fn join(
             }
         }
     }
-    if mode != Mode::ReadOnly {
-        let (dropped, missing) = drop_gone(census, table, &sightings.missing);
-        out.corrections.dropped += dropped;
-        *sightings = Sightings {
-            unfollowed: unfollowed_now,
-            missing,
-        };
+    // What is kept lasts as long as its socket: a census that could not visit every
+    // namespace keeps what it did not see.
+    if census.unreachable == 0 {
+        sightings.unaged = unaged_now;
+        sightings
+            .owners
+            .retain(|cookie, _| present.contains(cookie));
+    } else {
+        sightings.unaged.extend(unaged_now);
     }
     for v in &out.sockets {
         let Some(age) = v.age(now_ns) else { continue };
@@ -456,62 +416,17 @@ pub fn join(
     out
 }
 
-/// Drops followed sockets that this census and the one before (`missing_before`) no longer
-/// show and that the table saw nothing of since the dump of their namespace began: their
-/// CLOSE was lost. A socket of a namespace the census could not visit is kept; one whose
-/// namespace is not known only when the census visited every namespace. Returns how many were
-/// dropped, and the sockets missing for the first time.
-fn drop_gone(
-    census: &HostCensus,
-    table: &Mutex<SocketTable>,
-    missing_before: &HashSet<u64>,
-) -> (u64, HashSet<u64>) {
-    let present: HashSet<u64> = census
-        .namespaces
-        .iter()
-        .flat_map(|ns| ns.sockets.iter().map(|r| r.cookie))
-        .collect();
-    let dumped_at: HashMap<u32, u64> = census
-        .namespaces
-        .iter()
-        .map(|ns| (ns.netns as u32, ns.dumped_at_ns))
-        .collect();
-    let everywhere = census.unreachable == 0;
-    let first_dump = dumped_at.values().copied().min().unwrap_or(0);
-    let (mut dropped, mut missing) = (0, HashSet::new());
-    table.lock().start_sweep();
-    loop {
-        let mut t = table.lock();
-        let (n, done) = t.sweep(CHUNK, |cookie, info| {
-            let before = match dumped_at.get(&info.netns) {
-                Some(&at) => at,
-                None if info.netns == 0 && everywhere => first_dump,
-                None => return false,
-            };
-            let gone = info.since_ns < before && !present.contains(&cookie);
-            if gone && !missing_before.contains(&cookie) {
-                missing.insert(cookie);
-                return false;
-            }
-            gone
-        });
-        MutexGuard::unlock_fair(t);
-        dropped += n;
-        if done {
-            return (dropped, missing);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::census::{NetnsCensus, SocketRecord};
     use crate::event::comm_text;
-    use crate::event::tests::transition;
+    use tracer_common::SocketState;
 
     const S: u64 = 1_000_000_000;
     const NS: u64 = 4026531840;
+    /// When the probe was attached, in these tests.
+    const STARTED: u64 = 9 * S;
 
     fn rec(state: u8, local: &str, remote: &str, cookie: u64) -> SocketRecord {
         SocketRecord {
@@ -524,62 +439,23 @@ mod tests {
             cookie,
             retransmit: None,
             cgroup: 0,
+            storage: None,
+            optmem: 0,
+            full: !matches!(state, state::TIME_WAIT),
         }
     }
 
-    #[test]
-    fn sockets_older_than_the_agent_are_named_by_who_holds_them() {
-        let t = table();
-        let mut listener = rec(state::LISTEN, "0.0.0.0:5432", "0.0.0.0:0", 11);
-        let mut leak = rec(state::CLOSE_WAIT, "127.0.0.1:5432", "127.0.0.1:40001", 12);
-        let mut orphan = rec(state::FIN_WAIT2, "127.0.0.1:5432", "127.0.0.1:40002", 13);
-        (listener.inode, leak.inode, orphan.inode) = (501, 502, 0);
-        let c = census(vec![listener, leak, orphan], 10 * S);
-        let at_start = Mode::AtStart { started_ns: 9 * S };
-        let mut j = join_once(&c, &t, &Thresholds::default(), at_start, 10 * S);
-        assert!(j.sockets.iter().all(|v| v.pid == 0));
-        let comm = *b"postgres\0\0\0\0\0\0\0\0";
-        let mut asked = HashSet::new();
-        let mut not_found = HashSet::new();
-        let named = name_owners(&mut j, &t, &mut not_found, |wanted| {
-            asked = wanted.clone();
-            HashMap::from([(501, (40, comm)), (502, (41, comm))])
-        });
-        // The orphan (no file holds it: inode 0) is not looked for.
-        assert_eq!((named, asked), (2, HashSet::from([501, 502])));
-        let pids: Vec<(u64, u32)> = j.sockets.iter().map(|v| (v.cookie, v.pid)).collect();
-        assert_eq!(pids, vec![(11, 40), (12, 41), (13, 0)]);
-        // Kept in the table: the next census names them without looking.
-        assert_eq!(t.lock().get(12).map(|i| (i.pid, i.comm)), Some((41, comm)));
-        let mut again = join_once(&c, &t, &Thresholds::default(), Mode::Correct, 11 * S);
-        assert_eq!(
-            name_owners(&mut again, &t, &mut not_found, |_| unreachable!()),
-            0
-        );
-        assert_eq!(again.sockets[1].pid, 41);
-        assert!(!t.lock().set_owner(12, 99, comm), "a known owner stays");
-        // One that no process shows is looked for once, then not while it lasts.
-        let mut hidden = rec(state::ESTABLISHED, "127.0.0.1:5432", "127.0.0.1:40003", 14);
-        hidden.inode = 503;
-        let c = census(vec![hidden], 12 * S);
-        let mut looks = 0;
-        for _ in 0..3 {
-            let mut j = join_once(&c, &t, &Thresholds::default(), Mode::Correct, 12 * S);
-            name_owners(&mut j, &t, &mut not_found, |_| {
-                looks += 1;
-                HashMap::new()
-            });
-        }
-        assert_eq!((looks, not_found.len()), (1, 1));
-        let mut gone = join_once(
-            &census(vec![], 13 * S),
-            &t,
-            &Thresholds::default(),
-            Mode::Correct,
-            13 * S,
-        );
-        name_owners(&mut gone, &t, &mut not_found, |_| unreachable!());
-        assert!(not_found.is_empty(), "forgotten once gone");
+    /// Storage the probe wrote when it saw the socket enter `state` at `since_ns`.
+    fn seen(state: u8, since_ns: u64, pid: u32, port: u16) -> Option<SocketState> {
+        Some(SocketState {
+            state,
+            since_ns,
+            pid,
+            comm: *b"leaky\0\0\0\0\0\0\0\0\0\0\0",
+            port,
+            flags: socket::SINCE_SEEN,
+            ..Default::default()
+        })
     }
 
     fn census(sockets: Vec<SocketRecord>, dumped_at_ns: u64) -> HostCensus {
@@ -596,54 +472,27 @@ mod tests {
     }
 
     /// A join with no earlier census.
-    fn join_once(
-        census: &HostCensus,
-        table: &Mutex<SocketTable>,
-        thresholds: &Thresholds,
-        mode: Mode,
-        now_ns: u64,
-    ) -> Joined {
+    fn join_once(census: &HostCensus, now_ns: u64) -> Joined {
         join(
             census,
-            table,
-            &mut Sightings::default(),
-            thresholds,
-            mode,
+            &mut Sightings::new(STARTED),
+            &Thresholds::default(),
             now_ns,
         )
     }
 
-    fn table() -> Mutex<SocketTable> {
-        Mutex::new(SocketTable::new(64))
-    }
-
     #[test]
-    fn a_close_wait_seen_entering_gets_its_age_owner_and_is_stuck_past_the_threshold() {
-        let t = table();
-        // Socket 2 (cookie 1_000_002): accepted on 8080 at 5 s, peer closed at 10 s.
-        let mut open = transition(2, 5 * S, state::LISTEN, state::SYN_RECV);
-        (open.sport, open.dport, open.pid) = (8080, 40001, 77);
-        open.comm = *b"leaky\0\0\0\0\0\0\0\0\0\0\0";
-        t.lock().observe(&open);
-        let mut est = transition(2, 5 * S, state::SYN_RECV, state::ESTABLISHED);
-        est.pid = 0;
-        t.lock().observe(&est);
-        let mut cw = transition(2, 10 * S, state::ESTABLISHED, state::CLOSE_WAIT);
-        cw.pid = 0;
-        t.lock().observe(&cw);
+    fn a_close_wait_the_probe_saw_entering_gets_its_exact_age_owner_and_is_stuck_past_the_threshold(
+    ) {
+        // Accepted on 8080, the peer closed at 10 s: the probe's storage says so, whatever
+        // the agent read of its events.
+        let mut leak = rec(state::CLOSE_WAIT, "127.0.0.1:8080", "127.0.0.1:40001", 2);
+        leak.storage = seen(state::CLOSE_WAIT, 10 * S, 77, 8080);
         let c = census(
-            vec![
-                rec(state::LISTEN, "127.0.0.1:8080", "0.0.0.0:0", 1),
-                rec(
-                    state::CLOSE_WAIT,
-                    "127.0.0.1:8080",
-                    "127.0.0.1:40001",
-                    1_000_002,
-                ),
-            ],
+            vec![rec(state::LISTEN, "127.0.0.1:8080", "0.0.0.0:0", 1), leak],
             74 * S,
         );
-        let j = join_once(&c, &t, &Thresholds::default(), Mode::Correct, 75 * S);
+        let j = join_once(&c, 75 * S);
         let v = &j.sockets[1];
         assert_eq!(
             (
@@ -666,60 +515,53 @@ mod tests {
             j.oldest.get(&state::CLOSE_WAIT),
             Some(&Duration::from_secs(65))
         );
-        // The listener was not followed: one census is not enough to add it (see the test
-        // of unfollowed sockets).
         assert_eq!(j.corrections, Corrections::default());
     }
 
     #[test]
     fn sockets_from_before_the_agent_are_at_least_its_uptime() {
-        let t = table();
-        let c = census(
-            vec![
-                rec(state::CLOSE_WAIT, "127.0.0.1:9000", "127.0.0.1:50000", 5),
-                rec(state::LISTEN, "127.0.0.1:9000", "0.0.0.0:0", 6),
-            ],
-            30 * S,
-        );
-        let j = join_once(
-            &c,
-            &t,
-            &Thresholds::default(),
-            Mode::AtStart { started_ns: 30 * S },
-            30 * S,
-        );
+        // One seeded at start (its owner, no state: no transition since), one without storage
+        // (an orphan no process holds); both were there before the probe.
+        let mut seeded = rec(state::CLOSE_WAIT, "127.0.0.1:9000", "127.0.0.1:50000", 5);
+        seeded.storage = Some(SocketState {
+            pid: 41,
+            flags: socket::SEEDED,
+            ..Default::default()
+        });
+        let orphan = rec(state::FIN_WAIT2, "127.0.0.1:9000", "127.0.0.1:50001", 6);
+        let listener = rec(state::LISTEN, "127.0.0.1:9000", "0.0.0.0:0", 7);
+        let c = census(vec![seeded, orphan, listener], 30 * S);
+        let mut sightings = Sightings::new(STARTED);
+        let thresholds = Thresholds::default();
+        let j = join(&c, &mut sightings, &thresholds, 30 * S);
         assert_eq!(j.sockets[0].age_source, AgeSource::AgentStart);
-        // Seventy seconds later a census sees it still there: at least 70 s old, stuck.
+        assert_eq!(j.sockets[1].age_source, AgeSource::AgentStart);
+        assert_eq!((j.sockets[0].pid, j.sockets[1].pid), (41, 0));
+        // Seventy seconds later a census sees them still there: at least 91 s old, stuck.
         let later = census(c.namespaces[0].sockets.clone(), 100 * S);
-        let j = join_once(&later, &t, &Thresholds::default(), Mode::Correct, 100 * S);
-        let v = &j.sockets[0];
-        assert_eq!(
-            (v.age(100 * S), v.age_source),
-            (Some(Duration::from_secs(70)), AgeSource::AgentStart)
-        );
+        let j = join(&later, &mut sightings, &thresholds, 100 * S);
+        for v in &j.sockets[..2] {
+            assert_eq!(
+                (v.age(100 * S), v.age_source),
+                (Some(Duration::from_secs(91)), AgeSource::AgentStart)
+            );
+        }
         assert_eq!(j.stuck.get(&(state::CLOSE_WAIT, 9000, 0)), Some(&1));
+        assert_eq!(j.corrections, Corrections::default());
     }
 
     #[test]
-    fn a_lost_transition_takes_the_census_state_with_a_lower_bound_age_and_is_flagged_later() {
-        let t = table();
-        // Followed into ESTABLISHED at 1 s; its ESTABLISHED -> CLOSE_WAIT was lost.
-        t.lock()
-            .observe(&transition(3, S / 2, state::CLOSE, state::SYN_SENT));
-        t.lock()
-            .observe(&transition(3, S, state::SYN_SENT, state::ESTABLISHED));
-        let cookie = 1_000_003;
-        let sockets = vec![rec(
-            state::CLOSE_WAIT,
-            "127.0.0.1:40002",
-            "127.0.0.1:8080",
-            cookie,
-        )];
-        let j = join_once(
-            &census(sockets.clone(), 20 * S),
-            &t,
-            &Thresholds::default(),
-            Mode::Correct,
+    fn a_state_the_probe_did_not_see_entered_gets_a_lower_bound_from_the_census_that_found_it() {
+        // The probe saw it enter ESTABLISHED at 1 s; its ESTABLISHED -> CLOSE_WAIT was
+        // skipped by the kernel.
+        let mut r = rec(state::CLOSE_WAIT, "127.0.0.1:40002", "127.0.0.1:8080", 3);
+        r.storage = seen(state::ESTABLISHED, S, 77, 8080);
+        let mut sightings = Sightings::new(STARTED);
+        let thresholds = Thresholds::default();
+        let j = join(
+            &census(vec![r.clone()], 20 * S),
+            &mut sightings,
+            &thresholds,
             20 * S,
         );
         assert_eq!(j.corrections.state_corrected, 1);
@@ -729,12 +571,12 @@ mod tests {
             (state::CLOSE_WAIT, AgeSource::Census, Some(Duration::ZERO))
         );
         assert!(j.stuck.is_empty());
-        // The next censuses keep the lower bound from the first one: past 60 s, it is stuck.
-        let j = join_once(
-            &census(sockets, 81 * S),
-            &t,
-            &Thresholds::default(),
-            Mode::Correct,
+        // The next censuses keep the lower bound from the first one: past 60 s, it is stuck,
+        // and it is counted once.
+        let j = join(
+            &census(vec![r], 81 * S),
+            &mut sightings,
+            &thresholds,
             81 * S,
         );
         assert_eq!(j.corrections, Corrections::default());
@@ -742,107 +584,97 @@ mod tests {
         assert_eq!(
             j.stuck.get(&(state::CLOSE_WAIT, 8080, 0)),
             Some(&1),
-            "service port from the table"
+            "service port from the storage"
         );
-        // Its dwell in CLOSE_WAIT is not known when it leaves it: no invented figure.
-        let step = t
-            .lock()
-            .observe(&transition(3, 90 * S, state::CLOSE_WAIT, state::LAST_ACK));
-        assert_eq!(step.dwell, None);
     }
 
     #[test]
-    fn an_unfollowed_socket_is_added_when_two_censuses_find_it_and_a_closed_one_never() {
-        let t = table();
-        let mut unfollowed = Sightings::default();
+    fn a_socket_found_without_storage_after_start_is_counted_once_and_aged_from_then() {
+        let mut sightings = Sightings::new(STARTED);
         let thresholds = Thresholds::default();
+        join(&census(vec![], 10 * S), &mut sightings, &thresholds, 10 * S);
         let leak = rec(state::CLOSE_WAIT, "127.0.0.1:8080", "127.0.0.1:40001", 9);
-        let closing = rec(state::ESTABLISHED, "127.0.0.1:8080", "127.0.0.1:40002", 10);
-        let c = census(vec![leak.clone(), closing], 10 * S);
-        let j = join(&c, &t, &mut unfollowed, &thresholds, Mode::Correct, 10 * S);
-        assert_eq!((j.corrections.added, t.lock().len()), (0, 0));
-        assert_eq!(j.sockets[0].age_source, AgeSource::Unknown);
-        // Socket 10 closed (its CLOSE was seen, or it closed before this join): not added.
         let j = join(
-            &census(vec![leak], 20 * S),
-            &t,
-            &mut unfollowed,
+            &census(vec![leak.clone()], 20 * S),
+            &mut sightings,
             &thresholds,
-            Mode::Correct,
-            70 * S,
+            20 * S,
         );
         assert_eq!(j.corrections.added, 1);
-        assert!(t.lock().get(10).is_none());
-        // In CLOSE_WAIT since the first census at the latest: 60 s, stuck.
+        let j = join(
+            &census(vec![leak], 30 * S),
+            &mut sightings,
+            &thresholds,
+            80 * S,
+        );
+        assert_eq!(j.corrections.added, 0);
         let v = &j.sockets[0];
         assert_eq!(
-            (v.age_source, v.age(70 * S)),
+            (v.age_source, v.age(80 * S)),
             (AgeSource::Census, Some(Duration::from_secs(60)))
         );
+        // No storage, nothing listening on 8080 here: the remote port is the service's.
         assert_eq!(j.stuck.get(&(state::CLOSE_WAIT, 40001, 0)), Some(&1));
+        // Gone: nothing is kept of it.
+        join(&census(vec![], 40 * S), &mut sightings, &thresholds, 40 * S);
+        assert!(sightings.unaged.is_empty());
     }
 
     #[test]
-    fn followed_sockets_the_census_no_longer_shows_are_dropped_unless_newer_than_the_dump() {
-        let t = table();
-        t.lock()
-            .observe(&transition(4, S, state::CLOSE, state::SYN_SENT));
-        t.lock()
-            .observe(&transition(5, 12 * S, state::CLOSE, state::SYN_SENT));
-        // Socket 4's CLOSE was lost; socket 5 opened after the dump began. A first census
-        // that misses socket 4 only notes it (its CLOSE may still be on its way); the next one
-        // drops it.
-        let mut sightings = Sightings::default();
-        for (dumped_at, dropped) in [(10 * S, 0), (11 * S, 1)] {
-            let j = join(
-                &census(vec![], dumped_at),
-                &t,
-                &mut sightings,
-                &Thresholds::default(),
-                Mode::Correct,
-                13 * S,
-            );
-            assert_eq!(j.corrections.dropped, dropped, "census at {dumped_at}");
+    fn sockets_the_probe_knows_no_owner_of_are_named_by_who_holds_them() {
+        let mut listener = rec(state::LISTEN, "0.0.0.0:5432", "0.0.0.0:0", 11);
+        let mut leak = rec(state::CLOSE_WAIT, "127.0.0.1:5432", "127.0.0.1:40001", 12);
+        let mut orphan = rec(state::FIN_WAIT2, "127.0.0.1:5432", "127.0.0.1:40002", 13);
+        (listener.inode, leak.inode, orphan.inode) = (501, 502, 0);
+        let c = census(vec![listener, leak, orphan], 10 * S);
+        let mut sightings = Sightings::new(STARTED);
+        let thresholds = Thresholds::default();
+        let mut j = join(&c, &mut sightings, &thresholds, 10 * S);
+        assert!(j.sockets.iter().all(|v| v.pid == 0));
+        let comm = *b"postgres\0\0\0\0\0\0\0\0";
+        let mut asked = HashSet::new();
+        let named = name_owners(&mut j, &mut sightings, |wanted| {
+            asked = wanted.clone();
+            HashMap::from([(501, (40, comm)), (502, (41, comm))])
+        });
+        // The orphan (no file holds it: inode 0) is not looked for.
+        assert_eq!((named, asked), (2, HashSet::from([501, 502])));
+        let pids: Vec<(u64, u32)> = j.sockets.iter().map(|v| (v.cookie, v.pid)).collect();
+        assert_eq!(pids, vec![(11, 40), (12, 41), (13, 0)]);
+        // Kept: the next census names them without looking.
+        let mut again = join(&c, &mut sightings, &thresholds, 11 * S);
+        assert_eq!(
+            name_owners(&mut again, &mut sightings, |_| unreachable!()),
+            0
+        );
+        assert_eq!(again.sockets[1].pid, 41);
+        // One that no process shows is looked for once, then not while it lasts.
+        let mut hidden = rec(state::ESTABLISHED, "127.0.0.1:5432", "127.0.0.1:40003", 14);
+        hidden.inode = 503;
+        let c = census(vec![hidden], 12 * S);
+        let mut looks = 0;
+        for _ in 0..3 {
+            let mut j = join(&c, &mut sightings, &thresholds, 12 * S);
+            name_owners(&mut j, &mut sightings, |_| {
+                looks += 1;
+                HashMap::new()
+            });
         }
-        assert!(t.lock().get(1_000_004).is_none());
-        assert!(t.lock().get(1_000_005).is_some());
-        // Socket 5 is missing from every census from now on. Twice from a census that could
-        // not visit every namespace: nothing of unknown namespace is dropped.
-        let mut partial = census(vec![], 20 * S);
-        partial.unreachable = 1;
-        let mut join_at = |c: &HostCensus, mode: Mode| {
-            join(c, &t, &mut sightings, &Thresholds::default(), mode, 21 * S)
-                .corrections
-                .dropped
-        };
-        assert_eq!(join_at(&partial, Mode::Correct), 0);
-        assert_eq!(join_at(&partial, Mode::Correct), 0);
-        // Nor twice from a census the reader did not catch up with.
-        let full = census(vec![], 20 * S);
-        assert_eq!(join_at(&full, Mode::ReadOnly), 0);
-        assert_eq!(join_at(&full, Mode::ReadOnly), 0);
-        // Two full censuses in a row drop it.
-        assert_eq!(join_at(&full, Mode::Correct), 0);
-        assert_eq!(join_at(&full, Mode::Correct), 1);
+        assert_eq!((looks, sightings.not_found.len()), (1, 1));
+        let mut gone = join(&census(vec![], 13 * S), &mut sightings, &thresholds, 13 * S);
+        name_owners(&mut gone, &mut sightings, |_| unreachable!());
+        assert!(sightings.not_found.is_empty(), "forgotten once gone");
+        assert!(sightings.owners.is_empty(), "forgotten once gone");
     }
 
     #[test]
     fn request_sockets_are_aged_by_their_synack_timer_and_owned_by_their_listener() {
-        let t = table();
-        let mut listen = transition(1, 0, state::CLOSE, state::LISTEN);
-        (listen.sport, listen.pid) = (9000, 42);
-        listen.comm = *b"srv\0\0\0\0\0\0\0\0\0\0\0\0\0";
-        t.lock().observe(&listen);
         let mut r = rec(state::SYN_RECV, "127.0.0.1:9000", "127.0.0.1:50001", 6);
-        (r.inode, r.retransmit) = (0, Some((Duration::from_millis(500), 3)));
-        let l = rec(state::LISTEN, "127.0.0.1:9000", "0.0.0.0:0", 1_000_001);
-        let j = join_once(
-            &census(vec![l, r], 20 * S),
-            &t,
-            &Thresholds::default(),
-            Mode::Correct,
-            20 * S,
-        );
+        (r.inode, r.retransmit, r.full) = (0, Some((Duration::from_millis(500), 3)), false);
+        let mut l = rec(state::LISTEN, "127.0.0.1:9000", "0.0.0.0:0", 1);
+        l.storage = seen(state::LISTEN, 0, 42, 9000);
+        l.storage.as_mut().unwrap().comm = *b"srv\0\0\0\0\0\0\0\0\0\0\0\0\0";
+        let j = join_once(&census(vec![l, r], 20 * S), 20 * S);
         let v = &j.sockets[1];
         assert_eq!((v.pid, &*comm_text(&v.comm)), (42, "srv"));
         // 1+2+4+8-0.5 = 14.5 s old: past the 10 s threshold.
@@ -875,7 +707,7 @@ mod tests {
             ],
             S,
         );
-        let j = join_once(&c, &table(), &Thresholds::default(), Mode::ReadOnly, S);
+        let j = join_once(&c, S);
         assert_eq!(j.time_wait.get(&80), Some(&1));
         assert_eq!(j.time_wait.get(&5432), Some(&2));
         let worst = &j.destinations[0];
@@ -887,6 +719,32 @@ mod tests {
         services.sort();
         assert_eq!(services, vec![(80, 1, true), (5432, 3, false)]);
         assert_eq!(j.by_state[state::TIME_WAIT as usize], 4);
+        assert!(j
+            .sockets
+            .iter()
+            .filter(|v| v.state == state::TIME_WAIT)
+            .all(|v| v.age_source == AgeSource::Unknown));
+    }
+
+    #[test]
+    fn a_time_wait_socket_in_its_fin_wait2_substate_is_no_socket_found_without_storage() {
+        // As sock_diag shows a socket that entered TIME-WAIT from FIN_WAIT2: that state, no
+        // inode, no memory figures.
+        let mut tw = rec(state::FIN_WAIT2, "127.0.0.1:40001", "127.0.0.1:8080", 4);
+        (tw.inode, tw.full) = (0, false);
+        let mut sightings = Sightings::new(STARTED);
+        let thresholds = Thresholds::default();
+        join(&census(vec![], S), &mut sightings, &thresholds, S);
+        let j = join(&census(vec![tw], 2 * S), &mut sightings, &thresholds, 2 * S);
+        assert_eq!(j.corrections, Corrections::default());
+        assert_eq!(
+            (
+                j.sockets[0].age_source,
+                j.by_state[state::FIN_WAIT2 as usize]
+            ),
+            (AgeSource::Unknown, 1)
+        );
+        assert!(sightings.unaged.is_empty());
     }
 
     #[test]
@@ -894,13 +752,7 @@ mod tests {
         let mut l = rec(state::LISTEN, "127.0.0.1:7000", "0.0.0.0:0", 1);
         l.rqueue = 2;
         l.wqueue = 1;
-        let j = join_once(
-            &census(vec![l], S),
-            &table(),
-            &Thresholds::default(),
-            Mode::ReadOnly,
-            S,
-        );
+        let j = join_once(&census(vec![l], S), S);
         assert_eq!(j.listen_queue.get(&7000), Some(&(2, 1)));
     }
 }

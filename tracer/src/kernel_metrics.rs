@@ -17,13 +17,13 @@ use crate::probe::{ProbeReadings, RESET_STATES};
 const DIRECTIONS: [&str; 2] = ["sent", "received"];
 
 /// The probe's tables that can run full, by the `table` label of `tracer_probe_table_full_total`.
-const TABLES: [&str; 3] = ["listener_owners", "synack_ports", "retransmit_ports"];
+const TABLES: [&str; 2] = ["synack_ports", "retransmit_ports"];
 
 /// What can go wrong in the probe besides a full table, by the `error` label of
 /// `tracer_probe_errors_total`.
-const PROBE_ERRORS: [&str; 2] = ["field_read", "address_family"];
+const PROBE_ERRORS: [&str; 3] = ["field_read", "address_family", "no_storage"];
 
-/// The socket table's size, as [`KernelMetrics::sync`] exports it.
+/// The sockets with the probe's state, as [`KernelMetrics::sync`] exports them.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TableSize {
     pub tracked: usize,
@@ -44,6 +44,7 @@ pub struct KernelMetrics {
     probe_run_seconds: CounterVec,
     table_full: IntCounterVec,
     probe_errors: IntCounterVec,
+    skipped: IntCounter,
     tracked: IntGauge,
     table_bytes: IntGauge,
     evicted: IntCounter,
@@ -61,8 +62,9 @@ struct KernelTotals {
     retransmits: HashMap<u16, u64>,
     resets: [[u64; RESET_STATES as usize]; 2],
     reset_reasons: Vec<u64>,
-    table_full: [u64; 3],
-    probe_errors: [u64; 2],
+    table_full: [u64; 2],
+    probe_errors: [u64; 3],
+    skipped: u64,
 }
 
 impl KernelMetrics {
@@ -143,9 +145,9 @@ impl KernelMetrics {
         }
         let table_full = counter(
             "tracer_probe_table_full_total",
-            "Times a probe map was full: listener_owners (an accepted socket's owner could not \
-             be remembered: it shows as unknown), synack_ports (a SYN-ACK retransmission of a \
-             new listening port was not counted).",
+            "Times a probe map was full: synack_ports (a SYN-ACK retransmission of a new \
+             listening port was not counted), retransmit_ports (retransmitted segments of a \
+             new service port were not counted).",
             &["table"],
         )?;
         for table in TABLES {
@@ -155,23 +157,34 @@ impl KernelMetrics {
             "tracer_probe_errors_total",
             "Problems the probe met on its rare paths, each also logged (rate-limited): \
              field_read (a kernel field could not be read; it was reported as 0), \
-             address_family (a TCP socket neither IPv4 nor IPv6).",
+             address_family (a TCP socket neither IPv4 nor IPv6), no_storage (the kernel gave \
+             a socket no storage: its events carry no owner, times or service port).",
             &["error"],
         )?;
         for error in PROBE_ERRORS {
             probe_errors.with_label_values(&[error]);
         }
-        let tracked = IntGauge::new("tracer_tracked_sockets", "Sockets the agent follows now.")?;
+        let skipped = single(
+            "tracer_transitions_skipped_total",
+            "Transitions whose old state was not the state the probe saw the socket enter: the \
+             kernel changed it without the inet_sock_set_state tracepoint, or a run of the \
+             probe was missed; the time in that state is not measured.",
+        )?;
+        let tracked = IntGauge::new(
+            "tracer_tracked_sockets",
+            "Sockets with the probe's state on them (BPF socket storage), at the last census.",
+        )?;
         registry.register(Box::new(tracked.clone()))?;
         let table_bytes = IntGauge::new(
             "tracer_tracked_sockets_bytes",
-            "Memory the agent's socket table holds now (hash table at its capacity, eviction \
-             queue, owners); bytes.",
+            "Kernel memory charged to the sockets with the probe's state (their option memory, \
+             sk_omem_alloc, where the storage is), at the last census; bytes.",
         )?;
         registry.register(Box::new(table_bytes.clone()))?;
         let evicted = single(
             "tracer_tracked_sockets_evicted_total",
-            "Sockets dropped from the agent's table because it was full (--max-sockets).",
+            "Always 0: each socket's state is kept on the socket, and the kernel frees it with \
+             the socket; nothing is evicted.",
         )?;
         Ok(KernelMetrics {
             synack,
@@ -184,6 +197,7 @@ impl KernelMetrics {
             probe_run_seconds,
             table_full,
             probe_errors,
+            skipped,
             tracked,
             table_bytes,
             evicted,
@@ -271,9 +285,12 @@ impl KernelMetrics {
             }
         }
         let c = &probe.counters;
-        let full = [c.owners_full, c.synack_ports_full, c.retransmit_ports_full];
+        let full = [c.synack_ports_full, c.retransmit_ports_full];
         add_growth(&self.table_full, &TABLES, &mut self.last.table_full, full);
-        let errors = [c.read_failed, c.unknown_family];
+        let errors = [c.read_failed, c.unknown_family, c.no_storage];
+        self.skipped
+            .inc_by(c.skipped.saturating_sub(self.last.skipped));
+        self.last.skipped = self.last.skipped.max(c.skipped);
         add_growth(
             &self.probe_errors,
             &PROBE_ERRORS,
@@ -318,8 +335,9 @@ mod tests {
         let counters = ProbeCounters {
             lost: 2,
             missed: 1,
-            owners_full: 4,
+            synack_ports_full: 4,
             read_failed: 5,
+            skipped: 6,
             ..Default::default()
         };
         let stats = |runs, run_ns| {
@@ -362,8 +380,10 @@ mod tests {
             "tracer_tracked_sockets_bytes 448\n",
             "tracer_tracked_sockets_evicted_total 0\n",
             "tracer_probe_runs_total{program=\"inet_sock_set_state\"} 30\n",
-            "tracer_probe_table_full_total{table=\"listener_owners\"} 4\n",
-            "tracer_probe_table_full_total{table=\"synack_ports\"} 0\n",
+            "tracer_probe_table_full_total{table=\"synack_ports\"} 4\n",
+            "tracer_probe_table_full_total{table=\"retransmit_ports\"} 0\n",
+            "tracer_transitions_skipped_total 6\n",
+            "tracer_probe_errors_total{error=\"no_storage\"} 0\n",
             "tracer_probe_errors_total{error=\"field_read\"} 5\n",
             "tracer_probe_errors_total{error=\"address_family\"} 0\n",
         ] {

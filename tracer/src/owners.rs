@@ -58,6 +58,39 @@ pub fn find(proc: &Path, wanted: &HashSet<u64>) -> HashMap<u64, Holder> {
     found
 }
 
+/// Calls `each(pid, comm, fd, inode)` for every socket descriptor of every process of `proc`
+/// (a procfs mount), in pid order; processes that exit meanwhile, or that this process may not
+/// look into, are skipped.
+pub fn each_socket(proc: &Path, mut each: impl FnMut(u32, &[u8; COMM_LEN], i32, u64)) {
+    let Ok(entries) = std::fs::read_dir(proc) else {
+        return;
+    };
+    let mut pids: Vec<u32> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    pids.sort_unstable();
+    for pid in pids {
+        let Ok(fds) = std::fs::read_dir(proc.join(pid.to_string()).join("fd")) else {
+            continue;
+        };
+        let mut comm = None;
+        for fd in fds.flatten() {
+            let Some(n) = fd.file_name().to_str().and_then(|n| n.parse().ok()) else {
+                continue;
+            };
+            let Some(inode) = std::fs::read_link(fd.path())
+                .ok()
+                .and_then(|l| socket_inode(l.as_os_str().as_encoded_bytes()))
+            else {
+                continue;
+            };
+            let comm = comm.get_or_insert_with(|| read_comm(proc, pid));
+            each(pid, comm, n, inode);
+        }
+    }
+}
+
 /// The inode of a descriptor's link text `socket:[INODE]`; None for anything else.
 pub fn socket_inode(link: &[u8]) -> Option<u64> {
     let digits = link.strip_prefix(b"socket:[")?.strip_suffix(b"]")?;

@@ -7,17 +7,17 @@
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    maps::{Array, ArrayOfMaps, Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, ArrayOfMaps, Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf, SkStorage},
     programs::BtfTracePoint,
     Ebpf, EbpfLoader,
 };
 use aya_log::EbpfLogger;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use aya_obj::generated::{bpf_cmd, bpf_map_type, bpf_prog_info};
 
 use crate::ring::EventRings;
-use tracer_common::{counter, Transition, PORT_FILTER_LEN};
+use tracer_common::{counter, socket, SocketState, Transition, PORT_FILTER_LEN};
 pub use tracer_common::{RESET_RECEIVED, RESET_SENT, RESET_STATES};
 
 /// The probe object built by `build.rs` from `tracer-ebpf`.
@@ -85,8 +85,6 @@ pub struct ProbeCounters {
     pub missed: u64,
     /// Transitions the rescue program delivered (see `inet_sock_set_state_rescue`).
     pub rescued: u64,
-    /// Sockets whose owner was not recorded because the owner table was full.
-    pub owners_full: u64,
     /// SYN-ACK retransmissions not counted because the per-port table was full.
     pub synack_ports_full: u64,
     /// Retransmitted segments not counted because the per-port table was full.
@@ -95,6 +93,10 @@ pub struct ProbeCounters {
     pub read_failed: u64,
     /// Transitions of TCP sockets of an address family other than IPv4 and IPv6.
     pub unknown_family: u64,
+    /// Transitions whose old state was not the one the probe saw the socket enter.
+    pub skipped: u64,
+    /// Transitions of sockets the kernel gave no storage.
+    pub no_storage: u64,
 }
 
 /// One program's run count and total run time, as the kernel measures them.
@@ -334,13 +336,132 @@ impl Probe {
             lost: sum(counter::LOST_RINGBUF_FULL)?,
             missed: skipped.saturating_sub(rescued),
             rescued,
-            owners_full: sum(counter::OWNERS_FULL)?,
             synack_ports_full: sum(counter::SYNACK_PORTS_FULL)?,
             retransmit_ports_full: sum(counter::RETRANSMIT_PORTS_FULL)?,
             read_failed: sum(counter::READ_FAILED)?,
             unknown_family: sum(counter::UNKNOWN_FAMILY)?,
+            skipped: sum(counter::SKIPPED)?,
+            no_storage: sum(counter::NO_STORAGE)?,
         })
     }
+}
+
+impl Probe {
+    /// A descriptor of the probe's socket storage map (`SOCKETS`), for the census to ask
+    /// sock_diag for each socket's storage with.
+    pub fn socket_storage(&self) -> Result<OwnedFd> {
+        let map = self.ebpf.map("SOCKETS").context("map SOCKETS")?;
+        let Map::SkStorage(data) = map else {
+            bail!("map SOCKETS is not a socket storage map");
+        };
+        data.fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating the SOCKETS map descriptor")
+    }
+}
+
+/// What [`Probe::seed_owners`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Seeded {
+    /// TCP sockets given their owner.
+    pub sockets: u64,
+    /// TCP sockets whose owner the probe already knew (it named them at their opening).
+    pub known: u64,
+    /// Socket descriptors that could not be reached (the process exited, or refused the
+    /// agent) or written.
+    pub failed: u64,
+}
+
+impl Probe {
+    /// Gives every TCP socket a process holds now and whose owner the probe does not know
+    /// (one opened before the probe was attached) that process as its owner, on the socket's
+    /// own storage, as `ss -p` would name it: the lowest pid holding it. From then on each of
+    /// its events carries the owner (marked [`socket::SEEDED`]), and so do the connections a
+    /// seeded listener accepts, which inherit its storage.
+    ///
+    /// Each descriptor is borrowed with `pidfd_getfd` (Linux 5.6+, `CAP_SYS_PTRACE`) to name
+    /// the socket to the map. A value the probe writes between this read and this write can
+    /// be lost (microseconds, once per socket at start): its next event then counts as a
+    /// skipped transition rather than a wrong duration.
+    pub fn seed_owners(&mut self, proc: &std::path::Path) -> Result<Seeded> {
+        let mut storage: SkStorage<_, SocketState> =
+            SkStorage::try_from(self.ebpf.map_mut("SOCKETS").context("map SOCKETS")?)?;
+        let mut seeded = Seeded::default();
+        let mut seen = std::collections::HashSet::new();
+        let mut pidfd: Option<(u32, OwnedFd)> = None;
+        crate::owners::each_socket(proc, |pid, comm, fd, inode| {
+            if !seen.insert(inode) {
+                return;
+            }
+            if pidfd.as_ref().is_none_or(|(p, _)| *p != pid) {
+                pidfd = pidfd_open(pid).map(|fd| (pid, fd));
+            }
+            let Some(socket) = pidfd.as_ref().and_then(|(_, p)| pidfd_getfd(p, fd)) else {
+                seeded.failed += 1;
+                return;
+            };
+            if !is_tcp(&socket) {
+                return;
+            }
+            let mut value = match storage.get(&socket, 0) {
+                Ok(v) if v.pid != 0 => {
+                    seeded.known += 1;
+                    return;
+                }
+                Ok(v) => v,
+                Err(_) => SocketState::default(),
+            };
+            value.pid = pid;
+            value.comm = *comm;
+            value.flags |= socket::SEEDED;
+            match storage.insert(&socket, value, 0) {
+                Ok(()) => seeded.sockets += 1,
+                Err(_) => seeded.failed += 1,
+            }
+        });
+        Ok(seeded)
+    }
+}
+
+/// A pidfd for `pid` (`pidfd_open`, Linux 5.3+); None when it exited.
+fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    // SAFETY: a new descriptor that nothing else owns.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// This process's copy of descriptor `fd` of the process of `pidfd` (`pidfd_getfd`, Linux
+/// 5.6+; needs `CAP_SYS_PTRACE` over it); None when it is gone or refused.
+fn pidfd_getfd(pidfd: &OwnedFd, fd: i32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_getfd takes a pidfd, a descriptor number and flags (0); it returns a new
+    // descriptor or -1.
+    let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    // SAFETY: a new descriptor that nothing else owns.
+    (got >= 0).then(|| unsafe { OwnedFd::from_raw_fd(got as i32) })
+}
+
+/// True for an IPv4 or IPv6 TCP socket.
+fn is_tcp(socket: &OwnedFd) -> bool {
+    let option = |name: libc::c_int| {
+        let (mut value, mut len) = (0 as libc::c_int, std::mem::size_of::<libc::c_int>() as u32);
+        // SAFETY: getsockopt writes at most `len` bytes into `value`, which we own.
+        let rc = unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                name,
+                std::ptr::addr_of_mut!(value).cast(),
+                &mut len,
+            )
+        };
+        (rc == 0).then_some(value)
+    };
+    matches!(
+        option(libc::SO_DOMAIN),
+        Some(libc::AF_INET | libc::AF_INET6)
+    ) && option(libc::SO_PROTOCOL) == Some(libc::IPPROTO_TCP)
 }
 
 /// The program of the probe object loaded as `name` of [`PROGRAMS`].
@@ -500,10 +621,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_ring_record_is_136_bytes_as_the_readme_says() {
-        assert_eq!(RING_RECORD_BYTES, 136);
+    fn a_ring_record_is_176_bytes_as_the_readme_says() {
+        assert_eq!(RING_RECORD_BYTES, 176);
         let readme = include_str!("../../README.md");
-        let said = format!("{} transitions each", TRANSITIONS_PER_MIB).replacen("7710", "7,710", 1);
+        let said = format!("{} transitions each", TRANSITIONS_PER_MIB).replacen("5957", "5,957", 1);
         assert!(readme.contains(&said), "README should say {said:?}");
     }
 

@@ -4,9 +4,11 @@
 //! merge. Does not own: creating the rings (`probe`) or what the events mean.
 //!
 //! Each CPU writes its own ring, so a socket's transitions can sit in two rings (a connect on
-//! one CPU, the answer processed on another). Draining collects every ring, sorts by kernel
-//! timestamp, and hands over only events older than [`HOLD_BACK`]: a CPU that was still
-//! writing an earlier event when the rings were read has committed it by then.
+//! one CPU, the answer processed on another). The agent needs no order across them (each event
+//! is complete: [`EventRings::drain_unordered`]); `watch`, whose lines people read in time
+//! order, does: [`EventRings::drain`] collects every ring, sorts by kernel timestamp, and
+//! hands over only events older than [`HOLD_BACK_NS`]: a CPU that was still writing an
+//! earlier event when the rings were read has committed it by then.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
@@ -111,13 +113,30 @@ impl EventRings {
     }
 }
 
+impl EventRings {
+    /// Reads every ring and hands `f` each event as it comes, ring by ring: for a reader that
+    /// needs no order across CPUs (each event is complete in itself). Returns how many.
+    pub fn drain_unordered(&mut self, mut f: impl FnMut(&Transition)) -> u64 {
+        let mut n = 0;
+        for ring in &mut self.rings {
+            while let Some(item) = ring.next() {
+                if let Some(t) = event::decode(&item) {
+                    f(&t);
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+}
+
 /// Events read but not handed over, with the buffers that order them. Every buffer is reused:
 /// no allocation per event once they have grown.
 #[derive(Default)]
 struct Pending {
     events: Vec<Transition>,
     /// (time, index into `events`), sorted: sorting these 16-byte keys instead of the events
-    /// (128 bytes each) is what keeps the merge cheap.
+    /// (168 bytes each) is what keeps the merge cheap.
     order: Vec<(u64, u32)>,
     /// The events kept for the next drain, swapped with `events` after each one.
     kept: Vec<Transition>,

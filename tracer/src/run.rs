@@ -1,16 +1,13 @@
-//! `tracer run`: the agent. Three threads, each with one job:
-//! - the **event thread** (this one): drains the rings, follows sockets in the table, feeds the
-//!   event metrics, reads the probe's counters once a second; it never waits for a scrape;
-//! - the **census thread** (`scrape`): censuses of every namespace, joined with the table and
-//!   published;
+//! `tracer run`: the agent. Three threads, each with one job, sharing nothing on the way:
+//! - the **event thread** (this one): drains the rings, feeds each event (complete in itself)
+//!   to the event metrics, reads the probe's counters once a second; it never waits for a
+//!   scrape;
+//! - the **census thread** (`scrape`): censuses of every namespace, with each socket's storage
+//!   in the probe, joined and published;
 //! - the **HTTP thread** (`http`): answers from the registry and the last published census.
-//!
-//! The table is the one thing the event and census threads share, behind a lock that the
-//! event thread takes once per batch and the census thread a few thousand sockets at a time.
 //!
 //! Owns: start-up, the event loop, and shutdown.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 
 use parking_lot::Mutex;
@@ -31,7 +28,6 @@ use crate::ports::{PortLabelCollector, PortLabels, DEFAULT_EPHEMERAL};
 use crate::probe::{Probe, ProbeConfig, DRAIN_INTERVAL};
 use crate::ring::{monotonic_ns, EventRings};
 use crate::scrape::{CensusConfig, PortNews, Published};
-use crate::sockets::SocketTable;
 use crate::web_config::WebConfig;
 
 /// Runs the agent until a signal.
@@ -42,6 +38,12 @@ pub async fn run(args: &RunArgs) -> Result<()> {
         None => WebConfig::default(),
     };
     crate::pods::check_flags(&args.attribution)?;
+    if args.max_sockets.is_some() {
+        eprintln!(
+            "tracer: --max-sockets has no effect any more (each socket's state is kept on the \
+             socket, in the kernel): drop it from the command line"
+        );
+    }
     raise_open_files_limit();
     let mut probe = Probe::attach(&ProbeConfig {
         ring_buffer_bytes: args.ring_buffer_size,
@@ -50,6 +52,12 @@ pub async fn run(args: &RunArgs) -> Result<()> {
     })?;
     // Sockets already there now get "at least since start" as their age, never an invented one.
     let started_ns = monotonic_ns();
+    // Their owners, from the processes that hold them, onto each socket's storage.
+    let seeded = probe.seed_owners(std::path::Path::new("/proc"))?;
+    eprintln!(
+        "tracer: named the owner of {} TCP sockets older than the probe ({} could not be reached)",
+        seeded.sockets, seeded.failed
+    );
     let mut rings = probe.event_rings()?;
     let listener = std::net::TcpListener::bind(args.listen)
         .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
@@ -57,7 +65,6 @@ pub async fn run(args: &RunArgs) -> Result<()> {
     // thread starts, so that none inherits more.
     crate::privileges::keep_only(crate::privileges::CENSUS)?;
 
-    let table = Arc::new(Mutex::new(SocketTable::new(args.max_sockets as usize)));
     let registry = Registry::new();
     let ports = PortLabels::new(&args.ports, usize::from(args.max_ports), own_port_range());
     let labelled = ports.shared();
@@ -80,8 +87,6 @@ pub async fn run(args: &RunArgs) -> Result<()> {
     register_build_info(&registry)?;
     register_features(&registry, &probe.features)?;
 
-    // How far (in probe time) the event thread has applied events: the census waits for it.
-    let applied_ns = Arc::new(AtomicU64::new(0));
     let (news_tx, news) = mpsc::channel::<PortNews>();
     let (stop_census, stop) = mpsc::channel::<()>();
     let census = {
@@ -90,11 +95,12 @@ pub async fn run(args: &RunArgs) -> Result<()> {
             thresholds: args.thresholds(),
             started_ns,
             resolver: resolver(),
+            storage: Arc::new(probe.socket_storage()?),
         };
-        let (table, applied_ns, published) = (table.clone(), applied_ns.clone(), published.clone());
+        let published = published.clone();
         std::thread::Builder::new()
             .name("census".into())
-            .spawn(move || crate::scrape::run(config, table, applied_ns, published, news_tx, stop))
+            .spawn(move || crate::scrape::run(config, published, news_tx, stop))
             .context("starting the census thread")?
     };
     let health = Arc::new(Health::default());
@@ -105,7 +111,7 @@ pub async fn run(args: &RunArgs) -> Result<()> {
         web,
         registry,
         health.clone(),
-        published,
+        published.clone(),
         failed_tx,
     )
     .context("starting the HTTP thread")?;
@@ -119,19 +125,17 @@ pub async fn run(args: &RunArgs) -> Result<()> {
     let mut drain = tokio::time::interval(DRAIN_INTERVAL);
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sync = tokio::time::interval(Duration::from_secs(1));
-    let step = |rings: &mut EventRings, flush, events: &mut EventMetrics| {
-        follow(rings, flush, &table, events, &applied_ns)
-    };
+
     let outcome = loop {
         tokio::select! {
             woken = rings.woken() => {
                 if let Err(e) = woken {
                     break Err(e);
                 }
-                step(&mut rings, false, &mut events);
+                follow(&mut rings, &mut events);
             }
             _ = drain.tick() => {
-                step(&mut rings, false, &mut events);
+                follow(&mut rings, &mut events);
                 health.beat();
             }
             _ = sync.tick() => {
@@ -146,10 +150,12 @@ pub async fn run(args: &RunArgs) -> Result<()> {
                     Ok(r) => r,
                     Err(e) => break Err(e.context("reading the probe's counters")),
                 };
-                let size = {
-                    let t = table.lock();
-                    TableSize { tracked: t.len(), bytes: t.allocated_bytes(), evicted: t.evicted() }
-                };
+                // Sockets with the probe's storage, as the last census counted them.
+                let size = published.latest().map_or(TableSize::default(), |r| TableSize {
+                    tracked: r.joined.stored as usize,
+                    bytes: r.joined.stored_bytes as usize,
+                    evicted: 0,
+                });
                 kernel.sync(&readings, &labelled, size);
             }
             _ = sigint.recv() => break Ok(()),
@@ -158,42 +164,25 @@ pub async fn run(args: &RunArgs) -> Result<()> {
         }
     };
     drop(stop_census);
-    step(&mut rings, true, &mut events);
+    follow(&mut rings, &mut events);
     let c = probe.counters()?;
     probe.flush_log();
     drop(rings);
     drop(probe);
     outcome?;
     eprintln!(
-        "tracer: stopped; {} ring buffer full, {} missed by the kernel, {} rescued, {} sockets evicted",
-        c.lost,
-        c.missed,
-        c.rescued,
-        table.lock().evicted()
+        "tracer: stopped; {} ring buffer full, {} missed by the kernel, {} rescued",
+        c.lost, c.missed, c.rescued,
     );
     // A census under way is not waited for: it only reads, and ends with the process.
     drop(census);
     Ok(())
 }
 
-/// Feeds what the rings hold through the socket table into the metrics (all of it when
-/// `flush`; see [`EventRings::drain`]), then says how far it got.
-fn follow(
-    rings: &mut EventRings,
-    flush: bool,
-    table: &Mutex<SocketTable>,
-    metrics: &mut EventMetrics,
-    applied_ns: &AtomicU64,
-) {
-    let mut read = 0;
-    let mut t = table.lock();
-    let cutoff = rings.drain(flush, |ev| {
-        read += 1;
-        t.follow(ev, |o| metrics.record(o));
-        true
-    });
-    drop(t);
-    applied_ns.store(cutoff, Ordering::Release);
+/// Feeds what the rings hold into the metrics, each event on its own, as it comes: no order
+/// across CPUs is needed, and none is waited for.
+fn follow(rings: &mut EventRings, metrics: &mut EventMetrics) {
+    let read = rings.drain_unordered(|ev| crate::stream::observe(ev, |o| metrics.record(o)));
     metrics.flush(read);
 }
 

@@ -1,8 +1,7 @@
-//! The scrape path's engine: one census thread that takes a census of every namespace, joins
-//! it with the socket table, and publishes the result for every reader.
+//! The scrape path's engine: one census thread that takes a census of every namespace, with
+//! what the probe keeps on each socket, joins them, and publishes the result for every reader.
 //!
-//! Owns: when a census runs, waiting for the event reader to catch up with it, and the last
-//! published [`Report`]. Does not own: the census I/O (`census`), the join (`join`), or how the
+//! Owns: when a census runs, and the last published [`Report`]. Does not own: the census I/O (`census`), the join (`join`), or how the
 //! report is shown (`census_metrics`, `listing`).
 //!
 //! Why a thread that publishes, rather than a census per request: a census walks every socket
@@ -24,10 +23,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use std::collections::HashMap;
 
-use crate::join::{join, name_owners, Joined, Mode, Sightings};
+use crate::census::StorageMap;
+use crate::join::{join, name_owners, Joined, Sightings};
 use crate::ports::Use;
 use crate::ring::monotonic_ns;
-use crate::sockets::SocketTable;
 use crate::stuck::Thresholds;
 use crate::workload::{Resolver, Workload};
 
@@ -37,11 +36,7 @@ const CENSUS_NICE: libc::c_int = 10;
 /// A census's time may not exceed this share of the wall clock.
 const MAX_DUTY: u32 = 20;
 
-/// How long a census waits for the event reader to apply the events stamped before it ended;
-/// past this the join changes nothing in the table (the reader is far behind).
-const CATCH_UP: Duration = Duration::from_secs(2);
-
-/// One published census, joined with the table.
+/// One published census, joined with what the probe keeps on each socket.
 #[derive(Debug)]
 pub struct Report {
     /// When the census began: CLOCK_MONOTONIC ns (the probe's clock) and wall-clock time.
@@ -54,7 +49,7 @@ pub struct Report {
     pub unreachable: u64,
     pub joined: Joined,
     /// Running totals since the agent started: TcpExt ListenOverflows and ListenDrops over
-    /// every namespace, and the join's corrections of the table.
+    /// every namespace, and what the join found that the probe's storage did not tell.
     pub listen_overflows: u64,
     pub listen_drops: u64,
     /// TCP segments sent (Tcp OutSegs), over every namespace, since the agent started.
@@ -125,14 +120,13 @@ pub struct CensusConfig {
     pub started_ns: u64,
     /// Resolves cgroup ids to containers and pods (None: not on this host).
     pub resolver: Option<Resolver>,
+    /// The probe's socket storage, read in each dump.
+    pub storage: StorageMap,
 }
 
-/// Runs censuses until `stop` is dropped (or sends). `applied_ns` is how far (in probe time)
-/// the event reader has applied events to `table`.
+/// Runs censuses until `stop` is dropped (or sends).
 pub fn run(
     mut config: CensusConfig,
-    table: Arc<Mutex<SocketTable>>,
-    applied_ns: Arc<AtomicU64>,
     published: Arc<Published>,
     news: Sender<PortNews>,
     stop: Receiver<()>,
@@ -149,15 +143,13 @@ pub fn run(
         )
     };
     let mut totals = Totals::default();
-    let mut sightings = Sightings::default();
+    let mut sightings = Sightings::new(config.started_ns);
     let mut first = true;
-    let mut at_start = true;
-    let mut owners_not_found = std::collections::HashSet::new();
     loop {
         let began = Instant::now();
         let cpu_before = crate::census::thread_cpu_time();
         let mut cpu = Duration::ZERO;
-        match crate::census::all_namespaces() {
+        match crate::census::all_namespaces(Some(config.storage.clone())) {
             Ok(census) => {
                 let taken_ns = census
                     .namespaces
@@ -166,25 +158,9 @@ pub fn run(
                     .min()
                     .unwrap_or_else(monotonic_ns);
                 let taken_at = SystemTime::now() - began.elapsed();
-                // The start-up pass waits for a census the reader caught up with: one that
-                // only reads the table must not use it up.
-                let mode = match (at_start, caught_up(&applied_ns, monotonic_ns())) {
-                    (_, false) => Mode::ReadOnly,
-                    (true, true) => Mode::AtStart {
-                        started_ns: config.started_ns,
-                    },
-                    (false, true) => Mode::Correct,
-                };
-                let mut joined = join(
-                    &census,
-                    &table,
-                    &mut sightings,
-                    &config.thresholds,
-                    mode,
-                    monotonic_ns(),
-                );
+                let mut joined = join(&census, &mut sightings, &config.thresholds, monotonic_ns());
                 joined.corrections.owner_found =
-                    name_owners(&mut joined, &table, &mut owners_not_found, |wanted| {
+                    name_owners(&mut joined, &mut sightings, |wanted| {
                         crate::owners::find(std::path::Path::new("/proc"), wanted)
                     });
                 let ranges = census
@@ -236,7 +212,6 @@ pub fn run(
                     cgroups,
                 });
                 first = false;
-                at_start &= mode == Mode::ReadOnly;
                 cpu = census.cpu;
                 drop(census);
                 return_freed_memory();
@@ -264,19 +239,6 @@ fn return_freed_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
-}
-
-/// Waits (briefly) until the reader has applied every event stamped up to `until_ns`; false
-/// when it did not within [`CATCH_UP`].
-fn caught_up(applied_ns: &AtomicU64, until_ns: u64) -> bool {
-    let deadline = Instant::now() + CATCH_UP;
-    while applied_ns.load(Ordering::Acquire) < until_ns {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    true
 }
 
 /// Running totals across censuses.

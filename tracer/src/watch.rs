@@ -1,7 +1,7 @@
 //! `tracer watch`: print every TCP state change as it happens, for people (aligned columns) or
 //! programs (`--json`, one object per line).
 //!
-//! Owns: the watch loop (ring buffer → socket table → filters → output), signals and stop
+//! Owns: the watch loop (ring buffer → each event on its own → filters → output), signals and stop
 //! conditions, and the loss reports on stderr. Formatting writes into a buffered stdout and
 //! allocates nothing per event.
 
@@ -17,12 +17,9 @@ use crate::cli::WatchArgs;
 use crate::event::{self, Transition};
 use crate::probe::{Probe, ProbeConfig, ProbeCounters};
 use crate::ring::EventRings;
-use crate::sockets::{Closed, Observation, SocketTable};
+use crate::stream::{self, Closed, Observation};
 use crate::workload::{Resolver, Workload};
 use tracer_common::SENT_RESET;
-
-/// Sockets the watch command follows for dwell times (about 40 bytes each).
-const WATCH_TABLE_SOCKETS: usize = 1 << 20;
 
 /// How long a close record waits for the reset its socket may send: the kernel sends it just
 /// after the transition to CLOSE (tens of microseconds later on an idle host), in the same
@@ -50,6 +47,8 @@ pub async fn run(args: &WatchArgs) -> Result<Summary> {
         reset_events: args.connections,
     })?;
     let mut rings = probe.event_rings()?;
+    // Sockets older than the probe: their owners, onto each socket's storage.
+    probe.seed_owners(std::path::Path::new("/proc"))?;
     // Attached: reading what the probe writes needs no privilege.
     crate::privileges::keep_only(&[])?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
@@ -141,7 +140,6 @@ struct Printer {
     any_state: bool,
     pid: Option<u32>,
     remaining: Option<u64>,
-    sockets: SocketTable,
     /// Close records not printed yet, oldest first: each waits [`RESET_GRACE_NS`] for the
     /// reset its socket may send as it closes.
     held: VecDeque<Held>,
@@ -171,7 +169,6 @@ impl Printer {
             any_state: args.states.is_empty(),
             pid: args.pid,
             remaining: args.count,
-            sockets: SocketTable::new(WATCH_TABLE_SOCKETS),
             held: VecDeque::new(),
             reset_reasons,
             resolver,
@@ -208,12 +205,11 @@ impl Printer {
 
     /// Follows one event and prints it if it is wanted. Returns false when no more is wanted.
     fn handle(&mut self, t: &Transition) -> io::Result<bool> {
-        let mut t = *t;
+        let t = *t;
         self.received += 1;
-        // Every socket the probe reports is followed, filtered or not: its dwell times, and
-        // its owner, which the probe names only at the socket's opening.
+        // Each event carries its socket's owner and times (what the probe keeps on it).
         let (mut closed, mut reset_after_close) = (None, None);
-        let step = self.sockets.follow(&t, |o| match o {
+        stream::observe(&t, |o| match o {
             Observation::Closed(c) => closed = Some(c),
             Observation::ResetSent {
                 reason,
@@ -222,8 +218,8 @@ impl Printer {
             _ => {}
         });
         if t.newstate == SENT_RESET {
-            // Not a transition: it only completes a record (before its close, the table
-            // keeps the reason; after, the record is still held here).
+            // Not a transition: it only completes a record (before its close, the probe
+            // keeps the reason on the socket; after, the record is still held here).
             if let Some(reason) = reset_after_close {
                 let cookie = t.cookie;
                 if let Some(h) = self.held.iter_mut().rev().find(|h| h.t.cookie == cookie) {
@@ -232,13 +228,12 @@ impl Printer {
             }
             return Ok(true);
         }
-        (t.pid, t.comm, t.cgroup) = (step.pid, step.comm, step.cgroup);
         if !self.wanted(&t) {
             return Ok(true);
         }
         let workload = self.workload(t.cgroup);
         match (self.connections, closed) {
-            (false, _) => self.print(&t, step.dwell, &workload)?,
+            (false, _) => self.print(&t, stream::dwell(&t), &workload)?,
             (true, Some(closed)) => {
                 self.held.push_back(Held {
                     t,

@@ -101,15 +101,13 @@ fn a_service_started_after_thousands_of_time_waits_gets_its_own_port_label() {
 }
 
 #[test]
-fn a_close_wait_leak_whose_transitions_were_lost_is_flagged_with_a_lower_bound_age() {
-    if !require_root(
-        "a_close_wait_leak_whose_transitions_were_lost_is_flagged_with_a_lower_bound_age",
-    ) {
+fn a_close_wait_leak_made_while_the_agent_was_stopped_has_its_exact_age_and_owner() {
+    if !require_root("a_close_wait_leak_made_while_the_agent_was_stopped_has_its_exact_age") {
         return;
     }
     let addr = service_port();
     let port = addr.port().to_string();
-    // One page per CPU: 42 transitions fill a ring.
+    // One page per CPU: 24 transitions fill a ring.
     let agent = Agent::start(&[
         "--ring-buffer-size",
         "4K",
@@ -119,73 +117,76 @@ fn a_close_wait_leak_whose_transitions_were_lost_is_flagged_with_a_lower_bound_a
         &port,
     ]);
     let listener = TcpListener::bind(addr).unwrap();
+    // The listener was made by this thread: it owns the leaks, as `ss -p` would say.
+    let comm = std::fs::read_to_string("/proc/thread-self/comm").unwrap();
     settle();
     let before = agent.metrics_now();
-    let lost_before = sample(&before, "tracer_events_lost_total", &[]).unwrap();
+    let counter = |t: &str, name: &str| sample(t, name, &[]).unwrap();
+    let (events_before, lost_before) = (
+        counter(&before, "tracer_events_total"),
+        counter(&before, "tracer_events_lost_total"),
+    );
 
-    // Stop the reader, fill the rings with a burst, then leak 25 connections: every
-    // transition of the leak finds the rings full.
+    // Stop the agent (as a throttled container is), fill the rings with a burst, then leak
+    // 25 connections: every transition of the leak finds the rings full.
     let pid = agent.tracer.pid() as i32;
+    let burst = Server::start(V4, 500, Closer::Client);
+    let ftrace = Ftrace::start("stopped", &[addr.port(), burst.addr.port()]);
     // SAFETY: signalling our own child process.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
-    let burst = Server::start(V4, 500, Closer::Client);
     connect_many(burst.addr, 500, Closer::Client);
     burst.join();
     let mut kept = Vec::new();
+    let mut leaked_at = Vec::new();
     for _ in 0..25 {
         let c = TcpStream::connect(addr).unwrap();
         kept.push(listener.accept().unwrap().0);
+        // On loopback the FIN is handled within close(): CLOSE_WAIT from here.
         drop(c);
+        leaked_at.push(unix_now());
     }
-    settle();
+    std::thread::sleep(Duration::from_secs(3));
     // SAFETY: as above.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    let truth = ftrace.stop();
 
+    // One census: what the probe keeps on each socket says it all, whatever was lost.
     let query = format!("state=close_wait&port={port}");
-    // The first census after the burst finds them; the next one adds them to the table (a
-    // socket must be found twice, so that one closing during a census never comes back).
-    let _ = sockets_json(&agent, &query);
-    let listed = sockets_json(&agent, &query)["sockets"]
-        .as_array()
-        .unwrap()
-        .clone();
+    let answer = sockets_json(&agent, &query);
+    // Ages are given as of the answer: the census's start plus its age then.
+    let answered_at = answer["census_timestamp_seconds"].as_f64().unwrap()
+        + answer["census_age_seconds"].as_f64().unwrap();
+    let listed = answer["sockets"].as_array().unwrap().clone();
     assert_eq!(listed.len(), 25, "{listed:?}");
-    // The probe's loss counters are read once a second.
-    let lost = |t: &str| sample(t, "tracer_events_lost_total", &[]).unwrap() - lost_before;
-    let text = agent.metrics_until("the burst's losses", |t| lost(t) >= 4_500.0);
-    assert!(lost(&text) >= 4_500.0);
-    for s in &listed {
-        // The agent never saw them enter CLOSE_WAIT: the census's lower bound.
-        assert_eq!(s["age_source"], "census", "{s}");
-        assert_eq!(s["age_is_lower_bound"], true, "{s}");
-        assert_eq!(s["stuck"], false, "{s}");
-    }
-    assert!(
-        sample(
-            &text,
-            "tracer_census_corrections_total",
-            &[("action", "added")]
-        )
-        .unwrap()
-            >= 25.0
-    );
-
-    // Past the threshold, counted from the census that found them: flagged.
-    std::thread::sleep(Duration::from_millis(2_300));
-    let listed = sockets_json(&agent, &query)["sockets"]
-        .as_array()
-        .unwrap()
-        .clone();
-    assert_eq!(listed.len(), 25);
-    for s in &listed {
-        assert_eq!(
-            (s["stuck"].as_bool(), s["age_source"].as_str()),
-            (Some(true), Some("census")),
-            "{s}"
+    let mut ages: Vec<f64> = listed
+        .iter()
+        .map(|s| {
+            assert_eq!(
+                (s["age_source"].as_str(), s["age_is_lower_bound"].as_bool()),
+                (Some("transition"), Some(false)),
+                "{s}"
+            );
+            assert_eq!(
+                (s["pid"].as_u64(), s["comm"].as_str()),
+                (Some(u64::from(std::process::id())), Some(comm.trim_end())),
+                "{s}"
+            );
+            assert_eq!(s["stuck"], true, "past 2 s: {s}");
+            s["age_seconds"].as_f64().unwrap()
+        })
+        .collect();
+    ages.sort_by(f64::total_cmp);
+    let mut truths: Vec<f64> = leaked_at.iter().map(|t| answered_at - t).collect();
+    truths.sort_by(f64::total_cmp);
+    for (age, truth) in ages.iter().zip(&truths) {
+        assert!(
+            (age - truth).abs() < 0.05,
+            "age {age:.3} s where the leak is {truth:.3} s old"
         );
-        assert!(s["age_seconds"].as_f64().unwrap() >= 2.0, "{s}");
     }
-    let text = agent.metrics();
+    let text = agent.metrics_until("the burst's losses", |t| {
+        counter(t, "tracer_events_lost_total") - lost_before >= 4_000.0
+    });
     assert_eq!(
         sample(
             &text,
@@ -194,17 +195,32 @@ fn a_close_wait_leak_whose_transitions_were_lost_is_flagged_with_a_lower_bound_a
         ),
         Some(25.0)
     );
-    // Burst sockets whose CLOSE was lost are dropped from the table, not kept until evicted.
+    // Every transition the kernel made is either received or counted lost; none counted twice.
+    let received = counter(&text, "tracer_events_total") - events_before;
+    let lost = counter(&text, "tracer_events_lost_total") - lost_before;
     assert!(
-        sample(
-            &text,
-            "tracer_census_corrections_total",
-            &[("action", "dropped")]
-        )
-        .unwrap()
-            >= 1.0,
-        "{text}"
+        received + lost >= truth.len() as f64,
+        "{received} received + {lost} lost < {} transitions",
+        truth.len()
     );
+    let handshakes = sample(
+        &text,
+        "tracer_tcp_handshake_duration_seconds_count",
+        &[("mode", "passive"), ("port", &port)],
+    )
+    .unwrap_or(0.0);
+    assert!(handshakes <= 25.0, "{handshakes} handshakes counted of 25");
+    for action in ["added", "state_corrected", "dropped"] {
+        assert_eq!(
+            sample(
+                &text,
+                "tracer_census_corrections_total",
+                &[("action", action)]
+            ),
+            Some(0.0),
+            "{action}: nothing to repair"
+        );
+    }
     drop((kept, listener));
 }
 

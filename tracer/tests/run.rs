@@ -325,15 +325,18 @@ fn a_dropped_handshake_ack_makes_the_passive_handshake_one_second() {
         1.0,
         "the client saw a fast handshake"
     );
+    // The retransmission timer counts jiffies (4 ms at HZ=250) from the tick before the first
+    // SYN-ACK, so the kernel's sample can come out a few ms under 1 s (seen on 6.12 under
+    // emulation): above 0.5 s, at most 1.5 s.
     assert_eq!(
-        bucket(&text, HS, &passive, "1"),
+        bucket(&text, HS, &passive, "0.5"),
         0.0,
         "the server waited for its retransmit"
     );
     assert_eq!(
         bucket(&text, HS, &passive, "1.5"),
         1.0,
-        "one SYN-ACK retransmit: (1, 1.5]"
+        "one SYN-ACK retransmit: (0.5, 1.5]"
     );
     let retransmits = agent.metrics_until("the SYN-ACK retransmit", |t| {
         sample(t, "tracer_tcp_synack_retransmits_total", &[("port", &port)]).unwrap_or(0.0) > 0.0
@@ -587,29 +590,73 @@ fn health_index_and_sigterm() {
 }
 
 #[test]
-fn a_full_socket_table_evicts_the_oldest_and_counts_it() {
-    if !require_root("a_full_socket_table_evicts_the_oldest_and_counts_it") {
+fn every_socket_keeps_its_state_in_the_kernel_and_none_is_evicted() {
+    if !require_root("every_socket_keeps_its_state_in_the_kernel_and_none_is_evicted") {
         return;
     }
-    // The listener exists before the agent, so the agent never sees it: only the 100 sockets
-    // of 50 held connections (client and accepted child) enter its 10-socket table.
-    let listener = TcpListener::bind((V4, 0)).unwrap();
-    let port = listener.local_addr().unwrap().port().to_string();
-    let agent = Agent::start(&["--max-sockets", "10", "--port", &port]);
-    let mut held = Vec::new();
-    for _ in 0..50 {
-        let c = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (s, _) = listener.accept().unwrap();
-        held.push((c, s));
-    }
-    // Other sockets on the machine may pass through the table too: at least 90 evictions.
-    let text = agent.metrics_until("90 evictions", |t| {
-        sample(t, "tracer_tracked_sockets_evicted_total", &[]).unwrap_or(0.0) >= 90.0
+    // An old flag still starts the agent, which says it does nothing now.
+    let agent = Agent::start(&["--max-sockets", "10"]);
+    let ns = Netns::new("stored");
+    let text = agent.metrics();
+    let tracked_before = sample(&text, "tracer_tracked_sockets", &[]).unwrap();
+    let bytes_before = sample(&text, "tracer_tracked_sockets_bytes", &[]).unwrap();
+    // 2,000 held connections: 4,000 sockets with the probe's state on them.
+    const HELD: usize = 2_000;
+    raise_open_files(2 * HELD as u64 + 1_024);
+    let held = ns.run(|| {
+        let listener = TcpListener::bind((V4, 2_049)).unwrap();
+        let held: Vec<_> = (0..HELD)
+            .map(|_| {
+                let c = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+                (c, listener.accept().unwrap().0)
+            })
+            .collect();
+        (listener, held)
     });
-    // Never more than the limit (fewer when the scrapes' own sockets closed since).
-    let tracked = sample(&text, "tracer_tracked_sockets", &[]).unwrap();
-    assert!((1.0..=10.0).contains(&tracked), "tracked {tracked}");
+    // The oracle: the option memory the kernel charges each of them (`ss -m`'s `o`), where
+    // their storage is.
+    let ss = ns.exec(&["ss", "-Htanm", "state", "established"]);
+    let optmem: Vec<u64> = ss
+        .split("skmem:(")
+        .skip(1)
+        .filter_map(|m| m.split(',').find_map(|f| f.strip_prefix('o')?.parse().ok()))
+        .collect();
+    assert_eq!(optmem.len(), 2 * HELD, "{ss}");
+    let per_socket = optmem[0];
+    assert!(
+        optmem.iter().all(|&o| o == per_socket) && per_socket > 0,
+        "{optmem:?}"
+    );
+    // The gauges follow the last census, read once a second.
+    let n = (2 * HELD) as f64;
+    let text = agent.metrics_until("the held sockets tracked", |t| {
+        sample(t, "tracer_tracked_sockets", &[]).unwrap() - tracked_before >= n - 20.0
+    });
+    let tracked = sample(&text, "tracer_tracked_sockets", &[]).unwrap() - tracked_before;
+    let bytes = sample(&text, "tracer_tracked_sockets_bytes", &[]).unwrap() - bytes_before;
+    // Other sockets of the machine come and go meanwhile (the scrapes' own among them).
+    assert!(
+        (n - 20.0..=n + 50.0).contains(&tracked),
+        "tracked {tracked}"
+    );
+    let expected = n * per_socket as f64;
+    assert!(
+        (bytes - expected).abs() <= 50.0 * per_socket as f64,
+        "{bytes} bytes for {n} sockets of {per_socket}"
+    );
+    assert_eq!(
+        sample(&text, "tracer_tracked_sockets_evicted_total", &[]),
+        Some(0.0)
+    );
     drop(held);
+    let out = agent.tracer.stop_with(libc::SIGTERM);
+    assert!(
+        out.stderr
+            .iter()
+            .any(|l| l.starts_with("tracer: --max-sockets has no effect any more")),
+        "{:?}",
+        out.stderr
+    );
 }
 
 #[test]

@@ -151,7 +151,7 @@ fn table_phase(held: usize) -> Result<()> {
     let addr = TcpListener::bind((AGENT_ADDR, 0))
         .with_context(|| format!("finding a free port on {AGENT_ADDR}"))?
         .local_addr()?;
-    let (mut tracer, pid) = start_agent(addr, 2 * held, &["--census-interval", "1h"])?;
+    let (mut tracer, pid) = start_agent(addr, &["--census-interval", "1h"])?;
     std::thread::sleep(Duration::from_millis(1_200)); // one sync of the table's size
     let s0 = Snapshot::take(addr, pid)?;
     let mut next_addr = 2;
@@ -681,7 +681,7 @@ fn busy_phase(held: usize, held_before: usize, duration: Duration) -> Result<()>
         .local_addr()?;
     let mut next_addr = 2; // hold listeners on 127.0.0.2, .3, ...
     let before = Holders::open(held_before, per_process, &mut next_addr)?;
-    let (mut tracer, pid) = start_agent(addr, 2 * (held + held_before), &[])?;
+    let (mut tracer, pid) = start_agent(addr, &[])?;
     let s0 = Snapshot::take(addr, pid)?;
 
     let opening = Instant::now();
@@ -798,7 +798,7 @@ struct Snapshot {
     events: u64,
     lost: u64,
     tracked: u64,
-    /// What the agent's socket table says it holds (`tracer_tracked_sockets_bytes`).
+    /// The kernel memory of the probe's socket storage (`tracer_tracked_sockets_bytes`).
     table_bytes: u64,
     evicted: u64,
     census_errors: u64,
@@ -828,12 +828,10 @@ impl Snapshot {
     }
 }
 
-/// Starts `tracer run` on `addr` with room for `sockets` more than the host's own, and waits
-/// until it is healthy; returns it and its pid.
-fn start_agent(addr: SocketAddr, sockets: usize, extra: &[&str]) -> Result<(TracerProcess, u32)> {
-    let max_sockets = (sockets + 100_000).max(524_288).to_string();
+/// Starts `tracer run` on `addr` and waits until it is healthy; returns it and its pid.
+fn start_agent(addr: SocketAddr, extra: &[&str]) -> Result<(TracerProcess, u32)> {
     let listen = addr.to_string();
-    let mut args = vec!["run", "--listen", &listen, "--max-sockets", &max_sockets];
+    let mut args = vec!["run", "--listen", &listen];
     args.extend_from_slice(extra);
     let tracer = TracerProcess::start(&args, Some(addr))?;
     let pid = tracer.child.id();
