@@ -1,8 +1,10 @@
 //! The kernel side of `tracer`: BTF tracepoint programs.
 //!
 //! - `inet_sock_set_state` (and its rescue twin, for runs nested in it): for every TCP state
-//!   change it names the owning process where it is known, filters by port, and writes a
-//!   [`Transition`] into this CPU's ring buffer in `EVENTS`; userspace follows the sockets.
+//!   change it filters by port, brings the socket's own state (BPF socket storage, `SOCKETS`)
+//!   up to date, and writes a [`Transition`] stamped with it into this CPU's ring buffer in
+//!   `EVENTS`: each event complete in itself (the owner, the dwell's start, the handshake,
+//!   teardown and lifetime times, the service port).
 //! - `tcp_retransmit_synack`, `tcp_retransmit_skb`, `tcp_send_reset`, `tcp_receive_reset`:
 //!   counted in per-CPU maps that userspace reads (SYN-ACK retransmissions by listening port,
 //!   segments retransmitted by service port, resets by state and by reason), and, for
@@ -44,6 +46,16 @@ use tracer_common::{
     RESET_REASONS as RESET_REASONS_LEN, RESET_RECEIVED, RESET_SENT, RESET_STATES, SENT_RESET,
     SOCK_DONE,
 };
+
+mod counts;
+mod kernel;
+mod record;
+mod storage;
+
+use counts::*;
+use kernel::*;
+use record::*;
+use storage::*;
 
 /// Field offsets, set by userspace at load time (see `tracer::btf`).
 #[no_mangle]
@@ -175,7 +187,8 @@ const LOG_EVERY_NS: u64 = 1_000_000_000;
 #[map]
 static RESET_REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(RESET_REASONS_LEN, 0);
 
-/// Set on a CPU while `inet_sock_set_state` runs there: read by the rescue program.
+/// Set on a CPU while `inet_sock_set_state` runs there: read by the rescue program for
+/// sockets without storage.
 #[map]
 static RUNNING: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
@@ -189,8 +202,8 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// The rescue program, attached to the same tracepoint: handles a transition only when it
-/// fires while the main program is running on this CPU.
+/// The rescue program, attached to the same tracepoint after the main one: handles a
+/// transition only when the main program did not.
 ///
 /// Why: the kernel never runs a BPF program nested in itself on one CPU; it skips the inner run
 /// and counts it in `recursion_misses`. That happens when an interrupt arrives while the main
@@ -200,158 +213,28 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
 /// recursion misses minus `counter::RESCUED`.
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state_rescue(ctx: BtfTracePointContext) -> i32 {
-    if RUNNING.get(0).is_some_and(|r| *r != 0) {
+    if main_missed(&ctx) {
         count(counter::RESCUED);
         let _ = try_inet_sock_set_state(&ctx);
     }
     0
 }
 
-/// `tcp_retransmit_synack(const struct sock *sk, const struct request_sock *req)`: `sk` is
-/// the listener; counted by its port.
-#[btf_tracepoint(function = "tcp_retransmit_synack")]
-pub fn tcp_retransmit_synack(ctx: BtfTracePointContext) -> i32 {
-    let sk: *const u8 = ctx.arg(0);
-    let port = u16::from_be(read_or_report(
-        &ctx,
-        sk,
-        offset!(inet_sport),
-        field::INET_SPORT,
-    ));
-    if let Some(n) = SYNACK_RETRANSMITS.get_ptr_mut(&port) {
-        // SAFETY: this CPU's value of a per-CPU map; preemption is disabled here.
-        unsafe { *n += 1 };
-    } else if SYNACK_RETRANSMITS.insert(&port, &1, 0).is_err() {
-        report(&ctx, counter::SYNACK_PORTS_FULL, u32::from(port));
-    }
-    0
-}
-
-/// `tcp_retransmit_skb(const struct sock *sk, const struct sk_buff *skb)`, after a successful
-/// retransmission: counts the skb's segments (`tcp_skb_pcount`, as `TcpRetransSegs` and
-/// `tcp_sock.total_retrans` count them) under the socket's service port, as its storage
-/// keeps it; the remote port for a socket the probe did not see open.
-#[btf_tracepoint(function = "tcp_retransmit_skb")]
-pub fn tcp_retransmit_skb(ctx: BtfTracePointContext) -> i32 {
-    let (sk, skb): (*const u8, *const u8) = (ctx.arg(0), ctx.arg(1));
+/// True when the main program did not handle this very transition. It decides by the
+/// socket's own state: the main program moves the socket's storage to the new state as it
+/// handles a transition, so storage still in another state was not handled (whenever the main
+/// program was skipped: from its entry to its return, with no window). A socket without
+/// storage (one the probe first sees closing, or that the kernel refused storage, or another
+/// protocol's) is told by the flag the main program holds while it runs.
+#[inline(always)]
+fn main_missed(ctx: &BtfTracePointContext) -> bool {
+    let (sk, newstate): (*const u8, i32) = (ctx.arg(0), ctx.arg(2));
     let s = socket_state(sk, false);
-    // SAFETY: null or this socket's storage; `skc_dport` is a direct load through the
-    // BTF-typed socket, as in inet_sock_set_state.
-    let port = match unsafe { s.as_ref() } {
-        Some(s) if s.port != 0 => s.port,
-        _ => u16::from_be(unsafe { field::<u16>(sk, offset!(skc_dport)) }),
-    };
-    let segs: u16 = read_or_report(&ctx, skb, offset!(skb_gso_segs), field::GSO_SEGS);
-    let segs = u64::from(segs.max(1));
-    if let Some(n) = RETRANSMITS.get_ptr_mut(&port) {
-        // SAFETY: this CPU's value of a per-CPU map; preemption is disabled here.
-        unsafe { *n += segs };
-    } else if RETRANSMITS.insert(&port, &segs, 0).is_err() {
-        report(&ctx, counter::RETRANSMIT_PORTS_FULL, u32::from(port));
+    // SAFETY: null or this socket's storage.
+    match unsafe { s.as_ref() } {
+        Some(s) => s.state != newstate as u8,
+        None => RUNNING.get(0).is_some_and(|r| *r != 0),
     }
-    0
-}
-
-/// `tcp_send_reset(const struct sock *sk, const struct sk_buff *skb)`, before Linux 6.10,
-/// where resets are sent only by sockets and carry no reason. Userspace loads this one or
-/// [`tcp_send_reset_reason`], whichever the kernel's tracepoint fits.
-#[btf_tracepoint(function = "tcp_send_reset")]
-pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
-    count_reset(RESET_SENT, ctx.arg(0));
-    0
-}
-
-/// `tcp_send_reset(const struct sock *sk, const struct sk_buff *skb, enum sk_rst_reason
-/// reason)`, Linux 6.10+; `sk` is NULL for a reset that answers no socket (a SYN to a closed
-/// port). Counts the reset by state and by reason and, when userspace asks, reports a
-/// connection's reset as a [`SENT_RESET`] event in the same ring as its transitions, so that
-/// its close record can say why.
-#[btf_tracepoint(function = "tcp_send_reset")]
-pub fn tcp_send_reset_reason(ctx: BtfTracePointContext) -> i32 {
-    let (sk, reason): (*const u8, u32) = (ctx.arg(0), ctx.arg(2));
-    let state = count_reset(RESET_SENT, sk);
-    if let Some(c) = RESET_REASONS.get_ptr_mut(reason.min(RESET_REASONS_LEN - 1)) {
-        // SAFETY: this CPU's slot; preemption is disabled here.
-        unsafe { *c += 1 };
-    }
-    // SAFETY: read-only global, volatile for the same reason as OFFSETS.
-    let wanted = unsafe { core::ptr::read_volatile(&RESET_EVENTS) } != 0;
-    // Only a connection's own socket: listeners, request and TIME-WAIT sockets have no
-    // record (and the last two are not a `struct sock`).
-    let connection = !sk.is_null()
-        && !matches!(
-            state,
-            state::LISTEN | state::NEW_SYN_RECV | state::TIME_WAIT
-        );
-    if wanted && connection {
-        // Kept on the socket for its close record, when the reset comes before the close.
-        let s = socket_state(sk, false);
-        if !s.is_null() {
-            // SAFETY: this socket's storage.
-            unsafe {
-                (*s).reset_reason = reason as u16;
-                (*s).flags |= socket::RESET_SENT;
-            }
-        }
-        report_reset(&ctx, sk, state, reason as u16);
-    }
-    0
-}
-
-/// `tcp_receive_reset(struct sock *sk)`.
-#[btf_tracepoint(function = "tcp_receive_reset")]
-pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
-    count_reset(RESET_RECEIVED, ctx.arg(0));
-    0
-}
-
-/// Counts a reset in `RESETS` under the socket's state, which it returns (0: no socket).
-fn count_reset(direction: u32, sk: *const u8) -> u8 {
-    let state = if sk.is_null() {
-        0
-    } else {
-        read::<u8>(sk, offset!(skc_state)).unwrap_or(0)
-    };
-    let index = direction * RESET_STATES + (u32::from(state) % RESET_STATES);
-    if let Some(c) = RESETS.get_ptr_mut(index) {
-        // SAFETY: this CPU's slot; preemption is disabled here.
-        unsafe { *c += 1 };
-    }
-    state
-}
-
-/// Writes a [`SENT_RESET`] event for full socket `sk`, in `state`: its addresses, ports and
-/// cookie, as a transition names them, and the reason.
-fn report_reset(ctx: &BtfTracePointContext, sk: *const u8, state: u8, reason: u16) {
-    // SAFETY: direct loads through the BTF-typed `struct sock *`, as in inet_sock_set_state;
-    // `sk` is a full socket (its state says so).
-    let (family, dport) = unsafe {
-        (
-            field::<u16>(sk, offset!(skc_family)),
-            u16::from_be(field::<u16>(sk, offset!(skc_dport))),
-        )
-    };
-    let Some(sport) = wanted_sport(ctx, sk, dport) else {
-        return;
-    };
-    let Some((ring, mut entry)) = reserve() else {
-        return;
-    };
-    let t: *mut Transition = entry.as_mut_ptr();
-    // SAFETY: `t` points at the reserved record and each write stays inside its field; `sk`
-    // is the tracepoint's BTF-typed socket, not NULL.
-    unsafe {
-        write_socket(ctx, t, sk, family, bpf_ktime_get_ns());
-        write_stamps(t, core::ptr::null(), false);
-        addr_of_mut!((*t).sport).write(sport);
-        addr_of_mut!((*t).dport).write(dport);
-        addr_of_mut!((*t).family).write(family);
-        addr_of_mut!((*t).oldstate).write(state);
-        addr_of_mut!((*t).newstate).write(SENT_RESET);
-        write_close(t, sk, state, SENT_RESET, 0);
-        addr_of_mut!((*t).reset_reason).write(reason);
-    }
-    submit(ring, entry);
 }
 
 #[inline(always)]
@@ -442,316 +325,6 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
     Ok(())
 }
 
-/// This socket's storage in `SOCKETS`, made (zeroed) when `create` and there is none; null
-/// when there is none, or the kernel refuses one (a dying socket, `optmem_max` reached, or
-/// hard-irq context).
-#[inline(always)]
-fn socket_state(sk: *const u8, create: bool) -> *mut SocketState {
-    let flags = if create {
-        u64::from(BPF_SK_STORAGE_GET_F_CREATE)
-    } else {
-        0
-    };
-    // SAFETY: `SOCKETS` is a socket storage map and `sk` a BTF-typed full socket from a
-    // tracepoint's arguments, which `bpf_sk_storage_get` takes in tracing programs (Linux
-    // 5.11+); no initial value (the storage starts zeroed).
-    unsafe {
-        gen::bpf_sk_storage_get(
-            addr_of!(SOCKETS) as *mut c_void,
-            sk as *mut c_void,
-            core::ptr::null_mut(),
-            flags,
-        ) as *mut SocketState
-    }
-}
-
-/// Brings the socket's state to where this transition starts. An opening (CLOSE -> SYN_SENT
-/// or LISTEN), a listener's new child (LISTEN -> SYN_RECV) and a socket seen for the first
-/// time start afresh: the namespace and cgroup read from the socket, the owner named where
-/// this is process context (or the listener's, copied with its storage), how it opened and
-/// its service port. Returns true when a transition was skipped: the old state is not the
-/// one the probe saw the socket enter.
-///
-/// # Safety
-/// `sk` must be the tracepoint's socket and `s` its storage.
-#[inline(always)]
-unsafe fn prepare(
-    ctx: &BtfTracePointContext,
-    s: &mut SocketState,
-    sk: *const u8,
-    sport: u16,
-    dport: u16,
-    old: u8,
-    new: u8,
-) -> bool {
-    let opening = old == state::CLOSE && (new == state::SYN_SENT || new == state::LISTEN);
-    let child = old == state::LISTEN && new == state::SYN_RECV;
-    if !(opening || child || s.state == 0) {
-        if s.state == old {
-            return false;
-        }
-        // Whatever happened in between, the time in `old` is not known.
-        s.flags &= !socket::SINCE_SEEN;
-        return true;
-    }
-    // A child's storage is a copy of its listener's (when the listener had one): the owner,
-    // cgroup and namespace are the listener's, and a seeded owner stays marked so. A socket
-    // older than the probe may have been given its owner by userspace (seeded) before its
-    // first transition here.
-    let seeded = s.flags & socket::SEEDED;
-    let cloned = child && (s.state == state::LISTEN || seeded != 0);
-    let keep_owner = cloned || (s.state == 0 && seeded != 0 && !child);
-    // (A seeded listener's copy has neither: userspace names only the owner.)
-    if !cloned || s.netns == 0 {
-        s.netns = net_inum(ctx, sk);
-        s.cgroup = cgroup_id(ctx, sk);
-    }
-    if !keep_owner {
-        s.pid = 0;
-        zero16(addr_of_mut!(s.comm));
-    }
-    if opening {
-        s.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        let comm = addr_of_mut!(s.comm);
-        if gen::bpf_get_current_comm(comm as *mut c_void, COMM_LEN as u32) != 0 {
-            zero16(comm);
-        }
-    }
-    let seeded = if keep_owner && !opening { seeded } else { 0 };
-    // How it opened: seen now, or told by the state a socket is first seen in.
-    let (mode, port) = match (old, new) {
-        (state::CLOSE, state::LISTEN) => (0, sport),
-        (state::CLOSE, state::SYN_SENT) | (state::SYN_SENT, _) => (socket::ACTIVE, dport),
-        (state::LISTEN, state::SYN_RECV) | (state::SYN_RECV, _) => (socket::PASSIVE, sport),
-        _ => (0, 0),
-    };
-    s.flags = mode | seeded;
-    s.port = port;
-    s.since_ns = 0;
-    s.opened_ns = 0;
-    s.established_ns = 0;
-    s.teardown_ns = 0;
-    s.reset_reason = 0;
-    s.state = old;
-    false
-}
-
-/// Moves the socket's state past this transition.
-#[inline(always)]
-fn advance(s: &mut SocketState, old: u8, new: u8, now: u64, srtt_us: u32) {
-    match (old, new) {
-        (state::CLOSE, state::SYN_SENT) => s.opened_ns = now,
-        // srtt_us holds the smoothed RTT times 8; a new child has one sample, from its first
-        // SYN-ACK to the handshake's final ACK.
-        (state::SYN_RECV, state::ESTABLISHED) if srtt_us > 0 => {
-            s.opened_ns = now.saturating_sub(u64::from(srtt_us >> 3) * 1_000)
-        }
-        (state::ESTABLISHED, state::FIN_WAIT1) => {
-            s.teardown_ns = now;
-            s.flags |= socket::TEARDOWN_HERE;
-        }
-        (state::ESTABLISHED, state::CLOSE_WAIT) => {
-            s.teardown_ns = now;
-            s.flags |= socket::TEARDOWN_PEER;
-        }
-        (state::FIN_WAIT1, state::CLOSING) => {
-            if s.flags & (socket::TEARDOWN_HERE | socket::TEARDOWN_PEER) != 0 {
-                s.flags |= socket::TEARDOWN_HERE | socket::TEARDOWN_PEER;
-            }
-        }
-        _ => {}
-    }
-    if new == state::ESTABLISHED {
-        s.established_ns = now;
-    }
-    s.state = new;
-    s.since_ns = now;
-    s.flags |= socket::SINCE_SEEN;
-}
-
-/// Writes what the socket's storage tells into the event: the owner, cgroup, namespace,
-/// service port, the times and the flags (all 0 where there is no storage).
-///
-/// # Safety
-/// `t` must point at a reserved ring buffer record and `s` be null or a socket's storage.
-#[inline(always)]
-unsafe fn write_stamps(t: *mut Transition, s: *const SocketState, skipped: bool) {
-    let comm = addr_of_mut!((*t).comm);
-    if s.is_null() {
-        zero16(comm);
-        addr_of_mut!((*t).pid).write(0);
-        addr_of_mut!((*t).netns).write(0);
-        addr_of_mut!((*t).cgroup).write(0);
-        addr_of_mut!((*t).since_ns).write(0);
-        addr_of_mut!((*t).opened_ns).write(0);
-        addr_of_mut!((*t).established_ns).write(0);
-        addr_of_mut!((*t).teardown_ns).write(0);
-        addr_of_mut!((*t).port).write(0);
-        addr_of_mut!((*t).socket_flags).write(0);
-        addr_of_mut!((*t).reset_reason).write(0);
-    } else {
-        let (from, to) = (addr_of!((*s).comm) as *const u64, comm as *mut u64);
-        to.write(from.read());
-        to.add(1).write(from.add(1).read());
-        addr_of_mut!((*t).pid).write((*s).pid);
-        addr_of_mut!((*t).netns).write((*s).netns);
-        addr_of_mut!((*t).cgroup).write((*s).cgroup);
-        addr_of_mut!((*t).since_ns).write((*s).since_ns);
-        addr_of_mut!((*t).opened_ns).write((*s).opened_ns);
-        addr_of_mut!((*t).established_ns).write((*s).established_ns);
-        addr_of_mut!((*t).teardown_ns).write((*s).teardown_ns);
-        addr_of_mut!((*t).port).write((*s).port);
-        let skipped = if skipped { socket::SKIPPED } else { 0 };
-        addr_of_mut!((*t).socket_flags).write((*s).flags | skipped);
-        addr_of_mut!((*t).reset_reason).write((*s).reset_reason);
-    }
-    addr_of_mut!((*t)._pad).write([0; 4]);
-}
-
-/// Writes what only a transition to CLOSE carries (zeroes elsewhere), and the handshake's
-/// RTT sample at SYN_RECV -> ESTABLISHED.
-///
-/// # Safety
-/// `t` must point at a reserved ring buffer record and `sk` be the tracepoint's socket.
-#[inline(always)]
-unsafe fn write_close(t: *mut Transition, sk: *const u8, old: u8, new: u8, srtt_us: u32) {
-    let (mut srtt_us, mut sk_err, mut flags) = (srtt_us, 0u8, 0u8);
-    let (mut bytes_acked, mut bytes_received, mut rtt_min_us, mut total_retrans) =
-        (0u64, 0u64, 0u32, 0u32);
-    if new == state::CLOSE {
-        // `sk_err` is an `int` of `struct sock`, loaded directly as above.
-        sk_err = field::<i32>(sk, offset!(sk_err)) as u8;
-        if field::<u64>(sk, offset!(sk_flags)) & (1 << SOCK_DONE) != 0 {
-            flags |= close_flags::PEER_FIN;
-        }
-        // The connection's story, for its close record. `bpf_skc_to_tcp_sock` (tracing
-        // programs, Linux 5.9+) returns the socket as a BTF-typed `struct tcp_sock *` (or
-        // null), whose fields are then direct loads: one helper call rather than one per
-        // field.
-        let tp = gen::bpf_skc_to_tcp_sock(sk as *mut c_void) as *const u8;
-        if !tp.is_null() {
-            srtt_us = field::<u32>(tp, offset!(srtt_us));
-            total_retrans = field::<u32>(tp, offset!(total_retrans));
-            bytes_acked = field::<u64>(tp, offset!(bytes_acked));
-            bytes_received = field::<u64>(tp, offset!(bytes_received));
-            rtt_min_us = field::<u32>(tp, offset!(rtt_min));
-            let sent_fin = matches!(
-                old,
-                state::FIN_WAIT1 | state::FIN_WAIT2 | state::CLOSING | state::LAST_ACK
-            );
-            let all_acked =
-                field::<u32>(tp, offset!(snd_una)) == field::<u32>(tp, offset!(write_seq));
-            if sent_fin && all_acked {
-                flags |= close_flags::FIN_ACKED;
-            }
-        }
-    }
-    addr_of_mut!((*t).close_flags).write(flags);
-    addr_of_mut!((*t).bytes_acked).write(bytes_acked);
-    addr_of_mut!((*t).bytes_received).write(bytes_received);
-    addr_of_mut!((*t).rtt_min_us).write(rtt_min_us);
-    addr_of_mut!((*t).total_retrans).write(total_retrans);
-    addr_of_mut!((*t).srtt_us).write(srtt_us);
-    addr_of_mut!((*t).sk_err).write(sk_err);
-}
-
-/// The inode of the socket's network namespace (`net.ns.inum`).
-#[inline(always)]
-fn net_inum(ctx: &BtfTracePointContext, sk: *const u8) -> u32 {
-    // SAFETY: `skc_net` is a `possible_net_t` (one `struct net *`) of `struct sock_common`,
-    // loaded directly; its `ns.inum` is read with the helper (a plain pointer, not a
-    // BTF-typed one).
-    let net = unsafe { field::<u64>(sk, offset!(skc_net)) } as *const u8;
-    read_or_report(ctx, net, offset!(net_inum), field::NET_INUM)
-}
-
-/// This CPU's ring.
-type Ring = BtfRingBuf<Transition, RING_TEMPLATE_BYTES>;
-
-/// Reserves a record in this CPU's ring; a full ring is counted as a lost event.
-#[inline(always)]
-fn reserve() -> Option<(&'static Ring, RingBufEntry<Transition>)> {
-    // SAFETY: a helper with no arguments, callable from any program type.
-    let cpu = unsafe { bpf_get_smp_processor_id() };
-    let reserved = EVENTS
-        .get(cpu)
-        .and_then(|ring| Some((ring, ring.reserve(0)?)));
-    if reserved.is_none() {
-        count(counter::LOST_RINGBUF_FULL);
-    }
-    reserved
-}
-
-/// Writes what names the socket: the time, its kernel address and cookie, and its local and
-/// remote addresses.
-///
-/// # Safety
-/// `t` must point at a reserved ring buffer record and `sk` be a tracepoint's full socket.
-#[inline(always)]
-unsafe fn write_socket(
-    ctx: &BtfTracePointContext,
-    t: *mut Transition,
-    sk: *const u8,
-    family: u16,
-    now: u64,
-) {
-    addr_of_mut!((*t).time_ns).write(now);
-    addr_of_mut!((*t).skaddr).write(sk as u64);
-    // `sk` is the tracepoint's BTF-typed socket, which this helper accepts in tracing programs
-    // (Linux 5.12+); it returns the existing cookie or makes one.
-    addr_of_mut!((*t).cookie).write(bpf_get_socket_cookie(sk as *mut c_void));
-    write_addresses(ctx, t, sk, family);
-}
-
-/// Writes the socket's local and remote addresses into `t.saddr` and `t.daddr`.
-///
-/// # Safety
-/// As [`write_socket`].
-#[inline(always)]
-unsafe fn write_addresses(
-    ctx: &BtfTracePointContext,
-    t: *mut Transition,
-    sk: *const u8,
-    family: u16,
-) {
-    let (saddr, daddr) = (addr_of_mut!((*t).saddr), addr_of_mut!((*t).daddr));
-    if family == AF_INET6 {
-        let read_both = read_into(saddr, sk, offset!(skc_v6_rcv_saddr))
-            & read_into(daddr, sk, offset!(skc_v6_daddr));
-        if !read_both {
-            report(ctx, counter::READ_FAILED, field::IPV6_ADDRESS);
-        }
-    } else {
-        if family != AF_INET {
-            report(ctx, counter::UNKNOWN_FAMILY, u32::from(family));
-        }
-        // Both are `__be32` fields of `struct sock_common`, loaded directly.
-        let s: u32 = field(sk, offset!(skc_rcv_saddr));
-        let d: u32 = field(sk, offset!(skc_daddr));
-        zero16(saddr);
-        zero16(daddr);
-        (saddr as *mut u32).write(s);
-        (daddr as *mut u32).write(d);
-    }
-}
-
-/// Commits a written record, waking the reader only once a ring holds `WAKEUP_BYTES`.
-#[inline(always)]
-fn submit(ring: &Ring, entry: RingBufEntry<Transition>) {
-    // SAFETY: read-only global, volatile for the same reason as OFFSETS.
-    let wakeup_bytes = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
-    // SAFETY: `ring` is the ring buffer map this CPU's slot of `EVENTS` refers to.
-    let waiting = unsafe {
-        gen::bpf_ringbuf_query(ring as *const _ as *mut c_void, BPF_RB_AVAIL_DATA.into())
-    };
-    let flags = if waiting >= wakeup_bytes {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
-    };
-    entry.submit(flags.into());
-}
-
 /// The socket's local port, when it or `dport` passes the port filter.
 #[inline(always)]
 fn wanted_sport(ctx: &BtfTracePointContext, sk: *const u8, dport: u16) -> Option<u16> {
@@ -774,177 +347,6 @@ fn port_wanted(port: u16) -> bool {
         return true;
     }
     PORT_FILTER.get(port as u32).is_some_and(|v| *v != 0)
-}
-
-/// The byte offset of a `SockOffsets` field, read straight from the load-time constant so that
-/// the verifier knows its value.
-macro_rules! offset {
-    ($field:ident) => {{
-        // SAFETY: a read-only global set at load time.
-        #[allow(unused_unsafe)]
-        let offset = unsafe { core::ptr::read_volatile(&OFFSETS.$field) } as usize;
-        offset
-    }};
-}
-use offset;
-
-/// The id of the socket's cgroup v2 cgroup (`sk->sk_cgrp_data.cgroup->kn->id`, what
-/// `cgroup_id()` returns and sock_diag reports), or 0 where this kernel does not keep it.
-///
-/// Read on the opening transitions only, like the namespace: a socket keeps the cgroup it was
-/// created in (a passive child its listener's, copied by `sk_clone_lock`), so userspace
-/// carries it from there.
-#[inline(always)]
-fn cgroup_id(ctx: &BtfTracePointContext, sk: *const u8) -> u64 {
-    let sk_cgroup = offset!(sk_cgroup);
-    if sk_cgroup == 0 {
-        return 0;
-    }
-    // SAFETY: `sk_cgrp_data.cgroup` is a pointer field of `struct sock`, loaded directly as
-    // the fields above; what it points to is read with the helper.
-    let cgroup = unsafe { field::<u64>(sk, sk_cgroup) } as *const u8;
-    if cgroup.is_null() {
-        return 0;
-    }
-    let kn: u64 = read_or_report(ctx, cgroup, offset!(cgroup_kn), field::CGROUP_ID);
-    if kn == 0 {
-        return 0;
-    }
-    read_or_report(ctx, kn as *const u8, offset!(kn_id), field::CGROUP_ID)
-}
-
-/// Loads a `T` at byte offset `offset` of the kernel object at `base` with one instruction.
-///
-/// # Safety
-/// `base` must be a BTF-typed kernel pointer from the tracepoint's arguments and `offset` a
-/// field of type `T` in it (the verifier rejects the program otherwise).
-#[inline(always)]
-unsafe fn field<T: Copy>(base: *const u8, offset: usize) -> T {
-    core::ptr::read_volatile(base.add(offset) as *const T)
-}
-
-/// Reads a `T` at byte offset `offset` of the kernel object at `base`.
-fn read<T>(base: *const u8, offset: usize) -> Result<T, i32> {
-    // SAFETY: bpf_probe_read_kernel checks the address; a bad one returns an error.
-    unsafe { bpf_probe_read_kernel(base.add(offset) as *const T) }
-}
-
-/// [`read`], or 0 when the read fails, which is reported as a failed read of `which`
-/// (`tracer_common::field`).
-#[inline(always)]
-fn read_or_report<T: Default>(
-    ctx: &BtfTracePointContext,
-    base: *const u8,
-    offset: usize,
-    which: u32,
-) -> T {
-    match read(base, offset) {
-        Ok(value) => value,
-        Err(_) => {
-            report(ctx, counter::READ_FAILED, which);
-            T::default()
-        }
-    }
-}
-
-/// Reads 16 bytes at byte offset `offset` of the kernel object at `base` straight into `dst`
-/// (ring buffer memory); zeroes them and returns false if the read fails.
-///
-/// # Safety
-/// `dst` must be 16 writable, 8-byte aligned bytes.
-#[inline(always)]
-unsafe fn read_into(dst: *mut [u8; 16], base: *const u8, offset: usize) -> bool {
-    let src = base.add(offset) as *const c_void;
-    if gen::bpf_probe_read_kernel(dst as *mut c_void, 16, src) != 0 {
-        zero16(dst);
-        return false;
-    }
-    true
-}
-
-/// Zeroes 16 bytes with two stores (an array write would become a byte-wise memset call).
-///
-/// # Safety
-/// `dst` must be 16 writable, 8-byte aligned bytes.
-#[inline(always)]
-unsafe fn zero16(dst: *mut [u8; 16]) {
-    let p = dst as *mut u64;
-    p.write_volatile(0);
-    p.add(1).write_volatile(0);
-}
-
-/// Counts `problem` (a `tracer_common::counter` index) and says what happened through aya-log,
-/// at most once a second per problem on this CPU. `detail` is the port, field or family the
-/// message names.
-///
-/// Out of line: the per-event path pays for it only when something went wrong, and a burst
-/// of problems costs a map lookup and a clock read each, not a log record.
-#[inline(never)]
-fn report(ctx: &BtfTracePointContext, problem: u32, detail: u32) {
-    count(problem);
-    let Some(logged_at) = LOGGED_AT.get_ptr_mut(problem) else {
-        return;
-    };
-    // SAFETY: a helper with no arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: this CPU's slot; preemption is disabled here.
-    unsafe {
-        if *logged_at != 0 && now.wrapping_sub(*logged_at) < LOG_EVERY_NS {
-            return;
-        }
-        *logged_at = now;
-    }
-    match problem {
-        counter::NO_STORAGE => warn!(
-            ctx,
-            "the kernel gave a socket on port {} no storage (net.core.optmem_max reached, or a dying socket): its events carry no owner, times or service port",
-            detail
-        ),
-        counter::RETRANSMIT_PORTS_FULL => warn!(
-            ctx,
-            "retransmission table full ({} ports): retransmissions on port {} are not counted",
-            MAX_RETRANSMIT_PORTS,
-            detail
-        ),
-        counter::SYNACK_PORTS_FULL => warn!(
-            ctx,
-            "SYN-ACK table full ({} listening ports): retransmissions on port {} are not counted",
-            MAX_SYNACK_PORTS,
-            detail
-        ),
-        counter::READ_FAILED => error!(
-            ctx,
-            "reading {} of a socket failed on this kernel: it is reported as 0",
-            field_name(detail)
-        ),
-        counter::UNKNOWN_FAMILY => error!(
-            ctx,
-            "a TCP socket of address family {} (neither IPv4 nor IPv6): its addresses are not decoded",
-            detail
-        ),
-        _ => {}
-    }
-}
-
-/// The kernel's name of a `tracer_common::field`, for log lines.
-#[inline(always)]
-fn field_name(which: u32) -> &'static str {
-    match which {
-        field::INET_SPORT => "inet_sock.inet_sport",
-        field::SRTT_US => "tcp_sock.srtt_us",
-        field::NET_INUM => "net.ns.inum",
-        field::CGROUP_ID => "sock.sk_cgrp_data.cgroup->kn->id",
-        field::GSO_SEGS => "tcp_skb_cb.tcp_gso_segs",
-        _ => "sock_common.skc_v6_rcv_saddr/skc_v6_daddr",
-    }
-}
-
-#[inline(always)]
-fn count(index: u32) {
-    if let Some(c) = COUNTERS.get_ptr_mut(index) {
-        // SAFETY: a per-CPU slot, touched only by this CPU with preemption disabled.
-        unsafe { *c += 1 };
-    }
 }
 
 #[cfg(not(test))]

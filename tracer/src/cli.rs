@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::event::parse_state;
+use crate::stream::event::parse_state;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -204,8 +204,8 @@ pub struct WatchArgs {
 
 impl RunArgs {
     /// The defaults with `--stuck-after` applied.
-    pub fn thresholds(&self) -> crate::stuck::Thresholds {
-        let mut t = crate::stuck::Thresholds::default();
+    pub fn thresholds(&self) -> crate::census::stuck::Thresholds {
+        let mut t = crate::census::stuck::Thresholds::default();
         for &(state, d) in &self.stuck_after {
             t.0[state as usize] = Some(d);
         }
@@ -225,7 +225,7 @@ fn parse_state_arg(s: &str) -> Result<u8, String> {
     parse_state(s).ok_or_else(|| {
         format!(
             "unknown state {s:?}; use one of {}",
-            crate::event::STATE_NAMES[1..].join(", ")
+            crate::stream::event::STATE_NAMES[1..].join(", ")
         )
     })
 }

@@ -1,36 +1,19 @@
 //! `tracer`: follows every TCP socket through its states with an eBPF probe on the kernel's
-//! `inet_sock_set_state` tracepoint.
+//! `inet_sock_set_state` tracepoint, which keeps each socket's state on the socket itself.
 //!
-//! The data path, one module each: [`probe`] (kernel side, aya) → [`ring`] (per-CPU rings
-//! merged in time order) → [`event`] (decoding) →
-//! [`sockets`] (what each socket did, and when) → [`watch`] (printing for people and programs).
+//! The folders follow the data: [`stream`] (the probe, its rings, and what each event tells)
+//! → [`metrics`] (Prometheus) and [`census`] (every socket of the host, with what the probe
+//! keeps on it: stuck sockets, `/sockets`) → [`http`] (serving) → [`cmd`] (the commands).
+//! [`workload`] and [`cgroups`] say which container and pod a cgroup is.
 
-pub mod btf;
 pub mod census;
-pub mod census_metrics;
 pub mod cgroups;
 pub mod cli;
-pub mod event;
-pub mod event_metrics;
-pub mod features;
+pub mod cmd;
 pub mod http;
-pub mod http_limits;
-pub mod join;
-pub mod kernel_metrics;
-pub mod listing;
-pub mod owners;
-pub mod pods;
-pub mod ports;
+pub mod metrics;
 pub mod privileges;
-pub mod probe;
-pub mod ring;
-pub mod run;
-pub mod scrape;
-pub mod sockets_cmd;
 pub mod stream;
-pub mod stuck;
-pub mod watch;
-pub mod web_config;
 pub mod workload;
 
 /// What the unit tests share.

@@ -28,7 +28,10 @@ fn main() -> ExitCode {
         Err(e) => {
             // Escaped: an error may quote what a file, the kernel or a fake agent said.
             let text = format!("{e:#}");
-            eprintln!("tracer: {}", tracer::event::Printable(text.as_bytes()));
+            eprintln!(
+                "tracer: {}",
+                tracer::stream::event::Printable(text.as_bytes())
+            );
             ExitCode::FAILURE
         }
     }
@@ -44,10 +47,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .build()
         .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
     match cli.command {
-        Command::Run(args) => runtime.block_on(tracer::run::run(&args))?,
-        Command::Sockets(args) => tracer::sockets_cmd::run(&args)?,
+        Command::Run(args) => runtime.block_on(tracer::cmd::run::run(&args))?,
+        Command::Sockets(args) => tracer::cmd::sockets::run(&args)?,
         Command::Watch(args) => {
-            let summary = runtime.block_on(tracer::watch::run(&args))?;
+            let summary = runtime.block_on(tracer::cmd::watch::run(&args))?;
             eprintln!(
                 "tracer: {} events received, {} printed, {} lost",
                 summary.received, summary.printed, summary.lost

@@ -225,7 +225,7 @@ fn sockets_from(addr: std::net::SocketAddr, extra: &[&str]) -> (i32, String, Vec
 /// bidirectional control.
 fn inert(text: &str) -> bool {
     text.chars()
-        .all(|c| c == '\n' || !(c.is_control() || tracer::event::is_bidi_control(c)))
+        .all(|c| c == '\n' || !(c.is_control() || tracer::stream::event::is_bidi_control(c)))
 }
 
 #[test]

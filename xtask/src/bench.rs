@@ -63,7 +63,7 @@ enum Phase {
     ProbeCost,
     /// Many sockets held open while churn runs and the agent is scraped.
     Busy,
-    /// The socket table's memory alone: sockets opened under an agent that takes no census.
+    /// Memory per socket: the kernel's for the probe's storage, and the agent's.
     Table,
 }
 
@@ -128,7 +128,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         rounds(args)?;
     }
     if runs(Phase::ProbeCost) {
-        probe_cost_phase(Duration::from_secs(args.seconds))?;
+        probe_cost_phase(Duration::from_secs(args.seconds), !args.no_bpftrace)?;
     }
     if runs(Phase::Busy) && args.held > 0 {
         busy_phase(
@@ -143,22 +143,23 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// The socket table's memory per followed socket, alone: `held` connections opened under an
-/// agent whose only census is the one at its start (`--census-interval 1h`), so that the
-/// resident memory grows by the table and nothing else.
+/// Memory per socket: `held` connections opened under the agent, with what the kernel charges
+/// for the probe's storage on each (the sockets' option memory, as the census reads it) and
+/// what the agent's resident memory grows by (its census listing of them: the agent keeps
+/// nothing else per socket).
 fn table_phase(held: usize) -> Result<()> {
     let (per_process, _) = hold_capacity()?;
     let addr = TcpListener::bind((AGENT_ADDR, 0))
         .with_context(|| format!("finding a free port on {AGENT_ADDR}"))?
         .local_addr()?;
-    let (mut tracer, pid) = start_agent(addr, &["--census-interval", "1h"])?;
-    std::thread::sleep(Duration::from_millis(1_200)); // one sync of the table's size
+    let (mut tracer, pid) = start_agent(addr, &["--census-interval", "2s"])?;
+    std::thread::sleep(Duration::from_millis(3_200)); // a census and a sync of its figures
     let s0 = Snapshot::take(addr, pid)?;
     let mut next_addr = 2;
     let opening = Instant::now();
     let holders = Holders::open(held, per_process, &mut next_addr)?;
     let opening = opening.elapsed();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(120);
     let s1 = loop {
         std::thread::sleep(Duration::from_millis(1_200));
         let s = Snapshot::take(addr, pid)?;
@@ -168,22 +169,23 @@ fn table_phase(held: usize) -> Result<()> {
     };
     tracer.stop()?;
     drop(holders);
-    let followed = s1.tracked.saturating_sub(s0.tracked);
+    let stored = s1.tracked.saturating_sub(s0.tracked);
+    let kernel = s1.table_bytes.saturating_sub(s0.table_bytes);
     println!(
-        "socket table: {held} connections opened in {:.1} s under an agent with no census \
-         running; it followed {} sockets before and {} after ({} evicted, {} events lost): \
-         {:.1} MiB resident before, {:.1} MiB after: {:.0} bytes per followed socket; the \
-         table counts {:.1} MiB of its own: {:.0} bytes per followed socket",
+        "socket state: {held} connections opened in {:.1} s under the agent; {} sockets with \
+         the probe's storage before and {} after ({} evicted, {} events lost); the kernel \
+         charges {:.1} MiB for them: {:.0} bytes per socket; the agent's resident memory \
+         {:.1} MiB before, {:.1} MiB after: {:.0} bytes per socket (its census listing)",
         opening.as_secs_f64(),
         s0.tracked,
         s1.tracked,
         s1.evicted,
         s1.lost.saturating_sub(s0.lost),
+        kernel as f64 / 1048576.0,
+        kernel as f64 / stored.max(1) as f64,
         s0.rss as f64 / 1048576.0,
         s1.rss as f64 / 1048576.0,
-        s1.rss.saturating_sub(s0.rss) as f64 / followed.max(1) as f64,
-        s1.table_bytes as f64 / 1048576.0,
-        s1.table_bytes as f64 / s1.tracked.max(1) as f64,
+        s1.rss.saturating_sub(s0.rss) as f64 / stored.max(1) as f64,
     );
     println!("reproduce: cargo xtask bench --only table --table-held {held}");
     Ok(())
@@ -556,28 +558,50 @@ fn lines_of(out: impl Read + Send + 'static) -> Receiver<String> {
     rx
 }
 
-/// One run of `tracer run` with the kernel timing every BPF program run
-/// (`kernel.bpf_stats_enabled=1`, restored afterwards): what the probe costs per transition.
-/// Separate from the rounds because the timing adds its own cost (two clock reads a run).
-fn probe_cost_phase(duration: Duration) -> Result<()> {
+/// One run of `tracer run` and bpftrace counting transitions, both attached at once, with the
+/// kernel timing every BPF program run (`kernel.bpf_stats_enabled=1`, restored afterwards):
+/// what each costs per transition, on the same events.
+fn probe_cost_phase(duration: Duration, with_bpftrace: bool) -> Result<()> {
     const SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
     let before = std::fs::read_to_string(SYSCTL).context("reading kernel.bpf_stats_enabled")?;
     std::fs::write(SYSCTL, "1").context("enabling kernel.bpf_stats_enabled")?;
+    if with_bpftrace {
+        crate::setup::install_packages(&["bpftrace"])?;
+        crate::setup::mount_tracefs()?;
+    }
     let result = (|| {
+        let already = program_ids();
+        let mut bpftrace = if with_bpftrace {
+            Some(TracerProcess::bpftrace(BPFTRACE_COUNT)?)
+        } else {
+            None
+        };
+        let theirs = program_ids();
         let addr = free_port()?;
         let mut tracer = TracerProcess::start(&["run", "--listen", &addr.to_string()], Some(addr))?;
         let (conns, _) = churn(duration)?;
         std::thread::sleep(Duration::from_millis(1_200)); // one sync of the probe's figures
         let text = scrape(addr)?;
+        // Read while both are attached: the kernel forgets a program's figures when it goes.
+        let bpftrace_cost = program_costs(|id| theirs.contains(&id) && !already.contains(&id));
         tracer.stop()?;
-        Ok::<_, anyhow::Error>((conns, text))
+        if let Some(b) = bpftrace.as_mut() {
+            b.stop()?;
+        }
+        Ok::<_, anyhow::Error>((conns, text, bpftrace_cost))
     })();
     std::fs::write(SYSCTL, before.trim()).context("restoring kernel.bpf_stats_enabled")?;
-    let (conns, text) = result?;
+    let (conns, text, bpftrace_cost) = result?;
     println!(
-        "probe cost (kernel.bpf_stats_enabled=1, one run, {:.0} conn/s):",
+        "probe cost (kernel.bpf_stats_enabled=1, one run, {:.0} conn/s, tracer run and bpftrace \
+         counting attached at once):",
         conns as f64 / duration.as_secs_f64()
     );
+    let transitions = sample(
+        &text,
+        "tracer_probe_runs_total{program=\"inet_sock_set_state\"}",
+    );
+    let mut per_transition = 0.0;
     for line in text
         .lines()
         .filter(|l| l.starts_with("tracer_probe_runs_total{"))
@@ -591,9 +615,44 @@ fn probe_cost_phase(duration: Duration) -> Result<()> {
         } else {
             0.0
         };
+        if program.contains("inet_sock_set_state") && transitions > 0.0 {
+            per_transition += seconds * 1e9 / transitions;
+        }
         println!("  {program:<40} {runs:>10.0} runs  {per_run:>6.0} ns per run");
     }
+    println!(
+        "  tracer: {per_transition:.0} ns per transition (inet_sock_set_state and its rescue \
+         program, both run for every transition)"
+    );
+    for (name, runs, ns) in bpftrace_cost {
+        let per_run = if runs > 0 {
+            ns as f64 / runs as f64
+        } else {
+            0.0
+        };
+        println!("  bpftrace {name:<31} {runs:>10} runs  {per_run:>6.0} ns per run");
+    }
     Ok(())
+}
+
+/// The ids of every BPF program loaded now.
+fn program_ids() -> std::collections::HashSet<u32> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .map(|p| p.id())
+        .collect()
+}
+
+/// (name, runs, run nanoseconds) of each loaded program whose id `pick` takes.
+fn program_costs(pick: impl Fn(u32) -> bool) -> Vec<(String, u64, u64)> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| pick(p.id()))
+        .map(|p| {
+            let name = p.name_as_str().unwrap_or("?").to_owned();
+            (name, p.run_count(), p.run_time().as_nanos() as u64)
+        })
+        .collect()
 }
 
 impl Drop for TracerProcess {

@@ -13,9 +13,9 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use base64::Engine as _;
 
+use crate::census::listing::{Listing, WorkloadFields, MAX_BODY_BYTES};
 use crate::cli::SocketsArgs;
-use crate::event::{state_name, Printable};
-use crate::listing::{Listing, WorkloadFields, MAX_BODY_BYTES};
+use crate::stream::event::{state_name, Printable};
 use crate::workload::{cut_tail, MAX_COLUMN_CHARS};
 
 /// The largest answer read: the agent's bound, and room for its last socket and the rest.
@@ -49,7 +49,7 @@ pub fn json(listing: &Listing) -> String {
     let text = serde_json::to_string(listing).unwrap_or_default();
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
-        if c.is_control() || crate::event::is_bidi_control(c) {
+        if c.is_control() || crate::stream::event::is_bidi_control(c) {
             let _ = write!(out, "\\u{:04x}", c as u32);
         } else {
             out.push(c);
@@ -315,7 +315,7 @@ mod tests {
                       remote: &str,
                       port,
                       reason: Option<&str>| {
-            crate::listing::ListedSocket {
+            crate::census::listing::ListedSocket {
                 state: state.into(),
                 age_seconds: age,
                 age_is_lower_bound: matches!(source, "agent_start" | "census" | "synack_timer"),
@@ -385,7 +385,7 @@ mod tests {
     /// True when `text` holds nothing a terminal acts on but newlines.
     fn inert(text: &str) -> bool {
         text.chars()
-            .all(|c| c == '\n' || !(c.is_control() || crate::event::is_bidi_control(c)))
+            .all(|c| c == '\n' || !(c.is_control() || crate::stream::event::is_bidi_control(c)))
     }
 
     /// A listing whose every string is `s` (and ids `id`), as a hostile agent could send.
@@ -401,7 +401,7 @@ mod tests {
             pod_qos: Some(s.into()),
             unit: Some(s.into()),
         };
-        let socket = crate::listing::ListedSocket {
+        let socket = crate::census::listing::ListedSocket {
             state: s.into(),
             age_seconds: Some(n),
             age_is_lower_bound: true,
@@ -430,7 +430,7 @@ mod tests {
             total: usize::MAX,
             sockets: vec![socket, unpodded, unit, bare],
             cut_at_bytes: true,
-            busiest_destinations: vec![crate::listing::ListedDestination {
+            busiest_destinations: vec![crate::census::listing::ListedDestination {
                 netns: 1,
                 local_addr: s.into(),
                 remote_addr: s.into(),

@@ -17,18 +17,18 @@ use anyhow::{Context, Result};
 use prometheus::{IntGaugeVec, Opts, Registry};
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::census_metrics::CensusCollector;
+use crate::census::scrape::{CensusConfig, PortNews, Published};
 use crate::cli::RunArgs;
-use crate::event_metrics::EventMetrics;
-use crate::features::Feature;
+use crate::http::web_config::WebConfig;
 use crate::http::Health;
-use crate::kernel_metrics::{KernelMetrics, TableSize};
-use crate::pods::{PodAttribution, PodLabels};
-use crate::ports::{PortLabelCollector, PortLabels, DEFAULT_EPHEMERAL};
-use crate::probe::{Probe, ProbeConfig, DRAIN_INTERVAL};
-use crate::ring::{monotonic_ns, EventRings};
-use crate::scrape::{CensusConfig, PortNews, Published};
-use crate::web_config::WebConfig;
+use crate::metrics::census::CensusCollector;
+use crate::metrics::event::EventMetrics;
+use crate::metrics::kernel::{KernelMetrics, TableSize};
+use crate::metrics::pods::{PodAttribution, PodLabels};
+use crate::metrics::ports::{PortLabelCollector, PortLabels, DEFAULT_EPHEMERAL};
+use crate::stream::features::Feature;
+use crate::stream::probe::{Probe, ProbeConfig, DRAIN_INTERVAL};
+use crate::stream::ring::{monotonic_ns, EventRings};
 
 /// Runs the agent until a signal.
 pub async fn run(args: &RunArgs) -> Result<()> {
@@ -37,7 +37,7 @@ pub async fn run(args: &RunArgs) -> Result<()> {
         Some(path) => WebConfig::load(path)?,
         None => WebConfig::default(),
     };
-    crate::pods::check_flags(&args.attribution)?;
+    crate::metrics::pods::check_flags(&args.attribution)?;
     if args.max_sockets.is_some() {
         eprintln!(
             "tracer: --max-sockets has no effect any more (each socket's state is kept on the \
@@ -72,7 +72,7 @@ pub async fn run(args: &RunArgs) -> Result<()> {
     // thread resolves cgroups with its own resolver (a miss walks the cgroup tree, at most
     // once a second, on that thread only).
     let pod_labels = Arc::new(Mutex::new(PodLabels::new(usize::from(args.max_pods))));
-    let resolver = || crate::pods::resolver(&args.attribution, probe.reads_cgroups());
+    let resolver = || crate::metrics::pods::resolver(&args.attribution, probe.reads_cgroups());
     let pods = PodAttribution::new(resolver(), pod_labels.clone());
     let label_by_pod = args.label_by.contains(&crate::cli::LabelBy::Pod);
     let mut events = EventMetrics::new(&registry, ports, pods, label_by_pod)?;
@@ -100,7 +100,7 @@ pub async fn run(args: &RunArgs) -> Result<()> {
         let published = published.clone();
         std::thread::Builder::new()
             .name("census".into())
-            .spawn(move || crate::scrape::run(config, published, news_tx, stop))
+            .spawn(move || crate::census::scrape::run(config, published, news_tx, stop))
             .context("starting the census thread")?
     };
     let health = Arc::new(Health::default());

@@ -13,13 +13,16 @@
 //!   meanwhile is answered 503 with `Retry-After`, `/healthz` excepted), and so does running
 //!   out of file descriptors: a liveness probe always gets in;
 //! - every answer's bytes, from rendering until freed, count against a budget
-//!   (`http_limits`), and a write that makes no progress for its timeout closes the
+//!   (`limits`), and a write that makes no progress for its timeout closes the
 //!   connection: a client that never reads holds a bounded amount, for a bounded time;
 //! - a request's headers must arrive within [`HEADER_TIMEOUT`], which also closes a kept-alive
 //!   connection that sends nothing for that long (slowloris, idle clients);
 //! - a TLS handshake must end within [`HEADER_TIMEOUT`];
 //! - `/sockets` renderings run off the server thread, [`HEAVY_REQUESTS`] at a time; so do
 //!   password checks (bcrypt), [`PASSWORD_CHECKS`] at a time.
+
+pub mod limits;
+pub mod web_config;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,10 +41,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Notify, Semaphore};
 use tower::Service as _;
 
-use crate::http_limits::{Budget, Deadline, Refusals, METRICS_BUDGET, SOCKETS_BUDGET};
-use crate::listing::{SocketFilter, MAX_BODY_BYTES, RENDER_BYTES_PER_SOCKET};
-use crate::scrape::Published;
-use crate::web_config::WebConfig;
+use crate::census::listing::{SocketFilter, MAX_BODY_BYTES, RENDER_BYTES_PER_SOCKET};
+use crate::census::scrape::Published;
+use crate::http::limits::{Budget, Deadline, Refusals, METRICS_BUDGET, SOCKETS_BUDGET};
+use crate::http::web_config::WebConfig;
 
 /// How long the event reader may be silent before `/healthz` says 503. It drains every 10 ms,
 /// so this is only exceeded when the agent is stuck.
@@ -100,7 +103,7 @@ impl Health {
 /// CLOCK_MONOTONIC in milliseconds (never 0 once the machine has been up a millisecond):
 /// a wall-clock step must not make the agent look stalled.
 fn now_ms() -> u64 {
-    crate::ring::monotonic_ns() / 1_000_000
+    crate::stream::ring::monotonic_ns() / 1_000_000
 }
 
 /// What the handlers share.
@@ -130,7 +133,7 @@ pub fn spawn(
 ) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
     let (held, refusals) =
-        crate::http_limits::register(&registry).map_err(std::io::Error::other)?;
+        crate::http::limits::register(&registry).map_err(std::io::Error::other)?;
     let state = AppState {
         registry,
         health,
@@ -296,7 +299,7 @@ async fn serve(
         // What a client that stops reading holds in the kernel, charged to the agent's
         // memory cgroup, stays small (a failure only leaves the kernel's default).
         let _ =
-            socket2::SockRef::from(&stream).set_send_buffer_size(crate::http_limits::SEND_BUFFER);
+            socket2::SockRef::from(&stream).set_send_buffer_size(crate::http::limits::SEND_BUFFER);
         let stream = Deadline::new(stream, refusals.write_timeout.clone());
         let refused = refusals.connections.clone();
         tokio::spawn(async move {
@@ -488,7 +491,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         state.refusals.memory.inc();
         return busy("the agent's answers to slow clients fill its /metrics memory budget");
     };
-    match crate::event_metrics::encode(&state.registry) {
+    match crate::metrics::event::encode(&state.registry) {
         Ok(body) => (
             [(
                 header::CONTENT_TYPE,
@@ -538,7 +541,7 @@ async fn sockets(
     // Off the server thread: a rendering over many sockets takes tens of milliseconds, which
     // `/healthz` and `/metrics` must not wait behind.
     let rendered = tokio::task::spawn_blocking(move || {
-        filter.render_json(&report, crate::ring::monotonic_ns(), MAX_BODY_BYTES)
+        filter.render_json(&report, crate::stream::ring::monotonic_ns(), MAX_BODY_BYTES)
     });
     let Ok(body) = rendered.await else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();

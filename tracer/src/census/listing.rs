@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::event::comm_text;
-use crate::event::{parse_state, state_name};
-use crate::join::{Destination, SocketView};
-use crate::scrape::Report;
-use crate::stuck::reason;
+use crate::census::join::{Destination, SocketView};
+use crate::census::scrape::Report;
+use crate::census::stuck::reason;
+use crate::stream::event::comm_text;
+use crate::stream::event::{parse_state, state_name};
 use crate::workload::{cut_tail, Workload, MAX_PATH_CHARS};
 
 /// Default and largest `limit`.
@@ -375,7 +375,7 @@ fn destination(d: &Destination) -> ListedDestination {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::join::{AgeSource, Joined};
+    use crate::census::join::{AgeSource, Joined};
     use tracer_common::state;
 
     const S: u64 = 1_000_000_000;

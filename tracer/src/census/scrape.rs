@@ -2,7 +2,7 @@
 //! what the probe keeps on each socket, joins them, and publishes the result for every reader.
 //!
 //! Owns: when a census runs, and the last published [`Report`]. Does not own: the census I/O (`census`), the join (`join`), or how the
-//! report is shown (`census_metrics`, `listing`).
+//! report is shown (`metrics::census`, `listing`).
 //!
 //! Why a thread that publishes, rather than a census per request: a census walks every socket
 //! of the host (hundreds of milliseconds with 10^5-10^6 sockets). Run per request, concurrent
@@ -23,11 +23,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use std::collections::HashMap;
 
+use crate::census::join::{join, name_owners, Joined, Sightings};
+use crate::census::stuck::Thresholds;
 use crate::census::StorageMap;
-use crate::join::{join, name_owners, Joined, Sightings};
-use crate::ports::Use;
-use crate::ring::monotonic_ns;
-use crate::stuck::Thresholds;
+use crate::metrics::ports::Use;
+use crate::stream::ring::monotonic_ns;
 use crate::workload::{Resolver, Workload};
 
 /// Nice value of the census thread (the event thread keeps the default, 0).
@@ -161,7 +161,7 @@ pub fn run(
                 let mut joined = join(&census, &mut sightings, &config.thresholds, monotonic_ns());
                 joined.corrections.owner_found =
                     name_owners(&mut joined, &mut sightings, |wanted| {
-                        crate::owners::find(std::path::Path::new("/proc"), wanted)
+                        crate::census::owners::find(std::path::Path::new("/proc"), wanted)
                     });
                 let ranges = census
                     .namespaces

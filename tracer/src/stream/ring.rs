@@ -16,7 +16,7 @@ use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
 use tokio::io::{unix::AsyncFd, Interest};
 
-use crate::event::{self, Transition};
+use crate::stream::event::{self, Transition};
 
 /// How long an event waits before it is handed over, so that events of other CPUs stamped
 /// earlier are read first. The probe commits an event within microseconds of stamping it.
@@ -191,7 +191,7 @@ pub fn monotonic_ns() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::tests::transition;
+    use crate::stream::event::tests::transition;
 
     #[test]
     fn events_of_two_cpus_come_out_in_time_order_and_recent_ones_wait() {

@@ -1,6 +1,6 @@
 //! The metrics read from the probe's own counters once a second: what was lost, what the probe
 //! costs, the kernel events it counts in maps (SYN-ACK retransmissions, resets), its tables
-//! running full, and the agent's socket table size.
+//! running full, and the sockets with the probe's state on them.
 //!
 //! Owns: turning the probe's cumulative kernel counters into counter increments. Does not own:
 //! reading them (`probe`).
@@ -10,9 +10,9 @@ use std::collections::HashMap;
 use anyhow::Result;
 use prometheus::{CounterVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
-use crate::event::state_name;
-use crate::ports::{LabelledPorts, OTHER};
-use crate::probe::{ProbeReadings, RESET_STATES};
+use crate::metrics::ports::{LabelledPorts, OTHER};
+use crate::stream::event::state_name;
+use crate::stream::probe::{ProbeReadings, RESET_STATES};
 
 const DIRECTIONS: [&str; 2] = ["sent", "received"];
 
@@ -31,7 +31,7 @@ pub struct TableSize {
     pub evicted: u64,
 }
 
-/// Kernel-counter metrics and the table's size.
+/// Kernel-counter metrics and the sockets with the probe's state.
 pub struct KernelMetrics {
     synack: IntCounterVec,
     retransmits: IntCounterVec,
@@ -139,7 +139,7 @@ impl KernelMetrics {
             &["program"],
         )?;
         registry.register(Box::new(probe_run_seconds.clone()))?;
-        for (name, _) in crate::probe::PROGRAMS {
+        for (name, _) in crate::stream::probe::PROGRAMS {
             probe_runs.with_label_values(&[name]);
             probe_run_seconds.with_label_values(&[name]);
         }
@@ -205,7 +205,7 @@ impl KernelMetrics {
         })
     }
 
-    /// Brings the kernel-side counters and the table's size into the metrics (once a second).
+    /// Brings the kernel-side counters and the stored sockets into the metrics (once a second).
     /// `ports` says which ports have a label value; SYN-ACK counts only look them up.
     pub fn sync(&mut self, probe: &ProbeReadings, ports: &LabelledPorts, table: TableSize) {
         let TableSize {
@@ -319,8 +319,8 @@ fn add_growth<const N: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ports::{PortLabels, Use, DEFAULT_EPHEMERAL};
-    use crate::probe::{ProbeCounters, ProgramStats};
+    use crate::metrics::ports::{PortLabels, Use, DEFAULT_EPHEMERAL};
+    use crate::stream::probe::{ProbeCounters, ProgramStats};
 
     #[test]
     fn kernel_counters_become_increments() {
@@ -365,7 +365,7 @@ mod tests {
         probe.programs = stats(30, 5_000);
         probe.reset_reasons = vec![0, 4, 1];
         m.sync(&probe, &ports, size);
-        let text = crate::event_metrics::encode(&registry).unwrap();
+        let text = crate::metrics::event::encode(&registry).unwrap();
         for line in [
             "tracer_events_lost_total 3\n",
             "tracer_tcp_synack_retransmits_total{port=\"8080\"} 6\n",

@@ -1,5 +1,9 @@
-//! What each event from the probe tells on its own: the durations, failures and close
-//! records the metrics and `watch` are made of.
+//! The event stream, from the kernel to what each event tells: [`probe`] (loading the eBPF
+//! program with this kernel's offsets from [`btf`], its maps, what this kernel allows:
+//! [`features`]) → [`ring`] (the per-CPU rings) → [`event`] (decoding) → this module.
+//!
+//! This module: what each event from the probe tells on its own, the durations, failures and
+//! close records the metrics and `watch` are made of.
 //!
 //! Pure code, fed one [`Transition`] at a time. Each event carries what the probe keeps on its
 //! socket (BPF socket storage: when the socket entered the state it leaves, when it opened,
@@ -8,9 +12,15 @@
 //! costs its own sample, never a wrong duration later. What the probe did not see (a socket
 //! older than it) is None, never invented.
 
+pub mod btf;
+pub mod event;
+pub mod features;
+pub mod probe;
+pub mod ring;
+
 use tracer_common::{close_flags, socket, state, SENT_RESET};
 
-use crate::event::Transition;
+use crate::stream::event::Transition;
 
 /// Which side opened a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,7 +102,7 @@ impl Ending {
     }
 
     /// How a socket that left state `old` for CLOSE with `sk_err` ended; `teardown` is who
-    /// started closing, when the table saw it.
+    /// started closing, when the probe saw it.
     pub fn of(old: u8, sk_err: u16, teardown: Option<Teardown>) -> Ending {
         use state::*;
         match (old, sk_err) {
@@ -361,7 +371,7 @@ pub fn observe(t: &Transition, mut sink: impl FnMut(Observation)) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::tests::transition;
+    use crate::stream::event::tests::transition;
     use tracer_common::state::*;
 
     /// A transition of one socket at `now`, stamped as the probe stamps it: in `old` since

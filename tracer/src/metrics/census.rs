@@ -14,11 +14,11 @@ use prometheus::proto::MetricFamily;
 use prometheus::{Gauge, GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Opts};
 use tracer_common::state;
 
-use crate::event::state_name;
-use crate::pods::PodLabels;
-use crate::ports::{LabelledPorts, OTHER};
-use crate::scrape::{Published, Report};
-use crate::stuck::DEFAULT_THRESHOLDS;
+use crate::census::scrape::{Published, Report};
+use crate::census::stuck::DEFAULT_THRESHOLDS;
+use crate::metrics::pods::PodLabels;
+use crate::metrics::ports::{LabelledPorts, OTHER};
+use crate::stream::event::state_name;
 use parking_lot::Mutex;
 
 /// One scrape's census metrics (made anew for each scrape).
@@ -71,16 +71,16 @@ impl CensusMetrics {
             )?,
             duration: Gauge::new(
                 "tracer_census_duration_seconds",
-                "How long the last census and its join with the socket table took; seconds.",
+                "How long the last census and its join with the probe's storage took; seconds.",
             )?,
             corrections: IntCounterVec::new(
                 Opts::new(
                     "tracer_census_corrections_total",
-                    "Changes a census made to the agent's socket table because events were \
-                     lost: state_corrected (a socket found in another state), added (a socket \
-                     found that the agent did not follow), dropped (a followed socket that two \
-                     censuses in a row found closed), owner_found (a socket whose owner the probe \
-                     never named, found holding it in /proc).",
+                    "What a census found that the probe's socket storage did not tell, once per \
+                     socket: state_corrected (a socket in a state the probe did not see it \
+                     enter), added (a socket without storage), dropped (always 0: nothing is \
+                     kept that could outlive its socket), owner_found (a socket whose owner the \
+                     probe does not know, found holding it in /proc).",
                 ),
                 &["action"],
             )?,
@@ -374,14 +374,14 @@ fn text(report: Option<Report>, ports: Arc<LabelledPorts>) -> String {
                 .unwrap(),
         ))
         .unwrap();
-    crate::event_metrics::encode(&registry).unwrap()
+    crate::metrics::event::encode(&registry).unwrap()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::join::Joined;
-    use crate::ports::{PortLabels, Use, DEFAULT_EPHEMERAL};
+    use crate::census::join::Joined;
+    use crate::metrics::ports::{PortLabels, Use, DEFAULT_EPHEMERAL};
     use std::time::{Duration, SystemTime};
 
     #[test]

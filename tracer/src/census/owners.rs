@@ -161,8 +161,9 @@ mod tests {
         let wanted = HashSet::from([7, 8, 10]);
         let found = find(&proc, &wanted);
         let _ = std::fs::remove_dir_all(&proc);
-        let name =
-            |c: &[u8; COMM_LEN]| String::from_utf8_lossy(crate::event::comm_bytes(c)).into_owned();
+        let name = |c: &[u8; COMM_LEN]| {
+            String::from_utf8_lossy(crate::stream::event::comm_bytes(c)).into_owned()
+        };
         let got: Vec<(u64, u32, String)> = {
             let mut v: Vec<_> = found.iter().map(|(i, (p, c))| (*i, *p, name(c))).collect();
             v.sort();

@@ -2,7 +2,7 @@
 //!
 //! The probe is embedded in the binary at build time (`build.rs`), loaded with the field
 //! offsets of the running kernel, and attached as a BTF tracepoint on `inet_sock_set_state`.
-//! It writes into one ring buffer per CPU, created here and read by [`crate::ring`].
+//! It writes into one ring buffer per CPU, created here and read by [`crate::stream::ring`].
 //! Dropping [`Probe`] detaches it (aya closes the link and program fds).
 
 use anyhow::{bail, Context, Result};
@@ -16,7 +16,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use aya_obj::generated::{bpf_cmd, bpf_map_type, bpf_prog_info};
 
-use crate::ring::EventRings;
+use crate::stream::ring::EventRings;
 use tracer_common::{counter, socket, SocketState, Transition, PORT_FILTER_LEN};
 pub use tracer_common::{RESET_RECEIVED, RESET_SENT, RESET_STATES};
 
@@ -62,7 +62,7 @@ pub struct ProbeConfig {
 /// The loaded, attached probe.
 pub struct Probe {
     /// What this kernel can report (see `features`).
-    pub features: Vec<crate::features::Feature>,
+    pub features: Vec<crate::stream::features::Feature>,
     /// The names of the kernel's reset reasons (`enum sk_rst_reason`), indexed by value;
     /// empty where resets carry no reason (before Linux 6.10).
     pub reset_reasons: Vec<String>,
@@ -144,13 +144,13 @@ impl Probe {
         check_ring_buffer_size(config.ring_buffer_bytes)?;
         check_privileges()?;
         raise_memlock_limit();
-        let kernel_btf = crate::btf::kernel_btf()?;
-        let offsets = crate::btf::sock_offsets(&kernel_btf)?;
-        let features = crate::features::detect(&kernel_btf, &offsets);
-        let with_reasons =
-            crate::features::tracepoint_args(&kernel_btf, "tcp_send_reset").is_some_and(|n| n >= 3);
+        let kernel_btf = crate::stream::btf::kernel_btf()?;
+        let offsets = crate::stream::btf::sock_offsets(&kernel_btf)?;
+        let features = crate::stream::features::detect(&kernel_btf, &offsets);
+        let with_reasons = crate::stream::features::tracepoint_args(&kernel_btf, "tcp_send_reset")
+            .is_some_and(|n| n >= 3);
         let reset_reasons = if with_reasons {
-            crate::btf::enum_names(&kernel_btf, "sk_rst_reason", "SK_RST_REASON_")
+            crate::stream::btf::enum_names(&kernel_btf, "sk_rst_reason", "SK_RST_REASON_")
         } else {
             Vec::new()
         };
@@ -390,7 +390,7 @@ impl Probe {
         let mut seeded = Seeded::default();
         let mut seen = std::collections::HashSet::new();
         let mut pidfd: Option<(u32, OwnedFd)> = None;
-        crate::owners::each_socket(proc, |pid, comm, fd, inode| {
+        crate::census::owners::each_socket(proc, |pid, comm, fd, inode| {
             if !seen.insert(inode) {
                 return;
             }
@@ -623,7 +623,7 @@ mod tests {
     #[test]
     fn a_ring_record_is_176_bytes_as_the_readme_says() {
         assert_eq!(RING_RECORD_BYTES, 176);
-        let readme = include_str!("../../README.md");
+        let readme = include_str!("../../../README.md");
         let said = format!("{} transitions each", TRANSITIONS_PER_MIB).replacen("5957", "5,957", 1);
         assert!(readme.contains(&said), "README should say {said:?}");
     }

@@ -1,18 +1,18 @@
-//! The metrics of the event path: what the socket table observes, turned into Prometheus
+//! The metrics of the event path: what each event tells (`stream::observe`), turned into Prometheus
 //! samples (in seconds, converted here and only here).
 //!
 //! Owns: the histograms and counters fed by transitions, and their label handles, resolved
 //! once per label set and kept, so that the per-event path does no string work and no atomic
 //! operation (thread-local copies published after each batch). Does not own: which ports get
-//! a label value (`ports`), kernel counters (`kernel_metrics`), the census (`census_metrics`).
+//! a label value (`ports`), kernel counters (`kernel`), the census (`census`).
 
 use anyhow::Result;
 use prometheus::local::{LocalHistogram, LocalIntCounter};
 use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
 
-use crate::event::{state_name, STATE_NAMES};
-use crate::pods::PodAttribution;
-use crate::ports::{PortLabels, Use, OTHER};
+use crate::metrics::pods::PodAttribution;
+use crate::metrics::ports::{PortLabels, Use, OTHER};
+use crate::stream::event::{state_name, STATE_NAMES};
 use crate::stream::{Failure, Mode, Observation, Teardown};
 
 /// Handshake and teardown buckets (seconds): from tens of microseconds (loopback) to a minute,
@@ -245,7 +245,7 @@ impl EventMetrics {
         Ok(metrics)
     }
 
-    /// Records what the socket table observed. The per-event path: no allocation once a label
+    /// Records what one event tells. The per-event path: no allocation once a label
     /// set has been seen.
     pub fn record(&mut self, o: Observation) {
         let secs = |ns: u64| ns as f64 / 1e9;
@@ -476,7 +476,7 @@ pub fn encode(registry: &Registry) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ports::DEFAULT_EPHEMERAL;
+    use crate::metrics::ports::DEFAULT_EPHEMERAL;
 
     fn metrics(max_ports: usize) -> (Registry, EventMetrics) {
         let registry = Registry::new();

@@ -16,9 +16,9 @@ use std::time::Duration;
 
 use tracer_common::{socket, state};
 
+use crate::census::owners::Holder;
+use crate::census::stuck::{request_age, Thresholds};
 use crate::census::HostCensus;
-use crate::owners::Holder;
-use crate::stuck::{request_age, Thresholds};
 
 /// Where a socket's age comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -420,7 +420,7 @@ pub fn join(
 mod tests {
     use super::*;
     use crate::census::{NetnsCensus, SocketRecord};
-    use crate::event::comm_text;
+    use crate::stream::event::comm_text;
     use tracer_common::SocketState;
 
     const S: u64 = 1_000_000_000;

@@ -34,7 +34,7 @@ pub fn detect(btf: &Btf, offsets: &SockOffsets) -> Vec<Feature> {
     vec![
         Feature {
             name: "cgroup",
-            enabled: crate::btf::reads_cgroup(offsets),
+            enabled: crate::stream::btf::reads_cgroup(offsets),
             missing: "this kernel's struct sock_cgroup_data has no plain cgroup pointer (Linux \
                       5.15+ has one): sockets are not attributed to cgroups, containers or pods",
         },
@@ -83,7 +83,7 @@ mod tests {
 
     #[test]
     fn tracepoint_arguments_are_read_from_the_kernels_btf() {
-        let btf = match crate::btf::kernel_btf() {
+        let btf = match crate::stream::btf::kernel_btf() {
             Ok(b) => b,
             Err(e) => {
                 eprintln!("SKIPPED: {e:#}");

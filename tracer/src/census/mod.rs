@@ -1,5 +1,10 @@
-//! The socket census: every TCP socket the kernel has right now, from the sock_diag netlink
-//! interface (`NETLINK_SOCK_DIAG`, `SOCK_DIAG_BY_FAMILY`), as `ss -tan` reads it.
+//! The scrape path: the census of every socket ([`scrape`] runs it and publishes it),
+//! joined with what the probe keeps on each ([`join`]), owners from `/proc` ([`owners`]),
+//! what is stuck ([`stuck`]) and the `/sockets` listing ([`listing`]).
+//!
+//! This module: the socket census itself, every TCP socket the kernel has right now, from the
+//! sock_diag netlink interface (`NETLINK_SOCK_DIAG`, `SOCK_DIAG_BY_FAMILY`), as `ss -tan`
+//! reads it.
 //!
 //! Owns: the netlink dump ([`dump_tcp`], I/O, in the calling thread's network namespace) and
 //! its decoding ([`parse`], pure, unit-tested on messages built with the same crate); the
@@ -8,6 +13,12 @@
 //! It sees what the tracepoint never reports: TIME-WAIT sockets and request sockets; and in
 //! the same dump, each socket's storage in the probe's `SOCKETS` map
 //! (`INET_DIAG_REQ_SK_BPF_STORAGES`, Linux 5.2+), which is what the probe knows of it.
+
+pub mod join;
+pub mod listing;
+pub mod owners;
+pub mod scrape;
+pub mod stuck;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -179,7 +190,7 @@ fn netns_census(netns: u64, storage: Option<&OwnedFd>) -> Result<NetnsCensus> {
     let snmp =
         std::fs::read_to_string("/proc/thread-self/net/snmp").context("reading /proc/net/snmp")?;
     let tcp = parse_netstat(&snmp, "Tcp");
-    let dumped_at_ns = crate::ring::monotonic_ns();
+    let dumped_at_ns = crate::stream::ring::monotonic_ns();
     Ok(NetnsCensus {
         netns,
         dumped_at_ns,

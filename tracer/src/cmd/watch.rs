@@ -14,9 +14,9 @@ use anyhow::{Context, Result};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::WatchArgs;
-use crate::event::{self, Transition};
-use crate::probe::{Probe, ProbeConfig, ProbeCounters};
-use crate::ring::EventRings;
+use crate::stream::event::{self, Transition};
+use crate::stream::probe::{Probe, ProbeConfig, ProbeCounters};
+use crate::stream::ring::EventRings;
 use crate::stream::{self, Closed, Observation};
 use crate::workload::{Resolver, Workload};
 use tracer_common::SENT_RESET;
@@ -40,7 +40,7 @@ pub struct Summary {
 
 /// Runs `tracer watch` until a signal, `--duration`, `--count`, or a closed stdout.
 pub async fn run(args: &WatchArgs) -> Result<Summary> {
-    crate::pods::check_flags(&args.attribution)?;
+    crate::metrics::pods::check_flags(&args.attribution)?;
     let mut probe = Probe::attach(&ProbeConfig {
         ring_buffer_bytes: args.ring_buffer_size,
         ports: args.ports.clone(),
@@ -56,10 +56,10 @@ pub async fn run(args: &WatchArgs) -> Result<Summary> {
     let stop_at =
         tokio::time::Instant::now() + args.duration.unwrap_or(Duration::from_secs(u64::MAX / 4));
     let mut report = tokio::time::interval(Duration::from_secs(1));
-    let mut drain = tokio::time::interval(crate::probe::DRAIN_INTERVAL);
+    let mut drain = tokio::time::interval(crate::stream::probe::DRAIN_INTERVAL);
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    let resolver = crate::pods::resolver(&args.attribution, probe.reads_cgroups());
+    let resolver = crate::metrics::pods::resolver(&args.attribution, probe.reads_cgroups());
     let mut printer = Printer::new(args, resolver, probe.reset_reasons.clone());
     eprintln!(
         "tracer: attached to inet_sock_set_state; watching TCP state changes (Ctrl-C to stop)"
@@ -360,7 +360,7 @@ impl Printer {
     fn print_record(&mut self, t: &Transition, c: &Closed, w: &Rendered) -> io::Result<()> {
         let out = &mut self.out;
         let wall = |ns: u64| (ns as i128 + self.realtime_offset_ns).max(0);
-        let mode = c.mode.map(crate::event_metrics::mode_name);
+        let mode = c.mode.map(crate::metrics::event::mode_name);
         let reason = c
             .reset_reason
             .map(|r| match self.reset_reasons.get(usize::from(r)) {

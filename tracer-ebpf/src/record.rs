@@ -1,0 +1,183 @@
+//! Writing an event: reserving it in this CPU's ring, each field in place (the socket, its
+//! stamps from storage, what a close carries), and submitting it.
+
+use super::*;
+
+/// Writes what the socket's storage tells into the event: the owner, cgroup, namespace,
+/// service port, the times and the flags (all 0 where there is no storage).
+///
+/// # Safety
+/// `t` must point at a reserved ring buffer record and `s` be null or a socket's storage.
+#[inline(always)]
+pub(crate) unsafe fn write_stamps(t: *mut Transition, s: *const SocketState, skipped: bool) {
+    let comm = addr_of_mut!((*t).comm);
+    if s.is_null() {
+        zero16(comm);
+        addr_of_mut!((*t).pid).write(0);
+        addr_of_mut!((*t).netns).write(0);
+        addr_of_mut!((*t).cgroup).write(0);
+        addr_of_mut!((*t).since_ns).write(0);
+        addr_of_mut!((*t).opened_ns).write(0);
+        addr_of_mut!((*t).established_ns).write(0);
+        addr_of_mut!((*t).teardown_ns).write(0);
+        addr_of_mut!((*t).port).write(0);
+        addr_of_mut!((*t).socket_flags).write(0);
+        addr_of_mut!((*t).reset_reason).write(0);
+    } else {
+        let (from, to) = (addr_of!((*s).comm) as *const u64, comm as *mut u64);
+        to.write(from.read());
+        to.add(1).write(from.add(1).read());
+        addr_of_mut!((*t).pid).write((*s).pid);
+        addr_of_mut!((*t).netns).write((*s).netns);
+        addr_of_mut!((*t).cgroup).write((*s).cgroup);
+        addr_of_mut!((*t).since_ns).write((*s).since_ns);
+        addr_of_mut!((*t).opened_ns).write((*s).opened_ns);
+        addr_of_mut!((*t).established_ns).write((*s).established_ns);
+        addr_of_mut!((*t).teardown_ns).write((*s).teardown_ns);
+        addr_of_mut!((*t).port).write((*s).port);
+        let skipped = if skipped { socket::SKIPPED } else { 0 };
+        addr_of_mut!((*t).socket_flags).write((*s).flags | skipped);
+        addr_of_mut!((*t).reset_reason).write((*s).reset_reason);
+    }
+    addr_of_mut!((*t)._pad).write([0; 4]);
+}
+
+/// Writes what only a transition to CLOSE carries (zeroes elsewhere), and the handshake's
+/// RTT sample at SYN_RECV -> ESTABLISHED.
+///
+/// # Safety
+/// `t` must point at a reserved ring buffer record and `sk` be the tracepoint's socket.
+#[inline(always)]
+pub(crate) unsafe fn write_close(
+    t: *mut Transition,
+    sk: *const u8,
+    old: u8,
+    new: u8,
+    srtt_us: u32,
+) {
+    let (mut srtt_us, mut sk_err, mut flags) = (srtt_us, 0u8, 0u8);
+    let (mut bytes_acked, mut bytes_received, mut rtt_min_us, mut total_retrans) =
+        (0u64, 0u64, 0u32, 0u32);
+    if new == state::CLOSE {
+        // `sk_err` is an `int` of `struct sock`, loaded directly as above.
+        sk_err = field::<i32>(sk, offset!(sk_err)) as u8;
+        if field::<u64>(sk, offset!(sk_flags)) & (1 << SOCK_DONE) != 0 {
+            flags |= close_flags::PEER_FIN;
+        }
+        // The connection's story, for its close record. `bpf_skc_to_tcp_sock` (tracing
+        // programs, Linux 5.9+) returns the socket as a BTF-typed `struct tcp_sock *` (or
+        // null), whose fields are then direct loads: one helper call rather than one per
+        // field.
+        let tp = gen::bpf_skc_to_tcp_sock(sk as *mut c_void) as *const u8;
+        if !tp.is_null() {
+            srtt_us = field::<u32>(tp, offset!(srtt_us));
+            total_retrans = field::<u32>(tp, offset!(total_retrans));
+            bytes_acked = field::<u64>(tp, offset!(bytes_acked));
+            bytes_received = field::<u64>(tp, offset!(bytes_received));
+            rtt_min_us = field::<u32>(tp, offset!(rtt_min));
+            let sent_fin = matches!(
+                old,
+                state::FIN_WAIT1 | state::FIN_WAIT2 | state::CLOSING | state::LAST_ACK
+            );
+            let all_acked =
+                field::<u32>(tp, offset!(snd_una)) == field::<u32>(tp, offset!(write_seq));
+            if sent_fin && all_acked {
+                flags |= close_flags::FIN_ACKED;
+            }
+        }
+    }
+    addr_of_mut!((*t).close_flags).write(flags);
+    addr_of_mut!((*t).bytes_acked).write(bytes_acked);
+    addr_of_mut!((*t).bytes_received).write(bytes_received);
+    addr_of_mut!((*t).rtt_min_us).write(rtt_min_us);
+    addr_of_mut!((*t).total_retrans).write(total_retrans);
+    addr_of_mut!((*t).srtt_us).write(srtt_us);
+    addr_of_mut!((*t).sk_err).write(sk_err);
+}
+
+/// This CPU's ring.
+pub(crate) type Ring = BtfRingBuf<Transition, RING_TEMPLATE_BYTES>;
+
+/// Reserves a record in this CPU's ring; a full ring is counted as a lost event.
+#[inline(always)]
+pub(crate) fn reserve() -> Option<(&'static Ring, RingBufEntry<Transition>)> {
+    // SAFETY: a helper with no arguments, callable from any program type.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let reserved = EVENTS
+        .get(cpu)
+        .and_then(|ring| Some((ring, ring.reserve(0)?)));
+    if reserved.is_none() {
+        count(counter::LOST_RINGBUF_FULL);
+    }
+    reserved
+}
+
+/// Writes what names the socket: the time, its kernel address and cookie, and its local and
+/// remote addresses.
+///
+/// # Safety
+/// `t` must point at a reserved ring buffer record and `sk` be a tracepoint's full socket.
+#[inline(always)]
+pub(crate) unsafe fn write_socket(
+    ctx: &BtfTracePointContext,
+    t: *mut Transition,
+    sk: *const u8,
+    family: u16,
+    now: u64,
+) {
+    addr_of_mut!((*t).time_ns).write(now);
+    addr_of_mut!((*t).skaddr).write(sk as u64);
+    // `sk` is the tracepoint's BTF-typed socket, which this helper accepts in tracing programs
+    // (Linux 5.12+); it returns the existing cookie or makes one.
+    addr_of_mut!((*t).cookie).write(bpf_get_socket_cookie(sk as *mut c_void));
+    write_addresses(ctx, t, sk, family);
+}
+
+/// Writes the socket's local and remote addresses into `t.saddr` and `t.daddr`.
+///
+/// # Safety
+/// As [`write_socket`].
+#[inline(always)]
+pub(crate) unsafe fn write_addresses(
+    ctx: &BtfTracePointContext,
+    t: *mut Transition,
+    sk: *const u8,
+    family: u16,
+) {
+    let (saddr, daddr) = (addr_of_mut!((*t).saddr), addr_of_mut!((*t).daddr));
+    if family == AF_INET6 {
+        let read_both = read_into(saddr, sk, offset!(skc_v6_rcv_saddr))
+            & read_into(daddr, sk, offset!(skc_v6_daddr));
+        if !read_both {
+            report(ctx, counter::READ_FAILED, field::IPV6_ADDRESS);
+        }
+    } else {
+        if family != AF_INET {
+            report(ctx, counter::UNKNOWN_FAMILY, u32::from(family));
+        }
+        // Both are `__be32` fields of `struct sock_common`, loaded directly.
+        let s: u32 = field(sk, offset!(skc_rcv_saddr));
+        let d: u32 = field(sk, offset!(skc_daddr));
+        zero16(saddr);
+        zero16(daddr);
+        (saddr as *mut u32).write(s);
+        (daddr as *mut u32).write(d);
+    }
+}
+
+/// Commits a written record, waking the reader only once a ring holds `WAKEUP_BYTES`.
+#[inline(always)]
+pub(crate) fn submit(ring: &Ring, entry: RingBufEntry<Transition>) {
+    // SAFETY: read-only global, volatile for the same reason as OFFSETS.
+    let wakeup_bytes = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
+    // SAFETY: `ring` is the ring buffer map this CPU's slot of `EVENTS` refers to.
+    let waiting = unsafe {
+        gen::bpf_ringbuf_query(ring as *const _ as *mut c_void, BPF_RB_AVAIL_DATA.into())
+    };
+    let flags = if waiting >= wakeup_bytes {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(flags.into());
+}
