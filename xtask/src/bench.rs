@@ -576,14 +576,18 @@ fn probe_cost_phase(duration: Duration, with_bpftrace: bool) -> Result<()> {
         } else {
             None
         };
-        let theirs = program_ids();
         let addr = free_port()?;
         let mut tracer = TracerProcess::start(&["run", "--listen", &addr.to_string()], Some(addr))?;
         let (conns, _) = churn(duration)?;
         std::thread::sleep(Duration::from_millis(1_200)); // one sync of the probe's figures
         let text = scrape(addr)?;
         // Read while both are attached: the kernel forgets a program's figures when it goes.
-        let bpftrace_cost = program_costs(|id| theirs.contains(&id) && !already.contains(&id));
+        // bpftrace's is the classic tracepoint program loaded since the start (the tracer's
+        // are BTF tracepoints).
+        let bpftrace_cost = program_costs(|p| {
+            !already.contains(&p.id())
+                && p.program_type() == aya_obj::generated::bpf_prog_type::BPF_PROG_TYPE_TRACEPOINT
+        });
         tracer.stop()?;
         if let Some(b) = bpftrace.as_mut() {
             b.stop()?;
@@ -643,11 +647,11 @@ fn program_ids() -> std::collections::HashSet<u32> {
         .collect()
 }
 
-/// (name, runs, run nanoseconds) of each loaded program whose id `pick` takes.
-fn program_costs(pick: impl Fn(u32) -> bool) -> Vec<(String, u64, u64)> {
+/// (name, runs, run nanoseconds) of each loaded program that `pick` takes.
+fn program_costs(pick: impl Fn(&aya::programs::ProgramInfo) -> bool) -> Vec<(String, u64, u64)> {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
-        .filter(|p| pick(p.id()))
+        .filter(|p| pick(p))
         .map(|p| {
             let name = p.name_as_str().unwrap_or("?").to_owned();
             (name, p.run_count(), p.run_time().as_nanos() as u64)

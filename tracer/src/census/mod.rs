@@ -624,6 +624,13 @@ mod tests {
     }
 
     #[test]
+    fn a_census_record_is_208_bytes_as_the_readme_says() {
+        assert_eq!(std::mem::size_of::<SocketRecord>(), 208);
+        let readme = include_str!("../../../README.md");
+        assert!(readme.contains("a 208-byte sock_diag record"));
+    }
+
+    #[test]
     fn request_sockets_count_as_syn_recv_like_ss() {
         let r = |state| SocketRecord {
             state,
