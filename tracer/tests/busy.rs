@@ -101,6 +101,48 @@ fn a_service_started_after_thousands_of_time_waits_gets_its_own_port_label() {
 }
 
 #[test]
+fn a_service_listening_inside_the_ephemeral_range_is_counted_whole_under_its_own_port() {
+    if !require_root("a_service_listening_inside_the_ephemeral_range_is_counted_whole") {
+        return;
+    }
+    // gRPC's default 50051 is such a port: here, one the kernel picks from the range. Its
+    // listening does not give it a value (throwaway listeners live there too), nor do the
+    // client's handshakes to it (an ephemeral remote port); its first passive handshake does,
+    // just after the first client's: every handshake of both sides counts under the port.
+    let (lo, hi) = ephemeral_range();
+    let agent = Agent::start(&[]); // the deployment's defaults: no --port
+    let server = Server::start(V4, 200, Closer::Client);
+    let port = server.addr.port();
+    assert!((lo..=hi).contains(&port), "{port} outside {lo}-{hi}");
+    connect_many(server.addr, 200, Closer::Client);
+    server.join();
+    let port = port.to_string();
+    let text = agent.metrics_until("200 handshakes each side", |t| {
+        let count = |mode| {
+            sample(
+                t,
+                "tracer_tcp_handshake_duration_seconds_count",
+                &[("mode", mode), ("port", &port)],
+            )
+        };
+        count("active") == Some(200.0) && count("passive") == Some(200.0)
+    });
+    for mode in ["active", "passive"] {
+        let other = sample(
+            &text,
+            "tracer_tcp_handshake_duration_seconds_count",
+            &[("mode", mode), ("port", "other")],
+        );
+        // Other sockets of the machine may count there, but not ours: at most a handful.
+        assert!(other.unwrap_or(0.0) < 200.0, "{mode} under other: {other:?}");
+    }
+    assert_eq!(
+        sample(&text, "tracer_port_held_overflow_total", &[]),
+        Some(0.0)
+    );
+}
+
+#[test]
 fn a_close_wait_leak_made_while_the_agent_was_stopped_has_its_exact_age_and_owner() {
     if !require_root("a_close_wait_leak_made_while_the_agent_was_stopped_has_its_exact_age") {
         return;

@@ -105,6 +105,7 @@ pub async fn run(args: &RunArgs) -> Result<()> {
     };
     let health = Arc::new(Health::default());
     health.beat();
+    events.count_scrapes(health.scrapes.clone());
     let (failed_tx, mut http_failed) = tokio::sync::oneshot::channel();
     crate::http::spawn(
         listener,

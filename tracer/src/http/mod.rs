@@ -77,6 +77,10 @@ const READ_BUFFER: usize = 16 << 10;
 #[derive(Default)]
 pub struct Health {
     last_drain_ms: AtomicU64,
+    /// `/metrics` requests so far, counted before each gathers: the event path's held samples
+    /// of ports without a label value go to `other` once a scrape has passed them
+    /// (`metrics::event`).
+    pub scrapes: Arc<AtomicU64>,
 }
 
 impl Health {
@@ -491,6 +495,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         state.refusals.memory.inc();
         return busy("the agent's answers to slow clients fill its /metrics memory budget");
     };
+    state.health.scrapes.fetch_add(1, Ordering::Relaxed);
     match crate::metrics::event::encode(&state.registry) {
         Ok(body) => (
             [(

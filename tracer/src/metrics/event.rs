@@ -74,11 +74,52 @@ impl<T: Clone> ByPort<T> {
 }
 
 /// The histograms of [`EventMetrics::observe`].
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 enum Histogram {
     Handshake,
     Teardown,
     Lifetime,
+}
+
+/// One sample of a per-port metric, as [`Held`] keeps it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum PortSample {
+    Histogram {
+        which: Histogram,
+        kind: usize,
+        pod: usize,
+        seconds: f64,
+    },
+    Failure {
+        reason: usize,
+        pod: usize,
+    },
+    Bytes {
+        direction: usize,
+        n: u64,
+    },
+    Rtt {
+        seconds: f64,
+    },
+}
+
+/// Ports held at most at once (see [`Held`]); past that, samples of ports without a value go
+/// to `other` at once, and are counted.
+pub const MAX_HELD_PORTS: usize = 1_024;
+/// Samples held per port; past that they go to `other`.
+const MAX_HELD_SAMPLES: usize = 256;
+
+/// Samples of ports that have no label value yet, by raw port, until they are exported: so that
+/// a service's events count under its own port from its first one. A service's port qualifies
+/// for a value by an event of its own (its first passive handshake, say), which may come just
+/// after others (the client side of that very handshake). A port's samples go to `other` once
+/// a scrape has come and gone without the port qualifying (a scrape exported `other` without
+/// them), or when [`MAX_HELD_SAMPLES`] of them wait; to the port's own value if it qualifies
+/// first.
+#[derive(Default)]
+struct Held {
+    /// By port: the scrape count when its first sample was held, and the samples.
+    ports: foldhash::HashMap<u16, (u64, Vec<PortSample>)>,
 }
 
 /// The metrics the event path feeds.
@@ -105,6 +146,11 @@ pub struct EventMetrics {
     transitions: IntCounterVec,
     transitions_h: Vec<Option<LocalIntCounter>>,
     events: IntCounter,
+    held: Held,
+    /// Scrapes of `/metrics` so far (counted by the HTTP thread before it gathers).
+    scrapes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Samples not held because [`MAX_HELD_PORTS`] ports were.
+    held_overflow: IntCounter,
 }
 
 impl EventMetrics {
@@ -196,6 +242,12 @@ impl EventMetrics {
             "Transitions read from the probe's ring buffers (inet_sock_set_state).",
         )?;
         registry.register(Box::new(events.clone()))?;
+        let held_overflow = IntCounter::new(
+            "tracer_port_held_overflow_total",
+            "Samples of per-port metrics of ports without a label value that went to port=\"other\" \
+             at once because 1,024 such ports had samples waiting for the port to qualify.",
+        )?;
+        registry.register(Box::new(held_overflow.clone()))?;
 
         let mut metrics = EventMetrics {
             ports,
@@ -217,6 +269,9 @@ impl EventMetrics {
             transitions,
             transitions_h: vec![None; STATE_NAMES.len() * STATE_NAMES.len()],
             events,
+            held: Held::default(),
+            scrapes: Default::default(),
+            held_overflow,
         };
         // Panels and alerts read these from the first scrape: 0, not "No data".
         for mode in MODES {
@@ -285,8 +340,13 @@ impl EventMetrics {
                 };
                 let slot = self.ports.slot(port, why);
                 let pod = self.pod_slot(cgroup);
-                let kind = (mode as usize, MODES[mode as usize]);
-                self.observe(Histogram::Handshake, kind, slot, pod, secs(ns));
+                let sample = PortSample::Histogram {
+                    which: Histogram::Handshake,
+                    kind: mode as usize,
+                    pod,
+                    seconds: secs(ns),
+                };
+                self.sample(port, slot, sample);
             }
             Observation::HandshakeFailure {
                 reason,
@@ -296,15 +356,11 @@ impl EventMetrics {
             } => {
                 let slot = self.ports.slot(port, Use::Connected { netns });
                 let pod = self.pods.slot(cgroup);
-                let (namespace, pod_name) = self.pods.label(pod);
-                let (vec, name) = (&self.failures, self.ports.name(slot));
-                self.failures_h
-                    .get(reason as usize, slot, pod, || {
-                        let reason = FAILURES[reason as usize];
-                        vec.with_label_values(&["active", reason, name, namespace, pod_name])
-                            .local()
-                    })
-                    .inc();
+                let sample = PortSample::Failure {
+                    reason: reason as usize,
+                    pod,
+                };
+                self.sample(port, slot, sample);
             }
             Observation::Teardown {
                 mode,
@@ -314,8 +370,13 @@ impl EventMetrics {
             } => {
                 let slot = self.ports.slot(port, Use::Counted);
                 let pod = self.pod_slot(cgroup);
-                let kind = (mode as usize, TEARDOWNS[mode as usize]);
-                self.observe(Histogram::Teardown, kind, slot, pod, secs(ns));
+                let sample = PortSample::Histogram {
+                    which: Histogram::Teardown,
+                    kind: mode as usize,
+                    pod,
+                    seconds: secs(ns),
+                };
+                self.sample(port, slot, sample);
             }
             Observation::Lifetime {
                 mode,
@@ -325,40 +386,139 @@ impl EventMetrics {
             } => {
                 let slot = self.ports.slot(port, Use::Counted);
                 let pod = self.pod_slot(cgroup);
-                let kind = (mode as usize, MODES[mode as usize]);
-                self.observe(Histogram::Lifetime, kind, slot, pod, secs(ns));
+                let sample = PortSample::Histogram {
+                    which: Histogram::Lifetime,
+                    kind: mode as usize,
+                    pod,
+                    seconds: secs(ns),
+                };
+                self.sample(port, slot, sample);
             }
             // Reported only to `watch --connections`; the agent counts resets in the kernel.
             Observation::ResetSent { .. } => {}
             Observation::Closed(c) => {
                 let slot = self.ports.slot(c.port, Use::Counted);
-                let name = self.ports.name(slot);
                 let sent = c.bytes_sent.unwrap_or(0);
                 for (direction, n) in [(0, sent), (1, c.bytes_received)] {
                     if n > 0 {
-                        let vec = &self.bytes;
-                        self.bytes_h
-                            .get(direction, slot, 0, || {
-                                vec.with_label_values(&[DIRECTIONS[direction], name])
-                                    .local()
-                            })
-                            .inc_by(n);
+                        self.sample(c.port, slot, PortSample::Bytes { direction, n });
                     }
                 }
                 if c.srtt_us > 0 {
-                    let vec = &self.rtt;
-                    self.rtt_h
-                        .get(0, slot, 0, || vec.with_label_values(&[name]).local())
-                        .observe(f64::from(c.srtt_us) / 1e6);
+                    let seconds = f64::from(c.srtt_us) / 1e6;
+                    self.sample(c.port, slot, PortSample::Rtt { seconds });
                 }
             }
         }
+    }
+
+    /// Takes the scrape count the HTTP side keeps (`http::Health::scrapes`): held samples go
+    /// to `other` once a scrape has passed them.
+    pub fn count_scrapes(&mut self, scrapes: std::sync::Arc<std::sync::atomic::AtomicU64>) {
+        self.scrapes = scrapes;
+    }
+
+    /// A sample of `port`'s series in label slot `slot`: recorded, or held while the port has
+    /// no value and may still get one (see [`Held`]).
+    fn sample(&mut self, port: u16, slot: usize, sample: PortSample) {
+        if slot == 0 && port != 0 && self.ports.may_grow() {
+            let scrapes = self.scrapes.load(std::sync::atomic::Ordering::Relaxed);
+            let room = self.held.ports.len() < MAX_HELD_PORTS;
+            match self.held.ports.get_mut(&port) {
+                Some((_, samples)) if samples.len() < MAX_HELD_SAMPLES => {
+                    samples.push(sample);
+                    return;
+                }
+                Some(_) => {
+                    // Waited long enough: these go to `other`, the next are held afresh.
+                    let (_, samples) = self.held.ports.remove(&port).unwrap_or_default();
+                    for s in samples {
+                        self.apply(0, s);
+                    }
+                    self.held.ports.insert(port, (scrapes, vec![sample]));
+                    return;
+                }
+                None if room => {
+                    self.held.ports.insert(port, (scrapes, vec![sample]));
+                    return;
+                }
+                None => self.held_overflow.inc(),
+            }
+        }
+        self.apply(slot, sample);
+    }
+
+    /// Records `sample` in label slot `slot`; a handle is made on first use.
+    fn apply(&mut self, slot: usize, sample: PortSample) {
+        match sample {
+            PortSample::Histogram {
+                which,
+                kind,
+                pod,
+                seconds,
+            } => {
+                let name = match which {
+                    Histogram::Teardown => TEARDOWNS[kind],
+                    _ => MODES[kind],
+                };
+                self.observe(which, (kind, name), slot, pod, seconds);
+            }
+            PortSample::Failure { reason, pod } => {
+                let (namespace, pod_name) = self.pods.label(pod);
+                let (vec, name) = (&self.failures, self.ports.name(slot));
+                self.failures_h
+                    .get(reason, slot, pod, || {
+                        let reason = FAILURES[reason];
+                        vec.with_label_values(&["active", reason, name, namespace, pod_name])
+                            .local()
+                    })
+                    .inc();
+            }
+            PortSample::Bytes { direction, n } => {
+                let (vec, name) = (&self.bytes, self.ports.name(slot));
+                self.bytes_h
+                    .get(direction, slot, 0, || {
+                        vec.with_label_values(&[DIRECTIONS[direction], name])
+                            .local()
+                    })
+                    .inc_by(n);
+            }
+            PortSample::Rtt { seconds } => {
+                let (vec, name) = (&self.rtt, self.ports.name(slot));
+                self.rtt_h
+                    .get(0, slot, 0, || vec.with_label_values(&[name]).local())
+                    .observe(seconds);
+            }
+        }
+    }
+
+    /// Gives the held samples their place: their port's own value if it has qualified since,
+    /// `other` once a scrape has come since the first of them, else they wait.
+    fn settle_held(&mut self) {
+        if self.held.ports.is_empty() {
+            return;
+        }
+        let scrapes = self.scrapes.load(std::sync::atomic::Ordering::Relaxed);
+        let grow = self.ports.may_grow();
+        let mut held = std::mem::take(&mut self.held.ports);
+        held.retain(|&port, (since, samples)| {
+            let slot = self.ports.slot(port, Use::Counted);
+            if slot == 0 && scrapes == *since && grow {
+                return true;
+            }
+            for s in samples.drain(..) {
+                self.apply(slot, s);
+            }
+            false
+        });
+        self.held.ports = held;
     }
 
     /// Publishes what [`EventMetrics::record`] gathered since the last call, and counts the
     /// batch's `events` (transitions read). The per-event path updates thread-local copies (no
     /// atomic operation per event); call this after each batch.
     pub fn flush(&mut self, events: u64) {
+        self.settle_held();
         self.events.inc_by(events);
         self.transitions_h
             .iter()
@@ -556,5 +716,76 @@ mod tests {
         assert!(text.contains(
             "tracer_tcp_handshake_duration_seconds_count{mode=\"active\",port=\"5432\"} 0"
         ));
+    }
+
+    fn handshake(mode: Mode, port: u16) -> Observation {
+        Observation::Handshake {
+            mode,
+            port,
+            netns: 0,
+            ns: 50_000,
+            cgroup: 0,
+        }
+    }
+
+    fn count(text: &str, mode: &str, port: &str) -> u64 {
+        let needle = format!(
+            "tracer_tcp_handshake_duration_seconds_count{{mode=\"{mode}\",port=\"{port}\"}} "
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix(&needle))
+            .map_or(0, |n| n.parse().unwrap())
+    }
+
+    #[test]
+    fn a_service_in_the_ephemeral_range_is_counted_whole_from_its_first_event() {
+        // gRPC's 50051, inside the ephemeral range: a client's handshake to it does not give it
+        // a value; the server's first passive handshake, just after, does.
+        let (registry, mut m) = metrics(8);
+        let scrapes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        m.count_scrapes(scrapes.clone());
+        m.record(handshake(Mode::Active, 50_051));
+        m.flush(1);
+        let text = encode(&registry).unwrap();
+        assert_eq!(count(&text, "active", "other"), 0, "held, not exported");
+        m.record(handshake(Mode::Passive, 50_051));
+        m.record(handshake(Mode::Active, 50_051));
+        m.flush(2);
+        let text = encode(&registry).unwrap();
+        assert_eq!(
+            (
+                count(&text, "active", "50051"),
+                count(&text, "passive", "50051")
+            ),
+            (2, 1)
+        );
+        assert_eq!(count(&text, "active", "other"), 0);
+    }
+
+    #[test]
+    fn held_samples_of_a_port_that_never_qualifies_go_to_other_once_a_scrape_passed() {
+        let (registry, mut m) = metrics(8);
+        let scrapes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        m.count_scrapes(scrapes.clone());
+        m.record(handshake(Mode::Active, 40_001));
+        m.flush(1);
+        m.flush(0);
+        assert_eq!(count(&encode(&registry).unwrap(), "active", "other"), 0);
+        // A scrape came (without them): the next batch puts them under other, for good.
+        scrapes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        m.flush(0);
+        let text = encode(&registry).unwrap();
+        assert_eq!(count(&text, "active", "other"), 1);
+        // Past MAX_HELD_PORTS ports waiting, samples go to other at once, and are counted.
+        for port in 0..=MAX_HELD_PORTS as u16 {
+            m.record(handshake(Mode::Active, 40_002 + port));
+        }
+        m.flush(0);
+        let text = encode(&registry).unwrap();
+        assert!(
+            text.contains("tracer_port_held_overflow_total 1\n"),
+            "{text}"
+        );
+        assert_eq!(count(&text, "active", "other"), 2);
     }
 }

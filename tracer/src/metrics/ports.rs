@@ -17,6 +17,8 @@
 //!   TIME-WAIT counts, SYN-ACK retransmissions, teardowns of sockets whose opening was not
 //!   seen. Ports without a value are `other`; events of a port that qualified for a value when
 //!   the budget was already spent are counted (`tracer_port_label_overflow_total`).
+//! - Samples of a port without a value are held by the event metrics until the next scrape
+//!   (`metrics::event`), so that a port that qualifies just after its first events counts them.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -137,6 +139,11 @@ impl PortLabels {
             return 0;
         }
         self.assign(port, why)
+    }
+
+    /// True while a port without a value may still get one (no `--port`, budget left).
+    pub fn may_grow(&self) -> bool {
+        !self.fixed && self.names.len() <= self.max
     }
 
     /// The label value of a slot.
