@@ -15,6 +15,15 @@ fn service_port() -> SocketAddr {
     closed_port(V4)
 }
 
+/// The handshakes of `mode` counted under `port` in a scrape.
+fn handshakes(text: &str, mode: &str, port: &str) -> Option<f64> {
+    sample(
+        text,
+        "tracer_tcp_handshake_duration_seconds_count",
+        &[("mode", mode), ("port", port)],
+    )
+}
+
 /// Every value of the `port` label in a Prometheus text exposition.
 fn port_label_values(text: &str) -> BTreeSet<String> {
     text.lines()
@@ -62,14 +71,8 @@ fn a_service_started_after_thousands_of_time_waits_gets_its_own_port_label() {
     server.join();
     settle();
     let text = agent.metrics_until("200 handshakes each side", |t| {
-        let count = |mode| {
-            sample(
-                t,
-                "tracer_tcp_handshake_duration_seconds_count",
-                &[("mode", mode), ("port", &port)],
-            )
-        };
-        count("active") == Some(200.0) && count("passive") == Some(200.0)
+        handshakes(t, "active", &port) == Some(200.0)
+            && handshakes(t, "passive", &port) == Some(200.0)
     });
     assert_eq!(
         sample(&text, "tracer_port_label_info", &[("port", &port)]),
@@ -118,23 +121,16 @@ fn a_service_listening_inside_the_ephemeral_range_is_counted_whole_under_its_own
     server.join();
     let port = port.to_string();
     let text = agent.metrics_until("200 handshakes each side", |t| {
-        let count = |mode| {
-            sample(
-                t,
-                "tracer_tcp_handshake_duration_seconds_count",
-                &[("mode", mode), ("port", &port)],
-            )
-        };
-        count("active") == Some(200.0) && count("passive") == Some(200.0)
+        handshakes(t, "active", &port) == Some(200.0)
+            && handshakes(t, "passive", &port) == Some(200.0)
     });
     for mode in ["active", "passive"] {
-        let other = sample(
-            &text,
-            "tracer_tcp_handshake_duration_seconds_count",
-            &[("mode", mode), ("port", "other")],
-        );
+        let other = handshakes(&text, mode, "other");
         // Other sockets of the machine may count there, but not ours: at most a handful.
-        assert!(other.unwrap_or(0.0) < 200.0, "{mode} under other: {other:?}");
+        assert!(
+            other.unwrap_or(0.0) < 200.0,
+            "{mode} under other: {other:?}"
+        );
     }
     assert_eq!(
         sample(&text, "tracer_port_held_overflow_total", &[]),

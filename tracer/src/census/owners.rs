@@ -18,43 +18,17 @@ pub type Holder = (u32, [u8; COMM_LEN]);
 
 /// The holder of each of `wanted`'s socket inodes that some process of `proc` (a procfs
 /// mount, usually `/proc`) has a descriptor for; the lowest pid where several share one (a
-/// parent and the children it forked). Stops once every inode is found.
+/// parent and the children it forked).
 pub fn find(proc: &Path, wanted: &HashSet<u64>) -> HashMap<u64, Holder> {
     let mut found = HashMap::new();
     if wanted.is_empty() {
         return found;
     }
-    let Ok(entries) = std::fs::read_dir(proc) else {
-        return found;
-    };
-    let mut pids: Vec<u32> = entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .collect();
-    pids.sort_unstable();
-    for pid in pids {
-        // A process that exited meanwhile, or one we may not look into: skipped.
-        let Ok(fds) = std::fs::read_dir(proc.join(pid.to_string()).join("fd")) else {
-            continue;
-        };
-        let mut comm = None;
-        for fd in fds.flatten() {
-            let Some(inode) = std::fs::read_link(fd.path())
-                .ok()
-                .and_then(|l| socket_inode(l.as_os_str().as_encoded_bytes()))
-            else {
-                continue;
-            };
-            if !wanted.contains(&inode) || found.contains_key(&inode) {
-                continue;
-            }
-            let comm = *comm.get_or_insert_with(|| read_comm(proc, pid));
-            found.insert(inode, (pid, comm));
+    each_socket(proc, |pid, comm, _, inode| {
+        if wanted.contains(&inode) {
+            found.entry(inode).or_insert((pid, *comm));
         }
-        if found.len() == wanted.len() {
-            break;
-        }
-    }
+    });
     found
 }
 
