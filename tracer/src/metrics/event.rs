@@ -338,15 +338,7 @@ impl EventMetrics {
                     Mode::Active => Use::Connected { netns },
                     Mode::Passive => Use::Accepted,
                 };
-                let slot = self.ports.slot(port, why);
-                let pod = self.pod_slot(cgroup);
-                let sample = PortSample::Histogram {
-                    which: Histogram::Handshake,
-                    kind: mode as usize,
-                    pod,
-                    seconds: secs(ns),
-                };
-                self.sample(port, slot, sample);
+                self.duration(Histogram::Handshake, mode as usize, port, why, cgroup, ns);
             }
             Observation::HandshakeFailure {
                 reason,
@@ -367,33 +359,27 @@ impl EventMetrics {
                 port,
                 ns,
                 cgroup,
-            } => {
-                let slot = self.ports.slot(port, Use::Counted);
-                let pod = self.pod_slot(cgroup);
-                let sample = PortSample::Histogram {
-                    which: Histogram::Teardown,
-                    kind: mode as usize,
-                    pod,
-                    seconds: secs(ns),
-                };
-                self.sample(port, slot, sample);
-            }
+            } => self.duration(
+                Histogram::Teardown,
+                mode as usize,
+                port,
+                Use::Counted,
+                cgroup,
+                ns,
+            ),
             Observation::Lifetime {
                 mode,
                 port,
                 ns,
                 cgroup,
-            } => {
-                let slot = self.ports.slot(port, Use::Counted);
-                let pod = self.pod_slot(cgroup);
-                let sample = PortSample::Histogram {
-                    which: Histogram::Lifetime,
-                    kind: mode as usize,
-                    pod,
-                    seconds: secs(ns),
-                };
-                self.sample(port, slot, sample);
-            }
+            } => self.duration(
+                Histogram::Lifetime,
+                mode as usize,
+                port,
+                Use::Counted,
+                cgroup,
+                ns,
+            ),
             // Reported only to `watch --connections`; the agent counts resets in the kernel.
             Observation::ResetSent { .. } => {}
             Observation::Closed(c) => {
@@ -410,6 +396,28 @@ impl EventMetrics {
                 }
             }
         }
+    }
+
+    /// A duration of histogram `which`, series `kind`, of a socket on `port` in `cgroup`;
+    /// `why` says whether it may give the port a value.
+    fn duration(
+        &mut self,
+        which: Histogram,
+        kind: usize,
+        port: u16,
+        why: Use,
+        cgroup: u64,
+        ns: u64,
+    ) {
+        let slot = self.ports.slot(port, why);
+        let pod = self.pod_slot(cgroup);
+        let sample = PortSample::Histogram {
+            which,
+            kind,
+            pod,
+            seconds: ns as f64 / 1e9,
+        };
+        self.sample(port, slot, sample);
     }
 
     /// Takes the scrape count the HTTP side keeps (`http::Health::scrapes`): held samples go
