@@ -129,9 +129,17 @@ pub(crate) fn report_reset(ctx: &BtfTracePointContext, sk: *const u8, state: u8,
             u16::from_be(field::<u16>(sk, offset!(skc_dport))),
         )
     };
-    let Some(sport) = wanted_sport(ctx, sk, dport) else {
+    // `inet_sport` lies in `struct inet_sock`, past `struct sock`, where the verifier allows no
+    // direct load through a `struct sock *`: read it with the helper (a rare path).
+    let sport = u16::from_be(read_or_report(
+        ctx,
+        sk,
+        offset!(inet_sport),
+        field::INET_SPORT,
+    ));
+    if !(port_wanted(sport) || port_wanted(dport)) {
         return;
-    };
+    }
     let Some((ring, mut entry)) = reserve() else {
         return;
     };
@@ -146,7 +154,7 @@ pub(crate) fn report_reset(ctx: &BtfTracePointContext, sk: *const u8, state: u8,
         addr_of_mut!((*t).family).write(family);
         addr_of_mut!((*t).oldstate).write(state);
         addr_of_mut!((*t).newstate).write(SENT_RESET);
-        write_close(t, sk, state, SENT_RESET, 0);
+        write_close(t, sk, core::ptr::null(), state, SENT_RESET, 0);
         addr_of_mut!((*t).reset_reason).write(reason);
     }
     submit(ring, entry);
@@ -210,7 +218,6 @@ pub(crate) fn report(ctx: &BtfTracePointContext, problem: u32, detail: u32) {
 pub(crate) fn field_name(which: u32) -> &'static str {
     match which {
         field::INET_SPORT => "inet_sock.inet_sport",
-        field::SRTT_US => "tcp_sock.srtt_us",
         field::NET_INUM => "net.ns.inum",
         field::CGROUP_ID => "sock.sk_cgrp_data.cgroup->kn->id",
         field::GSO_SEGS => "tcp_skb_cb.tcp_gso_segs",

@@ -192,10 +192,20 @@ static RESET_REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(RESET_REA
 #[map]
 static RUNNING: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
+/// The transition the main program handled last on this CPU (its socket's address and new
+/// state), cleared by the rescue program that follows it: the rescue's common case in two
+/// inlined per-CPU loads, with no helper call.
+#[map]
+static HANDLED: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
 /// The main program: handles every transition.
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     set_running(1);
+    if let Some(h) = HANDLED.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; tracepoint programs run with preemption disabled.
+        unsafe { *h = this_transition(&ctx) };
+    }
     // The tracepoint's return value is ignored by the kernel; errors are counted instead.
     let _ = try_inet_sock_set_state(&ctx);
     set_running(0);
@@ -213,6 +223,17 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
 /// recursion misses minus `counter::RESCUED`.
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state_rescue(ctx: BtfTracePointContext) -> i32 {
+    // The common case: the main program has just handled this very transition.
+    let this = this_transition(&ctx);
+    if let Some(h) = HANDLED.get_ptr_mut(0) {
+        // SAFETY: as in the main program.
+        unsafe {
+            if (*h)[0] == this[0] && (*h)[1] == this[1] {
+                (*h)[0] = 0;
+                return 0;
+            }
+        }
+    }
     if main_missed(&ctx) {
         count(counter::RESCUED);
         let _ = try_inet_sock_set_state(&ctx);
@@ -220,12 +241,22 @@ pub fn inet_sock_set_state_rescue(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// True when the main program did not handle this very transition. It decides by the
-/// socket's own state: the main program moves the socket's storage to the new state as it
-/// handles a transition, so storage still in another state was not handled (whenever the main
-/// program was skipped: from its entry to its return, with no window). A socket without
-/// storage (one the probe first sees closing, or that the kernel refused storage, or another
-/// protocol's) is told by the flag the main program holds while it runs.
+/// The tracepoint's socket address and new state: one transition, told apart from any other
+/// that can follow it on this CPU before the rescue program runs.
+#[inline(always)]
+fn this_transition(ctx: &BtfTracePointContext) -> [u64; 2] {
+    let (sk, newstate): (u64, u64) = (ctx.arg(0), ctx.arg(2));
+    [sk, newstate]
+}
+
+/// True when the main program did not handle this very transition, for the rare cases where
+/// `HANDLED` does not say so: a run nested in the main program (which the kernel skipped),
+/// or one nested in the rescue program before it read `HANDLED`. It decides by the socket's
+/// own state: the main program moves the socket's storage to the new state as it handles a
+/// transition, so storage still in another state was not handled (whenever the main program
+/// was skipped: from its entry to its return, with no window). A socket without storage (one
+/// the probe first sees closing, or that the kernel refused storage, or another protocol's)
+/// is told by the flag the main program holds while it runs.
 #[inline(always)]
 fn main_missed(ctx: &BtfTracePointContext) -> bool {
     let (sk, newstate): (*const u8, i32) = (ctx.arg(0), ctx.arg(2));
@@ -266,9 +297,20 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
     if protocol != IPPROTO_TCP {
         return Ok(());
     }
-    let Some(sport) = wanted_sport(ctx, sk, dport) else {
+    // The socket as a BTF-typed `struct tcp_sock *` (`bpf_skc_to_tcp_sock`, tracing programs,
+    // Linux 5.9+): its `inet_sock` and `tcp_sock` fields are then direct loads, one helper
+    // call rather than a read helper per field. Null for what is not a full TCP socket.
+    // SAFETY: `sk` is the tracepoint's BTF-typed socket.
+    let tp = unsafe { gen::bpf_skc_to_tcp_sock(sk as *mut c_void) } as *const u8;
+    if tp.is_null() {
         return Ok(());
-    };
+    }
+    // SAFETY: `inet_sport` is a `__be16` of `struct inet_sock`, which starts `struct
+    // tcp_sock`.
+    let sport = u16::from_be(unsafe { field::<u16>(tp, offset!(inet_sport)) });
+    if !(port_wanted(sport) || port_wanted(dport)) {
+        return Ok(());
+    }
     let (oldstate, newstate) = (oldstate as u8, newstate as u8);
     // SAFETY: a helper with no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -291,7 +333,8 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
     }
     // Handshake facts the tracepoint does not carry, read where they mean something.
     let srtt_us = if oldstate == state::SYN_RECV && newstate == state::ESTABLISHED {
-        read_or_report(ctx, sk, offset!(srtt_us), field::SRTT_US)
+        // SAFETY: a `u32` field of `struct tcp_sock`.
+        unsafe { field::<u32>(tp, offset!(srtt_us)) }
     } else {
         0u32
     };
@@ -314,7 +357,7 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
             addr_of_mut!((*t).family).write(family);
             addr_of_mut!((*t).oldstate).write(oldstate);
             addr_of_mut!((*t).newstate).write(newstate);
-            write_close(t, sk, oldstate, newstate, srtt_us);
+            write_close(t, sk, tp, oldstate, newstate, srtt_us);
         }
         submit(ring, entry);
     }
@@ -323,20 +366,6 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
         unsafe { advance(&mut *s, oldstate, newstate, now, srtt_us) };
     }
     Ok(())
-}
-
-/// The socket's local port, when it or `dport` passes the port filter.
-#[inline(always)]
-fn wanted_sport(ctx: &BtfTracePointContext, sk: *const u8, dport: u16) -> Option<u16> {
-    // `inet_sport` lies in `struct inet_sock`, past `struct sock`, where the verifier allows no
-    // direct load through a `struct sock *`: read it with the helper.
-    let sport = u16::from_be(read_or_report(
-        ctx,
-        sk,
-        offset!(inet_sport),
-        field::INET_SPORT,
-    ));
-    (port_wanted(sport) || port_wanted(dport)).then_some(sport)
 }
 
 /// True when no port filter is set or `port` is in it.

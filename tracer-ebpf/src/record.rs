@@ -12,17 +12,18 @@ use super::*;
 pub(crate) unsafe fn write_stamps(t: *mut Transition, s: *const SocketState, skipped: bool) {
     let comm = addr_of_mut!((*t).comm);
     if s.is_null() {
+        // Volatile stores: adjacent plain ones become a call to a byte-wise memset.
         zero16(comm);
-        addr_of_mut!((*t).pid).write(0);
-        addr_of_mut!((*t).netns).write(0);
-        addr_of_mut!((*t).cgroup).write(0);
-        addr_of_mut!((*t).since_ns).write(0);
-        addr_of_mut!((*t).opened_ns).write(0);
-        addr_of_mut!((*t).established_ns).write(0);
-        addr_of_mut!((*t).teardown_ns).write(0);
-        addr_of_mut!((*t).port).write(0);
-        addr_of_mut!((*t).socket_flags).write(0);
-        addr_of_mut!((*t).reset_reason).write(0);
+        addr_of_mut!((*t).pid).write_volatile(0);
+        addr_of_mut!((*t).netns).write_volatile(0);
+        addr_of_mut!((*t).cgroup).write_volatile(0);
+        addr_of_mut!((*t).since_ns).write_volatile(0);
+        addr_of_mut!((*t).opened_ns).write_volatile(0);
+        addr_of_mut!((*t).established_ns).write_volatile(0);
+        addr_of_mut!((*t).teardown_ns).write_volatile(0);
+        addr_of_mut!((*t).port).write_volatile(0);
+        addr_of_mut!((*t).socket_flags).write_volatile(0);
+        addr_of_mut!((*t).reset_reason).write_volatile(0);
     } else {
         let (from, to) = (addr_of!((*s).comm) as *const u64, comm as *mut u64);
         to.write(from.read());
@@ -46,11 +47,13 @@ pub(crate) unsafe fn write_stamps(t: *mut Transition, s: *const SocketState, ski
 /// RTT sample at SYN_RECV -> ESTABLISHED.
 ///
 /// # Safety
-/// `t` must point at a reserved ring buffer record and `sk` be the tracepoint's socket.
+/// `t` must point at a reserved ring buffer record, `sk` be the tracepoint's socket and `tp`
+/// the same socket as a BTF-typed `struct tcp_sock *` where `new` is CLOSE.
 #[inline(always)]
 pub(crate) unsafe fn write_close(
     t: *mut Transition,
     sk: *const u8,
+    tp: *const u8,
     old: u8,
     new: u8,
     srtt_us: u32,
@@ -64,12 +67,8 @@ pub(crate) unsafe fn write_close(
         if field::<u64>(sk, offset!(sk_flags)) & (1 << SOCK_DONE) != 0 {
             flags |= close_flags::PEER_FIN;
         }
-        // The connection's story, for its close record. `bpf_skc_to_tcp_sock` (tracing
-        // programs, Linux 5.9+) returns the socket as a BTF-typed `struct tcp_sock *` (or
-        // null), whose fields are then direct loads: one helper call rather than one per
-        // field.
-        let tp = gen::bpf_skc_to_tcp_sock(sk as *mut c_void) as *const u8;
-        if !tp.is_null() {
+        // The connection's story, for its close record: direct loads of `tcp_sock` fields.
+        {
             srtt_us = field::<u32>(tp, offset!(srtt_us));
             total_retrans = field::<u32>(tp, offset!(total_retrans));
             bytes_acked = field::<u64>(tp, offset!(bytes_acked));

@@ -89,10 +89,11 @@ pub(crate) unsafe fn prepare(
     };
     s.flags = mode | seeded;
     s.port = port;
-    s.since_ns = 0;
-    s.opened_ns = 0;
-    s.established_ns = 0;
-    s.teardown_ns = 0;
+    // Volatile stores: adjacent plain ones become a call to a byte-wise memset.
+    addr_of_mut!(s.since_ns).write_volatile(0);
+    addr_of_mut!(s.opened_ns).write_volatile(0);
+    addr_of_mut!(s.established_ns).write_volatile(0);
+    addr_of_mut!(s.teardown_ns).write_volatile(0);
     s.reset_reason = 0;
     s.state = old;
     false

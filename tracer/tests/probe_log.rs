@@ -5,7 +5,8 @@
 //! socket's state in BPF socket storage, which the kernel charges to the socket's option
 //! memory, capped by `net.core.optmem_max` (per network namespace since Linux 6.9). In a test
 //! namespace whose cap is 0, every transition that would make storage finds none; the events
-//! are still delivered, without owner or times.
+//! are still delivered, without owner or times. The other is a transition the probe missed,
+//! told by the socket's storage.
 
 mod common;
 
@@ -85,6 +86,102 @@ fn rust_log_off_silences_the_probe_but_not_its_counters() {
         .filter(|l| l.starts_with("tracer: probe"))
         .collect();
     assert!(said.is_empty(), "RUST_LOG=off, yet: {said:#?}");
+}
+
+/// A transition the probe did not see is told by the socket's own state and counted, and no
+/// duration is made up across it.
+///
+/// The kernel skips a BPF program's run nested in itself on one CPU, and the rescue program
+/// delivers it; a transition lost to both is what this stands for. It cannot be provoked at
+/// will, so the test plays it on the probe's own storage: it writes the server side's storage
+/// back to SYN_RECV, with no ESTABLISHED time, as if the probe had missed SYN_RECV ->
+/// ESTABLISHED, through the agent's `SOCKETS` map (as `bpftool map update` would). The
+/// server's next transition, ESTABLISHED -> CLOSE_WAIT, finds its storage in SYN_RECV: one
+/// skipped transition, and the server side's lifetime is not measured (it starts at the
+/// transition missed), while the client's is and both teardowns still are.
+#[test]
+fn a_transition_the_probe_missed_is_counted_and_makes_no_duration() {
+    if !require_root("a_transition_the_probe_missed_is_counted_and_makes_no_duration") {
+        return;
+    }
+    const SERVICE: u16 = 2_050;
+    let port = SERVICE.to_string();
+    let agent = Agent::start(&["--port", &port]);
+    let listener =
+        TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, SERVICE)).expect("listen");
+    let mut client = TcpStream::connect(listener.local_addr().unwrap()).expect("connect");
+    let (mut server, _) = listener.accept().expect("accept");
+    let text = agent.metrics_until("both handshakes", |t| handshakes(t, &port) == 2.0);
+    assert_eq!(
+        sample(&text, "tracer_transitions_skipped_total", &[]),
+        Some(0.0)
+    );
+
+    let mut storage = agent_sockets_map();
+    let mut state = storage.get(&server, 0).expect("the server side's storage");
+    assert_eq!(state.state, tracer_common::state::ESTABLISHED, "{state:?}");
+    state.state = tracer_common::state::SYN_RECV;
+    state.established_ns = 0;
+    storage
+        .insert(&server, state, 0)
+        .expect("rewrite the storage");
+
+    client.shutdown(Shutdown::Write).expect("shutdown");
+    let mut rest = Vec::new();
+    server
+        .read_to_end(&mut rest)
+        .expect("read the client's FIN");
+    drop(server);
+    client
+        .read_to_end(&mut rest)
+        .expect("read the server's FIN");
+    drop(client);
+    // The probe's counters reach the metrics once a second, the events at once.
+    let text = agent.metrics_until("both teardowns and the skipped transition", |t| {
+        teardowns(t, "active", &port) == 1.0
+            && teardowns(t, "passive", &port) == 1.0
+            && sample(t, "tracer_transitions_skipped_total", &[]) == Some(1.0)
+    });
+    let count = |name: &str, labels: &[(&str, &str)]| {
+        sample(&text, &format!("{name}_count"), labels).unwrap_or(0.0)
+    };
+    let lifetime = "tracer_tcp_connection_duration_seconds";
+    assert_eq!(count(lifetime, &[("mode", "active"), ("port", &port)]), 1.0);
+    assert_eq!(
+        count(lifetime, &[("mode", "passive"), ("port", &port)]),
+        0.0
+    );
+}
+
+/// The running agent's `SOCKETS` map (there is one agent at a time in these tests).
+fn agent_sockets_map() -> aya::maps::SkStorage<aya::maps::MapData, tracer_common::SocketState> {
+    let info = aya::maps::loaded_maps()
+        .filter_map(Result::ok)
+        .filter(|m| {
+            m.name_as_str() == Some("SOCKETS")
+                && matches!(m.map_type(), Ok(aya::maps::MapType::SkStorage))
+        })
+        .max_by_key(|m| m.id())
+        .expect("the agent's SOCKETS map is loaded");
+    let data = aya::maps::MapData::from_id(info.id()).expect("open SOCKETS");
+    aya::maps::SkStorage::try_from(aya::maps::Map::SkStorage(data)).expect("SOCKETS")
+}
+
+/// Handshakes of both modes on `port`.
+fn handshakes(text: &str, port: &str) -> f64 {
+    ["active", "passive"]
+        .iter()
+        .map(|mode| {
+            let labels = [("mode", *mode), ("port", port)];
+            sample(text, "tracer_tcp_handshake_duration_seconds_count", &labels).unwrap_or(0.0)
+        })
+        .sum()
+}
+
+/// Teardowns of `mode` on `port`.
+fn teardowns(text: &str, mode: &str, port: &str) -> f64 {
+    let labels = [("mode", mode), ("port", port)];
+    sample(text, "tracer_tcp_teardown_duration_seconds_count", &labels).unwrap_or(0.0)
 }
 
 /// Starts an agent with `RUST_LOG=level`, then makes [`CONNECTIONS`] connections in a new
