@@ -68,21 +68,18 @@ pub(crate) unsafe fn write_close(
             flags |= close_flags::PEER_FIN;
         }
         // The connection's story, for its close record: direct loads of `tcp_sock` fields.
-        {
-            srtt_us = field::<u32>(tp, offset!(srtt_us));
-            total_retrans = field::<u32>(tp, offset!(total_retrans));
-            bytes_acked = field::<u64>(tp, offset!(bytes_acked));
-            bytes_received = field::<u64>(tp, offset!(bytes_received));
-            rtt_min_us = field::<u32>(tp, offset!(rtt_min));
-            let sent_fin = matches!(
-                old,
-                state::FIN_WAIT1 | state::FIN_WAIT2 | state::CLOSING | state::LAST_ACK
-            );
-            let all_acked =
-                field::<u32>(tp, offset!(snd_una)) == field::<u32>(tp, offset!(write_seq));
-            if sent_fin && all_acked {
-                flags |= close_flags::FIN_ACKED;
-            }
+        srtt_us = field::<u32>(tp, offset!(srtt_us));
+        total_retrans = field::<u32>(tp, offset!(total_retrans));
+        bytes_acked = field::<u64>(tp, offset!(bytes_acked));
+        bytes_received = field::<u64>(tp, offset!(bytes_received));
+        rtt_min_us = field::<u32>(tp, offset!(rtt_min));
+        let sent_fin = matches!(
+            old,
+            state::FIN_WAIT1 | state::FIN_WAIT2 | state::CLOSING | state::LAST_ACK
+        );
+        let all_acked = field::<u32>(tp, offset!(snd_una)) == field::<u32>(tp, offset!(write_seq));
+        if sent_fin && all_acked {
+            flags |= close_flags::FIN_ACKED;
         }
     }
     addr_of_mut!((*t).close_flags).write(flags);
