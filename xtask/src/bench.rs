@@ -129,6 +129,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     if runs(Phase::ProbeCost) {
         probe_cost_phase(Duration::from_secs(args.seconds), !args.no_bpftrace)?;
+        if !args.no_bpftrace {
+            hook_cost_phase(Duration::from_secs(args.seconds.max(4)))?;
+        }
     }
     if runs(Phase::Busy) && args.held > 0 {
         busy_phase(
@@ -639,6 +642,152 @@ fn probe_cost_phase(duration: Duration, with_bpftrace: bool) -> Result<()> {
     Ok(())
 }
 
+/// One run of `tracer run` and bpftrace counting transitions, both attached at once as in
+/// [`probe_cost_phase`] but with `kernel.bpf_stats_enabled` off, every CPU sampled by `perf`
+/// (one sample per 200 us of CPU time, light enough to leave the rate it samples about as it was): the whole cost of each on the tracepoint, its program
+/// and what the kernel runs around it for that kind of attachment, on the same events.
+///
+/// Why as well as the kernel's timing: `bpf_stats` times a program's own instructions only.
+/// bpftrace's classic tracepoint reads the socket's fields and fills its record in the
+/// kernel's `perf_trace_inet_sock_set_state` before its program starts, outside that timing,
+/// while the tracer's BTF tracepoint programs read the socket themselves, inside it; and the
+/// timing's own clock reads, about as dear as a small program, are charged once to bpftrace
+/// and twice to the tracer (its main and rescue programs). Samples of the call stacks count
+/// both kinds alike. Also reported: what the kernel spends on the probe's socket storage
+/// outside the tracepoint (copying a listener's to each child it accepts, freeing it with
+/// the socket), which no program timing sees.
+fn hook_cost_phase(duration: Duration) -> Result<()> {
+    const PERIOD_NS: u64 = 200_000;
+    crate::setup::install_packages(&["linux-perf"])?;
+    let data = std::env::temp_dir().join(format!("tracer-bench-{}.perf", std::process::id()));
+    let result = (|| {
+        let mut bpftrace = TracerProcess::bpftrace(BPFTRACE_COUNT)?;
+        let addr = free_port()?;
+        let mut tracer = TracerProcess::start(&["run", "--listen", &addr.to_string()], Some(addr))?;
+        let before = sample(&scrape(addr)?, "tracer_events_total");
+        let window = duration.saturating_sub(Duration::from_secs(1));
+        let mut perf = Command::new("perf")
+            .args([
+                "record",
+                "-q",
+                "-e",
+                "cpu-clock",
+                "-c",
+                &PERIOD_NS.to_string(),
+                "-a",
+                "-g",
+            ])
+            .arg("-o")
+            .arg(&data)
+            .args(["--", "sleep", &format!("{:.1}", window.as_secs_f64())])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting perf record")?;
+        let started = Instant::now();
+        let churned = churn(duration);
+        let status = perf.wait().context("waiting for perf record")?;
+        let sampled = started.elapsed().min(window);
+        let text = scrape(addr)?;
+        tracer.stop()?;
+        bpftrace.stop()?;
+        churned?;
+        if !status.success() {
+            bail!("perf record failed: {status}");
+        }
+        // Events over the churn, scaled to the sampled window (the agent drains every 10 ms).
+        let events = (sample(&text, "tracer_events_total") - before) * sampled.as_secs_f64()
+            / duration.as_secs_f64();
+        let script = Command::new("perf")
+            .args(["script", "-F", "ip,sym", "-i"])
+            .arg(&data)
+            .stderr(Stdio::null())
+            .output()
+            .context("running perf script")?;
+        Ok::<_, anyhow::Error>((
+            events,
+            HookSamples::count(&String::from_utf8_lossy(&script.stdout)),
+        ))
+    })();
+    let _ = std::fs::remove_file(&data);
+    let (events, hooks) = result?;
+    let ns = |n: u64| n as f64 * PERIOD_NS as f64 / events.max(1.0);
+    println!(
+        "hook cost (perf, every CPU, one sample per {} us of CPU, kernel.bpf_stats_enabled=0, \
+         {events:.0} transitions; tracer run and bpftrace counting attached at once):",
+        PERIOD_NS / 1_000
+    );
+    println!(
+        "  tracer:   {:>5.0} ns per transition ({:.0} in its programs, {:.0} in the kernel's \
+         tp_btf dispatch)",
+        ns(hooks.tracer_programs + hooks.tracer_dispatch),
+        ns(hooks.tracer_programs),
+        ns(hooks.tracer_dispatch)
+    );
+    println!(
+        "  bpftrace: {:>5.0} ns per transition ({:.0} in its program, {:.0} in the kernel's \
+         perf_trace record and dispatch)",
+        ns(hooks.bpftrace_program + hooks.bpftrace_dispatch),
+        ns(hooks.bpftrace_program),
+        ns(hooks.bpftrace_dispatch)
+    );
+    println!(
+        "  ratio tracer / bpftrace: {:.2}; the probe's socket storage outside the tracepoint \
+         (copied at accept, freed with the socket): {:.0} ns per transition more",
+        (hooks.tracer_programs + hooks.tracer_dispatch) as f64
+            / (hooks.bpftrace_program + hooks.bpftrace_dispatch).max(1) as f64,
+        ns(hooks.storage_upkeep)
+    );
+    Ok(())
+}
+
+/// Samples of [`hook_cost_phase`]'s profile, by whose cost they are.
+#[derive(Default, Debug, PartialEq)]
+struct HookSamples {
+    /// In the tracer's programs (and the helpers they call).
+    tracer_programs: u64,
+    /// Under the tracepoint's BTF dispatch (`__bpf_trace_*`, `bpf_trace_run3`), outside them.
+    tracer_dispatch: u64,
+    /// In bpftrace's program.
+    bpftrace_program: u64,
+    /// Under `perf_trace_inet_sock_set_state`, outside its program.
+    bpftrace_dispatch: u64,
+    /// Outside the tracepoint, in the kernel's socket storage code.
+    storage_upkeep: u64,
+}
+
+impl HookSamples {
+    /// Sorts the samples of `perf script -F ip,sym` (a stack per sample, leaf first, samples
+    /// separated by blank lines).
+    fn count(script: &str) -> HookSamples {
+        let mut h = HookSamples::default();
+        for stack in script.split("\n\n") {
+            let frames: Vec<&str> = stack
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(1))
+                .collect();
+            let has = |prefix: &str| frames.iter().any(|f| f.starts_with(prefix));
+            let in_program = has("bpf_prog_");
+            if has("perf_trace_inet_sock_set_state") {
+                *if in_program {
+                    &mut h.bpftrace_program
+                } else {
+                    &mut h.bpftrace_dispatch
+                } += 1;
+            } else if has("__bpf_trace_inet_sock_set_state") || has("bpf_trace_run3") {
+                *if in_program {
+                    &mut h.tracer_programs
+                } else {
+                    &mut h.tracer_dispatch
+                } += 1;
+            } else if has("bpf_sk_storage_") || has("bpf_local_storage_") || has("bpf_selem_") {
+                h.storage_upkeep += 1;
+            }
+        }
+        h
+    }
+}
+
 /// The ids of every BPF program loaded now.
 fn program_ids() -> std::collections::HashSet<u32> {
     aya::programs::loaded_programs()
@@ -1102,4 +1251,47 @@ fn raise_open_file_limit() -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hook_samples_are_sorted_by_the_frames_under_them() {
+        // Shaped as `perf script -F ip,sym` prints them: leaf first.
+        let script = "\
+\tffffffffc0012345 bpf_prog_30dec0afb023080b_inet_sock_set_s
+\tffffffff81234567 trace_call_bpf
+\tffffffff81234568 perf_trace_inet_sock_set_state
+\tffffffff81234569 tcp_set_state
+
+\tffffffff81234570 perf_swevent_event
+\tffffffff81234568 perf_trace_inet_sock_set_state
+
+\tffffffff81234571 bpf_sk_storage_get_tracing
+\tffffffffc0012399 bpf_prog_78d5c2f7c68850e2_inet_sock_set_state
+\tffffffff81234572 bpf_trace_run3
+\tffffffff81234573 __bpf_trace_inet_sock_set_state
+
+\tffffffff81234572 bpf_trace_run3
+\tffffffff81234573 __bpf_trace_inet_sock_set_state
+
+\tffffffff81234574 bpf_selem_alloc
+\tffffffff81234575 bpf_sk_storage_clone
+\tffffffff81234576 sk_clone_lock
+
+\tffffffff81234577 tcp_v4_rcv
+";
+        assert_eq!(
+            HookSamples::count(script),
+            HookSamples {
+                tracer_programs: 1,
+                tracer_dispatch: 1,
+                bpftrace_program: 1,
+                bpftrace_dispatch: 1,
+                storage_upkeep: 1,
+            }
+        );
+    }
 }
