@@ -147,13 +147,9 @@ pub struct SocketState {
     /// The state the probe last saw the socket enter (0: none yet).
     pub state: u8,
     pub _pad: u8,
-    /// The socket's cookie once the probe has asked for it (0: not yet; a child's is cleared
-    /// from its listener's copy), so that the helper is called once per socket rather than
-    /// once per event.
-    pub cookie: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<SocketState>() == 80);
+const _: () = assert!(core::mem::size_of::<SocketState>() == 72);
 const _: () = assert!(core::mem::offset_of!(SocketState, comm) == 40);
 
 /// Bits of [`SocketState::flags`] and [`Transition::socket_flags`].

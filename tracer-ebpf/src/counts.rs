@@ -147,14 +147,7 @@ pub(crate) fn report_reset(ctx: &BtfTracePointContext, sk: *const u8, state: u8,
     // SAFETY: `t` points at the reserved record and each write stays inside its field; `sk`
     // is the tracepoint's BTF-typed socket, not NULL.
     unsafe {
-        write_socket(
-            ctx,
-            t,
-            sk,
-            core::ptr::null_mut(),
-            family,
-            bpf_ktime_get_ns(),
-        );
+        write_socket(ctx, t, sk, family, bpf_ktime_get_ns());
         write_stamps(t, core::ptr::null(), false);
         addr_of_mut!((*t).sport).write(sport);
         addr_of_mut!((*t).dport).write(dport);

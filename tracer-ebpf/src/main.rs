@@ -350,7 +350,7 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
         // bytes, and each write below stays inside the field it names; `s` is null or this
         // socket's storage.
         unsafe {
-            write_socket(ctx, t, sk, s, family, now);
+            write_socket(ctx, t, sk, family, now);
             write_stamps(t, s, skipped);
             addr_of_mut!((*t).sport).write(sport);
             addr_of_mut!((*t).dport).write(dport);

@@ -112,42 +112,21 @@ pub(crate) fn reserve() -> Option<(&'static Ring, RingBufEntry<Transition>)> {
 /// remote addresses.
 ///
 /// # Safety
-/// `t` must point at a reserved ring buffer record, `sk` be a tracepoint's full socket and
-/// `s` null or its storage.
+/// `t` must point at a reserved ring buffer record and `sk` be a tracepoint's full socket.
 #[inline(always)]
 pub(crate) unsafe fn write_socket(
     ctx: &BtfTracePointContext,
     t: *mut Transition,
     sk: *const u8,
-    s: *mut SocketState,
     family: u16,
     now: u64,
 ) {
     addr_of_mut!((*t).time_ns).write(now);
     addr_of_mut!((*t).skaddr).write(sk as u64);
-    addr_of_mut!((*t).cookie).write(cookie(sk, s));
-    write_addresses(ctx, t, sk, family);
-}
-
-/// The socket's cookie: kept in its storage after the first time (a helper call saved on
-/// every later event of the socket).
-///
-/// # Safety
-/// As [`write_socket`].
-#[inline(always)]
-unsafe fn cookie(sk: *const u8, s: *mut SocketState) -> u64 {
-    if let Some(s) = s.as_ref() {
-        if s.cookie != 0 {
-            return s.cookie;
-        }
-    }
     // `sk` is the tracepoint's BTF-typed socket, which this helper accepts in tracing programs
     // (Linux 5.12+); it returns the existing cookie or makes one.
-    let cookie = bpf_get_socket_cookie(sk as *mut c_void);
-    if let Some(s) = s.as_mut() {
-        s.cookie = cookie;
-    }
-    cookie
+    addr_of_mut!((*t).cookie).write(bpf_get_socket_cookie(sk as *mut c_void));
+    write_addresses(ctx, t, sk, family);
 }
 
 /// Writes the socket's local and remote addresses into `t.saddr` and `t.daddr`.

@@ -68,10 +68,6 @@ pub(crate) unsafe fn prepare(
         s.netns = net_inum(ctx, sk);
         s.cgroup = cgroup_id(ctx, sk);
     }
-    if child {
-        // The listener's cookie, copied with its storage.
-        s.cookie = 0;
-    }
     if !keep_owner {
         s.pid = 0;
         zero16(addr_of_mut!(s.comm));

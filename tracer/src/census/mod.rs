@@ -624,10 +624,10 @@ mod tests {
     }
 
     #[test]
-    fn a_census_record_is_216_bytes_as_the_readme_says() {
-        assert_eq!(std::mem::size_of::<SocketRecord>(), 216);
+    fn a_census_record_is_208_bytes_as_the_readme_says() {
+        assert_eq!(std::mem::size_of::<SocketRecord>(), 208);
         let readme = include_str!("../../../README.md");
-        assert!(readme.contains("a 216-byte sock_diag record"));
+        assert!(readme.contains("a 208-byte sock_diag record"));
     }
 
     #[test]
