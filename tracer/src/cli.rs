@@ -101,6 +101,22 @@ pub struct RunArgs {
     /// (the memory it takes is this times the number of CPUs).
     #[arg(long, value_name = "BYTES", default_value = "1M", value_parser = parse_size)]
     pub ring_buffer_size: u32,
+    /// How long an open connection goes between two reports, e.g. 30s (at least 1s): its
+    /// bytes and RTT count in the metrics at each, and `--connections` prints an update record
+    /// with what it did since the last one (the close record then covers the rest).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_record_interval)]
+    pub record_interval: Duration,
+    /// Send every connection record (update and close) as an OTLP log record to this
+    /// OpenTelemetry collector over OTLP/HTTP, e.g. http://collector:4318 (`/v1/logs` is
+    /// appended). Also from OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_LOGS_ENDPOINT;
+    /// headers, compression, CA and client certificate from the other OTEL_EXPORTER_OTLP_*
+    /// variables (see README).
+    #[arg(long, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// Records waiting for the collector at most (the batch being sent included); past it,
+    /// records are dropped and counted in tracer_records_dropped_total{reason="queue_full"}.
+    #[arg(long, value_name = "N", default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub otlp_queue_size: u32,
     /// How long a socket may stay in a state before it counts as stuck, e.g. close_wait=60s
     /// (repeatable). Defaults: close_wait, fin_wait1, fin_wait2 60s; last_ack, closing 30s;
     /// syn_sent, syn_recv 10s.
@@ -198,6 +214,11 @@ pub struct WatchArgs {
     /// (the memory it takes is this times the number of CPUs).
     #[arg(long, value_name = "BYTES", default_value = "1M", value_parser = parse_size)]
     pub ring_buffer_size: u32,
+    /// How long an open connection goes between two reports, e.g. 30s (at least 1s): its
+    /// bytes and RTT count in the metrics at each, and `--connections` prints an update record
+    /// with what it did since the last one (the close record then covers the rest).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_record_interval)]
+    pub record_interval: Duration,
     #[command(flatten)]
     pub attribution: AttributionArgs,
 }
@@ -236,6 +257,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{s:?} is not a duration ({e}); write e.g. 10s, 500ms, 2m"))?;
     if d.is_zero() {
         return Err("a duration of zero would stop at once; give e.g. 10s".into());
+    }
+    Ok(d)
+}
+
+/// Parses `--record-interval`: a duration of at least a second.
+fn parse_record_interval(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("{s:?} is shorter than 1s; give e.g. 30s"));
     }
     Ok(d)
 }

@@ -10,6 +10,7 @@ pub mod census;
 pub mod cgroups;
 pub mod cli;
 pub mod cmd;
+pub mod export;
 pub mod http;
 pub mod metrics;
 pub mod privileges;

@@ -77,6 +77,33 @@ fn bad_duration_says_how_to_write_one() {
 }
 
 #[test]
+fn a_record_interval_under_a_second_and_a_bad_otlp_setting_are_one_line_each() {
+    let (code, stderr) = run(&[], &["run", "--record-interval", "100ms"]);
+    assert_eq!(code, 2);
+    assert_one_line(&stderr, "shorter than 1s");
+    let (code, stderr) = run(
+        &["env", "OTEL_EXPORTER_OTLP_ENDPOINT=collector:4318"],
+        &["run"],
+    );
+    assert_eq!(code, 1);
+    assert_one_line(
+        &stderr,
+        "OTEL_EXPORTER_OTLP_ENDPOINT \"collector:4318\" is not an http://",
+    );
+    let bad_compression = [
+        "env",
+        "OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318",
+        "OTEL_EXPORTER_OTLP_LOGS_COMPRESSION=zstd",
+    ];
+    let (code, stderr) = run(&bad_compression, &["run"]);
+    assert_eq!(code, 1);
+    assert_one_line(
+        &stderr,
+        "OTEL_EXPORTER_OTLP_LOGS_COMPRESSION=\"zstd\" is not a compression",
+    );
+}
+
+#[test]
 fn ring_buffer_size_must_be_a_power_of_two() {
     let (code, stderr) = run(&[], &["watch", "--ring-buffer-size", "5000"]);
     assert_eq!(code, 1);

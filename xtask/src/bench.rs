@@ -85,6 +85,9 @@ enum Mode {
     /// `tracer watch --connections --json`: one close record per connection.
     Records,
     Run,
+    /// `tracer run --otlp-endpoint`: every record sent to a collector on loopback
+    /// (`rotel-agent`, records discarded).
+    Export,
     BpftraceCount,
     BpftracePrint,
 }
@@ -96,6 +99,7 @@ impl Mode {
             Mode::Watch => "watch",
             Mode::Records => "records",
             Mode::Run => "run",
+            Mode::Export => "run+otlp",
             Mode::BpftraceCount => "bt-count",
             Mode::BpftracePrint => "bt-print",
         }
@@ -109,6 +113,9 @@ struct Sample {
     events: u64,
     lost: u64,
     cpu_us_per_event: f64,
+    /// With the export: records the collector accepted, and records dropped.
+    exported: u64,
+    dropped: u64,
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
@@ -170,6 +177,33 @@ fn table_phase(held: usize) -> Result<()> {
             break s;
         }
     };
+    // What reading every connection's tcp_info costs the kernel and a reader, side by side:
+    // the same dump with and without INET_DIAG_INFO, as `ss` asks for it (medians of 3).
+    let ss_time = |args: &[&str]| -> Result<f64> {
+        let mut times = Vec::new();
+        for _ in 0..3 {
+            let start = Instant::now();
+            let out = Command::new("ss")
+                .args(args)
+                .stdout(Stdio::null())
+                .status()?;
+            if !out.success() {
+                bail!("ss {args:?} failed");
+            }
+            times.push(start.elapsed().as_secs_f64());
+        }
+        Ok(median(times))
+    };
+    let (plain, info) = (ss_time(&["-Htn"])?, ss_time(&["-Htni"])?);
+    println!(
+        "census: the agent's last census of {} host sockets took {:.3} s (it reads tcp_info); \
+         `ss -tn` {:.3} s, `ss -tni` (with tcp_info) {:.3} s: {:+.0} ns per socket for tcp_info",
+        s1.host_sockets,
+        s1.census_seconds,
+        plain,
+        info,
+        (info - plain) * 1e9 / s1.host_sockets.max(1) as f64,
+    );
     tracer.stop()?;
     drop(holders);
     let stored = s1.tracked.saturating_sub(s0.tracked);
@@ -197,7 +231,13 @@ fn table_phase(held: usize) -> Result<()> {
 /// Every mode once per round, interleaved; prints each run, then medians per mode.
 fn rounds(args: &BenchArgs) -> Result<()> {
     println!("rounds: {} s per run, {} rounds", args.seconds, args.rounds);
-    let mut modes = vec![Mode::Baseline, Mode::Watch, Mode::Records, Mode::Run];
+    let mut modes = vec![
+        Mode::Baseline,
+        Mode::Watch,
+        Mode::Records,
+        Mode::Run,
+        Mode::Export,
+    ];
     if !args.no_bpftrace {
         crate::setup::install_packages(&["bpftrace"])?;
         crate::setup::mount_tracefs()?;
@@ -216,6 +256,14 @@ fn rounds(args: &BenchArgs) -> Result<()> {
                 s.lost,
                 s.cpu_us_per_event
             );
+            if mode == Mode::Export {
+                println!(
+                    "        export: {} records accepted by the collector ({:.0}/s), {} dropped",
+                    s.exported,
+                    s.exported as f64 / args.seconds as f64,
+                    s.dropped
+                );
+            }
             samples[i].push(s);
             std::thread::sleep(Duration::from_secs(1));
         }
@@ -254,6 +302,29 @@ fn rounds(args: &BenchArgs) -> Result<()> {
             cpu
         );
     }
+    if let Some(i) = modes.iter().position(|&m| m == Mode::Export) {
+        let exported = median(samples[i].iter().map(|s| s.exported as f64).collect());
+        let dropped: u64 = samples[i].iter().map(|s| s.dropped).sum();
+        let per_conn = |m: Mode| {
+            let j = modes.iter().position(|&x| x == m).unwrap_or(0);
+            median(
+                samples[j]
+                    .iter()
+                    .map(|s| {
+                        s.cpu_us_per_event * s.events as f64
+                            / (s.conns_per_sec * args.seconds as f64)
+                    })
+                    .collect(),
+            )
+        };
+        println!(
+            "export: median {:.0} records/s accepted by a collector on loopback, {dropped} dropped in all; \
+             agent CPU {:.2} us per connection with the export, {:.2} without (run)",
+            exported / args.seconds as f64,
+            per_conn(Mode::Export),
+            per_conn(Mode::Run),
+        );
+    }
     println!(
         "reproduce: cargo xtask bench --only rounds --seconds {} --rounds {}{}",
         args.seconds,
@@ -278,6 +349,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Runs the load once under `mode`.
 fn run_once(mode: Mode, duration: Duration) -> Result<Sample> {
+    let mut collector_process = None;
     let mut tracer = match mode {
         Mode::Baseline => None,
         Mode::Watch => Some(TracerProcess::start(&["watch", "--json"], None)?),
@@ -289,6 +361,21 @@ fn run_once(mode: Mode, duration: Duration) -> Result<Sample> {
             let addr = free_port()?;
             Some(TracerProcess::start(
                 &["run", "--listen", &addr.to_string()],
+                Some(addr),
+            )?)
+        }
+        Mode::Export => {
+            let (addr, collector) = (free_port()?, free_port()?);
+            collector_process = Some(Collector::start(collector)?);
+            let endpoint = format!("http://{collector}");
+            Some(TracerProcess::start(
+                &[
+                    "run",
+                    "--listen",
+                    &addr.to_string(),
+                    "--otlp-endpoint",
+                    &endpoint,
+                ],
                 Some(addr),
             )?)
         }
@@ -305,6 +392,21 @@ fn run_once(mode: Mode, duration: Duration) -> Result<Sample> {
     };
     if let Some(t) = tracer.as_mut() {
         std::thread::sleep(Duration::from_millis(200));
+        if let (Kind::Run(addr), Some(_)) = (&t.kind, &collector_process) {
+            // What the export delivered of the churn, once its queue has had a moment.
+            std::thread::sleep(Duration::from_secs(1));
+            let text = scrape(*addr)?;
+            sample.exported = metric(&text, "tracer_records_exported_total");
+            sample.dropped = ["queue_full", "rejected"]
+                .iter()
+                .map(|r| {
+                    metric(
+                        &text,
+                        &format!("tracer_records_dropped_total{{reason=\"{r}\"}}"),
+                    )
+                })
+                .sum();
+        }
         let (events, lost, cpu_us) = t.stop()?;
         sample.events = events;
         sample.lost = lost;
@@ -315,6 +417,53 @@ fn run_once(mode: Mode, duration: Duration) -> Result<Sample> {
         };
     }
     Ok(sample)
+}
+
+/// An OpenTelemetry collector on loopback for the export mode: `rotel-agent` (installed by
+/// `cargo xtask setup`) taking OTLP/HTTP and discarding what it takes; killed on drop.
+struct Collector(std::process::Child);
+
+impl Collector {
+    fn start(addr: SocketAddr) -> Result<Collector> {
+        let dir = Command::new("python3")
+            .args([
+                "-c",
+                "import rotel, os; print(os.path.dirname(rotel.__file__))",
+            ])
+            .output()
+            .context("finding rotel (python3)")?;
+        let agent =
+            std::path::Path::new(String::from_utf8_lossy(&dir.stdout).trim()).join("rotel-agent");
+        let grpc = free_port()?;
+        let child = Command::new(&agent)
+            .args(["start", "--otlp-http-endpoint", &addr.to_string()])
+            .args([
+                "--otlp-grpc-endpoint",
+                &grpc.to_string(),
+                "--exporter",
+                "blackhole",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", agent.display()))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(addr).is_err() {
+            if Instant::now() > deadline {
+                bail!("rotel-agent did not listen on {addr}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Collector(child))
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        // SAFETY: kill on our own child's PID, not yet reaped.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGKILL) };
+        let _ = self.0.wait();
+    }
 }
 
 /// `cargo xtask churn SECONDS`: the load alone, with its rate.
@@ -1048,6 +1197,8 @@ struct Snapshot {
     table_bytes: u64,
     evicted: u64,
     census_errors: u64,
+    /// How long the last census took (`tracer_census_duration_seconds`).
+    census_seconds: f64,
     /// Sockets of every state in the census (`tracer_tcp_sockets`, summed).
     host_sockets: u64,
     /// The agent's resident memory (VmRSS) just after the scrape, its census included.
@@ -1064,6 +1215,7 @@ impl Snapshot {
             table_bytes: metric(&text, "tracer_tracked_sockets_bytes"),
             evicted: metric(&text, "tracer_tracked_sockets_evicted_total"),
             census_errors: metric(&text, "tracer_census_errors_total"),
+            census_seconds: sample(&text, "tracer_census_duration_seconds"),
             host_sockets: text
                 .lines()
                 .filter(|l| l.starts_with("tracer_tcp_sockets{"))

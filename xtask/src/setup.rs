@@ -30,12 +30,46 @@ pub const BPF_TOOLCHAIN: &str = "tracer-bpf";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 
+/// The OpenTelemetry collector the export tests send records to (`rotel-agent`, shipped in
+/// the `rotel` package on PyPI): a receiver no one here wrote.
+const ROTEL_VERSION: &str = "0.0.1a15";
+
 /// Installs whatever is missing.
 pub fn run() -> Result<()> {
     install_packages(PACKAGES)?;
     link_toolchain()?;
     install_bpf_linker()?;
+    install_rotel()?;
     Ok(())
+}
+
+/// Installs `rotel` (pinned) with pip unless python3 has that version already.
+fn install_rotel() -> Result<()> {
+    let installed = Command::new("python3")
+        .args([
+            "-c",
+            "import importlib.metadata as m; print(m.version('rotel'))",
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == ROTEL_VERSION);
+    if installed {
+        return Ok(());
+    }
+    require_root("installing rotel")?;
+    eprintln!("xtask: installing rotel {ROTEL_VERSION} (pip), the tests' OTLP collector");
+    run_cmd(
+        Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--root-user-action=ignore",
+            ])
+            .arg(format!("rotel=={ROTEL_VERSION}")),
+    )
 }
 
 /// Installs the Debian packages of `packages` that are missing; no network work otherwise.

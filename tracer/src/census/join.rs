@@ -441,6 +441,7 @@ mod tests {
             cgroup: 0,
             storage: None,
             optmem: 0,
+            tcp: None,
             full: !matches!(state, state::TIME_WAIT),
         }
     }

@@ -69,11 +69,44 @@ pub struct SocketRecord {
     /// The socket's option memory (`sk_omem_alloc`, `INET_DIAG_SKMEMINFO`), where the kernel
     /// charges its storage; 0 where not reported.
     pub optmem: u32,
+    /// The connection's counters from the kernel's `tcp_info` (`INET_DIAG_INFO`), for full
+    /// sockets.
+    pub tcp: Option<TcpCounters>,
     /// A full socket: the kernel sent its memory figures, which it does only for full sockets.
     /// Not for request sockets, nor for TIME-WAIT sockets, which sock_diag reports in their
     /// substate: `FIN_WAIT2` for one that entered TIME-WAIT from FIN_WAIT2 (what `ss` shows
     /// as an orphaned FIN-WAIT-2), `TIME_WAIT` otherwise.
     pub full: bool,
+}
+
+/// What a census reads of a connection's `struct tcp_info` (`include/uapi/linux/tcp.h`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpCounters {
+    /// `tcpi_bytes_acked` and `tcpi_bytes_received` (Linux 4.1+): sequence space acknowledged
+    /// and received, SYN and FINs included.
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
+    /// `tcpi_total_retrans`: segments retransmitted.
+    pub total_retrans: u32,
+    /// `tcpi_rtt` (smoothed) and `tcpi_min_rtt`, microseconds.
+    pub rtt_us: u32,
+    pub min_rtt_us: u32,
+}
+
+impl TcpCounters {
+    /// Reads the fields at their offsets in `struct tcp_info`, a stable ABI that only grows;
+    /// None when the kernel sent too little (older than `tcpi_min_rtt`, Linux 4.10).
+    pub fn parse(info: &[u8]) -> Option<TcpCounters> {
+        let u32_at = |at: usize| Some(u32::from_ne_bytes(info.get(at..at + 4)?.try_into().ok()?));
+        let u64_at = |at: usize| Some(u64::from_ne_bytes(info.get(at..at + 8)?.try_into().ok()?));
+        Some(TcpCounters {
+            rtt_us: u32_at(68)?,
+            total_retrans: u32_at(100)?,
+            bytes_acked: u64_at(120)?,
+            bytes_received: u64_at(128)?,
+            min_rtt_us: u32_at(148)?,
+        })
+    }
 }
 
 /// The probe's socket storage map, whose values a census asks sock_diag for.
@@ -263,7 +296,7 @@ fn dump_family(
         SockDiagMessage::InetRequest(InetRequest {
             family,
             protocol: IPPROTO_TCP,
-            extensions: ExtensionFlags::SKMEMINFO,
+            extensions: ExtensionFlags::SKMEMINFO | ExtensionFlags::INFO,
             states: StateFlags::from_bits_retain(CENSUS_STATES),
             socket_id: if family == AF_INET {
                 SocketId::new_v4()
@@ -330,6 +363,10 @@ pub fn parse(mut bytes: &[u8], out: &mut Vec<SocketRecord>) -> Result<bool> {
                     cgroup: r.nlas.iter().find_map(cgroup_id).unwrap_or(0),
                     storage: r.nlas.iter().find_map(socket_storage),
                     optmem: memory.map_or(0, |m| m.options),
+                    tcp: r.nlas.iter().find_map(|n| match n {
+                        Nla::TcpInfo(info) => TcpCounters::parse(info),
+                        _ => None,
+                    }),
                     full: memory.is_some(),
                 });
             }
@@ -624,10 +661,10 @@ mod tests {
     }
 
     #[test]
-    fn a_census_record_is_208_bytes_as_the_readme_says() {
-        assert_eq!(std::mem::size_of::<SocketRecord>(), 208);
+    fn a_census_record_is_248_bytes_as_the_readme_says() {
+        assert_eq!(std::mem::size_of::<SocketRecord>(), 248);
         let readme = include_str!("../../../README.md");
-        assert!(readme.contains("a 208-byte sock_diag record"));
+        assert!(readme.contains("a 248-byte sock_diag record"));
     }
 
     #[test]
@@ -644,6 +681,7 @@ mod tests {
             retransmit: None,
             storage: None,
             optmem: 0,
+            tcp: None,
             full: false,
         };
         let counts = count_by_state(&[r(12), r(3), r(6), r(6), r(1)]);
@@ -668,5 +706,28 @@ mod tests {
         assert_eq!(parse_port_range("32768\t60999\n"), Some((32768, 60999)));
         assert_eq!(parse_port_range("40000 40009"), Some((40000, 40009)));
         assert_eq!(parse_port_range("9 1"), None);
+    }
+
+    #[test]
+    fn tcp_info_counters_are_read_at_their_uapi_offsets() {
+        let mut info = vec![0u8; 232];
+        info[68..72].copy_from_slice(&250u32.to_ne_bytes());
+        info[100..104].copy_from_slice(&3u32.to_ne_bytes());
+        info[120..128].copy_from_slice(&8_000_001u64.to_ne_bytes());
+        info[128..136].copy_from_slice(&3_000_001u64.to_ne_bytes());
+        info[148..152].copy_from_slice(&40u32.to_ne_bytes());
+        let c = TcpCounters::parse(&info).unwrap();
+        assert_eq!(
+            c,
+            TcpCounters {
+                bytes_acked: 8_000_001,
+                bytes_received: 3_000_001,
+                total_retrans: 3,
+                rtt_us: 250,
+                min_rtt_us: 40,
+            }
+        );
+        // A kernel older than tcpi_min_rtt sends less: not read at all.
+        assert_eq!(TcpCounters::parse(&info[..148]), None);
     }
 }

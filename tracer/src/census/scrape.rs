@@ -103,12 +103,14 @@ impl Published {
     }
 }
 
-/// What the census tells the event path's port label policy (`ports`).
+/// What the census tells the event path: its port label policy (`ports`), and the open
+/// connections for their periodic reports (`stream::live`).
 pub struct PortNews {
     /// `ip_local_port_range` of each namespace visited.
     pub ranges: std::collections::HashMap<u32, (u16, u16)>,
     /// At the first census: the service ports in use and their volume, for the seed.
     pub seed: Option<Vec<(u16, u64, Use)>>,
+    pub live: crate::stream::live::LiveCensus,
 }
 
 /// What the census thread needs.
@@ -182,7 +184,8 @@ pub fn run(
                         })
                         .collect()
                 });
-                let _ = news.send(PortNews { ranges, seed });
+                let live = crate::stream::live::samples(&census);
+                let _ = news.send(PortNews { ranges, seed, live });
                 let (workloads, unresolved) = resolve_all(config.resolver.as_mut(), &joined);
                 let cgroups = CgroupReport {
                     unresolved,

@@ -19,16 +19,24 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::census::scrape::{CensusConfig, PortNews, Published};
 use crate::cli::RunArgs;
+use crate::export::{Exporter, OtlpConfig};
 use crate::http::web_config::WebConfig;
 use crate::http::Health;
 use crate::metrics::census::CensusCollector;
 use crate::metrics::event::EventMetrics;
 use crate::metrics::kernel::{KernelMetrics, TableSize};
+use crate::metrics::live::LiveMetrics;
 use crate::metrics::pods::{PodAttribution, PodLabels};
 use crate::metrics::ports::{PortLabelCollector, PortLabels, DEFAULT_EPHEMERAL};
 use crate::stream::features::Feature;
+use crate::stream::live::Tracker;
 use crate::stream::probe::{Probe, ProbeConfig, DRAIN_INTERVAL};
+use crate::stream::record::Record;
 use crate::stream::ring::{monotonic_ns, EventRings};
+use crate::stream::Observation;
+
+/// How long the agent, stopping, goes on sending the records it has queued for the collector.
+const EXPORT_GRACE: Duration = Duration::from_secs(2);
 
 /// Runs the agent until a signal.
 pub async fn run(args: &RunArgs) -> Result<()> {
@@ -38,6 +46,11 @@ pub async fn run(args: &RunArgs) -> Result<()> {
         None => WebConfig::default(),
     };
     crate::metrics::pods::check_flags(&args.attribution)?;
+    let otlp = OtlpConfig::from(
+        args.otlp_endpoint.as_deref(),
+        args.otlp_queue_size as usize,
+        |name| std::env::var(name).ok(),
+    )?;
     if args.max_sockets.is_some() {
         eprintln!(
             "tracer: --max-sockets has no effect any more (each socket's state is kept on the \
@@ -103,6 +116,11 @@ pub async fn run(args: &RunArgs) -> Result<()> {
             .spawn(move || crate::census::scrape::run(config, published, news_tx, stop))
             .context("starting the census thread")?
     };
+    let live = LiveMetrics::new(&registry)?;
+    let mut tracker = Tracker::new(args.record_interval);
+    let exporter = otlp
+        .map(|c| Exporter::start(c, &registry, resolver()))
+        .transpose()?;
     let health = Arc::new(Health::default());
     health.beat();
     events.count_scrapes(health.scrapes.clone());
@@ -133,19 +151,30 @@ pub async fn run(args: &RunArgs) -> Result<()> {
                 if let Err(e) = woken {
                     break Err(e);
                 }
-                follow(&mut rings, &mut events);
+                follow(&mut rings, &mut events, &mut tracker, exporter.as_ref());
             }
             _ = drain.tick() => {
-                follow(&mut rings, &mut events);
+                follow(&mut rings, &mut events, &mut tracker, exporter.as_ref());
                 health.beat();
             }
+
             _ = sync.tick() => {
                 for n in news.try_iter() {
                     events.ports.set_ranges(n.ranges);
                     if let Some(seed) = n.seed {
                         events.ports.seed(seed);
                     }
+                    // Open connections whose interval is up: their bytes and RTT so far.
+                    tracker.census(&n.live, |u| {
+                        live.reports.inc();
+                        if let Some(e) = exporter.as_ref().filter(|_| u.sample.storage.pid != own_pid()) {
+                            e.send(Record::update(&u));
+                        }
+                        events.record(Observation::Update(u));
+                    });
+                    events.flush(0);
                 }
+                live.followed.set(tracker.len() as i64);
                 probe.flush_log();
                 let readings = match probe.readings() {
                     Ok(r) => r,
@@ -165,11 +194,14 @@ pub async fn run(args: &RunArgs) -> Result<()> {
         }
     };
     drop(stop_census);
-    follow(&mut rings, &mut events);
+    follow(&mut rings, &mut events, &mut tracker, exporter.as_ref());
     let c = probe.counters()?;
     probe.flush_log();
     drop(rings);
     drop(probe);
+    if let Some(e) = exporter {
+        e.stop(EXPORT_GRACE);
+    }
     outcome?;
     eprintln!(
         "tracer: stopped; {} ring buffer full, {} missed by the kernel, {} rescued",
@@ -182,9 +214,35 @@ pub async fn run(args: &RunArgs) -> Result<()> {
 
 /// Feeds what the rings hold into the metrics, each event on its own, as it comes: no order
 /// across CPUs is needed, and none is waited for.
-fn follow(rings: &mut EventRings, metrics: &mut EventMetrics) {
-    let read = rings.drain_unordered(|ev| crate::stream::observe(ev, |o| metrics.record(o)));
+///
+/// A close counts what its connection did since its last periodic report (`tracker`), and
+/// its record goes to the OTLP export, if any.
+fn follow(
+    rings: &mut EventRings,
+    metrics: &mut EventMetrics,
+    tracker: &mut Tracker,
+    exporter: Option<&Exporter>,
+) {
+    let read = rings.drain_unordered(|ev| {
+        crate::stream::observe(ev, |o| match o {
+            Observation::Closed(mut c) => {
+                tracker.close(ev.cookie, ev.time_ns, &mut c);
+                if let Some(e) = exporter.filter(|_| ev.pid != own_pid()) {
+                    e.send(Record::close(ev, &c));
+                }
+                metrics.record(Observation::Closed(c));
+            }
+            o => metrics.record(o),
+        })
+    });
     metrics.flush(read);
+}
+
+/// This process: its own connections (its endpoint's, and its export's to the collector, which
+/// would otherwise feed the export records of itself) are counted in the metrics but not
+/// exported.
+fn own_pid() -> u32 {
+    std::process::id()
 }
 
 /// Raises the soft limit on open files to the hard one: each HTTP connection and each

@@ -185,13 +185,28 @@ fn fetch(url: &str, args: &SocketsArgs) -> Result<String> {
 
 /// TLS settings for an `https://` agent: its CA and our client certificate, when given.
 fn tls_config(args: &SocketsArgs) -> Result<ureq::tls::TlsConfig> {
+    let pair = args.cert_file.as_deref().zip(args.key_file.as_deref());
+    client_tls(
+        args.ca_file.as_deref().map(|p| ("--ca-file", p)),
+        pair.map(|(c, k)| (("--cert-file", c), ("--key-file", k))),
+    )
+}
+
+/// A PEM file, and the flag or variable that named it (for errors).
+pub type NamedFile<'a> = (&'a str, &'a std::path::Path);
+
+/// TLS settings of a client: a CA to trust, and a certificate and key to show.
+pub fn client_tls(
+    ca: Option<NamedFile<'_>>,
+    identity: Option<(NamedFile<'_>, NamedFile<'_>)>,
+) -> Result<ureq::tls::TlsConfig> {
     use ureq::tls::{Certificate, ClientCert, PrivateKey, RootCerts, TlsConfig};
-    let read = |flag: &str, path: &std::path::Path| {
+    let read = |(flag, path): (&str, &std::path::Path)| {
         std::fs::read(path).with_context(|| format!("cannot read {flag} {}", path.display()))
     };
     let mut tls = TlsConfig::builder();
-    if let Some(path) = &args.ca_file {
-        let pem = read("--ca-file", path)?;
+    if let Some(ca @ (flag, path)) = ca {
+        let pem = read(ca)?;
         let certs = ureq::tls::parse_pem(&pem)
             .filter_map(|item| match item {
                 Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
@@ -199,15 +214,15 @@ fn tls_config(args: &SocketsArgs) -> Result<ureq::tls::TlsConfig> {
                 Err(e) => Some(Err(e)),
             })
             .collect::<Result<Vec<Certificate<'static>>, _>>()
-            .map_err(|e| anyhow!("--ca-file {}: {e}", path.display()))?;
+            .map_err(|e| anyhow!("{flag} {}: {e}", path.display()))?;
         tls = tls.root_certs(RootCerts::new_with_certs(&certs));
     }
-    if let (Some(cert), Some(key)) = (&args.cert_file, &args.key_file) {
-        let chain = Certificate::from_pem(&read("--cert-file", cert)?)
-            .map_err(|e| anyhow!("--cert-file {}: {e}", cert.display()))?;
-        let key = PrivateKey::from_pem(&read("--key-file", key)?)
-            .map_err(|e| anyhow!("--key-file {}: {e}", key.display()))?;
-        tls = tls.client_cert(Some(ClientCert::new_with_certs(&[chain], key)));
+    if let Some((cert, key)) = identity {
+        let chain = Certificate::from_pem(&read(cert)?)
+            .map_err(|e| anyhow!("{} {}: {e}", cert.0, cert.1.display()))?;
+        let private = PrivateKey::from_pem(&read(key)?)
+            .map_err(|e| anyhow!("{} {}: {e}", key.0, key.1.display()))?;
+        tls = tls.client_cert(Some(ClientCert::new_with_certs(&[chain], private)));
     }
     Ok(tls.build())
 }

@@ -13,12 +13,16 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::census::StorageMap;
 use crate::cli::WatchArgs;
 use crate::stream::event::{self, Transition};
+use crate::stream::live::{census_period, LiveCensus, Tracker};
 use crate::stream::probe::{Probe, ProbeConfig, ProbeCounters};
+use crate::stream::record::Record;
 use crate::stream::ring::EventRings;
-use crate::stream::{self, Closed, Observation};
+use crate::stream::{self, Closed, Ending, Observation};
 use crate::workload::{Resolver, Workload};
+use std::sync::Arc;
 use tracer_common::SENT_RESET;
 
 /// How long a close record waits for the reset its socket may send: the kernel sends it just
@@ -49,8 +53,27 @@ pub async fn run(args: &WatchArgs) -> Result<Summary> {
     let mut rings = probe.event_rings()?;
     // Sockets older than the probe: their owners, onto each socket's storage.
     probe.seed_owners(std::path::Path::new("/proc"))?;
-    // Attached: reading what the probe writes needs no privilege.
-    crate::privileges::keep_only(&[])?;
+    // Open connections' update records (`--connections`): from censuses of every namespace,
+    // taken by a thread of their own, which is what keeps privileges (to enter namespaces).
+    let (census_tx, mut censuses) = tokio::sync::mpsc::channel::<LiveCensus>(2);
+    let storage = if args.connections {
+        Some(Arc::new(probe.socket_storage()?))
+    } else {
+        None
+    };
+    // Attached: reading what the probe writes needs no privilege; the census needs its two.
+    crate::privileges::keep_only(if storage.is_some() {
+        crate::privileges::CENSUS
+    } else {
+        &[]
+    })?;
+    if let Some(storage) = storage {
+        let period = census_period(args.record_interval);
+        std::thread::Builder::new()
+            .name("census".into())
+            .spawn(move || take_censuses(&storage, period, &census_tx))
+            .context("starting the census thread")?;
+    }
     let mut sigint = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let stop_at =
@@ -84,6 +107,9 @@ pub async fn run(args: &WatchArgs) -> Result<Summary> {
                 probe.flush_log();
                 report_losses(&probe, &mut reported)?;
             }
+            Some(census) = censuses.recv() => {
+                if printer.print_updates(&census)? { break; }
+            }
         }
     }
     // Print what the probe delivered before the stop, then detach (drop) and report.
@@ -97,6 +123,29 @@ pub async fn run(args: &WatchArgs) -> Result<Summary> {
         printed: printer.printed,
         lost: reported.lost_total(),
     })
+}
+
+/// The census thread of `watch --connections`: a census of every namespace each `period`,
+/// its open connections sent to the printer, until the printer is gone.
+fn take_censuses(
+    storage: &StorageMap,
+    period: Duration,
+    to: &tokio::sync::mpsc::Sender<LiveCensus>,
+) {
+    loop {
+        std::thread::sleep(period);
+        match crate::census::all_namespaces(Some(storage.clone())) {
+            Ok(census) => {
+                if to
+                    .blocking_send(crate::stream::live::samples(&census))
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Err(e) => eprintln!("tracer: socket census failed (no update records): {e:#}"),
+        }
+    }
 }
 
 /// Says on stderr how many transitions were lost since the last report, if any.
@@ -139,6 +188,9 @@ struct Printer {
     states: [bool; 256],
     any_state: bool,
     pid: Option<u32>,
+    ports: Vec<u16>,
+    /// What was last reported of each open connection (`--connections`).
+    tracker: Tracker,
     remaining: Option<u64>,
     /// Close records not printed yet, oldest first: each waits [`RESET_GRACE_NS`] for the
     /// reset its socket may send as it closes.
@@ -168,6 +220,8 @@ impl Printer {
             states,
             any_state: args.states.is_empty(),
             pid: args.pid,
+            ports: args.ports.clone(),
+            tracker: Tracker::new(args.record_interval),
             remaining: args.count,
             held: VecDeque::new(),
             reset_reasons,
@@ -210,7 +264,11 @@ impl Printer {
         // Each event carries its socket's owner and times (what the probe keeps on it).
         let (mut closed, mut reset_after_close) = (None, None);
         stream::observe(&t, |o| match o {
-            Observation::Closed(c) => closed = Some(c),
+            Observation::Closed(mut c) => {
+                // What it did since its last update record.
+                self.tracker.close(t.cookie, t.time_ns, &mut c);
+                closed = Some(c);
+            }
             Observation::ResetSent {
                 reason,
                 followed: false,
@@ -255,10 +313,42 @@ impl Printer {
                 break;
             }
             let h = self.held.pop_front().expect("a held record");
-            self.print_record(&h.t, &h.closed, &h.workload)?;
+            self.print_record(&Record::close(&h.t, &h.closed), &h.workload)?;
             self.count_printed();
         }
         Ok(())
+    }
+
+    /// Prints the update records a census gives (`--connections`). Returns true when
+    /// watching should stop.
+    fn print_updates(&mut self, census: &LiveCensus) -> Result<bool> {
+        let mut updates = Vec::new();
+        self.tracker
+            .census(census, |u| updates.push(Record::update(&u)));
+        for r in updates {
+            if self.remaining == Some(0) || self.stdout_closed {
+                break;
+            }
+            if self.pid.is_some_and(|p| p != r.pid) || !self.ports_wanted(&r) {
+                continue;
+            }
+            let workload = self.workload(r.cgroup);
+            if let Err(e) = self.print_record(&r, &workload) {
+                return self.write_failed(e);
+            }
+            self.count_printed();
+        }
+        if let Err(e) = self.out.flush() {
+            return self.write_failed(e);
+        }
+        Ok(self.stdout_closed || self.remaining == Some(0))
+    }
+
+    /// `--port`: the kernel filters transitions; a census lists every socket.
+    fn ports_wanted(&self, r: &Record) -> bool {
+        self.ports.is_empty()
+            || self.ports.contains(&r.local_port)
+            || self.ports.contains(&r.remote_port)
     }
 
     /// Counts one line printed; returns false when `--count` lines have been.
@@ -356,59 +446,76 @@ impl Printer {
         writeln!(out, "}}")
     }
 
-    /// One closed connection: a line of columns, or a JSON object.
-    fn print_record(&mut self, t: &Transition, c: &Closed, w: &Rendered) -> io::Result<()> {
+    /// One connection record: a line of columns, or a JSON object.
+    fn print_record(&mut self, r: &Record, w: &Rendered) -> io::Result<()> {
         let out = &mut self.out;
         let wall = |ns: u64| (ns as i128 + self.realtime_offset_ns).max(0);
-        let mode = c.mode.map(crate::metrics::event::mode_name);
-        let reason = c
+        let mode = r.mode.map(crate::metrics::event::mode_name);
+        let reason = r
             .reset_reason
             .map(|r| match self.reset_reasons.get(usize::from(r)) {
                 Some(name) if !name.is_empty() => name.clone(),
                 _ => format!("reason_{r}"),
             });
+        let opt = |v: Option<u64>| v.map_or("null".to_owned(), |v| v.to_string());
         if self.json {
             write!(
                 out,
-                "{{\"time_ns\":{},\"pid\":{},\"comm\":",
-                wall(t.time_ns),
-                t.pid
+                "{{\"time_ns\":{},\"record\":\"{}\",\"cookie\":{},\"pid\":{},\"comm\":",
+                wall(r.time_ns),
+                r.kind.name(),
+                r.cookie,
+                r.pid
             )?;
-            serde_json::to_writer(&mut *out, &*event::comm_text(&t.comm))?;
-            write_endpoints_json(out, t)?;
-            write!(out, ",\"netns\":{},\"mode\":", c.netns)?;
+            serde_json::to_writer(&mut *out, &*event::comm_text(&r.comm))?;
+            write!(
+                out,
+                ",\"family\":\"{}\",\"saddr\":\"{}\",\"sport\":{},\"daddr\":\"{}\",\"dport\":{}",
+                event::family_name(r.family),
+                r.local,
+                r.local_port,
+                r.remote,
+                r.remote_port,
+            )?;
+            write!(out, ",\"netns\":{},\"mode\":", r.netns)?;
             serde_json::to_writer(&mut *out, &mode)?;
-            let opt = |v: Option<u64>| v.map_or("null".to_owned(), |v| v.to_string());
             write!(
                 out,
                 ",\"opened_ns\":{},\"handshake_ns\":{},\"lifetime_ns\":{},\"bytes_sent\":{},\
                  \"bytes_received\":{},\"segments_retransmitted\":{},\"srtt_us\":{},\
-                 \"rtt_min_us\":{},\"ending\":\"{}\",\"sk_err\":{}",
-                opt(c.opened_ns.map(|o| wall(o) as u64)),
-                opt(c.handshake_ns),
-                opt(c.lifetime_ns),
-                opt(c.bytes_sent),
-                c.bytes_received,
-                c.retransmits,
-                c.srtt_us,
-                c.rtt_min_us,
-                c.ending.name(),
-                c.sk_err,
+                 \"rtt_min_us\":{},\"interval_start_ns\":{},\"interval_bytes_sent\":{},\
+                 \"interval_bytes_received\":{},\"interval_segments_retransmitted\":{}",
+                opt(r.opened_ns.map(|o| wall(o) as u64)),
+                opt(r.handshake_ns),
+                opt(r.lifetime_ns),
+                opt(r.bytes_sent),
+                r.bytes_received,
+                r.retransmits,
+                r.srtt_us,
+                r.rtt_min_us,
+                opt(r.interval.start_ns.map(|o| wall(o) as u64)),
+                opt(r.interval.bytes_sent),
+                r.interval.bytes_received,
+                r.interval.retransmits,
             )?;
+            out.write_all(b",\"ending\":")?;
+            serde_json::to_writer(&mut *out, &r.ending.map(Ending::name))?;
+            let sk_err = r.ending.map(|_| r.sk_err);
+            write!(out, ",\"sk_err\":{}", opt(sk_err.map(u64::from)))?;
             out.write_all(b",\"reset_reason\":")?;
             serde_json::to_writer(&mut *out, &reason)?;
             out.write_all(w.json.as_bytes())?;
             return writeln!(out, "}}");
         }
-        write_clock(out, wall(t.time_ns) as u128)?;
-        if t.pid == 0 {
+        write_clock(out, wall(r.time_ns) as u128)?;
+        if r.pid == 0 {
             write!(out, "{:>7} {:<15} ", "-", "-")?;
         } else {
-            let comm = event::Printable(event::comm_bytes(&t.comm));
-            write!(out, "{:>7} {:<15} ", t.pid, comm)?;
+            let comm = event::Printable(event::comm_bytes(&r.comm));
+            write!(out, "{:>7} {:<15} ", r.pid, comm)?;
         }
-        write_endpoint(out, event::local_addr(t), t.sport)?;
-        write_endpoint(out, event::remote_addr(t), t.dport)?;
+        write_endpoint(out, r.local, r.local_port)?;
+        write_endpoint(out, r.remote, r.remote_port)?;
         let duration = |ns: Option<u64>| match ns {
             None => "-".to_owned(),
             Some(ns) if ns < 10_000_000 => format!("{}us", ns / 1_000),
@@ -419,21 +526,23 @@ impl Printer {
             0 => "-".to_owned(),
             us => duration(Some(u64::from(us) * 1_000)),
         };
-        let ending = match &reason {
-            Some(reason) => format!("{}({reason})", c.ending.name()),
-            None => c.ending.name().to_owned(),
+        // An update says it is one where a close says how it ended.
+        let ending = match (r.ending, &reason) {
+            (None, _) => "(open)".to_owned(),
+            (Some(e), Some(reason)) => format!("{}({reason})", e.name()),
+            (Some(e), None) => e.name().to_owned(),
         };
         writeln!(
             out,
             "{:<7} {:>9} {:>9} {:>10} {:>10} {:>7} {:>9} {:>9} {:<32} {}",
             mode.unwrap_or("-"),
-            duration(c.handshake_ns),
-            duration(c.lifetime_ns),
-            c.bytes_sent.map_or("-".to_owned(), |b| b.to_string()),
-            c.bytes_received,
-            c.retransmits,
-            rtt(c.srtt_us),
-            rtt(c.rtt_min_us),
+            duration(r.handshake_ns),
+            duration(r.lifetime_ns),
+            r.bytes_sent.map_or("-".to_owned(), |b| b.to_string()),
+            r.bytes_received,
+            r.retransmits,
+            rtt(r.srtt_us),
+            rtt(r.rtt_min_us),
             ending,
             w.column
         )

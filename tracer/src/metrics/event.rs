@@ -209,15 +209,18 @@ impl EventMetrics {
         )?;
         let bytes = counter(
             "tracer_tcp_bytes_total",
-            "Bytes carried by connections, counted when they close (inet_sock_set_state to \
-             CLOSE): sent is tcp_sock.bytes_acked (sent and acknowledged), received is \
-             tcp_sock.bytes_received; bytes.",
+            "Data bytes carried by connections, from the kernel's counters on each socket: \
+             sent is tcp_sock.bytes_acked (sent and acknowledged), received is \
+             tcp_sock.bytes_received, less SYN and FINs. Counted while a connection lives, \
+             at each of its periodic reports (every --record-interval), and the rest at its \
+             close (inet_sock_set_state to CLOSE); bytes.",
             &["direction", "port"],
         )?;
         let rtt = histogram(
             "tracer_tcp_rtt_seconds",
-            "Smoothed round-trip time of connections when they close (tcp_sock.srtt_us at \
-             inet_sock_set_state to CLOSE), one sample per connection that had one; seconds.",
+            "Smoothed round-trip time of connections (tcp_sock.srtt_us): one sample at each \
+             periodic report of an open connection (every --record-interval) and one at its \
+             close (inet_sock_set_state to CLOSE), where it had one; seconds.",
             &["port"],
             RTT_BUCKETS,
         )?;
@@ -382,19 +385,27 @@ impl EventMetrics {
             ),
             // Reported only to `watch --connections`; the agent counts resets in the kernel.
             Observation::ResetSent { .. } => {}
-            Observation::Closed(c) => {
-                let slot = self.ports.slot(c.port, Use::Counted);
-                let sent = c.bytes_sent.unwrap_or(0);
-                for (direction, n) in [(0, sent), (1, c.bytes_received)] {
-                    if n > 0 {
-                        self.sample(c.port, slot, PortSample::Bytes { direction, n });
-                    }
-                }
-                if c.srtt_us > 0 {
-                    let seconds = f64::from(c.srtt_us) / 1e6;
-                    self.sample(c.port, slot, PortSample::Rtt { seconds });
-                }
+            // What a close or a report adds: the stretch since the connection's last report.
+            Observation::Closed(c) => self.carried(c.port, &c.interval, c.srtt_us),
+            Observation::Update(u) => {
+                let s = &u.sample;
+                self.carried(s.storage.port, &u.interval, s.srtt_us)
             }
+        }
+    }
+
+    /// The bytes a connection on `port` carried over `interval`, and its smoothed RTT then.
+    fn carried(&mut self, port: u16, interval: &crate::stream::Interval, srtt_us: u32) {
+        let slot = self.ports.slot(port, Use::Counted);
+        let sent = interval.bytes_sent.unwrap_or(0);
+        for (direction, n) in [(0, sent), (1, interval.bytes_received)] {
+            if n > 0 {
+                self.sample(port, slot, PortSample::Bytes { direction, n });
+            }
+        }
+        if srtt_us > 0 {
+            let seconds = f64::from(srtt_us) / 1e6;
+            self.sample(port, slot, PortSample::Rtt { seconds });
         }
     }
 

@@ -67,6 +67,11 @@ pub fn remote_addr(t: &Transition) -> IpAddr {
     addr(t.family, &t.daddr)
 }
 
+/// An address as the probe writes it: IPv4 in the first 4 bytes, or all 16 of IPv6.
+pub fn address(family: u16, bytes: &[u8; 16]) -> IpAddr {
+    addr(family, bytes)
+}
+
 fn addr(family: u16, bytes: &[u8; 16]) -> IpAddr {
     if family == AF_INET6 {
         IpAddr::V6(Ipv6Addr::from(*bytes))

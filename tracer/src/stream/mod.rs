@@ -15,7 +15,9 @@
 pub mod btf;
 pub mod event;
 pub mod features;
+pub mod live;
 pub mod probe;
+pub mod record;
 pub mod ring;
 
 use tracer_common::{close_flags, socket, state, SENT_RESET};
@@ -156,6 +158,28 @@ pub struct Closed {
     /// Why the kernel last sent a reset on this connection (`enum sk_rst_reason`; Linux
     /// 6.10+, and only where the probe reports resets), if it sent one.
     pub reset_reason: Option<u16>,
+    /// What it did since its last periodic report (see [`live`]), or since it opened where it
+    /// had none: what the close adds to the metrics, so that nothing counts twice. The event
+    /// alone gives the latter; the agent's [`live::Tracker`] makes it the former.
+    pub interval: Interval,
+    /// Data bytes sent as a census counts them (the SYN taken out only where the probe saw
+    /// this side send it), known even where `bytes_sent` is not: what the tracker takes its
+    /// last report from.
+    pub data_sent: u64,
+}
+
+/// What a connection did over one stretch of its life: from its opening (or its previous
+/// report) to a report or its close.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Interval {
+    /// When the stretch began: its previous report, or when it became ESTABLISHED (None: the
+    /// probe did not see that).
+    pub start_ns: Option<u64>,
+    /// Data bytes sent (acknowledged), None where the bytes sent are not known (see
+    /// [`Closed::bytes_sent`]); received; segments retransmitted.
+    pub bytes_sent: Option<u64>,
+    pub bytes_received: u64,
+    pub retransmits: u64,
 }
 
 impl Closed {
@@ -211,6 +235,8 @@ pub enum Observation {
     },
     /// Every transition to CLOSE: the connection's record.
     Closed(Closed),
+    /// A periodic report of an open connection (from a census, not from an event).
+    Update(live::Update),
     /// The socket sent a reset for `reason` (a [`SENT_RESET`] event): before its close, the
     /// probe keeps the reason on the socket for the record; after it, the record's reader adds
     /// it (see [`Closed::reset_as_it_closed`]). `followed` says whether it came before the
@@ -337,10 +363,17 @@ pub fn observe(t: &Transition, mut sink: impl FnMut(Observation)) {
     // so the bytes sent are not known exactly.
     let fin = |bit: u8| u64::from(t.close_flags & bit != 0);
     let syn = u64::from(mode == Some(Mode::Active) && t.bytes_acked > 0);
-    let bytes_sent = mode.map(|_| {
-        t.bytes_acked
-            .saturating_sub(syn + fin(close_flags::FIN_ACKED))
-    });
+    let sent = t
+        .bytes_acked
+        .saturating_sub(syn + fin(close_flags::FIN_ACKED));
+    let bytes_sent = mode.map(|_| sent);
+    let bytes_received = t.bytes_received.saturating_sub(fin(close_flags::PEER_FIN));
+    let interval = Interval {
+        start_ns: established,
+        bytes_sent,
+        bytes_received,
+        retransmits: u64::from(t.total_retrans),
+    };
     sink(Observation::Closed(Closed {
         mode,
         opened_ns: opened,
@@ -355,7 +388,7 @@ pub fn observe(t: &Transition, mut sink: impl FnMut(Observation)) {
         netns,
         cgroup,
         bytes_sent,
-        bytes_received: t.bytes_received.saturating_sub(fin(close_flags::PEER_FIN)),
+        bytes_received,
         retransmits: t.total_retrans,
         srtt_us: t.srtt_us >> 3,
         // `~0U` until the kernel's first sample.
@@ -365,6 +398,8 @@ pub fn observe(t: &Transition, mut sink: impl FnMut(Observation)) {
             t.rtt_min_us
         },
         reset_reason: (t.socket_flags & socket::RESET_SENT != 0).then_some(t.reset_reason),
+        interval,
+        data_sent: sent,
     }));
 }
 

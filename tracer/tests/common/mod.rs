@@ -892,3 +892,155 @@ pub fn raise_open_files(at_least: u64) {
         }
     }
 }
+
+/// An OpenTelemetry collector on loopback: `rotel-agent` (PyPI's `rotel`, installed by
+/// `cargo xtask setup`) receiving OTLP over HTTP and printing every log record it receives,
+/// with each attribute and its type, to a file; killed (by PID) on drop.
+pub struct Rotel {
+    child: Child,
+    pub addr: SocketAddr,
+    log: std::path::PathBuf,
+}
+
+/// One log record as the collector printed it: its event name, resource attributes and
+/// attributes, each value as `Type(value)` (`Str(tcp)`, `Int(443)`).
+#[derive(Clone, Debug, Default)]
+pub struct Received {
+    pub event_name: String,
+    pub resource: BTreeMap<String, String>,
+    pub attributes: BTreeMap<String, String>,
+}
+
+impl Received {
+    /// An `Int` attribute's value.
+    pub fn int(&self, key: &str) -> Option<u64> {
+        let v = self.attributes.get(key)?;
+        v.strip_prefix("Int(")?.strip_suffix(')')?.parse().ok()
+    }
+
+    /// A `Str` attribute's value.
+    pub fn str(&self, key: &str) -> Option<&str> {
+        let v = self.attributes.get(key)?;
+        v.strip_prefix("Str(")?.strip_suffix(')')
+    }
+}
+
+impl Rotel {
+    /// Starts a collector on `addr` (a free loopback port when None), logging to a file of
+    /// its own (`tag` names it).
+    pub fn start(tag: &str, addr: Option<SocketAddr>) -> Rotel {
+        let addr = addr.unwrap_or_else(free_listen_addr);
+        let grpc = free_listen_addr();
+        let log =
+            std::env::temp_dir().join(format!("tracer-rotel-{tag}-{}.log", std::process::id()));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(rotel_agent())
+            .args(["start", "--otlp-http-endpoint", &addr.to_string()])
+            .args(["--otlp-grpc-endpoint", &grpc.to_string()])
+            .args(["--exporter", "blackhole", "--debug-log", "logs"])
+            .args(["--debug-log-verbosity", "detailed"])
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("starting rotel-agent (cargo xtask setup installs it)");
+        let r = Rotel { child, addr, log };
+        // Ready once it says so (not by connecting: a test's own connection would be a
+        // record too, and some tests count every record).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let started = || std::fs::read_to_string(&r.log).unwrap_or_default();
+        while !started().contains("Starting Rotel") {
+            assert!(
+                Instant::now() < deadline,
+                "rotel-agent did not start on {addr}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        r
+    }
+
+    /// Every log record received so far.
+    pub fn received(&self) -> Vec<Received> {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        parse_rotel(&text)
+    }
+
+    /// Waits (up to `secs` seconds) until `check` holds for what was received.
+    pub fn wait_for(
+        &self,
+        what: &str,
+        secs: u64,
+        check: impl Fn(&[Received]) -> bool,
+    ) -> Vec<Received> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let got = self.received();
+            if check(&got) {
+                return got;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "rotel: no {what} within {secs} s; got {} records",
+                got.len()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Rotel {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child by PID.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Where pip put `rotel-agent` (inside the `rotel` package).
+fn rotel_agent() -> std::path::PathBuf {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import rotel, os; print(os.path.dirname(rotel.__file__))",
+        ])
+        .output()
+        .expect("python3");
+    std::path::Path::new(String::from_utf8_lossy(&out.stdout).trim()).join("rotel-agent")
+}
+
+/// Reads rotel's detailed debug log: `ResourceLog` blocks with `Resource attributes:`, then
+/// `LogRecord #N` blocks with `EventName:` and `Attributes:` (`     -> key: Type(value)`).
+pub fn parse_rotel(text: &str) -> Vec<Received> {
+    let mut out: Vec<Received> = Vec::new();
+    let mut resource = BTreeMap::new();
+    let mut in_resource = false;
+    for line in text.lines() {
+        if line.starts_with("ResourceLog #") {
+            resource = BTreeMap::new();
+            in_resource = false;
+        } else if line.starts_with("Resource attributes:") {
+            in_resource = true;
+        } else if line.starts_with("LogRecord #") {
+            in_resource = false;
+            out.push(Received {
+                resource: resource.clone(),
+                ..Received::default()
+            });
+        } else if let Some(name) = line.strip_prefix("EventName: ") {
+            if let Some(r) = out.last_mut() {
+                r.event_name = name.to_owned();
+            }
+        } else if let Some(kv) = line.trim_start().strip_prefix("-> ") {
+            let Some((k, v)) = kv.split_once(": ") else {
+                continue;
+            };
+            if in_resource {
+                resource.insert(k.to_owned(), v.to_owned());
+            } else if let Some(r) = out.last_mut() {
+                r.attributes.insert(k.to_owned(), v.to_owned());
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,272 @@
+//! Open connections, reported while they live: at each census, every connection open for at
+//! least `--record-interval` since its last report gets an update ([`Update`]) with what it
+//! did since (its bytes and RTT then count in the metrics); its close then counts only the
+//! rest. Nothing is counted twice, and updates and close add up to the connection's totals.
+//!
+//! Why at the census rather than on a hook: the kernel keeps the counters on the socket
+//! (`tcp_info`), and the census already reads every socket of every namespace each
+//! `--census-interval` with the probe's storage on it; a hook on the data path (a program
+//! per segment) would cost every packet, and a BPF iterator over the storage, which would
+//! keep the last report on the socket, is refused by some kernels (EPERM on this project's
+//! test hosts, as fentry is). So what was last reported is kept here, for connections older
+//! than the interval only (short ones never get an entry), and a connection's entry goes at
+//! its close, or at the first census that no longer finds it.
+//!
+//! A census and a close can cross: a census taken just before a close may be handled after
+//! it. The close of a connection that could be reported (open longer than the interval) is
+//! remembered until the next census, whose samples from before the close are then skipped.
+//!
+//! Pure code: fed censuses and closes, it returns what they tell.
+
+use std::net::SocketAddr;
+
+use tracer_common::{socket, state, SocketState};
+
+use crate::census::HostCensus;
+use crate::stream::{Closed, Interval, Mode};
+
+/// A connection's counters at one moment: data bytes sent (acknowledged) and received, the
+/// SYN and FINs that the kernel's counters include left out as the close record leaves them
+/// out, and segments retransmitted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub sent: u64,
+    pub received: u64,
+    pub retransmits: u64,
+}
+
+/// One open connection as a census saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sample {
+    /// CLOCK_MONOTONIC ns just before its namespace was dumped.
+    pub time_ns: u64,
+    pub cookie: u64,
+    pub netns: u32,
+    pub state: u8,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub cgroup: u64,
+    /// What the probe keeps on the socket (owner, service port, how and when it opened).
+    pub storage: SocketState,
+    pub counters: Counters,
+    /// Smoothed and minimum RTT, microseconds (0: no sample).
+    pub srtt_us: u32,
+    pub rtt_min_us: u32,
+}
+
+/// What one census gives the tracker: the connections it saw open, and which namespaces it
+/// visited (an entry of a namespace it could not visit is kept).
+#[derive(Clone, Debug, Default)]
+pub struct LiveCensus {
+    pub samples: Vec<Sample>,
+    pub visited: Vec<u32>,
+}
+
+/// How often `watch --connections` takes a census for its update records: a tenth of the
+/// interval, between 1 s and 5 s (the agent takes one each `--census-interval`).
+pub fn census_period(interval: std::time::Duration) -> std::time::Duration {
+    (interval / 10).clamp(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(5),
+    )
+}
+
+/// States in which a connection carries data (and whose counters a census reads).
+fn carries_data(s: u8) -> bool {
+    use state::*;
+    matches!(
+        s,
+        ESTABLISHED | FIN_WAIT1 | FIN_WAIT2 | CLOSE_WAIT | CLOSING | LAST_ACK
+    )
+}
+
+/// The connections a census saw open with the probe's storage on them (a socket the probe
+/// never saw and was not told the owner of has no service port to count under).
+pub fn samples(census: &HostCensus) -> LiveCensus {
+    let mut out = LiveCensus::default();
+    for ns in &census.namespaces {
+        out.visited.push(ns.netns as u32);
+        for r in &ns.sockets {
+            let (Some(storage), Some(tcp)) = (r.storage, r.tcp) else {
+                continue;
+            };
+            if !carries_data(r.state) {
+                continue;
+            }
+            let active = storage.flags & socket::ACTIVE != 0;
+            let syn = u64::from(active && tcp.bytes_acked > 0);
+            // This side's FIN is acknowledged in FIN_WAIT2 only (a later state is TIME-WAIT
+            // or gone); the peer's has arrived in these.
+            let fin_acked = u64::from(r.state == state::FIN_WAIT2);
+            let peer_fin = u64::from(matches!(
+                r.state,
+                state::CLOSE_WAIT | state::LAST_ACK | state::CLOSING
+            ));
+            out.samples.push(Sample {
+                time_ns: ns.dumped_at_ns,
+                cookie: r.cookie,
+                netns: ns.netns as u32,
+                state: r.state,
+                local: r.local,
+                remote: r.remote,
+                cgroup: r.cgroup,
+                storage,
+                counters: Counters {
+                    sent: tcp.bytes_acked.saturating_sub(syn + fin_acked),
+                    received: tcp.bytes_received.saturating_sub(peer_fin),
+                    retransmits: u64::from(tcp.total_retrans),
+                },
+                srtt_us: tcp.rtt_us,
+                rtt_min_us: tcp.min_rtt_us,
+            });
+        }
+    }
+    out
+}
+
+/// A periodic report of an open connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Update {
+    pub sample: Sample,
+    pub mode: Option<Mode>,
+    /// What it did since its previous report, or since it became ESTABLISHED.
+    pub interval: Interval,
+}
+
+/// What was last reported of a connection.
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    netns: u32,
+    /// When, and its counters then. For a connection the probe did not see open, its
+    /// counters at the first census that saw it: what it carried before is not reported.
+    at_ns: u64,
+    counters: Counters,
+    /// Seen by the latest census.
+    seen: bool,
+}
+
+/// Follows what was reported of each connection open longer than the interval.
+pub struct Tracker {
+    interval_ns: u64,
+    entries: foldhash::HashMap<u64, Entry>,
+    /// Closes of connections old enough to be reported, by cookie, with the time of the
+    /// close: a census taken before it is not to report them again.
+    closed: foldhash::HashMap<u64, u64>,
+}
+
+impl Tracker {
+    pub fn new(interval: std::time::Duration) -> Tracker {
+        Tracker {
+            interval_ns: u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX),
+            entries: Default::default(),
+            closed: Default::default(),
+        }
+    }
+
+    /// Connections followed now (for the agent's own memory figures).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Handles one census: the updates of the connections whose interval is up.
+    pub fn census(&mut self, census: &LiveCensus, mut report: impl FnMut(Update)) {
+        for e in self.entries.values_mut() {
+            if census.visited.contains(&e.netns) {
+                e.seen = false;
+            }
+        }
+        let oldest = census.samples.iter().map(|s| s.time_ns).min().unwrap_or(0);
+        for s in &census.samples {
+            if self.closed.get(&s.cookie).is_some_and(|&at| s.time_ns < at) {
+                continue;
+            }
+            let st = &s.storage;
+            let mode = if st.flags & socket::ACTIVE != 0 {
+                Some(Mode::Active)
+            } else if st.flags & socket::PASSIVE != 0 {
+                Some(Mode::Passive)
+            } else {
+                None
+            };
+            let seen_open = mode.is_some() && st.established_ns != 0;
+            let previous = match self.entries.get_mut(&s.cookie) {
+                Some(e) => {
+                    e.seen = true;
+                    *e
+                }
+                None if seen_open => {
+                    if s.time_ns < st.established_ns.saturating_add(self.interval_ns) {
+                        continue;
+                    }
+                    Entry {
+                        netns: s.netns,
+                        at_ns: st.established_ns,
+                        counters: Counters::default(),
+                        seen: true,
+                    }
+                }
+                None => {
+                    let first = Entry {
+                        netns: s.netns,
+                        at_ns: s.time_ns,
+                        counters: s.counters,
+                        seen: true,
+                    };
+                    self.entries.insert(s.cookie, first);
+                    continue;
+                }
+            };
+            if s.time_ns < previous.at_ns.saturating_add(self.interval_ns) {
+                continue;
+            }
+            let c = s.counters;
+            let p = previous.counters;
+            report(Update {
+                sample: *s,
+                mode,
+                interval: Interval {
+                    start_ns: Some(previous.at_ns),
+                    bytes_sent: Some(c.sent.saturating_sub(p.sent)),
+                    bytes_received: c.received.saturating_sub(p.received),
+                    retransmits: c.retransmits.saturating_sub(p.retransmits),
+                },
+            });
+            self.entries.insert(
+                s.cookie,
+                Entry {
+                    netns: s.netns,
+                    at_ns: s.time_ns,
+                    counters: c,
+                    seen: true,
+                },
+            );
+        }
+        // Gone without a close (its event lost): forgotten. Closes before this census can
+        // appear in no later one.
+        self.entries.retain(|_, e| e.seen);
+        self.closed.retain(|_, &mut at| at >= oldest);
+    }
+
+    /// Handles a connection's close: what it did since its last report becomes the close's
+    /// interval (what the close adds to the metrics).
+    pub fn close(&mut self, cookie: u64, time_ns: u64, c: &mut Closed) {
+        if let Some(e) = self.entries.remove(&cookie) {
+            c.interval = Interval {
+                start_ns: Some(e.at_ns),
+                bytes_sent: Some(c.data_sent.saturating_sub(e.counters.sent)),
+                bytes_received: c.bytes_received.saturating_sub(e.counters.received),
+                retransmits: u64::from(c.retransmits).saturating_sub(e.counters.retransmits),
+            };
+        }
+        // Old enough that a census from before the close could report it as due. (One the
+        // probe did not see open would only be given a first look again, which reports
+        // nothing and goes at the next census.)
+        if c.lifetime_ns.is_some_and(|l| l >= self.interval_ns) {
+            self.closed.insert(cookie, time_ns);
+        }
+    }
+}
