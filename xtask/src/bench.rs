@@ -425,15 +425,7 @@ struct Collector(std::process::Child);
 
 impl Collector {
     fn start(addr: SocketAddr) -> Result<Collector> {
-        let dir = Command::new("python3")
-            .args([
-                "-c",
-                "import rotel, os; print(os.path.dirname(rotel.__file__))",
-            ])
-            .output()
-            .context("finding rotel (python3)")?;
-        let agent =
-            std::path::Path::new(String::from_utf8_lossy(&dir.stdout).trim()).join("rotel-agent");
+        let agent = crate::setup::ROTEL_AGENT;
         let grpc = free_port()?;
         let child = Command::new(&agent)
             .args(["start", "--otlp-http-endpoint", &addr.to_string()])
@@ -446,7 +438,7 @@ impl Collector {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .with_context(|| format!("starting {}", agent.display()))?;
+            .with_context(|| format!("starting {agent}"))?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(addr).is_err() {
             if Instant::now() > deadline {

@@ -43,33 +43,55 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
-/// Installs `rotel` (pinned) with pip unless python3 has that version already.
+/// Where the tests and the bench find `rotel-agent`: a copy out of the pip package, at a
+/// path every environment sees (the kernel matrix's guests and tests run with another PATH
+/// and Python than the one pip used).
+pub const ROTEL_AGENT: &str = "/usr/local/bin/rotel-agent";
+
+/// Installs `rotel` (pinned) with pip unless python3 has that version already, and puts its
+/// `rotel-agent` at [`ROTEL_AGENT`] unless the same file is there.
 fn install_rotel() -> Result<()> {
-    let installed = Command::new("python3")
-        .args([
-            "-c",
-            "import importlib.metadata as m; print(m.version('rotel'))",
-        ])
-        .stderr(Stdio::null())
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == ROTEL_VERSION);
-    if installed {
-        return Ok(());
-    }
-    require_root("installing rotel")?;
-    eprintln!("xtask: installing rotel {ROTEL_VERSION} (pip), the tests' OTLP collector");
-    run_cmd(
-        Command::new("python3")
+    let package = || -> Option<PathBuf> {
+        let out = Command::new("python3")
             .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--root-user-action=ignore",
+                "-c",
+                "import importlib.metadata as m, os, rotel; \
+                 print(m.version('rotel'), os.path.dirname(rotel.__file__))",
             ])
-            .arg(format!("rotel=={ROTEL_VERSION}")),
-    )
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (version, dir) = text.trim().split_once(' ')?;
+        (version == ROTEL_VERSION).then(|| Path::new(dir).join("rotel-agent"))
+    };
+    let agent = match package() {
+        Some(agent) => agent,
+        None => {
+            require_root("installing rotel")?;
+            eprintln!("xtask: installing rotel {ROTEL_VERSION} (pip), the tests' OTLP collector");
+            run_cmd(
+                Command::new("python3")
+                    .args([
+                        "-m",
+                        "pip",
+                        "install",
+                        "--quiet",
+                        "--disable-pip-version-check",
+                        "--root-user-action=ignore",
+                    ])
+                    .arg(format!("rotel=={ROTEL_VERSION}")),
+            )?;
+            package().context("rotel was installed but python3 does not find it")?
+        }
+    };
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).ok();
+    if size(&agent) != size(Path::new(ROTEL_AGENT)) {
+        require_root("installing rotel-agent")?;
+        std::fs::copy(&agent, ROTEL_AGENT)
+            .with_context(|| format!("copying {} to {ROTEL_AGENT}", agent.display()))?;
+    }
+    Ok(())
 }
 
 /// Installs the Debian packages of `packages` that are missing; no network work otherwise.
