@@ -427,7 +427,7 @@ impl Collector {
     fn start(addr: SocketAddr) -> Result<Collector> {
         let agent = crate::setup::ROTEL_AGENT;
         let grpc = free_port()?;
-        let child = Command::new(&agent)
+        let child = Command::new(agent)
             .args(["start", "--otlp-http-endpoint", &addr.to_string()])
             .args([
                 "--otlp-grpc-endpoint",

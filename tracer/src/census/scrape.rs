@@ -124,6 +124,9 @@ pub struct CensusConfig {
     pub resolver: Option<Resolver>,
     /// The probe's socket storage, read in each dump.
     pub storage: StorageMap,
+    /// `--record-interval`: which open connections a census hands over (see
+    /// `stream::live::samples`).
+    pub record_interval: Duration,
 }
 
 /// Runs censuses until `stop` is dropped (or sends).
@@ -184,7 +187,7 @@ pub fn run(
                         })
                         .collect()
                 });
-                let live = crate::stream::live::samples(&census);
+                let live = crate::stream::live::samples(&census, config.record_interval);
                 let _ = news.send(PortNews { ranges, seed, live });
                 let (workloads, unresolved) = resolve_all(config.resolver.as_mut(), &joined);
                 let cgroups = CgroupReport {

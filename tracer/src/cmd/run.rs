@@ -109,6 +109,7 @@ pub async fn run(args: &RunArgs) -> Result<()> {
             started_ns,
             resolver: resolver(),
             storage: Arc::new(probe.socket_storage()?),
+            record_interval: args.record_interval,
         };
         let published = published.clone();
         std::thread::Builder::new()

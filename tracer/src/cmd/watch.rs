@@ -68,10 +68,10 @@ pub async fn run(args: &WatchArgs) -> Result<Summary> {
         &[]
     })?;
     if let Some(storage) = storage {
-        let period = census_period(args.record_interval);
+        let (period, interval) = (census_period(args.record_interval), args.record_interval);
         std::thread::Builder::new()
             .name("census".into())
-            .spawn(move || take_censuses(&storage, period, &census_tx))
+            .spawn(move || take_censuses(&storage, period, interval, &census_tx))
             .context("starting the census thread")?;
     }
     let mut sigint = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
@@ -130,6 +130,7 @@ pub async fn run(args: &WatchArgs) -> Result<Summary> {
 fn take_censuses(
     storage: &StorageMap,
     period: Duration,
+    interval: Duration,
     to: &tokio::sync::mpsc::Sender<LiveCensus>,
 ) {
     loop {
@@ -137,7 +138,7 @@ fn take_censuses(
         match crate::census::all_namespaces(Some(storage.clone())) {
             Ok(census) => {
                 if to
-                    .blocking_send(crate::stream::live::samples(&census))
+                    .blocking_send(crate::stream::live::samples(&census, interval))
                     .is_err()
                 {
                     return;

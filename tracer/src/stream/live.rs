@@ -81,8 +81,11 @@ fn carries_data(s: u8) -> bool {
 }
 
 /// The connections a census saw open with the probe's storage on them (a socket the probe
-/// never saw and was not told the owner of has no service port to count under).
-pub fn samples(census: &HostCensus) -> LiveCensus {
+/// never saw and was not told the owner of has no service port to count under), less those
+/// the probe saw open less than `interval` ago: none of them can be due, nor followed yet,
+/// so a census of a churning host hands over only its long-lived connections.
+pub fn samples(census: &HostCensus, interval: std::time::Duration) -> LiveCensus {
+    let interval_ns = u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX);
     let mut out = LiveCensus::default();
     for ns in &census.namespaces {
         out.visited.push(ns.netns as u32);
@@ -91,6 +94,11 @@ pub fn samples(census: &HostCensus) -> LiveCensus {
                 continue;
             };
             if !carries_data(r.state) {
+                continue;
+            }
+            let seen_open = storage.flags & (socket::ACTIVE | socket::PASSIVE) != 0
+                && storage.established_ns != 0;
+            if seen_open && ns.dumped_at_ns < storage.established_ns.saturating_add(interval_ns) {
                 continue;
             }
             let active = storage.flags & socket::ACTIVE != 0;
