@@ -267,3 +267,106 @@ fn a_collector_away_for_ten_seconds_loses_nothing_within_the_queue_and_drops_are
             >= 1.0
     );
 }
+
+/// A TLS front for the collector (Python's `ssl`, OpenSSL): it requires a client certificate
+/// from the test's CA, notes each request's path, encoding, `x-tenant` header and client,
+/// and passes the request on to the collector as it came. Prints its port, then serves until
+/// its stdin closes.
+const TLS_FRONT: &str = r#"
+import http.server, json, ssl, sys, threading, urllib.request
+ca, cert, key, upstream, notes = sys.argv[1:6]
+class Front(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        subject = dict(x[0] for x in self.connection.getpeercert()["subject"])
+        with open(notes, "a") as f:
+            f.write(json.dumps({"path": self.path, "encoding": self.headers.get("Content-Encoding"),
+                                "tenant": self.headers.get("x-tenant"), "client": subject.get("commonName")}) + "\n")
+        headers = {k: v for k, v in self.headers.items() if k.lower() in ("content-type", "content-encoding")}
+        with urllib.request.urlopen(urllib.request.Request(upstream + self.path, data=body, headers=headers)) as r:
+            answer, status = r.read(), r.status
+        self.send_response(status)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+    def log_message(self, *args):
+        pass
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(cert, key)
+context.load_verify_locations(ca)
+context.verify_mode = ssl.CERT_REQUIRED
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Front)
+server.socket = context.wrap_socket(server.socket, server_side=True)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+print(server.server_address[1], flush=True)
+sys.stdin.read()
+"#;
+
+#[test]
+fn records_reach_the_collector_over_tls_with_a_client_certificate_gzip_and_headers() {
+    if !require_root("records_reach_the_collector_over_tls_with_a_client_certificate") {
+        return;
+    }
+    const PORT: u16 = 18_099;
+    let pki = Pki::new("otlp");
+    let rotel = Rotel::start("tls", None);
+    let notes = pki.path("notes.jsonl");
+    let path = |name: &str| pki.path(name).display().to_string();
+    let upstream = format!("http://{}", rotel.addr);
+    let (mut front, port) = python_ready(
+        TLS_FRONT,
+        &[
+            &path("ca.crt"),
+            &path("server.crt"),
+            &path("server.key"),
+            &upstream,
+            &notes.display().to_string(),
+        ],
+    );
+    let endpoint = format!("https://127.0.0.1:{}", port.trim());
+    let agent = Agent::start_with_env(
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", &path("ca.crt")),
+            ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", &path("client.crt")),
+            ("OTEL_EXPORTER_OTLP_CLIENT_KEY", &path("client.key")),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "x-tenant=acme%20corp"),
+        ],
+    );
+    let ns = Netns::new("otlp-tls");
+    connections(&ns, PORT, 5, 700, 70);
+    let got = rotel.wait_for("the 10 close records", 30, |got| {
+        of(got, &ns, "close").len() >= 10
+    });
+    let closes = of(&got, &ns, "close");
+    assert_eq!(closes.len(), 10, "{closes:#?}");
+    let sent: u64 = closes
+        .iter()
+        .map(|r| r.int("tracer.bytes_sent").unwrap())
+        .sum();
+    assert_eq!(sent, (1..=5).map(|i| i * 770).sum::<u64>());
+    // Every request came over TLS with the client's certificate, gzipped, with the header.
+    let notes = std::fs::read_to_string(&notes).unwrap();
+    assert!(!notes.is_empty());
+    for line in notes.lines() {
+        let n: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(n["path"], "/v1/logs", "{n}");
+        assert_eq!(n["encoding"], "gzip", "{n}");
+        assert_eq!(n["tenant"], "acme corp", "{n}");
+        assert_eq!(n["client"], "client", "{n}");
+    }
+    let text = agent.metrics();
+    assert_eq!(
+        sample(
+            &text,
+            "tracer_otlp_requests_total",
+            &[("result", "rejected")]
+        ),
+        Some(0.0)
+    );
+    drop(front.stdin.take());
+    let _ = front.wait();
+}
