@@ -74,7 +74,13 @@ fn get(
 
 #[test]
 fn https_and_a_password_guard_metrics_and_sockets_and_plain_http_gets_nothing() {
-    if !require_root("https_and_a_password_guard_metrics_and_sockets") {
+    let test = "https_and_a_password_guard_metrics_and_sockets";
+    if !require_root(test)
+        || host_only(
+            test,
+            "the HTTP server's TLS and passwords, not the kernel's",
+        )
+    {
         return;
     }
     let pki = Pki::new("auth");
@@ -153,7 +159,8 @@ fn https_and_a_password_guard_metrics_and_sockets_and_plain_http_gets_nothing() 
 
 #[test]
 fn prometheus_scrapes_over_https_with_the_same_web_config_settings() {
-    if !require_root("prometheus_scrapes_over_https_with_the_same_web_config_settings") {
+    let test = "prometheus_scrapes_over_https_with_the_same_web_config_settings";
+    if !require_root(test) || host_only(test, "the HTTP server's TLS, not the kernel's") {
         return;
     }
     let pki = Pki::new("prom");
@@ -173,7 +180,8 @@ fn prometheus_scrapes_over_https_with_the_same_web_config_settings() {
 
 #[test]
 fn client_certificates_are_verified_and_sockets_off_loopback_need_them() {
-    if !require_root("client_certificates_are_verified_and_sockets_off_loopback_need_them") {
+    let test = "client_certificates_are_verified_and_sockets_off_loopback_need_them";
+    if !require_root(test) || host_only(test, "the HTTP server's TLS and rules, not the kernel's") {
         return;
     }
     let pki = Pki::new("mtls");
