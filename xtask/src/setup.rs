@@ -70,18 +70,7 @@ fn install_rotel() -> Result<()> {
         None => {
             require_root("installing rotel")?;
             eprintln!("xtask: installing rotel {ROTEL_VERSION} (pip), the tests' OTLP collector");
-            run_cmd(
-                Command::new("python3")
-                    .args([
-                        "-m",
-                        "pip",
-                        "install",
-                        "--quiet",
-                        "--disable-pip-version-check",
-                        "--root-user-action=ignore",
-                    ])
-                    .arg(format!("rotel=={ROTEL_VERSION}")),
-            )?;
+            pip_install(&format!("rotel=={ROTEL_VERSION}"))?;
             package().context("rotel was installed but python3 does not find it")?
         }
     };
@@ -92,6 +81,22 @@ fn install_rotel() -> Result<()> {
             .with_context(|| format!("copying {} to {ROTEL_AGENT}", agent.display()))?;
     }
     Ok(())
+}
+
+/// `pip install SPEC` with python3, quietly, as root.
+fn pip_install(spec: &str) -> Result<()> {
+    run_cmd(
+        Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--root-user-action=ignore",
+            ])
+            .arg(spec),
+    )
 }
 
 /// Installs the Debian packages of `packages` that are missing; no network work otherwise.
@@ -239,18 +244,7 @@ fn install_vng() -> Result<PathBuf> {
         return Ok(vng);
     }
     eprintln!("xtask: installing virtme-ng {VIRTME_NG_VERSION} (pip)");
-    run_cmd(
-        Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--root-user-action=ignore",
-            ])
-            .arg(format!("virtme-ng=={VIRTME_NG_VERSION}")),
-    )?;
+    pip_install(&format!("virtme-ng=={VIRTME_NG_VERSION}"))?;
     find_vng().context("virtme-ng was installed but no `vng` of that version is found")
 }
 
