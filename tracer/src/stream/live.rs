@@ -182,8 +182,9 @@ impl Tracker {
 
     /// Handles one census: the updates of the connections whose interval is up.
     pub fn census(&mut self, census: &LiveCensus, mut report: impl FnMut(Update)) {
+        let visited: foldhash::HashSet<u32> = census.visited.iter().copied().collect();
         for e in self.entries.values_mut() {
-            if census.visited.contains(&e.netns) {
+            if visited.contains(&e.netns) {
                 e.seen = false;
             }
         }
