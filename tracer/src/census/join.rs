@@ -304,6 +304,17 @@ pub fn join(
                     AgeSource::SynAckTimer,
                 ),
                 (None, _) if !full => (None, AgeSource::Unknown),
+                // The socket changed state while the dump ran (sock_diag reads each socket
+                // after it let go of the hash bucket; the probe writes the storage just before
+                // the kernel stores the new state): nothing was missed, and it is no longer in
+                // the state the dump read. The next census has it exact.
+                (None, _)
+                    if stored.is_some_and(|s| {
+                        s.flags & socket::SINCE_SEEN != 0 && s.since_ns >= ns.dumped_at_ns
+                    }) =>
+                {
+                    (None, AgeSource::Unknown)
+                }
                 (None, _) => {
                     let kept = sightings
                         .unaged
@@ -549,6 +560,21 @@ mod tests {
         }
         assert_eq!(j.stuck.get(&(state::CLOSE_WAIT, 9000, 0)), Some(&1));
         assert_eq!(j.corrections, Corrections::default());
+    }
+
+    #[test]
+    fn a_socket_that_moves_on_while_the_dump_runs_is_no_correction() {
+        // The dump started at 20 s and read FIN_WAIT1; by the time it read the storage the
+        // probe had seen the socket enter FIN_WAIT2 (20.000001 s): nothing was missed.
+        let mut r = rec(state::FIN_WAIT1, "127.0.0.1:40003", "127.0.0.1:8080", 4);
+        r.storage = seen(state::FIN_WAIT2, 20 * S + 1_000, 77, 8080);
+        let j = join_once(&census(vec![r], 20 * S), 20 * S);
+        assert_eq!(j.corrections, Corrections::default());
+        let v = &j.sockets[0];
+        assert_eq!(
+            (v.state, v.age_source, v.age(20 * S), v.pid),
+            (state::FIN_WAIT1, AgeSource::Unknown, None, 77)
+        );
     }
 
     #[test]
