@@ -101,6 +101,17 @@ fn test(host_only: bool) -> Result<()> {
     setup::run()?;
     build_release()?;
     setup::mount_tracefs()?;
+    // Every test binary in one build, so that cargo compiles the unit and the kernel tests
+    // side by side on both cores rather than one after the other.
+    cargo(&[
+        "test",
+        "--release",
+        "--no-run",
+        "--lib",
+        "--bins",
+        "--test",
+        "*",
+    ])?;
     cargo(&["test", "--release", "--lib", "--bins"])?;
     let kernel_tests = cargo(&[
         "test",
