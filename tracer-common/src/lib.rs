@@ -233,6 +233,46 @@ pub struct SockOffsets {
     /// `sk_buff.cb` + `tcp_skb_cb.tcp_gso_segs` (`u16`): the segments an skb stands for
     /// (`tcp_skb_pcount`).
     pub skb_gso_segs: u32,
+    /// `inet_connection_sock.icsk_ca_state` (a 5-bit bitfield, `enum tcp_ca_state`): the byte
+    /// that holds it, its shift in that byte and its mask. `struct tcp_sock` starts with
+    /// `struct inet_connection_sock`.
+    pub icsk_ca_state: u32,
+    pub icsk_ca_state_shift: u32,
+    pub icsk_ca_state_mask: u32,
+}
+
+/// Why a segment was retransmitted: the kind of `RETRANSMITS` keys (`kind << 16 | port`),
+/// told in `tcp/tcp_retransmit_skb` from the socket's state and its congestion-avoidance
+/// state (`icsk_ca_state`).
+pub mod retransmit {
+    /// In the Loss state: the retransmission timer fired (RTO), and the segments resent in
+    /// slow start after it (the kernel's `TCPTimeouts` and `TCPSlowStartRetrans`).
+    pub const TIMEOUT: u16 = 0;
+    /// In the Recovery state: duplicate ACKs, SACK or RACK found a segment lost while the
+    /// flow went on (`TCPFastRetrans`).
+    pub const FAST: u16 = 1;
+    /// In Open, Disorder or CWR: the tail loss probe timer fired and the last segment was
+    /// resent to draw an ACK (`TCPLossProbes`, which also counts probes of new data).
+    pub const TAIL_LOSS_PROBE: u16 = 2;
+    /// A connect's SYN (in SYN_SENT).
+    pub const SYN: u16 = 3;
+    /// A SYN-ACK: a request socket's (`tcp/tcp_retransmit_synack`) or a Fast Open child's.
+    pub const SYNACK: u16 = 4;
+    /// A socket that is not a full TCP socket: the probe cannot read its state.
+    pub const OTHER: u16 = 5;
+    pub const KINDS: usize = 6;
+    /// The `kind` label values, indexed by kind.
+    pub const NAMES: [&str; KINDS] = [
+        "timeout",
+        "fast",
+        "tail_loss_probe",
+        "syn",
+        "synack",
+        "other",
+    ];
+    /// `enum tcp_ca_state` (`include/uapi/linux/tcp.h`, user ABI).
+    pub const TCP_CA_RECOVERY: u8 = 3;
+    pub const TCP_CA_LOSS: u8 = 4;
 }
 
 /// Bits of `Transition::close_flags`.
@@ -296,8 +336,9 @@ pub const RESET_REASONS: u32 = 64;
 
 /// Listening ports whose SYN-ACK retransmissions the probe counts (`SYNACK_RETRANSMITS`).
 pub const MAX_SYNACK_PORTS: u32 = 4_096;
-/// Service ports whose retransmitted segments the probe counts (`RETRANSMITS`).
-pub const MAX_RETRANSMIT_PORTS: u32 = 4_096;
+/// (service port, kind) pairs whose retransmitted segments the probe counts
+/// (`RETRANSMITS`): a port takes one slot per kind it has seen.
+pub const MAX_RETRANSMIT_PORTS: u32 = 8_192;
 
 /// Number of ports in the port filter array (every u16).
 pub const PORT_FILTER_LEN: u32 = 65_536;

@@ -26,12 +26,32 @@ pub fn tcp_retransmit_synack(ctx: BtfTracePointContext) -> i32 {
 }
 
 /// `tcp_retransmit_skb(const struct sock *sk, const struct sk_buff *skb)`, after a successful
-/// retransmission: counts the skb's segments (`tcp_skb_pcount`, as `TcpRetransSegs` and
-/// `tcp_sock.total_retrans` count them) under the socket's service port, as its storage
-/// keeps it; the remote port for a socket the probe did not see open.
+/// retransmission (Linux 6.1 to 6.13). See [`count_retransmit`].
 #[btf_tracepoint(function = "tcp_retransmit_skb")]
 pub fn tcp_retransmit_skb(ctx: BtfTracePointContext) -> i32 {
-    let (sk, skb): (*const u8, *const u8) = (ctx.arg(0), ctx.arg(1));
+    count_retransmit(&ctx, ctx.arg(0), ctx.arg(1));
+    0
+}
+
+/// `tcp_retransmit_skb(const struct sock *sk, const struct sk_buff *skb, int err)`, Linux
+/// 6.14+, which fires for failed retransmissions too: only a sent one (`err` 0) counts, as
+/// the kernel counts it in `TcpRetransSegs`. Userspace loads this one or
+/// [`tcp_retransmit_skb`], whichever the kernel's tracepoint fits.
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn tcp_retransmit_skb_err(ctx: BtfTracePointContext) -> i32 {
+    let err: i32 = ctx.arg(2);
+    if err == 0 {
+        count_retransmit(&ctx, ctx.arg(0), ctx.arg(1));
+    }
+    0
+}
+
+/// Counts a retransmitted skb's segments (`tcp_skb_pcount`, as `TcpRetransSegs` and
+/// `tcp_sock.total_retrans` count them) under the socket's service port, as its storage
+/// keeps it (the remote port for a socket the probe did not see open), and its kind
+/// ([`retransmit_kind`]).
+#[inline(always)]
+fn count_retransmit(ctx: &BtfTracePointContext, sk: *const u8, skb: *const u8) {
     let s = socket_state(sk, false);
     // SAFETY: null or this socket's storage; `skc_dport` is a direct load through the
     // BTF-typed socket, as in inet_sock_set_state.
@@ -39,15 +59,48 @@ pub fn tcp_retransmit_skb(ctx: BtfTracePointContext) -> i32 {
         Some(s) if s.port != 0 => s.port,
         _ => u16::from_be(unsafe { field::<u16>(sk, offset!(skc_dport)) }),
     };
-    let segs: u16 = read_or_report(&ctx, skb, offset!(skb_gso_segs), field::GSO_SEGS);
+    let segs: u16 = read_or_report(ctx, skb, offset!(skb_gso_segs), field::GSO_SEGS);
     let segs = u64::from(segs.max(1));
-    if let Some(n) = RETRANSMITS.get_ptr_mut(&port) {
+    let key = u32::from(retransmit_kind(sk)) << 16 | u32::from(port);
+    if let Some(n) = RETRANSMITS.get_ptr_mut(&key) {
         // SAFETY: this CPU's value of a per-CPU map; preemption is disabled here.
         unsafe { *n += segs };
-    } else if RETRANSMITS.insert(&port, &segs, 0).is_err() {
-        report(&ctx, counter::RETRANSMIT_PORTS_FULL, u32::from(port));
+    } else if RETRANSMITS.insert(&key, &segs, 0).is_err() {
+        report(ctx, counter::RETRANSMIT_PORTS_FULL, u32::from(port));
     }
-    0
+}
+
+/// Why the kernel is retransmitting on `sk` now (`tracer_common::retransmit`). The socket's
+/// state tells SYNs and SYN-ACKs; then its congestion-avoidance state does. The RTO handler
+/// enters Loss before it resends (and the slow start after it stays there); fast retransmits
+/// are sent in Recovery. The one sender of retransmissions in the other states (Open,
+/// Disorder, CWR) is the tail loss probe (`tcp_send_loss_probe`): every other path (a peer
+/// that shrank its window, an MTU probe lost) enters Loss first.
+#[inline(always)]
+fn retransmit_kind(sk: *const u8) -> u16 {
+    // SAFETY: a direct load through the BTF-typed socket, as above.
+    match unsafe { field::<u8>(sk, offset!(skc_state)) } {
+        state::SYN_SENT => return retransmit::SYN,
+        state::SYN_RECV => return retransmit::SYNACK,
+        _ => {}
+    }
+    // SAFETY: `sk` is the tracepoint's BTF-typed socket; null for what is not a full TCP
+    // socket. Its `inet_connection_sock` fields are then direct loads.
+    let tp = unsafe { gen::bpf_skc_to_tcp_sock(sk as *mut c_void) } as *const u8;
+    if tp.is_null() {
+        return retransmit::OTHER;
+    }
+    // SAFETY: the byte holding the `icsk_ca_state` bitfield of `struct inet_connection_sock`,
+    // at the start of `struct tcp_sock`.
+    let ca = unsafe {
+        (field::<u8>(tp, offset!(icsk_ca_state)) >> offset!(icsk_ca_state_shift))
+            & offset!(icsk_ca_state_mask) as u8
+    };
+    match ca {
+        retransmit::TCP_CA_LOSS => retransmit::TIMEOUT,
+        retransmit::TCP_CA_RECOVERY => retransmit::FAST,
+        _ => retransmit::TAIL_LOSS_PROBE,
+    }
 }
 
 /// `tcp_send_reset(const struct sock *sk, const struct sk_buff *skb)`, before Linux 6.10,
@@ -189,7 +242,7 @@ pub(crate) fn report(ctx: &BtfTracePointContext, problem: u32, detail: u32) {
         ),
         counter::RETRANSMIT_PORTS_FULL => warn!(
             ctx,
-            "retransmission table full ({} ports): retransmissions on port {} are not counted",
+            "retransmission table full ({} port and kind pairs): retransmissions on port {} are not counted",
             MAX_RETRANSMIT_PORTS,
             detail
         ),

@@ -41,10 +41,10 @@ use aya_log_ebpf::{error, warn};
 use core::ffi::c_void;
 use core::ptr::{addr_of, addr_of_mut};
 use tracer_common::{
-    close_flags, counter, field, socket, state, SockOffsets, SocketState, Transition, AF_INET,
-    AF_INET6, COMM_LEN, IPPROTO_TCP, MAX_RETRANSMIT_PORTS, MAX_SYNACK_PORTS, PORT_FILTER_LEN,
-    RESET_REASONS as RESET_REASONS_LEN, RESET_RECEIVED, RESET_SENT, RESET_STATES, SENT_RESET,
-    SOCK_DONE,
+    close_flags, counter, field, retransmit, socket, state, SockOffsets, SocketState, Transition,
+    AF_INET, AF_INET6, COMM_LEN, IPPROTO_TCP, MAX_RETRANSMIT_PORTS, MAX_SYNACK_PORTS,
+    PORT_FILTER_LEN, RESET_REASONS as RESET_REASONS_LEN, RESET_RECEIVED, RESET_SENT, RESET_STATES,
+    SENT_RESET, SOCK_DONE,
 };
 
 mod counts;
@@ -84,6 +84,9 @@ static OFFSETS: SockOffsets = SockOffsets {
     write_seq: 0,
     sk_flags: 0,
     skb_gso_segs: 0,
+    icsk_ca_state: 0,
+    icsk_ca_state_shift: 0,
+    icsk_ca_state_mask: 0,
 };
 
 /// Unread bytes in a ring of `EVENTS` at which the probe wakes the reader; set at load time.
@@ -165,9 +168,10 @@ impl SocketStorage {
 static SYNACK_RETRANSMITS: PerCpuHashMap<u16, u64> =
     PerCpuHashMap::with_max_entries(MAX_SYNACK_PORTS, 0);
 
-/// Segments retransmitted per service port (`tcp/tcp_retransmit_skb`), read each second.
+/// Segments retransmitted per service port and kind (`tcp/tcp_retransmit_skb`, key
+/// `kind << 16 | port`, kinds in `tracer_common::retransmit`), read each second.
 #[map]
-static RETRANSMITS: PerCpuHashMap<u16, u64> =
+static RETRANSMITS: PerCpuHashMap<u32, u64> =
     PerCpuHashMap::with_max_entries(MAX_RETRANSMIT_PORTS, 0);
 
 /// Resets sent and received, by the socket's state (`tcp/tcp_send_reset`,

@@ -269,14 +269,19 @@ fn refused_timed_out_reset_and_retransmitting_connections_end_as_they_did() {
         "records {sum}, TcpRetransSegs {kernel}: {all:?}"
     );
     // And so does the agent's tracer_tcp_retransmits_total (from tcp/tcp_retransmit_skb), by
-    // service port: the bulk data under PORT (an accepted connection's local port), the SYN
-    // retries under PORT + 1 (the remote port of a connect).
-    let by_port = |t: &str, p: &str| sample(t, "tracer_tcp_retransmits_total", &[("port", p)]);
+    // service port, all kinds together: the bulk data under PORT (an accepted connection's
+    // local port), the SYN retries under PORT + 1 (the remote port of a connect).
+    let by_port = |t: &str, p: &str| sum_of(t, "tracer_tcp_retransmits_total", &[("port", p)]);
     let text = agent.metrics_until("the retransmissions", |t| {
-        by_port(t, &ports[0]).unwrap_or(0.0) + by_port(t, &ports[1]).unwrap_or(0.0) == kernel as f64
+        by_port(t, &ports[0]) + by_port(t, &ports[1]) == kernel as f64
     });
+    assert_eq!(by_port(&text, &ports[1]), syn_retransmits as f64, "{text}");
     assert_eq!(
-        by_port(&text, &ports[1]),
+        sample(
+            &text,
+            "tracer_tcp_retransmits_total",
+            &[("port", &ports[1]), ("kind", "syn")]
+        ),
         Some(syn_retransmits as f64),
         "{text}"
     );

@@ -13,6 +13,7 @@ use prometheus::{CounterVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry
 use crate::metrics::ports::{LabelledPorts, OTHER};
 use crate::stream::event::state_name;
 use crate::stream::probe::{ProbeReadings, RESET_STATES};
+use tracer_common::retransmit;
 
 const DIRECTIONS: [&str; 2] = ["sent", "received"];
 
@@ -59,7 +60,8 @@ struct KernelTotals {
     programs: HashMap<&'static str, (u64, u64)>,
     evicted: u64,
     synack: HashMap<u16, u64>,
-    retransmits: HashMap<u16, u64>,
+    /// By (port, kind); SYN-ACKs of request sockets come from `synack`.
+    retransmits: HashMap<(u16, u16), u64>,
     resets: [[u64; RESET_STATES as usize]; 2],
     reset_reasons: Vec<u64>,
     table_full: [u64; 2],
@@ -89,12 +91,17 @@ impl KernelMetrics {
         synack.with_label_values(&[OTHER]);
         let retransmits = counter(
             "tracer_tcp_retransmits_total",
-            "Segments retransmitted, from tcp/tcp_retransmit_skb, by service port (the local \
-             port of an accepted connection, else the remote one); SYN-ACKs are in \
-             tracer_tcp_synack_retransmits_total.",
-            &["port"],
+            "Segments retransmitted (tcp/tcp_retransmit_skb and tcp/tcp_retransmit_synack; \
+             all kinds together are the kernel's TcpRetransSegs), by service port (the local \
+             port of an accepted connection or listener, else the remote one) and kind: \
+             timeout (the retransmission timer fired, and the segments resent in the slow \
+             start after it), fast (a segment found lost while the flow went on: duplicate \
+             ACKs, SACK, RACK), tail_loss_probe, syn, synack, other.",
+            &["port", "kind"],
         )?;
-        retransmits.with_label_values(&[OTHER]);
+        for kind in retransmit::NAMES {
+            retransmits.with_label_values(&[OTHER, kind]);
+        }
         let resets = counter(
             "tracer_tcp_resets_total",
             "TCP resets, from tcp/tcp_send_reset and tcp/tcp_receive_reset, by the socket's state \
@@ -239,21 +246,32 @@ impl KernelMetrics {
             // Listening ports with a value show 0 until their first retransmission.
             self.synack.with_label_values(&[&port.to_string()]);
         }
-        for (counter, last, now) in [
-            (&self.synack, &mut self.last.synack, &probe.synack),
-            (
-                &self.retransmits,
-                &mut self.last.retransmits,
-                &probe.retransmits,
-            ),
-        ] {
-            for &(port, total) in now {
-                let before = last.insert(port, total).unwrap_or(0);
-                if total > before {
-                    counter
-                        .with_label_values(&[&ports.label(port)])
-                        .inc_by(total - before);
-                }
+        for &(port, total) in &probe.synack {
+            let before = self.last.synack.insert(port, total).unwrap_or(0);
+            if total > before {
+                let label = ports.label(port);
+                self.synack
+                    .with_label_values(&[&label])
+                    .inc_by(total - before);
+                self.retransmits
+                    .with_label_values(&[&label, retransmit::NAMES[retransmit::SYNACK as usize]])
+                    .inc_by(total - before);
+            }
+        }
+        for &(port, kind, total) in &probe.retransmits {
+            let before = self
+                .last
+                .retransmits
+                .insert((port, kind), total)
+                .unwrap_or(0);
+            if total > before {
+                let kind = retransmit::NAMES
+                    .get(usize::from(kind))
+                    .copied()
+                    .unwrap_or("other");
+                self.retransmits
+                    .with_label_values(&[&ports.label(port), kind])
+                    .inc_by(total - before);
             }
         }
         for (d, direction) in DIRECTIONS.iter().enumerate() {
@@ -355,13 +373,14 @@ mod tests {
         let mut probe = ProbeReadings {
             counters,
             synack: vec![(8080, 5), (9999, 2)],
-            retransmits: Vec::new(),
+            retransmits: vec![(8080, retransmit::TIMEOUT, 3), (8080, retransmit::FAST, 1)],
             resets,
             reset_reasons: vec![0, 4, 0],
             programs: stats(10, 1_000),
         };
         m.sync(&probe, &ports, size);
         probe.synack = vec![(8080, 6), (9999, 2)];
+        probe.retransmits = vec![(8080, retransmit::TIMEOUT, 5), (8080, retransmit::FAST, 1)];
         probe.programs = stats(30, 5_000);
         probe.reset_reasons = vec![0, 4, 1];
         m.sync(&probe, &ports, size);
@@ -371,6 +390,11 @@ mod tests {
             "tracer_tcp_synack_retransmits_total{port=\"8080\"} 6\n",
             // A port without a value is counted under other, never given one.
             "tracer_tcp_synack_retransmits_total{port=\"other\"} 2\n",
+            // SYN-ACKs are a kind of retransmission too; kinds never seen read 0.
+            "tracer_tcp_retransmits_total{kind=\"synack\",port=\"8080\"} 6\n",
+            "tracer_tcp_retransmits_total{kind=\"timeout\",port=\"8080\"} 5\n",
+            "tracer_tcp_retransmits_total{kind=\"fast\",port=\"8080\"} 1\n",
+            "tracer_tcp_retransmits_total{kind=\"tail_loss_probe\",port=\"other\"} 0\n",
             "tracer_tcp_resets_total{direction=\"sent\",state=\"none\"} 3\n",
             "tracer_tcp_resets_total{direction=\"received\",state=\"syn_sent\"} 0\n",
             "tracer_tcp_reset_reasons_total{reason=\"no_socket\"} 4\n",

@@ -33,6 +33,9 @@ pub fn sock_offsets(btf: &Btf) -> Result<SockOffsets> {
     if inet_sk != 0 {
         bail!("unexpected kernel layout: inet_sock.sk at byte {inet_sk}, not 0");
     }
+    // `struct tcp_sock` starts with `struct inet_connection_sock inet_conn`.
+    let icsk = field_offset(btf, "tcp_sock", &["inet_conn"])?;
+    let ca_state = bitfield(btf, "inet_connection_sock", "icsk_ca_state")?;
     Ok(SockOffsets {
         skc_daddr: in_common("skc_daddr")?,
         skc_rcv_saddr: in_common("skc_rcv_saddr")?,
@@ -65,7 +68,48 @@ pub fn sock_offsets(btf: &Btf) -> Result<SockOffsets> {
         // TCP keeps its per-skb state in `skb->cb` (`TCP_SKB_CB`).
         skb_gso_segs: field_offset(btf, "sk_buff", &["cb"])?
             + field_offset(btf, "tcp_skb_cb", &["tcp_gso_segs"])?,
+        icsk_ca_state: icsk + ca_state.byte,
+        icsk_ca_state_shift: ca_state.shift,
+        icsk_ca_state_mask: ca_state.mask,
     })
+}
+
+/// Where a bitfield lies: the byte that holds it, its shift in that byte and its mask.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bitfield {
+    pub byte: u32,
+    pub shift: u32,
+    pub mask: u32,
+}
+
+/// The bitfield `field` of `struct name` (a direct member), which must fit in one byte.
+pub fn bitfield(btf: &Btf, name: &str, field: &str) -> Result<Bitfield> {
+    let ty = btf
+        .resolve_types_by_name(name)
+        .map_err(|e| anyhow!("struct {name} not in kernel BTF: {e}"))?
+        .into_iter()
+        .find(|t| matches!(t, Type::Struct(_)))
+        .ok_or_else(|| anyhow!("struct {name} not in kernel BTF"))?;
+    let Type::Struct(s) = ty else {
+        unreachable!("found as a struct")
+    };
+    for member in &s.members {
+        if btf.resolve_name(member).unwrap_or_default() != field {
+            continue;
+        }
+        let bits = member.bitfield_size().unwrap_or(0);
+        let offset = member.bit_offset();
+        let (byte, shift) = (offset / 8, offset % 8);
+        if bits == 0 || shift + bits > 8 {
+            bail!("field {name}.{field} is not a bitfield within one byte on this kernel");
+        }
+        return Ok(Bitfield {
+            byte,
+            shift,
+            mask: (1 << bits) - 1,
+        });
+    }
+    bail!("field {name}.{field} not in kernel BTF")
 }
 
 /// True when the probe can read a socket's cgroup on this kernel: `struct sock_cgroup_data`
@@ -223,6 +267,19 @@ mod tests {
         assert_eq!(names[1], "no_socket");
         assert!(names.iter().any(|n| n == "tcp_abort_on_close"), "{names:?}");
         assert!(enum_names(&btf, "no_such_enum", "").is_empty());
+    }
+
+    #[test]
+    fn the_congestion_state_is_a_five_bit_field_of_one_byte() {
+        let Some(btf) = btf() else { return };
+        // `__u8 icsk_ca_state:5, icsk_ca_initialized:1, ...`: the low bits of its byte on
+        // little-endian kernels; a plain byte is no bitfield.
+        let ca = bitfield(&btf, "inet_connection_sock", "icsk_ca_state").expect("bitfield");
+        assert_eq!((ca.shift, ca.mask), (0, 0x1f), "{ca:?}");
+        assert!(bitfield(&btf, "inet_connection_sock", "icsk_pending").is_err());
+        // (sk, skb), and from Linux 6.14 also err: the probe loads the program that fits.
+        let args = crate::stream::features::tracepoint_args(&btf, "tcp_retransmit_skb");
+        assert!(matches!(args, Some(2 | 3)), "{args:?}");
     }
 
     #[test]

@@ -28,7 +28,8 @@ const MAIN_PROGRAM: &str = "inet_sock_set_state";
 
 /// Every program of the probe and the tracepoint it attaches to, in attach order. Where the
 /// kernel's `tcp_send_reset` has a reason argument (Linux 6.10+), the program loaded under the
-/// name `tcp_send_reset` is [`RESET_REASON_PROGRAM`].
+/// name `tcp_send_reset` is [`RESET_REASON_PROGRAM`]; where `tcp_retransmit_skb` has an error
+/// argument (Linux 6.14+), the one loaded as `tcp_retransmit_skb` is [`RETRANSMIT_ERR_PROGRAM`].
 pub const PROGRAMS: [(&str, &str); 6] = [
     (MAIN_PROGRAM, "inet_sock_set_state"),
     ("inet_sock_set_state_rescue", "inet_sock_set_state"),
@@ -40,6 +41,15 @@ pub const PROGRAMS: [(&str, &str); 6] = [
 
 /// The `tcp_send_reset` program that also reads the reset's reason.
 const RESET_REASON_PROGRAM: &str = "tcp_send_reset_reason";
+/// The `tcp_retransmit_skb` program that counts only the retransmissions sent.
+const RETRANSMIT_ERR_PROGRAM: &str = "tcp_retransmit_skb_err";
+
+/// Which of two programs this kernel's tracepoints take (see [`PROGRAMS`]).
+#[derive(Clone, Copy, Debug, Default)]
+struct Variants {
+    reset_reasons: bool,
+    retransmit_err: bool,
+}
 
 /// Default size of each CPU's event ring buffer; see `--ring-buffer-size`.
 pub const DEFAULT_RING_BUFFER_BYTES: u32 = 1024 * 1024;
@@ -66,6 +76,7 @@ pub struct Probe {
     /// The names of the kernel's reset reasons (`enum sk_rst_reason`), indexed by value;
     /// empty where resets carry no reason (before Linux 6.10).
     pub reset_reasons: Vec<String>,
+    variants: Variants,
     ebpf: Ebpf,
     /// The probe's log records (aya-log), passed to the `log` crate by [`Probe::flush_log`].
     /// Kept for the probe's whole life: it holds the map the programs write into.
@@ -113,8 +124,8 @@ pub struct ProbeReadings {
     pub counters: ProbeCounters,
     /// SYN-ACK retransmissions per listening port.
     pub synack: Vec<(u16, u64)>,
-    /// Retransmitted segments per service port.
-    pub retransmits: Vec<(u16, u64)>,
+    /// Retransmitted segments per service port and kind (`tracer_common::retransmit`).
+    pub retransmits: Vec<(u16, u16, u64)>,
     /// Resets by direction and socket state (see [`Probe::resets`]).
     pub resets: [[u64; RESET_STATES as usize]; 2],
     /// Resets sent, by reason (indexed as [`Probe::reset_reasons`]; empty without reasons).
@@ -153,6 +164,14 @@ impl Probe {
             crate::stream::btf::enum_names(&kernel_btf, "sk_rst_reason", "SK_RST_REASON_")
         } else {
             Vec::new()
+        };
+        let variants = Variants {
+            reset_reasons: with_reasons,
+            retransmit_err: crate::stream::features::tracepoint_args(
+                &kernel_btf,
+                "tcp_retransmit_skb",
+            )
+            .is_some_and(|n| n >= 3),
         };
         drop(kernel_btf);
         let reset_events = u8::from(config.reset_events && with_reasons);
@@ -214,7 +233,7 @@ impl Probe {
         let aya_btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
         // The main program first, then the one that rescues its nested runs.
         for (name, tracepoint) in PROGRAMS {
-            let name = object_program(name, !reset_reasons.is_empty());
+            let name = object_program(name, variants);
             let program: &mut BtfTracePoint = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the probe object"))?
@@ -227,6 +246,7 @@ impl Probe {
         Ok(Probe {
             features,
             reset_reasons,
+            variants,
             ebpf,
             logger,
             rings,
@@ -244,14 +264,14 @@ impl Probe {
         Ok(ProbeReadings {
             counters: self.counters()?,
             synack: self.per_port("SYNACK_RETRANSMITS")?,
-            retransmits: self.per_port("RETRANSMITS")?,
+            retransmits: self.retransmits()?,
             resets: self.resets()?,
             reset_reasons: self.reset_reason_counts()?,
             programs: self.program_stats()?,
         })
     }
 
-    /// A per-port count of the probe (`SYNACK_RETRANSMITS`, `RETRANSMITS`), summed over CPUs.
+    /// A per-port count of the probe (`SYNACK_RETRANSMITS`), summed over CPUs.
     pub fn per_port(&self, name: &str) -> Result<Vec<(u16, u64)>> {
         let map: PerCpuHashMap<_, u16, u64> =
             PerCpuHashMap::try_from(self.ebpf.map(name).with_context(|| format!("map {name}"))?)?;
@@ -259,6 +279,18 @@ impl Probe {
         for entry in map.iter() {
             let (port, per_cpu) = entry.with_context(|| format!("reading {name}"))?;
             out.push((port, per_cpu.iter().sum()));
+        }
+        Ok(out)
+    }
+
+    /// Retransmitted segments by (port, kind) (`RETRANSMITS`), summed over CPUs.
+    pub fn retransmits(&self) -> Result<Vec<(u16, u16, u64)>> {
+        let map: PerCpuHashMap<_, u32, u64> =
+            PerCpuHashMap::try_from(self.ebpf.map("RETRANSMITS").context("map RETRANSMITS")?)?;
+        let mut out = Vec::new();
+        for entry in map.iter() {
+            let (key, per_cpu) = entry.context("reading RETRANSMITS")?;
+            out.push((key as u16, (key >> 16) as u16, per_cpu.iter().sum()));
         }
         Ok(out)
     }
@@ -302,7 +334,7 @@ impl Probe {
     pub fn program_stats(&self) -> Result<Vec<ProgramStats>> {
         let mut out = Vec::with_capacity(PROGRAMS.len());
         for (name, _) in PROGRAMS {
-            let loaded = object_program(name, !self.reset_reasons.is_empty());
+            let loaded = object_program(name, self.variants);
             let program: &BtfTracePoint = self
                 .ebpf
                 .program(loaded)
@@ -465,11 +497,11 @@ fn is_tcp(socket: &OwnedFd) -> bool {
 }
 
 /// The program of the probe object loaded as `name` of [`PROGRAMS`].
-fn object_program(name: &'static str, reset_reasons: bool) -> &'static str {
-    if name == "tcp_send_reset" && reset_reasons {
-        RESET_REASON_PROGRAM
-    } else {
-        name
+fn object_program(name: &'static str, variants: Variants) -> &'static str {
+    match name {
+        "tcp_send_reset" if variants.reset_reasons => RESET_REASON_PROGRAM,
+        "tcp_retransmit_skb" if variants.retransmit_err => RETRANSMIT_ERR_PROGRAM,
+        _ => name,
     }
 }
 

@@ -520,6 +520,22 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         })
 }
 
+/// The sum of every series of `name` that has `labels` (and any others).
+pub fn sum_of(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, "}"));
+            let rest = rest.strip_suffix('}')?;
+            let has_all = labels
+                .iter()
+                .all(|(k, v)| rest.split(',').any(|p| p == format!("{k}=\"{v}\"")));
+            (metric == name && has_all).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
 /// A running `tracer run` agent on a free loopback port.
 pub struct Agent {
     pub tracer: Tracer,
@@ -613,24 +629,11 @@ impl Netns {
         Netns { name }
     }
 
-    /// Runs `nft` with `args` inside the namespace.
+    /// Runs `nft -f -` with `rules` inside the namespace.
     pub fn nft(&self, rules: &str) {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.name, "nft", "-f", "-"])
-            .stdin(Stdio::piped())
-            .spawn()
-            .expect("nft");
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(rules.as_bytes())
-            .expect("rules");
-        assert!(
-            child.wait().expect("nft").success(),
-            "nft rejected:\n{rules}"
-        );
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name, "nft", "-f", "-"]);
+        run_with_input(cmd, rules);
     }
 
     /// Runs `f` on a thread that has entered the namespace: sockets it makes live there.
@@ -684,6 +687,30 @@ impl Drop for Netns {
             .args(["netns", "del", &self.name])
             .status();
     }
+}
+
+/// Runs `nft -f -` with `rules` in the calling thread's network namespace (a child process
+/// starts in the namespace of the thread that makes it).
+pub fn nft_here(rules: &str) {
+    let mut cmd = Command::new("nft");
+    cmd.args(["-f", "-"]);
+    run_with_input(cmd, rules);
+}
+
+/// Runs `cmd` with `input` on its stdin; panics, showing the input, when it fails.
+pub fn run_with_input(mut cmd: Command, input: &str) {
+    let mut child = cmd.stdin(Stdio::piped()).spawn().expect("spawn");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("input");
+    assert!(
+        child.wait().expect("wait").success(),
+        "{cmd:?} rejected:\n{input}"
+    );
 }
 
 pub fn run_ok(cmd: &str, args: &[&str]) {

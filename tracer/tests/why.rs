@@ -1,0 +1,223 @@
+//! Why a connection is slow: retransmissions by kind, each cause made on purpose with
+//! nftables in a network namespace of the test's and each figure compared with the kernel's
+//! own counters there (`nstat`: `/proc/net/netstat` and `/proc/net/snmp`).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Service ports, one per cause: SYNs dropped, a black hole after the handshake, one data
+/// segment dropped in a bulk transfer, the handshake's last ACK dropped.
+const SYN_PORT: u16 = 7_401;
+const BLACK_HOLE_PORT: u16 = 7_402;
+const BULK_PORT: u16 = 7_403;
+const SYNACK_PORT: u16 = 7_404;
+
+/// The namespace's TCP counters (`nstat -a`'s `Tcp*` and `TcpExt*`), by nstat's names.
+fn kernel_counters(ns: &Netns) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for (file, prefix) in [("/proc/net/snmp", "Tcp"), ("/proc/net/netstat", "TcpExt")] {
+        let text = ns.exec(&["cat", file]);
+        for (name, value) in tracer::census::parse_netstat(&text, prefix) {
+            let nstat_name = match prefix {
+                "Tcp" => format!("Tcp{name}"),
+                _ => name.to_string(),
+            };
+            out.insert(nstat_name, value);
+        }
+    }
+    out
+}
+
+/// How much each counter grew from `before` to `after`.
+fn growth(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0)))
+        .filter(|(_, v)| *v > 0)
+        .collect()
+}
+
+/// `tracer_tcp_retransmits_total{port, kind}`, 0 where there is no series.
+fn retransmits(text: &str, port: u16, kind: &str) -> u64 {
+    sample(
+        text,
+        "tracer_tcp_retransmits_total",
+        &[("port", &port.to_string()), ("kind", kind)],
+    )
+    .unwrap_or(0.0) as u64
+}
+
+const KINDS: [&str; 6] = [
+    "timeout",
+    "fast",
+    "tail_loss_probe",
+    "syn",
+    "synack",
+    "other",
+];
+
+#[test]
+fn retransmissions_by_kind_equal_the_kernels_own_counters() {
+    let test = "retransmissions_by_kind_equal_the_kernels_own_counters";
+    if !require_root(test) {
+        return;
+    }
+    let ns = Netns::new("kinds");
+    ns.exec(&["sysctl", "-qw", "net.ipv4.tcp_syn_retries=1"]);
+    let ports = [SYN_PORT, BLACK_HOLE_PORT, BULK_PORT, SYNACK_PORT].map(|p| p.to_string());
+    let mut args = Vec::new();
+    for p in &ports {
+        args.extend(["--port", p.as_str()]);
+    }
+    let agent = Agent::start(&args);
+    let start = kernel_counters(&ns);
+    let mut per_cause = Vec::new();
+
+    // 1. SYNs vanish on arrival: the retries tcp_syn_retries=1 allows (its time, 3 s, takes
+    //    two on current kernels), then the connect times out.
+    ns.nft(&format!(
+        "table inet syn {{\n chain in {{\n type filter hook input priority 0;\n \
+         tcp dport {SYN_PORT} drop\n }}\n}}\n"
+    ));
+    let before = kernel_counters(&ns);
+    let err = ns
+        .run(|| TcpStream::connect(("127.0.0.1", SYN_PORT)))
+        .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+    per_cause.push((SYN_PORT, growth(&before, &kernel_counters(&ns))));
+    ns.nft("delete table inet syn\n");
+
+    // 2. A black hole after the handshake: everything toward the server is dropped on arrival
+    //    while the client has 10 kB in flight (a tail loss probe, then timeouts), for 1.5 s;
+    //    then the path comes back and the data is delivered.
+    let before = kernel_counters(&ns);
+    let got = ns.run(|| {
+        let listener = TcpListener::bind(("127.0.0.1", BLACK_HOLE_PORT)).unwrap();
+        let mut c = TcpStream::connect(("127.0.0.1", BLACK_HOLE_PORT)).unwrap();
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        // This thread is in the namespace: so is the nft it starts.
+        nft_here(&format!(
+            "table inet hole {{\n chain in {{\n type filter hook input priority 0;\n \
+             tcp dport {BLACK_HOLE_PORT} drop\n }}\n}}\n"
+        ));
+        c.write_all(&[7u8; 10_000]).unwrap();
+        std::thread::sleep(Duration::from_millis(1_500));
+        nft_here("delete table inet hole\n");
+        let mut got = vec![0u8; 10_000];
+        s.read_exact(&mut got).unwrap();
+        got.len()
+    });
+    assert_eq!(got, 10_000);
+    per_cause.push((BLACK_HOLE_PORT, growth(&before, &kernel_counters(&ns))));
+
+    // 3. One large data segment of a 4 MB transfer dropped on arrival (the 20th): the flow
+    //    goes on, SACKs tell the sender, which resends it fast.
+    ns.nft(&format!(
+        "table inet one {{\n chain in {{\n type filter hook input priority 0;\n \
+         tcp sport {BULK_PORT} meta length > 1000 numgen inc mod 1000000 == 19 counter drop\n \
+         }}\n}}\n"
+    ));
+    let before = kernel_counters(&ns);
+    let got = ns.run(|| {
+        let listener = TcpListener::bind(("127.0.0.1", BULK_PORT)).unwrap();
+        let mut c = TcpStream::connect(("127.0.0.1", BULK_PORT)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let (mut s, _) = listener.accept().unwrap();
+        let writer = std::thread::spawn(move || s.write_all(&vec![3u8; 4_000_000]).unwrap());
+        let mut got = vec![0u8; 4_000_000];
+        c.read_exact(&mut got).unwrap();
+        writer.join().unwrap();
+        got.len()
+    });
+    assert_eq!(got, 4_000_000);
+    per_cause.push((BULK_PORT, growth(&before, &kernel_counters(&ns))));
+    assert!(
+        ns.exec(&["nft", "list", "table", "inet", "one"])
+            .contains("packets 1 "),
+        "the rule dropped exactly one segment"
+    );
+    ns.nft("delete table inet one\n");
+
+    // 4. The handshake's last ACK lost: the server resends its SYN-ACK after 1 s; the client
+    //    stays silent until the connection is established on the server's side.
+    ns.nft(&format!(
+        "table inet ack {{\n chain in {{\n type filter hook input priority 0;\n \
+         tcp dport {SYNACK_PORT} tcp flags == ack numgen inc mod 1000000 == 0 drop\n }}\n}}\n"
+    ));
+    let before = kernel_counters(&ns);
+    let waited = ns.run(|| {
+        let listener = TcpListener::bind(("127.0.0.1", SYNACK_PORT)).unwrap();
+        let _c = TcpStream::connect(("127.0.0.1", SYNACK_PORT)).unwrap();
+        let started = Instant::now();
+        let _s = listener.accept().unwrap();
+        started.elapsed()
+    });
+    assert!(
+        waited >= Duration::from_millis(900),
+        "accepted after {waited:?}"
+    );
+    per_cause.push((SYNACK_PORT, growth(&before, &kernel_counters(&ns))));
+    ns.nft("delete table inet ack\n");
+
+    // Every kind on every port is what the kernel counted, cause by cause.
+    let total = growth(&start, &kernel_counters(&ns));
+    let kernel = |g: &BTreeMap<String, u64>, name: &str| g.get(name).copied().unwrap_or(0);
+    let text = agent.metrics_until("every retransmission", |t| {
+        let ours: u64 = [SYN_PORT, BLACK_HOLE_PORT, BULK_PORT, SYNACK_PORT]
+            .iter()
+            .flat_map(|&p| KINDS.map(|k| retransmits(t, p, k)))
+            .sum();
+        ours >= kernel(&total, "TcpRetransSegs")
+    });
+    let seen: Vec<(u16, BTreeMap<&str, u64>)> = per_cause
+        .iter()
+        .map(|(port, _)| {
+            let kinds = KINDS
+                .iter()
+                .map(|&k| (k, retransmits(&text, *port, k)))
+                .filter(|(_, n)| *n > 0)
+                .collect();
+            (*port, kinds)
+        })
+        .collect();
+    let all = format!("tracer: {seen:?}\nkernel: {per_cause:?}");
+    for ((port, g), (_, kinds)) in per_cause.iter().zip(&seen) {
+        let ours = |k: &str| kinds.get(k).copied().unwrap_or(0);
+        let sum: u64 = kinds.values().sum();
+        assert_eq!(sum, kernel(g, "TcpRetransSegs"), "port {port}: {all}");
+        assert_eq!(ours("other"), 0, "port {port}: {all}");
+        match *port {
+            SYN_PORT => {
+                assert_eq!(ours("syn"), kernel(g, "TCPSynRetrans"), "{all}");
+                assert!(ours("syn") >= 1, "{all}");
+            }
+            BLACK_HOLE_PORT => {
+                // Each timeout resends one segment; none is resent in slow start after it
+                // (nothing arrives meanwhile) but after the path came back.
+                assert_eq!(
+                    ours("timeout"),
+                    kernel(g, "TCPTimeouts") + kernel(g, "TCPSlowStartRetrans"),
+                    "{all}"
+                );
+                assert!(ours("timeout") >= 2, "{all}");
+                assert_eq!(ours("tail_loss_probe"), kernel(g, "TCPLossProbes"), "{all}");
+            }
+            BULK_PORT => {
+                assert_eq!(ours("fast"), kernel(g, "TCPFastRetrans"), "{all}");
+                assert!(ours("fast") >= 1, "{all}");
+            }
+            _ => assert_eq!(
+                (ours("synack"), kernel(g, "TCPSynRetrans")),
+                (1, 1),
+                "{all}"
+            ),
+        }
+    }
+}
