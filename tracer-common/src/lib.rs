@@ -107,10 +107,7 @@ pub struct Transition {
     pub port: u16,
     /// [`socket`] bits: how it opened, who started closing, what is known.
     pub socket_flags: u16,
-    /// How long the connection waited in its listener's accept queue, from the handshake's
-    /// end to the server's `accept()`, in microseconds (0: not accepted yet, or not a passive
-    /// connection); in an [`ACCEPTED`] event and, from the socket's storage, in later ones.
-    pub accept_wait_us: u32,
+    pub _pad: [u8; 4],
 }
 
 // The layout both sides rely on: no implicit padding, `comm` 8-byte aligned.
@@ -150,12 +147,9 @@ pub struct SocketState {
     /// The state the probe last saw the socket enter (0: none yet).
     pub state: u8,
     pub _pad: u8,
-    /// As [`Transition::accept_wait_us`].
-    pub accept_wait_us: u32,
-    pub _pad2: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<SocketState>() == 80);
+const _: () = assert!(core::mem::size_of::<SocketState>() == 72);
 const _: () = assert!(core::mem::offset_of!(SocketState, comm) == 40);
 
 /// Bits of [`SocketState::flags`] and [`Transition::socket_flags`].
@@ -187,11 +181,6 @@ pub mod socket {
 /// namespace, cgroup and counters are 0. Sent only when userspace asks for them (`RESET_EVENTS`)
 /// and the kernel gives a reason; never by listeners, request or TIME-WAIT sockets.
 pub const SENT_RESET: u8 = 0x40;
-
-/// `newstate` of an event that is not a state change: the server accepted the connection
-/// (`inet_csk_accept` returned it). `oldstate` is its state then (ESTABLISHED, or CLOSE_WAIT
-/// when the client already closed), `accept_wait_us` how long it waited in the accept queue.
-pub const ACCEPTED: u8 = 0x41;
 
 /// Byte offsets of the kernel fields the probe reads from a `struct sock *`.
 ///

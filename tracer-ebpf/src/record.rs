@@ -24,7 +24,6 @@ pub(crate) unsafe fn write_stamps(t: *mut Transition, s: *const SocketState, ski
         addr_of_mut!((*t).port).write_volatile(0);
         addr_of_mut!((*t).socket_flags).write_volatile(0);
         addr_of_mut!((*t).reset_reason).write_volatile(0);
-        addr_of_mut!((*t).accept_wait_us).write_volatile(0);
     } else {
         let (from, to) = (addr_of!((*s).comm) as *const u64, comm as *mut u64);
         to.write(from.read());
@@ -40,8 +39,8 @@ pub(crate) unsafe fn write_stamps(t: *mut Transition, s: *const SocketState, ski
         let skipped = if skipped { socket::SKIPPED } else { 0 };
         addr_of_mut!((*t).socket_flags).write((*s).flags | skipped);
         addr_of_mut!((*t).reset_reason).write((*s).reset_reason);
-        addr_of_mut!((*t).accept_wait_us).write((*s).accept_wait_us);
     }
+    addr_of_mut!((*t)._pad).write([0; 4]);
 }
 
 /// Writes what only a transition to CLOSE carries (zeroes elsewhere), and the handshake's
@@ -116,7 +115,7 @@ pub(crate) fn reserve() -> Option<(&'static Ring, RingBufEntry<Transition>)> {
 /// `t` must point at a reserved ring buffer record and `sk` be a tracepoint's full socket.
 #[inline(always)]
 pub(crate) unsafe fn write_socket(
-    ctx: &impl EbpfContext,
+    ctx: &BtfTracePointContext,
     t: *mut Transition,
     sk: *const u8,
     family: u16,
@@ -136,7 +135,7 @@ pub(crate) unsafe fn write_socket(
 /// As [`write_socket`].
 #[inline(always)]
 pub(crate) unsafe fn write_addresses(
-    ctx: &impl EbpfContext,
+    ctx: &BtfTracePointContext,
     t: *mut Transition,
     sk: *const u8,
     family: u16,

@@ -95,7 +95,6 @@ pub(crate) unsafe fn prepare(
     addr_of_mut!(s.established_ns).write_volatile(0);
     addr_of_mut!(s.teardown_ns).write_volatile(0);
     s.reset_reason = 0;
-    s.accept_wait_us = 0;
     s.state = old;
     false
 }

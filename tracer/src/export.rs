@@ -593,7 +593,6 @@ fn log_record(
     );
     opt("tracer.opened_unix_nano", r.opened_ns.map(wall));
     opt("tracer.handshake_ns", r.handshake_ns);
-    opt("tracer.accept_wait_ns", r.accept_wait_ns);
     opt("tracer.lifetime_ns", r.lifetime_ns);
     opt(
         "tracer.srtt_us",

@@ -661,10 +661,10 @@ mod tests {
     }
 
     #[test]
-    fn a_census_record_is_256_bytes_as_the_readme_says() {
-        assert_eq!(std::mem::size_of::<SocketRecord>(), 256);
+    fn a_census_record_is_248_bytes_as_the_readme_says() {
+        assert_eq!(std::mem::size_of::<SocketRecord>(), 248);
         let readme = include_str!("../../../README.md");
-        assert!(readme.contains("a 256-byte sock_diag record"));
+        assert!(readme.contains("a 248-byte sock_diag record"));
     }
 
     #[test]

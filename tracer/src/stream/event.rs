@@ -219,7 +219,7 @@ pub(crate) mod tests {
             teardown_ns: 0,
             port: 8080,
             socket_flags: 0,
-            accept_wait_us: 0,
+            _pad: [0; 4],
         }
     }
 

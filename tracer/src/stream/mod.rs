@@ -20,7 +20,7 @@ pub mod probe;
 pub mod record;
 pub mod ring;
 
-use tracer_common::{close_flags, socket, state, ACCEPTED, SENT_RESET};
+use tracer_common::{close_flags, socket, state, SENT_RESET};
 
 use crate::stream::event::Transition;
 
@@ -152,9 +152,6 @@ pub struct Closed {
     pub bytes_received: u64,
     /// Segments retransmitted (`tcp_sock.total_retrans`, SYNs included).
     pub retransmits: u32,
-    /// How long it waited in its listener's accept queue (None: not a passive connection the
-    /// server accepted while the probe ran).
-    pub accept_wait_ns: Option<u64>,
     /// Smoothed and minimum RTT, microseconds (0: no sample).
     pub srtt_us: u32,
     pub rtt_min_us: u32,
@@ -245,21 +242,12 @@ pub enum Observation {
     /// it (see [`Closed::reset_as_it_closed`]). `followed` says whether it came before the
     /// close (the record will carry it).
     ResetSent { reason: u16, followed: bool },
-    /// The server accepted a connection on service `port` after it waited `ns` in the accept
-    /// queue (an [`ACCEPTED`] event).
-    Accepted {
-        port: u16,
-        netns: u32,
-        ns: u64,
-        cgroup: u64,
-    },
 }
 
 /// How long the socket stayed in the state it leaves, when the probe saw it enter it.
 pub fn dwell(t: &Transition) -> Option<u64> {
     let seen = t.socket_flags & socket::SINCE_SEEN != 0;
-    let transition = t.newstate != SENT_RESET && t.newstate != ACCEPTED;
-    (seen && transition && t.time_ns >= t.since_ns).then(|| t.time_ns - t.since_ns)
+    (seen && t.newstate != SENT_RESET && t.time_ns >= t.since_ns).then(|| t.time_ns - t.since_ns)
 }
 
 /// How the socket opened, when the probe saw it (or first saw it in SYN_SENT or SYN_RECV).
@@ -293,15 +281,6 @@ pub fn observe(t: &Transition, mut sink: impl FnMut(Observation)) {
         sink(Observation::ResetSent {
             reason: t.reset_reason,
             followed: old != CLOSE,
-        });
-        return;
-    }
-    if new == ACCEPTED {
-        sink(Observation::Accepted {
-            port: t.port,
-            netns: t.netns,
-            ns: u64::from(t.accept_wait_us) * 1_000,
-            cgroup: t.cgroup,
         });
         return;
     }
@@ -411,7 +390,6 @@ pub fn observe(t: &Transition, mut sink: impl FnMut(Observation)) {
         bytes_sent,
         bytes_received,
         retransmits: t.total_retrans,
-        accept_wait_ns: (t.accept_wait_us > 0).then(|| u64::from(t.accept_wait_us) * 1_000),
         srtt_us: t.srtt_us >> 3,
         // `~0U` until the kernel's first sample.
         rtt_min_us: if t.rtt_min_us == u32::MAX {

@@ -8,7 +8,7 @@
 use anyhow::{bail, Context, Result};
 use aya::{
     maps::{Array, ArrayOfMaps, Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf, SkStorage},
-    programs::{BtfTracePoint, FExit},
+    programs::BtfTracePoint,
     Ebpf, EbpfLoader,
 };
 use aya_log::EbpfLogger;
@@ -44,18 +44,11 @@ const RESET_REASON_PROGRAM: &str = "tcp_send_reset_reason";
 /// The `tcp_retransmit_skb` program that counts only the retransmissions sent.
 const RETRANSMIT_ERR_PROGRAM: &str = "tcp_retransmit_skb_err";
 
-/// The kernel function whose return the accept-queue program follows, and that program under
-/// each of the function's two prototypes (four arguments before Linux 6.10, two since).
-const ACCEPT_FUNCTION: &str = "inet_csk_accept";
-const ACCEPT_PROGRAMS: [(usize, &str); 2] = [(4, "inet_csk_accept_4"), (2, "inet_csk_accept_2")];
-
 /// Which of two programs this kernel's tracepoints take (see [`PROGRAMS`]).
 #[derive(Clone, Copy, Debug, Default)]
 struct Variants {
     reset_reasons: bool,
     retransmit_err: bool,
-    /// The accept-queue program for this kernel's `inet_csk_accept`, once attached.
-    accept: Option<&'static str>,
 }
 
 /// Default size of each CPU's event ring buffer; see `--ring-buffer-size`.
@@ -74,9 +67,6 @@ pub struct ProbeConfig {
     /// Report each reset a connection sends as an event (see `tracer_common::SENT_RESET`),
     /// where the kernel gives reasons.
     pub reset_events: bool,
-    /// Report each accepted connection's wait as an event (`tracer_common::ACCEPTED`), for
-    /// the agent's histogram; the wait is kept on the socket (for its close record) either way.
-    pub accept_events: bool,
 }
 
 /// The loaded, attached probe.
@@ -175,9 +165,7 @@ impl Probe {
         } else {
             Vec::new()
         };
-        let accept_args = crate::stream::features::function_args(&kernel_btf, ACCEPT_FUNCTION);
-        let mut variants = Variants {
-            accept: None,
+        let variants = Variants {
             reset_reasons: with_reasons,
             retransmit_err: crate::stream::features::tracepoint_args(
                 &kernel_btf,
@@ -188,7 +176,6 @@ impl Probe {
         drop(kernel_btf);
         let reset_events = u8::from(config.reset_events && with_reasons);
         let filter_ports: u8 = u8::from(!config.ports.is_empty());
-        let accept_events = u8::from(config.accept_events);
         // Wake the reader early only when a quarter of the ring is waiting; otherwise it
         // drains every DRAIN_INTERVAL (see WAKEUP_BYTES in the probe for why).
         let wakeup_bytes: u64 = u64::from(config.ring_buffer_bytes / 4);
@@ -204,7 +191,6 @@ impl Probe {
             .override_global("OFFSETS", &offsets, true)
             .override_global("FILTER_PORTS", &filter_ports, true)
             .override_global("RESET_EVENTS", &reset_events, true)
-            .override_global("ACCEPT_EVENTS", &accept_events, true)
             .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
             .override_global(aya_log::LEVEL, &log_level, true)
             .map_max_entries("EVENTS", cpus)
@@ -256,24 +242,6 @@ impl Probe {
                 .load(tracepoint, &aya_btf)
                 .map_err(|e| load_error(&e))?;
             program.attach().map_err(|e| load_error(&e))?;
-        }
-        // The accept queue is a feature: a kernel that cannot trace the function (no BPF
-        // trampolines, a prototype of another shape) still gets everything else.
-        let mut features = features;
-        let attached = attach_accept(&mut ebpf, accept_args, &aya_btf);
-        if let Ok(name) = attached {
-            variants.accept = Some(name);
-        }
-        features.push(crate::stream::features::Feature {
-            name: "accept_wait",
-            enabled: attached.is_ok(),
-            missing: "this kernel does not let the probe trace the return of inet_csk_accept \
-                      (fexit: BPF trampolines, CONFIG_FUNCTION_TRACER): \
-                      tracer_tcp_accept_wait_seconds stays empty and close records carry no \
-                      accept_wait_ns",
-        });
-        if let Err(e) = attached {
-            log::debug!("accept queue: {e:#}");
         }
         Ok(Probe {
             features,
@@ -375,19 +343,6 @@ impl Probe {
             let info = program_info(program.fd()?.as_fd())?;
             out.push(ProgramStats {
                 name,
-                runs: info.run_cnt,
-                run_ns: info.run_time_ns,
-            });
-        }
-        if let Some(loaded) = self.variants.accept {
-            let program: &FExit = self
-                .ebpf
-                .program(loaded)
-                .with_context(|| format!("program {loaded}"))?
-                .try_into()?;
-            let info = program_info(program.fd()?.as_fd())?;
-            out.push(ProgramStats {
-                name: ACCEPT_FUNCTION,
                 runs: info.run_cnt,
                 run_ns: info.run_time_ns,
             });
@@ -539,23 +494,6 @@ fn is_tcp(socket: &OwnedFd) -> bool {
         option(libc::SO_DOMAIN),
         Some(libc::AF_INET | libc::AF_INET6)
     ) && option(libc::SO_PROTOCOL) == Some(libc::IPPROTO_TCP)
-}
-
-/// Loads and attaches the accept-queue program that fits `inet_csk_accept`'s `args`
-/// arguments; returns its name.
-fn attach_accept(ebpf: &mut Ebpf, args: Option<usize>, btf: &aya::Btf) -> Result<&'static str> {
-    let Some(&(_, name)) = ACCEPT_PROGRAMS.iter().find(|(n, _)| Some(*n) == args) else {
-        bail!("{ACCEPT_FUNCTION} has {args:?} arguments on this kernel; the probe knows 4 and 2");
-    };
-    let program: &mut FExit = ebpf
-        .program_mut(name)
-        .with_context(|| format!("program {name} missing from the probe object"))?
-        .try_into()?;
-    program
-        .load(ACCEPT_FUNCTION, btf)
-        .map_err(|e| load_error(&e))?;
-    program.attach().map_err(|e| load_error(&e))?;
-    Ok(name)
 }
 
 /// The program of the probe object loaded as `name` of [`PROGRAMS`].
