@@ -526,6 +526,13 @@ fn run_kernel(
     let results_path = out.join("results.tsv");
     let mut shown = 0;
     let mut trouble = None;
+    // A guest whose kernel hangs ends no test, and the per-test limit inside it cannot fire:
+    // once no test has ended for a test's limit and a minute (the boot besides, for the
+    // first), the guest is stopped rather than waited for until the backstop.
+    let (mut last_progress, mut stall) = (
+        Instant::now(),
+        Duration::from_secs(180 + args.test_timeout + 60),
+    );
     loop {
         let done = child.try_wait()?.is_some();
         let text = std::fs::read_to_string(&results_path).unwrap_or_default();
@@ -540,8 +547,21 @@ fn run_kernel(
                 );
             }
             shown += 1;
+            last_progress = Instant::now();
+            stall = Duration::from_secs(args.test_timeout + 60);
         }
         if done {
+            break;
+        }
+        if last_progress.elapsed() > stall {
+            trouble = Some(format!(
+                "no test ended for {} s after test {shown} of {count}: the guest hung (its \
+                 console log says how far it got)",
+                stall.as_secs()
+            ));
+            // SAFETY: kill on the process group of a child we started and have not reaped.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            let _ = child.wait();
             break;
         }
         if start.elapsed() > limit {
