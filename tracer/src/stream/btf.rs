@@ -84,13 +84,7 @@ pub struct Bitfield {
 
 /// The bitfield `field` of `struct name` (a direct member), which must fit in one byte.
 pub fn bitfield(btf: &Btf, name: &str, field: &str) -> Result<Bitfield> {
-    let ty = btf
-        .resolve_types_by_name(name)
-        .map_err(|e| anyhow!("struct {name} not in kernel BTF: {e}"))?
-        .into_iter()
-        .find(|t| matches!(t, Type::Struct(_)))
-        .ok_or_else(|| anyhow!("struct {name} not in kernel BTF"))?;
-    let Type::Struct(s) = ty else {
+    let Type::Struct(s) = find_struct(btf, name)? else {
         unreachable!("found as a struct")
     };
     for member in &s.members {
@@ -158,12 +152,7 @@ pub fn enum_names(btf: &Btf, name: &str, prefix: &str) -> Vec<String> {
 /// Fields inside anonymous structs and unions (as most of `sock_common` is) are found by
 /// searching through them, adding their offsets.
 pub fn field_offset(btf: &Btf, name: &str, path: &[&str]) -> Result<u32> {
-    let ty = btf
-        .resolve_types_by_name(name)
-        .map_err(|e| anyhow!("struct {name} not in kernel BTF: {e}"))?
-        .into_iter()
-        .find(|t| matches!(t, Type::Struct(_)))
-        .ok_or_else(|| anyhow!("struct {name} not in kernel BTF"))?;
+    let ty = find_struct(btf, name)?;
     let mut offset = 0;
     let mut current = ty;
     for field in path {
@@ -176,6 +165,15 @@ pub fn field_offset(btf: &Btf, name: &str, path: &[&str]) -> Result<u32> {
         current = next;
     }
     Ok(offset)
+}
+
+/// `struct name` of the kernel's BTF.
+fn find_struct(btf: &Btf, name: &str) -> Result<Type> {
+    btf.resolve_types_by_name(name)
+        .map_err(|e| anyhow!("struct {name} not in kernel BTF: {e}"))?
+        .into_iter()
+        .find(|t| matches!(t, Type::Struct(_)))
+        .ok_or_else(|| anyhow!("struct {name} not in kernel BTF"))
 }
 
 /// Finds `field` in a struct or union, descending into anonymous members.
