@@ -239,6 +239,12 @@ pub struct SockOffsets {
     pub icsk_ca_state: u32,
     pub icsk_ca_state_shift: u32,
     pub icsk_ca_state_mask: u32,
+    /// `sk_buff.head` (`unsigned char *`), `network_header` and `transport_header` (`__u16`
+    /// offsets from `head`; `~0` when not set) and `protocol` (`__be16`, the ethertype).
+    pub skb_head: u32,
+    pub skb_network_header: u32,
+    pub skb_transport_header: u32,
+    pub skb_protocol: u32,
 }
 
 /// Why a segment was retransmitted: the kind of `RETRANSMITS` keys (`kind << 16 | port`),
@@ -310,7 +316,9 @@ pub mod counter {
     /// Transitions of sockets on which the kernel refused socket storage (a dying socket, or
     /// `net.core.optmem_max` reached): delivered without what the storage would tell.
     pub const NO_STORAGE: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// TCP packets dropped but not counted because `DROPS` was full.
+    pub const DROP_PORTS_FULL: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 /// The fields whose read can fail in the probe, as the `detail` of a `READ_FAILED` report
@@ -339,6 +347,10 @@ pub const MAX_SYNACK_PORTS: u32 = 4_096;
 /// (service port, kind) pairs whose retransmitted segments the probe counts
 /// (`RETRANSMITS`): a port takes one slot per kind it has seen.
 pub const MAX_RETRANSMIT_PORTS: u32 = 8_192;
+
+/// (reason, service port) pairs whose dropped TCP packets the probe counts (`DROPS`, key
+/// `reason << 16 | port`).
+pub const MAX_DROP_KEYS: u32 = 4_096;
 
 /// Number of ports in the port filter array (every u16).
 pub const PORT_FILTER_LEN: u32 = 65_536;

@@ -252,6 +252,12 @@ pub(crate) fn report(ctx: &BtfTracePointContext, problem: u32, detail: u32) {
             MAX_SYNACK_PORTS,
             detail
         ),
+        counter::DROP_PORTS_FULL => warn!(
+            ctx,
+            "dropped-packet table full ({} reason and port pairs): drops on port {} are not counted",
+            MAX_DROP_KEYS,
+            detail
+        ),
         counter::READ_FAILED => error!(
             ctx,
             "reading {} of a socket failed on this kernel: it is reported as 0",

@@ -42,12 +42,13 @@ use core::ffi::c_void;
 use core::ptr::{addr_of, addr_of_mut};
 use tracer_common::{
     close_flags, counter, field, retransmit, socket, state, SockOffsets, SocketState, Transition,
-    AF_INET, AF_INET6, COMM_LEN, IPPROTO_TCP, MAX_RETRANSMIT_PORTS, MAX_SYNACK_PORTS,
-    PORT_FILTER_LEN, RESET_REASONS as RESET_REASONS_LEN, RESET_RECEIVED, RESET_SENT, RESET_STATES,
-    SENT_RESET, SOCK_DONE,
+    AF_INET, AF_INET6, COMM_LEN, IPPROTO_TCP, MAX_DROP_KEYS, MAX_RETRANSMIT_PORTS,
+    MAX_SYNACK_PORTS, PORT_FILTER_LEN, RESET_REASONS as RESET_REASONS_LEN, RESET_RECEIVED,
+    RESET_SENT, RESET_STATES, SENT_RESET, SOCK_DONE,
 };
 
 mod counts;
+mod drops;
 mod kernel;
 mod record;
 mod storage;
@@ -87,6 +88,10 @@ static OFFSETS: SockOffsets = SockOffsets {
     icsk_ca_state: 0,
     icsk_ca_state_shift: 0,
     icsk_ca_state_mask: 0,
+    skb_head: 0,
+    skb_network_header: 0,
+    skb_transport_header: 0,
+    skb_protocol: 0,
 };
 
 /// Unread bytes in a ring of `EVENTS` at which the probe wakes the reader; set at load time.
@@ -173,6 +178,16 @@ static SYNACK_RETRANSMITS: PerCpuHashMap<u16, u64> =
 #[map]
 static RETRANSMITS: PerCpuHashMap<u32, u64> =
     PerCpuHashMap::with_max_entries(MAX_RETRANSMIT_PORTS, 0);
+
+/// TCP packets dropped, by the kernel's reason (`enum skb_drop_reason`) and service port
+/// (`skb/kfree_skb`, key `reason << 16 | port`), read each second.
+#[map]
+static DROPS: PerCpuHashMap<u32, u64> = PerCpuHashMap::with_max_entries(MAX_DROP_KEYS, 0);
+
+/// The host's ephemeral port range (`ip_local_port_range`), set at load time: of a dropped
+/// packet's two ports, the one outside it is the service's.
+#[no_mangle]
+static EPHEMERAL_PORTS: [u16; 2] = [0, 0];
 
 /// Resets sent and received, by the socket's state (`tcp/tcp_send_reset`,
 /// `tcp/tcp_receive_reset`), indexed `direction * RESET_STATES + state`.

@@ -18,7 +18,7 @@ use tracer_common::retransmit;
 const DIRECTIONS: [&str; 2] = ["sent", "received"];
 
 /// The probe's tables that can run full, by the `table` label of `tracer_probe_table_full_total`.
-const TABLES: [&str; 2] = ["synack_ports", "retransmit_ports"];
+const TABLES: [&str; 3] = ["synack_ports", "retransmit_ports", "drop_ports"];
 
 /// What can go wrong in the probe besides a full table, by the `error` label of
 /// `tracer_probe_errors_total`.
@@ -38,6 +38,9 @@ pub struct KernelMetrics {
     retransmits: IntCounterVec,
     resets: IntCounterVec,
     reset_reasons: IntCounterVec,
+    drops: IntCounterVec,
+    /// The kernel's names of drop reasons, indexed by value (empty: drops not counted).
+    drop_names: Vec<String>,
     /// The kernel's names of reset reasons, indexed by value (empty: no reasons).
     reason_names: Vec<String>,
     events_lost: IntCounter,
@@ -64,7 +67,8 @@ struct KernelTotals {
     retransmits: HashMap<(u16, u16), u64>,
     resets: [[u64; RESET_STATES as usize]; 2],
     reset_reasons: Vec<u64>,
-    table_full: [u64; 2],
+    table_full: [u64; 3],
+    drops: HashMap<(u16, u16), u64>,
     probe_errors: [u64; 3],
     skipped: u64,
 }
@@ -72,7 +76,12 @@ struct KernelTotals {
 impl KernelMetrics {
     /// Registers the metrics in `registry`, each series a panel or alert reads at 0.
     /// `reason_names` are the kernel's reset reasons (see `Probe::reset_reasons`).
-    pub fn new(registry: &Registry, reason_names: &[String]) -> Result<KernelMetrics> {
+    /// `drop_names` are the kernel's packet drop reasons (see `Probe::drop_reasons`).
+    pub fn new(
+        registry: &Registry,
+        reason_names: &[String],
+        drop_names: &[String],
+    ) -> Result<KernelMetrics> {
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels)?;
             registry.register(Box::new(c.clone()))?;
@@ -126,6 +135,18 @@ impl KernelMetrics {
         for name in reason_names.iter().filter(|n| !n.is_empty() && *n != "max") {
             reset_reasons.with_label_values(&[name]);
         }
+        let drops = counter(
+            "tracer_tcp_drops_total",
+            "TCP packets the kernel dropped, from skb/kfree_skb, by its reason (enum \
+             skb_drop_reason: netfilter_drop for a firewall rule, tcp_csum, no_socket, \
+             socket_rcvbuff...) and service port (of the packet's two ports, the one outside \
+             the ephemeral range); Linux 5.17+, see tracer_feature_enabled{feature=\"drop_reason\"}.",
+            &["reason", "port"],
+        )?;
+        // Every reason this kernel names, under `other`, so that a rate starts at 0.
+        for name in drop_names.iter().filter(|n| !n.is_empty() && *n != "max") {
+            drops.with_label_values(&[name, OTHER]);
+        }
         let events_lost = single(
             "tracer_events_lost_total",
             "Transitions that never reached the agent: ring buffer full, or skipped by the kernel \
@@ -154,7 +175,8 @@ impl KernelMetrics {
             "tracer_probe_table_full_total",
             "Times a probe map was full: synack_ports (a SYN-ACK retransmission of a new \
              listening port was not counted), retransmit_ports (retransmitted segments of a \
-             new service port were not counted).",
+             new service port and kind were not counted), drop_ports (dropped packets of a new \
+             reason and port were not counted).",
             &["table"],
         )?;
         for table in TABLES {
@@ -199,6 +221,8 @@ impl KernelMetrics {
             resets,
             reset_reasons,
             reason_names: reason_names.to_vec(),
+            drops,
+            drop_names: drop_names.to_vec(),
             events_lost,
             probe_runs,
             probe_run_seconds,
@@ -303,7 +327,23 @@ impl KernelMetrics {
             }
         }
         let c = &probe.counters;
-        let full = [c.synack_ports_full, c.retransmit_ports_full];
+        let full = [
+            c.synack_ports_full,
+            c.retransmit_ports_full,
+            c.drop_ports_full,
+        ];
+        for &(reason, port, total) in &probe.drops {
+            let before = self.last.drops.insert((reason, port), total).unwrap_or(0);
+            if total > before {
+                let name = match self.drop_names.get(usize::from(reason)) {
+                    Some(n) if !n.is_empty() => n.clone(),
+                    _ => format!("reason_{reason}"),
+                };
+                self.drops
+                    .with_label_values(&[&name, &ports.label(port)])
+                    .inc_by(total - before);
+            }
+        }
         add_growth(&self.table_full, &TABLES, &mut self.last.table_full, full);
         let errors = [c.read_failed, c.unknown_family, c.no_storage];
         self.skipped
@@ -344,7 +384,8 @@ mod tests {
     fn kernel_counters_become_increments() {
         let registry = Registry::new();
         let reasons = ["not_specified", "no_socket", "tcp_abort_on_close"].map(String::from);
-        let mut m = KernelMetrics::new(&registry, &reasons).unwrap();
+        let drop_names = ["not_specified", "no_socket", "netfilter_drop"].map(String::from);
+        let mut m = KernelMetrics::new(&registry, &reasons, &drop_names).unwrap();
         let mut labels = PortLabels::new(&[], 8, DEFAULT_EPHEMERAL);
         labels.slot(8080, Use::Accepted);
         let ports = labels.shared();
@@ -374,6 +415,7 @@ mod tests {
             counters,
             synack: vec![(8080, 5), (9999, 2)],
             retransmits: vec![(8080, retransmit::TIMEOUT, 3), (8080, retransmit::FAST, 1)],
+            drops: vec![(2, 8080, 4), (9, 8080, 1)],
             resets,
             reset_reasons: vec![0, 4, 0],
             programs: stats(10, 1_000),
@@ -395,6 +437,9 @@ mod tests {
             "tracer_tcp_retransmits_total{kind=\"timeout\",port=\"8080\"} 5\n",
             "tracer_tcp_retransmits_total{kind=\"fast\",port=\"8080\"} 1\n",
             "tracer_tcp_retransmits_total{kind=\"tail_loss_probe\",port=\"other\"} 0\n",
+            "tracer_tcp_drops_total{port=\"8080\",reason=\"netfilter_drop\"} 4\n",
+            "tracer_tcp_drops_total{port=\"8080\",reason=\"reason_9\"} 1\n",
+            "tracer_tcp_drops_total{port=\"other\",reason=\"no_socket\"} 0\n",
             "tracer_tcp_resets_total{direction=\"sent\",state=\"none\"} 3\n",
             "tracer_tcp_resets_total{direction=\"received\",state=\"syn_sent\"} 0\n",
             "tracer_tcp_reset_reasons_total{reason=\"no_socket\"} 4\n",

@@ -71,6 +71,10 @@ pub fn sock_offsets(btf: &Btf) -> Result<SockOffsets> {
         icsk_ca_state: icsk + ca_state.byte,
         icsk_ca_state_shift: ca_state.shift,
         icsk_ca_state_mask: ca_state.mask,
+        skb_head: field_offset(btf, "sk_buff", &["head"])?,
+        skb_network_header: field_offset(btf, "sk_buff", &["network_header"])?,
+        skb_transport_header: field_offset(btf, "sk_buff", &["transport_header"])?,
+        skb_protocol: field_offset(btf, "sk_buff", &["protocol"])?,
     })
 }
 

@@ -44,11 +44,16 @@ const RESET_REASON_PROGRAM: &str = "tcp_send_reset_reason";
 /// The `tcp_retransmit_skb` program that counts only the retransmissions sent.
 const RETRANSMIT_ERR_PROGRAM: &str = "tcp_retransmit_skb_err";
 
+/// The tracepoint (and program) of dropped packets.
+const DROP_TRACEPOINT: &str = "kfree_skb";
+
 /// Which of two programs this kernel's tracepoints take (see [`PROGRAMS`]).
 #[derive(Clone, Copy, Debug, Default)]
 struct Variants {
     reset_reasons: bool,
     retransmit_err: bool,
+    /// The dropped-packet program, once attached.
+    drops: Option<&'static str>,
 }
 
 /// Default size of each CPU's event ring buffer; see `--ring-buffer-size`.
@@ -76,6 +81,9 @@ pub struct Probe {
     /// The names of the kernel's reset reasons (`enum sk_rst_reason`), indexed by value;
     /// empty where resets carry no reason (before Linux 6.10).
     pub reset_reasons: Vec<String>,
+    /// The names of the kernel's packet drop reasons (`enum skb_drop_reason`), indexed by
+    /// value; empty where drops are not counted.
+    pub drop_reasons: Vec<String>,
     variants: Variants,
     ebpf: Ebpf,
     /// The probe's log records (aya-log), passed to the `log` crate by [`Probe::flush_log`].
@@ -108,6 +116,8 @@ pub struct ProbeCounters {
     pub skipped: u64,
     /// Transitions of sockets the kernel gave no storage.
     pub no_storage: u64,
+    /// Dropped TCP packets not counted because the probe's `DROPS` map was full.
+    pub drop_ports_full: u64,
 }
 
 /// One program's run count and total run time, as the kernel measures them.
@@ -126,6 +136,8 @@ pub struct ProbeReadings {
     pub synack: Vec<(u16, u64)>,
     /// Retransmitted segments per service port and kind (`tracer_common::retransmit`).
     pub retransmits: Vec<(u16, u16, u64)>,
+    /// Dropped TCP packets by (reason, service port) (empty without `drop_reason`).
+    pub drops: Vec<(u16, u16, u64)>,
     /// Resets by direction and socket state (see [`Probe::resets`]).
     pub resets: [[u64; RESET_STATES as usize]; 2],
     /// Resets sent, by reason (indexed as [`Probe::reset_reasons`]; empty without reasons).
@@ -165,7 +177,15 @@ impl Probe {
         } else {
             Vec::new()
         };
-        let variants = Variants {
+        let drop_reasons = if crate::stream::features::tracepoint_args(&kernel_btf, DROP_TRACEPOINT)
+            .is_some_and(|n| n >= 3)
+        {
+            crate::stream::btf::enum_names(&kernel_btf, "skb_drop_reason", "SKB_DROP_REASON_")
+        } else {
+            Vec::new()
+        };
+        let mut variants = Variants {
+            drops: None,
             reset_reasons: with_reasons,
             retransmit_err: crate::stream::features::tracepoint_args(
                 &kernel_btf,
@@ -191,6 +211,7 @@ impl Probe {
             .override_global("OFFSETS", &offsets, true)
             .override_global("FILTER_PORTS", &filter_ports, true)
             .override_global("RESET_EVENTS", &reset_events, true)
+            .override_global("EPHEMERAL_PORTS", &ephemeral_ports(), true)
             .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
             .override_global(aya_log::LEVEL, &log_level, true)
             .map_max_entries("EVENTS", cpus)
@@ -243,9 +264,29 @@ impl Probe {
                 .map_err(|e| load_error(&e))?;
             program.attach().map_err(|e| load_error(&e))?;
         }
+        let dropped = if drop_reasons.is_empty() {
+            Err(anyhow::anyhow!("no reason argument"))
+        } else {
+            attach_tracepoint(&mut ebpf, DROP_TRACEPOINT, &aya_btf)
+        };
+        if dropped.is_ok() {
+            variants.drops = Some(DROP_TRACEPOINT);
+        }
+        let mut features = features;
+        features.push(crate::stream::features::Feature {
+            name: "drop_reason",
+            enabled: dropped.is_ok(),
+            missing: "this kernel's skb/kfree_skb tracepoint has no drop-reason argument \
+                      (Linux 5.17+), or the probe could not attach to it: \
+                      tracer_tcp_drops_total stays empty",
+        });
+        if let Err(e) = dropped {
+            log::debug!("dropped packets: {e:#}");
+        }
         Ok(Probe {
             features,
             reset_reasons,
+            drop_reasons,
             variants,
             ebpf,
             logger,
@@ -265,6 +306,7 @@ impl Probe {
             counters: self.counters()?,
             synack: self.per_port("SYNACK_RETRANSMITS")?,
             retransmits: self.retransmits()?,
+            drops: self.drops()?,
             resets: self.resets()?,
             reset_reasons: self.reset_reason_counts()?,
             programs: self.program_stats()?,
@@ -279,6 +321,21 @@ impl Probe {
         for entry in map.iter() {
             let (port, per_cpu) = entry.with_context(|| format!("reading {name}"))?;
             out.push((port, per_cpu.iter().sum()));
+        }
+        Ok(out)
+    }
+
+    /// Dropped TCP packets by (reason, port) (`DROPS`), summed over CPUs.
+    pub fn drops(&self) -> Result<Vec<(u16, u16, u64)>> {
+        if self.variants.drops.is_none() {
+            return Ok(Vec::new());
+        }
+        let map: PerCpuHashMap<_, u32, u64> =
+            PerCpuHashMap::try_from(self.ebpf.map("DROPS").context("map DROPS")?)?;
+        let mut out = Vec::new();
+        for entry in map.iter() {
+            let (key, per_cpu) = entry.context("reading DROPS")?;
+            out.push(((key >> 16) as u16, key as u16, per_cpu.iter().sum()));
         }
         Ok(out)
     }
@@ -347,6 +404,19 @@ impl Probe {
                 run_ns: info.run_time_ns,
             });
         }
+        if let Some(loaded) = self.variants.drops {
+            let program: &BtfTracePoint = self
+                .ebpf
+                .program(loaded)
+                .with_context(|| format!("program {loaded}"))?
+                .try_into()?;
+            let info = program_info(program.fd()?.as_fd())?;
+            out.push(ProgramStats {
+                name: DROP_TRACEPOINT,
+                runs: info.run_cnt,
+                run_ns: info.run_time_ns,
+            });
+        }
         Ok(out)
     }
 
@@ -374,6 +444,7 @@ impl Probe {
             unknown_family: sum(counter::UNKNOWN_FAMILY)?,
             skipped: sum(counter::SKIPPED)?,
             no_storage: sum(counter::NO_STORAGE)?,
+            drop_ports_full: sum(counter::DROP_PORTS_FULL)?,
         })
     }
 }
@@ -494,6 +565,26 @@ fn is_tcp(socket: &OwnedFd) -> bool {
         option(libc::SO_DOMAIN),
         Some(libc::AF_INET | libc::AF_INET6)
     ) && option(libc::SO_PROTOCOL) == Some(libc::IPPROTO_TCP)
+}
+
+/// Loads and attaches the program of the same name to BTF tracepoint `name`.
+fn attach_tracepoint(ebpf: &mut Ebpf, name: &'static str, btf: &aya::Btf) -> Result<()> {
+    let program: &mut BtfTracePoint = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing from the probe object"))?
+        .try_into()?;
+    program.load(name, btf).map_err(|e| load_error(&e))?;
+    program.attach().map_err(|e| load_error(&e))?;
+    Ok(())
+}
+
+/// This namespace's ephemeral port range, for the probe's choice of a dropped packet's
+/// service port; the Linux default where it cannot be read.
+fn ephemeral_ports() -> [u16; 2] {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| crate::census::parse_port_range(&t))
+        .map_or([32_768, 60_999], |(lo, hi)| [lo, hi])
 }
 
 /// The program of the probe object loaded as `name` of [`PROGRAMS`].
