@@ -107,11 +107,27 @@ pub struct Transition {
     pub port: u16,
     /// [`socket`] bits: how it opened, who started closing, what is known.
     pub socket_flags: u16,
+    /// At every transition to CLOSE (else 0): `tcp_sock.dsack_dups`, segments the peer
+    /// reported received twice (D-SACK): retransmissions that were not needed.
+    pub dsack_dups: u32,
+    /// At every transition to CLOSE (else 0): the time the connection had data to send, in
+    /// jiffies, by what held it back (`tcp_sock.chrono_stat`, with the stretch under way
+    /// added, as `tcp_info` does): [`chrono::BUSY`] (the network: congestion window,
+    /// pacing), [`chrono::RWND_LIMITED`] (the receiver's window), [`chrono::SNDBUF_LIMITED`]
+    /// (this side's send buffer). Their sum is `tcpi_busy_time`.
+    pub chrono_jiffies: [u32; 3],
     pub _pad: [u8; 4],
 }
 
+/// Indexes of [`Transition::chrono_jiffies`]: the kernel's `enum tcp_chrono` less one.
+pub mod chrono {
+    pub const BUSY: usize = 0;
+    pub const RWND_LIMITED: usize = 1;
+    pub const SNDBUF_LIMITED: usize = 2;
+}
+
 // The layout both sides rely on: no implicit padding, `comm` 8-byte aligned.
-const _: () = assert!(core::mem::size_of::<Transition>() == 168);
+const _: () = assert!(core::mem::size_of::<Transition>() == 184);
 const _: () = assert!(core::mem::offset_of!(Transition, comm) == 56);
 const _: () = assert!(core::mem::offset_of!(Transition, since_ns) == 128);
 
@@ -245,6 +261,15 @@ pub struct SockOffsets {
     pub skb_network_header: u32,
     pub skb_transport_header: u32,
     pub skb_protocol: u32,
+    /// `tcp_sock.chrono_start` (`u32`, `tcp_jiffies32` when the current stretch began),
+    /// `chrono_stat` (`u32[3]`, jiffies), and `chrono_type` (a 2-bit bitfield, `enum
+    /// tcp_chrono`: the byte, shift and mask), and `dsack_dups` (`u32`).
+    pub chrono_start: u32,
+    pub chrono_stat: u32,
+    pub chrono_type: u32,
+    pub chrono_type_shift: u32,
+    pub chrono_type_mask: u32,
+    pub dsack_dups: u32,
 }
 
 /// Why a segment was retransmitted: the kind of `RETRANSMITS` keys (`kind << 16 | port`),

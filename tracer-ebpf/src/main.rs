@@ -92,6 +92,12 @@ static OFFSETS: SockOffsets = SockOffsets {
     skb_network_header: 0,
     skb_transport_header: 0,
     skb_protocol: 0,
+    chrono_start: 0,
+    chrono_stat: 0,
+    chrono_type: 0,
+    chrono_type_shift: 0,
+    chrono_type_mask: 0,
+    dsack_dups: 0,
 };
 
 /// Unread bytes in a ring of `EVENTS` at which the probe wakes the reader; set at load time.

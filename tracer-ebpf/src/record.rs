@@ -61,6 +61,7 @@ pub(crate) unsafe fn write_close(
     let (mut srtt_us, mut sk_err, mut flags) = (srtt_us, 0u8, 0u8);
     let (mut bytes_acked, mut bytes_received, mut rtt_min_us, mut total_retrans) =
         (0u64, 0u64, 0u32, 0u32);
+    let (mut dsack_dups, mut chrono) = (0u32, [0u32; 3]);
     if new == state::CLOSE {
         // `sk_err` is an `int` of `struct sock`, loaded directly as above.
         sk_err = field::<i32>(sk, offset!(sk_err)) as u8;
@@ -73,6 +74,8 @@ pub(crate) unsafe fn write_close(
         bytes_acked = field::<u64>(tp, offset!(bytes_acked));
         bytes_received = field::<u64>(tp, offset!(bytes_received));
         rtt_min_us = field::<u32>(tp, offset!(rtt_min));
+        dsack_dups = field::<u32>(tp, offset!(dsack_dups));
+        chrono = chrono_jiffies(tp);
         let sent_fin = matches!(
             old,
             state::FIN_WAIT1 | state::FIN_WAIT2 | state::CLOSING | state::LAST_ACK
@@ -89,6 +92,36 @@ pub(crate) unsafe fn write_close(
     addr_of_mut!((*t).total_retrans).write(total_retrans);
     addr_of_mut!((*t).srtt_us).write(srtt_us);
     addr_of_mut!((*t).sk_err).write(sk_err);
+    addr_of_mut!((*t).dsack_dups).write(dsack_dups);
+    addr_of_mut!((*t).chrono_jiffies).write(chrono);
+}
+
+/// The socket's time with data to send, by what limited it, in jiffies: `chrono_stat` with
+/// the stretch under way (`chrono_type`, since `chrono_start`) added, as the kernel's
+/// `tcp_get_info_chrono_stats` does.
+///
+/// # Safety
+/// `tp` must be a BTF-typed `struct tcp_sock *`.
+#[inline(always)]
+unsafe fn chrono_jiffies(tp: *const u8) -> [u32; 3] {
+    let stat = offset!(chrono_stat);
+    let mut out = [
+        field::<u32>(tp, stat),
+        field::<u32>(tp, stat + 4),
+        field::<u32>(tp, stat + 8),
+    ];
+    let kind = (field::<u8>(tp, offset!(chrono_type)) >> offset!(chrono_type_shift))
+        & offset!(chrono_type_mask) as u8;
+    // `tcp_jiffies32` is the low 32 bits of jiffies; the stretch wraps as the kernel's does.
+    let now = gen::bpf_jiffies64() as u32;
+    let running = now.wrapping_sub(field::<u32>(tp, offset!(chrono_start)));
+    match kind {
+        1 => out[0] = out[0].wrapping_add(running),
+        2 => out[1] = out[1].wrapping_add(running),
+        3 => out[2] = out[2].wrapping_add(running),
+        _ => {}
+    }
+    out
 }
 
 /// This CPU's ring.

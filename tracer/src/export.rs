@@ -572,6 +572,23 @@ fn log_record(
             "tracer.interval.segments_retransmitted",
             r.interval.retransmits,
         ),
+        int("tracer.busy_us", r.flow.busy_us),
+        int("tracer.rwnd_limited_us", r.flow.rwnd_limited_us),
+        int("tracer.sndbuf_limited_us", r.flow.sndbuf_limited_us),
+        int("tracer.spurious_retransmits", r.flow.spurious_retransmits),
+        int("tracer.interval.busy_us", r.interval.flow.busy_us),
+        int(
+            "tracer.interval.rwnd_limited_us",
+            r.interval.flow.rwnd_limited_us,
+        ),
+        int(
+            "tracer.interval.sndbuf_limited_us",
+            r.interval.flow.sndbuf_limited_us,
+        ),
+        int(
+            "tracer.interval.spurious_retransmits",
+            r.interval.flow.spurious_retransmits,
+        ),
     ];
     if r.pid != 0 {
         a.push(int("process.pid", u64::from(r.pid)));
@@ -586,6 +603,7 @@ fn log_record(
         }
     };
     opt("tracer.bytes_sent", r.bytes_sent);
+    opt("tracer.snd_wnd", r.snd_wnd.map(u64::from));
     opt("tracer.interval.bytes_sent", r.interval.bytes_sent);
     opt(
         "tracer.interval.start_unix_nano",

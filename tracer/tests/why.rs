@@ -323,3 +323,203 @@ impl Drop for SkbDrops {
         let _ = std::fs::remove_dir(&self.dir);
     }
 }
+
+/// The service port of the flow-limits test.
+const FLOW_PORT: u16 = 7_407;
+
+/// What `ss -ti` says of the socket on local port `local` in `ns`: `busy`, `rwnd_limited`
+/// and `sndbuf_limited` (milliseconds; 0 where ss prints none) and the time it was asked.
+fn ss_flow(ns: &Netns, local: u16) -> ([u64; 3], f64) {
+    let asked = unix_now();
+    let text = ns.exec(&["ss", "-tinH", "sport", "=", &format!(":{local}")]);
+    let field = |name: &str| -> u64 {
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .and_then(|v| v.split("ms").next())
+            .map_or(0, |v| v.parse().unwrap())
+    };
+    assert!(text.contains("busy:"), "no busy time in ss -ti: {text}");
+    (
+        [
+            field("busy:"),
+            field("rwnd_limited:"),
+            field("sndbuf_limited:"),
+        ],
+        asked,
+    )
+}
+
+/// The flow-limit times of a connection record, microseconds: busy, receive window, send
+/// buffer.
+fn flow_of(r: &serde_json::Value) -> [u64; 3] {
+    ["busy_us", "rwnd_limited_us", "sndbuf_limited_us"]
+        .map(|k| r[k].as_u64().unwrap_or_else(|| panic!("no {k} in {r}")))
+}
+
+#[test]
+fn a_receiver_that_stops_reading_makes_the_sender_window_limited_as_ss_says() {
+    let test = "a_receiver_that_stops_reading_makes_the_sender_window_limited_as_ss_says";
+    if !require_root(test) {
+        return;
+    }
+    let ns = Netns::new("flow");
+    let port = FLOW_PORT.to_string();
+    let agent = Agent::start(&[
+        "--record-interval",
+        "1s",
+        "--census-interval",
+        "1s",
+        "--port",
+        &port,
+    ]);
+    let watch = Tracer::start(
+        &[
+            "watch",
+            "--connections",
+            "--json",
+            "--record-interval",
+            "1s",
+            "--port",
+            &port,
+        ],
+        true,
+    );
+    settle();
+    let before = kernel_counters(&ns);
+    // A server that accepts and never reads, with a small receive buffer (its children
+    // inherit it): its window closes as soon as 64 kB wait unread.
+    let (mut c, s) = ns.run(|| {
+        let l = TcpListener::bind(("127.0.0.1", FLOW_PORT)).unwrap();
+        let size: libc::c_int = 65_536;
+        // SAFETY: setsockopt on a valid socket with a pointer to an int and its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&l),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                &size as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0);
+        let c = TcpStream::connect(("127.0.0.1", FLOW_PORT)).unwrap();
+        let (s, _) = l.accept().unwrap();
+        (c, s)
+    });
+    let client = c.local_addr().unwrap().port();
+    // The client writes what it can for 3 s: the peer's window closes and its own send
+    // buffer fills; the kernel counts the time as limited by the receiver's window.
+    c.set_nonblocking(true).unwrap();
+    let chunk = vec![7u8; 65_536];
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        match c.write(&chunk) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("write: {e}"),
+        }
+    }
+    // The kernel's figures, then at least two censuses, then the kernel's again: every
+    // update record taken in between lies between the two readings.
+    let (first, first_at) = ss_flow(&ns, client);
+    let text = agent.metrics_until("the zero window", |t| {
+        sample(t, "tracer_tcp_zero_window_sockets", &[("port", &port)]) == Some(1.0)
+    });
+    assert_eq!(
+        sample(&text, "tracer_tcp_zero_window_sockets", &[("port", &port)]),
+        Some(1.0),
+        "{text}"
+    );
+    std::thread::sleep(Duration::from_millis(2_500));
+    let (last, last_at) = ss_flow(&ns, client);
+    assert!(first[1] >= 1_000, "ss: rwnd_limited {first:?} ms after 3 s");
+    let grown = growth(&before, &kernel_counters(&ns));
+    assert!(
+        grown.get("TCPToZeroWindowAdv").copied().unwrap_or(0) >= 1,
+        "the server advertised no zero window: {grown:?}"
+    );
+    drop(s);
+    drop(c);
+    settle();
+    let records = watch.stop_with(libc::SIGINT).json();
+    let mine: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["sport"] == client && r["dport"] == FLOW_PORT)
+        .collect();
+    let (close, updates) = mine.split_last().expect("records");
+    assert_eq!(close["record"], "close", "{mine:?}");
+    let between: Vec<_> = updates
+        .iter()
+        .filter(|u| {
+            let at = u["time_ns"].as_f64().unwrap() / 1e9;
+            at > first_at && at < last_at
+        })
+        .collect();
+    assert!(
+        !between.is_empty(),
+        "no update between the two ss readings: {mine:?}"
+    );
+    for u in between {
+        let ours = flow_of(u);
+        eprintln!("ss {first:?} .. {last:?} ms; update {ours:?} us");
+        for i in 0..3 {
+            // ss prints whole milliseconds, truncated.
+            assert!(
+                ours[i] / 1_000 >= first[i] && ours[i] / 1_000 <= last[i],
+                "{i}: {ours:?} us vs ss {first:?} .. {last:?} ms: {u}"
+            );
+        }
+        assert_eq!(u["snd_wnd"], 0, "the peer's window is shut: {u}");
+    }
+    // The close carries the whole life, at least what ss saw last.
+    let total = flow_of(close);
+    for i in 0..3 {
+        assert!(
+            total[i] / 1_000 >= last[i],
+            "{total:?} us vs ss {last:?} ms: {close}"
+        );
+    }
+    // The agent's counters add up the records of both ends.
+    let both: Vec<_> = records
+        .iter()
+        .filter(|r| r["record"] == "close" && (r["sport"] == FLOW_PORT || r["dport"] == FLOW_PORT))
+        .collect();
+    assert_eq!(both.len(), 2, "{records:?}");
+    // Retransmissions the peer reported as duplicates (D-SACK), as the kernel counts them.
+    let grown = growth(&before, &kernel_counters(&ns));
+    let spurious: u64 = both
+        .iter()
+        .map(|r| r["spurious_retransmits"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        spurious,
+        grown.get("TCPDSACKRecvSegs").copied().unwrap_or(0),
+        "{grown:?}"
+    );
+    let want = |i: usize| both.iter().map(|r| flow_of(r)[i]).sum::<u64>() as f64 / 1e6;
+    let seconds = |t: &str, by: &str| {
+        sample(
+            t,
+            "tracer_tcp_send_seconds_total",
+            &[("limited_by", by), ("port", &port)],
+        )
+        .unwrap_or(0.0)
+    };
+    let text = agent.metrics_until("both closes", |t| {
+        (seconds(t, "receive_window") - want(1)).abs() < 1e-3
+    });
+    let busy = seconds(&text, "network")
+        + seconds(&text, "receive_window")
+        + seconds(&text, "send_buffer");
+    assert!(
+        (busy - want(0)).abs() < 1e-3,
+        "busy {busy} vs records {}: {text}",
+        want(0)
+    );
+    assert!(
+        (seconds(&text, "send_buffer") - want(2)).abs() < 1e-3,
+        "{text}"
+    );
+}

@@ -133,6 +133,8 @@ pub struct Joined {
     pub oldest: BTreeMap<u8, Duration>,
     /// TIME-WAIT sockets per service port.
     pub time_wait: BTreeMap<u16, u64>,
+    /// Connections whose peer advertises a zero window, per service port.
+    pub zero_window: BTreeMap<u16, u64>,
     /// Destinations by ephemeral port use, busiest first (at most 10).
     pub destinations: Vec<Destination>,
     /// Per listening port: accept queue length and limit (summed over listeners).
@@ -284,6 +286,10 @@ pub fn join(
             }
             if census_state == state::TIME_WAIT {
                 *out.time_wait.entry(port).or_default() += 1;
+            }
+            let sends = matches!(census_state, state::ESTABLISHED | state::CLOSE_WAIT);
+            if sends && r.tcp.and_then(|t| t.snd_wnd) == Some(0) {
+                *out.zero_window.entry(port).or_default() += 1;
             }
             if census_state != state::LISTEN
                 && !local_is_service

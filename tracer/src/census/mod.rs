@@ -91,6 +91,15 @@ pub struct TcpCounters {
     /// `tcpi_rtt` (smoothed) and `tcpi_min_rtt`, microseconds.
     pub rtt_us: u32,
     pub min_rtt_us: u32,
+    /// `tcpi_busy_time`, `tcpi_rwnd_limited`, `tcpi_sndbuf_limited` (microseconds, Linux
+    /// 4.10+) and `tcpi_dsack_dups` (Linux 5.3+; 0 where the kernel sends less).
+    pub busy_us: u64,
+    pub rwnd_limited_us: u64,
+    pub sndbuf_limited_us: u64,
+    pub dsack_dups: u32,
+    /// `tcpi_snd_wnd`: the window the peer advertises now, bytes (0: a zero window, the
+    /// peer's application not reading); None where the kernel does not send it.
+    pub snd_wnd: Option<u32>,
 }
 
 impl TcpCounters {
@@ -105,6 +114,11 @@ impl TcpCounters {
             bytes_acked: u64_at(120)?,
             bytes_received: u64_at(128)?,
             min_rtt_us: u32_at(148)?,
+            busy_us: u64_at(168)?,
+            rwnd_limited_us: u64_at(176)?,
+            sndbuf_limited_us: u64_at(184)?,
+            dsack_dups: u32_at(216).unwrap_or(0),
+            snd_wnd: u32_at(228),
         })
     }
 }
@@ -661,10 +675,10 @@ mod tests {
     }
 
     #[test]
-    fn a_census_record_is_248_bytes_as_the_readme_says() {
-        assert_eq!(std::mem::size_of::<SocketRecord>(), 248);
+    fn a_census_record_is_272_bytes_as_the_readme_says() {
+        assert_eq!(std::mem::size_of::<SocketRecord>(), 272);
         let readme = include_str!("../../../README.md");
-        assert!(readme.contains("a 248-byte sock_diag record"));
+        assert!(readme.contains("a 272-byte sock_diag record"));
     }
 
     #[test]
@@ -716,6 +730,10 @@ mod tests {
         info[120..128].copy_from_slice(&8_000_001u64.to_ne_bytes());
         info[128..136].copy_from_slice(&3_000_001u64.to_ne_bytes());
         info[148..152].copy_from_slice(&40u32.to_ne_bytes());
+        info[168..176].copy_from_slice(&9_000_000u64.to_ne_bytes());
+        info[176..184].copy_from_slice(&2_000_000u64.to_ne_bytes());
+        info[184..192].copy_from_slice(&1_000u64.to_ne_bytes());
+        info[216..220].copy_from_slice(&2u32.to_ne_bytes());
         let c = TcpCounters::parse(&info).unwrap();
         assert_eq!(
             c,
@@ -725,9 +743,14 @@ mod tests {
                 total_retrans: 3,
                 rtt_us: 250,
                 min_rtt_us: 40,
+                busy_us: 9_000_000,
+                rwnd_limited_us: 2_000_000,
+                sndbuf_limited_us: 1_000,
+                dsack_dups: 2,
+                snd_wnd: Some(0),
             }
         );
-        // A kernel older than tcpi_min_rtt sends less: not read at all.
-        assert_eq!(TcpCounters::parse(&info[..148]), None);
+        // A kernel older than tcpi_busy_time sends less: not read at all.
+        assert_eq!(TcpCounters::parse(&info[..168]), None);
     }
 }

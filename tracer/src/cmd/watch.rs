@@ -401,9 +401,9 @@ impl Printer {
         if self.connections {
             writeln!(
                 self.out,
-                "{:<15} {:>7} {:<15} {:<30} {:<30} {:<7} {:>9} {:>9} {:>10} {:>10} {:>7} {:>9} {:>9} {:<32} WORKLOAD",
+                "{:<15} {:>7} {:<15} {:<30} {:<30} {:<7} {:>9} {:>9} {:>10} {:>10} {:>7} {:>9} {:>9} {:<11} {:<32} WORKLOAD",
                 "TIME(UTC)", "PID", "COMM", "LOCAL", "REMOTE", "MODE", "HANDSHAKE", "LIFETIME",
-                "SENT", "RECEIVED", "RETRANS", "SRTT", "MINRTT", "ENDING"
+                "SENT", "RECEIVED", "RETRANS", "SRTT", "MINRTT", "LIMITED", "ENDING"
             )?;
             return Ok(());
         }
@@ -499,6 +499,23 @@ impl Printer {
                 r.interval.bytes_received,
                 r.interval.retransmits,
             )?;
+            let (f, i) = (&r.flow, &r.interval.flow);
+            write!(
+                out,
+                ",\"busy_us\":{},\"rwnd_limited_us\":{},\"sndbuf_limited_us\":{},\
+                 \"spurious_retransmits\":{},\"interval_busy_us\":{},\
+                 \"interval_rwnd_limited_us\":{},\"interval_sndbuf_limited_us\":{},\
+                 \"interval_spurious_retransmits\":{},\"snd_wnd\":{}",
+                f.busy_us,
+                f.rwnd_limited_us,
+                f.sndbuf_limited_us,
+                f.spurious_retransmits,
+                i.busy_us,
+                i.rwnd_limited_us,
+                i.sndbuf_limited_us,
+                i.spurious_retransmits,
+                opt(r.snd_wnd.map(u64::from)),
+            )?;
             out.write_all(b",\"ending\":")?;
             serde_json::to_writer(&mut *out, &r.ending.map(Ending::name))?;
             let sk_err = r.ending.map(|_| r.sk_err);
@@ -535,7 +552,7 @@ impl Printer {
         };
         writeln!(
             out,
-            "{:<7} {:>9} {:>9} {:>10} {:>10} {:>7} {:>9} {:>9} {:<32} {}",
+            "{:<7} {:>9} {:>9} {:>10} {:>10} {:>7} {:>9} {:>9} {:<11} {:<32} {}",
             mode.unwrap_or("-"),
             duration(r.handshake_ns),
             duration(r.lifetime_ns),
@@ -544,6 +561,7 @@ impl Printer {
             r.retransmits,
             rtt(r.srtt_us),
             rtt(r.rtt_min_us),
+            limited(&r.flow),
             ending,
             w.column
         )
@@ -688,4 +706,16 @@ fn clock_ns(clock: libc::clockid_t) -> i128 {
     // SAFETY: a valid timespec pointer and a clock id the kernel always has.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+}
+
+/// What held a connection's sending back most, as a share of its time busy sending: `rwnd`
+/// (the receiver's window) or `sndbuf` (the send buffer), from 1%; `-` otherwise.
+fn limited(f: &crate::stream::Flow) -> String {
+    let share = |us: u64| (us * 100).checked_div(f.busy_us).unwrap_or(0);
+    let (rwnd, sndbuf) = (share(f.rwnd_limited_us), share(f.sndbuf_limited_us));
+    match (rwnd, sndbuf) {
+        (0, 0) => "-".to_owned(),
+        (r, b) if r >= b => format!("rwnd {r}%"),
+        (_, b) => format!("sndbuf {b}%"),
+    }
 }

@@ -32,6 +32,7 @@ struct CensusMetrics {
     stuck: IntGaugeVec,
     oldest_age: GaugeVec,
     time_wait: IntGaugeVec,
+    zero_window: IntGaugeVec,
     ephemeral: Gauge,
     listen_queue: IntGaugeVec,
     listen_queue_limit: IntGaugeVec,
@@ -105,6 +106,14 @@ impl CensusMetrics {
                  network namespace.",
                 &["port"],
             )?,
+            zero_window: gauges(
+                "tracer_tcp_zero_window_sockets",
+                "Connections whose peer advertises a zero receive window at the last census \
+                 (tcp_info's tcpi_snd_wnd 0, in ESTABLISHED or CLOSE_WAIT), by service port, \
+                 every network namespace: the peer's application has stopped reading, and \
+                 this side cannot send until it does. Linux 5.4+.",
+                &["port"],
+            )?,
             ephemeral: Gauge::new(
                 "tracer_tcp_ephemeral_port_utilization",
                 "Fraction (0 to 1) of ip_local_port_range in use toward the busiest destination \
@@ -157,7 +166,7 @@ impl CensusMetrics {
         })
     }
 
-    fn collectors(&self) -> [&dyn Collector; 18] {
+    fn collectors(&self) -> [&dyn Collector; 19] {
         [
             &self.sockets,
             &self.namespaces,
@@ -168,6 +177,7 @@ impl CensusMetrics {
             &self.stuck,
             &self.oldest_age,
             &self.time_wait,
+            &self.zero_window,
             &self.ephemeral,
             &self.listen_queue,
             &self.listen_queue_limit,
@@ -220,6 +230,7 @@ impl CensusMetrics {
         }
         for v in &values {
             self.time_wait.with_label_values(&[v]);
+            self.zero_window.with_label_values(&[v]);
         }
         let Some(r) = report else {
             self.count_pod_labels(pods);
@@ -273,6 +284,9 @@ impl CensusMetrics {
         }
         for (port, n) in fold(&j.time_wait, |&p| ports.label(p)) {
             self.time_wait.with_label_values(&[&port]).set(n);
+        }
+        for (port, n) in fold(&j.zero_window, |&p| ports.label(p)) {
+            self.zero_window.with_label_values(&[&port]).set(n);
         }
         self.ephemeral
             .set(j.destinations.first().map_or(0.0, |d| d.utilization()));

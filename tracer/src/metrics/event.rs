@@ -7,8 +7,10 @@
 //! a label value (`ports`), kernel counters (`kernel`), the census (`census`).
 
 use anyhow::Result;
-use prometheus::local::{LocalHistogram, LocalIntCounter};
-use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::local::{LocalCounter, LocalHistogram, LocalIntCounter};
+use prometheus::{
+    CounterVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+};
 
 use crate::metrics::pods::PodAttribution;
 use crate::metrics::ports::{PortLabels, Use, OTHER};
@@ -40,6 +42,11 @@ pub const RTT_BUCKETS: &[f64] = &[
 
 pub const MODES: [&str; 2] = ["active", "passive"];
 pub const DIRECTIONS: [&str; 2] = ["sent", "received"];
+
+/// What held a connection's sending back, by the `limited_by` label of
+/// `tracer_tcp_send_seconds_total`: nothing of the two ends (the congestion window, pacing:
+/// the network), the receiver's window, this side's send buffer.
+pub const LIMITS: [&str; 3] = ["network", "receive_window", "send_buffer"];
 pub const TEARDOWNS: [&str; 3] = ["active", "passive", "simultaneous"];
 pub const FAILURES: [&str; 4] = ["refused", "timeout", "aborted", "other"];
 
@@ -101,6 +108,14 @@ enum PortSample {
     Rtt {
         seconds: f64,
     },
+    /// Microseconds sending, held back by [`LIMITS`]`[limit]`.
+    Sending {
+        limit: usize,
+        us: u64,
+    },
+    Spurious {
+        n: u64,
+    },
 }
 
 /// Ports held at most at once (see [`Held`]); past that, samples of ports without a value go
@@ -142,6 +157,10 @@ pub struct EventMetrics {
     bytes_h: ByPort<LocalIntCounter>,
     rtt: HistogramVec,
     rtt_h: ByPort<LocalHistogram>,
+    sending: CounterVec,
+    sending_h: ByPort<LocalCounter>,
+    spurious: IntCounterVec,
+    spurious_h: ByPort<LocalIntCounter>,
     state_duration: Vec<LocalHistogram>,
     transitions: IntCounterVec,
     transitions_h: Vec<Option<LocalIntCounter>>,
@@ -224,6 +243,29 @@ impl EventMetrics {
             &["port"],
             RTT_BUCKETS,
         )?;
+        let sending = CounterVec::new(
+            Opts::new(
+                "tracer_tcp_send_seconds_total",
+                "Time connections had data to send, by what held them back: network (the \
+                 congestion window or pacing), receive_window (the peer's window: its \
+                 application reads slowly or not at all), send_buffer (this side's send \
+                 buffer: the application here writes too little at a time), from the \
+                 kernel's counters on each socket (tcp_sock.chrono_stat, as tcp_info's \
+                 tcpi_busy_time, tcpi_rwnd_limited, tcpi_sndbuf_limited); counted while a \
+                 connection lives, at each periodic report, and the rest at its close; \
+                 seconds. All three together are the time busy sending.",
+            ),
+            &["limited_by", "port"],
+        )?;
+        registry.register(Box::new(sending.clone()))?;
+        let spurious = counter(
+            "tracer_tcp_spurious_retransmits_total",
+            "Retransmitted segments that the peer reported it had received already (D-SACK, \
+             tcp_sock.dsack_dups, as tcp_info's tcpi_dsack_dups and the kernel's \
+             TCPDSACKRecvSegs): retransmissions that were not needed (a timer too eager, \
+             reordering taken for loss); counted while a connection lives and at its close.",
+            &["port"],
+        )?;
         let state_vec = histogram(
             "tracer_tcp_state_duration_seconds",
             "Time sockets spent in a state, from inet_sock_set_state, when the tracer saw them \
@@ -268,6 +310,10 @@ impl EventMetrics {
             bytes_h: ByPort::new(DIRECTIONS.len()),
             rtt,
             rtt_h: ByPort::new(1),
+            sending,
+            sending_h: ByPort::new(LIMITS.len()),
+            spurious,
+            spurious_h: ByPort::new(1),
             state_duration,
             transitions,
             transitions_h: vec![None; STATE_NAMES.len() * STATE_NAMES.len()],
@@ -294,6 +340,10 @@ impl EventMetrics {
             metrics.bytes.with_label_values(&[direction, OTHER]);
         }
         metrics.rtt.with_label_values(&[OTHER]);
+        for limit in LIMITS {
+            metrics.sending.with_label_values(&[limit, OTHER]);
+        }
+        metrics.spurious.with_label_values(&[OTHER]);
         for reason in FAILURES {
             metrics
                 .failures
@@ -407,6 +457,22 @@ impl EventMetrics {
             let seconds = f64::from(srtt_us) / 1e6;
             self.sample(port, slot, PortSample::Rtt { seconds });
         }
+        let f = &interval.flow;
+        let network = f
+            .busy_us
+            .saturating_sub(f.rwnd_limited_us + f.sndbuf_limited_us);
+        for (limit, us) in [network, f.rwnd_limited_us, f.sndbuf_limited_us]
+            .into_iter()
+            .enumerate()
+        {
+            if us > 0 {
+                self.sample(port, slot, PortSample::Sending { limit, us });
+            }
+        }
+        if f.spurious_retransmits > 0 {
+            let n = f.spurious_retransmits;
+            self.sample(port, slot, PortSample::Spurious { n });
+        }
     }
 
     /// A duration of histogram `which`, series `kind`, of a socket on `port` in `cgroup`;
@@ -502,6 +568,20 @@ impl EventMetrics {
                     })
                     .inc_by(n);
             }
+            PortSample::Sending { limit, us } => {
+                let (vec, name) = (&self.sending, self.ports.name(slot));
+                self.sending_h
+                    .get(limit, slot, 0, || {
+                        vec.with_label_values(&[LIMITS[limit], name]).local()
+                    })
+                    .inc_by(us as f64 / 1e6);
+            }
+            PortSample::Spurious { n } => {
+                let (vec, name) = (&self.spurious, self.ports.name(slot));
+                self.spurious_h
+                    .get(0, slot, 0, || vec.with_label_values(&[name]).local())
+                    .inc_by(n);
+            }
             PortSample::Rtt { seconds } => {
                 let (vec, name) = (&self.rtt, self.ports.name(slot));
                 self.rtt_h
@@ -547,6 +627,8 @@ impl EventMetrics {
         self.failures_h.all().for_each(LocalIntCounter::flush);
         self.bytes_h.all().for_each(LocalIntCounter::flush);
         self.rtt_h.all().for_each(LocalHistogram::flush);
+        self.sending_h.all().for_each(LocalCounter::flush);
+        self.spurious_h.all().for_each(LocalIntCounter::flush);
         for h in [&self.handshake_h, &self.teardown_h, &self.lifetime_h] {
             h.all().for_each(LocalHistogram::flush);
         }

@@ -36,6 +36,14 @@ pub fn sock_offsets(btf: &Btf) -> Result<SockOffsets> {
     // `struct tcp_sock` starts with `struct inet_connection_sock inet_conn`.
     let icsk = field_offset(btf, "tcp_sock", &["inet_conn"])?;
     let ca_state = bitfield(btf, "inet_connection_sock", "icsk_ca_state")?;
+    // `u8 chrono_type:2` before Linux 6.8's regrouping of `tcp_sock`, a plain `u8` since.
+    let chrono_type = bitfield(btf, "tcp_sock", "chrono_type").or_else(|_| {
+        field_offset(btf, "tcp_sock", &["chrono_type"]).map(|byte| Bitfield {
+            byte,
+            shift: 0,
+            mask: 0xff,
+        })
+    })?;
     Ok(SockOffsets {
         skc_daddr: in_common("skc_daddr")?,
         skc_rcv_saddr: in_common("skc_rcv_saddr")?,
@@ -75,6 +83,12 @@ pub fn sock_offsets(btf: &Btf) -> Result<SockOffsets> {
         skb_network_header: field_offset(btf, "sk_buff", &["network_header"])?,
         skb_transport_header: field_offset(btf, "sk_buff", &["transport_header"])?,
         skb_protocol: field_offset(btf, "sk_buff", &["protocol"])?,
+        chrono_start: field_offset(btf, "tcp_sock", &["chrono_start"])?,
+        chrono_stat: field_offset(btf, "tcp_sock", &["chrono_stat"])?,
+        chrono_type: chrono_type.byte,
+        chrono_type_shift: chrono_type.shift,
+        chrono_type_mask: chrono_type.mask,
+        dsack_dups: field_offset(btf, "tcp_sock", &["dsack_dups"])?,
     })
 }
 

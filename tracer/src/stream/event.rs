@@ -219,6 +219,8 @@ pub(crate) mod tests {
             teardown_ns: 0,
             port: 8080,
             socket_flags: 0,
+            dsack_dups: 0,
+            chrono_jiffies: [0; 3],
             _pad: [0; 4],
         }
     }

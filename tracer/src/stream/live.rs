@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 use tracer_common::{socket, state, SocketState};
 
 use crate::census::HostCensus;
-use crate::stream::{Closed, Interval, Mode};
+use crate::stream::{Closed, Flow, Interval, Mode};
 
 /// A connection's counters at one moment: data bytes sent (acknowledged) and received, the
 /// SYN and FINs that the kernel's counters include left out as the close record leaves them
@@ -33,6 +33,7 @@ pub struct Counters {
     pub sent: u64,
     pub received: u64,
     pub retransmits: u64,
+    pub flow: Flow,
 }
 
 /// One open connection as a census saw it.
@@ -52,6 +53,8 @@ pub struct Sample {
     /// Smoothed and minimum RTT, microseconds (0: no sample).
     pub srtt_us: u32,
     pub rtt_min_us: u32,
+    /// The window the peer advertises now (0: zero window), where the kernel tells.
+    pub snd_wnd: Option<u32>,
 }
 
 /// What one census gives the tracker: the connections it saw open, and which namespaces it
@@ -123,9 +126,16 @@ pub fn samples(census: &HostCensus, interval: std::time::Duration) -> LiveCensus
                     sent: tcp.bytes_acked.saturating_sub(syn + fin_acked),
                     received: tcp.bytes_received.saturating_sub(peer_fin),
                     retransmits: u64::from(tcp.total_retrans),
+                    flow: Flow {
+                        busy_us: tcp.busy_us,
+                        rwnd_limited_us: tcp.rwnd_limited_us,
+                        sndbuf_limited_us: tcp.sndbuf_limited_us,
+                        spurious_retransmits: u64::from(tcp.dsack_dups),
+                    },
                 },
                 srtt_us: tcp.rtt_us,
                 rtt_min_us: tcp.min_rtt_us,
+                snd_wnd: tcp.snd_wnd,
             });
         }
     }
@@ -242,6 +252,7 @@ impl Tracker {
                     bytes_sent: Some(c.sent.saturating_sub(p.sent)),
                     bytes_received: c.received.saturating_sub(p.received),
                     retransmits: c.retransmits.saturating_sub(p.retransmits),
+                    flow: c.flow.since(&p.flow),
                 },
             });
             self.entries.insert(
@@ -269,6 +280,7 @@ impl Tracker {
                 bytes_sent: Some(c.data_sent.saturating_sub(e.counters.sent)),
                 bytes_received: c.bytes_received.saturating_sub(e.counters.received),
                 retransmits: u64::from(c.retransmits).saturating_sub(e.counters.retransmits),
+                flow: c.flow.since(&e.counters.flow),
             };
         }
         // Old enough that a census from before the close could report it as due. (One the

@@ -155,6 +155,8 @@ pub struct Closed {
     /// Smoothed and minimum RTT, microseconds (0: no sample).
     pub srtt_us: u32,
     pub rtt_min_us: u32,
+    /// Its whole life's sending: time busy, limited, spurious retransmissions.
+    pub flow: Flow,
     /// Why the kernel last sent a reset on this connection (`enum sk_rst_reason`; Linux
     /// 6.10+, and only where the probe reports resets), if it sent one.
     pub reset_reason: Option<u16>,
@@ -180,6 +182,76 @@ pub struct Interval {
     pub bytes_sent: Option<u64>,
     pub bytes_received: u64,
     pub retransmits: u64,
+    /// Time sending and what limited it, and retransmissions found not needed.
+    pub flow: Flow,
+}
+
+/// How a connection's sending went, from the kernel's own counters on the socket: the time
+/// it had data to send (`tcpi_busy_time`), of which how long the receiver's window
+/// (`tcpi_rwnd_limited`: a slow reader on the other side) or this side's send buffer
+/// (`tcpi_sndbuf_limited`: an application here that does not write fast enough) held it
+/// back, microseconds, as `ss -ti` shows them; and the segments the peer reported received
+/// twice (`tcpi_dsack_dups`): retransmissions that were not needed (spurious).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    pub busy_us: u64,
+    pub rwnd_limited_us: u64,
+    pub sndbuf_limited_us: u64,
+    pub spurious_retransmits: u64,
+}
+
+impl Flow {
+    /// From the probe's reading at a close (`Transition::chrono_jiffies`, `dsack_dups`), in
+    /// microseconds as the kernel converts them for `tcp_info`.
+    pub fn from_close(t: &Transition) -> Flow {
+        let us = |j: u32| u64::from(j) * jiffy_us();
+        let [busy, rwnd, sndbuf] = t.chrono_jiffies.map(us);
+        Flow {
+            busy_us: busy + rwnd + sndbuf,
+            rwnd_limited_us: rwnd,
+            sndbuf_limited_us: sndbuf,
+            spurious_retransmits: u64::from(t.dsack_dups),
+        }
+    }
+
+    /// What grew from `earlier` to this.
+    pub fn since(&self, earlier: &Flow) -> Flow {
+        Flow {
+            busy_us: self.busy_us.saturating_sub(earlier.busy_us),
+            rwnd_limited_us: self.rwnd_limited_us.saturating_sub(earlier.rwnd_limited_us),
+            sndbuf_limited_us: self
+                .sndbuf_limited_us
+                .saturating_sub(earlier.sndbuf_limited_us),
+            spurious_retransmits: self
+                .spurious_retransmits
+                .saturating_sub(earlier.spurious_retransmits),
+        }
+    }
+}
+
+/// Microseconds per jiffy, as the kernel counts them for `tcp_info` (`USEC_PER_SEC / HZ`).
+/// `HZ` is read from the resolution of the coarse clock, which is one tick.
+fn jiffy_us() -> u64 {
+    static US: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *US.get_or_init(|| {
+        let mut res = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid clock id and a valid out pointer.
+        let ok = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) } == 0;
+        let tick_ns = if ok {
+            res.tv_sec as u64 * 1_000_000_000 + res.tv_nsec as u64
+        } else {
+            0
+        };
+        // HZ is 100, 250, 300 or 1000; a tick's nanoseconds round to it. (4 ms, HZ 250,
+        // where the clock says nothing.)
+        let hz = (1_000_000_000 + tick_ns / 2)
+            .checked_div(tick_ns)
+            .unwrap_or(250);
+        1_000_000 / hz.max(1)
+    })
 }
 
 impl Closed {
@@ -368,11 +440,13 @@ pub fn observe(t: &Transition, mut sink: impl FnMut(Observation)) {
         .saturating_sub(syn + fin(close_flags::FIN_ACKED));
     let bytes_sent = mode.map(|_| sent);
     let bytes_received = t.bytes_received.saturating_sub(fin(close_flags::PEER_FIN));
+    let flow = Flow::from_close(t);
     let interval = Interval {
         start_ns: established,
         bytes_sent,
         bytes_received,
         retransmits: u64::from(t.total_retrans),
+        flow,
     };
     sink(Observation::Closed(Closed {
         mode,
@@ -398,6 +472,7 @@ pub fn observe(t: &Transition, mut sink: impl FnMut(Observation)) {
             t.rtt_min_us
         },
         reset_reason: (t.socket_flags & socket::RESET_SENT != 0).then_some(t.reset_reason),
+        flow,
         interval,
         data_sent: sent,
     }));

@@ -9,7 +9,7 @@ use tracer_common::{AF_INET, AF_INET6, COMM_LEN};
 
 use crate::stream::event::{self, Transition};
 use crate::stream::live::Update;
-use crate::stream::{Closed, Ending, Interval, Mode};
+use crate::stream::{Closed, Ending, Flow, Interval, Mode};
 
 /// Which kind a record is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,6 +59,12 @@ pub struct Record {
     pub retransmits: u64,
     pub srtt_us: u32,
     pub rtt_min_us: u32,
+    /// Time sending and what limited it, spurious retransmissions: totals since it opened
+    /// (the kernel counts them from the start, for a connection older than the agent too).
+    pub flow: Flow,
+    /// Update records only: the window the peer advertises now (0: a zero window, its
+    /// application not reading), where the kernel tells.
+    pub snd_wnd: Option<u32>,
     /// Since the previous record of this connection (or its opening).
     pub interval: Interval,
     /// Close records only: how it ended, `sk_err`, and why the kernel reset it.
@@ -93,6 +99,8 @@ impl Record {
             retransmits: u64::from(c.retransmits),
             srtt_us: c.srtt_us,
             rtt_min_us: c.rtt_min_us,
+            flow: c.flow,
+            snd_wnd: None,
             interval: c.interval,
             ending: Some(c.ending),
             sk_err: c.sk_err,
@@ -133,6 +141,8 @@ impl Record {
             retransmits: s.counters.retransmits,
             srtt_us: s.srtt_us,
             rtt_min_us: s.rtt_min_us,
+            flow: s.counters.flow,
+            snd_wnd: s.snd_wnd,
             interval: u.interval,
             ending: None,
             sk_err: 0,
@@ -175,9 +185,11 @@ mod tests {
                 sent,
                 received,
                 retransmits: 1,
+                flow: Flow::default(),
             },
             srtt_us: 100,
             rtt_min_us: 50,
+            snd_wnd: Some(65_535),
         }
     }
 
