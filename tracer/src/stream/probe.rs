@@ -389,9 +389,13 @@ impl Probe {
     /// `kernel.bpf_stats_enabled` is 1 (off by default: the timing itself costs about 20 ns
     /// a run); otherwise every figure is 0.
     pub fn program_stats(&self) -> Result<Vec<ProgramStats>> {
-        let mut out = Vec::with_capacity(PROGRAMS.len());
-        for (name, _) in PROGRAMS {
-            let loaded = object_program(name, self.variants);
+        // Each tracepoint's name, and the program loaded for it.
+        let loaded = PROGRAMS
+            .iter()
+            .map(|&(name, _)| (name, object_program(name, self.variants)))
+            .chain(self.variants.drops.map(|p| (DROP_TRACEPOINT, p)));
+        let mut out = Vec::with_capacity(PROGRAMS.len() + 1);
+        for (name, loaded) in loaded {
             let program: &BtfTracePoint = self
                 .ebpf
                 .program(loaded)
@@ -400,19 +404,6 @@ impl Probe {
             let info = program_info(program.fd()?.as_fd())?;
             out.push(ProgramStats {
                 name,
-                runs: info.run_cnt,
-                run_ns: info.run_time_ns,
-            });
-        }
-        if let Some(loaded) = self.variants.drops {
-            let program: &BtfTracePoint = self
-                .ebpf
-                .program(loaded)
-                .with_context(|| format!("program {loaded}"))?
-                .try_into()?;
-            let info = program_info(program.fd()?.as_fd())?;
-            out.push(ProgramStats {
-                name: DROP_TRACEPOINT,
                 runs: info.run_cnt,
                 run_ns: info.run_time_ns,
             });
