@@ -116,6 +116,9 @@ pub struct Transition {
     /// pacing), [`chrono::RWND_LIMITED`] (the receiver's window), [`chrono::SNDBUF_LIMITED`]
     /// (this side's send buffer). Their sum is `tcpi_busy_time`.
     pub chrono_jiffies: [u32; 3],
+    /// Segments retransmitted so far, by kind, as the probe counted them on the socket
+    /// ([`SocketState::retransmits`], from its storage; 0 where it has none).
+    pub retransmits: [u32; retransmit::STORED],
     pub _pad: [u8; 4],
 }
 
@@ -127,7 +130,7 @@ pub mod chrono {
 }
 
 // The layout both sides rely on: no implicit padding, `comm` 8-byte aligned.
-const _: () = assert!(core::mem::size_of::<Transition>() == 184);
+const _: () = assert!(core::mem::size_of::<Transition>() == 200);
 const _: () = assert!(core::mem::offset_of!(Transition, comm) == 56);
 const _: () = assert!(core::mem::offset_of!(Transition, since_ns) == 128);
 
@@ -163,9 +166,15 @@ pub struct SocketState {
     /// The state the probe last saw the socket enter (0: none yet).
     pub state: u8,
     pub _pad: u8,
+    /// Segments retransmitted since it opened, by kind, indexed by the [`retransmit`] kinds
+    /// below [`retransmit::STORED`]: timeouts, fast retransmits and tail loss probes as the
+    /// retransmission program tells them, and the handshake's (SYNs of an active open,
+    /// SYN-ACKs of a passive one: `tcp_sock.total_retrans` when it became ESTABLISHED, which
+    /// for a passive child starts from its request socket's retransmissions).
+    pub retransmits: [u32; retransmit::STORED],
 }
 
-const _: () = assert!(core::mem::size_of::<SocketState>() == 72);
+const _: () = assert!(core::mem::size_of::<SocketState>() == 88);
 const _: () = assert!(core::mem::offset_of!(SocketState, comm) == 40);
 
 /// Bits of [`SocketState::flags`] and [`Transition::socket_flags`].
@@ -292,6 +301,11 @@ pub mod retransmit {
     /// A socket that is not a full TCP socket: the probe cannot read its state.
     pub const OTHER: u16 = 5;
     pub const KINDS: usize = 6;
+    /// The kinds a socket's storage counts ([`super::SocketState::retransmits`]): the first
+    /// four, where the fourth, [`SYN`], stands for the handshake's retransmissions of either
+    /// side (SYN-ACKs on a passive connection).
+    pub const STORED: usize = 4;
+    pub const HANDSHAKE: usize = SYN as usize;
     /// The `kind` label values, indexed by kind.
     pub const NAMES: [&str; KINDS] = [
         "timeout",

@@ -49,7 +49,7 @@ pub fn tcp_retransmit_skb_err(ctx: BtfTracePointContext) -> i32 {
 /// Counts a retransmitted skb's segments (`tcp_skb_pcount`, as `TcpRetransSegs` and
 /// `tcp_sock.total_retrans` count them) under the socket's service port, as its storage
 /// keeps it (the remote port for a socket the probe did not see open), and its kind
-/// ([`retransmit_kind`]).
+/// ([`retransmit_kind`]), also on the socket's storage.
 #[inline(always)]
 fn count_retransmit(ctx: &BtfTracePointContext, sk: *const u8, skb: *const u8) {
     let s = socket_state(sk, false);
@@ -61,7 +61,18 @@ fn count_retransmit(ctx: &BtfTracePointContext, sk: *const u8, skb: *const u8) {
     };
     let segs: u16 = read_or_report(ctx, skb, offset!(skb_gso_segs), field::GSO_SEGS);
     let segs = u64::from(segs.max(1));
-    let key = u32::from(retransmit_kind(sk)) << 16 | u32::from(port);
+    let kind = retransmit_kind(sk);
+    // Kept on the socket too, for its records: timeouts, fast retransmits and tail loss
+    // probes (the handshake's are taken from `total_retrans` when it is established).
+    if let Some(s) = unsafe { s.as_mut() } {
+        if usize::from(kind) < retransmit::HANDSHAKE {
+            // SAFETY: as above; a socket retransmits under its lock, so no other program
+            // writes this counter meanwhile.
+            let n = &mut s.retransmits[usize::from(kind)];
+            *n = n.wrapping_add(segs as u32);
+        }
+    }
+    let key = u32::from(kind) << 16 | u32::from(port);
     if let Some(n) = RETRANSMITS.get_ptr_mut(&key) {
         // SAFETY: this CPU's value of a per-CPU map; preemption is disabled here.
         unsafe { *n += segs };

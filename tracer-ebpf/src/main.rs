@@ -363,6 +363,14 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
     } else {
         0u32
     };
+    // The handshake's retransmissions (SYNs, or SYN-ACKs: a child starts from its request
+    // socket's count), all there are when a connection becomes ESTABLISHED.
+    let handshake_retransmits = if newstate == state::ESTABLISHED {
+        // SAFETY: a `u32` field of `struct tcp_sock`.
+        unsafe { field::<u32>(tp, offset!(total_retrans)) }
+    } else {
+        0u32
+    };
 
     // The event is stamped with the state as it stood before this transition; a full ring
     // loses the event, never the socket's state.
@@ -388,7 +396,7 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
     }
     if !s.is_null() {
         // SAFETY: as above.
-        unsafe { advance(&mut *s, oldstate, newstate, now, srtt_us) };
+        unsafe { advance(&mut *s, oldstate, newstate, now, srtt_us, handshake_retransmits) };
     }
     Ok(())
 }

@@ -4,7 +4,8 @@
 use super::*;
 
 /// Writes what the socket's storage tells into the event: the owner, cgroup, namespace,
-/// service port, the times and the flags (all 0 where there is no storage).
+/// service port, the times, the flags and the retransmissions by kind (all 0 where there is
+/// no storage).
 ///
 /// # Safety
 /// `t` must point at a reserved ring buffer record and `s` be null or a socket's storage.
@@ -24,6 +25,9 @@ pub(crate) unsafe fn write_stamps(t: *mut Transition, s: *const SocketState, ski
         addr_of_mut!((*t).port).write_volatile(0);
         addr_of_mut!((*t).socket_flags).write_volatile(0);
         addr_of_mut!((*t).reset_reason).write_volatile(0);
+        let kinds = addr_of_mut!((*t).retransmits) as *mut u64;
+        kinds.write_volatile(0);
+        kinds.add(1).write_volatile(0);
     } else {
         let (from, to) = (addr_of!((*s).comm) as *const u64, comm as *mut u64);
         to.write(from.read());
@@ -39,6 +43,13 @@ pub(crate) unsafe fn write_stamps(t: *mut Transition, s: *const SocketState, ski
         let skipped = if skipped { socket::SKIPPED } else { 0 };
         addr_of_mut!((*t).socket_flags).write((*s).flags | skipped);
         addr_of_mut!((*t).reset_reason).write((*s).reset_reason);
+        // Four u32 counters, 8-byte aligned in both: two stores.
+        let (from, to) = (
+            addr_of!((*s).retransmits) as *const u64,
+            addr_of_mut!((*t).retransmits) as *mut u64,
+        );
+        to.write(from.read());
+        to.add(1).write(from.add(1).read());
     }
     addr_of_mut!((*t)._pad).write([0; 4]);
 }

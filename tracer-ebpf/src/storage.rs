@@ -95,13 +95,23 @@ pub(crate) unsafe fn prepare(
     addr_of_mut!(s.established_ns).write_volatile(0);
     addr_of_mut!(s.teardown_ns).write_volatile(0);
     s.reset_reason = 0;
+    let kinds = addr_of_mut!(s.retransmits) as *mut u64;
+    kinds.write_volatile(0);
+    kinds.add(1).write_volatile(0);
     s.state = old;
     false
 }
 
 /// Moves the socket's state past this transition.
 #[inline(always)]
-pub(crate) fn advance(s: &mut SocketState, old: u8, new: u8, now: u64, srtt_us: u32) {
+pub(crate) fn advance(
+    s: &mut SocketState,
+    old: u8,
+    new: u8,
+    now: u64,
+    srtt_us: u32,
+    handshake_retransmits: u32,
+) {
     match (old, new) {
         (state::CLOSE, state::SYN_SENT) => s.opened_ns = now,
         // srtt_us holds the smoothed RTT times 8; a new child has one sample, from its first
@@ -126,6 +136,7 @@ pub(crate) fn advance(s: &mut SocketState, old: u8, new: u8, now: u64, srtt_us: 
     }
     if new == state::ESTABLISHED {
         s.established_ns = now;
+        s.retransmits[retransmit::HANDSHAKE] = handshake_retransmits;
     }
     s.state = new;
     s.since_ns = now;

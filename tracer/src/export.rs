@@ -31,6 +31,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
 use opentelemetry_proto::tonic::logs::v1::{LogRecord, SeverityNumber};
 use opentelemetry_proto::tonic::resource::v1::Resource;
+use tracer_common::retransmit;
 use parking_lot::{Condvar, Mutex};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use prost::Message;
@@ -602,6 +603,15 @@ fn log_record(
             a.push(int(key, v));
         }
     };
+    // Retransmissions by kind: those that happened (a kind absent is 0).
+    for (k, name) in retransmit::NAMES.iter().enumerate() {
+        let (total, interval) = (r.flow.retransmits[k], r.interval.flow.retransmits[k]);
+        opt(&format!("tracer.retransmits.{name}"), (total > 0).then_some(total));
+        opt(
+            &format!("tracer.interval.retransmits.{name}"),
+            (interval > 0).then_some(interval),
+        );
+    }
     opt("tracer.bytes_sent", r.bytes_sent);
     opt("tracer.snd_wnd", r.snd_wnd.map(u64::from));
     opt("tracer.interval.bytes_sent", r.interval.bytes_sent);

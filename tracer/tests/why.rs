@@ -1,6 +1,7 @@
-//! Why a connection is slow: retransmissions by kind, each cause made on purpose with
-//! nftables in a network namespace of the test's and each figure compared with the kernel's
-//! own counters there (`nstat`: `/proc/net/netstat` and `/proc/net/snmp`).
+//! Why a connection is slow: retransmissions by kind (per port and in each connection's
+//! close record), each cause made on purpose with nftables in a network namespace of the
+//! test's and each figure compared with the kernel's own counters there (`nstat`:
+//! `/proc/net/netstat` and `/proc/net/snmp`).
 
 mod common;
 
@@ -76,6 +77,10 @@ fn retransmissions_by_kind_equal_the_kernels_own_counters() {
         args.extend(["--port", p.as_str()]);
     }
     let agent = Agent::start(&args);
+    let mut watch_args = vec!["watch", "--connections", "--json"];
+    watch_args.extend(args.iter().copied());
+    let watch = Tracer::start(&watch_args, true);
+    settle();
     let start = kernel_counters(&ns);
     let mut per_cause = Vec::new();
 
@@ -219,6 +224,31 @@ fn retransmissions_by_kind_equal_the_kernels_own_counters() {
                 "{all}"
             ),
         }
+    }
+
+    // The same kinds connection by connection, in the close records: what the probe counted
+    // on each socket adds up to the port's counts, and to each connection's own total.
+    settle();
+    let records = watch.stop_with(libc::SIGINT).json();
+    for (port, kinds) in &seen {
+        let closes: Vec<&serde_json::Value> = records
+            .iter()
+            .filter(|r| r["record"] == "close" && (r["sport"] == *port || r["dport"] == *port))
+            .collect();
+        // No listener on the SYN port: the client's socket alone.
+        let sockets = if *port == SYN_PORT { 1 } else { 2 };
+        assert_eq!(closes.len(), sockets, "port {port}: {closes:?}");
+        let mut sum: BTreeMap<&str, u64> = BTreeMap::new();
+        for r in &closes {
+            let of = |k: &str| r["retransmits_by_kind"][k].as_u64().unwrap();
+            let total: u64 = KINDS.iter().map(|&k| of(k)).sum();
+            assert_eq!(Some(total), r["segments_retransmitted"].as_u64(), "{r}");
+            for k in KINDS {
+                *sum.entry(k).or_default() += of(k);
+            }
+        }
+        sum.retain(|_, n| *n > 0);
+        assert_eq!(&sum, kinds, "port {port}: close records {closes:?}");
     }
 }
 
@@ -450,6 +480,18 @@ fn a_receiver_that_stops_reading_makes_the_sender_window_limited_as_ss_says() {
         .collect();
     let (close, updates) = mine.split_last().expect("records");
     assert_eq!(close["record"], "close", "{mine:?}");
+    // Every record's retransmissions by kind add up to its segments retransmitted, over its
+    // life and over its interval (the tail loss probes of the window probes, if any).
+    for r in &mine {
+        for (kinds, total) in [
+            ("retransmits_by_kind", "segments_retransmitted"),
+            ("interval_retransmits_by_kind", "interval_segments_retransmitted"),
+        ] {
+            let sum: u64 = KINDS.iter().map(|&k| r[kinds][k].as_u64().unwrap()).sum();
+            assert_eq!(Some(sum), r[total].as_u64(), "{r}");
+            assert_eq!(r[kinds]["other"], 0, "{r}");
+        }
+    }
     let between: Vec<_> = updates
         .iter()
         .filter(|u| {

@@ -530,6 +530,24 @@ fn churn_on(listener: TcpListener, duration: Duration) -> Result<(u64, u64)> {
     Ok((completed, addr_errors.load(Ordering::Relaxed)))
 }
 
+/// Connects refused in the probe-cost phase, so that the drop program's cost per run is
+/// measured on drops (each refused SYN is one, reason `no_socket`).
+const REFUSED_CONNECTS: usize = 20_000;
+
+/// Connects `n` times to a loopback port nobody listens on (the discard port, 9), each
+/// refused by a reset; returns how many were refused.
+fn refused_connects(n: usize) -> Result<usize> {
+    let mut refused = 0;
+    for _ in 0..n {
+        match std::net::TcpStream::connect(("127.0.0.1", 9)) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => refused += 1,
+            Err(e) => return Err(e).context("connecting to 127.0.0.1:9"),
+            Ok(_) => bail!("something listens on 127.0.0.1:9: the bench needs it closed"),
+        }
+    }
+    Ok(refused)
+}
+
 fn free_port() -> Result<SocketAddr> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
@@ -723,6 +741,7 @@ fn probe_cost_phase(duration: Duration, with_bpftrace: bool) -> Result<()> {
         let addr = free_port()?;
         let mut tracer = TracerProcess::start(&["run", "--listen", &addr.to_string()], Some(addr))?;
         let (conns, _) = churn(duration)?;
+        let refused = refused_connects(REFUSED_CONNECTS)?;
         std::thread::sleep(Duration::from_millis(1_200)); // one sync of the probe's figures
         let text = scrape(addr)?;
         // Read while both are attached: the kernel forgets a program's figures when it goes.
@@ -736,10 +755,10 @@ fn probe_cost_phase(duration: Duration, with_bpftrace: bool) -> Result<()> {
         if let Some(b) = bpftrace.as_mut() {
             b.stop()?;
         }
-        Ok::<_, anyhow::Error>((conns, text, bpftrace_cost))
+        Ok::<_, anyhow::Error>((conns, refused, text, bpftrace_cost))
     })();
     std::fs::write(SYSCTL, before.trim()).context("restoring kernel.bpf_stats_enabled")?;
-    let (conns, text, bpftrace_cost) = result?;
+    let (conns, refused, text, bpftrace_cost) = result?;
     println!(
         "probe cost (kernel.bpf_stats_enabled=1, one run, {:.0} conn/s, tracer run and bpftrace \
          counting attached at once):",
@@ -771,6 +790,15 @@ fn probe_cost_phase(duration: Duration, with_bpftrace: bool) -> Result<()> {
     println!(
         "  tracer: {per_transition:.0} ns per transition (inet_sock_set_state and its rescue \
          program, both run for every transition)"
+    );
+    let drops = sample(
+        &text,
+        "tracer_tcp_drops_total{port=\"other\",reason=\"no_socket\"}",
+    ) + sample(&text, "tracer_tcp_drops_total{port=\"9\",reason=\"no_socket\"}");
+    println!(
+        "  then {refused} connects refused by a closed port: the kernel drops each SYN \
+         (no_socket), {drops:.0} such drops counted; kfree_skb runs for every packet freed \
+         as dropped, TCP or not (its line above)"
     );
     for (name, runs, ns) in bpftrace_cost {
         let per_run = if runs > 0 {

@@ -23,7 +23,7 @@ use crate::stream::ring::EventRings;
 use crate::stream::{self, Closed, Ending, Observation};
 use crate::workload::{Resolver, Workload};
 use std::sync::Arc;
-use tracer_common::SENT_RESET;
+use tracer_common::{retransmit, SENT_RESET};
 
 /// How long a close record waits for the reset its socket may send: the kernel sends it just
 /// after the transition to CLOSE (tens of microseconds later on an idle host), in the same
@@ -516,6 +516,17 @@ impl Printer {
                 i.spurious_retransmits,
                 opt(r.snd_wnd.map(u64::from)),
             )?;
+            for (key, kinds) in [
+                ("retransmits_by_kind", &f.retransmits),
+                ("interval_retransmits_by_kind", &i.retransmits),
+            ] {
+                write!(out, ",\"{key}\":{{")?;
+                for (k, name) in retransmit::NAMES.iter().enumerate() {
+                    let comma = if k > 0 { "," } else { "" };
+                    write!(out, "{comma}\"{name}\":{}", kinds[k])?;
+                }
+                out.write_all(b"}")?;
+            }
             out.write_all(b",\"ending\":")?;
             serde_json::to_writer(&mut *out, &r.ending.map(Ending::name))?;
             let sk_err = r.ending.map(|_| r.sk_err);

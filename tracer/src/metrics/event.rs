@@ -249,7 +249,8 @@ impl EventMetrics {
                 "Time connections had data to send, by what held them back: network (the \
                  congestion window or pacing), receive_window (the peer's window: its \
                  application reads slowly or not at all), send_buffer (this side's send \
-                 buffer: the application here writes too little at a time), from the \
+                 buffer, full of data sent and not yet acknowledged: too small for the \
+                 path, the application waiting to write more), from the \
                  kernel's counters on each socket (tcp_sock.chrono_stat, as tcp_info's \
                  tcpi_busy_time, tcpi_rwnd_limited, tcpi_sndbuf_limited); counted while a \
                  connection lives, at each periodic report, and the rest at its close; \

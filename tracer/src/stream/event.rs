@@ -221,6 +221,7 @@ pub(crate) mod tests {
             socket_flags: 0,
             dsack_dups: 0,
             chrono_jiffies: [0; 3],
+            retransmits: [0; 4],
             _pad: [0; 4],
         }
     }

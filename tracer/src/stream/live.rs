@@ -131,6 +131,12 @@ pub fn samples(census: &HostCensus, interval: std::time::Duration) -> LiveCensus
                         rwnd_limited_us: tcp.rwnd_limited_us,
                         sndbuf_limited_us: tcp.sndbuf_limited_us,
                         spurious_retransmits: u64::from(tcp.dsack_dups),
+                        retransmits: crate::stream::retransmits_by_kind(
+                            storage.retransmits,
+                            storage.flags,
+                            storage.established_ns,
+                            u64::from(tcp.total_retrans),
+                        ),
                     },
                 },
                 srtt_us: tcp.rtt_us,

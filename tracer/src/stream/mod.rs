@@ -20,7 +20,7 @@ pub mod probe;
 pub mod record;
 pub mod ring;
 
-use tracer_common::{close_flags, socket, state, SENT_RESET};
+use tracer_common::{close_flags, retransmit, socket, state, SENT_RESET};
 
 use crate::stream::event::Transition;
 
@@ -189,20 +189,25 @@ pub struct Interval {
 /// How a connection's sending went, from the kernel's own counters on the socket: the time
 /// it had data to send (`tcpi_busy_time`), of which how long the receiver's window
 /// (`tcpi_rwnd_limited`: a slow reader on the other side) or this side's send buffer
-/// (`tcpi_sndbuf_limited`: an application here that does not write fast enough) held it
-/// back, microseconds, as `ss -ti` shows them; and the segments the peer reported received
-/// twice (`tcpi_dsack_dups`): retransmissions that were not needed (spurious).
+/// (`tcpi_sndbuf_limited`: all it holds in flight and the application waiting to write
+/// more, a buffer too small for the path) held it
+/// back, microseconds, as `ss -ti` shows them; the segments the peer reported received
+/// twice (`tcpi_dsack_dups`): retransmissions that were not needed (spurious); and the
+/// segments retransmitted by kind ([`retransmits_by_kind`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
     pub busy_us: u64,
     pub rwnd_limited_us: u64,
     pub sndbuf_limited_us: u64,
     pub spurious_retransmits: u64,
+    /// Indexed by the kinds of `tracer_common::retransmit` (`NAMES`): the same kinds as
+    /// `tracer_tcp_retransmits_total`; they add up to the connection's `total_retrans`.
+    pub retransmits: [u64; retransmit::KINDS],
 }
 
 impl Flow {
-    /// From the probe's reading at a close (`Transition::chrono_jiffies`, `dsack_dups`), in
-    /// microseconds as the kernel converts them for `tcp_info`.
+    /// From the probe's reading at a close (`Transition::chrono_jiffies`, `dsack_dups`,
+    /// `retransmits`), in microseconds as the kernel converts them for `tcp_info`.
     pub fn from_close(t: &Transition) -> Flow {
         let us = |j: u32| u64::from(j) * jiffy_us();
         let [busy, rwnd, sndbuf] = t.chrono_jiffies.map(us);
@@ -211,11 +216,21 @@ impl Flow {
             rwnd_limited_us: rwnd,
             sndbuf_limited_us: sndbuf,
             spurious_retransmits: u64::from(t.dsack_dups),
+            retransmits: retransmits_by_kind(
+                t.retransmits,
+                t.socket_flags,
+                t.established_ns,
+                u64::from(t.total_retrans),
+            ),
         }
     }
 
     /// What grew from `earlier` to this.
     pub fn since(&self, earlier: &Flow) -> Flow {
+        let mut retransmits = [0; retransmit::KINDS];
+        for (k, n) in retransmits.iter_mut().enumerate() {
+            *n = self.retransmits[k].saturating_sub(earlier.retransmits[k]);
+        }
         Flow {
             busy_us: self.busy_us.saturating_sub(earlier.busy_us),
             rwnd_limited_us: self.rwnd_limited_us.saturating_sub(earlier.rwnd_limited_us),
@@ -225,8 +240,48 @@ impl Flow {
             spurious_retransmits: self
                 .spurious_retransmits
                 .saturating_sub(earlier.spurious_retransmits),
+            retransmits,
         }
     }
+}
+
+/// A connection's `total` retransmitted segments by kind, from what the probe counted on its
+/// socket (`stored`, `SocketState::retransmits`), its storage's `flags` and when it became
+/// ESTABLISHED (0: not seen). The handshake's are SYNs on an active connection and SYN-ACKs
+/// on a passive one; a connection that never became ESTABLISHED retransmitted nothing but
+/// its handshake. What the probe did not count is `other`: retransmissions before it saw the
+/// socket (an agent started after it opened), and those that failed to leave this host
+/// (`total_retrans` counts them, the probe's tracepoint leaves them out).
+pub fn retransmits_by_kind(
+    stored: [u32; retransmit::STORED],
+    flags: u16,
+    established_ns: u64,
+    total: u64,
+) -> [u64; retransmit::KINDS] {
+    let mut out = [0u64; retransmit::KINDS];
+    let handshake = if flags & socket::ACTIVE != 0 {
+        Some(retransmit::SYN)
+    } else if flags & socket::PASSIVE != 0 {
+        Some(retransmit::SYNACK)
+    } else {
+        None
+    };
+    let mut counted = 0;
+    for k in [retransmit::TIMEOUT, retransmit::FAST, retransmit::TAIL_LOSS_PROBE] {
+        out[usize::from(k)] = u64::from(stored[usize::from(k)]);
+        counted += out[usize::from(k)];
+    }
+    if let Some(h) = handshake {
+        let n = if established_ns != 0 {
+            u64::from(stored[retransmit::HANDSHAKE])
+        } else {
+            total.saturating_sub(counted)
+        };
+        out[usize::from(h)] = n;
+        counted += n;
+    }
+    out[usize::from(retransmit::OTHER)] = total.saturating_sub(counted);
+    out
 }
 
 /// Microseconds per jiffy, as the kernel counts them for `tcp_info` (`USEC_PER_SEC / HZ`).
@@ -492,6 +547,28 @@ mod tests {
         t.socket_flags = flags | since.map_or(0, |_| socket::SINCE_SEEN);
         t.port = 8080;
         t
+    }
+
+    #[test]
+    fn retransmissions_by_kind_add_up_to_the_kernels_total() {
+        // [timeout, fast, tail_loss_probe, syn, synack, other]
+        let kinds = |stored, flags, established, total| {
+            retransmits_by_kind(stored, flags, established, total)
+        };
+        // An active connection: 2 SYNs before it was established, then 3 timeouts, 1 fast
+        // retransmit, 1 probe; 2 more the probe did not see (total_retrans says 9).
+        assert_eq!(
+            kinds([3, 1, 1, 2], socket::ACTIVE, 5, 9),
+            [3, 1, 1, 2, 0, 2]
+        );
+        // A passive one whose request socket resent its SYN-ACK once.
+        assert_eq!(kinds([0, 0, 0, 1], socket::PASSIVE, 5, 1), [0, 0, 0, 0, 1, 0]);
+        // A connect that timed out: every retransmission was a SYN.
+        assert_eq!(kinds([0; 4], socket::ACTIVE, 0, 2), [0, 0, 0, 2, 0, 0]);
+        // A socket older than the probe: what it did before is `other`.
+        assert_eq!(kinds([1, 0, 0, 0], 0, 0, 4), [1, 0, 0, 0, 0, 3]);
+        // `other` is what is left of the total, never below 0.
+        assert_eq!(kinds([5, 0, 0, 0], socket::ACTIVE, 5, 3), [5, 0, 0, 0, 0, 0]);
     }
 
     /// Everything but transitions, dwells and records that `events` tell.
