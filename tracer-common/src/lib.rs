@@ -119,7 +119,10 @@ pub struct Transition {
     /// Segments retransmitted so far, by kind, as the probe counted them on the socket
     /// ([`SocketState::retransmits`], from its storage; 0 where it has none).
     pub retransmits: [u32; retransmit::STORED],
-    pub _pad: [u8; 4],
+    /// How long the connection waited in its listener's accept queue, from the handshake's
+    /// end to the server's `accept()`, in microseconds (0: not accepted yet, or not a passive
+    /// connection); in an [`ACCEPTED`] event and, from the socket's storage, in later ones.
+    pub accept_wait_us: u32,
 }
 
 /// Indexes of [`Transition::chrono_jiffies`]: the kernel's `enum tcp_chrono` less one.
@@ -172,9 +175,12 @@ pub struct SocketState {
     /// SYN-ACKs of a passive one: `tcp_sock.total_retrans` when it became ESTABLISHED, which
     /// for a passive child starts from its request socket's retransmissions).
     pub retransmits: [u32; retransmit::STORED],
+    /// As [`Transition::accept_wait_us`].
+    pub accept_wait_us: u32,
+    pub _pad2: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<SocketState>() == 88);
+const _: () = assert!(core::mem::size_of::<SocketState>() == 96);
 const _: () = assert!(core::mem::offset_of!(SocketState, comm) == 40);
 
 /// Bits of [`SocketState::flags`] and [`Transition::socket_flags`].
@@ -206,6 +212,11 @@ pub mod socket {
 /// namespace, cgroup and counters are 0. Sent only when userspace asks for them (`RESET_EVENTS`)
 /// and the kernel gives a reason; never by listeners, request or TIME-WAIT sockets.
 pub const SENT_RESET: u8 = 0x40;
+
+/// `newstate` of an event that is not a state change: the server accepted the connection
+/// (`inet_csk_accept` returned it). `oldstate` is its state then (ESTABLISHED, or CLOSE_WAIT
+/// when the client already closed), `accept_wait_us` how long it waited in the accept queue.
+pub const ACCEPTED: u8 = 0x41;
 
 /// Byte offsets of the kernel fields the probe reads from a `struct sock *`.
 ///

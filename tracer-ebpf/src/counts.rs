@@ -231,7 +231,7 @@ pub(crate) fn report_reset(ctx: &BtfTracePointContext, sk: *const u8, state: u8,
 /// Out of line: the per-event path pays for it only when something went wrong, and a burst
 /// of problems costs a map lookup and a clock read each, not a log record.
 #[inline(never)]
-pub(crate) fn report(ctx: &BtfTracePointContext, problem: u32, detail: u32) {
+pub(crate) fn report(ctx: &impl EbpfContext, problem: u32, detail: u32) {
     count(problem);
     let Some(logged_at) = LOGGED_AT.get_ptr_mut(problem) else {
         return;

@@ -35,7 +35,7 @@ pub(crate) fn read<T>(base: *const u8, offset: usize) -> Result<T, i32> {
 /// (`tracer_common::field`).
 #[inline(always)]
 pub(crate) fn read_or_report<T: Default>(
-    ctx: &BtfTracePointContext,
+    ctx: &impl EbpfContext,
     base: *const u8,
     offset: usize,
     which: u32,

@@ -33,20 +33,22 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_get_socket_cookie,
         bpf_ktime_get_ns, bpf_probe_read_kernel, generated as gen,
     },
-    macros::{btf_map, btf_tracepoint, map},
+    macros::{btf_map, btf_tracepoint, fexit, map},
     maps::{ring_buf::RingBufEntry, Array, PerCpuArray, PerCpuHashMap},
-    programs::BtfTracePointContext,
+    programs::{BtfTracePointContext, FExitContext},
+    EbpfContext,
 };
 use aya_log_ebpf::{error, warn};
 use core::ffi::c_void;
 use core::ptr::{addr_of, addr_of_mut};
 use tracer_common::{
     close_flags, counter, field, retransmit, socket, state, SockOffsets, SocketState, Transition,
-    AF_INET, AF_INET6, COMM_LEN, IPPROTO_TCP, MAX_DROP_KEYS, MAX_RETRANSMIT_PORTS,
+    ACCEPTED, AF_INET, AF_INET6, COMM_LEN, IPPROTO_TCP, MAX_DROP_KEYS, MAX_RETRANSMIT_PORTS,
     MAX_SYNACK_PORTS, PORT_FILTER_LEN, RESET_REASONS as RESET_REASONS_LEN, RESET_RECEIVED,
     RESET_SENT, RESET_STATES, SENT_RESET, SOCK_DONE,
 };
 
+mod accept;
 mod counts;
 mod drops;
 mod kernel;
@@ -117,6 +119,11 @@ static FILTER_PORTS: u8 = 0;
 /// --connections`, whose records say why a connection was reset); the agent counts them only.
 #[no_mangle]
 static RESET_EVENTS: u8 = 0;
+
+/// 1 when userspace wants an event for each connection accepted (the agent's accept-queue
+/// histogram); `watch` reads the wait from the close record alone.
+#[no_mangle]
+static ACCEPT_EVENTS: u8 = 0;
 
 /// The transitions: one ring buffer per CPU, indexed by CPU number, created and sized by
 /// userspace (`--ring-buffer-size`), which merges them in time order.
@@ -396,7 +403,16 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
     }
     if !s.is_null() {
         // SAFETY: as above.
-        unsafe { advance(&mut *s, oldstate, newstate, now, srtt_us, handshake_retransmits) };
+        unsafe {
+            advance(
+                &mut *s,
+                oldstate,
+                newstate,
+                now,
+                srtt_us,
+                handshake_retransmits,
+            )
+        };
     }
     Ok(())
 }

@@ -28,6 +28,7 @@ pub(crate) unsafe fn write_stamps(t: *mut Transition, s: *const SocketState, ski
         let kinds = addr_of_mut!((*t).retransmits) as *mut u64;
         kinds.write_volatile(0);
         kinds.add(1).write_volatile(0);
+        addr_of_mut!((*t).accept_wait_us).write_volatile(0);
     } else {
         let (from, to) = (addr_of!((*s).comm) as *const u64, comm as *mut u64);
         to.write(from.read());
@@ -50,8 +51,8 @@ pub(crate) unsafe fn write_stamps(t: *mut Transition, s: *const SocketState, ski
         );
         to.write(from.read());
         to.add(1).write(from.add(1).read());
+        addr_of_mut!((*t).accept_wait_us).write((*s).accept_wait_us);
     }
-    addr_of_mut!((*t)._pad).write([0; 4]);
 }
 
 /// Writes what only a transition to CLOSE carries (zeroes elsewhere), and the handshake's
@@ -159,7 +160,7 @@ pub(crate) fn reserve() -> Option<(&'static Ring, RingBufEntry<Transition>)> {
 /// `t` must point at a reserved ring buffer record and `sk` be a tracepoint's full socket.
 #[inline(always)]
 pub(crate) unsafe fn write_socket(
-    ctx: &BtfTracePointContext,
+    ctx: &impl EbpfContext,
     t: *mut Transition,
     sk: *const u8,
     family: u16,
@@ -179,7 +180,7 @@ pub(crate) unsafe fn write_socket(
 /// As [`write_socket`].
 #[inline(always)]
 pub(crate) unsafe fn write_addresses(
-    ctx: &BtfTracePointContext,
+    ctx: &impl EbpfContext,
     t: *mut Transition,
     sk: *const u8,
     family: u16,

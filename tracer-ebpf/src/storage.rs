@@ -98,6 +98,7 @@ pub(crate) unsafe fn prepare(
     let kinds = addr_of_mut!(s.retransmits) as *mut u64;
     kinds.write_volatile(0);
     kinds.add(1).write_volatile(0);
+    s.accept_wait_us = 0;
     s.state = old;
     false
 }

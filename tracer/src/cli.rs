@@ -106,6 +106,12 @@ pub struct RunArgs {
     /// with what it did since the last one (the close record then covers the rest).
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_record_interval)]
     pub record_interval: Duration,
+    /// Time each accepted connection waits in its listener's accept queue, with a BPF
+    /// trampoline on the return of the kernel's inet_csk_accept (fexit): `auto` where the
+    /// kernel allows it (it says so in one line where it does not), `on` (fail to start
+    /// without it), `off` (no trampoline).
+    #[arg(long, value_name = "WHEN", value_enum, default_value_t = Toggle::Auto)]
+    pub accept_wait: Toggle,
     /// Send every connection record (update and close) as an OTLP log record to this
     /// OpenTelemetry collector over OTLP/HTTP, e.g. http://collector:4318 (`/v1/logs` is
     /// appended). Also from OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_LOGS_ENDPOINT;
@@ -219,8 +225,23 @@ pub struct WatchArgs {
     /// with what it did since the last one (the close record then covers the rest).
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_record_interval)]
     pub record_interval: Duration,
+    /// Time each accepted connection waits in its listener's accept queue, with a BPF
+    /// trampoline on the return of the kernel's inet_csk_accept (fexit): `auto` where the
+    /// kernel allows it (it says so in one line where it does not), `on` (fail to start
+    /// without it), `off` (no trampoline).
+    #[arg(long, value_name = "WHEN", value_enum, default_value_t = Toggle::Auto)]
+    pub accept_wait: Toggle,
     #[command(flatten)]
     pub attribution: AttributionArgs,
+}
+
+/// A feature that is on where the kernel allows it (`auto`), required (`on`) or left out.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Toggle {
+    #[default]
+    Auto,
+    On,
+    Off,
 }
 
 impl RunArgs {

@@ -31,10 +31,10 @@ use anyhow::{anyhow, bail, Context, Result};
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
 use opentelemetry_proto::tonic::logs::v1::{LogRecord, SeverityNumber};
 use opentelemetry_proto::tonic::resource::v1::Resource;
-use tracer_common::retransmit;
 use parking_lot::{Condvar, Mutex};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use prost::Message;
+use tracer_common::retransmit;
 
 use crate::stream::event;
 use crate::stream::record::{Kind, Record};
@@ -606,7 +606,10 @@ fn log_record(
     // Retransmissions by kind: those that happened (a kind absent is 0).
     for (k, name) in retransmit::NAMES.iter().enumerate() {
         let (total, interval) = (r.flow.retransmits[k], r.interval.flow.retransmits[k]);
-        opt(&format!("tracer.retransmits.{name}"), (total > 0).then_some(total));
+        opt(
+            &format!("tracer.retransmits.{name}"),
+            (total > 0).then_some(total),
+        );
         opt(
             &format!("tracer.interval.retransmits.{name}"),
             (interval > 0).then_some(interval),
@@ -621,6 +624,7 @@ fn log_record(
     );
     opt("tracer.opened_unix_nano", r.opened_ns.map(wall));
     opt("tracer.handshake_ns", r.handshake_ns);
+    opt("tracer.accept_wait_ns", r.accept_wait_ns);
     opt("tracer.lifetime_ns", r.lifetime_ns);
     opt(
         "tracer.srtt_us",

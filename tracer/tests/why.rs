@@ -485,7 +485,10 @@ fn a_receiver_that_stops_reading_makes_the_sender_window_limited_as_ss_says() {
     for r in &mine {
         for (kinds, total) in [
             ("retransmits_by_kind", "segments_retransmitted"),
-            ("interval_retransmits_by_kind", "interval_segments_retransmitted"),
+            (
+                "interval_retransmits_by_kind",
+                "interval_segments_retransmitted",
+            ),
         ] {
             let sum: u64 = KINDS.iter().map(|&k| r[kinds][k].as_u64().unwrap()).sum();
             assert_eq!(Some(sum), r[total].as_u64(), "{r}");
@@ -564,4 +567,129 @@ fn a_receiver_that_stops_reading_makes_the_sender_window_limited_as_ss_says() {
         (seconds(&text, "send_buffer") - want(2)).abs() < 1e-3,
         "{text}"
     );
+}
+
+/// The listening port of the accept-queue test.
+const ACCEPT_PORT: u16 = 7_405;
+
+#[test]
+fn a_server_that_sleeps_300ms_before_each_accept_makes_each_connection_wait_300ms() {
+    let test = "a_server_that_sleeps_300ms_before_each_accept_makes_each_connection_wait_300ms";
+    if !require_root(test) {
+        return;
+    }
+    let port = ACCEPT_PORT.to_string();
+    let auto = ["--accept-wait", "auto"];
+    let agent = Agent::start(&[&["--port", &port][..], &auto].concat());
+    let watch = Tracer::start(
+        &[
+            &["watch", "--connections", "--json", "--port", &port][..],
+            &auto,
+        ]
+        .concat(),
+        true,
+    );
+    let enabled = sample(
+        &agent.metrics_now(),
+        "tracer_feature_enabled",
+        &[("feature", "accept_wait")],
+    );
+    // Five connections, one at a time: each is established at once, then accepted 300 ms
+    // later, as a server too busy to call accept() does.
+    let listener = TcpListener::bind(("127.0.0.1", ACCEPT_PORT)).unwrap();
+    let mut waits = Vec::new();
+    for _ in 0..5 {
+        let c = TcpStream::connect(("127.0.0.1", ACCEPT_PORT)).unwrap();
+        let connected = Instant::now();
+        std::thread::sleep(Duration::from_millis(300));
+        let (s, _) = listener.accept().unwrap();
+        waits.push(connected.elapsed());
+        drop((c, s));
+    }
+    settle();
+    let out = watch.stop_with(libc::SIGINT);
+    let records = out.json();
+    let passive: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["sport"] == ACCEPT_PORT && r["record"] == "close")
+        .collect();
+    assert_eq!(passive.len(), 5, "{records:?}");
+    let text = agent.metrics_until("five accepted connections", |t| {
+        enabled != Some(1.0)
+            || sample(
+                t,
+                "tracer_tcp_accept_wait_seconds_count",
+                &[("port", &port)],
+            ) == Some(5.0)
+    });
+    if enabled != Some(1.0) {
+        unsupported(
+            "accept_wait",
+            "this kernel does not let the probe trace inet_csk_accept",
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "tracer_tcp_accept_wait_seconds_count",
+                &[("port", &port)]
+            ),
+            None,
+            "no waits where the probe cannot see accept()"
+        );
+        for r in &passive {
+            assert_eq!(r["accept_wait_ns"], serde_json::Value::Null, "{r}");
+        }
+        // Asked for where the kernel cannot: one line that says so, and no start.
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tracer"))
+            .args(["watch", "--accept-wait", "on", "--duration", "1s"])
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        let said: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.contains("--accept-wait on"))
+            .collect();
+        assert_eq!(said.len(), 1, "{stderr}");
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("backtrace"),
+            "{stderr}"
+        );
+        return;
+    }
+    // Each record says the wait the server made, within a few milliseconds; the active
+    // side's records have none.
+    for (r, wait) in passive.iter().zip(&waits) {
+        let ns = r["accept_wait_ns"].as_u64().unwrap_or(0) as f64;
+        let truth = wait.as_nanos() as f64;
+        assert!(
+            (ns - truth).abs() < 5e6,
+            "{ns} ns where the server waited {wait:?}: {r}"
+        );
+    }
+    for r in records.iter().filter(|r| r["dport"] == ACCEPT_PORT) {
+        assert_eq!(r["accept_wait_ns"], serde_json::Value::Null, "{r}");
+    }
+    // All five in the histogram's 0.25-0.5 s bucket, their sum the waits' sum.
+    let bucket = |le: &str| {
+        sample(
+            &text,
+            "tracer_tcp_accept_wait_seconds_bucket",
+            &[("port", &port), ("le", le)],
+        )
+    };
+    assert_eq!(
+        (bucket("0.25"), bucket("0.5")),
+        (Some(0.0), Some(5.0)),
+        "{text}"
+    );
+    let sum = sample(
+        &text,
+        "tracer_tcp_accept_wait_seconds_sum",
+        &[("port", &port)],
+    )
+    .unwrap();
+    let truth: f64 = waits.iter().map(Duration::as_secs_f64).sum();
+    assert!((sum - truth).abs() < 0.025, "sum {sum} s, waits {truth} s");
 }

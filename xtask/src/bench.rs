@@ -794,7 +794,10 @@ fn probe_cost_phase(duration: Duration, with_bpftrace: bool) -> Result<()> {
     let drops = sample(
         &text,
         "tracer_tcp_drops_total{port=\"other\",reason=\"no_socket\"}",
-    ) + sample(&text, "tracer_tcp_drops_total{port=\"9\",reason=\"no_socket\"}");
+    ) + sample(
+        &text,
+        "tracer_tcp_drops_total{port=\"9\",reason=\"no_socket\"}",
+    );
     println!(
         "  then {refused} connects refused by a closed port: the kernel drops each SYN \
          (no_socket), {drops:.0} such drops counted; kfree_skb runs for every packet freed \

@@ -675,10 +675,10 @@ mod tests {
     }
 
     #[test]
-    fn a_census_record_is_288_bytes_as_the_readme_says() {
-        assert_eq!(std::mem::size_of::<SocketRecord>(), 288);
+    fn a_census_record_is_296_bytes_as_the_readme_says() {
+        assert_eq!(std::mem::size_of::<SocketRecord>(), 296);
         let readme = include_str!("../../../README.md");
-        assert!(readme.contains("a 288-byte sock_diag record"));
+        assert!(readme.contains("a 296-byte sock_diag record"));
     }
 
     #[test]

@@ -62,6 +62,8 @@ pub async fn run(args: &RunArgs) -> Result<()> {
         ring_buffer_bytes: args.ring_buffer_size,
         ports: Vec::new(),
         reset_events: false,
+        accept_events: true,
+        accept_wait: args.accept_wait,
     })?;
     // Sockets already there now get "at least since start" as their age, never an invented one.
     let started_ns = monotonic_ns();

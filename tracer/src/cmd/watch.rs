@@ -23,7 +23,7 @@ use crate::stream::ring::EventRings;
 use crate::stream::{self, Closed, Ending, Observation};
 use crate::workload::{Resolver, Workload};
 use std::sync::Arc;
-use tracer_common::{retransmit, SENT_RESET};
+use tracer_common::{retransmit, ACCEPTED, SENT_RESET};
 
 /// How long a close record waits for the reset its socket may send: the kernel sends it just
 /// after the transition to CLOSE (tens of microseconds later on an idle host), in the same
@@ -49,6 +49,8 @@ pub async fn run(args: &WatchArgs) -> Result<Summary> {
         ring_buffer_bytes: args.ring_buffer_size,
         ports: args.ports.clone(),
         reset_events: args.connections,
+        accept_events: false,
+        accept_wait: args.accept_wait,
     })?;
     let mut rings = probe.event_rings()?;
     // Sockets older than the probe: their owners, onto each socket's storage.
@@ -276,6 +278,10 @@ impl Printer {
             } => reset_after_close = Some(reason),
             _ => {}
         });
+        if t.newstate == ACCEPTED {
+            // Not a transition: its wait is on the socket, for the close record.
+            return Ok(true);
+        }
         if t.newstate == SENT_RESET {
             // Not a transition: it only completes a record (before its close, the probe
             // keeps the reason on the socket; after, the record is still held here).
@@ -482,12 +488,14 @@ impl Printer {
             serde_json::to_writer(&mut *out, &mode)?;
             write!(
                 out,
-                ",\"opened_ns\":{},\"handshake_ns\":{},\"lifetime_ns\":{},\"bytes_sent\":{},\
+                ",\"opened_ns\":{},\"handshake_ns\":{},\"accept_wait_ns\":{},\"lifetime_ns\":{},\
+                 \"bytes_sent\":{},\
                  \"bytes_received\":{},\"segments_retransmitted\":{},\"srtt_us\":{},\
                  \"rtt_min_us\":{},\"interval_start_ns\":{},\"interval_bytes_sent\":{},\
                  \"interval_bytes_received\":{},\"interval_segments_retransmitted\":{}",
                 opt(r.opened_ns.map(|o| wall(o) as u64)),
                 opt(r.handshake_ns),
+                opt(r.accept_wait_ns),
                 opt(r.lifetime_ns),
                 opt(r.bytes_sent),
                 r.bytes_received,

@@ -116,6 +116,9 @@ enum PortSample {
     Spurious {
         n: u64,
     },
+    AcceptWait {
+        seconds: f64,
+    },
 }
 
 /// Ports held at most at once (see [`Held`]); past that, samples of ports without a value go
@@ -161,6 +164,8 @@ pub struct EventMetrics {
     sending_h: ByPort<LocalCounter>,
     spurious: IntCounterVec,
     spurious_h: ByPort<LocalIntCounter>,
+    accept_wait: HistogramVec,
+    accept_wait_h: ByPort<LocalHistogram>,
     state_duration: Vec<LocalHistogram>,
     transitions: IntCounterVec,
     transitions_h: Vec<Option<LocalIntCounter>>,
@@ -267,6 +272,15 @@ impl EventMetrics {
              reordering taken for loss); counted while a connection lives and at its close.",
             &["port"],
         )?;
+        let accept_wait = histogram(
+            "tracer_tcp_accept_wait_seconds",
+            "Time accepted connections waited in their listener's accept queue, from the end of \
+             the handshake (SYN_RECV -> ESTABLISHED) to the server's accept() (inet_csk_accept \
+             returning it), by listening port; seconds. Long waits mean a server too busy to \
+             accept (see tracer_feature_enabled{feature=\"accept_wait\"}).",
+            &["port"],
+            HANDSHAKE_BUCKETS,
+        )?;
         let state_vec = histogram(
             "tracer_tcp_state_duration_seconds",
             "Time sockets spent in a state, from inet_sock_set_state, when the tracer saw them \
@@ -315,6 +329,8 @@ impl EventMetrics {
             sending_h: ByPort::new(LIMITS.len()),
             spurious,
             spurious_h: ByPort::new(1),
+            accept_wait,
+            accept_wait_h: ByPort::new(1),
             state_duration,
             transitions,
             transitions_h: vec![None; STATE_NAMES.len() * STATE_NAMES.len()],
@@ -345,6 +361,7 @@ impl EventMetrics {
             metrics.sending.with_label_values(&[limit, OTHER]);
         }
         metrics.spurious.with_label_values(&[OTHER]);
+        metrics.accept_wait.with_label_values(&[OTHER]);
         for reason in FAILURES {
             metrics
                 .failures
@@ -436,6 +453,11 @@ impl EventMetrics {
             ),
             // Reported only to `watch --connections`; the agent counts resets in the kernel.
             Observation::ResetSent { .. } => {}
+            Observation::Accepted { port, ns, .. } => {
+                let slot = self.ports.slot(port, Use::Accepted);
+                let seconds = secs(ns);
+                self.sample(port, slot, PortSample::AcceptWait { seconds });
+            }
             // What a close or a report adds: the stretch since the connection's last report.
             Observation::Closed(c) => self.carried(c.port, &c.interval, c.srtt_us),
             Observation::Update(u) => {
@@ -589,6 +611,12 @@ impl EventMetrics {
                     .get(0, slot, 0, || vec.with_label_values(&[name]).local())
                     .observe(seconds);
             }
+            PortSample::AcceptWait { seconds } => {
+                let (vec, name) = (&self.accept_wait, self.ports.name(slot));
+                self.accept_wait_h
+                    .get(0, slot, 0, || vec.with_label_values(&[name]).local())
+                    .observe(seconds);
+            }
         }
     }
 
@@ -630,6 +658,7 @@ impl EventMetrics {
         self.rtt_h.all().for_each(LocalHistogram::flush);
         self.sending_h.all().for_each(LocalCounter::flush);
         self.spurious_h.all().for_each(LocalIntCounter::flush);
+        self.accept_wait_h.all().for_each(LocalHistogram::flush);
         for h in [&self.handshake_h, &self.teardown_h, &self.lifetime_h] {
             h.all().for_each(LocalHistogram::flush);
         }

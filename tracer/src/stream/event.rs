@@ -222,7 +222,7 @@ pub(crate) mod tests {
             dsack_dups: 0,
             chrono_jiffies: [0; 3],
             retransmits: [0; 4],
-            _pad: [0; 4],
+            accept_wait_us: 0,
         }
     }
 

@@ -77,6 +77,22 @@ pub fn tracepoint_args(btf: &Btf, name: &str) -> Option<usize> {
     Some(proto.parameters.len().saturating_sub(1))
 }
 
+/// Number of arguments of kernel function `name`, from its BTF `FUNC`.
+pub fn function_args(btf: &Btf, name: &str) -> Option<usize> {
+    let func = btf
+        .resolve_types_by_name(name)
+        .ok()?
+        .into_iter()
+        .find(|t| matches!(t, Type::Func(_)))?;
+    let Type::Func(f) = func else {
+        return None;
+    };
+    let Type::FuncProto(proto) = btf.resolve_chained_type(&f).ok()? else {
+        return None;
+    };
+    Some(proto.parameters.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,5 +109,8 @@ mod tests {
         // inet_sock_set_state(const struct sock *sk, int oldstate, int newstate).
         assert_eq!(tracepoint_args(&btf, "inet_sock_set_state"), Some(3));
         assert_eq!(tracepoint_args(&btf, "no_such_tracepoint"), None);
+        // inet_csk_accept: (sk, flags, err, kern) before Linux 6.10, (sk, arg) since.
+        let accept = function_args(&btf, "inet_csk_accept");
+        assert!(matches!(accept, Some(2 | 4)), "{accept:?}");
     }
 }

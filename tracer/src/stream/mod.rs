@@ -20,7 +20,7 @@ pub mod probe;
 pub mod record;
 pub mod ring;
 
-use tracer_common::{close_flags, retransmit, socket, state, SENT_RESET};
+use tracer_common::{close_flags, retransmit, socket, state, ACCEPTED, SENT_RESET};
 
 use crate::stream::event::Transition;
 
@@ -152,6 +152,9 @@ pub struct Closed {
     pub bytes_received: u64,
     /// Segments retransmitted (`tcp_sock.total_retrans`, SYNs included).
     pub retransmits: u32,
+    /// How long it waited in its listener's accept queue (None: not a passive connection the
+    /// server accepted while the probe ran).
+    pub accept_wait_ns: Option<u64>,
     /// Smoothed and minimum RTT, microseconds (0: no sample).
     pub srtt_us: u32,
     pub rtt_min_us: u32,
@@ -267,7 +270,11 @@ pub fn retransmits_by_kind(
         None
     };
     let mut counted = 0;
-    for k in [retransmit::TIMEOUT, retransmit::FAST, retransmit::TAIL_LOSS_PROBE] {
+    for k in [
+        retransmit::TIMEOUT,
+        retransmit::FAST,
+        retransmit::TAIL_LOSS_PROBE,
+    ] {
         out[usize::from(k)] = u64::from(stored[usize::from(k)]);
         counted += out[usize::from(k)];
     }
@@ -369,12 +376,21 @@ pub enum Observation {
     /// it (see [`Closed::reset_as_it_closed`]). `followed` says whether it came before the
     /// close (the record will carry it).
     ResetSent { reason: u16, followed: bool },
+    /// The server accepted a connection on service `port` after it waited `ns` in the accept
+    /// queue (an [`ACCEPTED`] event).
+    Accepted {
+        port: u16,
+        netns: u32,
+        ns: u64,
+        cgroup: u64,
+    },
 }
 
 /// How long the socket stayed in the state it leaves, when the probe saw it enter it.
 pub fn dwell(t: &Transition) -> Option<u64> {
     let seen = t.socket_flags & socket::SINCE_SEEN != 0;
-    (seen && t.newstate != SENT_RESET && t.time_ns >= t.since_ns).then(|| t.time_ns - t.since_ns)
+    let transition = t.newstate != SENT_RESET && t.newstate != ACCEPTED;
+    (seen && transition && t.time_ns >= t.since_ns).then(|| t.time_ns - t.since_ns)
 }
 
 /// How the socket opened, when the probe saw it (or first saw it in SYN_SENT or SYN_RECV).
@@ -408,6 +424,15 @@ pub fn observe(t: &Transition, mut sink: impl FnMut(Observation)) {
         sink(Observation::ResetSent {
             reason: t.reset_reason,
             followed: old != CLOSE,
+        });
+        return;
+    }
+    if new == ACCEPTED {
+        sink(Observation::Accepted {
+            port: t.port,
+            netns: t.netns,
+            ns: u64::from(t.accept_wait_us) * 1_000,
+            cgroup: t.cgroup,
         });
         return;
     }
@@ -519,6 +544,7 @@ pub fn observe(t: &Transition, mut sink: impl FnMut(Observation)) {
         bytes_sent,
         bytes_received,
         retransmits: t.total_retrans,
+        accept_wait_ns: (t.accept_wait_us > 0).then(|| u64::from(t.accept_wait_us) * 1_000),
         srtt_us: t.srtt_us >> 3,
         // `~0U` until the kernel's first sample.
         rtt_min_us: if t.rtt_min_us == u32::MAX {
@@ -562,13 +588,19 @@ mod tests {
             [3, 1, 1, 2, 0, 2]
         );
         // A passive one whose request socket resent its SYN-ACK once.
-        assert_eq!(kinds([0, 0, 0, 1], socket::PASSIVE, 5, 1), [0, 0, 0, 0, 1, 0]);
+        assert_eq!(
+            kinds([0, 0, 0, 1], socket::PASSIVE, 5, 1),
+            [0, 0, 0, 0, 1, 0]
+        );
         // A connect that timed out: every retransmission was a SYN.
         assert_eq!(kinds([0; 4], socket::ACTIVE, 0, 2), [0, 0, 0, 2, 0, 0]);
         // A socket older than the probe: what it did before is `other`.
         assert_eq!(kinds([1, 0, 0, 0], 0, 0, 4), [1, 0, 0, 0, 0, 3]);
         // `other` is what is left of the total, never below 0.
-        assert_eq!(kinds([5, 0, 0, 0], socket::ACTIVE, 5, 3), [5, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            kinds([5, 0, 0, 0], socket::ACTIVE, 5, 3),
+            [5, 0, 0, 0, 0, 0]
+        );
     }
 
     /// Everything but transitions, dwells and records that `events` tell.

@@ -6,9 +6,11 @@
 //! Dropping [`Probe`] detaches it (aya closes the link and program fds).
 
 use anyhow::{bail, Context, Result};
+
+use crate::cli::Toggle;
 use aya::{
     maps::{Array, ArrayOfMaps, Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf, SkStorage},
-    programs::BtfTracePoint,
+    programs::{BtfTracePoint, FExit},
     Ebpf, EbpfLoader,
 };
 use aya_log::EbpfLogger;
@@ -46,6 +48,10 @@ const RETRANSMIT_ERR_PROGRAM: &str = "tcp_retransmit_skb_err";
 
 /// The tracepoint (and program) of dropped packets.
 const DROP_TRACEPOINT: &str = "kfree_skb";
+/// The kernel function whose return the accept-queue program follows, and that program under
+/// each of the function's two prototypes (four arguments before Linux 6.10, two since).
+const ACCEPT_FUNCTION: &str = "inet_csk_accept";
+const ACCEPT_PROGRAMS: [(usize, &str); 2] = [(4, "inet_csk_accept_4"), (2, "inet_csk_accept_2")];
 
 /// Which of two programs this kernel's tracepoints take (see [`PROGRAMS`]).
 #[derive(Clone, Copy, Debug, Default)]
@@ -54,6 +60,8 @@ struct Variants {
     retransmit_err: bool,
     /// The dropped-packet program, once attached.
     drops: Option<&'static str>,
+    /// The accept-queue program for this kernel's `inet_csk_accept`, once attached.
+    accept: Option<&'static str>,
 }
 
 /// Default size of each CPU's event ring buffer; see `--ring-buffer-size`.
@@ -72,6 +80,11 @@ pub struct ProbeConfig {
     /// Report each reset a connection sends as an event (see `tracer_common::SENT_RESET`),
     /// where the kernel gives reasons.
     pub reset_events: bool,
+    /// Report each accepted connection's wait as an event (`tracer_common::ACCEPTED`), for
+    /// the agent's histogram; the wait is kept on the socket (for its close record) either way.
+    pub accept_events: bool,
+    /// Whether to measure the accept-queue wait at all (`--accept-wait`).
+    pub accept_wait: Toggle,
 }
 
 /// The loaded, attached probe.
@@ -184,8 +197,10 @@ impl Probe {
         } else {
             Vec::new()
         };
+        let accept_args = crate::stream::features::function_args(&kernel_btf, ACCEPT_FUNCTION);
         let mut variants = Variants {
             drops: None,
+            accept: None,
             reset_reasons: with_reasons,
             retransmit_err: crate::stream::features::tracepoint_args(
                 &kernel_btf,
@@ -196,6 +211,7 @@ impl Probe {
         drop(kernel_btf);
         let reset_events = u8::from(config.reset_events && with_reasons);
         let filter_ports: u8 = u8::from(!config.ports.is_empty());
+        let accept_events = u8::from(config.accept_events);
         // Wake the reader early only when a quarter of the ring is waiting; otherwise it
         // drains every DRAIN_INTERVAL (see WAKEUP_BYTES in the probe for why).
         let wakeup_bytes: u64 = u64::from(config.ring_buffer_bytes / 4);
@@ -212,6 +228,7 @@ impl Probe {
             .override_global("FILTER_PORTS", &filter_ports, true)
             .override_global("RESET_EVENTS", &reset_events, true)
             .override_global("EPHEMERAL_PORTS", &ephemeral_ports(), true)
+            .override_global("ACCEPT_EVENTS", &accept_events, true)
             .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
             .override_global(aya_log::LEVEL, &log_level, true)
             .map_max_entries("EVENTS", cpus)
@@ -283,6 +300,33 @@ impl Probe {
         if let Err(e) = dropped {
             log::debug!("dropped packets: {e:#}");
         }
+        // The accept queue is a feature: a kernel that cannot trace the function (no BPF
+        // trampolines, a prototype of another shape) still gets everything else.
+        let attached = match config.accept_wait {
+            Toggle::Off => Err(anyhow::anyhow!("--accept-wait off")),
+            Toggle::Auto | Toggle::On => attach_accept(&mut ebpf, accept_args, &aya_btf),
+        };
+        match (&attached, config.accept_wait) {
+            (Ok(name), _) => variants.accept = Some(name),
+            (Err(e), Toggle::On) => bail!(
+                "--accept-wait on: this kernel does not let the probe trace the return of \
+                 inet_csk_accept ({e:#}); use --accept-wait auto or off"
+            ),
+            (Err(e), _) => log::debug!("accept queue: {e:#}"),
+        }
+        features.push(crate::stream::features::Feature {
+            name: "accept_wait",
+            enabled: attached.is_ok(),
+            missing: if config.accept_wait == Toggle::Off {
+                "left out (--accept-wait off): tracer_tcp_accept_wait_seconds stays empty and \
+                 records carry no accept_wait_ns"
+            } else {
+                "this kernel does not let the probe trace the return of inet_csk_accept \
+                 (fexit: BPF trampolines, CONFIG_FUNCTION_TRACER): \
+                 tracer_tcp_accept_wait_seconds stays empty and records carry no \
+                 accept_wait_ns"
+            },
+        });
         Ok(Probe {
             features,
             reset_reasons,
@@ -404,6 +448,19 @@ impl Probe {
             let info = program_info(program.fd()?.as_fd())?;
             out.push(ProgramStats {
                 name,
+                runs: info.run_cnt,
+                run_ns: info.run_time_ns,
+            });
+        }
+        if let Some(loaded) = self.variants.accept {
+            let program: &FExit = self
+                .ebpf
+                .program(loaded)
+                .with_context(|| format!("program {loaded}"))?
+                .try_into()?;
+            let info = program_info(program.fd()?.as_fd())?;
+            out.push(ProgramStats {
+                name: ACCEPT_FUNCTION,
                 runs: info.run_cnt,
                 run_ns: info.run_time_ns,
             });
@@ -576,6 +633,31 @@ fn ephemeral_ports() -> [u16; 2] {
         .ok()
         .and_then(|t| crate::census::parse_port_range(&t))
         .map_or([32_768, 60_999], |(lo, hi)| [lo, hi])
+}
+
+/// Loads and attaches the accept-queue program that fits `inet_csk_accept`'s `args`
+/// arguments; returns its name.
+fn attach_accept(ebpf: &mut Ebpf, args: Option<usize>, btf: &aya::Btf) -> Result<&'static str> {
+    let Some(&(_, name)) = ACCEPT_PROGRAMS.iter().find(|(n, _)| Some(*n) == args) else {
+        bail!("{ACCEPT_FUNCTION} has {args:?} arguments on this kernel; the probe knows 4 and 2");
+    };
+    let program: &mut FExit = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing from the probe object"))?
+        .try_into()?;
+    // Not `load_error`: the probe itself loaded, so privileges are not what is missing.
+    let refused = |e: &dyn std::fmt::Display| {
+        anyhow::anyhow!(
+            "the kernel refused an fexit program on {ACCEPT_FUNCTION} ({e}): it has no BPF \
+             trampolines (a kernel built without ftrace does not)"
+        )
+    };
+    program.load(ACCEPT_FUNCTION, btf).map_err(|e| match e {
+        aya::programs::ProgramError::LoadError { io_error, .. } => refused(&io_error),
+        e => refused(&e),
+    })?;
+    program.attach().map_err(|e| refused(&e))?;
+    Ok(name)
 }
 
 /// The program of the probe object loaded as `name` of [`PROGRAMS`].

@@ -51,6 +51,8 @@ pub struct Record {
     pub mode: Option<Mode>,
     pub opened_ns: Option<u64>,
     pub handshake_ns: Option<u64>,
+    /// Passive connections: how long it waited in the accept queue.
+    pub accept_wait_ns: Option<u64>,
     /// From ESTABLISHED to now (an update) or to CLOSE.
     pub lifetime_ns: Option<u64>,
     /// Totals since it opened.
@@ -93,6 +95,7 @@ impl Record {
             mode: c.mode,
             opened_ns: c.opened_ns,
             handshake_ns: c.handshake_ns,
+            accept_wait_ns: c.accept_wait_ns,
             lifetime_ns: c.lifetime_ns,
             bytes_sent: c.bytes_sent,
             bytes_received: c.bytes_received,
@@ -133,6 +136,7 @@ impl Record {
                 .zip(established)
                 .filter(|&(o, e)| e >= o)
                 .map(|(o, e)| e - o),
+            accept_wait_ns: known(u64::from(st.accept_wait_us) * 1_000),
             lifetime_ns: established
                 .filter(|&e| s.time_ns >= e)
                 .map(|e| s.time_ns - e),
