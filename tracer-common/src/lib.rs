@@ -398,9 +398,22 @@ pub const MAX_SYNACK_PORTS: u32 = 4_096;
 /// (`RETRANSMITS`): a port takes one slot per kind it has seen.
 pub const MAX_RETRANSMIT_PORTS: u32 = 8_192;
 
-/// (reason, service port) pairs whose dropped TCP packets the probe counts (`DROPS`, key
-/// `reason << 16 | port`).
+/// (reason, service port, cgroup) keys of dropped TCP packets the probe counts (`DROPS`).
 pub const MAX_DROP_KEYS: u32 = 4_096;
+
+/// A key of the probe's `DROPS` map: a dropped TCP packet's reason (`enum skb_drop_reason`),
+/// its service port, and the cgroup of the socket it was for, where the kernel names that
+/// socket (`kfree_skb`'s `rx_sk`, Linux 6.11+, with the probe's storage on it; 0 otherwise).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DropKey {
+    pub cgroup: u64,
+    pub reason: u16,
+    pub port: u16,
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<DropKey>() == 16);
 
 /// Number of ports in the port filter array (every u16).
 pub const PORT_FILTER_LEN: u32 = 65_536;
@@ -412,4 +425,5 @@ mod pod {
     unsafe impl aya::Pod for super::Transition {}
     unsafe impl aya::Pod for super::SockOffsets {}
     unsafe impl aya::Pod for super::SocketState {}
+    unsafe impl aya::Pod for super::DropKey {}
 }

@@ -1,26 +1,57 @@
 //! Packets the kernel dropped, by its reason (`skb/kfree_skb`, whose `enum skb_drop_reason`
-//! argument exists since Linux 5.17): TCP ones only, by service port, in a per-CPU map that
-//! userspace reads each second.
+//! argument exists since Linux 5.17): TCP ones only, by service port and, where the kernel
+//! names the socket a packet was for (its `rx_sk` argument, Linux 6.11+), by that socket's
+//! cgroup (so its pod), in a per-CPU map that userspace reads each second.
 
 use super::*;
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 
-/// `kfree_skb(struct sk_buff *skb, void *location, enum skb_drop_reason reason, ...)`.
+/// `kfree_skb(struct sk_buff *skb, void *location, enum skb_drop_reason reason)`, Linux 5.17
+/// to 6.10: no socket. Userspace loads this one or [`kfree_skb_sk`], whichever the kernel's
+/// tracepoint fits.
 #[btf_tracepoint(function = "kfree_skb")]
 pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
-    let (skb, reason): (*const u8, u32) = (ctx.arg(0), ctx.arg(2));
-    if let Some(port) = tcp_service_port(skb) {
-        let key = (reason.min(0xffff)) << 16 | u32::from(port);
-        if let Some(n) = DROPS.get_ptr_mut(&key) {
-            // SAFETY: this CPU's value of a per-CPU map; preemption is disabled here.
-            unsafe { *n += 1 };
-        } else if DROPS.insert(&key, &1, 0).is_err() {
-            report(&ctx, counter::DROP_PORTS_FULL, u32::from(port));
-        }
-    }
+    count_drop(&ctx, ctx.arg(0), ctx.arg(2), core::ptr::null());
     0
+}
+
+/// `kfree_skb(struct sk_buff *skb, void *location, enum skb_drop_reason reason, struct sock
+/// *rx_sk)`, Linux 6.11+: `rx_sk` is the socket a received packet was for, where the kernel
+/// had found it (null before the socket lookup: a firewall's drop, no socket).
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn kfree_skb_sk(ctx: BtfTracePointContext) -> i32 {
+    count_drop(&ctx, ctx.arg(0), ctx.arg(2), ctx.arg(3));
+    0
+}
+
+/// Counts a dropped TCP packet under its reason, service port and its socket's cgroup (from
+/// the probe's storage on `sk`; 0 where there is no socket or no storage).
+#[inline(always)]
+fn count_drop(ctx: &BtfTracePointContext, skb: *const u8, reason: u32, sk: *const u8) {
+    let Some(port) = tcp_service_port(skb) else {
+        return;
+    };
+    let cgroup = if sk.is_null() {
+        0
+    } else {
+        // SAFETY: null or this socket's storage (null too for what is not a full socket:
+        // request and TIME-WAIT sockets).
+        unsafe { socket_state(sk, false).as_ref() }.map_or(0, |s| s.cgroup)
+    };
+    let key = DropKey {
+        cgroup,
+        reason: reason.min(0xffff) as u16,
+        port,
+        _pad: 0,
+    };
+    if let Some(n) = DROPS.get_ptr_mut(&key) {
+        // SAFETY: this CPU's value of a per-CPU map; preemption is disabled here.
+        unsafe { *n += 1 };
+    } else if DROPS.insert(&key, &1, 0).is_err() {
+        report(ctx, counter::DROP_PORTS_FULL, u32::from(port));
+    }
 }
 
 /// The service port of a TCP packet (None for anything else): of its two ports, the one

@@ -42,10 +42,10 @@ use aya_log_ebpf::{error, warn};
 use core::ffi::c_void;
 use core::ptr::{addr_of, addr_of_mut};
 use tracer_common::{
-    close_flags, counter, field, retransmit, socket, state, SockOffsets, SocketState, Transition,
-    ACCEPTED, AF_INET, AF_INET6, COMM_LEN, IPPROTO_TCP, MAX_DROP_KEYS, MAX_RETRANSMIT_PORTS,
-    MAX_SYNACK_PORTS, PORT_FILTER_LEN, RESET_REASONS as RESET_REASONS_LEN, RESET_RECEIVED,
-    RESET_SENT, RESET_STATES, SENT_RESET, SOCK_DONE,
+    close_flags, counter, field, retransmit, socket, state, DropKey, SockOffsets, SocketState,
+    Transition, ACCEPTED, AF_INET, AF_INET6, COMM_LEN, IPPROTO_TCP, MAX_DROP_KEYS,
+    MAX_RETRANSMIT_PORTS, MAX_SYNACK_PORTS, PORT_FILTER_LEN, RESET_REASONS as RESET_REASONS_LEN,
+    RESET_RECEIVED, RESET_SENT, RESET_STATES, SENT_RESET, SOCK_DONE,
 };
 
 mod accept;
@@ -192,10 +192,10 @@ static SYNACK_RETRANSMITS: PerCpuHashMap<u16, u64> =
 static RETRANSMITS: PerCpuHashMap<u32, u64> =
     PerCpuHashMap::with_max_entries(MAX_RETRANSMIT_PORTS, 0);
 
-/// TCP packets dropped, by the kernel's reason (`enum skb_drop_reason`) and service port
-/// (`skb/kfree_skb`, key `reason << 16 | port`), read each second.
+/// TCP packets dropped, by the kernel's reason (`enum skb_drop_reason`), service port and
+/// the cgroup of the socket they were for (`skb/kfree_skb`), read each second.
 #[map]
-static DROPS: PerCpuHashMap<u32, u64> = PerCpuHashMap::with_max_entries(MAX_DROP_KEYS, 0);
+static DROPS: PerCpuHashMap<DropKey, u64> = PerCpuHashMap::with_max_entries(MAX_DROP_KEYS, 0);
 
 /// The host's ephemeral port range (`ip_local_port_range`), set at load time: of a dropped
 /// packet's two ports, the one outside it is the service's.

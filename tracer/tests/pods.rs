@@ -572,3 +572,174 @@ fn a_kubepods_cgroup_below_a_delegated_subtree_is_no_pod_and_spends_no_label() {
         }
     }
 }
+
+/// The service port of the dropped-packets-by-pod test.
+const DROP_PORT: u16 = 7_410;
+
+/// The kernel's count of packets dropped for the socket on local port `port` (`ss -m`'s `d`:
+/// `sk_drops`), for its one ESTABLISHED socket there.
+fn ss_socket_drops(port: u16) -> u64 {
+    let out = std::process::Command::new("ss")
+        .args([
+            "-tmnH",
+            "state",
+            "established",
+            "sport",
+            "=",
+            &format!(":{port}"),
+        ])
+        .output()
+        .expect("ss");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let d = text
+        .split(|c: char| c == ',' || c == '(' || c == ')' || c.is_whitespace())
+        .find_map(|f| f.strip_prefix('d').and_then(|n| n.parse::<u64>().ok()));
+    d.unwrap_or_else(|| panic!("no sk_drops in ss -tm: {text}"))
+}
+
+/// Drops every packet that reaches `s` (a classic BPF socket filter that returns 0).
+fn filter_everything(s: &TcpStream) {
+    use std::os::fd::AsRawFd as _;
+    let mut code = [libc::sock_filter {
+        code: 0x06, // BPF_RET | BPF_K
+        jt: 0,
+        jf: 0,
+        k: 0,
+    }];
+    let prog = libc::sock_fprog {
+        len: 1,
+        filter: code.as_mut_ptr(),
+    };
+    // SAFETY: setsockopt on a valid socket with a pointer to a sock_fprog and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            &prog as *const libc::sock_fprog as *const libc::c_void,
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "SO_ATTACH_FILTER: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Takes [`filter_everything`]'s filter off `s`.
+fn detach_filter(s: &TcpStream) {
+    use std::os::fd::AsRawFd as _;
+    let zero: libc::c_int = 0;
+    // SAFETY: setsockopt on a valid socket with a pointer to an int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_DETACH_FILTER,
+            &zero as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "SO_DETACH_FILTER: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+#[test]
+fn packets_dropped_for_a_pods_socket_are_counted_under_its_pod() {
+    let name = "packets_dropped_for_a_pods_socket_are_counted_under_its_pod";
+    if !require_root(name) {
+        return;
+    }
+    use std::io::Write as _;
+    let mut tree = Cgroups::new();
+    let uid = "5e1f0c2a-3b4d-4e6f-8a9b-0c1d2e3f4a5b";
+    let dir = tree.make(&format!(
+        "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/\
+         cri-containerd-{}.scope",
+        uid.replace('-', "_"),
+        container_id(7)
+    ));
+    let logs = PodLogs::new(&[("shop", "filter-0", uid)]);
+    let port = DROP_PORT.to_string();
+    let root = tree.root.to_str().unwrap().to_owned();
+    let mut args = vec!["--pod-logs-dir", logs.dir(), "--port", &port];
+    if tree.mounted {
+        args.extend(["--cgroup-root", root.as_str()]);
+    }
+    let kubepods = tree.kubepods_args();
+    args.extend(kubepods.iter().map(String::as_str));
+    let agent = Agent::start(&args);
+    let feature = |f| {
+        sample(
+            &agent.metrics_now(),
+            "tracer_feature_enabled",
+            &[("feature", f)],
+        )
+    };
+    if feature("drop_reason") != Some(1.0) {
+        unsupported(name, "this kernel gives no drop reasons");
+        return;
+    }
+    let by_pod = feature("drop_socket") == Some(1.0);
+
+    // The pod's server listens (its accepted socket is in its cgroup); a socket filter that
+    // takes nothing makes the kernel drop every segment the client sends it, the first and
+    // the retransmissions, with the reason socket_filter, each counted on the socket too.
+    tree.enter(&dir);
+    let listener = TcpListener::bind(("127.0.0.1", DROP_PORT)).unwrap();
+    tree.leave();
+    let mut client = TcpStream::connect(("127.0.0.1", DROP_PORT)).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    filter_everything(&server);
+    client.write_all(&[5u8; 1_000]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2_000));
+    // The filter off, nothing more is dropped: the socket's count is final.
+    detach_filter(&server);
+    let kernel = ss_socket_drops(DROP_PORT);
+    assert!(
+        kernel >= 2,
+        "the kernel dropped {kernel} packets for the socket"
+    );
+    let drops = |t: &str, namespace: &str, pod: &str| {
+        sample(
+            t,
+            "tracer_tcp_drops_total",
+            &[
+                ("reason", "socket_filter"),
+                ("port", &port),
+                ("namespace", namespace),
+                ("pod", pod),
+            ],
+        )
+        .unwrap_or(0.0) as u64
+    };
+    let (namespace, pod) = if by_pod {
+        ("shop", "filter-0")
+    } else {
+        ("", "")
+    };
+    let text = agent.metrics_until("the socket's drops", |t| drops(t, namespace, pod) >= kernel);
+    eprintln!(
+        "ss -m: {kernel} dropped for the socket; tracer: {} under {namespace:?}/{pod:?}",
+        drops(&text, namespace, pod)
+    );
+    // Exactly the socket's count, under the pod where the kernel names the socket, and none
+    // elsewhere.
+    assert_eq!(drops(&text, namespace, pod), kernel, "{text}");
+    if by_pod {
+        assert_eq!(drops(&text, "", ""), 0, "{text}");
+    } else {
+        unsupported(
+            name,
+            "this kernel's kfree_skb does not name the packet's socket (Linux 6.11+): the drops \
+             were counted without a pod",
+        );
+    }
+    drop((client, server, listener));
+}

@@ -791,13 +791,11 @@ fn probe_cost_phase(duration: Duration, with_bpftrace: bool) -> Result<()> {
         "  tracer: {per_transition:.0} ns per transition (inet_sock_set_state and its rescue \
          program, both run for every transition)"
     );
-    let drops = sample(
-        &text,
-        "tracer_tcp_drops_total{port=\"other\",reason=\"no_socket\"}",
-    ) + sample(
-        &text,
-        "tracer_tcp_drops_total{port=\"9\",reason=\"no_socket\"}",
-    );
+    let drops: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("tracer_tcp_drops_total{") && l.contains("reason=\"no_socket\""))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum();
     println!(
         "  then {refused} connects refused by a closed port: the kernel drops each SYN \
          (no_socket), {drops:.0} such drops counted; kfree_skb runs for every packet freed \

@@ -91,7 +91,13 @@ pub async fn run(args: &RunArgs) -> Result<()> {
     let pods = PodAttribution::new(resolver(), pod_labels.clone());
     let label_by_pod = args.label_by.contains(&crate::cli::LabelBy::Pod);
     let mut events = EventMetrics::new(&registry, ports, pods, label_by_pod)?;
-    let mut kernel = KernelMetrics::new(&registry, &probe.reset_reasons, &probe.drop_reasons)?;
+    let kernel_pods = PodAttribution::new(resolver(), pod_labels.clone());
+    let mut kernel = KernelMetrics::new(
+        &registry,
+        &probe.reset_reasons,
+        &probe.drop_reasons,
+        kernel_pods,
+    )?;
     let published = Arc::new(Published::default());
     registry.register(Box::new(CensusCollector::new(
         published.clone(),

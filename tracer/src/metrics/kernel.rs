@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use anyhow::Result;
 use prometheus::{CounterVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
+use crate::metrics::pods::PodAttribution;
 use crate::metrics::ports::{LabelledPorts, OTHER};
 use crate::stream::event::state_name;
 use crate::stream::probe::{ProbeReadings, RESET_STATES};
@@ -41,6 +42,8 @@ pub struct KernelMetrics {
     drops: IntCounterVec,
     /// The kernel's names of drop reasons, indexed by value (empty: drops not counted).
     drop_names: Vec<String>,
+    /// The pods of the sockets dropped packets were for.
+    pods: PodAttribution,
     /// The kernel's names of reset reasons, indexed by value (empty: no reasons).
     reason_names: Vec<String>,
     events_lost: IntCounter,
@@ -68,7 +71,8 @@ struct KernelTotals {
     resets: [[u64; RESET_STATES as usize]; 2],
     reset_reasons: Vec<u64>,
     table_full: [u64; 3],
-    drops: HashMap<(u16, u16), u64>,
+    /// By (reason, port, cgroup).
+    drops: HashMap<(u16, u16, u64), u64>,
     probe_errors: [u64; 3],
     skipped: u64,
 }
@@ -81,6 +85,7 @@ impl KernelMetrics {
         registry: &Registry,
         reason_names: &[String],
         drop_names: &[String],
+        pods: PodAttribution,
     ) -> Result<KernelMetrics> {
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels)?;
@@ -140,12 +145,15 @@ impl KernelMetrics {
             "TCP packets the kernel dropped, from skb/kfree_skb, by its reason (enum \
              skb_drop_reason: netfilter_drop for a firewall rule, tcp_csum, no_socket, \
              socket_rcvbuff...) and service port (of the packet's two ports, the one outside \
-             the ephemeral range); Linux 5.17+, see tracer_feature_enabled{feature=\"drop_reason\"}.",
-            &["reason", "port"],
+             the ephemeral range), and by the Kubernetes namespace and pod of the socket a \
+             received packet was for where the kernel names it (Linux 6.11+, \
+             tracer_feature_enabled{feature=\"drop_socket\"}); Linux 5.17+, see \
+             tracer_feature_enabled{feature=\"drop_reason\"}.",
+            &["reason", "port", "namespace", "pod"],
         )?;
         // Every reason this kernel names, under `other`, so that a rate starts at 0.
         for name in drop_names.iter().filter(|n| !n.is_empty() && *n != "max") {
-            drops.with_label_values(&[name, OTHER]);
+            drops.with_label_values(&[name, OTHER, "", ""]);
         }
         let events_lost = single(
             "tracer_events_lost_total",
@@ -223,6 +231,7 @@ impl KernelMetrics {
             reason_names: reason_names.to_vec(),
             drops,
             drop_names: drop_names.to_vec(),
+            pods,
             events_lost,
             probe_runs,
             probe_run_seconds,
@@ -332,15 +341,22 @@ impl KernelMetrics {
             c.retransmit_ports_full,
             c.drop_ports_full,
         ];
-        for &(reason, port, total) in &probe.drops {
-            let before = self.last.drops.insert((reason, port), total).unwrap_or(0);
+        for &(key, total) in &probe.drops {
+            let (reason, port) = (key.reason, key.port);
+            let before = self
+                .last
+                .drops
+                .insert((reason, port, key.cgroup), total)
+                .unwrap_or(0);
             if total > before {
                 let name = match self.drop_names.get(usize::from(reason)) {
                     Some(n) if !n.is_empty() => n.clone(),
                     _ => format!("reason_{reason}"),
                 };
+                let slot = self.pods.slot(key.cgroup);
+                let (namespace, pod) = self.pods.label(slot);
                 self.drops
-                    .with_label_values(&[&name, &ports.label(port)])
+                    .with_label_values(&[name.as_str(), &ports.label(port), namespace, pod])
                     .inc_by(total - before);
             }
         }
@@ -379,13 +395,15 @@ mod tests {
     use super::*;
     use crate::metrics::ports::{PortLabels, Use, DEFAULT_EPHEMERAL};
     use crate::stream::probe::{ProbeCounters, ProgramStats};
+    use tracer_common::DropKey;
 
     #[test]
     fn kernel_counters_become_increments() {
         let registry = Registry::new();
         let reasons = ["not_specified", "no_socket", "tcp_abort_on_close"].map(String::from);
         let drop_names = ["not_specified", "no_socket", "netfilter_drop"].map(String::from);
-        let mut m = KernelMetrics::new(&registry, &reasons, &drop_names).unwrap();
+        let pods = PodAttribution::new(None, Default::default());
+        let mut m = KernelMetrics::new(&registry, &reasons, &drop_names, pods).unwrap();
         let mut labels = PortLabels::new(&[], 8, DEFAULT_EPHEMERAL);
         labels.slot(8080, Use::Accepted);
         let ports = labels.shared();
@@ -415,7 +433,16 @@ mod tests {
             counters,
             synack: vec![(8080, 5), (9999, 2)],
             retransmits: vec![(8080, retransmit::TIMEOUT, 3), (8080, retransmit::FAST, 1)],
-            drops: vec![(2, 8080, 4), (9, 8080, 1)],
+            drops: [(2, 4), (9, 1)]
+                .map(|(reason, n)| {
+                    let key = DropKey {
+                        reason,
+                        port: 8080,
+                        ..Default::default()
+                    };
+                    (key, n)
+                })
+                .to_vec(),
             resets,
             reset_reasons: vec![0, 4, 0],
             programs: stats(10, 1_000),
@@ -437,9 +464,9 @@ mod tests {
             "tracer_tcp_retransmits_total{kind=\"timeout\",port=\"8080\"} 5\n",
             "tracer_tcp_retransmits_total{kind=\"fast\",port=\"8080\"} 1\n",
             "tracer_tcp_retransmits_total{kind=\"tail_loss_probe\",port=\"other\"} 0\n",
-            "tracer_tcp_drops_total{port=\"8080\",reason=\"netfilter_drop\"} 4\n",
-            "tracer_tcp_drops_total{port=\"8080\",reason=\"reason_9\"} 1\n",
-            "tracer_tcp_drops_total{port=\"other\",reason=\"no_socket\"} 0\n",
+            "tracer_tcp_drops_total{namespace=\"\",pod=\"\",port=\"8080\",reason=\"netfilter_drop\"} 4\n",
+            "tracer_tcp_drops_total{namespace=\"\",pod=\"\",port=\"8080\",reason=\"reason_9\"} 1\n",
+            "tracer_tcp_drops_total{namespace=\"\",pod=\"\",port=\"other\",reason=\"no_socket\"} 0\n",
             "tracer_tcp_resets_total{direction=\"sent\",state=\"none\"} 3\n",
             "tracer_tcp_resets_total{direction=\"received\",state=\"syn_sent\"} 0\n",
             "tracer_tcp_reset_reasons_total{reason=\"no_socket\"} 4\n",

@@ -19,7 +19,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use aya_obj::generated::{bpf_cmd, bpf_map_type, bpf_prog_info};
 
 use crate::stream::ring::EventRings;
-use tracer_common::{counter, socket, SocketState, Transition, PORT_FILTER_LEN};
+use tracer_common::{counter, socket, DropKey, SocketState, Transition, PORT_FILTER_LEN};
 pub use tracer_common::{RESET_RECEIVED, RESET_SENT, RESET_STATES};
 
 /// The probe object built by `build.rs` from `tracer-ebpf`.
@@ -46,8 +46,10 @@ const RESET_REASON_PROGRAM: &str = "tcp_send_reset_reason";
 /// The `tcp_retransmit_skb` program that counts only the retransmissions sent.
 const RETRANSMIT_ERR_PROGRAM: &str = "tcp_retransmit_skb_err";
 
-/// The tracepoint (and program) of dropped packets.
+/// The tracepoint of dropped packets, and its program that also reads the packet's socket
+/// (Linux 6.11+: a fourth argument, `rx_sk`).
 const DROP_TRACEPOINT: &str = "kfree_skb";
+const DROP_SOCKET_PROGRAM: &str = "kfree_skb_sk";
 /// The kernel function whose return the accept-queue program follows, and that program under
 /// each of the function's two prototypes (four arguments before Linux 6.10, two since).
 const ACCEPT_FUNCTION: &str = "inet_csk_accept";
@@ -150,7 +152,7 @@ pub struct ProbeReadings {
     /// Retransmitted segments per service port and kind (`tracer_common::retransmit`).
     pub retransmits: Vec<(u16, u16, u64)>,
     /// Dropped TCP packets by (reason, service port) (empty without `drop_reason`).
-    pub drops: Vec<(u16, u16, u64)>,
+    pub drops: Vec<(DropKey, u64)>,
     /// Resets by direction and socket state (see [`Probe::resets`]).
     pub resets: [[u64; RESET_STATES as usize]; 2],
     /// Resets sent, by reason (indexed as [`Probe::reset_reasons`]; empty without reasons).
@@ -190,9 +192,8 @@ impl Probe {
         } else {
             Vec::new()
         };
-        let drop_reasons = if crate::stream::features::tracepoint_args(&kernel_btf, DROP_TRACEPOINT)
-            .is_some_and(|n| n >= 3)
-        {
+        let drop_args = crate::stream::features::tracepoint_args(&kernel_btf, DROP_TRACEPOINT);
+        let drop_reasons = if drop_args.is_some_and(|n| n >= 3) {
             crate::stream::btf::enum_names(&kernel_btf, "skb_drop_reason", "SKB_DROP_REASON_")
         } else {
             Vec::new()
@@ -281,13 +282,19 @@ impl Probe {
                 .map_err(|e| load_error(&e))?;
             program.attach().map_err(|e| load_error(&e))?;
         }
+        // The socket a dropped packet was for is an argument since Linux 6.11.
+        let drop_program = if drop_args.is_some_and(|n| n >= 4) {
+            DROP_SOCKET_PROGRAM
+        } else {
+            DROP_TRACEPOINT
+        };
         let dropped = if drop_reasons.is_empty() {
             Err(anyhow::anyhow!("no reason argument"))
         } else {
-            attach_tracepoint(&mut ebpf, DROP_TRACEPOINT, &aya_btf)
+            attach_tracepoint(&mut ebpf, drop_program, DROP_TRACEPOINT, &aya_btf)
         };
         if dropped.is_ok() {
-            variants.drops = Some(DROP_TRACEPOINT);
+            variants.drops = Some(drop_program);
         }
         let mut features = features;
         features.push(crate::stream::features::Feature {
@@ -297,6 +304,15 @@ impl Probe {
                       (Linux 5.17+), or the probe could not attach to it: \
                       tracer_tcp_drops_total stays empty",
         });
+        if dropped.is_ok() {
+            features.push(crate::stream::features::Feature {
+                name: "drop_socket",
+                enabled: drop_program == DROP_SOCKET_PROGRAM,
+                missing: "this kernel's skb/kfree_skb tracepoint does not name the socket a \
+                          dropped packet was for (Linux 6.11+): tracer_tcp_drops_total has no \
+                          namespace and pod",
+            });
+        }
         if let Err(e) = dropped {
             log::debug!("dropped packets: {e:#}");
         }
@@ -369,17 +385,17 @@ impl Probe {
         Ok(out)
     }
 
-    /// Dropped TCP packets by (reason, port) (`DROPS`), summed over CPUs.
-    pub fn drops(&self) -> Result<Vec<(u16, u16, u64)>> {
+    /// Dropped TCP packets by (reason, port, socket's cgroup) (`DROPS`), summed over CPUs.
+    pub fn drops(&self) -> Result<Vec<(DropKey, u64)>> {
         if self.variants.drops.is_none() {
             return Ok(Vec::new());
         }
-        let map: PerCpuHashMap<_, u32, u64> =
+        let map: PerCpuHashMap<_, DropKey, u64> =
             PerCpuHashMap::try_from(self.ebpf.map("DROPS").context("map DROPS")?)?;
         let mut out = Vec::new();
         for entry in map.iter() {
             let (key, per_cpu) = entry.context("reading DROPS")?;
-            out.push(((key >> 16) as u16, key as u16, per_cpu.iter().sum()));
+            out.push((key, per_cpu.iter().sum()));
         }
         Ok(out)
     }
@@ -615,13 +631,18 @@ fn is_tcp(socket: &OwnedFd) -> bool {
     ) && option(libc::SO_PROTOCOL) == Some(libc::IPPROTO_TCP)
 }
 
-/// Loads and attaches the program of the same name to BTF tracepoint `name`.
-fn attach_tracepoint(ebpf: &mut Ebpf, name: &'static str, btf: &aya::Btf) -> Result<()> {
+/// Loads program `name` of the probe object and attaches it to BTF tracepoint `tracepoint`.
+fn attach_tracepoint(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    tracepoint: &str,
+    btf: &aya::Btf,
+) -> Result<()> {
     let program: &mut BtfTracePoint = ebpf
         .program_mut(name)
         .with_context(|| format!("program {name} missing from the probe object"))?
         .try_into()?;
-    program.load(name, btf).map_err(|e| load_error(&e))?;
+    program.load(tracepoint, btf).map_err(|e| load_error(&e))?;
     program.attach().map_err(|e| load_error(&e))?;
     Ok(())
 }
