@@ -53,25 +53,18 @@ fn accepted(ctx: &FExitContext, sk: *const u8) {
             u16::from_be(field::<u16>(sk, offset!(skc_dport))),
         )
     };
-    let sport = s.port;
-    if !(port_wanted(sport) || port_wanted(dport)) {
-        return;
-    }
-    let Some((ring, mut entry)) = reserve() else {
-        return;
-    };
-    let t: *mut Transition = entry.as_mut_ptr();
-    // SAFETY: `t` points at the reserved record and each write stays inside its field; `sk`
-    // is a full socket, `s` its storage.
+    // SAFETY: `sk` is the full socket `inet_csk_accept` returned and `s` its storage.
     unsafe {
-        write_socket(ctx, t, sk, family, now);
-        write_stamps(t, s, false);
-        addr_of_mut!((*t).sport).write(sport);
-        addr_of_mut!((*t).dport).write(dport);
-        addr_of_mut!((*t).family).write(family);
-        addr_of_mut!((*t).oldstate).write(field::<u8>(sk, offset!(skc_state)));
-        addr_of_mut!((*t).newstate).write(ACCEPTED);
-        write_close(t, sk, core::ptr::null(), 0, ACCEPTED, 0);
+        let state = field::<u8>(sk, offset!(skc_state));
+        report_event(
+            ctx,
+            sk,
+            s,
+            (family, s.port, dport),
+            now,
+            state,
+            ACCEPTED,
+            |_| {},
+        );
     }
-    submit(ring, entry);
 }

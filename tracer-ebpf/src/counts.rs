@@ -201,27 +201,20 @@ pub(crate) fn report_reset(ctx: &BtfTracePointContext, sk: *const u8, state: u8,
         offset!(inet_sport),
         field::INET_SPORT,
     ));
-    if !(port_wanted(sport) || port_wanted(dport)) {
-        return;
-    }
-    let Some((ring, mut entry)) = reserve() else {
-        return;
-    };
-    let t: *mut Transition = entry.as_mut_ptr();
-    // SAFETY: `t` points at the reserved record and each write stays inside its field; `sk`
-    // is the tracepoint's BTF-typed socket, not NULL.
+    // SAFETY: `sk` is the tracepoint's BTF-typed full socket (not NULL), without storage
+    // stamps here; the reason is written into the record `report_event` reserved.
     unsafe {
-        write_socket(ctx, t, sk, family, bpf_ktime_get_ns());
-        write_stamps(t, core::ptr::null(), false);
-        addr_of_mut!((*t).sport).write(sport);
-        addr_of_mut!((*t).dport).write(dport);
-        addr_of_mut!((*t).family).write(family);
-        addr_of_mut!((*t).oldstate).write(state);
-        addr_of_mut!((*t).newstate).write(SENT_RESET);
-        write_close(t, sk, core::ptr::null(), state, SENT_RESET, 0);
-        addr_of_mut!((*t).reset_reason).write(reason);
+        report_event(
+            ctx,
+            sk,
+            core::ptr::null(),
+            (family, sport, dport),
+            bpf_ktime_get_ns(),
+            state,
+            SENT_RESET,
+            |t| addr_of_mut!((*t).reset_reason).write(reason),
+        );
     }
-    submit(ring, entry);
 }
 
 /// Counts `problem` (a `tracer_common::counter` index) and says what happened through aya-log,

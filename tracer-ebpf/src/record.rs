@@ -136,6 +136,45 @@ unsafe fn chrono_jiffies(tp: *const u8) -> [u32; 3] {
     out
 }
 
+/// An event that is not a state change, of `kind` ([`SENT_RESET`], [`ACCEPTED`]), for full
+/// socket `sk` in `state`: reserved, written as a transition names its socket (stamped from
+/// `s`, or with zeroes where it is null), then what `finish` adds, and submitted; nothing
+/// where the port filter wants neither port.
+///
+/// # Safety
+/// `sk` must be a BTF-typed full socket of `family` with these ports, `s` null or its storage.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn report_event(
+    ctx: &impl EbpfContext,
+    sk: *const u8,
+    s: *const SocketState,
+    (family, sport, dport): (u16, u16, u16),
+    now: u64,
+    state: u8,
+    kind: u8,
+    finish: impl FnOnce(*mut Transition),
+) {
+    if !(port_wanted(sport) || port_wanted(dport)) {
+        return;
+    }
+    let Some((ring, mut entry)) = reserve() else {
+        return;
+    };
+    let t: *mut Transition = entry.as_mut_ptr();
+    // `t` points at the reserved record and each write stays inside its field.
+    write_socket(ctx, t, sk, family, now);
+    write_stamps(t, s, false);
+    addr_of_mut!((*t).sport).write(sport);
+    addr_of_mut!((*t).dport).write(dport);
+    addr_of_mut!((*t).family).write(family);
+    addr_of_mut!((*t).oldstate).write(state);
+    addr_of_mut!((*t).newstate).write(kind);
+    write_close(t, sk, core::ptr::null(), state, kind, 0);
+    finish(t);
+    submit(ring, entry);
+}
+
 /// This CPU's ring.
 pub(crate) type Ring = BtfRingBuf<Transition, RING_TEMPLATE_BYTES>;
 

@@ -552,25 +552,44 @@ fn a_receiver_that_stops_reading_makes_the_sender_window_limited_as_ss_says() {
         )
         .unwrap_or(0.0)
     };
+    // The agent and `watch` each load a probe, and each reads the kernel's jiffies at the
+    // CLOSE to add the stretch under way: a tick can fall between the two runs (it did in an
+    // emulated guest), so each of the two closes may differ by one jiffy.
+    let tolerance = 2.0 * jiffy_seconds() + 1e-3;
     let text = agent.metrics_until("both closes", |t| {
-        (seconds(t, "receive_window") - want(1)).abs() < 1e-3
+        (seconds(t, "receive_window") - want(1)).abs() <= tolerance
     });
     let busy = seconds(&text, "network")
         + seconds(&text, "receive_window")
         + seconds(&text, "send_buffer");
     assert!(
-        (busy - want(0)).abs() < 1e-3,
+        (busy - want(0)).abs() <= tolerance,
         "busy {busy} vs records {}: {text}",
         want(0)
     );
     assert!(
-        (seconds(&text, "send_buffer") - want(2)).abs() < 1e-3,
+        (seconds(&text, "send_buffer") - want(2)).abs() <= tolerance,
         "{text}"
     );
 }
 
+/// The kernel's tick in seconds (`1 / HZ`: the resolution of the coarse clock).
+fn jiffy_seconds() -> f64 {
+    let mut res = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_getres writes one timespec.
+    let rc = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) };
+    assert_eq!(rc, 0);
+    res.tv_sec as f64 + res.tv_nsec as f64 / 1e9
+}
+
 /// The listening port of the accept-queue test.
 const ACCEPT_PORT: u16 = 7_405;
+
+/// How long the accept-queue test's server sleeps before each `accept()`.
+const SLEEP: Duration = Duration::from_millis(300);
 
 #[test]
 fn a_server_that_sleeps_300ms_before_each_accept_makes_each_connection_wait_300ms() {
@@ -599,11 +618,14 @@ fn a_server_that_sleeps_300ms_before_each_accept_makes_each_connection_wait_300m
     let listener = TcpListener::bind(("127.0.0.1", ACCEPT_PORT)).unwrap();
     let mut waits = Vec::new();
     for _ in 0..5 {
+        // The wait lies between the sleep and what the test's clock saw from before the
+        // connect to after the accept (an emulated guest can take milliseconds to return
+        // from either call).
+        let started = Instant::now();
         let c = TcpStream::connect(("127.0.0.1", ACCEPT_PORT)).unwrap();
-        let connected = Instant::now();
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(SLEEP);
         let (s, _) = listener.accept().unwrap();
-        waits.push(connected.elapsed());
+        waits.push(started.elapsed());
         drop((c, s));
     }
     settle();
@@ -658,20 +680,22 @@ fn a_server_that_sleeps_300ms_before_each_accept_makes_each_connection_wait_300m
         );
         return;
     }
-    // Each record says the wait the server made, within a few milliseconds; the active
-    // side's records have none.
+    // Each record says the wait the server made: its sleep (less at most 2 ms, should the
+    // handshake's last ACK be handled just after connect() returned), at most what the test's
+    // clock saw around it; the active side's records have none.
+    let least = (SLEEP - Duration::from_millis(2)).as_nanos() as u64;
     for (r, wait) in passive.iter().zip(&waits) {
-        let ns = r["accept_wait_ns"].as_u64().unwrap_or(0) as f64;
-        let truth = wait.as_nanos() as f64;
+        let ns = r["accept_wait_ns"].as_u64().unwrap_or(0);
+        eprintln!("accept wait {ns} ns; the test saw {wait:?} around the 300 ms sleep");
         assert!(
-            (ns - truth).abs() < 5e6,
-            "{ns} ns where the server waited {wait:?}: {r}"
+            ns >= least && ns <= wait.as_nanos() as u64,
+            "{ns} ns where the server slept {SLEEP:?} within {wait:?}: {r}"
         );
     }
     for r in records.iter().filter(|r| r["dport"] == ACCEPT_PORT) {
         assert_eq!(r["accept_wait_ns"], serde_json::Value::Null, "{r}");
     }
-    // All five in the histogram's 0.25-0.5 s bucket, their sum the waits' sum.
+    // All five in the histogram's 0.25-0.5 s bucket, their sum within the waits' bounds.
     let bucket = |le: &str| {
         sample(
             &text,
@@ -690,6 +714,10 @@ fn a_server_that_sleeps_300ms_before_each_accept_makes_each_connection_wait_300m
         &[("port", &port)],
     )
     .unwrap();
-    let truth: f64 = waits.iter().map(Duration::as_secs_f64).sum();
-    assert!((sum - truth).abs() < 0.025, "sum {sum} s, waits {truth} s");
+    let most: f64 = waits.iter().map(Duration::as_secs_f64).sum();
+    let least = 5.0 * (SLEEP - Duration::from_millis(2)).as_secs_f64();
+    assert!(
+        sum >= least && sum <= most,
+        "sum {sum} s, waits between {least} and {most} s"
+    );
 }

@@ -454,19 +454,22 @@ impl Probe {
             .iter()
             .map(|&(name, _)| (name, object_program(name, self.variants)))
             .chain(self.variants.drops.map(|p| (DROP_TRACEPOINT, p)));
-        let mut out = Vec::with_capacity(PROGRAMS.len() + 1);
+        let stats = |name, fd: BorrowedFd<'_>| {
+            let info = program_info(fd)?;
+            Ok::<_, anyhow::Error>(ProgramStats {
+                name,
+                runs: info.run_cnt,
+                run_ns: info.run_time_ns,
+            })
+        };
+        let mut out = Vec::with_capacity(PROGRAMS.len() + 2);
         for (name, loaded) in loaded {
             let program: &BtfTracePoint = self
                 .ebpf
                 .program(loaded)
                 .with_context(|| format!("program {loaded}"))?
                 .try_into()?;
-            let info = program_info(program.fd()?.as_fd())?;
-            out.push(ProgramStats {
-                name,
-                runs: info.run_cnt,
-                run_ns: info.run_time_ns,
-            });
+            out.push(stats(name, program.fd()?.as_fd())?);
         }
         if let Some(loaded) = self.variants.accept {
             let program: &FExit = self
@@ -474,12 +477,7 @@ impl Probe {
                 .program(loaded)
                 .with_context(|| format!("program {loaded}"))?
                 .try_into()?;
-            let info = program_info(program.fd()?.as_fd())?;
-            out.push(ProgramStats {
-                name: ACCEPT_FUNCTION,
-                runs: info.run_cnt,
-                run_ns: info.run_time_ns,
-            });
+            out.push(stats(ACCEPT_FUNCTION, program.fd()?.as_fd())?);
         }
         Ok(out)
     }
