@@ -39,8 +39,11 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     init_log();
-    if !matches!(cli.command, Command::Sockets(_)) {
-        stop_on_signals()?;
+    match cli.command {
+        Command::Completions(args) => return tracer::cmd::docs::completions(args.shell),
+        Command::Man(args) => return tracer::cmd::docs::man(args.dir.as_deref()),
+        Command::Sockets(_) => {}
+        _ => stop_on_signals()?,
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -56,6 +59,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 summary.received, summary.printed, summary.lost
             );
         }
+        // Handled before the runtime.
+        Command::Completions(_) | Command::Man(_) => {}
     }
     Ok(())
 }

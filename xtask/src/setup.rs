@@ -23,6 +23,10 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     "nftables",
     "prometheus",
+    // The shells whose completion scripts `tests/docs.rs` loads (bash is always there).
+    "zsh",
+    "fish",
+    "man-db",
 ];
 
 /// The rustup name under which Debian's toolchain is registered (tracer/build.rs uses it).

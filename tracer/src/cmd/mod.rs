@@ -1,5 +1,7 @@
-//! The commands: `tracer run` (the agent), `tracer watch`, `tracer sockets`.
+//! The commands: `tracer run` (the agent), `tracer watch`, `tracer sockets`, and the
+//! generated documentation (`tracer completions`, `tracer man`).
 
+pub mod docs;
 pub mod run;
 pub mod sockets;
 pub mod watch;
