@@ -1,6 +1,7 @@
-//! The README's metric tables are the reference of what `/metrics` exports: every `tracer_`
-//! metric family a fresh agent serves is there with the same label names, and every one
-//! there is served, so that the reference cannot drift from the code.
+//! The metric tables of the guide's metrics reference (`docs/metrics.md`) are the reference of
+//! what `/metrics` exports: every `tracer_` metric family a fresh agent serves is there with
+//! the same label names, and every one there is served, so that the reference cannot drift
+//! from the code.
 
 mod common;
 
@@ -8,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use common::*;
 
-/// Label names by metric family, as the README's tables name them: each table row whose first
+/// Label names by metric family, as the reference's tables name them: each table row whose first
 /// cell names metrics (`` `tracer_x{a,b="v"}` ``, several per cell).
 fn documented(readme: &str) -> BTreeMap<String, BTreeSet<String>> {
     let mut out = BTreeMap::new();
@@ -79,9 +80,9 @@ fn every_exported_metric_is_in_the_readme_with_its_labels_and_no_other() {
     let agent = Agent::start(&["--otlp-endpoint", "http://127.0.0.1:9"]);
     settle();
     let served = exported(&agent.metrics_now());
-    let readme = documented(include_str!("../../README.md"));
+    let readme = documented(include_str!("../../docs/metrics.md"));
     eprintln!(
-        "{} metric families served, {} in the README's tables",
+        "{} metric families served, {} in the tables of docs/metrics.md",
         served.len(),
         readme.len()
     );
@@ -101,13 +102,13 @@ fn every_exported_metric_is_in_the_readme_with_its_labels_and_no_other() {
         .iter()
         .filter_map(|(k, labels)| {
             let doc = readme.get(k)?;
-            (doc != labels).then(|| format!("{k}: served {labels:?}, README {doc:?}"))
+            (doc != labels).then(|| format!("{k}: served {labels:?}, docs/metrics.md {doc:?}"))
         })
         .collect();
     assert!(
         missing.is_empty() && unserved.is_empty() && differing.is_empty(),
-        "served but not in the README's tables: {missing:?}\nin the README but not served: \
-         {unserved:?}\nlabels differ:\n{}",
+        "served but not in the tables of docs/metrics.md: {missing:?}\nin docs/metrics.md but \
+         not served: {unserved:?}\nlabels differ:\n{}",
         differing.join("\n")
     );
 }

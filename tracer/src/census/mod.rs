@@ -677,7 +677,7 @@ mod tests {
     #[test]
     fn a_census_record_is_296_bytes_as_the_readme_says() {
         assert_eq!(std::mem::size_of::<SocketRecord>(), 296);
-        let readme = include_str!("../../../README.md");
+        let readme = include_str!("../../../docs/design.md");
         assert!(readme.contains("a 296-byte sock_diag record"));
     }
 

@@ -838,9 +838,9 @@ mod tests {
     #[test]
     fn a_ring_record_is_208_bytes_as_the_readme_says() {
         assert_eq!(RING_RECORD_BYTES, 208);
-        let readme = include_str!("../../../README.md");
+        let readme = include_str!("../../../docs/watch.md");
         let said = format!("{} transitions each", TRANSITIONS_PER_MIB).replacen("5041", "5,041", 1);
-        assert!(readme.contains(&said), "README should say {said:?}");
+        assert!(readme.contains(&said), "docs/watch.md should say {said:?}");
     }
 
     #[test]
