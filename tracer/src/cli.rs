@@ -27,6 +27,9 @@ pub enum Command {
     Run(RunArgs),
     /// List sockets from a running agent, oldest first: what is stuck, since when, whose.
     Sockets(SocketsArgs),
+    /// A live view, refreshed every second: connections, failures, stuck sockets, traffic and
+    /// handshake times by process, pod, port or remote endpoint.
+    Top(TopArgs),
     /// Print the shell completion script for bash, zsh, fish, elvish or powershell.
     Completions(CompletionsArgs),
     /// Print the manual page (roff), or write one per command into a directory.
@@ -74,9 +77,17 @@ pub struct SocketsArgs {
     /// Print the agent's JSON as it is.
     #[arg(long)]
     pub json: bool,
-    /// The agent to ask (https://... for an agent serving TLS).
-    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:9479")]
-    pub agent: String,
+    #[command(flatten)]
+    pub agent: AgentArgs,
+}
+
+/// How to reach a running agent (`tracer sockets`, `tracer top --agent`).
+#[derive(Debug, Args, Clone)]
+pub struct AgentArgs {
+    /// The agent to ask, https://... for an agent serving TLS (default: http://127.0.0.1:9479
+    /// for `sockets`; `top` without it runs its own probe).
+    #[arg(long = "agent", value_name = "URL")]
+    pub url: Option<String>,
     /// CA certificate (PEM) that signed the agent's TLS certificate.
     #[arg(long, value_name = "FILE")]
     pub ca_file: Option<std::path::PathBuf>,
@@ -91,6 +102,19 @@ pub struct SocketsArgs {
     #[arg(long, value_name = "NAME")]
     pub user: Option<String>,
 }
+
+impl AgentArgs {
+    /// The agent's base URL, without a trailing slash.
+    pub fn base(&self) -> &str {
+        self.url
+            .as_deref()
+            .unwrap_or(DEFAULT_AGENT)
+            .trim_end_matches('/')
+    }
+}
+
+/// The agent `tracer sockets` asks by default.
+pub const DEFAULT_AGENT: &str = "http://127.0.0.1:9479";
 
 /// Default `--listen`: loopback only (exposing it wider is the user's choice), on a fixed port
 /// so that Prometheus's `instance` label survives restarts.
@@ -261,6 +285,70 @@ pub enum Toggle {
     Auto,
     On,
     Off,
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// How often the screen refreshes, e.g. 1s, 500ms (at least 200ms).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_refresh)]
+    pub interval: Duration,
+    /// How rows are grouped at start (the g key changes it).
+    #[arg(long, value_name = "BY", value_enum, default_value_t = crate::top::view::Group::Process)]
+    pub group: crate::top::view::Group,
+    /// The column rows are sorted by at start, largest first (< and > change it).
+    #[arg(long, value_name = "COLUMN", value_enum, default_value_t = crate::top::view::Column::Opened)]
+    pub sort: crate::top::view::Column,
+    /// Smallest first.
+    #[arg(long)]
+    pub reverse: bool,
+    /// Only connections of this service port (the local port of a server, the remote port of
+    /// a client).
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: Option<u16>,
+    /// Only connections of this process.
+    #[arg(long, value_name = "PID")]
+    pub pid: Option<u32>,
+    /// Only connections of this Kubernetes pod (its name, or namespace/name).
+    #[arg(long, value_name = "NAME")]
+    pub pod: Option<String>,
+    /// Print one plain table after one interval and exit (what it does without a terminal).
+    #[arg(long)]
+    pub once: bool,
+    /// Rows of the plain table at most.
+    #[arg(long, value_name = "N", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub rows: u32,
+    /// Size of each CPU's ring buffer of its own probe (without --agent), a power of two.
+    #[arg(long, value_name = "BYTES", default_value = "1M", value_parser = parse_size)]
+    pub ring_buffer_size: u32,
+    /// How long a socket may stay in a state before it counts as stuck, e.g. close_wait=60s
+    /// (repeatable; the defaults are `tracer run`'s). An agent's own thresholds apply with
+    /// --agent.
+    #[arg(long = "stuck-after", value_name = "STATE=DURATION", value_parser = parse_threshold)]
+    pub stuck_after: Vec<(u8, Duration)>,
+    #[command(flatten)]
+    pub agent: AgentArgs,
+    #[command(flatten)]
+    pub attribution: AttributionArgs,
+}
+
+impl TopArgs {
+    pub fn thresholds(&self) -> crate::census::stuck::Thresholds {
+        let mut t = crate::census::stuck::Thresholds::default();
+        for &(state, d) in &self.stuck_after {
+            t.0[state as usize] = Some(d);
+        }
+        t
+    }
+}
+
+fn parse_refresh(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_millis(200) {
+        return Err(format!(
+            "{s:?} is too short: refresh at most 5 times a second (200ms)"
+        ));
+    }
+    Ok(d)
 }
 
 impl RunArgs {

@@ -15,6 +15,7 @@ pub mod http;
 pub mod metrics;
 pub mod privileges;
 pub mod stream;
+pub mod top;
 pub mod workload;
 
 /// What the unit tests share.

@@ -52,6 +52,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => runtime.block_on(tracer::cmd::run::run(&args))?,
         Command::Sockets(args) => tracer::cmd::sockets::run(&args)?,
+        Command::Top(args) => runtime.block_on(tracer::cmd::top::run(&args))?,
         Command::Watch(args) => {
             let summary = runtime.block_on(tracer::cmd::watch::run(&args))?;
             eprintln!(

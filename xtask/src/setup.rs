@@ -27,6 +27,8 @@ const PACKAGES: &[&str] = &[
     "zsh",
     "fish",
     "man-db",
+    // The real terminal `tests/top.rs` runs `tracer top` in.
+    "tmux",
 ];
 
 /// The rustup name under which Debian's toolchain is registered (tracer/build.rs uses it).

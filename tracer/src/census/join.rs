@@ -265,12 +265,18 @@ pub fn join(
                 *c += 1;
             }
             // The service port: as the probe learnt it when the socket opened; else the
-            // local port when something listens on it (or the socket listens), else the
-            // remote one.
+            // local port when something listens on it (or the socket listens), or when it is
+            // outside the ephemeral range and the remote one inside it (an accepted
+            // connection whose listener has closed, a server's leak after its restart), else
+            // the remote one.
             let local_is_service = listening.contains(&r.local.port());
+            let ephemeral = |p: u16| (lo..=hi).contains(&p);
+            let accepted_here = !ephemeral(r.local.port()) && ephemeral(r.remote.port());
             let port = match stored.map(|s| s.port).filter(|&p| p != 0) {
                 Some(p) => p,
-                None if local_is_service || census_state == state::LISTEN => r.local.port(),
+                None if local_is_service || census_state == state::LISTEN || accepted_here => {
+                    r.local.port()
+                }
                 None => r.remote.port(),
             };
             if census_state == state::LISTEN {
@@ -646,8 +652,9 @@ mod tests {
             (v.age_source, v.age(80 * S)),
             (AgeSource::Census, Some(Duration::from_secs(60)))
         );
-        // No storage, nothing listening on 8080 here: the remote port is the service's.
-        assert_eq!(j.stuck.get(&(state::CLOSE_WAIT, 40001, 0)), Some(&1));
+        // No storage, nothing listening on 8080 here, but 8080 is outside the ephemeral
+        // range and 40001 inside it: accepted here, so 8080 is the service's.
+        assert_eq!(j.stuck.get(&(state::CLOSE_WAIT, 8080, 0)), Some(&1));
         // Gone: nothing is kept of it.
         join(&census(vec![], 40 * S), &mut sightings, &thresholds, 40 * S);
         assert!(sightings.unaged.is_empty());

@@ -111,6 +111,8 @@ pub struct PortNews {
     /// At the first census: the service ports in use and their volume, for the seed.
     pub seed: Option<Vec<(u16, u64, Use)>>,
     pub live: crate::stream::live::LiveCensus,
+    /// The census's figures for `tracer top` (`/top`).
+    pub top: crate::top::CensusPart,
 }
 
 /// What the census thread needs.
@@ -188,8 +190,21 @@ pub fn run(
                         .collect()
                 });
                 let live = crate::stream::live::samples(&census, config.record_interval);
-                let _ = news.send(PortNews { ranges, seed, live });
                 let (workloads, unresolved) = resolve_all(config.resolver.as_mut(), &joined);
+                let top = crate::top::CensusPart::of(
+                    &census,
+                    &joined,
+                    &config.thresholds,
+                    monotonic_ns(),
+                    taken_ns,
+                    &workloads,
+                );
+                let _ = news.send(PortNews {
+                    ranges,
+                    seed,
+                    live,
+                    top,
+                });
                 let cgroups = CgroupReport {
                     unresolved,
                     walks: config.resolver.as_ref().map_or(0, |r| r.paths().walks()),

@@ -130,6 +130,9 @@ pub async fn run(args: &RunArgs) -> Result<()> {
     let exporter = otlp
         .map(|c| Exporter::start(c, &registry, resolver()))
         .transpose()?;
+    // `tracer top --agent`'s figures, summed from the same events (`/top`).
+    let mut tally = crate::top::Tally::default();
+    let top = Arc::new(crate::top::Latest::default());
     let health = Arc::new(Health::default());
     health.beat();
     events.count_scrapes(health.scrapes.clone());
@@ -140,6 +143,7 @@ pub async fn run(args: &RunArgs) -> Result<()> {
         registry,
         health.clone(),
         published.clone(),
+        top.clone(),
         failed_tx,
     )
     .context("starting the HTTP thread")?;
@@ -160,10 +164,10 @@ pub async fn run(args: &RunArgs) -> Result<()> {
                 if let Err(e) = woken {
                     break Err(e);
                 }
-                follow(&mut rings, &mut events, &mut tracker, exporter.as_ref());
+                follow(&mut rings, &mut events, &mut tracker, &mut tally, exporter.as_ref());
             }
             _ = drain.tick() => {
-                follow(&mut rings, &mut events, &mut tracker, exporter.as_ref());
+                follow(&mut rings, &mut events, &mut tracker, &mut tally, exporter.as_ref());
                 health.beat();
             }
 
@@ -182,6 +186,7 @@ pub async fn run(args: &RunArgs) -> Result<()> {
                         events.record(Observation::Update(u));
                     });
                     events.flush(0);
+                    tally.census(n.top);
                 }
                 live.followed.set(tracker.len() as i64);
                 probe.flush_log();
@@ -196,6 +201,8 @@ pub async fn run(args: &RunArgs) -> Result<()> {
                     evicted: 0,
                 });
                 kernel.sync(&readings, &labelled, size);
+                tally.probe(&readings.counters, &readings.programs);
+                top.publish(tally.snapshot(monotonic_ns()));
             }
             _ = sigint.recv() => break Ok(()),
             _ = sigterm.recv() => break Ok(()),
@@ -203,7 +210,13 @@ pub async fn run(args: &RunArgs) -> Result<()> {
         }
     };
     drop(stop_census);
-    follow(&mut rings, &mut events, &mut tracker, exporter.as_ref());
+    follow(
+        &mut rings,
+        &mut events,
+        &mut tracker,
+        &mut tally,
+        exporter.as_ref(),
+    );
     let c = probe.counters()?;
     probe.flush_log();
     drop(rings);
@@ -225,11 +238,12 @@ pub async fn run(args: &RunArgs) -> Result<()> {
 /// across CPUs is needed, and none is waited for.
 ///
 /// A close counts what its connection did since its last periodic report (`tracker`), and
-/// its record goes to the OTLP export, if any.
+/// its record goes to the OTLP export, if any. `tally` sums the same for `/top`.
 fn follow(
     rings: &mut EventRings,
     metrics: &mut EventMetrics,
     tracker: &mut Tracker,
+    tally: &mut crate::top::Tally,
     exporter: Option<&Exporter>,
 ) {
     let read = rings.drain_unordered(|ev| {
@@ -239,11 +253,16 @@ fn follow(
                 if let Some(e) = exporter.filter(|_| ev.pid != own_pid()) {
                     e.send(Record::close(ev, &c));
                 }
+                tally.observe(ev, &Observation::Closed(c));
                 metrics.record(Observation::Closed(c));
             }
-            o => metrics.record(o),
+            o => {
+                tally.observe(ev, &o);
+                metrics.record(o)
+            }
         })
     });
+    tally.totals.events += read;
     metrics.flush(read);
 }
 

@@ -14,7 +14,7 @@ use anyhow::{anyhow, Context, Result};
 use base64::Engine as _;
 
 use crate::census::listing::{Listing, WorkloadFields, MAX_BODY_BYTES};
-use crate::cli::SocketsArgs;
+use crate::cli::{AgentArgs, SocketsArgs};
 use crate::stream::event::{state_name, Printable};
 use crate::workload::{cut_tail, MAX_COLUMN_CHARS};
 
@@ -27,7 +27,7 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// Fetches and prints the listing.
 pub fn run(args: &SocketsArgs) -> Result<()> {
     let url = query_url(args);
-    let body = fetch(&url, args)?;
+    let body = fetch(&url, &args.agent, "/sockets")?;
     let listing = parse(&body)?;
     if args.json {
         println!("{}", json(&listing));
@@ -60,11 +60,7 @@ pub fn json(listing: &Listing) -> String {
 
 /// The `/sockets` URL for these flags.
 pub fn query_url(args: &SocketsArgs) -> String {
-    let mut url = format!(
-        "{}/sockets?limit={}",
-        args.agent.trim_end_matches('/'),
-        args.limit
-    );
+    let mut url = format!("{}/sockets?limit={}", args.agent.base(), args.limit);
     if !args.states.is_empty() {
         let names: Vec<&str> = args.states.iter().map(|&s| state_name(s)).collect();
         let _ = write!(url, "&state={}", names.join(","));
@@ -133,8 +129,9 @@ fn workload_text(w: &WorkloadFields) -> String {
     }
 }
 
-fn fetch(url: &str, args: &SocketsArgs) -> Result<String> {
-    let agent = &args.agent;
+/// GETs `url` from the agent `args` names (`path`, for errors), and reads its answer.
+pub fn fetch(url: &str, args: &AgentArgs, path: &str) -> Result<String> {
+    let agent = args.base();
     // The agent is usually on loopback: never through a proxy from the environment.
     let client: ureq::Agent = ureq::Agent::config_builder()
         .proxy(None)
@@ -168,7 +165,7 @@ fn fetch(url: &str, args: &SocketsArgs) -> Result<String> {
             "the agent at {agent} wants a user and password: give --user and TRACER_PASSWORD"
         )),
         Err(ureq::Error::StatusCode(403)) => Err(anyhow!(
-            "the agent at {agent} shows /sockets only on loopback or to an authenticated client: \
+            "the agent at {agent} shows {path} only on loopback or to an authenticated client: \
              give --user (and TRACER_PASSWORD) or --cert-file/--key-file"
         )),
         Err(ureq::Error::StatusCode(code)) => {
@@ -184,7 +181,7 @@ fn fetch(url: &str, args: &SocketsArgs) -> Result<String> {
 }
 
 /// TLS settings for an `https://` agent: its CA and our client certificate, when given.
-fn tls_config(args: &SocketsArgs) -> Result<ureq::tls::TlsConfig> {
+fn tls_config(args: &AgentArgs) -> Result<ureq::tls::TlsConfig> {
     let pair = args.cert_file.as_deref().zip(args.key_file.as_deref());
     client_tls(
         args.ca_file.as_deref().map(|p| ("--ca-file", p)),

@@ -118,6 +118,8 @@ pub struct AppState {
     pub published: Arc<Published>,
     pub heavy: Arc<Semaphore>,
     pub sockets_budget: Budget,
+    /// The event thread's last `tracer top` snapshot.
+    pub top: Arc<crate::top::Latest>,
     pub metrics_budget: Budget,
     /// The size of the last `/metrics` answer, to reserve the next one by.
     pub metrics_size: Arc<AtomicU64>,
@@ -133,6 +135,7 @@ pub fn spawn(
     registry: Registry,
     health: Arc<Health>,
     published: Arc<Published>,
+    top: Arc<crate::top::Latest>,
     failed: tokio::sync::oneshot::Sender<std::io::Error>,
 ) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
@@ -144,6 +147,7 @@ pub fn spawn(
         published,
         heavy: Arc::new(Semaphore::new(HEAVY_REQUESTS)),
         sockets_budget: Budget::new(SOCKETS_BUDGET, held.clone()),
+        top,
         metrics_budget: Budget::new(METRICS_BUDGET, held),
         metrics_size: Arc::new(AtomicU64::new(0)),
         refusals,
@@ -270,6 +274,7 @@ async fn serve(
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/sockets", get(sockets))
+        .route("/top", get(top))
         .with_state(state.clone());
     let state_refusals = state.refusals.clone();
     let tls = web.tls.clone().map(tokio_rustls::TlsAcceptor::from);
@@ -416,8 +421,9 @@ fn busy(why: &str) -> Response {
 /// - `/healthz` and `/`: anyone who reaches the port (a liveness probe carries no password);
 /// - `/metrics`: with `basic_auth_users` configured, only a user with its password;
 /// - `/sockets` (every process's sockets, pids and names, in every namespace: more than `ss`
-///   shows an unprivileged user): as `/metrics`, and besides only a client that proved who it
-///   is (a password or a verified client certificate) or one on loopback.
+///   shows an unprivileged user) and `/top` (every process's connections, by pid and name):
+///   as `/metrics`, and besides only a client that proved who it is (a password or a
+///   verified client certificate) or one on loopback.
 async fn authorize(
     request: &Request<hyper::body::Incoming>,
     client: Client,
@@ -455,10 +461,10 @@ async fn authorize(
         }
         authenticated = true;
     }
-    if path == "/sockets" && !authenticated && !client.loopback {
+    if (path == "/sockets" || path == "/top") && !authenticated && !client.loopback {
         return Err((
             StatusCode::FORBIDDEN,
-            "/sockets lists every process's sockets: ask from this host's loopback \
+            "/sockets and /top list every process's connections: ask from this host's loopback \
              (127.0.0.1 or ::1), or configure basic_auth_users or client certificates in \
              --web-config\n",
         )
@@ -472,7 +478,8 @@ async fn index() -> Html<&'static str> {
         "<!doctype html><title>tracer</title><h1>tracer</h1>\
          <p>TCP connections followed with eBPF.</p>\
          <ul><li><a href=\"/metrics\">/metrics</a></li><li><a href=\"/healthz\">/healthz</a></li>\
-         <li><a href=\"/sockets?older_than=10s\">/sockets</a> (state, port, older_than, limit)</li></ul>",
+         <li><a href=\"/sockets?older_than=10s\">/sockets</a> (state, port, older_than, limit)</li>\
+         <li><a href=\"/top\">/top</a> (what <code>tracer top --agent</code> reads)</li></ul>",
     )
 }
 
@@ -549,6 +556,35 @@ async fn sockets(
         filter.render_json(&report, crate::stream::ring::monotonic_ns(), MAX_BODY_BYTES)
     });
     let Ok(body) = rendered.await else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        held.into_body(body),
+    )
+        .into_response()
+}
+
+/// `GET /top`: the event thread's last snapshot for `tracer top --agent`, as JSON.
+async fn top(State(state): State<AppState>) -> Response {
+    let Some(snapshot) = state.top.latest() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no top snapshot yet (the agent makes one a second): retry in a second\n",
+        )
+            .into_response();
+    };
+    let Ok(_permit) = state.heavy.acquire().await else {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    };
+    // About 400 bytes an entry, reserved before rendering as /sockets is.
+    let rendering = 512 * (snapshot.entries.len() + 1);
+    let Some(held) = state.sockets_budget.reserve(rendering).await else {
+        state.refusals.memory.inc();
+        return busy("the agent's answers to slow clients fill its memory budget");
+    };
+    let rendered = tokio::task::spawn_blocking(move || serde_json::to_vec(&*snapshot));
+    let Ok(Ok(body)) = rendered.await else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
     (

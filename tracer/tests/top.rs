@@ -1,0 +1,467 @@
+//! `tracer top` on real traffic: its plain table (`--once`, on its own probe and against a
+//! running agent) and its full screen in a real terminal (tmux), checked against what the
+//! traffic was made of and against `ss`.
+//!
+//! The traffic, on loopback, runs for the whole of each check: 10 connections a second to a
+//! service on port 7431, 5 a second to one on 7432 that sends 1,000 bytes on each, 2 connects
+//! a second refused on 7433 (nothing listens), and 3 connections to 7434 that its server
+//! never closes after the clients sent their FIN (CLOSE_WAIT leaks, stuck after 1 s).
+//! Both ends of each connection are this test's, so a port's row counts both handshakes.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// The tests share the service ports: one at a time.
+static PORTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+const PLAIN: u16 = 7431;
+const SENDS: u16 = 7432;
+const REFUSED: u16 = 7433;
+const LEAKS: u16 = 7434;
+
+/// The traffic above, until dropped.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    /// The leaked connections' client ends (kept open, their FIN sent).
+    _leaks: Vec<TcpStream>,
+    _leaked: Vec<TcpStream>,
+    _lock: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Traffic {
+    fn start() -> Traffic {
+        let lock = PORTS.lock().unwrap_or_else(|e| e.into_inner());
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for (port, per_second, send) in [(PLAIN, 10, 0usize), (SENDS, 5, 1_000)] {
+            let listener = TcpListener::bind((V4, port)).expect("bind a service port");
+            let stop_server = stop.clone();
+            listener.set_nonblocking(true).unwrap();
+            threads.push(std::thread::spawn(move || {
+                while !stop_server.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((mut s, _)) => {
+                            s.set_nonblocking(false).unwrap();
+                            let _ = s.write_all(&vec![b'x'; send]);
+                            // The client closes first; then the server.
+                            let mut buf = [0u8; 64];
+                            while matches!(s.read(&mut buf), Ok(k) if k > 0) {}
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                    }
+                }
+            }));
+            let stop_client = stop.clone();
+            threads.push(std::thread::spawn(move || {
+                paced(&stop_client, per_second, || {
+                    let mut s = TcpStream::connect((V4, port)).expect("connect");
+                    let mut got = vec![0u8; send];
+                    s.read_exact(&mut got).expect("the service's bytes");
+                })
+            }));
+        }
+        let stop_refused = stop.clone();
+        threads.push(std::thread::spawn(move || {
+            paced(&stop_refused, 2, || {
+                let err = TcpStream::connect((V4, REFUSED)).expect_err("nothing listens on 7433");
+                assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+            })
+        }));
+        // The leaks: accepted, never closed by the server; the clients send their FIN.
+        let listener = TcpListener::bind((V4, LEAKS)).expect("bind 7434");
+        let mut leaks = Vec::new();
+        let mut leaked = Vec::new();
+        for _ in 0..3 {
+            let c = TcpStream::connect((V4, LEAKS)).unwrap();
+            let (s, _) = listener.accept().unwrap();
+            c.shutdown(Shutdown::Write).unwrap();
+            leaks.push(c);
+            leaked.push(s);
+        }
+        drop(listener);
+        Traffic {
+            stop,
+            threads,
+            _leaks: leaks,
+            _leaked: leaked,
+            _lock: lock,
+        }
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Calls `f` `per_second` times a second until `stop` (at most 2 minutes).
+fn paced(stop: &AtomicBool, per_second: u32, mut f: impl FnMut()) {
+    let period = Duration::from_secs(1) / per_second;
+    let started = Instant::now();
+    let mut next = started;
+    while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(120) {
+        f();
+        next += period;
+        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+/// One row of the table: its name and its figures by column title.
+#[derive(Debug)]
+struct Row {
+    name: String,
+    cells: Vec<(String, String)>,
+}
+
+impl Row {
+    fn get(&self, title: &str) -> &str {
+        &self.cells.iter().find(|(t, _)| t == title).unwrap().1
+    }
+    fn number(&self, title: &str) -> f64 {
+        let text = self.get(title).trim_end_matches(['K', 'M', 'B']);
+        text.parse()
+            .unwrap_or_else(|_| panic!("{title} of {}: {:?}", self.name, self.get(title)))
+    }
+    /// Bytes per second.
+    fn bytes(&self, title: &str) -> f64 {
+        let text = self.get(title);
+        let scale = match text.chars().last() {
+            Some('K') => 1024.0,
+            Some('M') => 1024.0 * 1024.0,
+            _ => 1.0,
+        };
+        self.number(title) * scale
+    }
+}
+
+/// The figure columns, left to right, as the table heads them.
+const TITLES: [&str; 10] = [
+    "CONN/s", "FAIL/s", "OPEN", "STUCK", "RETR/s", "TX/s", "RX/s", "HS p50", "HS p99", "RTT",
+];
+
+/// The rows of a table whose first line of figures follows the `PORT` heading: the last ten
+/// words of a line are its figures (no figure has a space), what is before them its name.
+fn rows(text: &str) -> Vec<Row> {
+    let mut lines = text.lines().skip_while(|l| !l.starts_with("PORT"));
+    let heading = lines
+        .next()
+        .unwrap_or_else(|| panic!("no heading in:\n{text}"));
+    assert!(heading.contains("RTT"), "every column shown:\n{text}");
+    lines
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("q quit"))
+        .map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let (name, figures) = words.split_at(words.len() - TITLES.len());
+            Row {
+                name: name.join(" "),
+                cells: TITLES
+                    .iter()
+                    .zip(figures)
+                    .map(|(t, f)| (t.to_string(), f.to_string()))
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+fn row<'a>(rows: &'a [Row], name: &str, text: &str) -> &'a Row {
+    rows.iter()
+        .find(|r| r.name == name)
+        .unwrap_or_else(|| panic!("no row {name} in:\n{text}"))
+}
+
+/// Sockets of `port` that `ss` shows open (every state but LISTEN and TIME-WAIT).
+fn ss_open(port: u16) -> usize {
+    ss_lines(&format!("( sport = :{port} or dport = :{port} )"))
+        .iter()
+        .filter(|l| !l.starts_with("LISTEN") && !l.starts_with("TIME-WAIT"))
+        .count()
+}
+
+/// What the traffic must show: each port's row, its figures within a quarter of the rates
+/// made (the table's window is one or two intervals, and the pacing is a thread's sleep), the
+/// leaks exact and equal to `ss`.
+fn check(text: &str) {
+    let rows = rows(text);
+    let plain = row(&rows, "7431", text);
+    let sends = row(&rows, "7432", text);
+    let refused = row(&rows, "7433", text);
+    let leaks = row(&rows, "7434", text);
+    let near = |got: f64, want: f64, what: &str| {
+        assert!(
+            (got - want).abs() <= want * 0.25,
+            "{what}: {got}, not within 25% of {want}, in:\n{text}"
+        );
+    };
+    // Both ends' handshakes: 20 a second on 7431, 10 on 7432; 2 connects refused on 7433.
+    near(plain.number("CONN/s"), 20.0, "7431 CONN/s");
+    near(sends.number("CONN/s"), 10.0, "7432 CONN/s");
+    near(refused.number("FAIL/s"), 2.0, "7433 FAIL/s");
+    assert_eq!(plain.number("FAIL/s"), 0.0, "{text}");
+    // 1,000 bytes on each of 5 connections a second: sent by the server, received by the
+    // client, both under 7432.
+    near(sends.bytes("TX/s"), 5_000.0, "7432 TX/s");
+    near(sends.bytes("RX/s"), 5_000.0, "7432 RX/s");
+    assert_eq!(plain.bytes("TX/s"), 0.0, "{text}");
+    assert_ne!(plain.get("HS p50"), "-", "{text}");
+    // The leaks: 3 servers' sockets in CLOSE_WAIT past 1 s, and their 3 clients in FIN_WAIT2
+    // (open, not stuck before 60 s): 6 open, as ss counts them, 3 stuck.
+    assert_eq!(
+        leaks.number("OPEN") as usize,
+        ss_open(LEAKS),
+        "ss and {text}"
+    );
+    assert_eq!(leaks.number("OPEN"), 6.0, "{text}");
+    assert_eq!(leaks.number("STUCK"), 3.0, "{text}");
+    assert_eq!(leaks.number("CONN/s"), 0.0, "{text}");
+}
+
+/// `tracer top ARGS --once`, its plain table on stdout.
+fn top_once(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_tracer"))
+        .arg("top")
+        .args(args)
+        .args(["--once", "--group", "port"])
+        .env("COLUMNS", "200")
+        .stdin(Stdio::null())
+        .output()
+        .expect("tracer top");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(
+        out.status.success(),
+        "tracer top failed: {stderr}\n{stdout}"
+    );
+    stdout
+}
+
+#[test]
+fn top_once_on_its_own_probe_shows_each_port_as_the_traffic_made_it() {
+    let test = "top_once_on_its_own_probe_shows_each_port_as_the_traffic_made_it";
+    if !require_root(test) {
+        return;
+    }
+    let _traffic = Traffic::start();
+    // Past the leaks' 1 s threshold before the first census.
+    std::thread::sleep(Duration::from_millis(1_200));
+    let text = top_once(&["--interval", "2s", "--stuck-after", "close_wait=1s"]);
+    println!("{text}");
+    check(&text);
+    // The header: the host's figures and the probe's, nothing lost.
+    assert!(text.contains("; by port, sorted by CONN/s"), "{text}");
+    assert!(text.contains("lost 0 (0 in all)"), "{text}");
+}
+
+#[test]
+fn top_once_against_a_running_agent_shows_the_same_without_a_probe_of_its_own() {
+    let test = "top_once_against_a_running_agent_shows_the_same_without_a_probe_of_its_own";
+    if !require_root(test) {
+        return;
+    }
+    let agent = Agent::start(&["--stuck-after", "close_wait=1s"]);
+    let _traffic = Traffic::start();
+    std::thread::sleep(Duration::from_millis(1_200));
+    let programs_before = loaded_programs();
+    let url = format!("http://{}", agent.addr);
+    let text = top_once(&["--interval", "2s", "--agent", &url]);
+    println!("{text}");
+    check(&text);
+    assert!(
+        text.starts_with(&format!("tracer top: agent {url};")),
+        "{text}"
+    );
+    // It loaded nothing: the same BPF programs before and after (the agent's).
+    assert_eq!(loaded_programs(), programs_before);
+
+    // An agent that is not there: one line, and a failure.
+    let out = Command::new(env!("CARGO_BIN_EXE_tracer"))
+        .args(["top", "--once", "--agent", "http://127.0.0.1:9"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("tracer: no agent answers at http://127.0.0.1:9"),
+        "{stderr}"
+    );
+    drop(agent);
+}
+
+/// Ids of the BPF programs loaded now (`bpftool` is not on every host: from /proc, the
+/// programs this process's children hold are not visible, so ask the kernel by id).
+fn loaded_programs() -> Vec<u32> {
+    let mut ids = Vec::new();
+    let mut id = 0u32;
+    loop {
+        // SAFETY: BPF_PROG_GET_NEXT_ID reads and writes the attr union we own.
+        let mut attr = [0u32; 4];
+        attr[0] = id;
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                11, // BPF_PROG_GET_NEXT_ID
+                attr.as_mut_ptr(),
+                std::mem::size_of_val(&attr),
+            )
+        };
+        if r != 0 {
+            break;
+        }
+        id = attr[1];
+        ids.push(id);
+    }
+    ids
+}
+
+/// A tmux session running `tracer top`, killed by name when dropped.
+struct Tmux {
+    session: String,
+}
+
+impl Tmux {
+    fn start(session: &str, command: &str) -> Tmux {
+        let _ = Command::new("tmux")
+            .args(["kill-session", "-t", session])
+            .output();
+        let ok = Command::new("tmux")
+            .args([
+                "new-session",
+                "-d",
+                "-s",
+                session,
+                "-x",
+                "200",
+                "-y",
+                "30",
+                command,
+            ])
+            .status()
+            .expect("tmux");
+        assert!(ok.success());
+        Tmux {
+            session: session.to_owned(),
+        }
+    }
+
+    fn screen(&self) -> String {
+        let out = Command::new("tmux")
+            .args(["capture-pane", "-p", "-t", &self.session])
+            .output()
+            .expect("tmux capture-pane");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn keys(&self, keys: &str) {
+        let ok = Command::new("tmux")
+            .args(["send-keys", "-t", &self.session, keys])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    fn alive(&self) -> bool {
+        Command::new("tmux")
+            .args(["has-session", "-t", &self.session])
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Waits until the screen shows `what` and traffic rates (two censuses), up to `limit`.
+    fn wait_for(&self, what: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        let has_rates = |screen: &str| {
+            screen.contains("PORT")
+                && rows(screen)
+                    .iter()
+                    .any(|r| r.name == SENDS.to_string() && r.get("TX/s") != "-")
+        };
+        loop {
+            let screen = self.screen();
+            if screen.contains(what) && has_rates(&screen) {
+                return screen;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what:?} on the screen:\n{screen}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["kill-session", "-t", &self.session])
+            .output();
+    }
+}
+
+#[test]
+fn top_in_a_real_terminal_follows_the_keys_and_quits_on_q() {
+    let test = "top_in_a_real_terminal_follows_the_keys_and_quits_on_q";
+    if !require_root(test)
+        || host_only(
+            test,
+            "the terminal's handling does not depend on the kernel",
+        )
+    {
+        return;
+    }
+    if Command::new("tmux").arg("-V").output().is_err() {
+        panic!("{test}: tmux is missing: run `cargo xtask setup`");
+    }
+    let _traffic = Traffic::start();
+    std::thread::sleep(Duration::from_millis(1_200));
+    let command = format!(
+        "{} top --group port --interval 2s --stuck-after close_wait=1s",
+        env!("CARGO_BIN_EXE_tracer")
+    );
+    let tmux = Tmux::start("tracer-top-test", &command);
+    // Sorted by connections: 7431's row first. Two censuses give the traffic figures.
+    let screen = tmux.wait_for("sorted by CONN/s", Duration::from_secs(20));
+    println!("{screen}");
+    check(&screen);
+    let first = |screen: &str| rows(screen).first().map(|r| r.name.clone());
+    assert_eq!(first(&screen).as_deref(), Some("7431"), "{screen}");
+    // `>` sorts by failures: the refused port first.
+    tmux.keys(">");
+    let screen = tmux.wait_for("sorted by FAIL/s", Duration::from_secs(5));
+    assert_eq!(first(&screen).as_deref(), Some("7433"), "{screen}");
+    // `>` twice more, then `<`: by OPEN, whose largest is the leaks' port.
+    tmux.keys(">");
+    tmux.keys(">");
+    tmux.keys("<");
+    let screen = tmux.wait_for("sorted by OPEN", Duration::from_secs(5));
+    assert_eq!(first(&screen).as_deref(), Some("7434"), "{screen}");
+    // `q` quits, and tmux's session ends with it.
+    tmux.keys("q");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tmux.alive() {
+        assert!(
+            Instant::now() < deadline,
+            "top did not quit on q:\n{}",
+            tmux.screen()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
