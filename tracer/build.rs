@@ -11,7 +11,7 @@ const BPF_TOOLCHAIN: &str = "tracer-bpf";
 
 fn main() -> Result<()> {
     if which::which("bpf-linker").is_err() {
-        bail!("bpf-linker is not on PATH: run `cargo xtask setup` first (see README)");
+        bail!("bpf-linker is not on PATH: run `cargo xtask setup` first (see docs/toolchain.md)");
     }
     // aya-ebpf uses `asm_experimental_arch` on the BPF target. Naming the crate (rather than
     // `1`) lets only it use unstable features and keeps aya-build from asking for build-std.

@@ -126,11 +126,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "ADDR:PORT", default_value = DEFAULT_LISTEN)]
     pub listen: std::net::SocketAddr,
     /// TLS and basic authentication for the endpoints: a web configuration file in the format
-    /// of the Prometheus exporter-toolkit (tls_server_config, basic_auth_users); see README.
+    /// of the Prometheus exporter-toolkit (tls_server_config, basic_auth_users); see docs/security.md.
     #[arg(long, value_name = "FILE")]
     pub web_config: Option<std::path::PathBuf>,
     /// Service ports that get their own `port` label value (repeatable); others are "other".
-    /// Without it, listening and connected-to service ports get one (see README).
+    /// Without it, listening and connected-to service ports get one (see docs/metrics.md).
     #[arg(long = "port", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub ports: Vec<u16>,
     /// Distinct `port` label values at most (without --port).
@@ -159,7 +159,7 @@ pub struct RunArgs {
     /// OpenTelemetry collector over OTLP/HTTP, e.g. http://collector:4318 (`/v1/logs` is
     /// appended). Also from OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_LOGS_ENDPOINT;
     /// headers, compression, CA and client certificate from the other OTEL_EXPORTER_OTLP_*
-    /// variables (see README).
+    /// variables (see docs/records.md).
     #[arg(long, value_name = "URL")]
     pub otlp_endpoint: Option<String>,
     /// Records waiting for the collector at most (the batch being sent included); past it,
@@ -172,7 +172,7 @@ pub struct RunArgs {
     #[arg(long = "stuck-after", value_name = "STATE=DURATION", value_parser = parse_threshold)]
     pub stuck_after: Vec<(u8, Duration)>,
     /// How often to take the socket census of every namespace that the census metrics and
-    /// /sockets show, e.g. 5s; never more than 5% of the time (see README).
+    /// /sockets show, e.g. 5s; never more than 5% of the time (see docs/design.md).
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub census_interval: Duration,
     /// Most pods given their own `namespace` and `pod` label values in metrics (stuck sockets,

@@ -1,7 +1,7 @@
 //! `cargo xtask kernels`: the kernel tests of `tracer` on other kernels than this machine's.
 //!
 //! The matrix: the newest Debian 6.1 and 6.12 cloud kernels (Debian 12 and its backports),
-//! each booted under QEMU with virtme-ng, and this machine's own kernel (README, "Kernels").
+//! each booted under QEMU with virtme-ng, and this machine's own kernel (docs/kernels.md).
 //!
 //! - Everything is built on the host first (`cargo build --release`, then the test binaries
 //!   with `cargo test --no-run`): a guest sees the host's root file system read-only, so it

@@ -1,7 +1,7 @@
 //! `cargo xtask setup`: installs what building and testing `tracer` need on a Debian host,
 //! skipping (without network) whatever is already there.
 //!
-//! Why these pieces (see README, "Toolchain"): rustup's compilers here have no `rust-src`, so
+//! Why these pieces (see docs/toolchain.md): rustup's compilers here have no `rust-src`, so
 //! the probe is built with Debian's `rustc-web`, which ships a prebuilt `core` for the BPF
 //! target; `bpf-linker` must be built against the same LLVM major (22).
 
@@ -206,7 +206,7 @@ pub const KERNEL_PACKAGES: &[&str] = &[
     "libcap-ng-dev",
     "libseccomp-dev",
 ];
-/// Versions seen working with the kernel matrix (README, "Kernels").
+/// Versions seen working with the kernel matrix (docs/kernels.md).
 const VIRTME_NG_VERSION: &str = "1.42";
 const VIRTIOFSD_VERSION: &str = "1.14.0";
 

@@ -3,7 +3,7 @@
 //! Owns: the label budget, who may spend it, and the record of which ports have a value
 //! (shared, lock-free, with the scrape path). Does not own: the metrics that use the label.
 //!
-//! The rule (also in the README):
+//! The rule (also in docs/metrics.md):
 //! - `--port` given: exactly those ports, nothing else.
 //! - Otherwise at most `--max-ports` values, given for good (a value never moves once given):
 //!   - a *local* port because something listens on it: when a passive handshake completes on
@@ -231,7 +231,7 @@ impl PortLabelCollector {
             Opts::new(
                 "tracer_port_label_info",
                 "Always 1: this port has a port label value of its own (--port, or a listening \
-                 or connected-to service port, by the rule in the README).",
+                 or connected-to service port, by the rule in docs/metrics.md).",
             ),
             &["port"],
         )?;

@@ -42,6 +42,11 @@ use crate::workload::Workload;
 /// [`OVERFLOW_COMM`]), counted in [`Totals::keys_overflowed`].
 pub const MAX_KEYS: usize = 8192;
 
+/// A key with no event for this long, and no socket in the last census, is forgotten (its
+/// snapshot entry goes; `view` reads a missing entry as one that did nothing), so that the
+/// keys of processes long gone do not fill [`MAX_KEYS`] on a host that runs many.
+pub const FORGET_AFTER_NS: u64 = 10 * 60 * 1_000_000_000;
+
 /// The overflow key's comm.
 pub const OVERFLOW_COMM: &str = "(more)";
 
@@ -382,6 +387,8 @@ pub struct Tally {
     census: CensusPart,
     /// Pods of cgroups seen in any census so far (a cgroup's pod does not change).
     pods: HashMap<u64, String>,
+    /// When each key last had an event (CLOCK_MONOTONIC ns).
+    touched: HashMap<Key, u64>,
     pub totals: Totals,
 }
 
@@ -420,6 +427,7 @@ impl Tally {
             f.closed += 1;
             self.closed.entry(key).or_default().add(&traffic);
         }
+        self.touched.insert(key, t.time_ns);
     }
 
     /// The probe's counters and programs' figures, read now.
@@ -436,10 +444,28 @@ impl Tally {
 
     /// A census arrived: closed connections' traffic up to now goes with it.
     pub fn census(&mut self, part: CensusPart) {
-        self.settled.clone_from(&self.closed);
-        for (&cgroup, pod) in &part.pods {
-            self.pods.entry(cgroup).or_insert_with(|| pod.clone());
+        let horizon = part.taken_ns.saturating_sub(FORGET_AFTER_NS);
+        let idle: Vec<Key> = self
+            .touched
+            .iter()
+            .filter(|&(k, &t)| t < horizon && !part.figures.contains_key(k))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in idle {
+            self.touched.remove(&k);
+            self.events.remove(&k);
+            self.closed.remove(&k);
         }
+        self.settled.clone_from(&self.closed);
+        // The pods of this census's cgroups, and those of the keys kept (a cgroup whose
+        // sockets have all closed keeps its pod while its figures last).
+        let mut pods = part.pods.clone();
+        for k in self.events.keys() {
+            if let Some(pod) = self.pods.get(&k.cgroup) {
+                pods.entry(k.cgroup).or_insert_with(|| pod.clone());
+            }
+        }
+        self.pods = pods;
         self.totals.keys_overflowed += part.overflowed;
         self.census = part;
     }
@@ -488,6 +514,82 @@ impl Tally {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stream::event::tests::transition;
+
+    const S: u64 = 1_000_000_000;
+
+    /// What `stream::observe` tells of `t`, counted.
+    fn feed(tally: &mut Tally, t: &Transition) {
+        crate::stream::observe(t, |o| tally.observe(t, &o));
+    }
+
+    #[test]
+    fn a_tally_counts_by_key_and_settles_closed_traffic_at_each_census() {
+        let mut tally = Tally::default();
+        // curl (pid 42) connects to 8080 twice: 150 us handshakes; one fails.
+        for (i, at) in [(1u64, 10 * S), (2, 11 * S)] {
+            let mut t = transition(i, at, state::SYN_SENT, state::ESTABLISHED);
+            t.since_ns = at - 150_000;
+            t.socket_flags = socket::ACTIVE | socket::SINCE_SEEN;
+            feed(&mut tally, &t);
+        }
+        let mut refused = transition(3, 12 * S, state::SYN_SENT, state::CLOSE);
+        refused.sk_err = 111;
+        refused.socket_flags = socket::ACTIVE | socket::SINCE_SEEN;
+        refused.since_ns = 12 * S - 50_000;
+        feed(&mut tally, &refused);
+        // One closes, having received 5,000 bytes.
+        let mut close = transition(1, 13 * S, state::LAST_ACK, state::CLOSE);
+        close.socket_flags = socket::ACTIVE | socket::SINCE_SEEN;
+        close.established_ns = 10 * S;
+        close.bytes_received = 5_001;
+        feed(&mut tally, &close);
+        let s = tally.snapshot(14 * S);
+        assert_eq!(s.entries.len(), 1, "{s:?}");
+        let e = &s.entries[0];
+        assert_eq!(
+            (e.pid, e.comm.as_str(), e.port, e.remote.as_str()),
+            (42, "curl", 8080, "127.0.0.1:8080")
+        );
+        // Closed: the refused connect's socket too (every transition to CLOSE is a record).
+        assert_eq!(
+            (e.events.opened, e.events.failed, e.events.closed),
+            (2, 1, 2)
+        );
+        assert_eq!(e.events.handshake_us.count(), 2);
+        // Not settled before a census: the census's open connections are what it adds to.
+        assert_eq!(e.closed, Traffic::default());
+        tally.census(CensusPart {
+            taken_ns: 14 * S,
+            ..CensusPart::default()
+        });
+        let e = &tally.snapshot(15 * S).entries[0];
+        assert!(e.closed.received > 0 && e.closed.received <= 5_001, "{e:?}");
+        assert_eq!(tally.snapshot(15 * S).census_ns, 14 * S);
+    }
+
+    #[test]
+    fn keys_idle_past_the_horizon_are_forgotten_and_the_overflow_is_counted() {
+        let mut tally = Tally::default();
+        for i in 0..(MAX_KEYS as u64 + 5) {
+            let mut t = transition(i, S, state::SYN_SENT, state::ESTABLISHED);
+            t.pid = i as u32 + 1;
+            t.since_ns = S - 1_000;
+            t.socket_flags = socket::ACTIVE | socket::SINCE_SEEN;
+            feed(&mut tally, &t);
+        }
+        assert_eq!(tally.totals.keys_overflowed, 5);
+        let s = tally.snapshot(2 * S);
+        assert_eq!(s.entries.len(), MAX_KEYS + 1);
+        let more = s.entries.iter().find(|e| e.comm == OVERFLOW_COMM).unwrap();
+        assert_eq!(more.events.opened, 5);
+        // Ten minutes on, with none of them in the census: all forgotten.
+        tally.census(CensusPart {
+            taken_ns: S + FORGET_AFTER_NS + 1,
+            ..CensusPart::default()
+        });
+        assert!(tally.snapshot(FORGET_AFTER_NS + 2 * S).entries.is_empty());
+    }
 
     #[test]
     fn histogram_quantiles_are_within_a_tenth() {

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use crate::stream::event::Printable;
-use crate::top::{CensusFigures, Entry, EventFigures, Snapshot, Traffic};
+use crate::top::{Entry, Histogram, Snapshot, Traffic};
 
 /// How rows are grouped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -272,33 +272,35 @@ pub struct Table {
     pub rows: Vec<Row>,
 }
 
-/// A group's sums in one snapshot.
+/// What one group did between two snapshots, and holds in the newest.
 #[derive(Clone, Debug, Default)]
-struct Sums {
-    events: EventFigures,
-    closed: Traffic,
-    census: CensusFigures,
+struct Growth {
+    opened: u64,
+    failed: u64,
+    handshakes: Histogram,
+    /// Closed and open connections' traffic together (see the module above), between the
+    /// two censuses.
+    traffic: Traffic,
+    open: u64,
+    stuck: u64,
+    rtt_us: Histogram,
 }
 
-impl Sums {
-    fn add(&mut self, e: &Entry) {
-        self.events.opened += e.events.opened;
-        self.events.failed += e.events.failed;
-        self.events.closed += e.events.closed;
-        self.events.handshake_us.merge(&e.events.handshake_us);
-        self.closed.add(&e.closed);
-        self.census.open += e.census.open;
-        self.census.stuck += e.census.stuck;
-        self.census.traffic.add(&e.census.traffic);
-        self.census.rtt_us.merge(&e.census.rtt_us);
-    }
+/// Who and what an entry is about: entries of two snapshots are matched by it.
+type EntryKey<'a> = (u32, &'a str, u64, u16, &'a str);
 
-    /// Closed and open connections' traffic together (see the module above).
-    fn traffic(&self) -> Traffic {
-        let mut t = self.closed;
-        t.add(&self.census.traffic);
-        t
-    }
+fn key(e: &Entry) -> EntryKey<'_> {
+    (e.pid, &e.comm, e.cgroup, e.port, &e.remote)
+}
+
+fn index(s: Option<&Snapshot>) -> Option<HashMap<EntryKey<'_>, &Entry>> {
+    s.map(|s| s.entries.iter().map(|e| (key(e), e)).collect())
+}
+
+fn traffic(e: &Entry) -> Traffic {
+    let mut t = e.closed;
+    t.add(&e.census.traffic);
+    t
 }
 
 /// The name of an entry's group, escaped for a terminal.
@@ -315,48 +317,66 @@ pub fn group_name(group: Group, e: &Entry) -> String {
     }
 }
 
-fn sums(s: Option<&Snapshot>, group: Group, filter: Option<&Filter>) -> HashMap<String, Sums> {
-    let mut out: HashMap<String, Sums> = HashMap::new();
-    for e in s.into_iter().flat_map(|s| &s.entries) {
-        if filter.is_none_or(|f| f.keeps(e)) {
-            out.entry(group_name(group, e)).or_default().add(e);
+/// Each group's growth, entry by entry: what an entry of the newest snapshot gained since the
+/// same entry in `previous` (events) and in `base` (traffic), all of it where the entry is new.
+/// An entry the source no longer sends (it forgets idle ones) is one that gained nothing.
+fn growths(
+    newest: &Snapshot,
+    previous: Option<&Snapshot>,
+    base: Option<&Snapshot>,
+    name: impl Fn(&Entry) -> Option<String>,
+) -> HashMap<String, Growth> {
+    let (before, at_base) = (index(previous), index(base));
+    let mut out: HashMap<String, Growth> = HashMap::new();
+    for e in &newest.entries {
+        let Some(group) = name(e) else { continue };
+        let g = out.entry(group).or_default();
+        g.open += e.census.open;
+        g.stuck += e.census.stuck;
+        g.rtt_us.merge(&e.census.rtt_us);
+        if let Some(before) = &before {
+            match before.get(&key(e)) {
+                Some(p) => {
+                    g.opened += e.events.opened.saturating_sub(p.events.opened);
+                    g.failed += e.events.failed.saturating_sub(p.events.failed);
+                    g.handshakes
+                        .merge(&e.events.handshake_us.since(&p.events.handshake_us));
+                }
+                None => {
+                    g.opened += e.events.opened;
+                    g.failed += e.events.failed;
+                    g.handshakes.merge(&e.events.handshake_us);
+                }
+            }
+        }
+        if let Some(at_base) = &at_base {
+            let (now, then) = (traffic(e), at_base.get(&key(e)).map(|b| traffic(b)));
+            let then = then.unwrap_or_default();
+            g.traffic.add(&Traffic {
+                sent: now.sent.saturating_sub(then.sent),
+                received: now.received.saturating_sub(then.received),
+                retransmits: now.retransmits.saturating_sub(then.retransmits),
+            });
         }
     }
     out
 }
 
-/// One row from a group's sums now, before (the previous snapshot, `dt` seconds earlier) and
-/// at the earlier census (`census_dt` seconds before the newest census).
-fn row(
-    name: String,
-    now: &Sums,
-    before: Option<&Sums>,
-    dt: Option<f64>,
-    base: Option<&Sums>,
-    census_dt: Option<f64>,
-) -> Row {
-    let empty = Sums::default();
-    let per_s = |now: u64, then: Option<u64>, dt: Option<f64>| {
-        dt.map(|dt| now.saturating_sub(then.unwrap_or(0)) as f64 / dt)
-    };
-    let before_ev = before.unwrap_or(&empty);
-    let handshakes = now
-        .events
-        .handshake_us
-        .since(&before_ev.events.handshake_us);
-    let (t_now, t_base) = (now.traffic(), base.unwrap_or(&empty).traffic());
+/// A group's row: its growth over `dt` seconds (events) and `census_dt` (traffic).
+fn row(name: String, g: &Growth, dt: Option<f64>, census_dt: Option<f64>) -> Row {
+    let per_s = |n: u64, dt: Option<f64>| dt.map(|dt| n as f64 / dt);
     Row {
         name,
-        opened: per_s(now.events.opened, Some(before_ev.events.opened), dt),
-        failed: per_s(now.events.failed, Some(before_ev.events.failed), dt),
-        open: now.census.open,
-        stuck: now.census.stuck,
-        retransmits: per_s(t_now.retransmits, Some(t_base.retransmits), census_dt),
-        sent: per_s(t_now.sent, Some(t_base.sent), census_dt),
-        received: per_s(t_now.received, Some(t_base.received), census_dt),
-        handshake_p50_us: dt.and_then(|_| handshakes.quantile(0.5)),
-        handshake_p99_us: dt.and_then(|_| handshakes.quantile(0.99)),
-        rtt_us: now.census.rtt_us.quantile(0.5),
+        opened: per_s(g.opened, dt),
+        failed: per_s(g.failed, dt),
+        open: g.open,
+        stuck: g.stuck,
+        retransmits: per_s(g.traffic.retransmits, census_dt),
+        sent: per_s(g.traffic.sent, census_dt),
+        received: per_s(g.traffic.received, census_dt),
+        handshake_p50_us: dt.and_then(|_| g.handshakes.quantile(0.5)),
+        handshake_p99_us: dt.and_then(|_| g.handshakes.quantile(0.99)),
+        rtt_us: g.rtt_us.quantile(0.5),
     }
 }
 
@@ -374,44 +394,19 @@ pub fn table(frames: &Frames, view: &View) -> Table {
     let dt = previous.and_then(|p| seconds(newest.time_ns, p.time_ns));
     let census_dt = base.and_then(|b| seconds(newest.census_ns, b.census_ns));
 
-    let (now, before, at_base) = (
-        sums(Some(newest), view.group, Some(&view.filter)),
-        sums(previous, view.group, Some(&view.filter)),
-        sums(base, view.group, Some(&view.filter)),
-    );
-    let mut rows: Vec<Row> = now
+    let groups = growths(newest, previous, base, |e| {
+        view.filter.keeps(e).then(|| group_name(view.group, e))
+    });
+    let mut rows: Vec<Row> = groups
         .iter()
-        .map(|(name, s)| {
-            row(
-                name.clone(),
-                s,
-                before.get(name),
-                dt,
-                at_base.get(name),
-                census_dt,
-            )
-        })
+        .map(|(name, g)| row(name.clone(), g, dt, census_dt))
         .filter(|r| !r.is_idle())
         .collect();
     sort(&mut rows, view.sort, view.reverse);
-
-    let all = |s: Option<&Snapshot>| {
-        let mut total = Sums::default();
-        for e in s.into_iter().flat_map(|s| &s.entries) {
-            total.add(e);
-        }
-        total
-    };
-    let host_before = all(previous);
-    let host_base = all(base);
-    let host = row(
-        "host".to_owned(),
-        &all(Some(newest)),
-        previous.map(|_| &host_before),
-        dt,
-        base.map(|_| &host_base),
-        census_dt,
-    );
+    let host = growths(newest, previous, base, |_| Some(String::new()))
+        .remove("")
+        .unwrap_or_default();
+    let host = row("host".to_owned(), &host, dt, census_dt);
     let (t, p) = (
         newest.totals,
         previous.map(|p| p.totals).unwrap_or_default(),
@@ -480,7 +475,7 @@ pub fn header_lines(t: &Table, view: &View, source: &str) -> [String; 3] {
     }
     let h = &t.host;
     let second = format!(
-        "host: {} conn/s, {} failed/s, {} open, {} stuck, {} retransmits/s, tx {}/s, rx {}/s",
+        "host: {} conn/s, {} failed/s, {} open, {} stuck, {} retr/s, tx {}/s, rx {}/s",
         rate(h.opened),
         rate(h.failed),
         h.open,
@@ -490,18 +485,18 @@ pub fn header_lines(t: &Table, view: &View, source: &str) -> [String; 3] {
         bytes_rate(h.received),
     );
     let mut third = format!(
-        "probe: {} events/s, lost {} ({} in all), missed {} ({} in all)",
+        "probe: {} events/s, {} lost, {} missed ({}, {} in all)",
         rate(t.events),
         t.lost.0,
-        t.lost.1,
         t.missed.0,
+        t.lost.1,
         t.missed.1
     );
     match (t.probe_ns_per_run, t.probe_cpu) {
         (Some(ns), Some(cpu)) => {
-            let _ = write!(third, ", {ns:.0} ns a run, {:.2}% of a CPU", cpu * 100.0);
+            let _ = write!(third, "; {ns:.0} ns a run, {:.2}% of a CPU", cpu * 100.0);
         }
-        _ => third.push_str(", cost unknown (kernel.bpf_stats_enabled=0)"),
+        _ => third.push_str("; cost n/a (bpf_stats off)"),
     }
     match t.census_age_s {
         Some(age) => {
