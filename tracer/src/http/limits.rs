@@ -122,6 +122,9 @@ pub struct Refusals {
     pub memory: prometheus::IntCounter,
     pub connections: prometheus::IntCounter,
     pub write_timeout: prometheus::IntCounter,
+    /// `/sockets` and `/top` requests not answered: their client had gone when their turn
+    /// came.
+    pub client_gone: prometheus::IntCounter,
 }
 
 /// The HTTP side's own metrics: bytes held now, and refusals by reason (every series from the
@@ -136,8 +139,10 @@ pub fn register(registry: &Registry) -> prometheus::Result<(IntGauge, Refusals)>
         Opts::new(
             "tracer_http_refused_total",
             "Requests answered 503 (memory: no room in the answer budget within 1 s; \
-             connections: past the connection limit) and connections closed because the \
-             client read nothing for 10 s (write_timeout).",
+             connections: past the connection limit), connections closed because the \
+             client read nothing for 10 s (write_timeout), and /sockets and /top requests \
+             not rendered because their client had gone when their turn came \
+             (client_gone).",
         ),
         &["reason"],
     )?;
@@ -147,6 +152,7 @@ pub fn register(registry: &Registry) -> prometheus::Result<(IntGauge, Refusals)>
         memory: refused.with_label_values(&["memory"]),
         connections: refused.with_label_values(&["connections"]),
         write_timeout: refused.with_label_values(&["write_timeout"]),
+        client_gone: refused.with_label_values(&["client_gone"]),
     };
     Ok((held, refusals))
 }

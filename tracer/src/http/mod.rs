@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{Query, State};
+use axum::extract::{Extension, Query, State};
 use axum::http::{header, HeaderName, HeaderValue, Request, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -180,12 +180,44 @@ fn is_loopback(ip: std::net::IpAddr) -> bool {
     ip.to_canonical().is_loopback()
 }
 
-/// What the server knows of a request's client, for [`authorize`].
+/// What the server knows of a request's client, for [`authorize`] (and, in the request's
+/// extensions, for the handlers of heavy answers).
 #[derive(Clone, Copy)]
 struct Client {
     loopback: bool,
     /// A client certificate verified against the configured CA was presented.
     certified: bool,
+    /// Its TCP socket, open for as long as its connection is served (which outlasts every
+    /// request on it).
+    fd: std::os::fd::RawFd,
+}
+
+impl Client {
+    /// True when the client has closed or reset its connection: what is left to read is the
+    /// end. A request waiting its turn for a heavy answer is then not worth rendering (a
+    /// client that gave up is not served a `/sockets` of the whole host; a crowd of them
+    /// would delay every live client's turn for as long as their renderings take).
+    fn gone(&self) -> bool {
+        let mut byte = 0u8;
+        // SAFETY: recv into one byte we own, on a descriptor the connection keeps open;
+        // MSG_PEEK leaves what it sees for hyper.
+        let n = unsafe {
+            libc::recv(
+                self.fd,
+                (&raw mut byte).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        match n {
+            0 => true,
+            n if n > 0 => false,
+            _ => !matches!(
+                std::io::Error::last_os_error().raw_os_error(),
+                Some(libc::EAGAIN | libc::EINTR)
+            ),
+        }
+    }
 }
 
 /// The open connections, oldest first, each with the signal that makes it give way, and
@@ -309,6 +341,7 @@ async fn serve(
         // memory cgroup, stays small (a failure only leaves the kernel's default).
         let _ =
             socket2::SockRef::from(&stream).set_send_buffer_size(crate::http::limits::SEND_BUFFER);
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
         let stream = Deadline::new(stream, refusals.write_timeout.clone());
         let refused = refusals.connections.clone();
         tokio::spawn(async move {
@@ -318,6 +351,7 @@ async fn serve(
                     let client = Client {
                         loopback,
                         certified: false,
+                        fd,
                     };
                     connection(stream, client, app, web, checks, &give_way, refused).await;
                 }
@@ -333,6 +367,7 @@ async fn serve(
                         let client = Client {
                             loopback,
                             certified,
+                            fd,
                         };
                         connection(stream, client, app, web, checks, &give_way, refused).await;
                     }
@@ -369,7 +404,11 @@ async fn connection<S>(
                 busy("too many connections to the agent")
             } else {
                 match authorize(&request, client, &web, &checks).await {
-                    Ok(()) => app.call(request.map(Body::new)).await?,
+                    Ok(()) => {
+                        let mut request = request.map(Body::new);
+                        request.extensions_mut().insert(client);
+                        app.call(request).await?
+                    }
                     Err(refusal) => refusal,
                 }
             };
@@ -529,6 +568,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
 /// namespace at the last census, oldest first, as JSON (`listing::Listing`).
 async fn sockets(
     State(state): State<AppState>,
+    Extension(client): Extension<Client>,
     Query(q): Query<Vec<(String, String)>>,
 ) -> Response {
     let filter = match SocketFilter::from_query(&q) {
@@ -545,6 +585,9 @@ async fn sockets(
     let Ok(_permit) = state.heavy.acquire().await else {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     };
+    if client.gone() {
+        return gone(&state);
+    }
     let rendering = MAX_BODY_BYTES + RENDER_BYTES_PER_SOCKET * report.joined.sockets.len();
     let Some(held) = state.sockets_budget.reserve(rendering).await else {
         state.refusals.memory.inc();
@@ -565,8 +608,14 @@ async fn sockets(
         .into_response()
 }
 
+/// The answer to a client that left while its request waited: counted, and never read.
+fn gone(state: &AppState) -> Response {
+    state.refusals.client_gone.inc();
+    (StatusCode::SERVICE_UNAVAILABLE, "the client has gone\n").into_response()
+}
+
 /// `GET /top`: the event thread's last snapshot for `tracer top --agent`, as JSON.
-async fn top(State(state): State<AppState>) -> Response {
+async fn top(State(state): State<AppState>, Extension(client): Extension<Client>) -> Response {
     let Some(snapshot) = state.top.latest() else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -577,6 +626,9 @@ async fn top(State(state): State<AppState>) -> Response {
     let Ok(_permit) = state.heavy.acquire().await else {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     };
+    if client.gone() {
+        return gone(&state);
+    }
     // About 400 bytes an entry, reserved before rendering as /sockets is.
     let rendering = 512 * (snapshot.entries.len() + 1);
     let Some(held) = state.sockets_budget.reserve(rendering).await else {
@@ -597,6 +649,39 @@ async fn top(State(state): State<AppState>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_is_gone_once_it_closed_or_reset_and_not_while_it_waits_or_sends() {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let at = |fd| Client {
+            loopback: true,
+            certified: false,
+            fd,
+        };
+        // Waiting, then sending more (a pipelined request): still there.
+        let mut waiting = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (served, _) = listener.accept().unwrap();
+        assert!(!at(served.as_raw_fd()).gone());
+        waiting.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!at(served.as_raw_fd()).gone());
+        // Closed: the end, once what it sent is read (here: not read, so not yet the end).
+        drop(waiting);
+        std::thread::sleep(Duration::from_millis(50));
+        let mut rest = [0u8; 64];
+        let _ = std::io::Read::read(&mut &served, &mut rest).unwrap();
+        assert!(at(served.as_raw_fd()).gone());
+        // Reset (closed with unread data): gone too.
+        let reset = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut served, _) = listener.accept().unwrap();
+        served.write_all(b"unread").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        drop(reset);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(at(served.as_raw_fd()).gone());
+    }
 
     #[test]
     fn the_oldest_gives_way_and_those_giving_way_stay_bounded() {
