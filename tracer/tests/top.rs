@@ -155,10 +155,15 @@ const TITLES: [&str; 10] = [
     "CONN/s", "FAIL/s", "OPEN", "STUCK", "RETR/s", "TX/s", "RX/s", "HS p50", "HS p99", "RTT",
 ];
 
-/// The rows of a table whose first line of figures follows the `PORT` heading: the last ten
-/// words of a line are its figures (no figure has a space), what is before them its name.
+/// The rows of a table grouped by port: see [`rows_under`].
 fn rows(text: &str) -> Vec<Row> {
-    let mut lines = text.lines().skip_while(|l| !l.starts_with("PORT"));
+    rows_under(text, "PORT")
+}
+
+/// The rows of a table whose heading starts with `title`: the last ten words of a line are
+/// its figures (no figure has a space), what is before them its name.
+fn rows_under(text: &str, title: &str) -> Vec<Row> {
+    let mut lines = text.lines().skip_while(|l| !l.starts_with(title));
     let heading = lines
         .next()
         .unwrap_or_else(|| panic!("no heading in:\n{text}"));
@@ -232,12 +237,17 @@ fn check(text: &str) {
     assert_eq!(leaks.number("CONN/s"), 0.0, "{text}");
 }
 
-/// `tracer top ARGS --once`, its plain table on stdout.
+/// `tracer top ARGS --once --group port`, its plain table on stdout.
 fn top_once(args: &[&str]) -> String {
+    top_once_by("port", args)
+}
+
+/// `tracer top ARGS --once --group GROUP`.
+fn top_once_by(group: &str, args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_tracer"))
         .arg("top")
         .args(args)
-        .args(["--once", "--group", "port"])
+        .args(["--once", "--group", group])
         .env("COLUMNS", "200")
         .stdin(Stdio::null())
         .output()
@@ -290,6 +300,33 @@ fn top_once_against_a_running_agent_shows_the_same_without_a_probe_of_its_own() 
     );
     // It loaded nothing: the same BPF programs before and after (the agent's).
     assert_eq!(loaded_programs(), programs_before);
+
+    // By process, only this one: every connection above is this test's, both ends (the
+    // passive ones too: the probe names the listener's owner).
+    let me = std::process::id().to_string();
+    let text = top_once_by(
+        "process",
+        &["--interval", "2s", "--agent", &url, "--pid", &me],
+    );
+    println!("{text}");
+    let mine = rows_under(&text, "PROCESS");
+    assert!(
+        !mine.is_empty() && mine.iter().all(|r| r.name.starts_with(&format!("{me} "))),
+        "{text}"
+    );
+    let sum = |title: &str| mine.iter().map(|r| r.number(title)).sum::<f64>();
+    let near = |got: f64, want: f64, what: &str| {
+        assert!(
+            (got - want).abs() <= want * 0.25,
+            "{what}: {got}, not within 25% of {want}:\n{text}"
+        );
+    };
+    near(sum("CONN/s"), 30.0, "CONN/s of this process");
+    near(sum("FAIL/s"), 2.0, "FAIL/s of this process");
+    // The leaks' 6 sockets are this process's (the clients' ends are kept open, their FIN
+    // sent), and at most the one connection each pacer has open at the census.
+    assert!((6.0..=8.0).contains(&sum("OPEN")), "{text}");
+    assert_eq!(sum("STUCK"), 3.0, "{text}");
 
     // An agent that is not there: one line, and a failure.
     let out = Command::new(env!("CARGO_BIN_EXE_tracer"))
@@ -464,4 +501,86 @@ fn top_in_a_real_terminal_follows_the_keys_and_quits_on_q() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A pod's service, on a port of its own.
+const POD_PORT: u16 = 7435;
+
+#[test]
+fn top_once_groups_a_pods_connections_under_its_pod() {
+    let test = "top_once_groups_a_pods_connections_under_its_pod";
+    if !require_root(test) {
+        return;
+    }
+    let _ports = PORTS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut tree = Cgroups::new();
+    let uid = "7c2e9a1b-4d5f-4a6b-9c8d-1e2f3a4b5c6d";
+    let dir = tree.make(&format!(
+        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/\
+         cri-containerd-{}.scope",
+        uid.replace('-', "_"),
+        "ab".repeat(32)
+    ));
+    let logs = PodLogs::new(&[("shop", "web-0", uid)]);
+    // The pod's server: its listener made in the pod's cgroup, so every socket it accepts is
+    // the pod's. It keeps the first 3 connections open and closes the others after their
+    // clients did.
+    tree.enter(&dir);
+    let listener = TcpListener::bind((V4, POD_PORT)).expect("bind 7435");
+    tree.leave();
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { break };
+            if kept.len() < 3 {
+                kept.push(s);
+                continue;
+            }
+            let mut buf = [0u8; 16];
+            let _ = s.read(&mut buf);
+            if buf.starts_with(b"stop") {
+                break;
+            }
+        }
+    });
+    let held: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect((V4, POD_PORT)).unwrap())
+        .collect();
+    let stop_client = stop.clone();
+    let client = std::thread::spawn(move || {
+        paced(&stop_client, 10, || {
+            drop(TcpStream::connect((V4, POD_PORT)).expect("connect to the pod"));
+        })
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let root = tree.root.to_str().unwrap().to_owned();
+    let mut args = vec!["--interval", "2s", "--pod-logs-dir", logs.dir()];
+    if tree.mounted {
+        args.extend(["--cgroup-root", root.as_str()]);
+    }
+    let kubepods = tree.kubepods_args();
+    args.extend(kubepods.iter().map(String::as_str));
+    let text = top_once_by("pod", &args);
+    println!("{text}");
+    stop.store(true, Ordering::Relaxed);
+    client.join().unwrap();
+    let mut last = TcpStream::connect((V4, POD_PORT)).unwrap();
+    last.write_all(b"stop").unwrap();
+    server.join().unwrap();
+    drop(held);
+
+    let rows = rows_under(&text, "POD");
+    let pod = row(&rows, "shop/web-0", &text);
+    // Its side of each connection: 10 handshakes a second, and the 3 it keeps open (and at
+    // most the one the pacer has open at the census).
+    let got = pod.number("CONN/s");
+    assert!(
+        (got - 10.0).abs() <= 2.5,
+        "shop/web-0 CONN/s {got}:\n{text}"
+    );
+    assert!((3.0..=4.0).contains(&pod.number("OPEN")), "{text}");
+    // The clients' side is the host's, not the pod's.
+    let host = row(&rows, "-", &text);
+    assert!(host.number("CONN/s") >= 7.5, "{text}");
 }

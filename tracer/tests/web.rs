@@ -154,6 +154,33 @@ fn https_and_a_password_guard_metrics_and_sockets_and_plain_http_gets_nothing() 
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr.contains("wants a user and password"), "{stderr}");
+    // tracer top --agent too: its plain table, then the same one line without the user.
+    let top = |user: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tracer"));
+        cmd.args(["top", "--once", "--agent", &base, "--ca-file"])
+            .arg(pki.path("ca.crt"));
+        if user {
+            cmd.args(["--user", USER]).env("TRACER_PASSWORD", PASSWORD);
+        }
+        cmd.output().unwrap()
+    };
+    let out = top(true);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with(&format!("tracer top: agent {base};")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("\nPROCESS "), "{stdout}");
+    let out = top(false);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("wants a user and password"), "{stderr}");
     drop(agent);
 }
 
@@ -214,9 +241,12 @@ fn client_certificates_are_verified_and_sockets_off_loopback_need_them() {
             get(&without, &format!("{base}/metrics"), None).map(|r| r.0),
             get(&without, &format!("{base}/sockets"), None).map(|r| r.0),
             get(&with, &format!("{base}/sockets"), None).map(|r| r.0),
+            get(&without, &format!("{base}/top"), None).map(|r| r.0),
+            get(&with, &format!("{base}/top"), None).map(|r| r.0),
         ]
     });
-    assert_eq!(asks, [Ok(200), Ok(403), Ok(200)]);
+    // /top lists every process's connections too: the same rule as /sockets.
+    assert_eq!(asks, [Ok(200), Ok(403), Ok(200), Ok(403), Ok(200)]);
     drop(agent);
 
     // Required: no certificate, no TLS session.

@@ -298,14 +298,15 @@ impl CensusPart {
                 }
             }
         }
-        for key in part.figures.keys() {
-            let pod = workloads.get(&key.cgroup).and_then(|w| w.pod.as_ref());
-            if let Some(pod) = pod {
+        // Every pod of the census, listeners' included: a service's connections may all be
+        // short, and its events still want its pod's name.
+        for (&cgroup, w) in workloads {
+            if let Some(pod) = &w.pod {
                 let text = match (&pod.namespace, &pod.name) {
                     (Some(ns), Some(name)) => format!("{ns}/{name}"),
                     _ => format!("pod:{}", pod.uid),
                 };
-                part.pods.insert(key.cgroup, text);
+                part.pods.insert(cgroup, text);
             }
         }
         part
