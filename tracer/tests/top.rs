@@ -584,3 +584,158 @@ fn top_once_groups_a_pods_connections_under_its_pod() {
     let host = row(&rows, "-", &text);
     assert!(host.number("CONN/s") >= 7.5, "{text}");
 }
+
+/// A pseudo-terminal of `cols` x `rows`: (master, slave).
+fn pty(cols: u16, rows: u16) -> (std::fs::File, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    let (mut master, mut slave) = (0, 0);
+    let size = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: openpty writes two descriptors we then own; the name and termios are not asked.
+    let r = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &size,
+        )
+    };
+    assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors are open and ours alone.
+    unsafe {
+        (
+            std::fs::File::from_raw_fd(master),
+            std::fs::File::from_raw_fd(slave),
+        )
+    }
+}
+
+/// The thread of `pid` named `name`.
+fn thread_named(pid: u32, name: &str) -> Option<i32> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let dir = task.ok()?.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim() == name {
+            return dir.file_name()?.to_str()?.parse().ok();
+        }
+    }
+    None
+}
+
+/// The state letter of a thread (`R`, `S`, `t` for stopped by a tracer...).
+fn thread_state(pid: u32, tid: i32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap();
+    // After the command in parentheses, which may hold spaces.
+    stat.rsplit_once(") ").unwrap().1.chars().next().unwrap()
+}
+
+#[test]
+fn a_screen_that_cannot_draw_costs_top_no_event() {
+    let test = "a_screen_that_cannot_draw_costs_top_no_event";
+    if !require_root(test)
+        || host_only(
+            test,
+            "the terminal's handling does not depend on the kernel",
+        )
+    {
+        return;
+    }
+    let _traffic = Traffic::start();
+    let (master, slave) = pty(120, 30);
+    let mut top = Command::new(env!("CARGO_BIN_EXE_tracer"))
+        .args(["top", "--group", "port", "--interval", "1s"])
+        // A 16 KiB ring a CPU (78 events) holds about a second of this traffic's events
+        // (some 140 a second over two CPUs): plenty while they are read every 10 ms, and
+        // overflowed within the stall were a stalled screen to hold up the reading.
+        .args(["--ring-buffer-size", "16K"])
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tracer top");
+    drop(slave);
+    let pid = top.id();
+    // The terminal is read, as a terminal is.
+    let mut reader = master.try_clone().unwrap();
+    let drained = std::thread::spawn(move || {
+        let (mut all, mut buf) = (0usize, [0u8; 1 << 16]);
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            all += n;
+        }
+        all
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let screen = loop {
+        if let Some(tid) = thread_named(pid, "screen") {
+            break tid;
+        }
+        assert!(Instant::now() < deadline, "no screen thread");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    // The screen thread alone frozen for 4 s, as by a write to a terminal that never returns
+    // (a stopped ssh session, a terminal scrolled back): ptrace stops one thread, not the
+    // process.
+    // SAFETY: ptrace requests on a thread of our own child; waitpid on it.
+    unsafe {
+        assert_eq!(
+            libc::ptrace(libc::PTRACE_SEIZE, screen, 0, 0),
+            0,
+            "{}",
+            std::io::Error::last_os_error()
+        );
+        assert_eq!(libc::ptrace(libc::PTRACE_INTERRUPT, screen, 0, 0), 0);
+        let mut status = 0;
+        assert_eq!(libc::waitpid(screen, &mut status, libc::__WALL), screen);
+    }
+    assert_eq!(
+        thread_state(pid, screen),
+        't',
+        "the screen thread is stopped"
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(top.try_wait().unwrap().is_none(), "top is running");
+    // SAFETY: as above.
+    unsafe {
+        assert_eq!(libc::ptrace(libc::PTRACE_DETACH, screen, 0, 0), 0);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    (&master).write_all(b"q").unwrap();
+    let status = loop {
+        if let Some(status) = top.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline + Duration::from_secs(10),
+            "top did not quit on q"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    drop(master);
+    let drawn = drained.join().unwrap();
+    let mut stderr = String::new();
+    top.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    println!("{drawn} bytes drawn; {stderr}");
+    assert!(status.success(), "{stderr}");
+    // tracer: N events read, 0 lost (ring buffer full), M missed
+    let summary = stderr
+        .lines()
+        .find(|l| l.contains("events read"))
+        .unwrap_or_else(|| panic!("no summary: {stderr}"));
+    let words: Vec<&str> = summary.split_whitespace().collect();
+    let read: u64 = words[1].parse().unwrap();
+    assert!(read >= 500, "events flowed during the stall: {summary}");
+    assert_eq!(words[4], "0", "nothing lost: {summary}");
+}

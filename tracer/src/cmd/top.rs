@@ -68,6 +68,8 @@ struct Output {
     started: Instant,
     screen: Option<ScreenThread>,
     interactive: bool,
+    /// Said on stderr once the terminal is given back.
+    summary: Option<String>,
 }
 
 struct ScreenThread {
@@ -86,6 +88,7 @@ impl Output {
             started: Instant::now(),
             screen: None,
             interactive,
+            summary: None,
         }
     }
 
@@ -136,15 +139,20 @@ impl Output {
 
     /// Stops the screen thread (which gives the terminal back) and reports its error.
     fn finish(mut self) -> Result<()> {
+        let mut outcome = Ok(());
         if let Some(screen) = self.screen.take() {
             screen.quit.store(true, Ordering::Relaxed);
             drop(screen.to);
-            return screen
+            outcome = screen
                 .handle
                 .join()
-                .map_err(|_| anyhow!("the screen thread failed"))?;
+                .map_err(|_| anyhow!("the screen thread failed"))
+                .and_then(|r| r);
         }
-        Ok(())
+        if let Some(summary) = &self.summary {
+            eprintln!("{summary}");
+        }
+        outcome
     }
 }
 
@@ -279,8 +287,15 @@ async fn from_probe(args: &TopArgs, out: &mut Output) -> Result<()> {
         }
     }
     drop(stop_census);
+    follow(&mut rings, &mut tally);
+    let c = probe.counters().context("reading the probe's counters")?;
     drop(rings);
     drop(probe);
+    // As `watch` ends: what was read, and what was lost, on stderr (after the screen).
+    out.summary = Some(format!(
+        "tracer: {} events read, {} lost (ring buffer full), {} missed",
+        tally.totals.events, c.lost, c.missed
+    ));
     Ok(())
 }
 
