@@ -270,13 +270,16 @@ async fn from_probe(args: &TopArgs, out: &mut Output) -> Result<()> {
             }
             _ = drain.tick() => {
                 follow(&mut rings, &mut tally);
+                // A census as soon as it is there: the closes it settles are those read by
+                // then, so the fewer read after its dump, the fewer counted twice for one
+                // refresh (open at the dump, and closed since).
+                for n in news.try_iter() {
+                    tally.census(n.top);
+                }
                 if out.quit_requested() { break; }
             }
             _ = tick.tick() => {
                 follow(&mut rings, &mut tally);
-                for n in news.try_iter() {
-                    tally.census(n.top);
-                }
                 probe.flush_log();
                 let counters = probe.counters().context("reading the probe's counters")?;
                 tally.probe(&counters, &probe.program_stats()?);
