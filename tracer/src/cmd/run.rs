@@ -130,8 +130,9 @@ pub async fn run(args: &RunArgs) -> Result<()> {
     let exporter = otlp
         .map(|c| Exporter::start(c, &registry, resolver()))
         .transpose()?;
-    // `tracer top --agent`'s figures, summed from the same events (`/top`).
-    let mut tally = crate::top::Tally::default();
+    // `tracer top --agent`'s figures, summed from the same events (`/top`), while a client
+    // asks for them (`tally` is None otherwise: nothing counted, nothing kept).
+    let mut tally: Option<crate::top::Tally> = None;
     let top = Arc::new(crate::top::Latest::default());
     let health = Arc::new(Health::default());
     health.beat();
@@ -164,10 +165,10 @@ pub async fn run(args: &RunArgs) -> Result<()> {
                 if let Err(e) = woken {
                     break Err(e);
                 }
-                follow(&mut rings, &mut events, &mut tracker, &mut tally, exporter.as_ref());
+                follow(&mut rings, &mut events, &mut tracker, tally.as_mut(), exporter.as_ref());
             }
             _ = drain.tick() => {
-                follow(&mut rings, &mut events, &mut tracker, &mut tally, exporter.as_ref());
+                follow(&mut rings, &mut events, &mut tracker, tally.as_mut(), exporter.as_ref());
                 health.beat();
             }
 
@@ -186,7 +187,9 @@ pub async fn run(args: &RunArgs) -> Result<()> {
                         events.record(Observation::Update(u));
                     });
                     events.flush(0);
-                    tally.census(n.top);
+                    if let Some(t) = tally.as_mut() {
+                        t.census(n.top);
+                    }
                 }
                 live.followed.set(tracker.len() as i64);
                 probe.flush_log();
@@ -201,8 +204,20 @@ pub async fn run(args: &RunArgs) -> Result<()> {
                     evicted: 0,
                 });
                 kernel.sync(&readings, &labelled, size);
-                tally.probe(&readings.counters, &readings.programs);
-                top.publish(tally.snapshot(monotonic_ns()));
+                // /top: counting starts at its first request and stops once nobody asks.
+                let now = monotonic_ns();
+                match (top.wanted(now), tally.as_mut()) {
+                    (true, Some(t)) => {
+                        t.probe(&readings.counters, &readings.programs);
+                        top.publish(Some(t.snapshot(now)));
+                    }
+                    (true, None) => tally = Some(crate::top::Tally::default()),
+                    (false, Some(_)) => {
+                        tally = None;
+                        top.publish(None);
+                    }
+                    (false, None) => {}
+                }
             }
             _ = sigint.recv() => break Ok(()),
             _ = sigterm.recv() => break Ok(()),
@@ -214,7 +229,7 @@ pub async fn run(args: &RunArgs) -> Result<()> {
         &mut rings,
         &mut events,
         &mut tracker,
-        &mut tally,
+        tally.as_mut(),
         exporter.as_ref(),
     );
     let c = probe.counters()?;
@@ -238,12 +253,13 @@ pub async fn run(args: &RunArgs) -> Result<()> {
 /// across CPUs is needed, and none is waited for.
 ///
 /// A close counts what its connection did since its last periodic report (`tracker`), and
-/// its record goes to the OTLP export, if any. `tally` sums the same for `/top`.
+/// its record goes to the OTLP export, if any. `tally` sums the same for `/top`, while it is
+/// asked for.
 fn follow(
     rings: &mut EventRings,
     metrics: &mut EventMetrics,
     tracker: &mut Tracker,
-    tally: &mut crate::top::Tally,
+    mut tally: Option<&mut crate::top::Tally>,
     exporter: Option<&Exporter>,
 ) {
     let read = rings.drain_unordered(|ev| {
@@ -253,16 +269,22 @@ fn follow(
                 if let Some(e) = exporter.filter(|_| ev.pid != own_pid()) {
                     e.send(Record::close(ev, &c));
                 }
-                tally.observe(ev, &Observation::Closed(c));
+                if let Some(t) = tally.as_mut() {
+                    t.observe(ev, &Observation::Closed(c));
+                }
                 metrics.record(Observation::Closed(c));
             }
             o => {
-                tally.observe(ev, &o);
+                if let Some(t) = tally.as_mut() {
+                    t.observe(ev, &o);
+                }
                 metrics.record(o)
             }
         })
     });
-    tally.totals.events += read;
+    if let Some(t) = tally {
+        t.totals.events += read;
+    }
     metrics.flush(read);
 }
 

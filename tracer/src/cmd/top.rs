@@ -324,9 +324,20 @@ fn from_agent(args: &TopArgs, out: &mut Output) -> Result<()> {
         })?;
         serde_json::from_str(&body).context("the agent's /top answer is not a top snapshot")
     };
+    // 503: the agent starts counting at the first request (or is busy): ask again.
+    let busy = |e: &anyhow::Error| e.to_string().ends_with("answered HTTP 503");
     // The first answer decides whether the agent is there at all: one line, before the
     // screen takes the terminal.
-    let first = fetch()?;
+    let mut tries = 0;
+    let first = loop {
+        match fetch() {
+            Err(e) if busy(&e) && tries < 5 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            answer => break answer?,
+        }
+    };
     out.start()?;
     let mut next = Instant::now() + args.interval;
     if out.push(first)? {
@@ -347,8 +358,9 @@ fn from_agent(args: &TopArgs, out: &mut Output) -> Result<()> {
                     return Ok(());
                 }
             }
-            // A restart of the agent, a slow answer: the screen keeps its last figures.
-            Err(e) if out.screen.is_some() => log::debug!("top: {e:#}"),
+            // A restart of the agent, a slow or busy answer: the screen keeps its last
+            // figures.
+            Err(e) if out.screen.is_some() || busy(&e) => log::debug!("top: {e:#}"),
             Err(e) => return Err(e),
         }
     }

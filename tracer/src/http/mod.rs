@@ -616,10 +616,11 @@ fn gone(state: &AppState) -> Response {
 
 /// `GET /top`: the event thread's last snapshot for `tracer top --agent`, as JSON.
 async fn top(State(state): State<AppState>, Extension(client): Extension<Client>) -> Response {
-    let Some(snapshot) = state.top.latest() else {
+    let Some(snapshot) = state.top.ask(crate::stream::ring::monotonic_ns()) else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            "no top snapshot yet (the agent makes one a second): retry in a second\n",
+            [(header::RETRY_AFTER, "1")],
+            "the agent starts counting for /top at the first request: retry in a second\n",
         )
             .into_response();
     };

@@ -364,71 +364,96 @@ pub struct Snapshot {
     pub entries: Vec<Entry>,
 }
 
-/// The last snapshot: published by the event thread each second, read by `/top`.
+/// How long the agent keeps counting for `/top` after the last request: a `tracer top`
+/// asks every second; once none has for this long, the agent stops (and frees its tally).
+pub const WANTED_FOR_NS: u64 = 5 * 60 * 1_000_000_000;
+
+/// The agent's `/top`: the last snapshot, published by the event thread each second while a
+/// client asks for it, and when one last asked. Nothing is counted until the first request
+/// (an agent nobody runs `top` against pays nothing for it).
 #[derive(Debug, Default)]
-pub struct Latest(parking_lot::Mutex<Option<std::sync::Arc<Snapshot>>>);
+pub struct Latest {
+    snapshot: parking_lot::Mutex<Option<std::sync::Arc<Snapshot>>>,
+    /// CLOCK_MONOTONIC ns of the last request (0: none yet).
+    asked_ns: std::sync::atomic::AtomicU64,
+}
 
 impl Latest {
-    pub fn latest(&self) -> Option<std::sync::Arc<Snapshot>> {
-        self.0.lock().clone()
+    /// The last snapshot (None until the event thread has made one since the first request).
+    pub fn ask(&self, now_ns: u64) -> Option<std::sync::Arc<Snapshot>> {
+        self.asked_ns
+            .store(now_ns, std::sync::atomic::Ordering::Relaxed);
+        self.snapshot.lock().clone()
     }
 
-    pub fn publish(&self, s: Snapshot) {
-        *self.0.lock() = Some(std::sync::Arc::new(s));
+    /// True while a client asked within [`WANTED_FOR_NS`].
+    pub fn wanted(&self, now_ns: u64) -> bool {
+        let asked = self.asked_ns.load(std::sync::atomic::Ordering::Relaxed);
+        asked != 0 && now_ns.saturating_sub(asked) < WANTED_FOR_NS
+    }
+
+    pub fn publish(&self, s: Option<Snapshot>) {
+        *self.snapshot.lock() = s.map(std::sync::Arc::new);
     }
 }
 
+/// What a tally keeps of one key: its event figures, its closed connections' traffic, and
+/// when it last had an event (CLOCK_MONOTONIC ns).
+#[derive(Clone, Debug, Default)]
+struct Kept {
+    events: EventFigures,
+    closed: Traffic,
+    last_ns: u64,
+}
+
 /// Sums a stream of events by key, and settles closed connections' traffic at each census.
+/// One hash lookup per event that counts (a handshake, a failed connect, a close).
 #[derive(Debug, Default)]
 pub struct Tally {
-    events: HashMap<Key, EventFigures>,
-    /// Closed connections' traffic, as of now and as of the last census.
-    closed: HashMap<Key, Traffic>,
-    settled: HashMap<Key, Traffic>,
+    keys: foldhash::HashMap<Key, Kept>,
+    /// Closed connections' traffic by key as of the last census.
+    settled: foldhash::HashMap<Key, Traffic>,
     census: CensusPart,
-    /// Pods of cgroups seen in any census so far (a cgroup's pod does not change).
+    /// Pods of the cgroups of the last census and of the keys kept.
     pods: HashMap<u64, String>,
-    /// When each key last had an event (CLOCK_MONOTONIC ns).
-    touched: HashMap<Key, u64>,
     pub totals: Totals,
 }
 
 impl Tally {
     /// Counts what one event completes (`o`, one of what `stream::observe` told of `t`).
     pub fn observe(&mut self, t: &Transition, o: &Observation) {
-        let (key, closed) = match o {
-            Observation::Handshake { .. } => (Key::of_event(t), None),
-            Observation::HandshakeFailure { .. } => (Key::of_event(t), None),
-            Observation::Closed(c) => (
-                Key::of_event(t),
-                Some(Traffic {
-                    sent: c.data_sent,
-                    received: c.bytes_received,
-                    retransmits: u64::from(c.retransmits),
-                }),
-            ),
-            _ => return,
-        };
-        let key = if self.events.len() < MAX_KEYS || self.events.contains_key(&key) {
-            key
-        } else {
+        if !matches!(
+            o,
+            Observation::Handshake { .. }
+                | Observation::HandshakeFailure { .. }
+                | Observation::Closed(_)
+        ) {
+            return;
+        }
+        let mut key = Key::of_event(t);
+        if self.keys.len() >= MAX_KEYS && !self.keys.contains_key(&key) {
             self.totals.keys_overflowed += 1;
-            Key::overflow()
-        };
-        let f = self.events.entry(key).or_default();
+            key = Key::overflow();
+        }
+        let kept = self.keys.entry(key).or_default();
+        kept.last_ns = t.time_ns;
+        let f = &mut kept.events;
         match o {
             Observation::Handshake { ns, .. } => {
                 f.opened += 1;
                 f.handshake_us.add(ns / 1_000, 1);
             }
             Observation::HandshakeFailure { .. } => f.failed += 1,
+            Observation::Closed(c) => {
+                f.closed += 1;
+                kept.closed.add(&Traffic {
+                    sent: c.data_sent,
+                    received: c.bytes_received,
+                    retransmits: u64::from(c.retransmits),
+                });
+            }
             _ => {}
         }
-        if let Some(traffic) = closed {
-            f.closed += 1;
-            self.closed.entry(key).or_default().add(&traffic);
-        }
-        self.touched.insert(key, t.time_ns);
     }
 
     /// The probe's counters and programs' figures, read now.
@@ -443,25 +468,22 @@ impl Tally {
         self.totals.probe_ns = programs.iter().map(|p| p.run_ns).sum();
     }
 
-    /// A census arrived: closed connections' traffic up to now goes with it.
+    /// A census arrived: closed connections' traffic up to now goes with it, and keys idle
+    /// past [`FORGET_AFTER_NS`] with no socket in it are forgotten.
     pub fn census(&mut self, part: CensusPart) {
         let horizon = part.taken_ns.saturating_sub(FORGET_AFTER_NS);
-        let idle: Vec<Key> = self
-            .touched
+        self.keys
+            .retain(|k, kept| kept.last_ns >= horizon || part.figures.contains_key(k));
+        self.settled = self
+            .keys
             .iter()
-            .filter(|&(k, &t)| t < horizon && !part.figures.contains_key(k))
-            .map(|(k, _)| *k)
+            .filter(|(_, kept)| kept.closed != Traffic::default())
+            .map(|(k, kept)| (*k, kept.closed))
             .collect();
-        for k in idle {
-            self.touched.remove(&k);
-            self.events.remove(&k);
-            self.closed.remove(&k);
-        }
-        self.settled.clone_from(&self.closed);
         // The pods of this census's cgroups, and those of the keys kept (a cgroup whose
         // sockets have all closed keeps its pod while its figures last).
         let mut pods = part.pods.clone();
-        for k in self.events.keys() {
+        for k in self.keys.keys() {
             if let Some(pod) = self.pods.get(&k.cgroup) {
                 pods.entry(k.cgroup).or_insert_with(|| pod.clone());
             }
@@ -473,17 +495,12 @@ impl Tally {
 
     /// Everything, as of `now_ns`.
     pub fn snapshot(&self, now_ns: u64) -> Snapshot {
-        let mut keys: Vec<&Key> = self.events.keys().collect();
+        let mut keys: Vec<&Key> = self.keys.keys().collect();
         keys.extend(
             self.census
                 .figures
                 .keys()
-                .filter(|k| !self.events.contains_key(k)),
-        );
-        keys.extend(
-            self.settled
-                .keys()
-                .filter(|k| !self.events.contains_key(k) && !self.census.figures.contains_key(k)),
+                .filter(|k| !self.keys.contains_key(k)),
         );
         let entries = keys
             .into_iter()
@@ -498,7 +515,11 @@ impl Tally {
                 } else {
                     k.remote.to_string()
                 },
-                events: self.events.get(k).cloned().unwrap_or_default(),
+                events: self
+                    .keys
+                    .get(k)
+                    .map(|kept| kept.events.clone())
+                    .unwrap_or_default(),
                 closed: self.settled.get(k).copied().unwrap_or_default(),
                 census: self.census.figures.get(k).cloned().unwrap_or_default(),
             })
