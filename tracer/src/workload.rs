@@ -221,14 +221,21 @@ impl Workload {
                 (None, None) => self.path.to_string(),
             };
         };
-        let mut s = match (&pod.namespace, &pod.name) {
-            (Some(ns), Some(name)) => format!("{ns}/{name}"),
-            _ => format!("pod:{}", pod.uid),
-        };
+        let mut s = pod.text();
         if let Some(c) = &self.container {
             s = format!("{s}/{}", id12(c));
         }
         s
+    }
+}
+
+impl Pod {
+    /// `namespace/name`, or `pod:UID` while its name is not known.
+    pub fn text(&self) -> String {
+        match (&self.namespace, &self.name) {
+            (Some(ns), Some(name)) => format!("{ns}/{name}"),
+            _ => format!("pod:{}", self.uid),
+        }
     }
 }
 

@@ -582,23 +582,36 @@ async fn sockets(
         )
             .into_response();
     };
+    let rendering = MAX_BODY_BYTES + RENDER_BYTES_PER_SOCKET * report.joined.sockets.len();
+    heavy(&state, client, rendering, move || {
+        filter.render_json(&report, crate::stream::ring::monotonic_ns(), MAX_BODY_BYTES)
+    })
+    .await
+}
+
+/// A heavy JSON answer (`/sockets`, `/top`): at most [`HEAVY_REQUESTS`] at a time, none for a
+/// client that has gone by its turn, `reserve` bytes of the answer budget held until the
+/// answer is freed, and rendered off the server thread (a rendering over many sockets takes
+/// tens of milliseconds, which `/healthz` and `/metrics` must not wait behind).
+async fn heavy(
+    state: &AppState,
+    client: Client,
+    reserve: usize,
+    render: impl FnOnce() -> Vec<u8> + Send + 'static,
+) -> Response {
     let Ok(_permit) = state.heavy.acquire().await else {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     };
     if client.gone() {
-        return gone(&state);
+        return gone(state);
     }
-    let rendering = MAX_BODY_BYTES + RENDER_BYTES_PER_SOCKET * report.joined.sockets.len();
-    let Some(held) = state.sockets_budget.reserve(rendering).await else {
+    let Some(held) = state.sockets_budget.reserve(reserve).await else {
         state.refusals.memory.inc();
-        return busy("the agent's answers to slow clients fill its /sockets memory budget");
+        return busy(
+            "the agent's answers to slow clients fill its /sockets and /top memory budget",
+        );
     };
-    // Off the server thread: a rendering over many sockets takes tens of milliseconds, which
-    // `/healthz` and `/metrics` must not wait behind.
-    let rendered = tokio::task::spawn_blocking(move || {
-        filter.render_json(&report, crate::stream::ring::monotonic_ns(), MAX_BODY_BYTES)
-    });
-    let Ok(body) = rendered.await else {
+    let Ok(body) = tokio::task::spawn_blocking(render).await else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
     (
@@ -624,27 +637,13 @@ async fn top(State(state): State<AppState>, Extension(client): Extension<Client>
         )
             .into_response();
     };
-    let Ok(_permit) = state.heavy.acquire().await else {
-        return StatusCode::SERVICE_UNAVAILABLE.into_response();
-    };
-    if client.gone() {
-        return gone(&state);
-    }
-    // About 400 bytes an entry, reserved before rendering as /sockets is.
+    // About 400 bytes an entry.
     let rendering = 512 * (snapshot.entries.len() + 1);
-    let Some(held) = state.sockets_budget.reserve(rendering).await else {
-        state.refusals.memory.inc();
-        return busy("the agent's answers to slow clients fill its memory budget");
-    };
-    let rendered = tokio::task::spawn_blocking(move || serde_json::to_vec(&*snapshot));
-    let Ok(Ok(body)) = rendered.await else {
-        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
-    };
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        held.into_body(body),
-    )
-        .into_response()
+    heavy(&state, client, rendering, move || {
+        // Plain structs, numbers and strings: their serialization cannot fail.
+        serde_json::to_vec(&*snapshot).unwrap_or_default()
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -74,6 +74,24 @@ pub fn census_period(interval: std::time::Duration) -> std::time::Duration {
     )
 }
 
+/// Data bytes sent (acknowledged) and received of an open connection in `state`, from the
+/// kernel's `tcp_info` counters, less the SYN and FINs they count, as the close record counts
+/// them: the SYN only where the probe saw this side send it (`flags`, the storage's).
+pub fn data_bytes(state: u8, flags: u16, tcp: &crate::census::TcpCounters) -> (u64, u64) {
+    let syn = u64::from(flags & socket::ACTIVE != 0 && tcp.bytes_acked > 0);
+    // This side's FIN is acknowledged in FIN_WAIT2 only (a later state is TIME-WAIT or
+    // gone); the peer's has arrived in these.
+    let fin_acked = u64::from(state == state::FIN_WAIT2);
+    let peer_fin = u64::from(matches!(
+        state,
+        state::CLOSE_WAIT | state::LAST_ACK | state::CLOSING
+    ));
+    (
+        tcp.bytes_acked.saturating_sub(syn + fin_acked),
+        tcp.bytes_received.saturating_sub(peer_fin),
+    )
+}
+
 /// States in which a connection carries data (and whose counters a census reads).
 fn carries_data(s: u8) -> bool {
     use state::*;
@@ -104,15 +122,7 @@ pub fn samples(census: &HostCensus, interval: std::time::Duration) -> LiveCensus
             if seen_open && ns.dumped_at_ns < storage.established_ns.saturating_add(interval_ns) {
                 continue;
             }
-            let active = storage.flags & socket::ACTIVE != 0;
-            let syn = u64::from(active && tcp.bytes_acked > 0);
-            // This side's FIN is acknowledged in FIN_WAIT2 only (a later state is TIME-WAIT
-            // or gone); the peer's has arrived in these.
-            let fin_acked = u64::from(r.state == state::FIN_WAIT2);
-            let peer_fin = u64::from(matches!(
-                r.state,
-                state::CLOSE_WAIT | state::LAST_ACK | state::CLOSING
-            ));
+            let (sent, received) = data_bytes(r.state, storage.flags, &tcp);
             out.samples.push(Sample {
                 time_ns: ns.dumped_at_ns,
                 cookie: r.cookie,
@@ -123,8 +133,8 @@ pub fn samples(census: &HostCensus, interval: std::time::Duration) -> LiveCensus
                 cgroup: r.cgroup,
                 storage,
                 counters: Counters {
-                    sent: tcp.bytes_acked.saturating_sub(syn + fin_acked),
-                    received: tcp.bytes_received.saturating_sub(peer_fin),
+                    sent,
+                    received,
                     retransmits: u64::from(tcp.total_retrans),
                     flow: Flow {
                         busy_us: tcp.busy_us,

@@ -282,15 +282,10 @@ impl CensusPart {
             f.open += 1;
             if let Some((tcp, flags)) = found {
                 // As the close record counts them: data bytes, the SYN and FINs left out.
-                let syn = u64::from(flags & socket::ACTIVE != 0 && tcp.bytes_acked > 0);
-                let fin_acked = u64::from(v.state == state::FIN_WAIT2);
-                let peer_fin = u64::from(matches!(
-                    v.state,
-                    state::CLOSE_WAIT | state::LAST_ACK | state::CLOSING
-                ));
+                let (sent, received) = crate::stream::live::data_bytes(v.state, *flags, tcp);
                 f.traffic.add(&Traffic {
-                    sent: tcp.bytes_acked.saturating_sub(syn + fin_acked),
-                    received: tcp.bytes_received.saturating_sub(peer_fin),
+                    sent,
+                    received,
                     retransmits: u64::from(tcp.total_retrans),
                 });
                 if tcp.rtt_us > 0 {
@@ -302,11 +297,7 @@ impl CensusPart {
         // short, and its events still want its pod's name.
         for (&cgroup, w) in workloads {
             if let Some(pod) = &w.pod {
-                let text = match (&pod.namespace, &pod.name) {
-                    (Some(ns), Some(name)) => format!("{ns}/{name}"),
-                    _ => format!("pod:{}", pod.uid),
-                };
-                part.pods.insert(cgroup, text);
+                part.pods.insert(cgroup, pod.text());
             }
         }
         part

@@ -293,7 +293,10 @@ fn key(e: &Entry) -> EntryKey<'_> {
     (e.pid, &e.comm, e.cgroup, e.port, &e.remote)
 }
 
-fn index(s: Option<&Snapshot>) -> Option<HashMap<EntryKey<'_>, &Entry>> {
+/// A snapshot's entries by key.
+type Index<'a> = HashMap<EntryKey<'a>, &'a Entry>;
+
+fn index(s: Option<&Snapshot>) -> Option<Index<'_>> {
     s.map(|s| s.entries.iter().map(|e| (key(e), e)).collect())
 }
 
@@ -322,11 +325,10 @@ pub fn group_name(group: Group, e: &Entry) -> String {
 /// An entry the source no longer sends (it forgets idle ones) is one that gained nothing.
 fn growths(
     newest: &Snapshot,
-    previous: Option<&Snapshot>,
-    base: Option<&Snapshot>,
+    before: Option<&Index<'_>>,
+    at_base: Option<&Index<'_>>,
     name: impl Fn(&Entry) -> Option<String>,
 ) -> HashMap<String, Growth> {
-    let (before, at_base) = (index(previous), index(base));
     let mut out: HashMap<String, Growth> = HashMap::new();
     for e in &newest.entries {
         let Some(group) = name(e) else { continue };
@@ -334,7 +336,7 @@ fn growths(
         g.open += e.census.open;
         g.stuck += e.census.stuck;
         g.rtt_us.merge(&e.census.rtt_us);
-        if let Some(before) = &before {
+        if let Some(before) = before {
             match before.get(&key(e)) {
                 Some(p) => {
                     g.opened += e.events.opened.saturating_sub(p.events.opened);
@@ -349,7 +351,7 @@ fn growths(
                 }
             }
         }
-        if let Some(at_base) = &at_base {
+        if let Some(at_base) = at_base {
             let (now, then) = (traffic(e), at_base.get(&key(e)).map(|b| traffic(b)));
             let then = then.unwrap_or_default();
             g.traffic.add(&Traffic {
@@ -394,7 +396,9 @@ pub fn table(frames: &Frames, view: &View) -> Table {
     let dt = previous.and_then(|p| seconds(newest.time_ns, p.time_ns));
     let census_dt = base.and_then(|b| seconds(newest.census_ns, b.census_ns));
 
-    let groups = growths(newest, previous, base, |e| {
+    // Each snapshot indexed once, for the rows and for the host's totals.
+    let (before, at_base) = (index(previous), index(base));
+    let groups = growths(newest, before.as_ref(), at_base.as_ref(), |e| {
         view.filter.keeps(e).then(|| group_name(view.group, e))
     });
     let mut rows: Vec<Row> = groups
@@ -403,9 +407,11 @@ pub fn table(frames: &Frames, view: &View) -> Table {
         .filter(|r| !r.is_idle())
         .collect();
     sort(&mut rows, view.sort, view.reverse);
-    let host = growths(newest, previous, base, |_| Some(String::new()))
-        .remove("")
-        .unwrap_or_default();
+    let host = growths(newest, before.as_ref(), at_base.as_ref(), |_| {
+        Some(String::new())
+    })
+    .remove("")
+    .unwrap_or_default();
     let host = row("host".to_owned(), &host, dt, census_dt);
     let (t, p) = (
         newest.totals,
