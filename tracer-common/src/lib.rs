@@ -31,11 +31,18 @@ pub mod state {
     pub const NEW_SYN_RECV: u8 = 12;
 }
 
-/// One TCP state change, written by the probe into the `EVENTS` ring buffer.
+/// One TCP state change, written by the probe into its CPU's ring of `EVENTS`.
 ///
 /// The fields mirror what the `sock/inet_sock_set_state` tracepoint records
 /// (`include/trace/events/sock.h`), plus what the probe keeps on the socket ([`SocketState`]):
 /// every event is complete in itself, and needs none before it to be understood.
+///
+/// Two lengths in the ring: every event carries the head, its first [`HEAD_BYTES`] (who,
+/// where, which states, since when); only a transition to CLOSE also carries the rest, from
+/// `opened_ns` on (the connection's story, for its record). The reader takes a head-only
+/// record as a whole one with the rest 0. Why: four in five transitions of a short connection
+/// are not to CLOSE, and a head-only record is two cache lines of ring where a whole one was
+/// four, for the probe to write and the reader to read.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Transition {
@@ -86,6 +93,25 @@ pub struct Transition {
     /// `ss --cgroup` resolves and the inode of the cgroup's directory), from its storage; 0
     /// where it has none, and where the kernel does not keep it.
     pub cgroup: u64,
+    /// What the probe kept on the socket ([`SocketState`]) as it stood before this transition,
+    /// so that every event is complete in itself: when the socket entered `oldstate` (valid
+    /// with [`socket::SINCE_SEEN`]; CLOCK_MONOTONIC ns).
+    pub since_ns: u64,
+    /// The service port: the remote port of an active open, the local port of a passive one
+    /// and of a listener (0: the probe did not see the socket open).
+    pub port: u16,
+    /// [`socket`] bits: how it opened, who started closing, what is known.
+    pub socket_flags: u16,
+    /// How long the connection waited in its listener's accept queue, from the handshake's
+    /// end to the server's `accept()`, in microseconds (0: not accepted yet, or not a passive
+    /// connection); in an [`ACCEPTED`] event and, from the socket's storage, in later ones.
+    pub accept_wait_us: u32,
+    // The rest: in a transition to CLOSE only.
+    /// From the socket's storage as it stood before this transition: when it began to open,
+    /// became ESTABLISHED and left it (each 0: not seen; CLOCK_MONOTONIC ns).
+    pub opened_ns: u64,
+    pub established_ns: u64,
+    pub teardown_ns: u64,
     /// At every transition to CLOSE (else 0), what the connection carried and how it went,
     /// from the kernel's own counters on the socket (`struct tcp_sock`): `bytes_acked`
     /// (bytes sent that the peer acknowledged), `bytes_received`, the minimum RTT seen
@@ -94,19 +120,6 @@ pub struct Transition {
     pub bytes_received: u64,
     pub rtt_min_us: u32,
     pub total_retrans: u32,
-    /// What the probe kept on the socket ([`SocketState`]) as it stood before this transition,
-    /// so that every event is complete in itself: when the socket entered `oldstate` (valid
-    /// with [`socket::SINCE_SEEN`]), began to open, became ESTABLISHED and left it (each 0:
-    /// not seen; CLOCK_MONOTONIC ns).
-    pub since_ns: u64,
-    pub opened_ns: u64,
-    pub established_ns: u64,
-    pub teardown_ns: u64,
-    /// The service port: the remote port of an active open, the local port of a passive one
-    /// and of a listener (0: the probe did not see the socket open).
-    pub port: u16,
-    /// [`socket`] bits: how it opened, who started closing, what is known.
-    pub socket_flags: u16,
     /// At every transition to CLOSE (else 0): `tcp_sock.dsack_dups`, segments the peer
     /// reported received twice (D-SACK): retransmissions that were not needed.
     pub dsack_dups: u32,
@@ -119,10 +132,6 @@ pub struct Transition {
     /// Segments retransmitted so far, by kind, as the probe counted them on the socket
     /// ([`SocketState::retransmits`], from its storage; 0 where it has none).
     pub retransmits: [u32; retransmit::STORED],
-    /// How long the connection waited in its listener's accept queue, from the handshake's
-    /// end to the server's `accept()`, in microseconds (0: not accepted yet, or not a passive
-    /// connection); in an [`ACCEPTED`] event and, from the socket's storage, in later ones.
-    pub accept_wait_us: u32,
 }
 
 /// Indexes of [`Transition::chrono_jiffies`]: the kernel's `enum tcp_chrono` less one.
@@ -132,10 +141,23 @@ pub mod chrono {
     pub const SNDBUF_LIMITED: usize = 2;
 }
 
-// The layout both sides rely on: no implicit padding, `comm` 8-byte aligned.
+/// Bytes of a [`Transition`] that every event carries: up to `opened_ns`.
+pub const HEAD_BYTES: usize = core::mem::offset_of!(Transition, opened_ns);
+
+/// What a whole [`Transition`] takes in a ring, padded: with the ring's 8-byte record header
+/// (`BPF_RINGBUF_HDR_SZ`), a head-only record is 128 bytes and a whole one 256, so that every
+/// record starts on a 64-byte cache line and a head-only one spans two lines, never three.
+pub const WHOLE_RECORD_BYTES: usize = 248;
+
+// The layout both sides rely on: no implicit padding, `comm` and the retransmission counters
+// 8-byte aligned, records a whole number of cache lines with the ring's header.
 const _: () = assert!(core::mem::size_of::<Transition>() == 200);
 const _: () = assert!(core::mem::offset_of!(Transition, comm) == 56);
-const _: () = assert!(core::mem::offset_of!(Transition, since_ns) == 128);
+const _: () = assert!(core::mem::offset_of!(Transition, retransmits).is_multiple_of(8));
+const _: () = assert!(HEAD_BYTES == 120);
+const _: () = assert!((HEAD_BYTES + 8).is_multiple_of(64));
+const _: () = assert!((WHOLE_RECORD_BYTES + 8).is_multiple_of(64));
+const _: () = assert!(WHOLE_RECORD_BYTES >= core::mem::size_of::<Transition>());
 
 /// What the probe keeps on each TCP socket, in BPF socket storage (the `SOCKETS` map; freed by
 /// the kernel with the socket): what the transitions so far tell, so that each new one is

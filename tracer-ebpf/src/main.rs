@@ -43,9 +43,9 @@ use core::ffi::c_void;
 use core::ptr::{addr_of, addr_of_mut};
 use tracer_common::{
     close_flags, counter, field, retransmit, socket, state, DropKey, SockOffsets, SocketState,
-    Transition, ACCEPTED, AF_INET, AF_INET6, COMM_LEN, IPPROTO_TCP, MAX_DROP_KEYS,
+    Transition, ACCEPTED, AF_INET, AF_INET6, COMM_LEN, HEAD_BYTES, IPPROTO_TCP, MAX_DROP_KEYS,
     MAX_RETRANSMIT_PORTS, MAX_SYNACK_PORTS, PORT_FILTER_LEN, RESET_REASONS as RESET_REASONS_LEN,
-    RESET_RECEIVED, RESET_SENT, RESET_STATES, SENT_RESET, SOCK_DONE,
+    RESET_RECEIVED, RESET_SENT, RESET_STATES, SENT_RESET, SOCK_DONE, WHOLE_RECORD_BYTES,
 };
 
 mod accept;
@@ -126,7 +126,8 @@ static RESET_EVENTS: u8 = 0;
 static ACCEPT_EVENTS: u8 = 0;
 
 /// The transitions: one ring buffer per CPU, indexed by CPU number, created and sized by
-/// userspace (`--ring-buffer-size`), which merges them in time order.
+/// userspace (`--ring-buffer-size`). Records are of two lengths ([`HeadRecord`],
+/// [`WholeRecord`]); the map's type names the whole one.
 ///
 /// Why one per CPU: a ring buffer shared by all CPUs serialises every event on one lock and
 /// one producer position; with two CPUs changing TCP states at full speed, that contention
@@ -380,24 +381,29 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
     };
 
     // The event is stamped with the state as it stood before this transition; a full ring
-    // loses the event, never the socket's state.
-    if let Some((ring, mut entry)) = reserve() {
-        // Every field is written once, in place in the ring buffer: no copy through the
-        // stack, and no byte-wise memset (which is what zeroed byte arrays on the stack
-        // compile to).
-        let t: *mut Transition = entry.as_mut_ptr();
-        // SAFETY: `t` points at the reserved record, `size_of::<Transition>()` writable
-        // bytes, and each write below stays inside the field it names; `s` is null or this
-        // socket's storage.
+    // loses the event, never the socket's state. Every field is written once, in place in the
+    // ring buffer: no copy through the stack, and no byte-wise memset (which is what zeroed
+    // byte arrays on the stack compile to). Only a transition to CLOSE takes a whole record;
+    // the others take its head (see `tracer_common::HEAD_BYTES`).
+    let head = (family, sport, dport, oldstate, newstate, now);
+    if newstate == state::CLOSE {
+        if let Some((ring, mut entry)) = reserve::<WholeRecord>() {
+            let t = entry.as_mut_ptr() as *mut Transition;
+            // SAFETY: `t` points at the reserved record, a whole `Transition`, and each write
+            // below stays inside the field it names; `s` is null or this socket's storage.
+            unsafe {
+                write_head(ctx, t, sk, s, skipped, head);
+                write_close(t, sk, tp, s, oldstate);
+            }
+            submit(ring, entry);
+        }
+    } else if let Some((ring, mut entry)) = reserve::<HeadRecord>() {
+        let t = entry.as_mut_ptr() as *mut Transition;
+        // SAFETY: `t` points at the reserved record, `HEAD_BYTES` of a `Transition`, and each
+        // write below stays inside a head field; `s` is null or this socket's storage.
         unsafe {
-            write_socket(ctx, t, sk, family, now);
-            write_stamps(t, s, skipped);
-            addr_of_mut!((*t).sport).write(sport);
-            addr_of_mut!((*t).dport).write(dport);
-            addr_of_mut!((*t).family).write(family);
-            addr_of_mut!((*t).oldstate).write(oldstate);
-            addr_of_mut!((*t).newstate).write(newstate);
-            write_close(t, sk, tp, oldstate, newstate, srtt_us);
+            write_head(ctx, t, sk, s, skipped, head);
+            write_no_close(t, srtt_us);
         }
         submit(ring, entry);
     }
@@ -415,6 +421,30 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
         };
     }
     Ok(())
+}
+
+/// Writes the head every transition carries, but for what a close fills: the socket, its
+/// stamps from storage `s` (null: none), its ports, family and the two states.
+///
+/// # Safety
+/// `t` must point at a reserved ring buffer record of at least `HEAD_BYTES`, `sk` be the
+/// tracepoint's socket and `s` null or its storage.
+#[inline(always)]
+unsafe fn write_head(
+    ctx: &BtfTracePointContext,
+    t: *mut Transition,
+    sk: *const u8,
+    s: *const SocketState,
+    skipped: bool,
+    (family, sport, dport, oldstate, newstate, now): (u16, u16, u16, u8, u8, u64),
+) {
+    write_socket(ctx, t, sk, family, now);
+    write_stamps(t, s, skipped);
+    addr_of_mut!((*t).sport).write(sport);
+    addr_of_mut!((*t).dport).write(dport);
+    addr_of_mut!((*t).family).write(family);
+    addr_of_mut!((*t).oldstate).write(oldstate);
+    addr_of_mut!((*t).newstate).write(newstate);
 }
 
 /// True when no port filter is set or `port` is in it.

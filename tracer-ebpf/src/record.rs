@@ -3,12 +3,13 @@
 
 use super::*;
 
-/// Writes what the socket's storage tells into the event: the owner, cgroup, namespace,
-/// service port, the times, the flags and the retransmissions by kind (all 0 where there is
-/// no storage).
+/// Writes what the socket's storage tells into the event's head: the owner, cgroup, namespace,
+/// service port, since when it is in its state, the flags and the accept wait (all 0 where
+/// there is no storage).
 ///
 /// # Safety
-/// `t` must point at a reserved ring buffer record and `s` be null or a socket's storage.
+/// `t` must point at a reserved ring buffer record of at least `HEAD_BYTES` and `s` be null
+/// or a socket's storage.
 #[inline(always)]
 pub(crate) unsafe fn write_stamps(t: *mut Transition, s: *const SocketState, skipped: bool) {
     let comm = addr_of_mut!((*t).comm);
@@ -19,15 +20,9 @@ pub(crate) unsafe fn write_stamps(t: *mut Transition, s: *const SocketState, ski
         addr_of_mut!((*t).netns).write_volatile(0);
         addr_of_mut!((*t).cgroup).write_volatile(0);
         addr_of_mut!((*t).since_ns).write_volatile(0);
-        addr_of_mut!((*t).opened_ns).write_volatile(0);
-        addr_of_mut!((*t).established_ns).write_volatile(0);
-        addr_of_mut!((*t).teardown_ns).write_volatile(0);
         addr_of_mut!((*t).port).write_volatile(0);
         addr_of_mut!((*t).socket_flags).write_volatile(0);
         addr_of_mut!((*t).reset_reason).write_volatile(0);
-        let kinds = addr_of_mut!((*t).retransmits) as *mut u64;
-        kinds.write_volatile(0);
-        kinds.add(1).write_volatile(0);
         addr_of_mut!((*t).accept_wait_us).write_volatile(0);
     } else {
         let (from, to) = (addr_of!((*s).comm) as *const u64, comm as *mut u64);
@@ -37,13 +32,53 @@ pub(crate) unsafe fn write_stamps(t: *mut Transition, s: *const SocketState, ski
         addr_of_mut!((*t).netns).write((*s).netns);
         addr_of_mut!((*t).cgroup).write((*s).cgroup);
         addr_of_mut!((*t).since_ns).write((*s).since_ns);
-        addr_of_mut!((*t).opened_ns).write((*s).opened_ns);
-        addr_of_mut!((*t).established_ns).write((*s).established_ns);
-        addr_of_mut!((*t).teardown_ns).write((*s).teardown_ns);
         addr_of_mut!((*t).port).write((*s).port);
         let skipped = if skipped { socket::SKIPPED } else { 0 };
         addr_of_mut!((*t).socket_flags).write((*s).flags | skipped);
         addr_of_mut!((*t).reset_reason).write((*s).reset_reason);
+        addr_of_mut!((*t).accept_wait_us).write((*s).accept_wait_us);
+    }
+}
+
+/// Writes the head's fields that only some transitions fill (0 elsewhere): the handshake's
+/// RTT sample at SYN_RECV -> ESTABLISHED, no error and no close flags.
+///
+/// # Safety
+/// `t` must point at a reserved ring buffer record of at least `HEAD_BYTES`.
+#[inline(always)]
+pub(crate) unsafe fn write_no_close(t: *mut Transition, srtt_us: u32) {
+    addr_of_mut!((*t).srtt_us).write(srtt_us);
+    addr_of_mut!((*t).sk_err).write(0);
+    addr_of_mut!((*t).close_flags).write(0);
+}
+
+/// Writes what only a transition to CLOSE carries: in the head, the socket's error, its close
+/// flags and RTT; in the rest, the times from its storage `s` (0 where it is null) and the
+/// connection's counters.
+///
+/// # Safety
+/// `t` must point at a reserved ring buffer record of a whole `Transition`, `sk` be the
+/// tracepoint's socket, `tp` the same socket as a BTF-typed `struct tcp_sock *`, and `s` null
+/// or the socket's storage.
+#[inline(always)]
+pub(crate) unsafe fn write_close(
+    t: *mut Transition,
+    sk: *const u8,
+    tp: *const u8,
+    s: *const SocketState,
+    old: u8,
+) {
+    if s.is_null() {
+        addr_of_mut!((*t).opened_ns).write_volatile(0);
+        addr_of_mut!((*t).established_ns).write_volatile(0);
+        addr_of_mut!((*t).teardown_ns).write_volatile(0);
+        let kinds = addr_of_mut!((*t).retransmits) as *mut u64;
+        kinds.write_volatile(0);
+        kinds.add(1).write_volatile(0);
+    } else {
+        addr_of_mut!((*t).opened_ns).write((*s).opened_ns);
+        addr_of_mut!((*t).established_ns).write((*s).established_ns);
+        addr_of_mut!((*t).teardown_ns).write((*s).teardown_ns);
         // Four u32 counters, 8-byte aligned in both: two stores.
         let (from, to) = (
             addr_of!((*s).retransmits) as *const u64,
@@ -51,61 +86,31 @@ pub(crate) unsafe fn write_stamps(t: *mut Transition, s: *const SocketState, ski
         );
         to.write(from.read());
         to.add(1).write(from.add(1).read());
-        addr_of_mut!((*t).accept_wait_us).write((*s).accept_wait_us);
     }
-}
-
-/// Writes what only a transition to CLOSE carries (zeroes elsewhere), and the handshake's
-/// RTT sample at SYN_RECV -> ESTABLISHED.
-///
-/// # Safety
-/// `t` must point at a reserved ring buffer record, `sk` be the tracepoint's socket and `tp`
-/// the same socket as a BTF-typed `struct tcp_sock *` where `new` is CLOSE.
-#[inline(always)]
-pub(crate) unsafe fn write_close(
-    t: *mut Transition,
-    sk: *const u8,
-    tp: *const u8,
-    old: u8,
-    new: u8,
-    srtt_us: u32,
-) {
-    let (mut srtt_us, mut sk_err, mut flags) = (srtt_us, 0u8, 0u8);
-    let (mut bytes_acked, mut bytes_received, mut rtt_min_us, mut total_retrans) =
-        (0u64, 0u64, 0u32, 0u32);
-    let (mut dsack_dups, mut chrono) = (0u32, [0u32; 3]);
-    if new == state::CLOSE {
-        // `sk_err` is an `int` of `struct sock`, loaded directly as above.
-        sk_err = field::<i32>(sk, offset!(sk_err)) as u8;
-        if field::<u64>(sk, offset!(sk_flags)) & (1 << SOCK_DONE) != 0 {
-            flags |= close_flags::PEER_FIN;
-        }
-        // The connection's story, for its close record: direct loads of `tcp_sock` fields.
-        srtt_us = field::<u32>(tp, offset!(srtt_us));
-        total_retrans = field::<u32>(tp, offset!(total_retrans));
-        bytes_acked = field::<u64>(tp, offset!(bytes_acked));
-        bytes_received = field::<u64>(tp, offset!(bytes_received));
-        rtt_min_us = field::<u32>(tp, offset!(rtt_min));
-        dsack_dups = field::<u32>(tp, offset!(dsack_dups));
-        chrono = chrono_jiffies(tp);
-        let sent_fin = matches!(
-            old,
-            state::FIN_WAIT1 | state::FIN_WAIT2 | state::CLOSING | state::LAST_ACK
-        );
-        let all_acked = field::<u32>(tp, offset!(snd_una)) == field::<u32>(tp, offset!(write_seq));
-        if sent_fin && all_acked {
-            flags |= close_flags::FIN_ACKED;
-        }
+    let mut flags = 0u8;
+    // `sk_err` is an `int` of `struct sock`, loaded directly as above.
+    let sk_err = field::<i32>(sk, offset!(sk_err)) as u8;
+    if field::<u64>(sk, offset!(sk_flags)) & (1 << SOCK_DONE) != 0 {
+        flags |= close_flags::PEER_FIN;
+    }
+    let sent_fin = matches!(
+        old,
+        state::FIN_WAIT1 | state::FIN_WAIT2 | state::CLOSING | state::LAST_ACK
+    );
+    let all_acked = field::<u32>(tp, offset!(snd_una)) == field::<u32>(tp, offset!(write_seq));
+    if sent_fin && all_acked {
+        flags |= close_flags::FIN_ACKED;
     }
     addr_of_mut!((*t).close_flags).write(flags);
-    addr_of_mut!((*t).bytes_acked).write(bytes_acked);
-    addr_of_mut!((*t).bytes_received).write(bytes_received);
-    addr_of_mut!((*t).rtt_min_us).write(rtt_min_us);
-    addr_of_mut!((*t).total_retrans).write(total_retrans);
-    addr_of_mut!((*t).srtt_us).write(srtt_us);
     addr_of_mut!((*t).sk_err).write(sk_err);
-    addr_of_mut!((*t).dsack_dups).write(dsack_dups);
-    addr_of_mut!((*t).chrono_jiffies).write(chrono);
+    // The connection's story, for its close record: direct loads of `tcp_sock` fields.
+    addr_of_mut!((*t).srtt_us).write(field::<u32>(tp, offset!(srtt_us)));
+    addr_of_mut!((*t).total_retrans).write(field::<u32>(tp, offset!(total_retrans)));
+    addr_of_mut!((*t).bytes_acked).write(field::<u64>(tp, offset!(bytes_acked)));
+    addr_of_mut!((*t).bytes_received).write(field::<u64>(tp, offset!(bytes_received)));
+    addr_of_mut!((*t).rtt_min_us).write(field::<u32>(tp, offset!(rtt_min)));
+    addr_of_mut!((*t).dsack_dups).write(field::<u32>(tp, offset!(dsack_dups)));
+    addr_of_mut!((*t).chrono_jiffies).write(chrono_jiffies(tp));
 }
 
 /// The socket's time with data to send, by what limited it, in jiffies: `chrono_stat` with
@@ -137,9 +142,9 @@ unsafe fn chrono_jiffies(tp: *const u8) -> [u32; 3] {
 }
 
 /// An event that is not a state change, of `kind` ([`SENT_RESET`], [`ACCEPTED`]), for full
-/// socket `sk` in `state`: reserved, written as a transition names its socket (stamped from
-/// `s`, or with zeroes where it is null), then what `finish` adds, and submitted; nothing
-/// where the port filter wants neither port.
+/// socket `sk` in `state`: a head-only record, written as a transition names its socket
+/// (stamped from `s`, or with zeroes where it is null), then what `finish` adds to the head,
+/// and submitted; nothing where the port filter wants neither port.
 ///
 /// # Safety
 /// `sk` must be a BTF-typed full socket of `family` with these ports, `s` null or its storage.
@@ -158,11 +163,11 @@ pub(crate) unsafe fn report_event(
     if !(port_wanted(sport) || port_wanted(dport)) {
         return;
     }
-    let Some((ring, mut entry)) = reserve() else {
+    let Some((ring, mut entry)) = reserve::<HeadRecord>() else {
         return;
     };
-    let t: *mut Transition = entry.as_mut_ptr();
-    // `t` points at the reserved record and each write stays inside its field.
+    let t = entry.as_mut_ptr() as *mut Transition;
+    // `t` points at the reserved head-only record and each write stays inside a head field.
     write_socket(ctx, t, sk, family, now);
     write_stamps(t, s, false);
     addr_of_mut!((*t).sport).write(sport);
@@ -170,7 +175,7 @@ pub(crate) unsafe fn report_event(
     addr_of_mut!((*t).family).write(family);
     addr_of_mut!((*t).oldstate).write(state);
     addr_of_mut!((*t).newstate).write(kind);
-    write_close(t, sk, core::ptr::null(), state, kind, 0);
+    write_no_close(t, 0);
     finish(t);
     submit(ring, entry);
 }
@@ -178,14 +183,23 @@ pub(crate) unsafe fn report_event(
 /// This CPU's ring.
 pub(crate) type Ring = BtfRingBuf<Transition, RING_TEMPLATE_BYTES>;
 
-/// Reserves a record in this CPU's ring; a full ring is counted as a lost event.
+/// A record of a transition's head only, as it takes a ring (see `tracer_common::HEAD_BYTES`).
+#[repr(C, align(8))]
+pub(crate) struct HeadRecord([u8; HEAD_BYTES]);
+
+/// A record of a whole transition, padded to keep the ring's records on cache lines (see
+/// `tracer_common::WHOLE_RECORD_BYTES`).
+#[repr(C, align(8))]
+pub(crate) struct WholeRecord([u8; WHOLE_RECORD_BYTES]);
+
+/// Reserves a record of `R` in this CPU's ring; a full ring is counted as a lost event.
 #[inline(always)]
-pub(crate) fn reserve() -> Option<(&'static Ring, RingBufEntry<Transition>)> {
+pub(crate) fn reserve<R: 'static>() -> Option<(&'static Ring, RingBufEntry<R>)> {
     // SAFETY: a helper with no arguments, callable from any program type.
     let cpu = unsafe { bpf_get_smp_processor_id() };
     let reserved = EVENTS
         .get(cpu)
-        .and_then(|ring| Some((ring, ring.reserve(0)?)));
+        .and_then(|ring| Some((ring, ring.reserve_untyped::<R>(0)?)));
     if reserved.is_none() {
         count(counter::LOST_RINGBUF_FULL);
     }
@@ -247,7 +261,7 @@ pub(crate) unsafe fn write_addresses(
 
 /// Commits a written record, waking the reader only once a ring holds `WAKEUP_BYTES`.
 #[inline(always)]
-pub(crate) fn submit(ring: &Ring, entry: RingBufEntry<Transition>) {
+pub(crate) fn submit<R>(ring: &Ring, entry: RingBufEntry<R>) {
     // SAFETY: read-only global, volatile for the same reason as OFFSETS.
     let wakeup_bytes = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
     // SAFETY: `ring` is the ring buffer map this CPU's slot of `EVENTS` refers to.

@@ -6,16 +6,27 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 pub use tracer_common::Transition;
-use tracer_common::{state, AF_INET, AF_INET6};
+use tracer_common::{state, AF_INET, AF_INET6, HEAD_BYTES};
 
-/// Reads one ring-buffer record. `None` when it is too short to be a [`Transition`].
+/// Reads one ring-buffer record: a whole [`Transition`] (a transition to CLOSE, padded), or
+/// its head alone (every other event), whose rest is then 0. `None` when it is shorter.
 pub fn decode(bytes: &[u8]) -> Option<Transition> {
-    if bytes.len() < std::mem::size_of::<Transition>() {
+    let whole = std::mem::size_of::<Transition>();
+    if bytes.len() >= whole {
+        // SAFETY: the length was checked, Transition is plain old data (every bit pattern
+        // valid), and read_unaligned does not require the ring buffer's alignment.
+        return Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Transition>()) });
+    }
+    if bytes.len() < HEAD_BYTES {
         return None;
     }
-    // SAFETY: the length was checked, Transition is plain old data (every bit pattern valid),
-    // and read_unaligned does not require the ring buffer's alignment.
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Transition>()) })
+    let mut t = std::mem::MaybeUninit::<Transition>::zeroed();
+    // SAFETY: HEAD_BYTES fit in both (checked above, and HEAD_BYTES < size_of::<Transition>),
+    // and a zeroed Transition with any head bytes over it is a valid one (plain old data).
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), t.as_mut_ptr().cast::<u8>(), HEAD_BYTES);
+        Some(t.assume_init())
+    }
 }
 
 /// Every state name, in the kernel's numbering (index = state number). Lowercase kernel names
@@ -228,12 +239,16 @@ pub(crate) mod tests {
 
     #[test]
     fn decode_round_trips_the_probe_layout() {
-        let t = transition(
+        let mut t = transition(
             0xffff_8880_1234_5678,
             99,
             state::SYN_SENT,
             state::ESTABLISHED,
         );
+        (t.since_ns, t.accept_wait_us, t.socket_flags) = (90, 7, 3);
+        (t.opened_ns, t.established_ns, t.teardown_ns) = (10, 20, 30);
+        (t.bytes_acked, t.bytes_received, t.total_retrans) = (1_000, 2_000, 3);
+        (t.chrono_jiffies, t.retransmits) = ([4, 5, 6], [1, 0, 2, 0]);
         // SAFETY: viewing a POD value as its bytes, as the ring buffer holds it.
         let bytes = unsafe {
             std::slice::from_raw_parts(
@@ -242,7 +257,17 @@ pub(crate) mod tests {
             )
         };
         assert_eq!(decode(bytes), Some(t));
-        assert_eq!(decode(&bytes[..bytes.len() - 1]), None);
+        // A head-only record: the same head, the rest 0; shorter than a head: nothing.
+        let mut head = t;
+        head.opened_ns = 0;
+        head.established_ns = 0;
+        head.teardown_ns = 0;
+        (head.bytes_acked, head.bytes_received) = (0, 0);
+        (head.rtt_min_us, head.total_retrans, head.dsack_dups) = (0, 0, 0);
+        (head.chrono_jiffies, head.retransmits) = ([0; 3], [0; 4]);
+        assert_eq!(decode(&bytes[..HEAD_BYTES]), Some(head));
+        assert_eq!(decode(&bytes[..bytes.len() - 1]), Some(head));
+        assert_eq!(decode(&bytes[..HEAD_BYTES - 1]), None);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use aya_obj::generated::{bpf_cmd, bpf_map_type, bpf_prog_info};
 
 use crate::stream::ring::EventRings;
-use tracer_common::{counter, socket, DropKey, SocketState, Transition, PORT_FILTER_LEN};
+use tracer_common::{counter, socket, DropKey, SocketState, PORT_FILTER_LEN};
 pub use tracer_common::{RESET_RECEIVED, RESET_SENT, RESET_STATES};
 
 /// The probe object built by `build.rs` from `tracer-ebpf`.
@@ -747,12 +747,17 @@ pub fn check_privileges() -> Result<()> {
 /// [`TRANSITIONS_PER_MIB`] transitions, 7 ms of drain at 1M events/s.
 pub const MAX_RING_BUFFER_BYTES: u32 = 256 << 20;
 
-/// Bytes a transition takes in a ring: the record and the ring's 8-byte header
-/// (`BPF_RINGBUF_HDR_SZ`), rounded up to 8 bytes as the kernel does.
-pub const RING_RECORD_BYTES: usize = (std::mem::size_of::<Transition>() + 8).div_ceil(8) * 8;
+/// Bytes an event takes in a ring, with the ring's 8-byte record header
+/// (`BPF_RINGBUF_HDR_SZ`): a transition's head alone ([`HEAD_RECORD_BYTES`], every transition
+/// but one to CLOSE), or the whole of it ([`WHOLE_RECORD_BYTES`], a transition to CLOSE).
+pub const HEAD_RECORD_BYTES: usize = tracer_common::HEAD_BYTES + 8;
+pub const WHOLE_RECORD_BYTES: usize = tracer_common::WHOLE_RECORD_BYTES + 8;
 
-/// Transitions a 1 MiB ring holds.
-pub const TRANSITIONS_PER_MIB: usize = (1 << 20) / RING_RECORD_BYTES;
+/// Transitions a 1 MiB ring holds when a connection's sockets make 10 of them, 2 of them to
+/// CLOSE (a short connection: the client's CLOSE -> SYN_SENT -> ESTABLISHED -> FIN_WAIT1 ->
+/// FIN_WAIT2 -> CLOSE, the server's LISTEN -> SYN_RECV -> ESTABLISHED -> CLOSE_WAIT ->
+/// LAST_ACK -> CLOSE).
+pub const TRANSITIONS_PER_MIB: usize = (1 << 20) * 10 / (8 * HEAD_RECORD_BYTES + 2 * WHOLE_RECORD_BYTES);
 
 /// Validates `--ring-buffer-size`: the kernel wants a power of two, a whole number of pages;
 /// this tool wants a size whose kernel memory stays sane.
@@ -836,11 +841,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_ring_record_is_208_bytes_as_the_readme_says() {
-        assert_eq!(RING_RECORD_BYTES, 208);
-        let readme = include_str!("../../../docs/watch.md");
-        let said = format!("{} transitions each", TRANSITIONS_PER_MIB).replacen("5041", "5,041", 1);
-        assert!(readme.contains(&said), "docs/watch.md should say {said:?}");
+    fn ring_records_are_128_and_256_bytes_as_the_docs_say() {
+        assert_eq!((HEAD_RECORD_BYTES, WHOLE_RECORD_BYTES), (128, 256));
+        assert_eq!(TRANSITIONS_PER_MIB, 6826);
+        let docs = include_str!("../../../docs/watch.md");
+        let said = "6,826 transitions of short connections each";
+        assert!(docs.contains(said), "docs/watch.md should say {said:?}");
     }
 
     #[test]
