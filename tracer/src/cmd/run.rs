@@ -184,7 +184,7 @@ pub async fn run(args: &RunArgs) -> Result<()> {
                         if let Some(e) = exporter.as_ref().filter(|_| u.sample.storage.pid != own_pid()) {
                             e.send(Record::update(&u));
                         }
-                        events.record(Observation::Update(u));
+                        events.record(&Observation::Update(u));
                     });
                     events.flush(0);
                     if let Some(t) = tally.as_mut() {
@@ -263,23 +263,19 @@ fn follow(
     exporter: Option<&Exporter>,
 ) {
     let read = rings.drain_unordered(|ev| {
-        crate::stream::observe(ev, |o| match o {
-            Observation::Closed(mut c) => {
-                tracker.close(ev.cookie, ev.time_ns, &mut c);
+        // Each observation is handled in place, by reference: a close carries a few hundred
+        // bytes, and moving it from one owner to the next was a copy per event.
+        crate::stream::observe(ev, |mut o| {
+            if let Observation::Closed(c) = &mut o {
+                tracker.close(ev.cookie, ev.time_ns, c);
                 if let Some(e) = exporter.filter(|_| ev.pid != own_pid()) {
-                    e.send(Record::close(ev, &c));
+                    e.send(Record::close(ev, c));
                 }
-                if let Some(t) = tally.as_mut() {
-                    t.observe(ev, &Observation::Closed(c));
-                }
-                metrics.record(Observation::Closed(c));
             }
-            o => {
-                if let Some(t) = tally.as_mut() {
-                    t.observe(ev, &o);
-                }
-                metrics.record(o)
+            if let Some(t) = tally.as_mut() {
+                t.observe(ev, &o);
             }
+            metrics.record(&o);
         })
     });
     if let Some(t) = tally {

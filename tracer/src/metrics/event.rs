@@ -373,9 +373,9 @@ impl EventMetrics {
 
     /// Records what one event tells. The per-event path: no allocation once a label
     /// set has been seen.
-    pub fn record(&mut self, o: Observation) {
+    pub fn record(&mut self, o: &Observation) {
         let secs = |ns: u64| ns as f64 / 1e9;
-        match o {
+        match *o {
             Observation::Transition { from, to } => {
                 let (f, t) = (
                     from as usize % STATE_NAMES.len(),
@@ -459,8 +459,8 @@ impl EventMetrics {
                 self.sample(port, slot, PortSample::AcceptWait { seconds });
             }
             // What a close or a report adds: the stretch since the connection's last report.
-            Observation::Closed(c) => self.carried(c.port, &c.interval, c.srtt_us),
-            Observation::Update(u) => {
+            Observation::Closed(ref c) => self.carried(c.port, &c.interval, c.srtt_us),
+            Observation::Update(ref u) => {
                 let s = &u.sample;
                 self.carried(s.storage.port, &u.interval, s.srtt_us)
             }
@@ -787,7 +787,7 @@ mod tests {
             4_050_000_000,
             7_100_000_000,
         ] {
-            m.record(Observation::Handshake {
+            m.record(&Observation::Handshake {
                 mode: Mode::Active,
                 port: 80,
                 netns: 0,
@@ -830,7 +830,7 @@ mod tests {
             assert!(text.contains(line), "{line} missing from:\n{text}");
         }
         // A port given a value for a failed connect gets its failure and handshake series.
-        m.record(Observation::HandshakeFailure {
+        m.record(&Observation::HandshakeFailure {
             reason: Failure::Timeout,
             port: 5432,
             netns: 0,
@@ -875,12 +875,12 @@ mod tests {
         let (registry, mut m) = metrics(8);
         let scrapes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         m.count_scrapes(scrapes.clone());
-        m.record(handshake(Mode::Active, 50_051));
+        m.record(&handshake(Mode::Active, 50_051));
         m.flush(1);
         let text = encode(&registry).unwrap();
         assert_eq!(count(&text, "active", "other"), 0, "held, not exported");
-        m.record(handshake(Mode::Passive, 50_051));
-        m.record(handshake(Mode::Active, 50_051));
+        m.record(&handshake(Mode::Passive, 50_051));
+        m.record(&handshake(Mode::Active, 50_051));
         m.flush(2);
         let text = encode(&registry).unwrap();
         assert_eq!(
@@ -898,7 +898,7 @@ mod tests {
         let (registry, mut m) = metrics(8);
         let scrapes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         m.count_scrapes(scrapes.clone());
-        m.record(handshake(Mode::Active, 40_001));
+        m.record(&handshake(Mode::Active, 40_001));
         m.flush(1);
         m.flush(0);
         assert_eq!(count(&encode(&registry).unwrap(), "active", "other"), 0);
@@ -909,7 +909,7 @@ mod tests {
         assert_eq!(count(&text, "active", "other"), 1);
         // Past MAX_HELD_PORTS ports waiting, samples go to other at once, and are counted.
         for port in 0..=MAX_HELD_PORTS as u16 {
-            m.record(handshake(Mode::Active, 40_002 + port));
+            m.record(&handshake(Mode::Active, 40_002 + port));
         }
         m.flush(0);
         let text = encode(&registry).unwrap();
