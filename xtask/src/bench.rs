@@ -113,6 +113,9 @@ struct Sample {
     events: u64,
     lost: u64,
     cpu_us_per_event: f64,
+    /// Of it, the agent's census thread (sock_diag dumps of every socket of the host, every 5
+    /// s, whose cost follows the sockets on the host, not the transitions).
+    census_us_per_event: f64,
     /// With the export: records the collector accepted, and records dropped.
     exported: u64,
     dropped: u64,
@@ -249,12 +252,14 @@ fn rounds(args: &BenchArgs) -> Result<()> {
             let s = run_once(mode, Duration::from_secs(args.seconds))
                 .with_context(|| format!("round {round}, mode {}", mode.name()))?;
             println!(
-                "round {round} {:<8} {:>9.0} conn/s  events {:>9}  lost {:>4}  cpu {:.2} us/event",
+                "round {round} {:<8} {:>9.0} conn/s  events {:>9}  lost {:>4}  cpu {:.2} us/event \
+                 ({:.2} census)",
                 mode.name(),
                 s.conns_per_sec,
                 s.events,
                 s.lost,
-                s.cpu_us_per_event
+                s.cpu_us_per_event,
+                s.census_us_per_event,
             );
             if mode == Mode::Export {
                 println!(
@@ -270,7 +275,10 @@ fn rounds(args: &BenchArgs) -> Result<()> {
     }
     let base = median(samples[0].iter().map(|s| s.conns_per_sec).collect());
     println!();
-    println!("mode       runs  median conn/s   ratio   events/run (median)   lost (total)   tracer CPU us/event (median)");
+    println!(
+        "mode       runs  median conn/s   ratio   events/run (median)   lost (total)   \
+         tracer CPU us/event (median)   without the census"
+    );
     // bpftrace reports no losses of its own here (a map update cannot overflow; its printing
     // reports lost events on stderr, shown above if any).
     for (i, &mode) in modes.iter().enumerate() {
@@ -291,15 +299,22 @@ fn rounds(args: &BenchArgs) -> Result<()> {
         let events = median(samples[i].iter().map(|s| s.events as f64).collect());
         let lost: u64 = samples[i].iter().map(|s| s.lost).sum();
         let cpu = median(samples[i].iter().map(|s| s.cpu_us_per_event).collect());
+        let events_only = median(
+            samples[i]
+                .iter()
+                .map(|s| s.cpu_us_per_event - s.census_us_per_event)
+                .collect(),
+        );
         println!(
-            "{:<10} {:>4}  {:>13.0}   {:>5.3}   {:>19.0}   {:>12}   {:>6.2}",
+            "{:<10} {:>4}  {:>13.0}   {:>5.3}   {:>19.0}   {:>12}   {:>27.2}   {:>18.2}",
             mode.name(),
             samples[i].len(),
             rate,
             rate / base,
             events,
             lost,
-            cpu
+            cpu,
+            events_only,
         );
     }
     if let Some(i) = modes.iter().position(|&m| m == Mode::Export) {
@@ -407,14 +422,12 @@ fn run_once(mode: Mode, duration: Duration) -> Result<Sample> {
                 })
                 .sum();
         }
-        let (events, lost, cpu_us) = t.stop()?;
+        let (events, lost, cpu_us, census_us) = t.stop()?;
         sample.events = events;
         sample.lost = lost;
-        sample.cpu_us_per_event = if events > 0 {
-            cpu_us / events as f64
-        } else {
-            0.0
-        };
+        let per_event = |us: f64| if events > 0 { us / events as f64 } else { 0.0 };
+        sample.cpu_us_per_event = per_event(cpu_us);
+        sample.census_us_per_event = per_event(census_us);
     }
     Ok(sample)
 }
@@ -555,8 +568,10 @@ fn free_port() -> Result<SocketAddr> {
 /// A tracer (ours or bpftrace) started for one run; killed by PID if the bench fails midway.
 struct TracerProcess {
     child: Child,
-    /// CPU used by start-up (BTF parsing, loading), subtracted from the per-event figure.
+    /// CPU used by start-up (BTF parsing, loading), subtracted from the per-event figure, and
+    /// by the census thread until then.
     start_cpu_us: f64,
+    start_census_us: f64,
     kind: Kind,
     stderr: Receiver<String>,
 }
@@ -585,6 +600,7 @@ impl TracerProcess {
         let mut t = TracerProcess {
             child,
             start_cpu_us: 0.0,
+            start_census_us: 0.0,
             kind,
             stderr,
         };
@@ -592,6 +608,7 @@ impl TracerProcess {
             match t.stderr.recv_timeout(Duration::from_secs(30)) {
                 Ok(line) if line.starts_with("tracer: attached") => {
                     t.start_cpu_us = cpu_micros(t.child.id())?;
+                    t.start_census_us = census_micros(t.child.id());
                     return Ok(t);
                 }
                 Ok(_) => {}
@@ -633,6 +650,7 @@ impl TracerProcess {
         let mut t = TracerProcess {
             child,
             start_cpu_us: 0.0,
+            start_census_us: 0.0,
             kind: Kind::Bpftrace(reader),
             stderr,
         };
@@ -643,10 +661,15 @@ impl TracerProcess {
         Ok(t)
     }
 
-    /// Stops the tracer; returns (events handled, events lost, CPU microseconds used).
-    fn stop(&mut self) -> Result<(u64, u64, f64)> {
+    /// Stops the tracer; returns (events handled, events lost, CPU microseconds used, of
+    /// which by the census thread).
+    fn stop(&mut self) -> Result<(u64, u64, f64, f64)> {
         let pid = self.child.id();
         let cpu_us = cpu_micros(pid)? - self.start_cpu_us;
+        let census_us = match self.kind {
+            Kind::Bpftrace(_) => 0.0,
+            _ => census_micros(pid) - self.start_census_us,
+        };
         let from_metrics = match self.kind {
             Kind::Run(addr) => {
                 let text = scrape(addr)?;
@@ -688,13 +711,13 @@ impl TracerProcess {
             }
         }
         if let Some((events, lost)) = from_metrics {
-            return Ok((events, lost, cpu_us));
+            return Ok((events, lost, cpu_us, census_us));
         }
         if let Kind::Bpftrace(reader) = std::mem::replace(&mut self.kind, Kind::Watch) {
             let (printed, counted, lost) = reader
                 .join()
                 .map_err(|_| anyhow::anyhow!("bpftrace reader"))?;
-            return Ok((printed.max(counted), lost, cpu_us));
+            return Ok((printed.max(counted), lost, cpu_us, 0.0));
         }
         // watch: "tracer: N events received, M printed, L lost"
         let line = summary.context("no summary line from tracer watch")?;
@@ -703,7 +726,7 @@ impl TracerProcess {
             .filter_map(|s| s.parse().ok())
             .collect();
         match nums[..] {
-            [received, _, lost] => Ok((received, lost, cpu_us)),
+            [received, _, lost] => Ok((received, lost, cpu_us, census_us)),
             _ => bail!("unexpected summary {line:?}"),
         }
     }
@@ -1022,8 +1045,27 @@ impl Drop for TracerProcess {
 }
 
 /// User + system CPU time of a process, in microseconds (`/proc/PID/stat` fields 14 and 15).
+/// CPU microseconds used by process `pid`'s threads named `census` (0 where it has none).
+fn census_micros(pid: u32) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "census")
+        })
+        .filter_map(|t| stat_micros(&t.path().join("stat")).ok())
+        .sum()
+}
+
 fn cpu_micros(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    stat_micros(std::path::Path::new(&format!("/proc/{pid}/stat")))
+}
+
+/// User and system CPU microseconds in a `/proc` stat file (a process's or a thread's).
+fn stat_micros(path: &std::path::Path) -> Result<f64> {
+    let stat = std::fs::read_to_string(path)?;
     // Fields after the command name, which is in parentheses and may hold spaces.
     let rest = stat
         .rsplit_once(')')
