@@ -136,7 +136,7 @@ impl EventRings {
 struct Pending {
     events: Vec<Transition>,
     /// (time, index into `events`), sorted: sorting these 16-byte keys instead of the events
-    /// (200 bytes each) is what keeps the merge cheap.
+    /// (200 bytes each once decoded) is what keeps the merge cheap.
     order: Vec<(u64, u32)>,
     /// The events kept for the next drain, swapped with `events` after each one.
     kept: Vec<Transition>,
