@@ -423,30 +423,6 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
     Ok(())
 }
 
-/// Writes the head every transition carries, but for what a close fills: the socket, its
-/// stamps from storage `s` (null: none), its ports, family and the two states.
-///
-/// # Safety
-/// `t` must point at a reserved ring buffer record of at least `HEAD_BYTES`, `sk` be the
-/// tracepoint's socket and `s` null or its storage.
-#[inline(always)]
-unsafe fn write_head(
-    ctx: &BtfTracePointContext,
-    t: *mut Transition,
-    sk: *const u8,
-    s: *const SocketState,
-    skipped: bool,
-    (family, sport, dport, oldstate, newstate, now): (u16, u16, u16, u8, u8, u64),
-) {
-    write_socket(ctx, t, sk, family, now);
-    write_stamps(t, s, skipped);
-    addr_of_mut!((*t).sport).write(sport);
-    addr_of_mut!((*t).dport).write(dport);
-    addr_of_mut!((*t).family).write(family);
-    addr_of_mut!((*t).oldstate).write(oldstate);
-    addr_of_mut!((*t).newstate).write(newstate);
-}
-
 /// True when no port filter is set or `port` is in it.
 #[inline(always)]
 fn port_wanted(port: u16) -> bool {

@@ -40,6 +40,31 @@ pub(crate) unsafe fn write_stamps(t: *mut Transition, s: *const SocketState, ski
     }
 }
 
+/// Writes the head every event carries, but for what a close fills: the socket, its stamps
+/// from storage `s` (null: none), its ports, family and the two states (for an event that is
+/// not a state change, the socket's state and the event's kind).
+///
+/// # Safety
+/// `t` must point at a reserved ring buffer record of at least `HEAD_BYTES`, `sk` be a
+/// tracepoint's full socket and `s` null or its storage.
+#[inline(always)]
+pub(crate) unsafe fn write_head(
+    ctx: &impl EbpfContext,
+    t: *mut Transition,
+    sk: *const u8,
+    s: *const SocketState,
+    skipped: bool,
+    (family, sport, dport, oldstate, newstate, now): (u16, u16, u16, u8, u8, u64),
+) {
+    write_socket(ctx, t, sk, family, now);
+    write_stamps(t, s, skipped);
+    addr_of_mut!((*t).sport).write(sport);
+    addr_of_mut!((*t).dport).write(dport);
+    addr_of_mut!((*t).family).write(family);
+    addr_of_mut!((*t).oldstate).write(oldstate);
+    addr_of_mut!((*t).newstate).write(newstate);
+}
+
 /// Writes the head's fields that only some transitions fill (0 elsewhere): the handshake's
 /// RTT sample at SYN_RECV -> ESTABLISHED, no error and no close flags.
 ///
@@ -168,13 +193,7 @@ pub(crate) unsafe fn report_event(
     };
     let t = entry.as_mut_ptr() as *mut Transition;
     // `t` points at the reserved head-only record and each write stays inside a head field.
-    write_socket(ctx, t, sk, family, now);
-    write_stamps(t, s, false);
-    addr_of_mut!((*t).sport).write(sport);
-    addr_of_mut!((*t).dport).write(dport);
-    addr_of_mut!((*t).family).write(family);
-    addr_of_mut!((*t).oldstate).write(state);
-    addr_of_mut!((*t).newstate).write(kind);
+    write_head(ctx, t, sk, s, false, (family, sport, dport, state, kind, now));
     write_no_close(t, 0);
     finish(t);
     submit(ring, entry);
