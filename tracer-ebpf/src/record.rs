@@ -193,7 +193,14 @@ pub(crate) unsafe fn report_event(
     };
     let t = entry.as_mut_ptr() as *mut Transition;
     // `t` points at the reserved head-only record and each write stays inside a head field.
-    write_head(ctx, t, sk, s, false, (family, sport, dport, state, kind, now));
+    write_head(
+        ctx,
+        t,
+        sk,
+        s,
+        false,
+        (family, sport, dport, state, kind, now),
+    );
     write_no_close(t, 0);
     finish(t);
     submit(ring, entry);

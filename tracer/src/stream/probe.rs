@@ -757,7 +757,8 @@ pub const WHOLE_RECORD_BYTES: usize = tracer_common::WHOLE_RECORD_BYTES + 8;
 /// CLOSE (a short connection: the client's CLOSE -> SYN_SENT -> ESTABLISHED -> FIN_WAIT1 ->
 /// FIN_WAIT2 -> CLOSE, the server's LISTEN -> SYN_RECV -> ESTABLISHED -> CLOSE_WAIT ->
 /// LAST_ACK -> CLOSE).
-pub const TRANSITIONS_PER_MIB: usize = (1 << 20) * 10 / (8 * HEAD_RECORD_BYTES + 2 * WHOLE_RECORD_BYTES);
+pub const TRANSITIONS_PER_MIB: usize =
+    (1 << 20) * 10 / (8 * HEAD_RECORD_BYTES + 2 * WHOLE_RECORD_BYTES);
 
 /// Validates `--ring-buffer-size`: the kernel wants a power of two, a whole number of pages;
 /// this tool wants a size whose kernel memory stays sane.
