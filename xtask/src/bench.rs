@@ -16,6 +16,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Receiver;
@@ -52,6 +53,12 @@ pub struct BenchArgs {
     /// Leave out the bpftrace reference modes (otherwise Debian's bpftrace is installed).
     #[arg(long)]
     no_bpftrace: bool,
+    /// Another build of tracer (e.g. the previous commit's `target/release/tracer`, copied
+    /// aside) to measure side by side with this one: as `run-before` in every round, next to
+    /// `run`, and attached at the same time as this one in the probe-cost phase, so that both
+    /// probes are timed on the same transitions.
+    #[arg(long, value_name = "PATH")]
+    before: Option<std::path::PathBuf>,
 }
 
 /// The bench's phases, in the order they run.
@@ -85,6 +92,8 @@ enum Mode {
     /// `tracer watch --connections --json`: one close record per connection.
     Records,
     Run,
+    /// `tracer run` of the `--before` build.
+    RunBefore,
     /// `tracer run --otlp-endpoint`: every record sent to a collector on loopback
     /// (`rotel-agent`, records discarded).
     Export,
@@ -99,6 +108,7 @@ impl Mode {
             Mode::Watch => "watch",
             Mode::Records => "records",
             Mode::Run => "run",
+            Mode::RunBefore => "run-before",
             Mode::Export => "run+otlp",
             Mode::BpftraceCount => "bt-count",
             Mode::BpftracePrint => "bt-print",
@@ -138,7 +148,18 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         rounds(args)?;
     }
     if runs(Phase::ProbeCost) {
-        probe_cost_phase(Duration::from_secs(args.seconds), !args.no_bpftrace)?;
+        // With a --before build, twice: each build attached first once (the program that
+        // runs first on a transition pays for bringing the socket's lines into the cache).
+        for before_first in [true, false]
+            .iter()
+            .take(1 + usize::from(args.before.is_some()))
+        {
+            probe_cost_phase(
+                Duration::from_secs(args.seconds),
+                !args.no_bpftrace,
+                args.before.as_deref().map(|b| (b, *before_first)),
+            )?;
+        }
         if !args.no_bpftrace {
             hook_cost_phase(Duration::from_secs(args.seconds.max(4)))?;
         }
@@ -234,13 +255,11 @@ fn table_phase(held: usize) -> Result<()> {
 /// Every mode once per round, interleaved; prints each run, then medians per mode.
 fn rounds(args: &BenchArgs) -> Result<()> {
     println!("rounds: {} s per run, {} rounds", args.seconds, args.rounds);
-    let mut modes = vec![
-        Mode::Baseline,
-        Mode::Watch,
-        Mode::Records,
-        Mode::Run,
-        Mode::Export,
-    ];
+    let mut modes = vec![Mode::Baseline, Mode::Watch, Mode::Records, Mode::Run];
+    if args.before.is_some() {
+        modes.push(Mode::RunBefore);
+    }
+    modes.push(Mode::Export);
     if !args.no_bpftrace {
         crate::setup::install_packages(&["bpftrace"])?;
         crate::setup::mount_tracefs()?;
@@ -249,8 +268,12 @@ fn rounds(args: &BenchArgs) -> Result<()> {
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); modes.len()];
     for round in 1..=args.rounds {
         for (i, &mode) in modes.iter().enumerate() {
-            let s = run_once(mode, Duration::from_secs(args.seconds))
-                .with_context(|| format!("round {round}, mode {}", mode.name()))?;
+            let s = run_once(
+                mode,
+                Duration::from_secs(args.seconds),
+                args.before.as_deref(),
+            )
+            .with_context(|| format!("round {round}, mode {}", mode.name()))?;
             println!(
                 "round {round} {:<8} {:>9.0} conn/s  events {:>9}  lost {:>4}  cpu {:.2} us/event \
                  ({:.2} census)",
@@ -340,15 +363,42 @@ fn rounds(args: &BenchArgs) -> Result<()> {
             per_conn(Mode::Run),
         );
     }
+    if let (Some(now), Some(then)) = (
+        modes.iter().position(|&m| m == Mode::Run),
+        modes.iter().position(|&m| m == Mode::RunBefore),
+    ) {
+        // Per round, so that both come from the same moment of a noisy machine.
+        let ratio = median(
+            samples[now]
+                .iter()
+                .zip(&samples[then])
+                .map(|(a, b)| a.conns_per_sec / b.conns_per_sec)
+                .collect(),
+        );
+        let ahead = samples[now]
+            .iter()
+            .zip(&samples[then])
+            .filter(|(a, b)| a.conns_per_sec > b.conns_per_sec)
+            .count();
+        println!(
+            "run against run-before: {ratio:.3}x the connection rate (per-round median), ahead \
+             in {ahead} of {} rounds",
+            samples[now].len()
+        );
+    }
     println!(
-        "reproduce: cargo xtask bench --only rounds --seconds {} --rounds {}{}",
+        "reproduce: cargo xtask bench --only rounds --seconds {} --rounds {}{}{}",
         args.seconds,
         args.rounds,
         if args.no_bpftrace {
             " --no-bpftrace"
         } else {
             ""
-        }
+        },
+        args.before
+            .as_ref()
+            .map(|p| format!(" --before {}", p.display()))
+            .unwrap_or_default(),
     );
     Ok(())
 }
@@ -363,7 +413,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Runs the load once under `mode`.
-fn run_once(mode: Mode, duration: Duration) -> Result<Sample> {
+fn run_once(mode: Mode, duration: Duration, before: Option<&Path>) -> Result<Sample> {
     let mut collector_process = None;
     let mut tracer = match mode {
         Mode::Baseline => None,
@@ -372,13 +422,10 @@ fn run_once(mode: Mode, duration: Duration) -> Result<Sample> {
             &["watch", "--connections", "--json"],
             None,
         )?),
-        Mode::Run => {
-            let addr = free_port()?;
-            Some(TracerProcess::start(
-                &["run", "--listen", &addr.to_string()],
-                Some(addr),
-            )?)
-        }
+        Mode::Run => Some(TracerProcess::start_run(Path::new(TRACER))?),
+        Mode::RunBefore => Some(TracerProcess::start_run(
+            before.context("run-before without --before")?,
+        )?),
         Mode::Export => {
             let (addr, collector) = (free_port()?, free_port()?);
             collector_process = Some(Collector::start(collector)?);
@@ -589,12 +636,23 @@ enum Kind {
 
 impl TracerProcess {
     fn start(args: &[&str], metrics: Option<SocketAddr>) -> Result<TracerProcess> {
-        let mut child = Command::new(TRACER)
+        TracerProcess::start_bin(Path::new(TRACER), args, metrics)
+    }
+
+    /// `tracer run` of build `bin`, serving its metrics on a free port.
+    fn start_run(bin: &Path) -> Result<TracerProcess> {
+        let addr = free_port()?;
+        let listen = addr.to_string();
+        TracerProcess::start_bin(bin, &["run", "--listen", &listen], Some(addr))
+    }
+
+    fn start_bin(bin: &Path, args: &[&str], metrics: Option<SocketAddr>) -> Result<TracerProcess> {
+        let mut child = Command::new(bin)
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .with_context(|| format!("starting {TRACER}"))?;
+            .with_context(|| format!("starting {}", bin.display()))?;
         let stderr = lines_of(child.stderr.take().context("tracer stderr")?);
         let kind = metrics.map_or(Kind::Watch, Kind::Run);
         let mut t = TracerProcess {
@@ -659,6 +717,14 @@ impl TracerProcess {
             .context("bpftrace did not attach")?;
         t.start_cpu_us = cpu_micros(t.child.id())?;
         Ok(t)
+    }
+
+    /// Where a `tracer run` serves its metrics.
+    fn metrics_addr(&self) -> Result<SocketAddr> {
+        match self.kind {
+            Kind::Run(addr) => Ok(addr),
+            _ => bail!("not a tracer run"),
+        }
     }
 
     /// Stops the tracer; returns (events handled, events lost, CPU microseconds used, of
@@ -746,9 +812,14 @@ fn lines_of(out: impl Read + Send + 'static) -> Receiver<String> {
 /// One run of `tracer run` and bpftrace counting transitions, both attached at once, with the
 /// kernel timing every BPF program run (`kernel.bpf_stats_enabled=1`, restored afterwards):
 /// what each costs per transition, on the same events.
-fn probe_cost_phase(duration: Duration, with_bpftrace: bool) -> Result<()> {
+/// `before`: another build to time on the same transitions, and whether it attaches first.
+fn probe_cost_phase(
+    duration: Duration,
+    with_bpftrace: bool,
+    before: Option<(&Path, bool)>,
+) -> Result<()> {
     const SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
-    let before = std::fs::read_to_string(SYSCTL).context("reading kernel.bpf_stats_enabled")?;
+    let stats_were = std::fs::read_to_string(SYSCTL).context("reading kernel.bpf_stats_enabled")?;
     std::fs::write(SYSCTL, "1").context("enabling kernel.bpf_stats_enabled")?;
     if with_bpftrace {
         crate::setup::install_packages(&["bpftrace"])?;
@@ -761,12 +832,22 @@ fn probe_cost_phase(duration: Duration, with_bpftrace: bool) -> Result<()> {
         } else {
             None
         };
-        let addr = free_port()?;
-        let mut tracer = TracerProcess::start(&["run", "--listen", &addr.to_string()], Some(addr))?;
+        let first = before.filter(|&(_, first)| first);
+        let mut earlier = first
+            .map(|(b, _)| TracerProcess::start_run(b))
+            .transpose()?;
+        let mut tracer = TracerProcess::start_run(Path::new(TRACER))?;
+        if let Some((b, false)) = before {
+            earlier = Some(TracerProcess::start_run(b)?);
+        }
         let (conns, _) = churn(duration)?;
         let refused = refused_connects(REFUSED_CONNECTS)?;
         std::thread::sleep(Duration::from_millis(1_200)); // one sync of the probe's figures
-        let text = scrape(addr)?;
+        let text = scrape(tracer.metrics_addr()?)?;
+        let before_text = match &earlier {
+            Some(t) => Some(scrape(t.metrics_addr()?)?),
+            None => None,
+        };
         // Read while both are attached: the kernel forgets a program's figures when it goes.
         // bpftrace's is the classic tracepoint program loaded since the start (the tracer's
         // are BTF tracepoints).
@@ -775,45 +856,32 @@ fn probe_cost_phase(duration: Duration, with_bpftrace: bool) -> Result<()> {
                 && p.program_type() == aya_obj::generated::bpf_prog_type::BPF_PROG_TYPE_TRACEPOINT
         });
         tracer.stop()?;
+        if let Some(t) = earlier.as_mut() {
+            t.stop()?;
+        }
         if let Some(b) = bpftrace.as_mut() {
             b.stop()?;
         }
-        Ok::<_, anyhow::Error>((conns, refused, text, bpftrace_cost))
+        Ok::<_, anyhow::Error>((conns, refused, text, before_text, bpftrace_cost))
     })();
-    std::fs::write(SYSCTL, before.trim()).context("restoring kernel.bpf_stats_enabled")?;
-    let (conns, refused, text, bpftrace_cost) = result?;
+    std::fs::write(SYSCTL, stats_were.trim()).context("restoring kernel.bpf_stats_enabled")?;
+    let (conns, refused, text, before_text, bpftrace_cost) = result?;
     println!(
-        "probe cost (kernel.bpf_stats_enabled=1, one run, {:.0} conn/s, tracer run and bpftrace \
-         counting attached at once):",
-        conns as f64 / duration.as_secs_f64()
+        "probe cost (kernel.bpf_stats_enabled=1, one run, {:.0} conn/s, tracer run{} and \
+         bpftrace counting attached at once):",
+        conns as f64 / duration.as_secs_f64(),
+        match before {
+            Some((_, true)) => ", the --before build's (attached first)",
+            Some((_, false)) => ", the --before build's (attached second)",
+            None => "",
+        },
     );
-    let transitions = sample(
-        &text,
-        "tracer_probe_runs_total{program=\"inet_sock_set_state\"}",
-    );
-    let mut per_transition = 0.0;
-    for line in text
-        .lines()
-        .filter(|l| l.starts_with("tracer_probe_runs_total{"))
-    {
-        let (labels, runs) = line.rsplit_once(' ').context("metric line")?;
-        let program = labels.trim_start_matches("tracer_probe_runs_total");
-        let runs: f64 = runs.parse()?;
-        let seconds = sample(&text, &format!("tracer_probe_run_seconds_total{program}"));
-        let per_run = if runs > 0.0 {
-            seconds * 1e9 / runs
-        } else {
-            0.0
-        };
-        if program.contains("inet_sock_set_state") && transitions > 0.0 {
-            per_transition += seconds * 1e9 / transitions;
-        }
-        println!("  {program:<40} {runs:>10.0} runs  {per_run:>6.0} ns per run");
+    if let Some(t) = &before_text {
+        println!("  the --before build:");
+        print_probe_costs(t)?;
+        println!("  this build:");
     }
-    println!(
-        "  tracer: {per_transition:.0} ns per transition (inet_sock_set_state and its rescue \
-         program, both run for every transition)"
-    );
+    print_probe_costs(&text)?;
     let drops: f64 = text
         .lines()
         .filter(|l| l.starts_with("tracer_tcp_drops_total{") && l.contains("reason=\"no_socket\""))
@@ -832,6 +900,39 @@ fn probe_cost_phase(duration: Duration, with_bpftrace: bool) -> Result<()> {
         };
         println!("  bpftrace {name:<31} {runs:>10} runs  {per_run:>6.0} ns per run");
     }
+    Ok(())
+}
+
+/// Prints what each of a tracer's programs cost per run, from its `/metrics` `text`, and its
+/// cost per transition (the main program and its rescue, both run for every transition).
+fn print_probe_costs(text: &str) -> Result<()> {
+    let transitions = sample(
+        text,
+        "tracer_probe_runs_total{program=\"inet_sock_set_state\"}",
+    );
+    let mut per_transition = 0.0;
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("tracer_probe_runs_total{"))
+    {
+        let (labels, runs) = line.rsplit_once(' ').context("metric line")?;
+        let program = labels.trim_start_matches("tracer_probe_runs_total");
+        let runs: f64 = runs.parse()?;
+        let seconds = sample(text, &format!("tracer_probe_run_seconds_total{program}"));
+        let per_run = if runs > 0.0 {
+            seconds * 1e9 / runs
+        } else {
+            0.0
+        };
+        if program.contains("inet_sock_set_state") && transitions > 0.0 {
+            per_transition += seconds * 1e9 / transitions;
+        }
+        println!("  {program:<40} {runs:>10.0} runs  {per_run:>6.0} ns per run");
+    }
+    println!(
+        "  tracer: {per_transition:.0} ns per transition (inet_sock_set_state and its rescue \
+         program, both run for every transition)"
+    );
     Ok(())
 }
 
