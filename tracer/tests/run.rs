@@ -117,8 +117,9 @@ fn client_closes_first_is_an_active_teardown_on_the_client_side() {
     // Both ends are on this host and the tracepoint sees both: the client's socket is the
     // active closer, the server's child the passive one. The server keeps its side open
     // 200 ms after the client's FIN: that is the passive teardown (CLOSE_WAIT). The client's
-    // closed socket ends as soon as its FIN is acknowledged, when the kernel swaps it for a
-    // timewait socket (FIN_WAIT2 -> CLOSE), so the active teardown is short.
+    // closed socket usually ends as soon as its FIN is acknowledged, when the kernel swaps it
+    // for a timewait socket (FIN_WAIT2 -> CLOSE), so the active teardown is short (but see
+    // below).
     let addr = closed_port(V4);
     let port = addr.port().to_string();
     let agent = Agent::start(&["--port", &port]);
@@ -151,7 +152,6 @@ fn client_closes_first_is_an_active_teardown_on_the_client_side() {
         &[("mode", "active"), ("port", &port)],
     )
     .unwrap();
-    assert!(active < 0.1, "active teardown {active} s");
     let passive = sample(
         &text,
         "tracer_tcp_teardown_duration_seconds_sum",
@@ -161,6 +161,17 @@ fn client_closes_first_is_an_active_teardown_on_the_client_side() {
     assert!(
         (0.15..0.4).contains(&passive),
         "passive teardown {passive} s"
+    );
+    // The kernel may also keep the client's full socket in FIN_WAIT2 on its timer rather than
+    // hand it to a timewait socket when its FIN is acknowledged (tcp_rcv_state_process does
+    // so when a user owns the socket at that moment; seen once in an emulated 6.1 guest: an
+    // active teardown of 0.203 s). It then reaches CLOSE only with the server's FIN, so its
+    // teardown ends with the server's and is as long as the passive one, within the few
+    // milliseconds between the two sockets' events.
+    assert!(
+        active < 0.1 || (passive - active).abs() < 0.02,
+        "active teardown {active} s: neither short nor ended by the server's FIN \
+         (passive {passive} s)"
     );
     let dwell = count(
         &text,
