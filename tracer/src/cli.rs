@@ -144,9 +144,10 @@ pub struct RunArgs {
     /// (the memory it takes is this times the number of CPUs).
     #[arg(long, value_name = "BYTES", default_value = "1M", value_parser = parse_size)]
     pub ring_buffer_size: u32,
-    /// How long an open connection goes between two reports, e.g. 30s (at least 1s): its
-    /// bytes and RTT count in the metrics at each, and `--connections` prints an update record
-    /// with what it did since the last one (the close record then covers the rest).
+    /// How long an open connection goes between two update records (`watch --connections`'s,
+    /// or the agent's OTLP export's), e.g. 30s (at least 1s): each says what it did since the
+    /// last (the close record then covers the rest). The agent's metrics count open
+    /// connections at every census, whatever this says.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_record_interval)]
     pub record_interval: Duration,
     /// Time each accepted connection waits in its listener's accept queue, with a BPF
@@ -263,9 +264,10 @@ pub struct WatchArgs {
     /// (the memory it takes is this times the number of CPUs).
     #[arg(long, value_name = "BYTES", default_value = "1M", value_parser = parse_size)]
     pub ring_buffer_size: u32,
-    /// How long an open connection goes between two reports, e.g. 30s (at least 1s): its
-    /// bytes and RTT count in the metrics at each, and `--connections` prints an update record
-    /// with what it did since the last one (the close record then covers the rest).
+    /// How long an open connection goes between two update records (`watch --connections`'s,
+    /// or the agent's OTLP export's), e.g. 30s (at least 1s): each says what it did since the
+    /// last (the close record then covers the rest). The agent's metrics count open
+    /// connections at every census, whatever this says.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_record_interval)]
     pub record_interval: Duration,
     /// Time each accepted connection waits in its listener's accept queue, with a BPF

@@ -175,13 +175,17 @@ fn a_close_wait_leak_made_while_the_agent_was_stopped_has_its_exact_age_and_owne
     connect_many(burst.addr, 500, Closer::Client);
     burst.join();
     let mut kept = Vec::new();
+    // When each leak began, bracketed by the test's clock: on loopback the FIN is handled
+    // within close(), so the server's socket enters CLOSE_WAIT between the two readings
+    // (however long this thread waits for a CPU between them: an emulated guest on a busy
+    // host once took 62 ms).
     let mut leaked_at = Vec::new();
     for _ in 0..25 {
         let c = TcpStream::connect(addr).unwrap();
         kept.push(listener.accept().unwrap().0);
-        // On loopback the FIN is handled within close(): CLOSE_WAIT from here.
+        let before = unix_now();
         drop(c);
-        leaked_at.push(unix_now());
+        leaked_at.push((before, unix_now()));
     }
     std::thread::sleep(Duration::from_secs(3));
     // SAFETY: as above.
@@ -214,12 +218,18 @@ fn a_close_wait_leak_made_while_the_agent_was_stopped_has_its_exact_age_and_owne
         })
         .collect();
     ages.sort_by(f64::total_cmp);
-    let mut truths: Vec<f64> = leaked_at.iter().map(|t| answered_at - t).collect();
-    truths.sort_by(f64::total_cmp);
-    for (age, truth) in ages.iter().zip(&truths) {
+    // Oldest leak last, as the ages are sorted: (youngest, oldest) each could be.
+    let mut truths: Vec<(f64, f64)> = leaked_at
+        .iter()
+        .map(|(before, after)| (answered_at - after, answered_at - before))
+        .collect();
+    truths.sort_by(|a, b| a.0.total_cmp(&b.0));
+    for (age, (youngest, oldest)) in ages.iter().zip(&truths) {
+        // 2 ms for the agent's own clocks: the census's wall-clock start is taken from its
+        // monotonic one, each read once.
         assert!(
-            (age - truth).abs() < 0.05,
-            "age {age:.3} s where the leak is {truth:.3} s old"
+            (youngest - 0.002..=oldest + 0.002).contains(age),
+            "age {age:.3} s where the leak is {youngest:.3} to {oldest:.3} s old"
         );
     }
     let text = agent.metrics_until("the burst's losses", |t| {
@@ -248,7 +258,7 @@ fn a_close_wait_leak_made_while_the_agent_was_stopped_has_its_exact_age_and_owne
     )
     .unwrap_or(0.0);
     assert!(handshakes <= 25.0, "{handshakes} handshakes counted of 25");
-    for action in ["added", "state_corrected", "dropped"] {
+    for action in ["added", "state_corrected"] {
         assert_eq!(
             sample(
                 &text,

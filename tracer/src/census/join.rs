@@ -2,218 +2,28 @@
 //! storage, read in the same sock_diag dump): exact ages, owners and service ports, however
 //! many events were lost on the way to the agent.
 //!
-//! Owns: ages and where they come from, owners and service ports of census sockets, the
-//! figures that only a census gives (stuck sockets, TIME-WAIT, ephemeral ports, listen
-//! queues), and the few sockets whose storage does not tell their age (older than the probe,
-//! refused storage, or found in a state the probe did not see them enter), which get a lower
-//! bound kept from census to census. Does not own: taking the census (`census`), when it runs
-//! (`scrape`), what is stuck (`stuck`).
+//! One walk of the census: each socket's view (`view`) is made and added to the census's
+//! figures (`figures`) as it is met; a namespace's listeners are read first, as every other
+//! socket's service port and every request socket's owner depend on them. Owns: that walk,
+//! and what it leaves the next census ([`Sightings`]). Does not own: taking the census
+//! (`census`), when it runs (`scrape`), what is stuck (`stuck`).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::{IpAddr, SocketAddr};
+use std::collections::{HashMap, HashSet};
 
-use std::time::Duration;
+pub use crate::census::figures::{Corrections, Destination, Figures};
+pub use crate::census::view::{name_owners, AgeSource, Sightings, SocketView};
 
-use tracer_common::{socket, state};
-
-use crate::census::owners::Holder;
-use crate::census::stuck::{request_age, Thresholds};
+use crate::census::figures::Summing;
+use crate::census::stuck::Thresholds;
+use crate::census::view::{view, Listeners};
 use crate::census::HostCensus;
 
-/// Where a socket's age comes from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AgeSource {
-    /// The probe saw the transition into the state: exact.
-    Transition,
-    /// The socket was in its state when the agent started: the agent's uptime, a lower bound.
-    AgentStart,
-    /// The probe did not see the socket enter this state (a skipped transition, or a socket
-    /// the kernel gave no storage); a census found it there: time since that census, a lower
-    /// bound.
-    Census,
-    /// A request socket: derived from its SYN-ACK timer (`stuck::request_age`), a close lower
-    /// bound.
-    SynAckTimer,
-    /// No age: nothing tells it (a TIME-WAIT socket).
-    Unknown,
-}
-
-impl AgeSource {
-    pub fn name(self) -> &'static str {
-        match self {
-            AgeSource::Transition => "transition",
-            AgeSource::AgentStart => "agent_start",
-            AgeSource::Census => "census",
-            AgeSource::SynAckTimer => "synack_timer",
-            AgeSource::Unknown => "unknown",
-        }
-    }
-
-    /// True when the age is only a lower bound.
-    pub fn is_lower_bound(self) -> bool {
-        matches!(
-            self,
-            AgeSource::AgentStart | AgeSource::Census | AgeSource::SynAckTimer
-        )
-    }
-}
-
-/// One socket of the listing.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SocketView {
-    pub netns: u64,
-    /// Kernel state (request sockets show as SYN_RECV, as in `ss`).
-    pub state: u8,
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
-    /// When it entered `state` (CLOCK_MONOTONIC ns), or at the latest then (see
-    /// `age_source`); None when nothing tells it.
-    pub entered_ns: Option<u64>,
-    pub age_source: AgeSource,
-    pub pid: u32,
-    /// NUL-padded, as the kernel keeps it (turned into text only when rendered).
-    pub comm: [u8; 16],
-    /// The socket's cgroup id (0: not known; see `workload` for what it names).
-    pub cgroup: u64,
-    /// The service port (not a label value: `ports` decides that when exporting).
-    pub port: u16,
-    /// The socket's cookie and inode (0: no file holds it), to find its owner by.
-    pub cookie: u64,
-    pub inode: u32,
-}
-
-impl SocketView {
-    /// Time in its state at `now_ns`.
-    pub fn age(&self, now_ns: u64) -> Option<Duration> {
-        self.entered_ns
-            .map(|t| Duration::from_nanos(now_ns.saturating_sub(t)))
-    }
-}
-
-/// A destination whose ephemeral ports are filling.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Destination {
-    pub netns: u64,
-    pub local_ip: IpAddr,
-    pub remote: SocketAddr,
-    /// Sockets to it from ports in the local port range, and the range's size.
-    pub used: u64,
-    pub range: u64,
-}
-
-impl Destination {
-    pub fn utilization(&self) -> f64 {
-        self.used as f64 / self.range.max(1) as f64
-    }
-}
-
-/// What the census found that the probe's storage did not tell, counted once per socket.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Corrections {
-    /// Sockets found in another state than the one the probe saw them enter (a transition
-    /// the probe did not see).
-    pub state_corrected: u64,
-    /// Sockets found after start without storage (the kernel refused it: see
-    /// `tracer_probe_errors_total{error="no_storage"}`).
-    pub added: u64,
-    /// Always 0: nothing is kept that a census could find gone (the kernel frees each
-    /// socket's storage with it). The series stays for dashboards that read it.
-    pub dropped: u64,
-    /// Sockets whose owner the probe does not know, named from `/proc` ([`name_owners`]).
-    pub owner_found: u64,
-}
-
-/// Everything a census tells, joined with what the probe keeps. Ports are service ports.
+/// Everything a census tells, joined with what the probe keeps: each socket's view, and the
+/// figures summed over them.
 #[derive(Clone, Debug, Default)]
 pub struct Joined {
     pub sockets: Vec<SocketView>,
-    /// Stuck sockets per (state, service port, cgroup id) at the census.
-    pub stuck: BTreeMap<(u8, u16, u64), u64>,
-    /// Oldest age per state at the census, among sockets with a known age or lower bound.
-    pub oldest: BTreeMap<u8, Duration>,
-    /// TIME-WAIT sockets per service port.
-    pub time_wait: BTreeMap<u16, u64>,
-    /// Connections whose peer advertises a zero window, per service port.
-    pub zero_window: BTreeMap<u16, u64>,
-    /// Destinations by ephemeral port use, busiest first (at most 10).
-    pub destinations: Vec<Destination>,
-    /// Per listening port: accept queue length and limit (summed over listeners).
-    pub listen_queue: BTreeMap<u16, (u64, u64)>,
-    /// Sockets per state (index = kernel state number; request sockets count as SYN_RECV).
-    pub by_state: [u64; 13],
-    /// Listening ports and remote service ports with the sockets using each, for the port
-    /// label policy's seed (see `ports`): (port, sockets, listening).
-    pub services: Vec<(u16, u64, bool)>,
-    pub corrections: Corrections,
-    /// Sockets with the probe's storage, and the option memory the kernel charges them (where
-    /// their storage is).
-    pub stored: u64,
-    pub stored_bytes: u64,
-}
-
-/// What one census leaves the next: the sockets whose age the probe's storage does not tell,
-/// and owners found in `/proc`. It holds only those (and only while they last): every other
-/// socket's state is on the socket.
-#[derive(Debug, Default)]
-pub struct Sightings {
-    /// CLOCK_MONOTONIC when the probe was attached.
-    started_ns: u64,
-    /// Censuses joined so far.
-    censuses: u64,
-    /// Full sockets whose storage does not say when they entered their state, by cookie: the
-    /// state they were found in, since when at the latest, and why. Kept while censuses find
-    /// them in that state.
-    unaged: HashMap<u64, (u8, u64, AgeSource)>,
-    /// Owners found in `/proc` for sockets the probe knows none of, by cookie.
-    owners: HashMap<u64, Holder>,
-    /// Inodes looked for in `/proc` and not found (a process this agent cannot see).
-    not_found: HashSet<u64>,
-}
-
-impl Sightings {
-    /// Before the first census of an agent whose probe was attached at `started_ns`.
-    pub fn new(started_ns: u64) -> Sightings {
-        Sightings {
-            started_ns,
-            ..Default::default()
-        }
-    }
-}
-
-/// Names the owner of each listed socket the probe knows none of (pid 0) that a process
-/// holds (an inode), as `find` finds them (`owners::find`), and keeps the name for the next
-/// censuses. Request sockets keep their listener's. Inodes looked for before and not found
-/// are not looked for again while they last, so that a walk of `/proc` happens only for new
-/// sockets. Returns how many were named.
-pub fn name_owners(
-    joined: &mut Joined,
-    sightings: &mut Sightings,
-    find: impl FnOnce(&HashSet<u64>) -> HashMap<u64, Holder>,
-) -> u64 {
-    let unowned = |v: &SocketView| v.pid == 0 && v.inode != 0;
-    let unowned_now: HashSet<u64> = joined
-        .sockets
-        .iter()
-        .filter(|v| unowned(v))
-        .map(|v| u64::from(v.inode))
-        .collect();
-    let not_found = &mut sightings.not_found;
-    not_found.retain(|i| unowned_now.contains(i));
-    let wanted: HashSet<u64> = unowned_now.difference(not_found).copied().collect();
-    if wanted.is_empty() {
-        return 0;
-    }
-    let found = find(&wanted);
-    not_found.extend(wanted.iter().filter(|i| !found.contains_key(i)));
-    let mut named = 0;
-    for v in joined.sockets.iter_mut().filter(|v| unowned(v)) {
-        if let Some(&(pid, comm)) = found.get(&u64::from(v.inode)) {
-            (v.pid, v.comm) = (pid, comm);
-            sightings.owners.insert(v.cookie, (pid, comm));
-            named += 1;
-        }
-    }
-    named
+    pub figures: Figures,
 }
 
 /// Joins `census` with what the probe keeps on each socket. `now_ns` is CLOCK_MONOTONIC, the
@@ -224,176 +34,25 @@ pub fn join(
     thresholds: &Thresholds,
     now_ns: u64,
 ) -> Joined {
-    let mut out = Joined::default();
     let first = sightings.censuses == 0;
     sightings.censuses += 1;
+    let mut sockets = Vec::new();
+    // Sized once: a vector grown by doubling would hold up to twice the sockets' memory.
+    sockets.reserve_exact(census.namespaces.iter().map(|n| n.sockets.len()).sum());
+    let mut figures = Summing::new(thresholds, now_ns);
     let mut unaged_now = HashMap::new();
     let mut present = HashSet::new();
-    // Sized once: a vector grown by doubling would hold up to twice the sockets' memory.
-    out.sockets
-        .reserve_exact(census.namespaces.iter().map(|n| n.sockets.len()).sum());
-    let mut per_destination: HashMap<(u64, IpAddr, SocketAddr), u64> = HashMap::new();
-    let mut services: HashMap<(u16, bool), u64> = HashMap::new();
     for ns in &census.namespaces {
-        let listening: HashSet<u16> = ns
-            .sockets
-            .iter()
-            .filter(|r| r.state == state::LISTEN)
-            .map(|r| r.local.port())
-            .collect();
-        let (lo, hi) = ns.port_range;
-        let first_socket = out.sockets.len();
+        let listeners = Listeners::of(ns, sightings);
         for r in &ns.sockets {
             present.insert(r.cookie);
-            let census_state = if r.state == state::NEW_SYN_RECV {
-                state::SYN_RECV
-            } else {
-                r.state
-            };
-            // sock_diag reports request sockets as SYN_RECV with their SYN-ACK timer
-            // (inet_req_diag_fill); they never pass the tracepoint. Neither they nor TIME-WAIT
-            // sockets (some shown in their FIN_WAIT2 substate) are full sockets: they have no
-            // storage, and no age but the request's timer.
-            let full = r.full;
-            let request = census_state == state::SYN_RECV && !full;
-            let stored = r.storage.filter(|_| full);
-            if stored.is_some() {
-                out.stored += 1;
-                out.stored_bytes += u64::from(r.optmem);
+            let v = view(ns, r, &listeners, sightings, first, now_ns);
+            if let Some(unaged) = v.unaged {
+                unaged_now.insert(r.cookie, unaged);
             }
-            if let Some(c) = out.by_state.get_mut(census_state as usize) {
-                *c += 1;
-            }
-            // The service port: as the probe learnt it when the socket opened; else the
-            // local port when something listens on it (or the socket listens), or when it is
-            // outside the ephemeral range and the remote one inside it (an accepted
-            // connection whose listener has closed, a server's leak after its restart), else
-            // the remote one.
-            let local_is_service = listening.contains(&r.local.port());
-            let ephemeral = |p: u16| (lo..=hi).contains(&p);
-            let accepted_here = !ephemeral(r.local.port()) && ephemeral(r.remote.port());
-            let port = match stored.map(|s| s.port).filter(|&p| p != 0) {
-                Some(p) => p,
-                None if local_is_service || census_state == state::LISTEN || accepted_here => {
-                    r.local.port()
-                }
-                None => r.remote.port(),
-            };
-            if census_state == state::LISTEN {
-                let q = out.listen_queue.entry(port).or_default();
-                q.0 += u64::from(r.rqueue);
-                q.1 += u64::from(r.wqueue);
-                *services.entry((port, true)).or_default() += 0;
-            } else if local_is_service {
-                *services.entry((r.local.port(), true)).or_default() += 1;
-            } else if (lo..=hi).contains(&r.local.port()) && !(lo..=hi).contains(&r.remote.port()) {
-                // This host connected from an ephemeral port to a service port.
-                *services.entry((r.remote.port(), false)).or_default() += 1;
-            }
-            if census_state == state::TIME_WAIT {
-                *out.time_wait.entry(port).or_default() += 1;
-            }
-            let sends = matches!(census_state, state::ESTABLISHED | state::CLOSE_WAIT);
-            if sends && r.tcp.and_then(|t| t.snd_wnd) == Some(0) {
-                *out.zero_window.entry(port).or_default() += 1;
-            }
-            if census_state != state::LISTEN
-                && !local_is_service
-                && (lo..=hi).contains(&r.local.port())
-            {
-                *per_destination
-                    .entry((ns.netns, r.local.ip(), r.remote))
-                    .or_default() += 1;
-            }
-            let exact =
-                stored.filter(|s| s.state == census_state && s.flags & socket::SINCE_SEEN != 0);
-            let (entered_ns, age_source) = match (exact, r.retransmit) {
-                (Some(s), _) => (Some(s.since_ns), AgeSource::Transition),
-                (None, Some((expires, retransmits))) if request => (
-                    Some(
-                        now_ns.saturating_sub(request_age(expires, retransmits).as_nanos() as u64),
-                    ),
-                    AgeSource::SynAckTimer,
-                ),
-                (None, _) if !full => (None, AgeSource::Unknown),
-                // The socket changed state while the dump ran (sock_diag reads each socket
-                // after it let go of the hash bucket; the probe writes the storage just before
-                // the kernel stores the new state): nothing was missed, and it is no longer in
-                // the state the dump read. The next census has it exact.
-                (None, _)
-                    if stored.is_some_and(|s| {
-                        s.flags & socket::SINCE_SEEN != 0 && s.since_ns >= ns.dumped_at_ns
-                    }) =>
-                {
-                    (None, AgeSource::Unknown)
-                }
-                (None, _) => {
-                    let kept = sightings
-                        .unaged
-                        .get(&r.cookie)
-                        .filter(|(s, _, _)| *s == census_state)
-                        .map(|&(_, since, source)| (since, source));
-                    let (since, source) = kept.unwrap_or_else(|| {
-                        // No transition since the probe was attached: storage it was only
-                        // given at start (state 0), or none at the first census.
-                        let before_probe = stored.map_or(first, |s| s.state == 0);
-                        if before_probe {
-                            (sightings.started_ns, AgeSource::AgentStart)
-                        } else {
-                            if stored.is_some() {
-                                out.corrections.state_corrected += 1;
-                            } else {
-                                out.corrections.added += 1;
-                            }
-                            (ns.dumped_at_ns, AgeSource::Census)
-                        }
-                    });
-                    unaged_now.insert(r.cookie, (census_state, since, source));
-                    (Some(since), source)
-                }
-            };
-            let (pid, comm) = match stored.filter(|s| s.pid != 0) {
-                Some(s) => (s.pid, s.comm),
-                None => sightings
-                    .owners
-                    .get(&r.cookie)
-                    .copied()
-                    .unwrap_or((0, [0; 16])),
-            };
-            // The cgroup the probe read from the socket, else sock_diag's (full sockets only:
-            // TIME-WAIT and request sockets have none there).
-            let cgroup = match stored.map_or(0, |s| s.cgroup) {
-                0 => r.cgroup,
-                c => c,
-            };
-            out.sockets.push(SocketView {
-                netns: ns.netns,
-                state: census_state,
-                local: r.local,
-                remote: r.remote,
-                entered_ns,
-                age_source,
-                pid,
-                comm,
-                cgroup,
-                port,
-                cookie: r.cookie,
-                inode: r.inode,
-            });
-        }
-        // A request socket belongs to its listener (the probe credits a passive child the
-        // same way).
-        let owners: HashMap<u16, (u32, [u8; 16], u64)> = out.sockets[first_socket..]
-            .iter()
-            .filter(|v| v.state == state::LISTEN && (v.pid != 0 || v.cgroup != 0))
-            .map(|v| (v.local.port(), (v.pid, v.comm, v.cgroup)))
-            .collect();
-        for v in &mut out.sockets[first_socket..] {
-            if v.age_source == AgeSource::SynAckTimer {
-                if let Some(&(pid, comm, cgroup)) = owners.get(&v.local.port()) {
-                    (v.pid, v.comm, v.cgroup) = (pid, comm, cgroup);
-                }
-            }
+            let local_is_service = listeners.contains(r.local.port());
+            figures.add(ns, r, &v.view, local_is_service, v.finding);
+            sockets.push(v.view);
         }
     }
     // What is kept lasts as long as its socket: a census that could not visit every
@@ -406,37 +65,10 @@ pub fn join(
     } else {
         sightings.unaged.extend(unaged_now);
     }
-    for v in &out.sockets {
-        let Some(age) = v.age(now_ns) else { continue };
-        let oldest = out.oldest.entry(v.state).or_default();
-        *oldest = (*oldest).max(age);
-        if thresholds.is_stuck(v.state, age) {
-            *out.stuck.entry((v.state, v.port, v.cgroup)).or_default() += 1;
-        }
+    Joined {
+        sockets,
+        figures: figures.finish(census),
     }
-    out.services = services
-        .into_iter()
-        .map(|((port, listening), n)| (port, n, listening))
-        .collect();
-    let range_of: HashMap<u64, u64> = census
-        .namespaces
-        .iter()
-        .map(|n| (n.netns, u64::from(n.port_range.1 - n.port_range.0) + 1))
-        .collect();
-    let mut destinations: Vec<Destination> = per_destination
-        .into_iter()
-        .map(|((netns, local_ip, remote), used)| Destination {
-            netns,
-            local_ip,
-            remote,
-            used,
-            range: range_of.get(&netns).copied().unwrap_or(1),
-        })
-        .collect();
-    destinations.sort_by(|a, b| b.utilization().total_cmp(&a.utilization()));
-    destinations.truncate(10);
-    out.destinations = destinations;
-    out
 }
 
 #[cfg(test)]
@@ -444,7 +76,9 @@ mod tests {
     use super::*;
     use crate::census::{NetnsCensus, SocketRecord};
     use crate::stream::event::comm_text;
+    use std::time::Duration;
     use tracer_common::SocketState;
+    use tracer_common::{socket, state};
 
     const S: u64 = 1_000_000_000;
     const NS: u64 = 4026531840;
@@ -534,12 +168,12 @@ mod tests {
                 8080
             )
         );
-        assert_eq!(j.stuck.get(&(state::CLOSE_WAIT, 8080, 0)), Some(&1));
+        assert_eq!(j.figures.stuck.get(&(state::CLOSE_WAIT, 8080, 0)), Some(&1));
         assert_eq!(
-            j.oldest.get(&state::CLOSE_WAIT),
+            j.figures.oldest.get(&state::CLOSE_WAIT),
             Some(&Duration::from_secs(65))
         );
-        assert_eq!(j.corrections, Corrections::default());
+        assert_eq!(j.figures.corrections, Corrections::default());
     }
 
     #[test]
@@ -570,8 +204,8 @@ mod tests {
                 (Some(Duration::from_secs(91)), AgeSource::AgentStart)
             );
         }
-        assert_eq!(j.stuck.get(&(state::CLOSE_WAIT, 9000, 0)), Some(&1));
-        assert_eq!(j.corrections, Corrections::default());
+        assert_eq!(j.figures.stuck.get(&(state::CLOSE_WAIT, 9000, 0)), Some(&1));
+        assert_eq!(j.figures.corrections, Corrections::default());
     }
 
     #[test]
@@ -581,7 +215,7 @@ mod tests {
         let mut r = rec(state::FIN_WAIT1, "127.0.0.1:40003", "127.0.0.1:8080", 4);
         r.storage = seen(state::FIN_WAIT2, 20 * S + 1_000, 77, 8080);
         let j = join_once(&census(vec![r], 20 * S), 20 * S);
-        assert_eq!(j.corrections, Corrections::default());
+        assert_eq!(j.figures.corrections, Corrections::default());
         let v = &j.sockets[0];
         assert_eq!(
             (v.state, v.age_source, v.age(20 * S), v.pid),
@@ -603,13 +237,13 @@ mod tests {
             &thresholds,
             20 * S,
         );
-        assert_eq!(j.corrections.state_corrected, 1);
+        assert_eq!(j.figures.corrections.state_corrected, 1);
         let v = &j.sockets[0];
         assert_eq!(
             (v.state, v.age_source, v.age(20 * S)),
             (state::CLOSE_WAIT, AgeSource::Census, Some(Duration::ZERO))
         );
-        assert!(j.stuck.is_empty());
+        assert!(j.figures.stuck.is_empty());
         // The next censuses keep the lower bound from the first one: past 60 s, it is stuck,
         // and it is counted once.
         let j = join(
@@ -618,10 +252,10 @@ mod tests {
             &thresholds,
             81 * S,
         );
-        assert_eq!(j.corrections, Corrections::default());
+        assert_eq!(j.figures.corrections, Corrections::default());
         assert_eq!(j.sockets[0].age(81 * S), Some(Duration::from_secs(61)));
         assert_eq!(
-            j.stuck.get(&(state::CLOSE_WAIT, 8080, 0)),
+            j.figures.stuck.get(&(state::CLOSE_WAIT, 8080, 0)),
             Some(&1),
             "service port from the storage"
         );
@@ -639,14 +273,14 @@ mod tests {
             &thresholds,
             20 * S,
         );
-        assert_eq!(j.corrections.added, 1);
+        assert_eq!(j.figures.corrections.added, 1);
         let j = join(
             &census(vec![leak], 30 * S),
             &mut sightings,
             &thresholds,
             80 * S,
         );
-        assert_eq!(j.corrections.added, 0);
+        assert_eq!(j.figures.corrections.added, 0);
         let v = &j.sockets[0];
         assert_eq!(
             (v.age_source, v.age(80 * S)),
@@ -654,7 +288,7 @@ mod tests {
         );
         // No storage, nothing listening on 8080 here, but 8080 is outside the ephemeral
         // range and 40001 inside it: accepted here, so 8080 is the service's.
-        assert_eq!(j.stuck.get(&(state::CLOSE_WAIT, 8080, 0)), Some(&1));
+        assert_eq!(j.figures.stuck.get(&(state::CLOSE_WAIT, 8080, 0)), Some(&1));
         // Gone: nothing is kept of it.
         join(&census(vec![], 40 * S), &mut sightings, &thresholds, 40 * S);
         assert!(sightings.unaged.is_empty());
@@ -726,7 +360,7 @@ mod tests {
                 AgeSource::SynAckTimer
             )
         );
-        assert_eq!(j.stuck.get(&(state::SYN_RECV, 9000, 0)), Some(&1));
+        assert_eq!(j.figures.stuck.get(&(state::SYN_RECV, 9000, 0)), Some(&1));
     }
 
     #[test]
@@ -748,17 +382,17 @@ mod tests {
             S,
         );
         let j = join_once(&c, S);
-        assert_eq!(j.time_wait.get(&80), Some(&1));
-        assert_eq!(j.time_wait.get(&5432), Some(&2));
-        let worst = &j.destinations[0];
+        assert_eq!(j.figures.time_wait.get(&80), Some(&1));
+        assert_eq!(j.figures.time_wait.get(&5432), Some(&2));
+        let worst = &j.figures.destinations[0];
         assert_eq!(
             (worst.remote.port(), worst.used, worst.range),
             (5432, 3, 10)
         );
-        let mut services = j.services.clone();
+        let mut services = j.figures.services.clone();
         services.sort();
         assert_eq!(services, vec![(80, 1, true), (5432, 3, false)]);
-        assert_eq!(j.by_state[state::TIME_WAIT as usize], 4);
+        assert_eq!(j.figures.by_state[state::TIME_WAIT as usize], 4);
         assert!(j
             .sockets
             .iter()
@@ -776,11 +410,11 @@ mod tests {
         let thresholds = Thresholds::default();
         join(&census(vec![], S), &mut sightings, &thresholds, S);
         let j = join(&census(vec![tw], 2 * S), &mut sightings, &thresholds, 2 * S);
-        assert_eq!(j.corrections, Corrections::default());
+        assert_eq!(j.figures.corrections, Corrections::default());
         assert_eq!(
             (
                 j.sockets[0].age_source,
-                j.by_state[state::FIN_WAIT2 as usize]
+                j.figures.by_state[state::FIN_WAIT2 as usize]
             ),
             (AgeSource::Unknown, 1)
         );
@@ -793,6 +427,6 @@ mod tests {
         l.rqueue = 2;
         l.wqueue = 1;
         let j = join_once(&census(vec![l], S), S);
-        assert_eq!(j.listen_queue.get(&7000), Some(&(2, 1)));
+        assert_eq!(j.figures.listen_queue.get(&7000), Some(&(2, 1)));
     }
 }

@@ -333,7 +333,13 @@ fn head(report: &Report, now_ns: u64, total: usize, sockets: Vec<ListedSocket>) 
         total,
         sockets,
         cut_at_bytes: false,
-        busiest_destinations: report.joined.destinations.iter().map(destination).collect(),
+        busiest_destinations: report
+            .joined
+            .figures
+            .destinations
+            .iter()
+            .map(destination)
+            .collect(),
     }
 }
 
@@ -414,7 +420,6 @@ mod tests {
             segments_sent: 0,
             state_corrected: 0,
             added: 0,
-            dropped: 0,
             owner_found: 0,
             thresholds: Default::default(),
             workloads: Default::default(),

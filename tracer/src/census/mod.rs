@@ -14,11 +14,14 @@
 //! the same dump, each socket's storage in the probe's `SOCKETS` map
 //! (`INET_DIAG_REQ_SK_BPF_STORAGES`, Linux 5.2+), which is what the probe knows of it.
 
+pub mod failure;
+pub mod figures;
 pub mod join;
 pub mod listing;
 pub mod owners;
 pub mod scrape;
 pub mod stuck;
+pub mod view;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -350,7 +353,11 @@ pub fn parse(mut bytes: &[u8], out: &mut Vec<SocketRecord>) -> Result<bool> {
         let len = message.header.length as usize;
         match message.payload {
             NetlinkPayload::Done(_) => return Ok(true),
-            NetlinkPayload::Error(e) => bail!("sock_diag answered with an error: {e:?}"),
+            // The kernel sends a negative errno.
+            NetlinkPayload::Error(e) => {
+                let errno = e.code.map_or(libc::EIO, |c| c.get().saturating_neg());
+                return Err(failure::SockDiagRefused(errno).into());
+            }
             NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
                 let h = r.header;
                 let memory = r.nlas.iter().find_map(|n| match n {
@@ -585,6 +592,24 @@ mod tests {
             (out[0].retransmit, out[2].retransmit),
             (None, Some((std::time::Duration::from_millis(1_500), 2)))
         );
+    }
+
+    #[test]
+    fn an_error_answer_is_sock_diags_errno_not_a_message_dump() {
+        let mut error = NetlinkMessage::new(
+            NetlinkHeader::default(),
+            NetlinkPayload::<SockDiagMessage>::Error(netlink_packet_core::ErrorMessage::default()),
+        );
+        if let NetlinkPayload::Error(e) = &mut error.payload {
+            e.code = std::num::NonZeroI32::new(-libc::ENOENT);
+        }
+        error.finalize();
+        let e = parse(&bytes(&[error]), &mut Vec::new()).unwrap_err();
+        assert_eq!(
+            e.downcast_ref::<failure::SockDiagRefused>(),
+            Some(&failure::SockDiagRefused(libc::ENOENT))
+        );
+        assert_eq!(failure::Failure::of(&e), failure::Failure::SockDiagMissing);
     }
 
     #[test]

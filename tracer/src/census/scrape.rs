@@ -23,6 +23,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use std::collections::HashMap;
 
+use crate::census::failure::{Failure, FailureLog};
 use crate::census::join::{join, name_owners, Joined, Sightings};
 use crate::census::stuck::Thresholds;
 use crate::census::StorageMap;
@@ -56,7 +57,6 @@ pub struct Report {
     pub segments_sent: u64,
     pub state_corrected: u64,
     pub added: u64,
-    pub dropped: u64,
     pub owner_found: u64,
     pub thresholds: Thresholds,
     /// What the cgroup of each listed socket is (container, pod, unit), for the sockets whose
@@ -90,6 +90,8 @@ pub struct Published {
     latest: Mutex<Option<Arc<Report>>>,
     /// Censuses that failed (the last report stays published).
     pub errors: AtomicU64,
+    /// Why the last census failed, and the line that says it (None: it worked).
+    failure: Mutex<Option<(Failure, String)>>,
 }
 
 impl Published {
@@ -100,6 +102,17 @@ impl Published {
 
     pub(crate) fn publish(&self, report: Report) {
         *self.latest.lock() = Some(Arc::new(report));
+        *self.failure.lock() = None;
+    }
+
+    /// Why the last census failed (None: it worked, or none has run yet).
+    pub fn failure(&self) -> Option<(Failure, String)> {
+        self.failure.lock().clone()
+    }
+
+    pub(crate) fn failed(&self, e: &anyhow::Error) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        *self.failure.lock() = Some((Failure::of(e), Failure::text(e)));
     }
 }
 
@@ -111,8 +124,8 @@ pub struct PortNews {
     /// At the first census: the service ports in use and their volume, for the seed.
     pub seed: Option<Vec<(u16, u64, Use)>>,
     pub live: crate::stream::live::LiveCensus,
-    /// The census's figures for `tracer top` (`/top`).
-    pub top: crate::top::CensusPart,
+    /// The census's figures for `tracer top` (`/top`), while a client asks for them.
+    pub top: Option<crate::top::CensusPart>,
 }
 
 /// What the census thread needs.
@@ -126,9 +139,8 @@ pub struct CensusConfig {
     pub resolver: Option<Resolver>,
     /// The probe's socket storage, read in each dump.
     pub storage: StorageMap,
-    /// `--record-interval`: which open connections a census hands over (see
-    /// `stream::live::samples`).
-    pub record_interval: Duration,
+    /// `/top`: whether a client asks for its figures now (none are made otherwise).
+    pub top: Arc<crate::top::Latest>,
 }
 
 /// Runs censuses until `stop` is dropped (or sends).
@@ -152,6 +164,7 @@ pub fn run(
     let mut totals = Totals::default();
     let mut sightings = Sightings::new(config.started_ns);
     let mut first = true;
+    let mut log = FailureLog::default();
     loop {
         let began = Instant::now();
         let cpu_before = crate::census::thread_cpu_time();
@@ -164,9 +177,13 @@ pub fn run(
                     .map(|n| n.dumped_at_ns)
                     .min()
                     .unwrap_or_else(monotonic_ns);
-                let taken_at = SystemTime::now() - began.elapsed();
+                // The wall-clock time of `taken_ns` itself (not of `began`: finding the
+                // namespaces takes milliseconds before the first dump, and ages given as of
+                // the census's start must be as of the same moment in both clocks).
+                let taken_at = SystemTime::now()
+                    - Duration::from_nanos(monotonic_ns().saturating_sub(taken_ns));
                 let mut joined = join(&census, &mut sightings, &config.thresholds, monotonic_ns());
-                joined.corrections.owner_found =
+                joined.figures.corrections.owner_found =
                     name_owners(&mut joined, &mut sightings, |wanted| {
                         crate::census::owners::find(std::path::Path::new("/proc"), wanted)
                     });
@@ -177,6 +194,7 @@ pub fn run(
                     .collect();
                 let seed = first.then(|| {
                     joined
+                        .figures
                         .services
                         .iter()
                         .map(|&(port, n, listening)| {
@@ -189,16 +207,18 @@ pub fn run(
                         })
                         .collect()
                 });
-                let live = crate::stream::live::samples(&census, config.record_interval);
+                let live = crate::stream::live::samples(&census);
                 let (workloads, unresolved) = resolve_all(config.resolver.as_mut(), &joined);
-                let top = crate::top::CensusPart::of(
-                    &census,
-                    &joined,
-                    &config.thresholds,
-                    monotonic_ns(),
-                    taken_ns,
-                    &workloads,
-                );
+                let top = config.top.wanted(monotonic_ns()).then(|| {
+                    crate::top::CensusPart::of(
+                        &census,
+                        &joined,
+                        &config.thresholds,
+                        monotonic_ns(),
+                        taken_ns,
+                        &workloads,
+                    )
+                });
                 let _ = news.send(PortNews {
                     ranges,
                     seed,
@@ -225,7 +245,6 @@ pub fn run(
                     segments_sent: totals.out_segs,
                     state_corrected: totals.state_corrected,
                     added: totals.added,
-                    dropped: totals.dropped,
                     owner_found: totals.owner_found,
                     joined,
                     thresholds: config.thresholds.clone(),
@@ -233,13 +252,18 @@ pub fn run(
                     cgroups,
                 });
                 first = false;
+                if let Some(line) = log.worked() {
+                    eprintln!("{line}");
+                }
                 cpu = census.cpu;
                 drop(census);
                 return_freed_memory();
             }
             Err(e) => {
-                published.errors.fetch_add(1, Ordering::Relaxed);
-                eprintln!("tracer: socket census failed: {e:#}");
+                published.failed(&e);
+                if let Some(line) = log.failed(&Failure::text(&e), Instant::now()) {
+                    eprintln!("{line}");
+                }
             }
         }
         let cpu = cpu + crate::census::thread_cpu_time().saturating_sub(cpu_before);
@@ -273,7 +297,6 @@ struct Totals {
     out_segs: u64,
     state_corrected: u64,
     added: u64,
-    dropped: u64,
     owner_found: u64,
 }
 
@@ -293,10 +316,9 @@ impl Totals {
         let present: std::collections::HashSet<u64> =
             census.namespaces.iter().map(|n| n.netns).collect();
         self.last.retain(|ns, _| present.contains(ns));
-        self.state_corrected += joined.corrections.state_corrected;
-        self.added += joined.corrections.added;
-        self.dropped += joined.corrections.dropped;
-        self.owner_found += joined.corrections.owner_found;
+        self.state_corrected += joined.figures.corrections.state_corrected;
+        self.added += joined.figures.corrections.added;
+        self.owner_found += joined.figures.corrections.owner_found;
     }
 }
 

@@ -239,8 +239,7 @@ async fn from_probe(args: &TopArgs, out: &mut Output) -> Result<()> {
         started_ns,
         resolver: crate::metrics::pods::resolver(&args.attribution, probe.reads_cgroups()),
         storage,
-        // No update records here: a long interval keeps the census from handing them over.
-        record_interval: Duration::from_secs(365 * 86_400),
+        top: Arc::new(crate::top::Latest::always()),
     };
     let published = Arc::new(Published::default());
     std::thread::Builder::new()
@@ -273,8 +272,8 @@ async fn from_probe(args: &TopArgs, out: &mut Output) -> Result<()> {
                 // A census as soon as it is there: the closes it settles are those read by
                 // then, so the fewer read after its dump, the fewer counted twice for one
                 // refresh (open at the dump, and closed since).
-                for n in news.try_iter() {
-                    tally.census(n.top);
+                for part in news.try_iter().filter_map(|n| n.top) {
+                    tally.census(part);
                 }
                 if out.quit_requested() { break; }
             }

@@ -70,10 +70,10 @@ pub async fn run(args: &WatchArgs) -> Result<Summary> {
         &[]
     })?;
     if let Some(storage) = storage {
-        let (period, interval) = (census_period(args.record_interval), args.record_interval);
+        let period = census_period(args.record_interval);
         std::thread::Builder::new()
             .name("census".into())
-            .spawn(move || take_censuses(&storage, period, interval, &census_tx))
+            .spawn(move || take_censuses(&storage, period, &census_tx))
             .context("starting the census thread")?;
     }
     let mut sigint = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
@@ -132,21 +132,30 @@ pub async fn run(args: &WatchArgs) -> Result<Summary> {
 fn take_censuses(
     storage: &StorageMap,
     period: Duration,
-    interval: Duration,
     to: &tokio::sync::mpsc::Sender<LiveCensus>,
 ) {
+    let mut log = crate::census::failure::FailureLog::default();
     loop {
         std::thread::sleep(period);
         match crate::census::all_namespaces(Some(storage.clone())) {
             Ok(census) => {
+                if let Some(line) = log.worked() {
+                    eprintln!("{line}");
+                }
                 if to
-                    .blocking_send(crate::stream::live::samples(&census, interval))
+                    .blocking_send(crate::stream::live::samples(&census))
                     .is_err()
                 {
                     return;
                 }
             }
-            Err(e) => eprintln!("tracer: socket census failed (no update records): {e:#}"),
+            Err(e) => {
+                let text = crate::census::failure::Failure::text(&e);
+                let text = format!("{text} (no update records meanwhile)");
+                if let Some(line) = log.failed(&text, std::time::Instant::now()) {
+                    eprintln!("{line}");
+                }
+            }
         }
     }
 }
@@ -330,8 +339,11 @@ impl Printer {
     /// watching should stop.
     fn print_updates(&mut self, census: &LiveCensus) -> Result<bool> {
         let mut updates = Vec::new();
-        self.tracker
-            .census(census, |u| updates.push(Record::update(&u)));
+        self.tracker.census(census, |u| {
+            if u.due {
+                updates.push(Record::update(&u))
+            }
+        });
         for r in updates {
             if self.remaining == Some(0) || self.stdout_closed {
                 break;

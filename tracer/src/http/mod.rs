@@ -576,11 +576,11 @@ async fn sockets(
         Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
     };
     let Some(report) = state.published.latest() else {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no socket census yet; see the agent's log\n",
-        )
-            .into_response();
+        let why = match state.published.failure() {
+            Some((_, text)) => format!("no socket census yet: {text}\n"),
+            None => "no socket census yet: the first one is under way\n".to_owned(),
+        };
+        return (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
     };
     let rendering = MAX_BODY_BYTES + RENDER_BYTES_PER_SOCKET * report.joined.sockets.len();
     heavy(&state, client, rendering, move || {

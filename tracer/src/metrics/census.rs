@@ -14,6 +14,7 @@ use prometheus::proto::MetricFamily;
 use prometheus::{Gauge, GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Opts};
 use tracer_common::state;
 
+use crate::census::failure::Failure;
 use crate::census::scrape::{Published, Report};
 use crate::census::stuck::DEFAULT_THRESHOLDS;
 use crate::metrics::pods::PodLabels;
@@ -26,6 +27,7 @@ struct CensusMetrics {
     sockets: IntGaugeVec,
     namespaces: IntGaugeVec,
     errors: IntCounter,
+    failing: IntGaugeVec,
     timestamp: Gauge,
     duration: Gauge,
     corrections: IntCounterVec,
@@ -66,6 +68,13 @@ impl CensusMetrics {
                 "tracer_census_errors_total",
                 "Censuses that failed (the last successful one stays published).",
             )?,
+            failing: gauges(
+                "tracer_census_failing",
+                "1 for the reason the last census failed (sock_diag_missing: no tcp_diag in the \
+                 kernel; permission_denied; other), 0 for the others; all 0 while it works. The \
+                 agent's log says what to do, at most once a minute.",
+                &["reason"],
+            )?,
             timestamp: Gauge::new(
                 "tracer_census_timestamp_seconds",
                 "When the census behind the census metrics began, Unix time in seconds.",
@@ -79,8 +88,7 @@ impl CensusMetrics {
                     "tracer_census_corrections_total",
                     "What a census found that the probe's socket storage did not tell, once per \
                      socket: state_corrected (a socket in a state the probe did not see it \
-                     enter), added (a socket without storage), dropped (always 0: nothing is \
-                     kept that could outlive its socket), owner_found (a socket whose owner the \
+                     enter), added (a socket without storage), owner_found (a socket whose owner the \
                      probe does not know, found holding it in /proc).",
                 ),
                 &["action"],
@@ -166,11 +174,12 @@ impl CensusMetrics {
         })
     }
 
-    fn collectors(&self) -> [&dyn Collector; 19] {
+    fn collectors(&self) -> [&dyn Collector; 20] {
         [
             &self.sockets,
             &self.namespaces,
             &self.errors,
+            &self.failing,
             &self.timestamp,
             &self.duration,
             &self.corrections,
@@ -208,12 +217,18 @@ impl CensusMetrics {
         ports: &LabelledPorts,
         pods: &Mutex<PodLabels>,
         errors: u64,
+        failure: Option<Failure>,
     ) {
         self.errors.inc_by(errors);
+        for f in Failure::ALL {
+            self.failing
+                .with_label_values(&[f.label()])
+                .set(i64::from(failure == Some(f)));
+        }
         for result in ["visited", "unreachable"] {
             self.namespaces.with_label_values(&[result]);
         }
-        for action in ["state_corrected", "added", "dropped", "owner_found"] {
+        for action in ["state_corrected", "added", "owner_found"] {
             self.corrections.with_label_values(&[action]);
         }
         for result in ["all", "truncated"] {
@@ -237,7 +252,7 @@ impl CensusMetrics {
             return;
         };
         let j = &r.joined;
-        for (s, &n) in j.by_state.iter().enumerate().skip(1) {
+        for (s, &n) in j.figures.by_state.iter().enumerate().skip(1) {
             if s != state::NEW_SYN_RECV as usize {
                 self.sockets
                     .with_label_values(&[state_name(s as u8)])
@@ -259,14 +274,13 @@ impl CensusMetrics {
         for (action, n) in [
             ("state_corrected", r.state_corrected),
             ("added", r.added),
-            ("dropped", r.dropped),
             ("owner_found", r.owner_found),
         ] {
             self.corrections.with_label_values(&[action]).inc_by(n);
         }
         let stuck = {
             let mut pods = pods.lock();
-            fold(&j.stuck, |&(s, port, cgroup)| {
+            fold(&j.figures.stuck, |&(s, port, cgroup)| {
                 (s, ports.label(port), pods.label(r.workload(cgroup)))
             })
         };
@@ -277,23 +291,35 @@ impl CensusMetrics {
         }
         // After the labels this census gave: the counts of the same scrape.
         self.count_pod_labels(pods);
-        for (&s, age) in &j.oldest {
+        for (&s, age) in &j.figures.oldest {
             self.oldest_age
                 .with_label_values(&[state_name(s)])
                 .set(age.as_secs_f64());
         }
-        for (port, n) in fold(&j.time_wait, |&p| ports.label(p)) {
+        for (port, n) in fold(&j.figures.time_wait, |&p| ports.label(p)) {
             self.time_wait.with_label_values(&[&port]).set(n);
         }
-        for (port, n) in fold(&j.zero_window, |&p| ports.label(p)) {
+        for (port, n) in fold(&j.figures.zero_window, |&p| ports.label(p)) {
             self.zero_window.with_label_values(&[&port]).set(n);
         }
-        self.ephemeral
-            .set(j.destinations.first().map_or(0.0, |d| d.utilization()));
-        let queues: BTreeMap<u16, u64> =
-            j.listen_queue.iter().map(|(&p, &(q, _))| (p, q)).collect();
-        let limits: BTreeMap<u16, u64> =
-            j.listen_queue.iter().map(|(&p, &(_, l))| (p, l)).collect();
+        self.ephemeral.set(
+            j.figures
+                .destinations
+                .first()
+                .map_or(0.0, |d| d.utilization()),
+        );
+        let queues: BTreeMap<u16, u64> = j
+            .figures
+            .listen_queue
+            .iter()
+            .map(|(&p, &(q, _))| (p, q))
+            .collect();
+        let limits: BTreeMap<u16, u64> = j
+            .figures
+            .listen_queue
+            .iter()
+            .map(|(&p, &(_, l))| (p, l))
+            .collect();
         for (port, n) in fold(&queues, |&p| ports.label(p)) {
             self.listen_queue.with_label_values(&[&port]).set(n);
         }
@@ -369,6 +395,7 @@ impl Collector for CensusCollector {
             &self.ports,
             &self.pods,
             self.published.errors.load(Ordering::Relaxed),
+            self.published.failure().map(|(f, _)| f),
         );
         m.collectors().iter().flat_map(|c| c.collect()).collect()
     }
@@ -410,7 +437,8 @@ mod tests {
             "tracer_tcp_oldest_socket_age_seconds{state=\"close_wait\"} 0\n",
             "tracer_tcp_listen_overflows_total 0\n",
             "tracer_census_errors_total 0\n",
-            "tracer_census_corrections_total{action=\"dropped\"} 0\n",
+            "tracer_census_corrections_total{action=\"added\"} 0\n",
+            "tracer_census_failing{reason=\"sock_diag_missing\"} 0\n",
             "tracer_tcp_ephemeral_port_utilization 0\n",
         ] {
             assert!(t.contains(line), "{line} missing from:\n{t}");
@@ -421,12 +449,10 @@ mod tests {
     fn ports_without_a_value_fold_into_other() {
         let mut labels = PortLabels::new(&[], 8, DEFAULT_EPHEMERAL);
         labels.slot(5432, Use::Connected { netns: 0 });
-        let mut joined = Joined {
-            time_wait: [(5432, 3), (40_001, 2), (40_002, 5)].into(),
-            stuck: [((state::CLOSE_WAIT, 40_003, 0), 1)].into(),
-            ..Default::default()
-        };
-        joined.by_state[state::TIME_WAIT as usize] = 10;
+        let mut joined = Joined::default();
+        joined.figures.time_wait = [(5432, 3), (40_001, 2), (40_002, 5)].into();
+        joined.figures.stuck = [((state::CLOSE_WAIT, 40_003, 0), 1)].into();
+        joined.figures.by_state[state::TIME_WAIT as usize] = 10;
         let report = Report {
             taken_ns: 0,
             taken_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
@@ -439,7 +465,6 @@ mod tests {
             segments_sent: 0,
             state_corrected: 1,
             added: 2,
-            dropped: 3,
             owner_found: 6,
             thresholds: Default::default(),
             workloads: Default::default(),
@@ -453,7 +478,7 @@ mod tests {
             "tracer_tcp_sockets{state=\"time_wait\"} 10\n",
             "tracer_census_timestamp_seconds 1700000000\n",
             "tracer_census_duration_seconds 0.25\n",
-            "tracer_census_corrections_total{action=\"dropped\"} 3\n",
+            "tracer_census_corrections_total{action=\"added\"} 2\n",
             "tracer_census_corrections_total{action=\"owner_found\"} 6\n",
             "tracer_tcp_listen_drops_total 5\n",
         ] {

@@ -458,11 +458,12 @@ impl EventMetrics {
                 let seconds = secs(ns);
                 self.sample(port, slot, PortSample::AcceptWait { seconds });
             }
-            // What a close or a report adds: the stretch since the connection's last report.
-            Observation::Closed(ref c) => self.carried(c.port, &c.interval, c.srtt_us),
+            // What a close or a census adds: the stretch since a census last counted the
+            // connection.
+            Observation::Closed(ref c) => self.carried(c.port, &c.counted, c.srtt_us),
             Observation::Update(ref u) => {
                 let s = &u.sample;
-                self.carried(s.storage.port, &u.interval, s.srtt_us)
+                self.carried(s.storage.port, &u.counted, s.srtt_us)
             }
         }
     }

@@ -15,14 +15,13 @@ impl LiveMetrics {
     pub fn new(registry: &Registry) -> Result<LiveMetrics> {
         let reports = IntCounter::new(
             "tracer_connection_reports_total",
-            "Periodic reports of open connections, one per connection each --record-interval \
-             (taken by the census): their bytes and RTT then count in tracer_tcp_bytes_total \
-             and tracer_tcp_rtt_seconds, and the close counts only the rest.",
+            "Update records of open connections, one per connection each --record-interval \
+             (taken by the census; their bytes and RTT count in the metrics at every census).",
         )?;
         let followed = IntGauge::new(
             "tracer_connection_reports_followed",
-            "Open connections the agent keeps the last report of (those open longer than \
-             --record-interval, and those older than the agent), at the last census.",
+            "Open connections the agent follows (counted at each census: those established \
+             more than 1 s, and those older than the agent), at the last census.",
         )?;
         registry.register(Box::new(reports.clone()))?;
         registry.register(Box::new(followed.clone()))?;

@@ -1,20 +1,26 @@
-//! Open connections, reported while they live: at each census, every connection open for at
-//! least `--record-interval` since its last report gets an update ([`Update`]) with what it
-//! did since (its bytes and RTT then count in the metrics); its close then counts only the
-//! rest. Nothing is counted twice, and updates and close add up to the connection's totals.
+//! Open connections, counted while they live: at each census, every connection the probe saw
+//! open at least [`FOLLOW_AFTER_NS`] before it (or found open when the agent started) has
+//! what it did since the previous census counted in the metrics (its bytes and RTT are
+//! current within one `--census-interval`), and, once `--record-interval` has passed since
+//! its last record, an update record ([`Update::due`]) with what it did since that record.
+//! Its close then counts only the rest, and its close record reports only what followed the
+//! last update record. Nothing is counted twice, and update records and close add up to the
+//! connection's totals.
 //!
 //! Why at the census rather than on a hook: the kernel keeps the counters on the socket
 //! (`tcp_info`), and the census already reads every socket of every namespace each
 //! `--census-interval` with the probe's storage on it; a hook on the data path (a program
 //! per segment) would cost every packet, and a BPF iterator over the storage, which would
 //! keep the last report on the socket, is refused by some kernels (EPERM on this project's
-//! test hosts, as fentry is). So what was last reported is kept here, for connections older
-//! than the interval only (short ones never get an entry), and a connection's entry goes at
-//! its close, or at the first census that no longer finds it.
+//! test hosts, as fentry is). So what was last counted and recorded is kept here, for
+//! connections older than [`FOLLOW_AFTER_NS`] only (short ones never get an entry: a churning
+//! host's connections are counted at their close), and a connection's entry goes at its
+//! close, or at the first census that no longer finds it.
 //!
 //! A census and a close can cross: a census taken just before a close may be handled after
-//! it. The close of a connection that could be reported (open longer than the interval) is
-//! remembered until the next census, whose samples from before the close are then skipped.
+//! it. The close of a connection that could be followed (open longer than
+//! [`FOLLOW_AFTER_NS`]) is remembered until the next census, whose samples from before the
+//! close are then skipped.
 //!
 //! Pure code: fed censuses and closes, it returns what they tell.
 
@@ -24,6 +30,11 @@ use tracer_common::{socket, state, SocketState};
 
 use crate::census::HostCensus;
 use crate::stream::{Closed, Flow, Interval, Mode};
+
+/// A connection the probe saw open is followed (counted at each census) once it has been
+/// established this long: shorter ones are counted at their close, so that a census of a
+/// churning host hands over (and the tracker remembers) only what lives.
+pub const FOLLOW_AFTER_NS: u64 = 1_000_000_000;
 
 /// A connection's counters at one moment: data bytes sent (acknowledged) and received, the
 /// SYN and FINs that the kernel's counters include left out as the close record leaves them
@@ -103,10 +114,9 @@ fn carries_data(s: u8) -> bool {
 
 /// The connections a census saw open with the probe's storage on them (a socket the probe
 /// never saw and was not told the owner of has no service port to count under), less those
-/// the probe saw open less than `interval` ago: none of them can be due, nor followed yet,
-/// so a census of a churning host hands over only its long-lived connections.
-pub fn samples(census: &HostCensus, interval: std::time::Duration) -> LiveCensus {
-    let interval_ns = u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX);
+/// the probe saw open less than [`FOLLOW_AFTER_NS`] ago: none of them is followed yet, so a
+/// census of a churning host hands over only the connections that live.
+pub fn samples(census: &HostCensus) -> LiveCensus {
     let mut out = LiveCensus::default();
     for ns in &census.namespaces {
         out.visited.push(ns.netns as u32);
@@ -119,7 +129,8 @@ pub fn samples(census: &HostCensus, interval: std::time::Duration) -> LiveCensus
             }
             let seen_open = storage.flags & (socket::ACTIVE | socket::PASSIVE) != 0
                 && storage.established_ns != 0;
-            if seen_open && ns.dumped_at_ns < storage.established_ns.saturating_add(interval_ns) {
+            if seen_open && ns.dumped_at_ns < storage.established_ns.saturating_add(FOLLOW_AFTER_NS)
+            {
                 continue;
             }
             let (sent, received) = data_bytes(r.state, storage.flags, &tcp);
@@ -158,34 +169,55 @@ pub fn samples(census: &HostCensus, interval: std::time::Duration) -> LiveCensus
     out
 }
 
-/// A periodic report of an open connection.
+/// What a census tells of one followed connection: what it did since the previous census
+/// (for the metrics), and, when its record interval is up, its update record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Update {
     pub sample: Sample,
     pub mode: Option<Mode>,
-    /// What it did since its previous report, or since it became ESTABLISHED.
+    /// What it did since its previous update record, or since it became ESTABLISHED: what
+    /// the update record reports (when [`Update::due`]).
     pub interval: Interval,
+    /// What it did since the previous census counted it: what the metrics add now.
+    pub counted: Interval,
+    /// Its `--record-interval` is up: an update record is due (and `interval` starts the
+    /// next one).
+    pub due: bool,
 }
 
-/// What was last reported of a connection.
+/// What was last recorded and counted of a connection: when, and its counters then. For a
+/// connection the probe did not see open, both are its counters at the first census that
+/// saw it: what it carried before is neither recorded nor counted.
 #[derive(Clone, Copy, Debug)]
 struct Entry {
     netns: u32,
-    /// When, and its counters then. For a connection the probe did not see open, its
-    /// counters at the first census that saw it: what it carried before is not reported.
-    at_ns: u64,
-    counters: Counters,
+    recorded_ns: u64,
+    recorded: Counters,
+    counted_ns: u64,
+    counted: Counters,
     /// Seen by the latest census.
     seen: bool,
 }
 
-/// Follows what was reported of each connection open longer than the interval.
+/// Follows what was recorded and counted of each connection open longer than
+/// [`FOLLOW_AFTER_NS`].
 pub struct Tracker {
     interval_ns: u64,
     entries: foldhash::HashMap<u64, Entry>,
-    /// Closes of connections old enough to be reported, by cookie, with the time of the
-    /// close: a census taken before it is not to report them again.
+    /// Closes of connections old enough to be followed, by cookie, with the time of the
+    /// close: a census taken before it is not to count them again.
     closed: foldhash::HashMap<u64, u64>,
+}
+
+/// What a connection did from `from` (taken at `start_ns`) to `to`.
+fn stretch(start_ns: u64, from: &Counters, to: &Counters) -> Interval {
+    Interval {
+        start_ns: Some(start_ns),
+        bytes_sent: Some(to.sent.saturating_sub(from.sent)),
+        bytes_received: to.received.saturating_sub(from.received),
+        retransmits: to.retransmits.saturating_sub(from.retransmits),
+        flow: to.flow.since(&from.flow),
+    }
 }
 
 impl Tracker {
@@ -206,7 +238,8 @@ impl Tracker {
         self.entries.is_empty()
     }
 
-    /// Handles one census: the updates of the connections whose interval is up.
+    /// Handles one census: an [`Update`] for every connection followed (its update record
+    /// due where its record interval is up).
     pub fn census(&mut self, census: &LiveCensus, mut report: impl FnMut(Update)) {
         let visited: foldhash::HashSet<u32> = census.visited.iter().copied().collect();
         for e in self.entries.values_mut() {
@@ -234,49 +267,53 @@ impl Tracker {
                     *e
                 }
                 None if seen_open => {
-                    if s.time_ns < st.established_ns.saturating_add(self.interval_ns) {
+                    if s.time_ns < st.established_ns.saturating_add(FOLLOW_AFTER_NS) {
                         continue;
                     }
                     Entry {
                         netns: s.netns,
-                        at_ns: st.established_ns,
-                        counters: Counters::default(),
+                        recorded_ns: st.established_ns,
+                        recorded: Counters::default(),
+                        counted_ns: st.established_ns,
+                        counted: Counters::default(),
                         seen: true,
                     }
                 }
                 None => {
                     let first = Entry {
                         netns: s.netns,
-                        at_ns: s.time_ns,
-                        counters: s.counters,
+                        recorded_ns: s.time_ns,
+                        recorded: s.counters,
+                        counted_ns: s.time_ns,
+                        counted: s.counters,
                         seen: true,
                     };
                     self.entries.insert(s.cookie, first);
                     continue;
                 }
             };
-            if s.time_ns < previous.at_ns.saturating_add(self.interval_ns) {
-                continue;
-            }
             let c = s.counters;
-            let p = previous.counters;
+            let due = s.time_ns >= previous.recorded_ns.saturating_add(self.interval_ns);
             report(Update {
                 sample: *s,
                 mode,
-                interval: Interval {
-                    start_ns: Some(previous.at_ns),
-                    bytes_sent: Some(c.sent.saturating_sub(p.sent)),
-                    bytes_received: c.received.saturating_sub(p.received),
-                    retransmits: c.retransmits.saturating_sub(p.retransmits),
-                    flow: c.flow.since(&p.flow),
-                },
+                interval: stretch(previous.recorded_ns, &previous.recorded, &c),
+                counted: stretch(previous.counted_ns, &previous.counted, &c),
+                due,
             });
+            let (recorded_ns, recorded) = if due {
+                (s.time_ns, c)
+            } else {
+                (previous.recorded_ns, previous.recorded)
+            };
             self.entries.insert(
                 s.cookie,
                 Entry {
                     netns: s.netns,
-                    at_ns: s.time_ns,
-                    counters: c,
+                    recorded_ns,
+                    recorded,
+                    counted_ns: s.time_ns,
+                    counted: c,
                     seen: true,
                 },
             );
@@ -287,22 +324,24 @@ impl Tracker {
         self.closed.retain(|_, &mut at| at >= oldest);
     }
 
-    /// Handles a connection's close: what it did since its last report becomes the close's
-    /// interval (what the close adds to the metrics).
+    /// Handles a connection's close: what it did since its last update record becomes the
+    /// close record's interval, and what it did since the last census counted it what the
+    /// close adds to the metrics ([`Closed::counted`]).
     pub fn close(&mut self, cookie: u64, time_ns: u64, c: &mut Closed) {
         if let Some(e) = self.entries.remove(&cookie) {
-            c.interval = Interval {
-                start_ns: Some(e.at_ns),
-                bytes_sent: Some(c.data_sent.saturating_sub(e.counters.sent)),
-                bytes_received: c.bytes_received.saturating_sub(e.counters.received),
-                retransmits: u64::from(c.retransmits).saturating_sub(e.counters.retransmits),
-                flow: c.flow.since(&e.counters.flow),
+            let now = Counters {
+                sent: c.data_sent,
+                received: c.bytes_received,
+                retransmits: u64::from(c.retransmits),
+                flow: c.flow,
             };
+            c.interval = stretch(e.recorded_ns, &e.recorded, &now);
+            c.counted = stretch(e.counted_ns, &e.counted, &now);
         }
-        // Old enough that a census from before the close could report it as due. (One the
-        // probe did not see open would only be given a first look again, which reports
+        // Old enough that a census from before the close could count it again. (One the
+        // probe did not see open would only be given a first look again, which counts
         // nothing and goes at the next census.)
-        if c.lifetime_ns.is_some_and(|l| l >= self.interval_ns) {
+        if c.lifetime_ns.is_some_and(|l| l >= FOLLOW_AFTER_NS) {
             self.closed.insert(cookie, time_ns);
         }
     }

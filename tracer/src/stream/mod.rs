@@ -163,10 +163,13 @@ pub struct Closed {
     /// Why the kernel last sent a reset on this connection (`enum sk_rst_reason`; Linux
     /// 6.10+, and only where the probe reports resets), if it sent one.
     pub reset_reason: Option<u16>,
-    /// What it did since its last periodic report (see [`live`]), or since it opened where it
-    /// had none: what the close adds to the metrics, so that nothing counts twice. The event
-    /// alone gives the latter; the agent's [`live::Tracker`] makes it the former.
+    /// What it did since its last update record (see [`live`]), or since it opened where it
+    /// had none: what its close record reports. The event alone gives the latter; a
+    /// [`live::Tracker`] makes it the former.
     pub interval: Interval,
+    /// What it did since a census last counted it in the metrics, or since it opened where
+    /// none did: what the close adds to the metrics, so that nothing counts twice.
+    pub counted: Interval,
     /// Data bytes sent as a census counts them (the SYN taken out only where the probe saw
     /// this side send it), known even where `bytes_sent` is not: what the tracker takes its
     /// last report from.
@@ -555,6 +558,7 @@ pub fn observe(t: &Transition, mut sink: impl FnMut(Observation)) {
         reset_reason: (t.socket_flags & socket::RESET_SENT != 0).then_some(t.reset_reason),
         flow,
         interval,
+        counted: interval,
         data_sent: sent,
     }));
 }

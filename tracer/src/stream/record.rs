@@ -203,7 +203,11 @@ mod tests {
             visited: vec![1],
         };
         let mut out = Vec::new();
-        tracker.census(&live, |u| out.push(Record::update(&u)));
+        tracker.census(&live, |u| {
+            if u.due {
+                out.push(Record::update(&u))
+            }
+        });
         out
     }
 
@@ -294,6 +298,62 @@ mod tests {
         assert_eq!(tracker.len(), 1);
         census(&mut tracker, &[]);
         assert!(tracker.is_empty());
+    }
+
+    /// The bytes (sent, received) that a census adds to the metrics.
+    fn counted(tracker: &mut Tracker, samples: &[Sample]) -> Vec<(u64, u64)> {
+        let live = LiveCensus {
+            samples: samples.to_vec(),
+            visited: vec![1],
+        };
+        let mut out = Vec::new();
+        tracker.census(&live, |u| {
+            out.push((u.counted.bytes_sent.unwrap(), u.counted.bytes_received))
+        });
+        out
+    }
+
+    #[test]
+    fn every_census_counts_what_a_connection_did_since_the_last_one_whatever_the_record_interval() {
+        let mut tracker = Tracker::new(Duration::from_secs(30));
+        // Established at 2 s: not followed before 3 s (FOLLOW_AFTER_NS).
+        assert!(counted(&mut tracker, &[sample(2 * S + S / 2, 50, 5)]).is_empty());
+        assert_eq!(
+            counted(&mut tracker, &[sample(5 * S, 100, 10)]),
+            [(100, 10)]
+        );
+        assert_eq!(
+            counted(&mut tracker, &[sample(10 * S, 400, 40)]),
+            [(300, 30)]
+        );
+        assert_eq!(counted(&mut tracker, &[sample(15 * S, 400, 40)]), [(0, 0)]);
+        // Its close counts the rest (1,000 and 80 in all), and its record, the first, all.
+        let mut t = transition(1, 20 * S, FIN_WAIT2, CLOSE);
+        t.cookie = 9;
+        t.socket_flags = socket::ACTIVE;
+        t.opened_ns = S;
+        t.established_ns = 2 * S;
+        t.bytes_acked = 1_002;
+        t.bytes_received = 81;
+        t.close_flags = close_flags::FIN_ACKED | close_flags::PEER_FIN;
+        let mut closed = None;
+        crate::stream::observe(&t, |o| {
+            if let Observation::Closed(c) = o {
+                closed = Some(c);
+            }
+        });
+        let mut c = closed.unwrap();
+        tracker.close(t.cookie, t.time_ns, &mut c);
+        assert_eq!(
+            (c.counted.bytes_sent, c.counted.bytes_received),
+            (Some(600), 40)
+        );
+        assert_eq!(c.counted.start_ns, Some(15 * S));
+        assert_eq!(
+            (c.interval.bytes_sent, c.interval.bytes_received),
+            (Some(1_000), 80)
+        );
+        assert_eq!(c.interval.start_ns, Some(2 * S));
     }
 
     #[test]

@@ -13,9 +13,12 @@
 //! Bytes and retransmissions add the two: what closed connections did, settled when a census
 //! arrives, plus what the open ones of that census did so far. Between two censuses that sum
 //! grows by exactly what every connection did meanwhile (one that closed in between counts
-//! its total less what the first census saw of it), so a rate needs no memory of each
-//! connection: this keeps aggregates only, at most [`MAX_KEYS`] of them (more are counted in
-//! one overflow row, and said).
+//! its total less what the first census saw of it), so a rate needs no memory of each open
+//! connection: this keeps aggregates (at most [`MAX_KEYS`] of them; more are counted in one
+//! overflow row, and said), and the closes read since the last census. A census settles the
+//! closes that it did not count open: a connection open at its dump that closed before the
+//! census reached the tally is counted by the census, and settles at the next one (else it
+//! would count twice for one refresh).
 //!
 //! The agent keeps a [`Tally`] of its own event stream and serves its snapshot at `/top`;
 //! `tracer top` keeps one of its own probe's, or reads an agent's.
@@ -220,6 +223,8 @@ pub struct CensusFigures {
 pub struct CensusPart {
     pub taken_ns: u64,
     pub figures: HashMap<Key, CensusFigures>,
+    /// Cookies of the open connections whose traffic it counts.
+    pub counted: foldhash::HashSet<u64>,
     /// Pod (`namespace/name`) of each cgroup that is a pod's.
     pub pods: HashMap<u64, String>,
     /// Sockets counted under the overflow key.
@@ -281,6 +286,7 @@ impl CensusPart {
             }
             f.open += 1;
             if let Some((tcp, flags)) = found {
+                part.counted.insert(v.cookie);
                 // As the close record counts them: data bytes, the SYN and FINs left out.
                 let (sent, received) = crate::stream::live::data_bytes(v.state, *flags, tcp);
                 f.traffic.add(&Traffic {
@@ -367,9 +373,19 @@ pub struct Latest {
     snapshot: parking_lot::Mutex<Option<std::sync::Arc<Snapshot>>>,
     /// CLOCK_MONOTONIC ns of the last request (0: none yet).
     asked_ns: std::sync::atomic::AtomicU64,
+    /// Wanted whatever is asked (`tracer top`'s own census).
+    always: bool,
 }
 
 impl Latest {
+    /// One that is always wanted.
+    pub fn always() -> Latest {
+        Latest {
+            always: true,
+            ..Latest::default()
+        }
+    }
+
     /// The last snapshot (None until the event thread has made one since the first request).
     pub fn ask(&self, now_ns: u64) -> Option<std::sync::Arc<Snapshot>> {
         self.asked_ns
@@ -380,7 +396,7 @@ impl Latest {
     /// True while a client asked within [`WANTED_FOR_NS`].
     pub fn wanted(&self, now_ns: u64) -> bool {
         let asked = self.asked_ns.load(std::sync::atomic::Ordering::Relaxed);
-        asked != 0 && now_ns.saturating_sub(asked) < WANTED_FOR_NS
+        self.always || (asked != 0 && now_ns.saturating_sub(asked) < WANTED_FOR_NS)
     }
 
     pub fn publish(&self, s: Option<Snapshot>) {
@@ -397,11 +413,27 @@ struct Kept {
     last_ns: u64,
 }
 
+/// A close read since the last census: its connection's traffic, settled by the next census
+/// that does not count the connection open.
+#[derive(Clone, Copy, Debug)]
+struct Unsettled {
+    time_ns: u64,
+    cookie: u64,
+    key: Key,
+    traffic: Traffic,
+}
+
+/// Most closes kept unsettled between two censuses (80 bytes each); past it a close settles at
+/// once (and may count twice for one refresh, if a census counted it open).
+const MAX_UNSETTLED: usize = 1 << 20;
+
 /// Sums a stream of events by key, and settles closed connections' traffic at each census.
 /// One hash lookup per event that counts (a handshake, a failed connect, a close).
 #[derive(Debug, Default)]
 pub struct Tally {
     keys: foldhash::HashMap<Key, Kept>,
+    /// Closes read since the last census, in the order read.
+    unsettled: Vec<Unsettled>,
     /// Closed connections' traffic by key as of the last census.
     settled: foldhash::HashMap<Key, Traffic>,
     census: CensusPart,
@@ -437,11 +469,21 @@ impl Tally {
             Observation::HandshakeFailure { .. } => f.failed += 1,
             Observation::Closed(c) => {
                 f.closed += 1;
-                kept.closed.add(&Traffic {
+                let traffic = Traffic {
                     sent: c.data_sent,
                     received: c.bytes_received,
                     retransmits: u64::from(c.retransmits),
-                });
+                };
+                if self.unsettled.len() < MAX_UNSETTLED {
+                    self.unsettled.push(Unsettled {
+                        time_ns: t.time_ns,
+                        cookie: t.cookie,
+                        key,
+                        traffic,
+                    });
+                } else {
+                    kept.closed.add(&traffic);
+                }
             }
             _ => {}
         }
@@ -462,6 +504,14 @@ impl Tally {
     /// A census arrived: closed connections' traffic up to now goes with it, and keys idle
     /// past [`FORGET_AFTER_NS`] with no socket in it are forgotten.
     pub fn census(&mut self, part: CensusPart) {
+        // Closes after its dump of connections it counted open wait for the next census.
+        for u in std::mem::take(&mut self.unsettled) {
+            if u.time_ns > part.taken_ns && part.counted.contains(&u.cookie) {
+                self.unsettled.push(u);
+            } else {
+                self.keys.entry(u.key).or_default().closed.add(&u.traffic);
+            }
+        }
         let horizon = part.taken_ns.saturating_sub(FORGET_AFTER_NS);
         self.keys
             .retain(|k, kept| kept.last_ns >= horizon || part.figures.contains_key(k));
@@ -579,6 +629,53 @@ mod tests {
         let e = &tally.snapshot(15 * S).entries[0];
         assert!(e.closed.received > 0 && e.closed.received <= 5_001, "{e:?}");
         assert_eq!(tally.snapshot(15 * S).census_ns, 14 * S);
+    }
+
+    #[test]
+    fn a_connection_open_at_a_census_dump_and_closed_before_it_arrives_counts_once() {
+        let mut tally = Tally::default();
+        // Connection 1 closes at 19 s, before the dump at 20 s, having received 1,000 bytes;
+        // connection 2, open at the dump with 3,000 received, closes at 20.5 s with 4,000.
+        // Both closes are read before the census reaches the tally.
+        let closing = |cookie: u64, at: u64, received: u64| {
+            let mut t = transition(cookie, at, state::LAST_ACK, state::CLOSE);
+            t.cookie = cookie;
+            t.socket_flags = socket::ACTIVE | socket::SINCE_SEEN;
+            t.established_ns = S;
+            t.bytes_received = received;
+            t
+        };
+        let first = closing(1, 19 * S, 1_000);
+        let key = Key::of_event(&first);
+        feed(&mut tally, &first);
+        feed(&mut tally, &closing(2, 20 * S + S / 2, 4_000));
+        let open = CensusFigures {
+            open: 1,
+            traffic: Traffic {
+                received: 3_000,
+                ..Traffic::default()
+            },
+            ..CensusFigures::default()
+        };
+        tally.census(CensusPart {
+            taken_ns: 20 * S,
+            figures: [(key, open)].into_iter().collect(),
+            counted: [2].into_iter().collect(),
+            ..CensusPart::default()
+        });
+        let seen = |tally: &Tally| {
+            let e = &tally.snapshot(30 * S).entries[0];
+            (e.closed.received, e.census.traffic.received)
+        };
+        // Connection 2 is in the census's 3,000, not yet in what closed.
+        assert_eq!(seen(&tally), (1_000, 3_000));
+        tally.census(CensusPart {
+            taken_ns: 25 * S,
+            ..CensusPart::default()
+        });
+        // Now it has settled: 1,000 + 4,000, and nothing open. The sum grew by 1,000: what
+        // connection 2 received after the first dump.
+        assert_eq!(seen(&tally), (5_000, 0));
     }
 
     #[test]

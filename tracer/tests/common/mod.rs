@@ -86,6 +86,8 @@ impl Ftrace {
         std::fs::create_dir(&dir).expect("creating an ftrace instance");
         let ft = Ftrace { dir };
         ft.write("buffer_size_kb", "32768");
+        // CLOCK_MONOTONIC, the probe's clock (bpf_ktime_get_ns), so that times compare.
+        ft.write("trace_clock", "mono");
         let filter = ports
             .iter()
             .map(|p| format!("sport == {p} || dport == {p}"))
@@ -106,6 +108,12 @@ impl Ftrace {
 
     /// Stops recording and returns every transition recorded, asserting none was overwritten.
     pub fn stop(&self) -> Vec<Key> {
+        self.stop_timed().into_iter().map(|(_, k)| k).collect()
+    }
+
+    /// As [`Ftrace::stop`], each transition with the time ftrace recorded it at
+    /// (CLOCK_MONOTONIC, seconds).
+    pub fn stop_timed(&self) -> Vec<(f64, Key)> {
         self.write("events/sock/inet_sock_set_state/enable", "0");
         for entry in std::fs::read_dir(self.dir.join("per_cpu")).expect("per_cpu") {
             let stats = std::fs::read_to_string(entry.expect("cpu dir").path().join("stats"))
@@ -119,7 +127,11 @@ impl Ftrace {
         let text = std::fs::read_to_string(self.dir.join("trace")).expect("reading trace");
         text.lines()
             .filter(|l| !l.starts_with('#'))
-            .filter_map(parse_ftrace_line)
+            .filter_map(|l| {
+                let (head, _) = l.split_once(" inet_sock_set_state: ")?;
+                let time = head.split_whitespace().last()?.trim_end_matches(':');
+                Some((time.parse().ok()?, parse_ftrace_line(l)?))
+            })
             .collect()
     }
 }
@@ -242,6 +254,18 @@ impl Tracer {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Every line the tracer has printed on stderr so far, after waiting `wait` for more.
+    pub fn stderr_after(&mut self, wait: Duration) -> Vec<String> {
+        let deadline = Instant::now() + wait;
+        while let Ok(line) = self
+            .stderr_lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            self.stderr_seen.push(line);
+        }
+        self.stderr_seen.clone()
     }
 
     /// Lets the tracer's stdout flow.
@@ -580,17 +604,24 @@ impl Agent {
     /// Scrapes /metrics once its census metrics come from a census that began after this
     /// call: the agent publishes a census every `--census-interval` (200 ms here) and answers
     /// from the last one, so a test that just changed sockets waits for the next.
+    ///
+    /// The census may use at most 1/20 of a CPU (`census::scrape`): after one that took `c`
+    /// of CPU the next starts `20 c` later at the earliest, which in an emulated guest with a
+    /// few thousand sockets was more than 10 s. So the wait allows 10 s, or 25 times the last
+    /// census's duration where that is longer.
     pub fn metrics(&self) -> String {
         let asked = unix_now();
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let started = Instant::now();
         loop {
             let body = self.metrics_now();
             if sample(&body, "tracer_census_timestamp_seconds", &[]).unwrap_or(0.0) > asked {
                 return body;
             }
+            let last = sample(&body, "tracer_census_duration_seconds", &[]).unwrap_or(0.0);
+            let limit = Duration::from_secs(10).max(Duration::from_secs_f64(25.0 * last));
             assert!(
-                Instant::now() < deadline,
-                "no census after {asked} within 10 s"
+                started.elapsed() < limit,
+                "no census after {asked} within {limit:?} (the last took {last} s)"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
