@@ -80,14 +80,21 @@ fn init_log() {
 }
 
 /// How long `watch` and `run` have to stop by themselves after SIGINT or SIGTERM (draining,
-/// printing their summary) before the process exits anyway.
+/// printing their summary) before the process exits anyway, unless they are still reading
+/// events.
 const STOP_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// Makes SIGINT and SIGTERM stop tracer within a second in every state. The subcommands stop
-/// cleanly on their own signal handlers; this thread exits the process, with status 0, if they
-/// have not done so `STOP_GRACE` after the signal: while the probe loads, while a write to a
-/// stdout that nobody reads blocks, while a census is under way. Exiting closes the probe's
-/// links and maps, which detaches it.
+/// The longest they are given while they keep reading events: a `watch` that prints what its
+/// rings held at the signal took more than `STOP_GRACE` in an emulated guest on a busy host,
+/// and lost its summary.
+const STOP_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Makes SIGINT and SIGTERM stop tracer within a second in every state that is stuck. The
+/// subcommands stop cleanly on their own signal handlers; this thread exits the process, with
+/// status 0, if they have not done so `STOP_GRACE` after the signal (or after the last
+/// `STOP_GRACE` in which they read events, `STOP_LIMIT` at most): while the probe loads, while
+/// a write to a stdout that nobody reads blocks, while a census is under way. Exiting closes
+/// the probe's links and maps, which detaches it.
 fn stop_on_signals() -> anyhow::Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
@@ -98,7 +105,16 @@ fn stop_on_signals() -> anyhow::Result<()> {
             // This thread only waits and exits: it keeps no privilege.
             let _ = tracer::privileges::keep_only(&[]);
             if signals.forever().next().is_some() {
-                std::thread::sleep(STOP_GRACE);
+                let deadline = std::time::Instant::now() + STOP_LIMIT;
+                let mut read = tracer::cmd::progress();
+                loop {
+                    std::thread::sleep(STOP_GRACE);
+                    let now = tracer::cmd::progress();
+                    if now == read || std::time::Instant::now() >= deadline {
+                        break;
+                    }
+                    read = now;
+                }
                 eprintln!("tracer: stopped by signal (it could not stop cleanly in time)");
                 std::process::exit(0);
             }

@@ -357,6 +357,7 @@ fn follow(
         t.totals.events += read;
     }
     metrics.flush(read);
+    crate::cmd::progressed(read);
 }
 
 /// This process: its own connections (its endpoint's, and its export's to the collector, which

@@ -27,8 +27,10 @@ use crate::top::screen::{self, Action, Scroll};
 use crate::top::view::{self, Filter, Frames, View};
 use crate::top::{Snapshot, Tally};
 
-/// How long `--once` waits at most for a census to follow the first (an agent's census
-/// interval may be longer than `--interval`): then it prints what it has.
+/// How long `--once` waits at most, from its first snapshot, for a census to follow the first
+/// (an agent's census interval may be longer than `--interval`): then it prints what it has.
+/// From the first snapshot, not from the start: loading the probe took 13 s of it in an
+/// emulated guest on a busy host, and the table came out empty.
 const ONCE_WAIT: Duration = Duration::from_secs(15);
 
 /// Runs `tracer top` until `q`, a signal, or (plain) one table printed.
@@ -65,7 +67,8 @@ struct Output {
     rows: usize,
     /// Plain: the snapshots so far.
     frames: Frames,
-    started: Instant,
+    /// When the first snapshot came.
+    started: Option<Instant>,
     screen: Option<ScreenThread>,
     interactive: bool,
     /// Said on stderr once the terminal is given back.
@@ -85,7 +88,7 @@ impl Output {
             source,
             rows,
             frames: Frames::default(),
-            started: Instant::now(),
+            started: None,
             screen: None,
             interactive,
             summary: None,
@@ -119,7 +122,8 @@ impl Output {
         }
         self.frames.push(s);
         let ready = self.frames.previous.is_some() && self.frames.census_base.is_some();
-        if ready || self.started.elapsed() >= ONCE_WAIT {
+        let started = *self.started.get_or_insert_with(Instant::now);
+        if ready || started.elapsed() >= ONCE_WAIT {
             let mut table = view::table(&self.frames, &self.view);
             table.rows.truncate(self.rows);
             print!(

@@ -273,6 +273,11 @@ impl Printer {
     fn handle(&mut self, t: &Transition) -> io::Result<bool> {
         let t = *t;
         self.received += 1;
+        // For the signal thread: still reading, so not stuck (every 256 events: an atomic
+        // add per event would be a cost for nothing).
+        if self.received % 256 == 0 {
+            crate::cmd::progressed(256);
+        }
         // Each event carries its socket's owner and times (what the probe keeps on it).
         let (mut closed, mut reset_after_close) = (None, None);
         stream::observe(&t, |o| match o {
