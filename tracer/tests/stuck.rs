@@ -243,11 +243,19 @@ fn a_full_accept_queue_shows_its_length_limit_and_overflows() {
     assert!(queue >= limit, "the queue is full: {queue} of {limit}");
     let proc_after = listen_overflows();
     assert!(proc_after > proc_before, "the kernel counted overflows");
-    let after = agent.metrics_until("the overflows", |t| {
-        sample(t, "tracer_tcp_listen_overflows_total", &[]).unwrap_or(0.0) - agent_before
-            >= proc_after - proc_before
-    });
-    assert!(sample(&after, "tracer_tcp_listen_drops_total", &[]).unwrap() > 0.0);
+    // The agent sums every namespace, the host's /proc/net/netstat is one: at least as many.
+    let after = agent.metrics_at_least(
+        &format!(
+            "ListenOverflows of the host grew by {} with 6 connects to port {port} (backlog 2)",
+            proc_after - proc_before
+        ),
+        &[(
+            Figure::sample("tracer_tcp_listen_overflows_total", &[]),
+            agent_before + proc_after - proc_before,
+        )],
+    );
+    let drops = Figure::sample("tracer_tcp_listen_drops_total", &[]);
+    assert!(drops.read(&after) > 0.0, "{}", drops.lines(&after));
     for a in attempts {
         let _ = a.join();
     }
