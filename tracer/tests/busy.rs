@@ -16,9 +16,8 @@ fn service_port() -> SocketAddr {
 }
 
 /// The handshakes of `mode` counted under `port` in a scrape.
-fn handshakes(text: &str, mode: &str, port: &str) -> Option<f64> {
-    sample(
-        text,
+fn handshakes(mode: &str, port: &str) -> Figure {
+    Figure::sample(
         "tracer_tcp_handshake_duration_seconds_count",
         &[("mode", mode), ("port", port)],
     )
@@ -70,10 +69,13 @@ fn a_service_started_after_thousands_of_time_waits_gets_its_own_port_label() {
     connect_many(addr, 200, Closer::Client);
     server.join();
     settle();
-    let text = agent.metrics_until("200 handshakes each side", |t| {
-        handshakes(t, "active", &port) == Some(200.0)
-            && handshakes(t, "passive", &port) == Some(200.0)
-    });
+    let text = agent.metrics_exactly(
+        &format!("200 connections to port {port}, after 3,000 TIME-WAIT on port {old_port}"),
+        &[
+            (handshakes("active", &port), 200.0),
+            (handshakes("passive", &port), 200.0),
+        ],
+    );
     assert_eq!(
         sample(&text, "tracer_port_label_info", &[("port", &port)]),
         Some(1.0)
@@ -120,17 +122,17 @@ fn a_service_listening_inside_the_ephemeral_range_is_counted_whole_under_its_own
     connect_many(server.addr, 200, Closer::Client);
     server.join();
     let port = port.to_string();
-    let text = agent.metrics_until("200 handshakes each side", |t| {
-        handshakes(t, "active", &port) == Some(200.0)
-            && handshakes(t, "passive", &port) == Some(200.0)
-    });
+    let text = agent.metrics_exactly(
+        &format!("200 connections to port {port}, inside the ephemeral range {lo}-{hi}"),
+        &[
+            (handshakes("active", &port), 200.0),
+            (handshakes("passive", &port), 200.0),
+        ],
+    );
     for mode in ["active", "passive"] {
-        let other = handshakes(&text, mode, "other");
+        let other = handshakes(mode, "other").read(&text);
         // Other sockets of the machine may count there, but not ours: at most a handful.
-        assert!(
-            other.unwrap_or(0.0) < 200.0,
-            "{mode} under other: {other:?}"
-        );
+        assert!(other < 200.0, "{mode} under other: {other}");
     }
     assert_eq!(
         sample(&text, "tracer_port_held_overflow_total", &[]),
@@ -232,16 +234,26 @@ fn a_close_wait_leak_made_while_the_agent_was_stopped_has_its_exact_age_and_owne
             "age {age:.3} s where the leak is {youngest:.3} to {oldest:.3} s old"
         );
     }
-    let text = agent.metrics_until("the burst's losses", |t| {
-        counter(t, "tracer_events_lost_total") - lost_before >= 4_000.0
-    });
-    assert_eq!(
-        sample(
-            &text,
-            "tracer_tcp_stuck_sockets",
-            &[("state", "close_wait"), ("port", &port)]
-        ),
-        Some(25.0)
+    let what = format!(
+        "500 connections and 25 CLOSE_WAIT leaks on port {port} while the agent was stopped"
+    );
+    let text = agent.metrics_at_least(
+        &what,
+        &[(
+            Figure::sample("tracer_events_lost_total", &[]),
+            lost_before + 4_000.0,
+        )],
+    );
+    assert_figures(
+        &text,
+        &what,
+        &[(
+            Figure::sample(
+                "tracer_tcp_stuck_sockets",
+                &[("state", "close_wait"), ("port", &port)],
+            ),
+            25.0,
+        )],
     );
     // Every transition the kernel made is either received or counted lost; none counted twice.
     let received = counter(&text, "tracer_events_total") - events_before;

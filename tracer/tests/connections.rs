@@ -271,19 +271,25 @@ fn refused_timed_out_reset_and_retransmitting_connections_end_as_they_did() {
     // And so does the agent's tracer_tcp_retransmits_total (from tcp/tcp_retransmit_skb), by
     // service port, all kinds together: the bulk data under PORT (an accepted connection's
     // local port), the SYN retries under PORT + 1 (the remote port of a connect).
-    let by_port = |t: &str, p: &str| sum_of(t, "tracer_tcp_retransmits_total", &[("port", p)]);
-    let text = agent.metrics_until("the retransmissions", |t| {
-        by_port(t, &ports[0]) + by_port(t, &ports[1]) == kernel as f64
-    });
-    assert_eq!(by_port(&text, &ports[1]), syn_retransmits as f64, "{text}");
-    assert_eq!(
-        sample(
-            &text,
-            "tracer_tcp_retransmits_total",
-            &[("port", &ports[1]), ("kind", "syn")]
+    let by_port = |p: &str| Figure::sum("tracer_tcp_retransmits_total", &[("port", p)]);
+    let syn = syn_retransmits as f64;
+    agent.metrics_exactly(
+        &format!(
+            "TcpRetransSegs of the namespace counted {kernel}: {syn_retransmits} SYN retries to \
+             port {}, the rest of the 2 MB from port {}",
+            ports[1], ports[0]
         ),
-        Some(syn_retransmits as f64),
-        "{text}"
+        &[
+            (by_port(&ports[0]), kernel as f64 - syn),
+            (by_port(&ports[1]), syn),
+            (
+                Figure::sample(
+                    "tracer_tcp_retransmits_total",
+                    &[("port", &ports[1]), ("kind", "syn")],
+                ),
+                syn,
+            ),
+        ],
     );
 }
 
@@ -541,15 +547,21 @@ fn a_reset_connection_says_why_the_kernel_reset_it() {
         .as_str()
         .unwrap()
         .to_owned();
-    let count = |t: &str, reason: &str| {
-        sample(t, "tracer_tcp_reset_reasons_total", &[("reason", reason)]).unwrap_or(-1.0)
-    };
-    let text = agent.metrics_until("the resets by reason", |t| {
-        count(t, &linger2_reason) >= 1.0 && count(t, "tcp_abort_on_close") >= 2.0
-    });
+    let by_reason =
+        |reason: &str| Figure::sample("tracer_tcp_reset_reasons_total", &[("reason", reason)]);
     let all = trace.stop();
     let host_wide = all.iter().filter(|r| r.3 == linger2_reason).count();
-    assert_eq!(count(&text, &linger2_reason), host_wide as f64, "{text}");
+    let what = format!(
+        "ftrace saw {host_wide} resets with reason {linger2_reason} on the whole host, one of \
+         them the test's TCP_LINGER2 -1 close on port {port}"
+    );
+    // With the test's own two resets of a close with unread data, at least.
+    let linger2 = (by_reason(&linger2_reason), host_wide as f64);
+    let text = agent.metrics_at_least(
+        &what,
+        &[linger2.clone(), (by_reason("tcp_abort_on_close"), 2.0)],
+    );
+    assert_figures(&text, &what, &[linger2]);
     assert_eq!(
         sample(
             &text,

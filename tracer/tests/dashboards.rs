@@ -161,7 +161,7 @@ fn every_panel_query_returns_data_and_every_rule_parses() {
     prom.wait_for(
         "the stuck CLOSE_WAIT sockets",
         "sum(tracer_tcp_stuck_sockets)",
-        |v| v >= 3.0,
+        3.0,
     );
     std::thread::sleep(Duration::from_secs(4));
 

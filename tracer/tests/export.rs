@@ -69,8 +69,8 @@ fn twenty_connections_reach_the_collector_as_forty_records_with_exact_bytes() {
     });
     c.write_all(&[3u8; 5_000]).unwrap();
     s.read_exact(&mut [0u8; 5_000]).unwrap();
-    let updates = rotel.wait_for("updates of the open connection", 20, |got| {
-        of(got, &ns, "update").len() >= 4
+    let updates = rotel.wait_for("updates of the open connection", 20, 4, |got| {
+        of(got, &ns, "update").len()
     });
     let updates = of(&updates, &ns, "update");
     assert!(
@@ -84,8 +84,8 @@ fn twenty_connections_reach_the_collector_as_forty_records_with_exact_bytes() {
     drop(c);
     drop(s);
 
-    let got = rotel.wait_for("42 close records", 30, |got| {
-        of(got, &ns, "close").len() >= 42
+    let got = rotel.wait_for("42 close records", 30, 42, |got| {
+        of(got, &ns, "close").len()
     });
     std::thread::sleep(Duration::from_millis(500));
     let closes = of(&rotel.received(), &ns, "close");
@@ -209,8 +209,8 @@ fn a_collector_away_for_ten_seconds_loses_nothing_within_the_queue_and_drops_are
     let agent = Agent::start(&["--otlp-endpoint", &endpoint, "--otlp-queue-size", "30"]);
     let ns = Netns::new("away");
     connections(&ns, PORT, 10, 100, 100);
-    rotel.wait_for("the first 20 records", 20, |got| {
-        of(got, &ns, "close").len() >= 20
+    rotel.wait_for("the first 20 records", 20, 20, |got| {
+        of(got, &ns, "close").len()
     });
 
     // Away for ten seconds, while 25 connections close: 50 records for a queue of 30. The
@@ -225,7 +225,7 @@ fn a_collector_away_for_ten_seconds_loses_nothing_within_the_queue_and_drops_are
     connections(&ns, PORT, 25, 100, 100);
     std::thread::sleep(Duration::from_secs(10).saturating_sub(away.elapsed()));
     let rotel = Rotel::start("away-after", Some(addr));
-    let got = rotel.wait_for("the 30 queued records", 30, |got| got.len() >= 30);
+    let got = rotel.wait_for("the 30 queued records", 30, 30, |got| got.len());
     // Nothing more comes: the rest were dropped, and counted.
     std::thread::sleep(Duration::from_secs(2));
     let got_now = rotel.received();
@@ -253,7 +253,8 @@ fn a_collector_away_for_ten_seconds_loses_nothing_within_the_queue_and_drops_are
             &[("reason", "queue_full")]
         ),
         Some(20.0 + others),
-        "{others} other records; {text}"
+        "50 records of 25 connections for a queue of 30, and {others} other records: {}",
+        Figure::sample("tracer_records_dropped_total", &[]).lines(&text)
     );
     assert_eq!(
         sample(
@@ -345,8 +346,8 @@ fn records_reach_the_collector_over_tls_with_a_client_certificate_gzip_and_heade
     );
     let ns = Netns::new("otlp-tls");
     connections(&ns, PORT, 5, 700, 70);
-    let got = rotel.wait_for("the 10 close records", 30, |got| {
-        of(got, &ns, "close").len() >= 10
+    let got = rotel.wait_for("the 10 close records", 30, 10, |got| {
+        of(got, &ns, "close").len()
     });
     let closes = of(&got, &ns, "close");
     assert_eq!(closes.len(), 10, "{closes:#?}");

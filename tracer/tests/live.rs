@@ -63,13 +63,11 @@ fn ss_bytes(ns: &Netns, port: u16) -> BTreeMap<u16, (u64, u64)> {
     out
 }
 
-fn bytes(text: &str, direction: &str, port: u16) -> f64 {
-    sample(
-        text,
+fn bytes(direction: &str, port: u16) -> Figure {
+    Figure::sample(
         "tracer_tcp_bytes_total",
         &[("direction", direction), ("port", &port.to_string())],
     )
-    .unwrap_or(0.0)
 }
 
 #[test]
@@ -93,70 +91,66 @@ fn an_open_connection_counts_its_bytes_while_open_and_nothing_twice_at_close() {
     // Both ends are on this host: each byte is sent by one and received by the other.
     let total = (up + down) as f64;
     // Followed once established 1 s (FOLLOW_AFTER_NS), then counted at the next census: within
-    // 2 s and a census's own time (metrics_until waits 5 s).
-    let text = agent.metrics_until("the open connection's bytes", |t| {
-        bytes(t, "sent", PORT) >= total && bytes(t, "received", PORT) >= total
-    });
-    assert_eq!(
-        (bytes(&text, "sent", PORT), bytes(&text, "received", PORT)),
-        (total, total),
-        "{up} bytes up and {down} down on port {PORT}"
+    // 2 s and a census's own time.
+    let text = agent.metrics_exactly(
+        &format!("{up} bytes up and {down} down on one connection to port {PORT}, open"),
+        &[
+            (bytes("sent", PORT), total),
+            (bytes("received", PORT), total),
+        ],
     );
-    let rtt_count = |t: &str| {
-        sample(
-            t,
-            "tracer_tcp_rtt_seconds_count",
-            &[("port", &PORT.to_string())],
-        )
-        .unwrap_or(0.0)
-    };
-    let reports = |t: &str| sample(t, "tracer_connection_reports_total", &[]).unwrap();
+    let rtts = Figure::sample(
+        "tracer_tcp_rtt_seconds_count",
+        &[("port", &PORT.to_string())],
+    );
+    let reports = Figure::sample("tracer_connection_reports_total", &[]);
     // An RTT sample per side at each census; no update record yet (none due before 30 s).
-    assert!(rtt_count(&text) >= 2.0, "{text}");
-    assert_eq!(reports(&text), 0.0, "{text}");
+    assert!(rtts.read(&text) >= 2.0, "{}", rtts.lines(&text));
+    assert_eq!(reports.read(&text), 0.0, "{}", reports.lines(&text));
     assert_eq!(ss_bytes(&ns, PORT).len(), 2);
 
     // More traffic while open: counted at the next census (within its 1 s).
     let (mut c, mut s) = (c, s);
     carry(&mut c, &mut s, 500_000);
     let total = total + 500_000.0;
-    let text = agent.metrics_until("the bytes sent since the last census", |t| {
-        bytes(t, "sent", PORT) >= total && bytes(t, "received", PORT) >= total
-    });
-    assert_eq!(
-        (bytes(&text, "sent", PORT), bytes(&text, "received", PORT)),
-        (total, total),
-        "500,000 more bytes up on port {PORT}"
+    agent.metrics_exactly(
+        &format!("{up} bytes up, {down} down, then 500,000 up on one connection to port {PORT}"),
+        &[
+            (bytes("sent", PORT), total),
+            (bytes("received", PORT), total),
+        ],
     );
 
     // The close adds what came since the last report: nothing here, and no byte twice.
     drop(c);
     drop(s);
     settle();
-    let closed = |t: &str| {
-        sample(
-            t,
-            "tracer_tcp_connection_duration_seconds_count",
-            &[("mode", "active"), ("port", &PORT.to_string())],
-        )
-        .unwrap_or(0.0)
-            + sample(
-                t,
-                "tracer_tcp_connection_duration_seconds_count",
-                &[("mode", "passive"), ("port", &PORT.to_string())],
-            )
-            .unwrap_or(0.0)
-    };
-    let before = rtt_count(&agent.metrics());
-    let text = agent.metrics_until("both closes", |t| closed(t) == 2.0);
-    assert_eq!(bytes(&text, "sent", PORT), total, "{text}");
-    assert_eq!(bytes(&text, "received", PORT), total, "{text}");
+    let closed = Figure::sum(
+        "tracer_tcp_connection_duration_seconds_count",
+        &[("port", &PORT.to_string())],
+    );
+    let before = rtts.read(&agent.metrics());
+    let text = agent.metrics_exactly(
+        &format!("one connection to port {PORT} closed, {total} bytes each way in all"),
+        &[
+            (closed, 2.0),
+            (bytes("sent", PORT), total),
+            (bytes("received", PORT), total),
+        ],
+    );
     // Each close samples its RTT too.
-    assert!(rtt_count(&text) >= before, "{text}");
+    assert!(rtts.read(&text) >= before, "{}", rtts.lines(&text));
     // Closed, they are followed no more (the gauge follows within a second).
-    agent.metrics_until("no connection followed", |t| {
-        sample(t, "tracer_connection_reports_followed", &[]) == Some(0.0)
-    });
+    let followed = Figure::sample("tracer_connection_reports_followed", &[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while followed.read(&agent.metrics()) != 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "both ends of the connection to port {PORT} closed, yet after 5 s:\n{}",
+            followed.lines(&agent.metrics())
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]

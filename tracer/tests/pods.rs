@@ -266,45 +266,54 @@ fn every_socket_names_its_container_and_pod_as_the_kernel_records_them() {
 
     // Metrics: the CLOSE_WAIT leak under the server pod, the refused connects under theirs.
     let pr_port = pr.port().to_string();
-    let text = agent.metrics_until("the leak to be stuck and the failures counted", |t| {
-        sample(
-            t,
-            "tracer_tcp_stuck_sockets",
-            &[
-                ("state", "close_wait"),
-                ("port", &ports[0]),
-                ("namespace", "shop"),
-                ("pod", "cart-7d9f"),
-            ],
-        ) == Some(5.0)
-    });
-    assert_eq!(
-        sample(
-            &text,
-            "tracer_tcp_handshake_failures_total",
-            &[
-                ("mode", "active"),
-                ("reason", "refused"),
-                ("port", &pr_port),
-                ("namespace", "web"),
-                ("pod", "api-0"),
-            ],
-        ),
-        Some(7.0),
-        "{text}"
+    let what = format!(
+        "5 CLOSE_WAIT on port {} in shop/cart-7d9f past 1 s, 7 connects refused on port \
+         {pr_port} from web/api-0",
+        ports[0]
+    );
+    let text = agent.metrics_exactly(
+        &what,
+        &[
+            (
+                Figure::sample(
+                    "tracer_tcp_stuck_sockets",
+                    &[
+                        ("state", "close_wait"),
+                        ("port", &ports[0]),
+                        ("namespace", "shop"),
+                        ("pod", "cart-7d9f"),
+                    ],
+                ),
+                5.0,
+            ),
+            (
+                Figure::sample(
+                    "tracer_tcp_handshake_failures_total",
+                    &[
+                        ("mode", "active"),
+                        ("reason", "refused"),
+                        ("port", &pr_port),
+                        ("namespace", "web"),
+                        ("pod", "api-0"),
+                    ],
+                ),
+                7.0,
+            ),
+        ],
     );
 
     // Attribution's own figures: every cgroup of the census resolved, the four pods that
     // appear in labels given values of their own.
-    assert_eq!(
-        sample(&text, "tracer_cgroups_unresolved", &[]),
-        Some(0.0),
-        "{text}"
-    );
-    assert_eq!(
-        sample(&text, "tracer_pod_labels", &[("result", "own")]),
-        Some(4.0),
-        "{text}"
+    assert_figures(
+        &text,
+        "the cgroups of four pods and a service",
+        &[
+            (Figure::sample("tracer_cgroups_unresolved", &[]), 0.0),
+            (
+                Figure::sample("tracer_pod_labels", &[("result", "own")]),
+                4.0,
+            ),
+        ],
     );
     assert_eq!(
         sample(&text, "tracer_feature_enabled", &[("feature", "cgroup")]),
@@ -320,25 +329,23 @@ fn every_socket_names_its_container_and_pod_as_the_kernel_records_them() {
             ("namespace", namespace),
             ("pod", pod),
         ];
-        sample(
-            &text,
-            "tracer_tcp_handshake_duration_seconds_count",
-            &labels,
-        )
+        Figure::sample("tracer_tcp_handshake_duration_seconds_count", &labels)
     };
-    for (mode, port, namespace, pod, n) in [
-        ("passive", &ports[0], "shop", "cart-7d9f", 8.0),
-        ("active", &ports[0], "db", "pg-0", 5.0),
-        ("active", &ports[0], "batch", "job-x", 3.0),
-        ("passive", &ports[2], "", "", 2.0),
-        ("active", &ports[2], "", "", 2.0),
-    ] {
-        assert_eq!(
-            handshakes(mode, port, namespace, pod),
-            Some(n),
-            "{mode} {port} {namespace}/{pod}: {text}"
-        );
-    }
+    assert_figures(
+        &text,
+        &format!(
+            "db/pg-0 connected 5 times and batch/job-x 3 times to shop/cart-7d9f on port {}; \
+             a service twice to itself on port {}",
+            ports[0], ports[2]
+        ),
+        &[
+            (handshakes("passive", &ports[0], "shop", "cart-7d9f"), 8.0),
+            (handshakes("active", &ports[0], "db", "pg-0"), 5.0),
+            (handshakes("active", &ports[0], "batch", "job-x"), 3.0),
+            (handshakes("passive", &ports[2], "", ""), 2.0),
+            (handshakes("active", &ports[2], "", ""), 2.0),
+        ],
+    );
 
     // Every transition `tracer watch` printed names the cgroup its socket was made in,
     // accepted sockets included.
@@ -487,9 +494,9 @@ fn a_kubepods_cgroup_below_a_delegated_subtree_is_no_pod_and_spends_no_label() {
     // Past the 1 s threshold.
     std::thread::sleep(std::time::Duration::from_millis(1_500));
 
-    let text = agent.metrics_until("the real pod's two stuck sockets", |t| {
-        sample(
-            t,
+    // The real pod's two leaks; the fake pods' leaks are stuck too, and belong to no pod.
+    let mut figures = vec![(
+        Figure::sample(
             "tracer_tcp_stuck_sockets",
             &[
                 ("state", "close_wait"),
@@ -497,17 +504,20 @@ fn a_kubepods_cgroup_below_a_delegated_subtree_is_no_pod_and_spends_no_label() {
                 ("namespace", "prod"),
                 ("pod", "payments-api"),
             ],
-        ) == Some(2.0)
-    });
-    // The fake pods' leaks are stuck too, and belong to no pod.
+        ),
+        2.0,
+    )];
     for fp in &fps {
         let stuck = [("state", "close_wait"), ("port", fp.as_str())];
-        assert_eq!(
-            sample(&text, "tracer_tcp_stuck_sockets", &stuck),
-            Some(1.0),
-            "{text}"
-        );
+        figures.push((Figure::sample("tracer_tcp_stuck_sockets", &stuck), 1.0));
     }
+    let text = agent.metrics_exactly(
+        &format!(
+            "2 CLOSE_WAIT leaks past 1 s on port {rp} in prod/payments-api, 1 on each of \
+             ports {fps:?} in fake pods"
+        ),
+        &figures,
+    );
     let stuck_lines: Vec<&str> = text
         .lines()
         .filter(|l| l.starts_with("tracer_tcp_stuck_sockets{"))
@@ -521,15 +531,19 @@ fn a_kubepods_cgroup_below_a_delegated_subtree_is_no_pod_and_spends_no_label() {
         );
     }
     // The real pod has the one label value spent; nothing was refused.
-    assert_eq!(
-        sample(&text, "tracer_pod_labels", &[("result", "own")]),
-        Some(1.0),
-        "{text}"
-    );
-    assert_eq!(
-        sample(&text, "tracer_pod_labels", &[("result", "other")]),
-        Some(0.0),
-        "{text}"
+    assert_figures(
+        &text,
+        "one real pod and four fakes, with --max-pods 2",
+        &[
+            (
+                Figure::sample("tracer_pod_labels", &[("result", "own")]),
+                1.0,
+            ),
+            (
+                Figure::sample("tracer_pod_labels", &[("result", "other")]),
+                0.0,
+            ),
+        ],
     );
 
     // In the listing: the fake sockets name no pod. A container is named by its cgroup
@@ -706,9 +720,8 @@ fn packets_dropped_for_a_pods_socket_are_counted_under_its_pod() {
         kernel >= 2,
         "the kernel dropped {kernel} packets for the socket"
     );
-    let drops = |t: &str, namespace: &str, pod: &str| {
-        sample(
-            t,
+    let drops = |namespace: &str, pod: &str| {
+        Figure::sample(
             "tracer_tcp_drops_total",
             &[
                 ("reason", "socket_filter"),
@@ -717,24 +730,29 @@ fn packets_dropped_for_a_pods_socket_are_counted_under_its_pod() {
                 ("pod", pod),
             ],
         )
-        .unwrap_or(0.0) as u64
     };
     let (namespace, pod) = if by_pod {
         ("shop", "filter-0")
     } else {
         ("", "")
     };
-    let text = agent.metrics_until("the socket's drops", |t| drops(t, namespace, pod) >= kernel);
+    let what = format!(
+        "ss -m: the kernel dropped {kernel} packets for the socket on port {DROP_PORT} of \
+         {namespace:?}/{pod:?}"
+    );
+    let text = agent.metrics_at_least(&what, &[(drops(namespace, pod), kernel as f64)]);
     eprintln!(
         "ss -m: {kernel} dropped for the socket; tracer: {} under {namespace:?}/{pod:?}",
-        drops(&text, namespace, pod)
+        drops(namespace, pod).read(&text)
     );
     // Exactly the socket's count, under the pod where the kernel names the socket, and none
     // elsewhere.
-    assert_eq!(drops(&text, namespace, pod), kernel, "{text}");
+    let mut figures = vec![(drops(namespace, pod), kernel as f64)];
     if by_pod {
-        assert_eq!(drops(&text, "", ""), 0, "{text}");
-    } else {
+        figures.push((drops("", ""), 0.0));
+    }
+    assert_figures(&text, &what, &figures);
+    if !by_pod {
         unsupported(
             name,
             "this kernel's kfree_skb does not name the packet's socket (Linux 6.11+): the drops \

@@ -111,10 +111,10 @@ fn a_transition_the_probe_missed_is_counted_and_makes_no_duration() {
         TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, SERVICE)).expect("listen");
     let mut client = TcpStream::connect(listener.local_addr().unwrap()).expect("connect");
     let (mut server, _) = listener.accept().expect("accept");
-    let text = agent.metrics_until("both handshakes", |t| handshakes(t, &port) == 2.0);
-    assert_eq!(
-        sample(&text, "tracer_transitions_skipped_total", &[]),
-        Some(0.0)
+    let skipped = Figure::sample("tracer_transitions_skipped_total", &[]);
+    agent.metrics_exactly(
+        &format!("1 connection to port {port}, nothing rewritten yet"),
+        &[(handshakes(&port), 2.0), (skipped.clone(), 0.0)],
     );
 
     let mut storage = agent_sockets_map();
@@ -137,19 +137,27 @@ fn a_transition_the_probe_missed_is_counted_and_makes_no_duration() {
         .expect("read the server's FIN");
     drop(client);
     // The probe's counters reach the metrics once a second, the events at once.
-    let text = agent.metrics_until("both teardowns and the skipped transition", |t| {
-        teardowns(t, "active", &port) == 1.0
-            && teardowns(t, "passive", &port) == 1.0
-            && sample(t, "tracer_transitions_skipped_total", &[]) == Some(1.0)
-    });
-    let count = |name: &str, labels: &[(&str, &str)]| {
-        sample(&text, &format!("{name}_count"), labels).unwrap_or(0.0)
+    let what = format!(
+        "1 connection to port {port} closed, its server side's storage rewritten to SYN_RECV"
+    );
+    let text = agent.metrics_exactly(
+        &what,
+        &[
+            (teardowns("active", &port), 1.0),
+            (teardowns("passive", &port), 1.0),
+            (skipped, 1.0),
+        ],
+    );
+    let lifetime = |mode| {
+        Figure::sample(
+            "tracer_tcp_connection_duration_seconds_count",
+            &[("mode", mode), ("port", &port)],
+        )
     };
-    let lifetime = "tracer_tcp_connection_duration_seconds";
-    assert_eq!(count(lifetime, &[("mode", "active"), ("port", &port)]), 1.0);
-    assert_eq!(
-        count(lifetime, &[("mode", "passive"), ("port", &port)]),
-        0.0
+    assert_figures(
+        &text,
+        &what,
+        &[(lifetime("active"), 1.0), (lifetime("passive"), 0.0)],
     );
 }
 
@@ -168,20 +176,19 @@ fn agent_sockets_map() -> aya::maps::SkStorage<aya::maps::MapData, tracer_common
 }
 
 /// Handshakes of both modes on `port`.
-fn handshakes(text: &str, port: &str) -> f64 {
-    ["active", "passive"]
-        .iter()
-        .map(|mode| {
-            let labels = [("mode", *mode), ("port", port)];
-            sample(text, "tracer_tcp_handshake_duration_seconds_count", &labels).unwrap_or(0.0)
-        })
-        .sum()
+fn handshakes(port: &str) -> Figure {
+    Figure::sum(
+        "tracer_tcp_handshake_duration_seconds_count",
+        &[("port", port)],
+    )
 }
 
 /// Teardowns of `mode` on `port`.
-fn teardowns(text: &str, mode: &str, port: &str) -> f64 {
-    let labels = [("mode", mode), ("port", port)];
-    sample(text, "tracer_tcp_teardown_duration_seconds_count", &labels).unwrap_or(0.0)
+fn teardowns(mode: &str, port: &str) -> Figure {
+    Figure::sample(
+        "tracer_tcp_teardown_duration_seconds_count",
+        &[("mode", mode), ("port", port)],
+    )
 }
 
 /// Starts an agent with `RUST_LOG=level`, then makes [`CONNECTIONS`] connections in a new
@@ -237,10 +244,21 @@ fn agent_after_sockets_without_storage(level: &str) -> Option<(Agent, Netns)> {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert_eq!(no_storage(&text), NO_STORAGE as f64, "{text}");
+    assert_figures(
+        &text,
+        &format!(
+            "{CONNECTIONS} connections on port {PORT} in a namespace whose optmem_max is 0, \
+             {NO_STORAGE} of their transitions without storage"
+        ),
+        &[(
+            Figure::sample("tracer_probe_errors_total", &[("error", "no_storage")]),
+            NO_STORAGE as f64,
+        )],
+    );
     assert!(
         events(&text) >= expected_events,
-        "every event delivered: {text}"
+        "every event delivered: {} of at least {expected_events}",
+        events(&text)
     );
     Some((agent, netns))
 }

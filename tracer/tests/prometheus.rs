@@ -30,14 +30,16 @@ fn promql_over_scraped_metrics_matches_the_traffic() {
     // first sample of a series as an increase, so a counter born at its first event would
     // lose it): Prometheus stores the 0 before the traffic.
     let refused = format!("tracer_tcp_handshake_failures_total{{reason=\"refused\",port=\"{r}\"}}");
-    prom.wait_for("the zero to be scraped", &refused, |v| v == 0.0);
+    let zero = prom.wait_for("the zero to be scraped", &refused, 0.0);
+    assert_eq!(zero, 0.0, "{refused} before any connect to port {r}");
     std::thread::sleep(Duration::from_millis(1500));
 
     let server = Server::start_at(server_addr, 100, Closer::Client);
     connect_many(server_addr, 100, Closer::Client);
     connect_refused(refused_addr, 20);
     server.join();
-    prom.wait_for("the traffic to be scraped", &refused, |v| v == 20.0);
+    let scraped = prom.wait_for("the traffic to be scraped", &refused, 20.0);
+    assert_eq!(scraped, 20.0, "{refused} after 20 connects to port {r}");
     std::thread::sleep(Duration::from_millis(1500));
 
     // Exactly what was sent, from the stored samples...

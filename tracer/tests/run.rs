@@ -43,44 +43,29 @@ fn handshakes_teardowns_and_lifetimes_are_counted_per_port() {
     a.join();
     b.join();
     settle();
-    // Every handshake and every teardown (the last clients' teardowns end when the server
-    // closes its side, just before it returns).
-    let teardowns = |t: &str, port: &str| {
-        ["active", "passive"]
-            .iter()
-            .map(|m| {
-                count(
-                    t,
-                    "tracer_tcp_teardown_duration_seconds",
-                    &[("mode", m), ("port", port)],
-                )
-            })
-            .sum::<f64>()
-    };
-    let text = agent.metrics_until("300 active handshakes and 600 teardowns", |t| {
-        count(t, HS, &[("mode", "active"), ("port", &p)]) == 200.0
-            && count(t, HS, &[("mode", "active"), ("port", &q)]) == 100.0
-            && teardowns(t, &p) == 400.0
-            && teardowns(t, &q) == 200.0
-    });
+    // Every handshake, teardown and lifetime (the last clients' teardowns end when the server
+    // closes its side, just before it returns). Both ends are on this host: every connection
+    // has one active and one passive opener, and one active and one passive closer.
+    let mut figures = Vec::new();
     for (port, n) in [(&p, 200.0), (&q, 100.0)] {
         for mode in ["active", "passive"] {
-            let l = [("mode", mode), ("port", port.as_str())];
-            assert_eq!(count(&text, HS, &l), n, "{mode} handshakes on {port}");
-            // Both ends are on this host: every connection has one active and one passive
-            // closer, and one active and one passive opener.
-            assert_eq!(
-                count(&text, "tracer_tcp_teardown_duration_seconds", &l),
-                n,
-                "{mode} teardowns on {port}"
-            );
-            assert_eq!(
-                count(&text, "tracer_tcp_connection_duration_seconds", &l),
-                n,
-                "{mode} lifetimes on {port}"
-            );
+            for family in [
+                HS,
+                "tracer_tcp_teardown_duration_seconds",
+                "tracer_tcp_connection_duration_seconds",
+            ] {
+                let l = [("mode", mode), ("port", port.as_str())];
+                figures.push((Figure::sample(&format!("{family}_count"), &l), n));
+            }
         }
     }
+    let text = agent.metrics_exactly(
+        &format!(
+            "200 connections to port {p} closed by the client, 100 to port {q} closed by the \
+             server: each counted once per side"
+        ),
+        &figures,
+    );
     // Loopback handshakes take tens of microseconds. (A busy shared machine may delay a few,
     // and a burst can overflow the test server's accept queue and make a SYN wait 1 s.)
     let fast = bucket(&text, HS, &[("mode", "active"), ("port", &p)], "0.01");
@@ -226,14 +211,35 @@ fn refused_connects_count_as_refused_failures() {
         "tracer_feature_enabled",
         &[("feature", "resets_sent_without_socket")],
     ) == Some(1.0);
-    let text = agent.metrics_until("50 refused and their resets", |t| {
-        sample(t, "tracer_tcp_handshake_failures_total", &refused) == Some(50.0)
-            && (!sent_none || resets(t, "sent", "none") >= 50.0)
-            && resets(t, "received", "syn_sent") >= 50.0
-    });
-    assert_eq!(
-        count(&text, HS, &[("mode", "active"), ("port", &port)]),
-        0.0
+    let failures = Figure::sample("tracer_tcp_handshake_failures_total", &refused);
+    let reset = |direction, state| {
+        Figure::sample(
+            "tracer_tcp_resets_total",
+            &[("direction", direction), ("state", state)],
+        )
+    };
+    let mut figures = vec![
+        (failures.clone(), 50.0),
+        (reset("received", "syn_sent"), 50.0),
+    ];
+    if sent_none {
+        figures.push((reset("sent", "none"), 50.0));
+    }
+    let what = format!("50 connects to port {port}, where nothing listens");
+    let text = agent.metrics_at_least(&what, &figures);
+    assert_figures(
+        &text,
+        &what,
+        &[
+            (failures, 50.0),
+            (
+                Figure::sample(
+                    &format!("{HS}_count"),
+                    &[("mode", "active"), ("port", &port)],
+                ),
+                0.0,
+            ),
+        ],
     );
     // Each refusal is a RST sent for no socket and received by a socket in SYN_SENT (other
     // traffic on the machine may add more).
@@ -282,9 +288,13 @@ fn a_first_syn_dropped_by_a_full_accept_queue_makes_the_active_handshake_one_sec
     drop((first, s2, a, b));
     let active = [("mode", "active"), ("port", port.as_str())];
     let passive = [("mode", "passive"), ("port", port.as_str())];
-    let text = agent.metrics_until("2 handshakes each side", |t| {
-        count(t, HS, &active) == 2.0 && count(t, HS, &passive) == 2.0
-    });
+    let text = agent.metrics_exactly(
+        &format!("2 connections to port {port}, whose accept queue held 1"),
+        &[
+            (Figure::sample(&format!("{HS}_count"), &active), 2.0),
+            (Figure::sample(&format!("{HS}_count"), &passive), 2.0),
+        ],
+    );
     assert_eq!(
         bucket(&text, HS, &active, "0.5"),
         1.0,
@@ -342,9 +352,13 @@ fn a_dropped_handshake_ack_makes_the_passive_handshake_one_second() {
     );
     let active = [("mode", "active"), ("port", port.as_str())];
     let passive = [("mode", "passive"), ("port", port.as_str())];
-    let text = agent.metrics_until("one handshake each side", |t| {
-        count(t, HS, &active) == 1.0 && count(t, HS, &passive) == 1.0
-    });
+    let text = agent.metrics_exactly(
+        &format!("1 connection to port {port}, its handshake ACK dropped"),
+        &[
+            (Figure::sample(&format!("{HS}_count"), &active), 1.0),
+            (Figure::sample(&format!("{HS}_count"), &passive), 1.0),
+        ],
+    );
     // The client's connect returned at the SYN-ACK: no 1 s in it (under full emulation a
     // loopback handshake can take over 10 ms).
     assert_eq!(
@@ -365,16 +379,12 @@ fn a_dropped_handshake_ack_makes_the_passive_handshake_one_second() {
         1.0,
         "one SYN-ACK retransmit: (0.5, 1.5]"
     );
-    let retransmits = agent.metrics_until("the SYN-ACK retransmit", |t| {
-        sample(t, "tracer_tcp_synack_retransmits_total", &[("port", &port)]).unwrap_or(0.0) > 0.0
-    });
-    assert_eq!(
-        sample(
-            &retransmits,
-            "tracer_tcp_synack_retransmits_total",
-            &[("port", &port)]
-        ),
-        Some(1.0)
+    agent.metrics_exactly(
+        &format!("1 connection to port {port}, its handshake ACK dropped once"),
+        &[(
+            Figure::sample("tracer_tcp_synack_retransmits_total", &[("port", &port)]),
+            1.0,
+        )],
     );
 }
 
@@ -392,9 +402,13 @@ fn a_connection_held_500ms_has_a_lifetime_within_20_percent() {
     drop(c);
     server.join();
     let l = [("mode", "active"), ("port", port.as_str())];
-    let text = agent.metrics_until("a lifetime", |t| {
-        count(t, "tracer_tcp_connection_duration_seconds", &l) == 1.0
-    });
+    let text = agent.metrics_exactly(
+        &format!("1 connection to port {port}, held 500 ms"),
+        &[(
+            Figure::sample("tracer_tcp_connection_duration_seconds_count", &l),
+            1.0,
+        )],
+    );
     let secs = sample(&text, "tracer_tcp_connection_duration_seconds_sum", &l).unwrap();
     assert!(
         (0.4..=0.6).contains(&secs),
@@ -603,11 +617,7 @@ fn health_index_and_sigterm() {
         Some(1.0)
     );
     // Error counters exist at 0 from the first scrape.
-    for zero in [
-        "tracer_events_lost_total",
-        "tracer_tracked_sockets_evicted_total",
-        "tracer_census_errors_total",
-    ] {
+    for zero in ["tracer_events_lost_total", "tracer_census_errors_total"] {
         assert_eq!(sample(&text, zero, &[]), Some(0.0), "{zero}");
     }
     assert!(sample(&text, "process_resident_memory_bytes", &[]).unwrap_or(0.0) > 0.0);
@@ -691,10 +701,6 @@ fn every_socket_keeps_its_state_in_the_kernel_and_none_is_evicted() {
     assert!(
         (bytes - expected).abs() <= 50.0 * per_socket as f64,
         "{bytes} bytes for {n} sockets of {per_socket}"
-    );
-    assert_eq!(
-        sample(&text, "tracer_tracked_sockets_evicted_total", &[]),
-        Some(0.0)
     );
     drop(held);
     let out = agent.tracer.stop_with(libc::SIGTERM);

@@ -276,15 +276,11 @@ fn an_nftables_drop_rule_gives_exactly_its_drops_with_the_netfilter_reason() {
         "tracer_feature_enabled",
         &[("feature", "drop_reason")],
     );
-    let drops = |t: &str| {
-        sample(
-            t,
-            "tracer_tcp_drops_total",
-            &[("reason", "netfilter_drop"), ("port", &port)],
-        )
-        .unwrap_or(0.0) as u64
-    };
-    let before = drops(&agent.metrics_now());
+    let drops = Figure::sample(
+        "tracer_tcp_drops_total",
+        &[("reason", "netfilter_drop"), ("port", &port)],
+    );
+    let before = drops.read(&agent.metrics_now());
     let kfree = SkbDrops::start();
     let err = ns
         .run(|| TcpStream::connect(("127.0.0.1", DROP_PORT)))
@@ -312,8 +308,13 @@ fn an_nftables_drop_rule_gives_exactly_its_drops_with_the_netfilter_reason() {
         traced, counted,
         "ftrace's kfree_skb netfilter drops vs the rule's counter"
     );
-    let text = agent.metrics_until("the rule's drops", |t| drops(t) - before >= counted);
-    assert_eq!(drops(&text) - before, counted, "{text}");
+    agent.metrics_exactly(
+        &format!(
+            "the rule's counter: {counted} SYNs to port {DROP_PORT} dropped, after {before} \
+             counted before the connect"
+        ),
+        &[(drops, before + counted as f64)],
+    );
 }
 
 /// The kernel's `skb/kfree_skb` events with reason NETFILTER_DROP (IPv4 and IPv6), counted in
@@ -454,13 +455,12 @@ fn a_receiver_that_stops_reading_makes_the_sender_window_limited_as_ss_says() {
     // The kernel's figures, then at least two censuses, then the kernel's again: every
     // update record taken in between lies between the two readings.
     let (first, first_at) = ss_flow(&ns, client);
-    let text = agent.metrics_until("the zero window", |t| {
-        sample(t, "tracer_tcp_zero_window_sockets", &[("port", &port)]) == Some(1.0)
-    });
-    assert_eq!(
-        sample(&text, "tracer_tcp_zero_window_sockets", &[("port", &port)]),
-        Some(1.0),
-        "{text}"
+    agent.metrics_exactly(
+        &format!("one connection to port {FLOW_PORT} whose receiver stopped reading"),
+        &[(
+            Figure::sample("tracer_tcp_zero_window_sockets", &[("port", &port)]),
+            1.0,
+        )],
     );
     std::thread::sleep(Duration::from_millis(2_500));
     let (last, last_at) = ss_flow(&ns, client);
@@ -544,33 +544,42 @@ fn a_receiver_that_stops_reading_makes_the_sender_window_limited_as_ss_says() {
         "{grown:?}"
     );
     let want = |i: usize| both.iter().map(|r| flow_of(r)[i]).sum::<u64>() as f64 / 1e6;
-    let seconds = |t: &str, by: &str| {
-        sample(
-            t,
+    let seconds = |by: &str| {
+        Figure::sample(
             "tracer_tcp_send_seconds_total",
             &[("limited_by", by), ("port", &port)],
         )
-        .unwrap_or(0.0)
     };
     // The agent and `watch` each load a probe, and each reads the kernel's jiffies at the
     // CLOSE to add the stretch under way: a tick can fall between the two runs (it did in an
     // emulated guest), so each of the two closes may differ by one jiffy.
     let tolerance = 2.0 * jiffy_seconds() + 1e-3;
-    let text = agent.metrics_until("both closes", |t| {
-        (seconds(t, "receive_window") - want(1)).abs() <= tolerance
-    });
-    let busy = seconds(&text, "network")
-        + seconds(&text, "receive_window")
-        + seconds(&text, "send_buffer");
-    assert!(
-        (busy - want(0)).abs() <= tolerance,
-        "busy {busy} vs records {}: {text}",
-        want(0)
+    let text = agent.metrics_at_least(
+        &format!(
+            "both closes on port {FLOW_PORT}: the records' receive window limited {} s, \
+             less {tolerance} s",
+            want(1)
+        ),
+        &[(seconds("receive_window"), want(1) - tolerance)],
     );
-    assert!(
-        (seconds(&text, "send_buffer") - want(2)).abs() <= tolerance,
-        "{text}"
-    );
+    let read = |by: &str| seconds(by).read(&text);
+    let busy = read("network") + read("receive_window") + read("send_buffer");
+    for (figure, got, expected) in [
+        (
+            "busy (network + receive_window + send_buffer)",
+            busy,
+            want(0),
+        ),
+        ("receive_window", read("receive_window"), want(1)),
+        ("send_buffer", read("send_buffer"), want(2)),
+    ] {
+        assert!(
+            (got - expected).abs() <= tolerance,
+            "{figure}: {got} s where the close records of port {FLOW_PORT} say {expected} s \
+             (within {tolerance} s):\n{}",
+            seconds("network").lines(&text)
+        );
+    }
 }
 
 /// The kernel's tick in seconds (`1 / HZ`: the resolution of the coarse clock).
@@ -636,14 +645,15 @@ fn a_server_that_sleeps_300ms_before_each_accept_makes_each_connection_wait_300m
         .filter(|r| r["sport"] == ACCEPT_PORT && r["record"] == "close")
         .collect();
     assert_eq!(passive.len(), 5, "{records:?}");
-    let text = agent.metrics_until("five accepted connections", |t| {
-        enabled != Some(1.0)
-            || sample(
-                t,
-                "tracer_tcp_accept_wait_seconds_count",
-                &[("port", &port)],
-            ) == Some(5.0)
-    });
+    let accepted = Figure::sample("tracer_tcp_accept_wait_seconds_count", &[("port", &port)]);
+    let text = if enabled == Some(1.0) {
+        agent.metrics_exactly(
+            &format!("5 connections to port {ACCEPT_PORT}, each accepted after {SLEEP:?}"),
+            &[(accepted, 5.0)],
+        )
+    } else {
+        agent.metrics()
+    };
     if enabled != Some(1.0) {
         unsupported(
             "accept_wait",
@@ -706,7 +716,12 @@ fn a_server_that_sleeps_300ms_before_each_accept_makes_each_connection_wait_300m
     assert_eq!(
         (bucket("0.25"), bucket("0.5")),
         (Some(0.0), Some(5.0)),
-        "{text}"
+        "5 waits of {SLEEP:?} on port {ACCEPT_PORT}:\n{}",
+        Figure::sample(
+            "tracer_tcp_accept_wait_seconds_bucket",
+            &[("port", &port), ("le", "0.5")]
+        )
+        .lines(&text)
     );
     let sum = sample(
         &text,

@@ -296,6 +296,7 @@ pub(crate) mod tests {
     #[test]
     fn comm_stops_at_nul_and_survives_bad_utf8() {
         let mut t = transition(1, 0, state::CLOSE, state::SYN_SENT);
+        t.comm = *b"curl\0\0\0\0\0\0\0\0\0\0\0\0";
         assert_eq!(comm_text(&t.comm), "curl");
         t.comm = [0; 16];
         assert_eq!(comm_text(&t.comm), "");

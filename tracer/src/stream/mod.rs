@@ -569,13 +569,13 @@ mod tests {
     use crate::stream::event::tests::transition;
     use tracer_common::state::*;
 
-    /// A transition of one socket at `now`, stamped as the probe stamps it: in `old` since
-    /// `since` (None: not seen), with `flags` and service port 8080.
-    fn at(now: u64, old: u8, new: u8, since: Option<u64>, flags: u16) -> Transition {
+    /// A transition of one socket of service port `port` at `now`, stamped as the probe
+    /// stamps it: in `old` since `since` (None: not seen), with `flags`.
+    fn at(port: u16, now: u64, old: u8, new: u8, since: Option<u64>, flags: u16) -> Transition {
         let mut t = transition(1, now, old, new);
         t.since_ns = since.unwrap_or(0);
         t.socket_flags = flags | since.map_or(0, |_| socket::SINCE_SEEN);
-        t.port = 8080;
+        t.port = port;
         t
     }
 
@@ -639,17 +639,21 @@ mod tests {
     #[test]
     fn the_dwell_is_the_time_since_the_probe_saw_the_socket_enter_its_state() {
         assert_eq!(
-            dwell(&at(1_500, SYN_SENT, ESTABLISHED, Some(1_000), 0)),
+            dwell(&at(8080, 1_500, SYN_SENT, ESTABLISHED, Some(1_000), 0)),
             Some(500)
         );
         // Older than the probe, or a transition skipped: not known, never invented.
-        assert_eq!(dwell(&at(1_500, ESTABLISHED, CLOSE_WAIT, None, 0)), None);
-        let skipped = at(1_500, FIN_WAIT1, FIN_WAIT2, None, socket::SKIPPED);
+        assert_eq!(
+            dwell(&at(8080, 1_500, ESTABLISHED, CLOSE_WAIT, None, 0)),
+            None
+        );
+        let skipped = at(8080, 1_500, FIN_WAIT1, FIN_WAIT2, None, socket::SKIPPED);
         assert_eq!(dwell(&skipped), None);
         let mut out = Vec::new();
-        observe(&at(1_500, SYN_SENT, ESTABLISHED, Some(1_000), 0), |o| {
-            out.push(o)
-        });
+        observe(
+            &at(8080, 1_500, SYN_SENT, ESTABLISHED, Some(1_000), 0),
+            |o| out.push(o),
+        );
         assert_eq!(
             out[..2],
             [
@@ -671,6 +675,7 @@ mod tests {
         // established at 1,050, FIN at 501,050, closed at 501,100.
         let active = socket::ACTIVE;
         let mut close = at(
+            8080,
             501_100,
             FIN_WAIT2,
             CLOSE,
@@ -679,7 +684,10 @@ mod tests {
         );
         (close.opened_ns, close.established_ns, close.teardown_ns) = (1_000, 1_050, 501_050);
         assert_eq!(
-            outcomes(&[at(1_050, SYN_SENT, ESTABLISHED, Some(1_000), active), close]),
+            outcomes(&[
+                at(8080, 1_050, SYN_SENT, ESTABLISHED, Some(1_000), active),
+                close
+            ]),
             vec![
                 Observation::Handshake {
                     mode: Mode::Active,
@@ -707,22 +715,18 @@ mod tests {
     #[test]
     fn passive_handshake_is_the_kernels_synack_rtt_sample_on_the_local_port() {
         let passive = socket::PASSIVE;
-        let mut est = at(2_000, SYN_RECV, ESTABLISHED, Some(2_000), passive);
-        (est.sport, est.dport, est.port) = (443, 50_000, 443);
+        let mut est = at(443, 2_000, SYN_RECV, ESTABLISHED, Some(2_000), passive);
+        (est.sport, est.dport) = (443, 50_000);
         est.srtt_us = 1_025_000 << 3;
         let mut close = at(
+            443,
             9_600,
             LAST_ACK,
             CLOSE,
             Some(9_500),
             passive | socket::TEARDOWN_PEER,
         );
-        (
-            close.sport,
-            close.port,
-            close.established_ns,
-            close.teardown_ns,
-        ) = (443, 443, 2_000, 9_000);
+        (close.sport, close.established_ns, close.teardown_ns) = (443, 2_000, 9_000);
         assert_eq!(
             outcomes(&[est, close]),
             vec![
@@ -752,7 +756,7 @@ mod tests {
     #[test]
     fn failed_connects_are_told_apart_by_sk_err() {
         let reason = |sk_err| {
-            let mut t = at(10, SYN_SENT, CLOSE, Some(0), socket::ACTIVE);
+            let mut t = at(8080, 10, SYN_SENT, CLOSE, Some(0), socket::ACTIVE);
             t.sk_err = sk_err;
             match outcomes(&[t])[..] {
                 [Observation::HandshakeFailure {
@@ -770,7 +774,7 @@ mod tests {
     #[test]
     fn crossing_fins_are_a_simultaneous_teardown() {
         let both = socket::ACTIVE | socket::TEARDOWN_HERE | socket::TEARDOWN_PEER;
-        let mut close = at(130, CLOSING, CLOSE, Some(110), both);
+        let mut close = at(8080, 130, CLOSING, CLOSE, Some(110), both);
         (close.established_ns, close.teardown_ns) = (10, 100);
         assert!(outcomes(&[close]).contains(&Observation::Teardown {
             mode: Teardown::Simultaneous,
@@ -784,8 +788,8 @@ mod tests {
     #[test]
     fn sockets_older_than_the_probe_get_no_lifetime_or_handshake() {
         // First seen leaving ESTABLISHED: a teardown is measured, a lifetime is not.
-        let mut close = at(170, FIN_WAIT2, CLOSE, Some(150), socket::TEARDOWN_HERE);
-        (close.port, close.teardown_ns) = (0, 100);
+        let mut close = at(0, 170, FIN_WAIT2, CLOSE, Some(150), socket::TEARDOWN_HERE);
+        close.teardown_ns = 100;
         assert_eq!(
             outcomes(&[close]),
             vec![Observation::Teardown {
@@ -797,7 +801,7 @@ mod tests {
         );
         // Seen first at SYN_SENT -> ESTABLISHED: when SYN_SENT began is unknown.
         assert_eq!(
-            outcomes(&[at(100, SYN_SENT, ESTABLISHED, None, socket::ACTIVE)]),
+            outcomes(&[at(8080, 100, SYN_SENT, ESTABLISHED, None, socket::ACTIVE)]),
             vec![]
         );
     }
@@ -807,7 +811,7 @@ mod tests {
         // An active open: SYN at 100, established at 150, FIN at 500, closed at 600. The
         // kernel's counters include the SYN and this side's FIN (acked), and the peer's FIN.
         let flags = socket::ACTIVE | socket::TEARDOWN_HERE;
-        let mut close = at(600, FIN_WAIT2, CLOSE, Some(550), flags);
+        let mut close = at(8080, 600, FIN_WAIT2, CLOSE, Some(550), flags);
         (close.opened_ns, close.established_ns, close.teardown_ns) = (100, 150, 500);
         (close.bytes_acked, close.bytes_received) = (1_002, 2_001);
         close.close_flags = close_flags::FIN_ACKED | close_flags::PEER_FIN;
@@ -825,7 +829,7 @@ mod tests {
         );
         // Seen only from its teardown on: no opening, no handshake or lifetime, and the bytes
         // sent not known exactly (a SYN may be in them).
-        let mut close = at(600, LAST_ACK, CLOSE, Some(500), socket::TEARDOWN_PEER);
+        let mut close = at(8080, 600, LAST_ACK, CLOSE, Some(500), socket::TEARDOWN_PEER);
         close.bytes_acked = 10;
         let c = record(&close);
         assert_eq!(
@@ -845,7 +849,7 @@ mod tests {
     fn a_reset_before_the_close_is_in_the_record_and_one_after_is_reported() {
         // Keepalive ran out: the kernel resets (reason 15), then closes with ETIMEDOUT; the
         // probe kept the reason on the socket.
-        let mut close = at(900, ESTABLISHED, CLOSE, Some(150), socket::ACTIVE);
+        let mut close = at(8080, 900, ESTABLISHED, CLOSE, Some(150), socket::ACTIVE);
         close.socket_flags |= socket::RESET_SENT;
         (close.sk_err, close.reset_reason) = (ETIMEDOUT as u8, 15);
         let c = record(&close);
@@ -864,7 +868,14 @@ mod tests {
                 followed: false
             }]
         );
-        let mut c = record(&at(600, FIN_WAIT2, CLOSE, Some(550), socket::TEARDOWN_HERE));
+        let mut c = record(&at(
+            8080,
+            600,
+            FIN_WAIT2,
+            CLOSE,
+            Some(550),
+            socket::TEARDOWN_HERE,
+        ));
         c.reset_as_it_closed(11);
         assert_eq!((c.ending, c.reset_reason), (Ending::ResetSent, Some(11)));
     }
@@ -872,7 +883,7 @@ mod tests {
     #[test]
     fn a_listener_closing_is_no_connection_record() {
         let mut out = Vec::new();
-        observe(&at(900, LISTEN, CLOSE, Some(100), 0), |o| out.push(o));
+        observe(&at(8080, 900, LISTEN, CLOSE, Some(100), 0), |o| out.push(o));
         assert!(
             !out.iter().any(|o| matches!(o, Observation::Closed(_))),
             "{out:?}"

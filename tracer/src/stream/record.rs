@@ -211,17 +211,17 @@ mod tests {
         out
     }
 
-    /// The close record of the connection of [`sample`], closing at `now` having sent 1,000
-    /// data bytes and received 80 in all.
-    fn close(tracker: &mut Tracker, now: u64) -> Record {
+    /// The close record of the connection of [`sample`], closing at `now` having sent `sent`
+    /// data bytes and received `received` in all.
+    fn close(tracker: &mut Tracker, now: u64, sent: u64, received: u64) -> Record {
         let mut t = transition(1, now, FIN_WAIT2, CLOSE);
         t.cookie = 9;
         t.socket_flags = socket::ACTIVE;
         t.opened_ns = S;
         t.established_ns = 2 * S;
         // The SYN and both FINs are in the kernel's counters.
-        t.bytes_acked = 1_002;
-        t.bytes_received = 81;
+        t.bytes_acked = sent + 2;
+        t.bytes_received = received + 1;
         t.close_flags = close_flags::FIN_ACKED | close_flags::PEER_FIN;
         t.total_retrans = 1;
         let mut closed = None;
@@ -254,7 +254,7 @@ mod tests {
         assert_eq!(second[0].interval.bytes_sent, Some(400));
         assert_eq!(second[0].interval.bytes_received, 20);
         assert_eq!(second[0].interval.retransmits, 0);
-        let close = close(&mut tracker, 30 * S);
+        let close = close(&mut tracker, 30 * S, 1_000, 80);
         assert_eq!(close.kind, Kind::Close);
         assert_eq!(close.interval.start_ns, Some(23 * S));
         let all = [first, &second[0], &close];
@@ -268,7 +268,7 @@ mod tests {
     #[test]
     fn a_census_taken_before_a_close_and_handled_after_it_reports_nothing() {
         let mut tracker = Tracker::new(Duration::from_secs(10));
-        let close = close(&mut tracker, 30 * S);
+        let close = close(&mut tracker, 30 * S, 1_000, 80);
         assert_eq!(close.interval.bytes_sent, Some(1_000));
         // Taken at 29 s, read after the close: counted by the close already.
         assert!(census(&mut tracker, &[sample(29 * S, 900, 70)]).is_empty());
@@ -359,7 +359,7 @@ mod tests {
     #[test]
     fn a_connection_closing_before_any_report_counts_its_totals_at_close() {
         let mut tracker = Tracker::new(Duration::from_secs(60));
-        let c = close(&mut tracker, 30 * S);
+        let c = close(&mut tracker, 30 * S, 1_000, 80);
         assert_eq!(c.interval.start_ns, Some(2 * S));
         assert_eq!(
             (c.interval.bytes_sent, c.interval.bytes_received),

@@ -568,6 +568,148 @@ pub fn sum_of(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// The metric name and labels of one sample line of an exposition (`name{k="v",...} value`);
+/// None for comments and lines that do not parse.
+fn series_of(line: &str) -> Option<(&str, Vec<(String, String)>)> {
+    if line.starts_with('#') {
+        return None;
+    }
+    let (series, _) = line.rsplit_once(' ')?;
+    let (metric, rest) = match series.split_once('{') {
+        Some((m, r)) => (m, r.strip_suffix('}')?),
+        None => (series, ""),
+    };
+    let labels = rest
+        .split(',')
+        .filter_map(|p| p.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
+        .collect();
+    Some((metric, labels))
+}
+
+/// One figure a test reads from a scrape: the sample `name{labels}`, or the sum of every
+/// series of `name` that has `labels`; 0 when absent. It knows which lines of the exposition
+/// show it, so that a failure prints those rather than the whole scrape.
+#[derive(Clone, Debug)]
+pub struct Figure {
+    name: String,
+    labels: Vec<(String, String)>,
+    sum: bool,
+}
+
+impl Figure {
+    /// The sample `name{labels}` (labels matched exactly, as [`sample`] does).
+    pub fn sample(name: &str, labels: &[(&str, &str)]) -> Figure {
+        Figure::new(name, labels, false)
+    }
+
+    /// The sum of every series of `name` that has `labels` and any others (as [`sum_of`]).
+    pub fn sum(name: &str, labels: &[(&str, &str)]) -> Figure {
+        Figure::new(name, labels, true)
+    }
+
+    fn new(name: &str, labels: &[(&str, &str)], sum: bool) -> Figure {
+        Figure {
+            name: name.to_owned(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            sum,
+        }
+    }
+
+    /// Its value in `text`.
+    pub fn read(&self, text: &str) -> f64 {
+        let labels: Vec<(&str, &str)> = self
+            .labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        if self.sum {
+            sum_of(text, &self.name, &labels)
+        } else {
+            sample(text, &self.name, &labels).unwrap_or(0.0)
+        }
+    }
+
+    /// The lines of `text` that show this figure and its neighbours: the series of its family
+    /// (a histogram's `_count` and `_sum`, its buckets only for a bucket) on the same port, or
+    /// with the same labels where it has no port.
+    pub fn lines(&self, text: &str) -> String {
+        let family = ["_count", "_sum", "_bucket"]
+            .iter()
+            .find_map(|s| self.name.strip_suffix(s))
+            .unwrap_or(&self.name);
+        let buckets = self.name.ends_with("_bucket");
+        let port = self.labels.iter().find(|(k, _)| k == "port");
+        let wanted: Vec<&(String, String)> = match port {
+            Some(p) => vec![p],
+            None => self.labels.iter().filter(|(k, _)| k != "le").collect(),
+        };
+        let shown: Vec<&str> = text
+            .lines()
+            .filter(|line| {
+                let Some((metric, labels)) = series_of(line) else {
+                    return false;
+                };
+                let of_family = metric == family
+                    || metric.strip_prefix(family).is_some_and(|suffix| {
+                        suffix == "_count" || suffix == "_sum" || (buckets && suffix == "_bucket")
+                    });
+                of_family && wanted.iter().all(|w| labels.contains(w))
+            })
+            .collect();
+        if shown.is_empty() {
+            let with: Vec<String> = wanted.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+            format!("    (no series of {family} with {{{}}})", with.join(","))
+        } else {
+            shown
+                .iter()
+                .map(|l| format!("    {l}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+    }
+}
+
+impl std::fmt::Display for Figure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let labels: Vec<String> = self
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{v}\""))
+            .collect();
+        let series = if labels.is_empty() {
+            self.name.clone()
+        } else {
+            format!("{}{{{}}}", self.name, labels.join(","))
+        };
+        if self.sum {
+            write!(f, "sum({series})")
+        } else {
+            f.write_str(&series)
+        }
+    }
+}
+
+/// Asserts that each figure has its expected value in `text`; otherwise panics with `what`
+/// (the test's inputs), and each figure's expected and actual value with its lines.
+pub fn assert_figures(text: &str, what: &str, figures: &[(Figure, f64)]) {
+    let wrong: Vec<String> = figures
+        .iter()
+        .filter(|(f, expected)| f.read(text) != *expected)
+        .map(|(f, expected)| {
+            format!(
+                "  {f}: expected {expected}, got {}\n{}",
+                f.read(text),
+                f.lines(text)
+            )
+        })
+        .collect();
+    assert!(wrong.is_empty(), "{what}:\n{}", wrong.join("\n"));
+}
+
 /// A running `tracer run` agent on a free loopback port.
 pub struct Agent {
     pub tracer: Tracer,
@@ -634,8 +776,48 @@ impl Agent {
         body
     }
 
+    /// Scrapes until each figure has reached at least its expected value, and returns that
+    /// scrape: a figure past what was expected ends the wait at once, so that the test's own
+    /// check reports the miscount rather than a timeout. After 5 s, panics naming `what`, and
+    /// each figure short of its value with the last value seen and its lines.
+    pub fn metrics_at_least(&self, what: &str, figures: &[(Figure, f64)]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = self.metrics();
+            let short: Vec<String> = figures
+                .iter()
+                .filter(|(f, expected)| f.read(&text) < *expected)
+                .map(|(f, expected)| {
+                    format!(
+                        "  {f}: {} where at least {expected} was expected\n{}",
+                        f.read(&text),
+                        f.lines(&text)
+                    )
+                })
+                .collect();
+            if short.is_empty() {
+                return text;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out after 5 s waiting for {what}; last scrape:\n{}",
+                    short.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// [`Agent::metrics_at_least`], then [`assert_figures`]: each figure exactly as expected.
+    pub fn metrics_exactly(&self, what: &str, figures: &[(Figure, f64)]) -> String {
+        let text = self.metrics_at_least(what, figures);
+        assert_figures(&text, what, figures);
+        text
+    }
+
     /// Scrapes until `check` passes on the text (the agent drains every 10 ms), or panics with
-    /// the last text after 5 s.
+    /// the last text after 5 s. Prefer [`Agent::metrics_at_least`], whose failures say which
+    /// figure is short and by how much.
     pub fn metrics_until(&self, what: &str, check: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
@@ -859,9 +1041,8 @@ impl Prometheus {
             .spawn()
             .expect("starting prometheus (cargo xtask setup installs Debian's package)");
         let p = Prometheus { child, addr, dir };
-        p.wait_for("the first successful scrape", "up{job=\"tracer\"}", |v| {
-            v == 1.0
-        });
+        // `up` is 1 once a scrape succeeded, 0 before.
+        p.wait_for("the first successful scrape", "up{job=\"tracer\"}", 1.0);
         p
     }
 
@@ -893,20 +1074,31 @@ impl Prometheus {
         result["value"][1].as_str()?.parse().ok()
     }
 
-    pub fn wait_for(&self, what: &str, promql: &str, ok: impl Fn(f64) -> bool) -> f64 {
+    /// Queries `promql` until it returns a value of at least `at_least`, and returns that
+    /// value (the test checks it is exactly what it expects). After 20 s, panics naming
+    /// `what`, the query, the last value and the value waited for.
+    pub fn wait_for(&self, what: &str, promql: &str, at_least: f64) -> f64 {
         let deadline = Instant::now() + Duration::from_secs(20);
+        let mut last = None;
         loop {
             // Prometheus answers 503 until its storage is open (seconds under emulation).
             let ready = std::net::TcpStream::connect(self.addr).is_ok()
                 && http_get(self.addr, "/-/ready").0 == 200;
             if ready {
-                if let Some(v) = self.query(promql).filter(|v| ok(*v)) {
+                last = self.query(promql);
+                if let Some(v) = last.filter(|v| *v >= at_least) {
                     return v;
                 }
             }
             assert!(
                 Instant::now() < deadline,
-                "Prometheus: timed out waiting for {what} ({promql})"
+                "Prometheus: timed out after 20 s waiting for {what}: {promql} was {}, \
+                 where at least {at_least} was expected",
+                match (ready, last) {
+                    (false, _) => "not asked (Prometheus not ready)".to_owned(),
+                    (true, None) => "no series".to_owned(),
+                    (true, Some(v)) => v.to_string(),
+                }
             );
             std::thread::sleep(Duration::from_millis(250));
         }
@@ -1031,22 +1223,27 @@ impl Rotel {
         parse_rotel(&text)
     }
 
-    /// Waits (up to `secs` seconds) until `check` holds for what was received.
+    /// Waits (up to `secs` seconds) until `count` of what was received reaches at least
+    /// `expected`, and returns everything received then (the test checks the exact count).
+    /// On a timeout, panics naming `what`, the last count and the count waited for.
     pub fn wait_for(
         &self,
         what: &str,
         secs: u64,
-        check: impl Fn(&[Received]) -> bool,
+        expected: usize,
+        count: impl Fn(&[Received]) -> usize,
     ) -> Vec<Received> {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
             let got = self.received();
-            if check(&got) {
+            let n = count(&got);
+            if n >= expected {
                 return got;
             }
             assert!(
                 Instant::now() < deadline,
-                "rotel: no {what} within {secs} s; got {} records",
+                "rotel: timed out after {secs} s waiting for {what}: {n} where at least \
+                 {expected} were expected ({} records received in all)",
                 got.len()
             );
             std::thread::sleep(Duration::from_millis(100));
