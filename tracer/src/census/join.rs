@@ -46,7 +46,7 @@ pub fn join(
         let listeners = Listeners::of(ns, sightings);
         for r in &ns.sockets {
             present.insert(r.cookie);
-            let v = view(ns, r, &listeners, sightings, first, now_ns);
+            let v = view(ns, r, &listeners, sightings, first);
             if let Some(unaged) = v.unaged {
                 unaged_now.insert(r.cookie, unaged);
             }
@@ -123,6 +123,7 @@ mod tests {
                 sockets,
                 port_range: (40000, 40009),
                 dumped_at_ns,
+                dumped_until_ns: dumped_at_ns,
                 ..Default::default()
             }],
             ..Default::default()

@@ -156,6 +156,9 @@ pub struct NetnsCensus {
     /// CLOCK_MONOTONIC ns just before its sockets were dumped: a socket the agent saw change
     /// state before this, and the dump does not show, is gone.
     pub dumped_at_ns: u64,
+    /// CLOCK_MONOTONIC ns just after: every socket was read between the two (a busy host's
+    /// census thread, niced, can wait tens of milliseconds for a CPU in between).
+    pub dumped_until_ns: u64,
 }
 
 /// Takes the census of every network namespace on the host: those a process is in (found
@@ -241,10 +244,12 @@ fn netns_census(netns: u64, storage: Option<&OwnedFd>) -> Result<NetnsCensus> {
         std::fs::read_to_string("/proc/thread-self/net/snmp").context("reading /proc/net/snmp")?;
     let tcp = parse_netstat(&snmp, "Tcp");
     let dumped_at_ns = crate::stream::ring::monotonic_ns();
+    let sockets = dump_tcp(storage)?;
     Ok(NetnsCensus {
         netns,
         dumped_at_ns,
-        sockets: dump_tcp(storage)?,
+        dumped_until_ns: crate::stream::ring::monotonic_ns(),
+        sockets,
         port_range: parse_port_range(&range).context("parsing ip_local_port_range")?,
         listen_overflows: tcp_ext.get("ListenOverflows").copied().unwrap_or(0),
         listen_drops: tcp_ext.get("ListenDrops").copied().unwrap_or(0),

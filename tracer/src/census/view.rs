@@ -261,15 +261,13 @@ pub struct Viewed {
     pub finding: Option<Finding>,
 }
 
-/// The view of `r`, found in `ns` at `now_ns` (CLOCK_MONOTONIC, the probe's clock); `first`
-/// on the agent's first census.
+/// The view of `r`, found in `ns`; `first` on the agent's first census.
 pub fn view(
     ns: &NetnsCensus,
     r: &SocketRecord,
     listeners: &Listeners,
     sightings: &Sightings,
     first: bool,
-    now_ns: u64,
 ) -> Viewed {
     let census_state = census_state(r);
     // Neither request sockets nor TIME-WAIT sockets (some shown in their FIN_WAIT2 substate)
@@ -281,8 +279,14 @@ pub fn view(
     let (mut unaged, mut finding) = (None, None);
     let (entered_ns, age_source) = match (exact, r.retransmit) {
         (Some(s), _) => (Some(s.since_ns), AgeSource::Transition),
+        // The timer as the dump read it, some time between the dump's start and end: its
+        // age taken as of the end, so that it stays a lower bound (not as of the join, which
+        // a busy host's census reached more than a second later: ages came out too old).
         (None, Some((expires, retransmits))) if request => (
-            Some(now_ns.saturating_sub(request_age(expires, retransmits).as_nanos() as u64)),
+            Some(
+                ns.dumped_until_ns
+                    .saturating_sub(request_age(expires, retransmits).as_nanos() as u64),
+            ),
             AgeSource::SynAckTimer,
         ),
         (None, _) if !full => (None, AgeSource::Unknown),

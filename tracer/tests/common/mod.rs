@@ -136,6 +136,67 @@ impl Ftrace {
     }
 }
 
+/// A private ftrace instance recording one event (`system/name`) that passes `filter`, on
+/// CLOCK_MONOTONIC (the probe's clock).
+pub struct EventTrace {
+    dir: PathBuf,
+    event: String,
+}
+
+impl EventTrace {
+    pub fn start(name: &str, event: &str, filter: &str) -> EventTrace {
+        let dir = PathBuf::from("/sys/kernel/tracing/instances")
+            .join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir(&dir);
+        std::fs::create_dir(&dir).expect("creating an ftrace instance");
+        let t = EventTrace {
+            dir,
+            event: event.to_owned(),
+        };
+        let write = |file: &str, value: &str| {
+            std::fs::write(t.dir.join(file), value)
+                .unwrap_or_else(|e| panic!("writing {value:?} to {file}: {e}"))
+        };
+        write("trace_clock", "mono");
+        write(&format!("events/{event}/filter"), filter);
+        write(&format!("events/{event}/enable"), "1");
+        t
+    }
+
+    /// Every event recorded so far (recording goes on): its time (CLOCK_MONOTONIC, seconds)
+    /// and its fields (`name=value` words).
+    pub fn events(&self) -> Vec<(f64, String)> {
+        let text = std::fs::read_to_string(self.dir.join("trace")).expect("reading trace");
+        let (_, name) = self.event.split_once('/').unwrap_or(("", &self.event));
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (head, fields) = l.split_once(&format!(" {name}: "))?;
+                let time = head.split_whitespace().last()?.trim_end_matches(':');
+                Some((time.parse().ok()?, fields.to_owned()))
+            })
+            .collect()
+    }
+}
+
+impl Drop for EventTrace {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.dir.join(format!("events/{}/enable", self.event)), "0");
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// CLOCK_MONOTONIC now, seconds.
+pub fn monotonic_now() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
 impl Drop for Ftrace {
     fn drop(&mut self) {
         let _ = std::fs::write(self.dir.join("events/sock/inet_sock_set_state/enable"), "0");
