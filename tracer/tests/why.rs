@@ -360,9 +360,10 @@ const FLOW_PORT: u16 = 7_407;
 
 /// What `ss -ti` says of the socket on local port `local` in `ns`: `busy`, `rwnd_limited`
 /// and `sndbuf_limited` (milliseconds; 0 where ss prints none) and the time it was asked.
-fn ss_flow(ns: &Netns, local: u16) -> ([u64; 3], f64) {
+fn ss_flow(ns: &Netns, local: u16) -> ([u64; 3], (f64, f64)) {
     let asked = unix_now();
     let text = ns.exec(&["ss", "-tinH", "sport", "=", &format!(":{local}")]);
+    let answered = unix_now();
     let field = |name: &str| -> u64 {
         text.split_whitespace()
             .find_map(|w| w.strip_prefix(name))
@@ -376,7 +377,7 @@ fn ss_flow(ns: &Netns, local: u16) -> ([u64; 3], f64) {
             field("rwnd_limited:"),
             field("sndbuf_limited:"),
         ],
-        asked,
+        (asked, answered),
     )
 }
 
@@ -454,7 +455,7 @@ fn a_receiver_that_stops_reading_makes_the_sender_window_limited_as_ss_says() {
     }
     // The kernel's figures, then at least two censuses, then the kernel's again: every
     // update record taken in between lies between the two readings.
-    let (first, first_at) = ss_flow(&ns, client);
+    let (first, (_, first_at)) = ss_flow(&ns, client);
     agent.metrics_exactly(
         &format!("one connection to port {FLOW_PORT} whose receiver stopped reading"),
         &[(
@@ -463,7 +464,7 @@ fn a_receiver_that_stops_reading_makes_the_sender_window_limited_as_ss_says() {
         )],
     );
     std::thread::sleep(Duration::from_millis(2_500));
-    let (last, last_at) = ss_flow(&ns, client);
+    let (last, (last_at, _)) = ss_flow(&ns, client);
     assert!(first[1] >= 1_000, "ss: rwnd_limited {first:?} ms after 3 s");
     let grown = growth(&before, &kernel_counters(&ns));
     assert!(
@@ -495,6 +496,11 @@ fn a_receiver_that_stops_reading_makes_the_sender_window_limited_as_ss_says() {
             assert_eq!(r[kinds]["other"], 0, "{r}");
         }
     }
+    // The ss readings were made some time between the test's clock readings around them
+    // (starting ss in the namespace took hundreds of milliseconds in an emulated guest on a
+    // busy host, and an update taken after the first clock reading showed less than that
+    // first ss reading): an update counts as between them when it was taken after the
+    // first ss had answered and before the last was started.
     let between: Vec<_> = updates
         .iter()
         .filter(|u| {

@@ -292,7 +292,9 @@ impl Tracer {
         if read_stdout {
             tracer.read_stdout();
         }
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Loading and verifying the probe takes a few seconds in an emulated guest, and took
+        // over 30 s there once while the host was busy: 60 s before calling it a failure.
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match tracer.stderr_lines.recv_timeout(left) {
