@@ -321,11 +321,7 @@ fn half_open_handshakes_are_listed_and_a_black_holed_connect_is_flagged() {
         .trim_end()
         .to_owned();
     // The kernel's own record of each SYN-ACK resent (CLOCK_MONOTONIC), by client port.
-    let synacks = EventTrace::start(
-        "synack",
-        "tcp/tcp_retransmit_synack",
-        "sport == 18082",
-    );
+    let synacks = EventTrace::start("synack", "tcp/tcp_retransmit_synack", "sport == 18082");
     let (listener, clients) = ns.run(|| {
         let l = TcpListener::bind("127.0.0.1:18082").unwrap();
         // connect() returns once the SYN-ACK arrives; the server never sees the final ACK.
@@ -355,7 +351,11 @@ fn half_open_handshakes_are_listed_and_a_black_holed_connect_is_flagged() {
         .collect();
     let deadline = Instant::now() + Duration::from_secs(20);
     while ports.iter().any(|&p| resent(p).len() < 2) {
-        assert!(Instant::now() < deadline, "SYN-ACKs resent: {:?}", synacks.events());
+        assert!(
+            Instant::now() < deadline,
+            "SYN-ACKs resent: {:?}",
+            synacks.events()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 
@@ -383,11 +383,16 @@ fn half_open_handshakes_are_listed_and_a_black_holed_connect_is_flagged() {
     for s in &half_open {
         let port = s["remote_port"].as_u64().unwrap() as u16;
         let times = resent(port);
-        let before: Vec<f64> = times.iter().copied().filter(|&t| t <= census_mono).collect();
+        let before: Vec<f64> = times
+            .iter()
+            .copied()
+            .filter(|&t| t <= census_mono)
+            .collect();
         let (k, last) = (before.len(), *before.last().unwrap());
         let entered = last - f64::from((1u32 << k) - 1);
         let age = s["age_seconds"].as_f64().unwrap();
-        let inputs = format!("{k} SYN-ACKs resent at {times:?} before the census at {census_mono}: {s}");
+        let inputs =
+            format!("{k} SYN-ACKs resent at {times:?} before the census at {census_mono}: {s}");
         let expected = answered_mono - entered;
         assert!(
             age <= expected + 0.01 && age >= expected - 0.5,

@@ -174,13 +174,34 @@ fn retransmissions_by_kind_equal_the_kernels_own_counters() {
     // Every kind on every port is what the kernel counted, cause by cause.
     let total = growth(&start, &kernel_counters(&ns));
     let kernel = |g: &BTreeMap<String, u64>, name: &str| g.get(name).copied().unwrap_or(0);
-    let text = agent.metrics_until("every retransmission", |t| {
-        let ours: u64 = [SYN_PORT, BLACK_HOLE_PORT, BULK_PORT, SYNACK_PORT]
+    let ours = |t: &str| -> u64 {
+        [SYN_PORT, BLACK_HOLE_PORT, BULK_PORT, SYNACK_PORT]
             .iter()
             .flat_map(|&p| KINDS.map(|k| retransmits(t, p, k)))
-            .sum();
-        ours >= kernel(&total, "TcpRetransSegs")
+            .sum()
+    };
+    // A retransmission whose program run the kernel skipped (the same program already running
+    // on that CPU: a softirq's retransmission during a process-context one) is not counted,
+    // but counted as missed: the two add up to the kernel's count.
+    let missed = |t: &str| -> u64 {
+        ["tcp_retransmit_skb", "tcp_retransmit_synack"]
+            .iter()
+            .map(|p| {
+                sample(t, "tracer_probe_runs_missed_total", &[("program", p)]).unwrap_or(0.0) as u64
+            })
+            .sum()
+    };
+    let kernel_total = kernel(&total, "TcpRetransSegs");
+    let text = agent.metrics_until("every retransmission, counted or missed", |t| {
+        ours(t) + missed(t) >= kernel_total
     });
+    let (counted, skipped) = (ours(&text), missed(&text));
+    assert_eq!(
+        counted + skipped,
+        kernel_total,
+        "retransmissions counted {counted} and missed {skipped}, against the namespace's \
+         TcpRetransSegs {kernel_total}: {per_cause:?}"
+    );
     let seen: Vec<(u16, BTreeMap<&str, u64>)> = per_cause
         .iter()
         .map(|(port, _)| {
@@ -193,7 +214,12 @@ fn retransmissions_by_kind_equal_the_kernels_own_counters() {
         })
         .collect();
     let all = format!("tracer: {seen:?}\nkernel: {per_cause:?}");
-    for ((port, g), (_, kinds)) in per_cause.iter().zip(&seen) {
+    if skipped > 0 {
+        // Which port's runs were skipped is not known: the per-port figures can only be
+        // compared where nothing was.
+        println!("the kernel skipped {skipped} retransmission runs: {all}");
+    }
+    for ((port, g), (_, kinds)) in per_cause.iter().zip(&seen).filter(|_| skipped == 0) {
         let ours = |k: &str| kinds.get(k).copied().unwrap_or(0);
         let sum: u64 = kinds.values().sum();
         assert_eq!(sum, kernel(g, "TcpRetransSegs"), "port {port}: {all}");

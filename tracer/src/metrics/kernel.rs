@@ -49,6 +49,7 @@ pub struct KernelMetrics {
     events_lost: IntCounter,
     probe_runs: IntCounterVec,
     probe_run_seconds: CounterVec,
+    probe_runs_missed: IntCounterVec,
     table_full: IntCounterVec,
     probe_errors: IntCounterVec,
     skipped: IntCounter,
@@ -62,8 +63,8 @@ pub struct KernelMetrics {
 #[derive(Default)]
 struct KernelTotals {
     lost: u64,
-    /// Per program: (runs, run nanoseconds).
-    programs: HashMap<&'static str, (u64, u64)>,
+    /// Per program: (runs, run nanoseconds, runs missed).
+    programs: HashMap<&'static str, (u64, u64, u64)>,
     evicted: u64,
     synack: HashMap<u16, u64>,
     /// By (port, kind); SYN-ACKs of request sockets come from `synack`.
@@ -175,9 +176,19 @@ impl KernelMetrics {
             &["program"],
         )?;
         registry.register(Box::new(probe_run_seconds.clone()))?;
+        let probe_runs_missed = counter(
+            "tracer_probe_runs_missed_total",
+            "Runs of each eBPF program that the kernel skipped because the same program was \
+             already running on that CPU (bpf_prog_info.recursion_misses, Linux 5.12+; \
+             counted whatever kernel.bpf_stats_enabled says): for the counting programs, \
+             retransmissions, resets or drops not counted; inet_sock_set_state's, less those \
+             the rescue program delivered, are in tracer_events_lost_total.",
+            &["program"],
+        )?;
         for (name, _) in crate::stream::probe::PROGRAMS {
             probe_runs.with_label_values(&[name]);
             probe_run_seconds.with_label_values(&[name]);
+            probe_runs_missed.with_label_values(&[name]);
         }
         let table_full = counter(
             "tracer_probe_table_full_total",
@@ -235,6 +246,7 @@ impl KernelMetrics {
             events_lost,
             probe_runs,
             probe_run_seconds,
+            probe_runs_missed,
             table_full,
             probe_errors,
             skipped,
@@ -262,11 +274,14 @@ impl KernelMetrics {
         self.tracked.set(tracked as i64);
         self.table_bytes.set(bytes as i64);
         for p in &probe.programs {
-            let (runs, ns) = self
+            let (runs, ns, missed) = self
                 .last
                 .programs
-                .insert(p.name, (p.runs, p.run_ns))
-                .unwrap_or((0, 0));
+                .insert(p.name, (p.runs, p.run_ns, p.missed))
+                .unwrap_or((0, 0, 0));
+            self.probe_runs_missed
+                .with_label_values(&[p.name])
+                .inc_by(p.missed.saturating_sub(missed));
             self.probe_runs
                 .with_label_values(&[p.name])
                 .inc_by(p.runs.saturating_sub(runs));
@@ -422,6 +437,7 @@ mod tests {
                 name: "inet_sock_set_state",
                 runs,
                 run_ns,
+                missed: 0,
             }]
         };
         let size = TableSize {

@@ -141,6 +141,10 @@ pub struct ProgramStats {
     pub name: &'static str,
     pub runs: u64,
     pub run_ns: u64,
+    /// Runs the kernel skipped because the program was already running on that CPU (a
+    /// softirq's tracepoint hit while the same program ran in process context):
+    /// `bpf_prog_info.recursion_misses`, counted whatever `kernel.bpf_stats_enabled` says.
+    pub missed: u64,
 }
 
 /// Everything the agent reads from the probe once a second.
@@ -460,6 +464,7 @@ impl Probe {
                 name,
                 runs: info.run_cnt,
                 run_ns: info.run_time_ns,
+                missed: info.recursion_misses,
             })
         };
         let mut out = Vec::with_capacity(PROGRAMS.len() + 2);
