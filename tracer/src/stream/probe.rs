@@ -234,7 +234,7 @@ impl Probe {
             .override_global(aya_log::LEVEL, &log_level, true)
             .map_max_entries("EVENTS", cpus)
             .load(PROBE_OBJECT)
-            .map_err(|e| load_error(&e))?;
+            .map_err(|e| load_error(Step::Maps, &e))?;
         let logger = EbpfLogger::init(&mut ebpf).context("opening the probe's log (aya-log)")?;
 
         // One ring per possible CPU, each referenced from the probe's `EVENTS` array.
@@ -250,7 +250,7 @@ impl Probe {
                 0,
             );
             let map = MapData::create(params, &format!("events_cpu{cpu}"), None)
-                .map_err(|e| load_error(&e))?;
+                .map_err(|e| load_error(Step::Maps, &e))?;
             let ring = RingBuf::try_from(Map::RingBuf(map))?;
             events
                 .set(cpu, &ring, 0)
@@ -272,15 +272,12 @@ impl Probe {
         let aya_btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
         // The main program first, then the one that rescues its nested runs.
         for (name, tracepoint) in PROGRAMS {
-            let name = object_program(name, variants);
-            let program: &mut BtfTracePoint = ebpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing from the probe object"))?
-                .try_into()?;
-            program
-                .load(tracepoint, &aya_btf)
-                .map_err(|e| load_error(&e))?;
-            program.attach().map_err(|e| load_error(&e))?;
+            attach_tracepoint(
+                &mut ebpf,
+                object_program(name, variants),
+                tracepoint,
+                &aya_btf,
+            )?;
         }
         // The socket a dropped packet was for is an argument since Linux 6.11.
         let drop_program = if drop_args.is_some_and(|n| n >= 4) {
@@ -640,8 +637,20 @@ fn attach_tracepoint(
         .program_mut(name)
         .with_context(|| format!("program {name} missing from the probe object"))?
         .try_into()?;
-    program.load(tracepoint, btf).map_err(|e| load_error(&e))?;
-    program.attach().map_err(|e| load_error(&e))?;
+    let (load, attach) = (
+        Step::Load {
+            program: name,
+            tracepoint,
+        },
+        Step::Attach {
+            program: name,
+            tracepoint,
+        },
+    );
+    program
+        .load(tracepoint, btf)
+        .map_err(|e| load_error(load, &e))?;
+    program.attach().map_err(|e| load_error(attach, &e))?;
     Ok(())
 }
 
@@ -794,8 +803,35 @@ fn raise_memlock_limit() {
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
 }
 
-/// Turns a load or attach failure into one line that says what to do.
-fn load_error(err: &dyn std::error::Error) -> anyhow::Error {
+/// What the kernel was asked to take when it refused, for [`load_error`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step<'a> {
+    /// The probe object's maps and globals, or a CPU's ring buffer.
+    Maps,
+    /// Loading `program` of the probe object for BTF tracepoint `tracepoint` (the verifier runs).
+    Load {
+        program: &'a str,
+        tracepoint: &'a str,
+    },
+    /// Attaching the loaded `program` to BTF tracepoint `tracepoint`.
+    Attach {
+        program: &'a str,
+        tracepoint: &'a str,
+    },
+}
+
+impl Step<'_> {
+    /// The verb of the line: what the kernel refused to do.
+    fn verb(self) -> &'static str {
+        match self {
+            Step::Maps | Step::Load { .. } => "load",
+            Step::Attach { .. } => "attach",
+        }
+    }
+}
+
+/// Turns a load or attach failure of `step` into one line that says what to do.
+fn load_error(step: Step<'_>, err: &dyn std::error::Error) -> anyhow::Error {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(s) = source {
@@ -803,12 +839,12 @@ fn load_error(err: &dyn std::error::Error) -> anyhow::Error {
         text.push_str(&s.to_string());
         source = s.source();
     }
-    anyhow::anyhow!("{}", load_error_line(&text))
+    anyhow::anyhow!("{}", load_error_line(step, &text))
 }
 
-/// One line that says why the kernel refused the probe and what to do, from the error text
-/// (which may hold the verifier's whole log: it is summarised, never printed).
-fn load_error_line(text: &str) -> String {
+/// One line that says which part of the probe the kernel refused, why and what to do, from the
+/// error text (which may hold the verifier's whole log: it is summarised, never printed).
+fn load_error_line(step: Step<'_>, text: &str) -> String {
     // The verifier names a helper this kernel does not offer to BTF tracepoint programs.
     let helper = text.lines().find_map(|l| {
         let l = l.trim();
@@ -819,20 +855,37 @@ fn load_error_line(text: &str) -> String {
     });
     let first = text.lines().next().unwrap_or_default();
     let first = first.split(". Verifier output").next().unwrap_or(first);
+    let verb = step.verb();
+    let (what, tracepoint) = match step {
+        Step::Maps => ("the eBPF probe's maps".to_owned(), None),
+        Step::Load {
+            program,
+            tracepoint,
+        }
+        | Step::Attach {
+            program,
+            tracepoint,
+        } => (
+            format!("the eBPF program {program} (tracepoint {tracepoint})"),
+            Some(tracepoint),
+        ),
+    };
     if let Some(helper) = helper {
         format!(
             "this kernel does not let the probe call {helper} from a BTF tracepoint program \
-             ({first}): tracer needs Linux 5.12 or newer (or a kernel with that backported)"
+             (cannot {verb} {what}: {first}): tracer needs Linux 5.12 or newer (or a kernel \
+             with that backported)"
         )
     } else if text.contains("Operation not permitted") || text.contains("EPERM") {
         format!(
-            "the kernel refused the eBPF probe ({first}): run as root or with \
+            "the kernel refused to {verb} {what} ({first}): run as root or with \
              CAP_BPF+CAP_PERFMON, and check that lockdown or seccomp does not forbid bpf()"
         )
     } else {
+        let needs = tracepoint.map_or(String::new(), |t| format!(" and the {t} tracepoint"));
         format!(
-            "cannot load the eBPF probe ({first}): tracer needs Linux 5.12 or newer with BTF \
-             (CONFIG_DEBUG_INFO_BTF) and the inet_sock_set_state tracepoint"
+            "cannot {verb} {what} ({first}): tracer needs Linux 5.12 or newer with BTF \
+             (CONFIG_DEBUG_INFO_BTF){needs}"
         )
     }
 }
@@ -856,13 +909,58 @@ mod tests {
                    12: (85) call bpf_get_socket_cookie#46\n\
                    program of this type cannot use helper bpf_get_socket_cookie#46\n\
                    processed 12 insns\n";
-        let line = load_error_line(log);
-        assert!(!line.contains('\n'), "{line}");
-        assert!(
-            line.contains("call bpf_get_socket_cookie from a BTF tracepoint"),
-            "{line}"
+        let step = Step::Load {
+            program: "inet_sock_set_state",
+            tracepoint: "inet_sock_set_state",
+        };
+        let line = load_error_line(step, log);
+        assert_eq!(
+            line,
+            "this kernel does not let the probe call bpf_get_socket_cookie from a BTF tracepoint \
+             program (cannot load the eBPF program inet_sock_set_state (tracepoint \
+             inet_sock_set_state): the BPF_PROG_LOAD syscall failed): tracer needs Linux 5.12 \
+             or newer (or a kernel with that backported)"
         );
-        assert!(line.contains("Linux 5.12"), "{line}");
-        assert!(!line.contains("R10=fp0"), "no verifier dump: {line}");
+    }
+
+    #[test]
+    fn a_refused_program_is_named_with_its_tracepoint_not_always_the_main_one() {
+        let step = Step::Load {
+            program: "tcp_send_reset_reason",
+            tracepoint: "tcp_send_reset",
+        };
+        let text = "the BPF_PROG_LOAD syscall failed: Invalid argument (os error 22)";
+        assert_eq!(
+            load_error_line(step, text),
+            "cannot load the eBPF program tcp_send_reset_reason (tracepoint tcp_send_reset) \
+             (the BPF_PROG_LOAD syscall failed: Invalid argument (os error 22)): tracer needs \
+             Linux 5.12 or newer with BTF (CONFIG_DEBUG_INFO_BTF) and the tcp_send_reset \
+             tracepoint"
+        );
+        let step = Step::Attach {
+            program: "tcp_retransmit_synack",
+            tracepoint: "tcp_retransmit_synack",
+        };
+        let text = "`bpf_raw_tracepoint_open` failed: Operation not permitted (os error 1)";
+        assert_eq!(
+            load_error_line(step, text),
+            "the kernel refused to attach the eBPF program tcp_retransmit_synack (tracepoint \
+             tcp_retransmit_synack) (`bpf_raw_tracepoint_open` failed: Operation not permitted \
+             (os error 1)): run as root or with CAP_BPF+CAP_PERFMON, and check that lockdown or \
+             seccomp does not forbid bpf()"
+        );
+    }
+
+    #[test]
+    fn refused_maps_name_no_program() {
+        let text = "map EVENTS: the BPF_MAP_CREATE syscall failed: Invalid argument (os error 22)";
+        let line = load_error_line(Step::Maps, text);
+        assert_eq!(
+            line,
+            "cannot load the eBPF probe's maps (map EVENTS: the BPF_MAP_CREATE syscall failed: \
+             Invalid argument (os error 22)): tracer needs Linux 5.12 or newer with BTF \
+             (CONFIG_DEBUG_INFO_BTF)"
+        );
+        assert!(!line.contains("inet_sock_set_state"), "{line}");
     }
 }
