@@ -85,7 +85,8 @@ pub async fn run(args: &WatchArgs) -> Result<Summary> {
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let resolver = crate::metrics::pods::resolver(&args.attribution, probe.reads_cgroups());
-    let mut printer = Printer::new(args, resolver, probe.reset_reasons.clone());
+    let stdout = io::BufWriter::with_capacity(1 << 16, io::stdout());
+    let mut printer = Printer::new(args, resolver, probe.reset_reasons.clone(), stdout);
     eprintln!(
         "tracer: attached to inet_sock_set_state; watching TCP state changes (Ctrl-C to stop)"
     );
@@ -182,9 +183,9 @@ struct Held {
     workload: Rc<Rendered>,
 }
 
-/// Filters transitions and writes them out.
-struct Printer {
-    out: io::BufWriter<io::Stdout>,
+/// Filters transitions and writes them out (to a buffered stdout; to a `Vec` in tests).
+struct Printer<W: Write> {
+    out: W,
     json: bool,
     /// One record per closed connection (`--connections`) rather than every transition.
     connections: bool,
@@ -210,14 +211,19 @@ struct Printer {
     stdout_closed: bool,
 }
 
-impl Printer {
-    fn new(args: &WatchArgs, resolver: Option<Resolver>, reset_reasons: Vec<String>) -> Printer {
+impl<W: Write> Printer<W> {
+    fn new(
+        args: &WatchArgs,
+        resolver: Option<Resolver>,
+        reset_reasons: Vec<String>,
+        out: W,
+    ) -> Printer<W> {
         let mut states = [false; 256];
         for &s in &args.states {
             states[s as usize] = true;
         }
         Printer {
-            out: io::BufWriter::with_capacity(1 << 16, io::stdout()),
+            out,
             json: args.json,
             connections: args.connections,
             states,
@@ -736,5 +742,290 @@ fn limited(f: &crate::stream::Flow) -> String {
         (0, 0) => "-".to_owned(),
         (r, b) if r >= b => format!("rwnd {r}%"),
         (_, b) => format!("sndbuf {b}%"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use crate::stream::record::Kind;
+    use crate::stream::{Flow, Interval, Mode};
+    use clap::Parser;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    use tracer_common::{state, AF_INET, AF_INET6};
+
+    /// A printer of `tracer watch` with `flags`, writing into a `Vec`, its clock at UTC
+    /// midnight of day 0 (kernel time = wall time), knowing reset reasons 0-2 only.
+    fn printer(flags: &[&str]) -> Printer<Vec<u8>> {
+        let cli = Cli::try_parse_from([&["tracer", "watch"], flags].concat()).unwrap();
+        let Command::Watch(args) = cli.command else {
+            panic!("not watch")
+        };
+        let reasons = ["not_specified", "no_socket", "tcp_abort_on_close"].map(String::from);
+        let mut p = Printer::new(&args, None, reasons.to_vec(), Vec::new());
+        p.realtime_offset_ns = 0;
+        p
+    }
+
+    /// The close record of an active connection from 10.0.0.1:40000 to 10.0.0.2:5432 by pid
+    /// 4242 (`psql`), in cgroup 7, that the peer reset after 3.5 s: the record at
+    /// 01:02:03.000456789 (kernel time), every figure a distinct number.
+    fn close_record() -> Record {
+        let mut flow = Flow {
+            busy_us: 900_000,
+            rwnd_limited_us: 300_000,
+            sndbuf_limited_us: 100_000,
+            spurious_retransmits: 2,
+            ..Flow::default()
+        };
+        flow.retransmits[usize::from(retransmit::TIMEOUT)] = 3;
+        flow.retransmits[usize::from(retransmit::FAST)] = 1;
+        let mut comm = [0; 16];
+        comm[..4].copy_from_slice(b"psql");
+        Record {
+            kind: Kind::Close,
+            time_ns: 3_723_000_456_789,
+            cookie: 77,
+            pid: 4242,
+            comm,
+            family: AF_INET,
+            local: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+            local_port: 40_000,
+            remote: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)),
+            remote_port: 5432,
+            netns: 4_026_531_840,
+            cgroup: 7,
+            port: 5432,
+            mode: Some(Mode::Active),
+            opened_ns: Some(3_719_000_000_000),
+            handshake_ns: Some(1_250_000),
+            accept_wait_ns: None,
+            lifetime_ns: Some(3_500_000_000),
+            bytes_sent: Some(123_456),
+            bytes_received: 654_321,
+            retransmits: 4,
+            srtt_us: 1_800,
+            rtt_min_us: 950,
+            flow,
+            snd_wnd: None,
+            interval: Interval {
+                start_ns: Some(3_720_000_000_000),
+                bytes_sent: Some(23_456),
+                bytes_received: 54_321,
+                retransmits: 1,
+                flow: Flow {
+                    busy_us: 400_000,
+                    ..Flow::default()
+                },
+            },
+            ending: Some(Ending::ResetReceived),
+            sk_err: 104,
+            reset_reason: Some(2),
+        }
+    }
+
+    /// An update record of a passive IPv6 connection to [::1]:8443 whose opening the probe
+    /// did not see (sockets older than it), owner unknown, no cgroup.
+    fn update_record() -> Record {
+        Record {
+            kind: Kind::Update,
+            time_ns: 86_399_999_999_999,
+            cookie: 5,
+            pid: 0,
+            comm: [0; 16],
+            family: AF_INET6,
+            local: IpAddr::V6(Ipv6Addr::LOCALHOST),
+            local_port: 8443,
+            remote: IpAddr::V6(Ipv6Addr::LOCALHOST),
+            remote_port: 51_000,
+            netns: 1,
+            cgroup: 0,
+            port: 8443,
+            mode: None,
+            opened_ns: None,
+            handshake_ns: None,
+            accept_wait_ns: Some(20_000),
+            lifetime_ns: Some(75_000_000_000),
+            bytes_sent: None,
+            bytes_received: 10,
+            retransmits: 0,
+            srtt_us: 0,
+            rtt_min_us: 0,
+            flow: Flow::default(),
+            snd_wnd: Some(0),
+            interval: Interval::default(),
+            ending: None,
+            sk_err: 0,
+            reset_reason: None,
+        }
+    }
+
+    fn record_line(flags: &[&str], r: &Record, cgroup: u64) -> String {
+        let mut p = printer(flags);
+        let w = Rendered::new(cgroup, None);
+        p.print_record(r, &w).unwrap();
+        String::from_utf8(p.out).unwrap()
+    }
+
+    #[test]
+    fn a_close_record_prints_as_this_json_line() {
+        let line = record_line(&["--connections", "--json"], &close_record(), 7);
+        assert_eq!(
+            line,
+            "{\"time_ns\":3723000456789,\"record\":\"close\",\"cookie\":77,\"pid\":4242,\
+            \"comm\":\"psql\",\"family\":\"ipv4\",\"saddr\":\"10.0.0.1\",\"sport\":40000,\
+            \"daddr\":\"10.0.0.2\",\"dport\":5432,\"netns\":4026531840,\"mode\":\"active\",\
+            \"opened_ns\":3719000000000,\"handshake_ns\":1250000,\"accept_wait_ns\":null,\
+            \"lifetime_ns\":3500000000,\"bytes_sent\":123456,\"bytes_received\":654321,\
+            \"segments_retransmitted\":4,\"srtt_us\":1800,\"rtt_min_us\":950,\
+            \"interval_start_ns\":3720000000000,\"interval_bytes_sent\":23456,\
+            \"interval_bytes_received\":54321,\"interval_segments_retransmitted\":1,\
+            \"busy_us\":900000,\"rwnd_limited_us\":300000,\"sndbuf_limited_us\":100000,\
+            \"spurious_retransmits\":2,\"interval_busy_us\":400000,\
+            \"interval_rwnd_limited_us\":0,\"interval_sndbuf_limited_us\":0,\
+            \"interval_spurious_retransmits\":0,\"snd_wnd\":null,\
+            \"retransmits_by_kind\":{\"timeout\":3,\"fast\":1,\"tail_loss_probe\":0,\
+            \"syn\":0,\"synack\":0,\"other\":0},\
+            \"interval_retransmits_by_kind\":{\"timeout\":0,\"fast\":0,\
+            \"tail_loss_probe\":0,\"syn\":0,\"synack\":0,\"other\":0},\
+            \"ending\":\"reset_received\",\"sk_err\":104,\
+            \"reset_reason\":\"tcp_abort_on_close\",\"cgroup_id\":7,\"cgroup\":null,\
+            \"container_id\":null,\"container_runtime\":null,\"pod_uid\":null,\
+            \"pod_namespace\":null,\"pod_name\":null,\"pod_qos\":null,\"unit\":null}\n"
+        );
+    }
+
+    #[test]
+    fn a_close_record_prints_as_this_column_line() {
+        let line = record_line(&["--connections"], &close_record(), 7);
+        assert_eq!(
+            line,
+            concat!(
+                "01:02:03.000456    ",
+                "4242 ",
+                "psql            ",
+                "10.0.0.1:40000                 ",
+                "10.0.0.2:5432                  ",
+                "active     ",
+                "1250us    ",
+                "3500ms     ",
+                "123456     ",
+                "654321       ",
+                "4    ",
+                "1800us     ",
+                "950us ",
+                "rwnd ",
+                "33%    ",
+                "reset_received(tcp_abort_on_close) ",
+                "cgroup:7\n"
+            )
+        );
+    }
+
+    #[test]
+    fn an_update_record_without_owner_or_opening_prints_as_these_lines() {
+        let json = record_line(&["--connections", "--json"], &update_record(), 0);
+        assert_eq!(
+            json,
+            "{\"time_ns\":86399999999999,\"record\":\"update\",\"cookie\":5,\"pid\":0,\
+            \"comm\":\"\",\"family\":\"ipv6\",\"saddr\":\"::1\",\"sport\":8443,\
+            \"daddr\":\"::1\",\"dport\":51000,\"netns\":1,\"mode\":null,\"opened_ns\":null,\
+            \"handshake_ns\":null,\"accept_wait_ns\":20000,\"lifetime_ns\":75000000000,\
+            \"bytes_sent\":null,\"bytes_received\":10,\"segments_retransmitted\":0,\
+            \"srtt_us\":0,\"rtt_min_us\":0,\"interval_start_ns\":null,\
+            \"interval_bytes_sent\":null,\"interval_bytes_received\":0,\
+            \"interval_segments_retransmitted\":0,\"busy_us\":0,\"rwnd_limited_us\":0,\
+            \"sndbuf_limited_us\":0,\"spurious_retransmits\":0,\"interval_busy_us\":0,\
+            \"interval_rwnd_limited_us\":0,\"interval_sndbuf_limited_us\":0,\
+            \"interval_spurious_retransmits\":0,\"snd_wnd\":0,\
+            \"retransmits_by_kind\":{\"timeout\":0,\"fast\":0,\"tail_loss_probe\":0,\
+            \"syn\":0,\"synack\":0,\"other\":0},\
+            \"interval_retransmits_by_kind\":{\"timeout\":0,\"fast\":0,\
+            \"tail_loss_probe\":0,\"syn\":0,\"synack\":0,\"other\":0},\"ending\":null,\
+            \"sk_err\":null,\"reset_reason\":null,\"cgroup_id\":0,\"cgroup\":null,\
+            \"container_id\":null,\"container_runtime\":null,\"pod_uid\":null,\
+            \"pod_namespace\":null,\"pod_name\":null,\"pod_qos\":null,\"unit\":null}\n"
+        );
+        let columns = record_line(&["--connections"], &update_record(), 0);
+        assert_eq!(
+            columns,
+            concat!(
+                "23:59:59.999999       ",
+                "- ",
+                "-               ",
+                "[::1]:8443                     ",
+                "[::1]:51000                    ",
+                "-               ",
+                "-       ",
+                "75s          ",
+                "-         ",
+                "10       ",
+                "0         ",
+                "-         ",
+                "- ",
+                "-           ",
+                "(open)                           ",
+                "-\n"
+            )
+        );
+    }
+
+    #[test]
+    fn a_reset_reason_this_kernel_does_not_name_prints_as_its_number() {
+        let r = Record {
+            reset_reason: Some(9),
+            ..close_record()
+        };
+        let json = record_line(&["--connections", "--json"], &r, 7);
+        assert!(json.contains(",\"reset_reason\":\"reason_9\","), "{json}");
+        let columns = record_line(&["--connections"], &r, 7);
+        assert!(columns.contains(" reset_received(reason_9) "), "{columns}");
+    }
+
+    #[test]
+    fn a_transition_prints_as_these_lines() {
+        let (skaddr, time_ns) = (0xffff_8881_0000_1000, 3_723_000_456_789);
+        let mut t = crate::stream::event::tests::transition(
+            skaddr,
+            time_ns,
+            state::SYN_SENT,
+            state::ESTABLISHED,
+        );
+        (t.pid, t.sport, t.dport, t.family) = (4242, 40_000, 5432, AF_INET);
+        t.saddr[..4].copy_from_slice(&[10, 0, 0, 1]);
+        t.daddr[..4].copy_from_slice(&[10, 0, 0, 2]);
+        t.comm = [0; 16];
+        t.comm[..4].copy_from_slice(b"psql");
+        let w = Rendered::new(0, None);
+        let line = |flags: &[&str]| {
+            let mut p = printer(flags);
+            p.print(&t, Some(1_250_000), &w).unwrap();
+            String::from_utf8(p.out).unwrap()
+        };
+        assert_eq!(
+            line(&["--json"]),
+            "{\"time_ns\":3723000456789,\"skaddr\":\"0xffff888100001000\",\"pid\":4242,\
+            \"comm\":\"psql\",\"family\":\"ipv4\",\"saddr\":\"10.0.0.1\",\"sport\":40000,\
+            \"daddr\":\"10.0.0.2\",\"dport\":5432,\"old\":\"syn_sent\",\
+            \"new\":\"established\",\"dwell_ns\":1250000,\"cgroup_id\":0,\"cgroup\":null,\
+            \"container_id\":null,\"container_runtime\":null,\"pod_uid\":null,\
+            \"pod_namespace\":null,\"pod_name\":null,\"pod_qos\":null,\"unit\":null}\n"
+        );
+        assert_eq!(
+            line(&[]),
+            concat!(
+                "01:02:03.000456    ",
+                "4242 ",
+                "psql            ",
+                "10.0.0.1:40000                 ",
+                "10.0.0.2:5432                  ",
+                "syn_sent ",
+                "-> ",
+                "established        ",
+                "1250us ",
+                "-\n"
+            )
+        );
     }
 }
