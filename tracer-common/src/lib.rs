@@ -348,6 +348,15 @@ pub mod retransmit {
         "synack",
         "other",
     ];
+
+    /// The `kind` label value of `kind`; `other` for a kind this build does not know.
+    pub fn name(kind: u16) -> &'static str {
+        match NAMES.get(kind as usize) {
+            Some(name) => name,
+            None => NAMES[OTHER as usize],
+        }
+    }
+
     /// `enum tcp_ca_state` (`include/uapi/linux/tcp.h`, user ABI).
     pub const TCP_CA_RECOVERY: u8 = 3;
     pub const TCP_CA_LOSS: u8 = 4;

@@ -463,13 +463,10 @@ impl<W: Write> Printer<W> {
     fn print_record(&mut self, r: &Record, w: &Rendered) -> io::Result<()> {
         let out = &mut self.out;
         let wall = |ns: u64| (ns as i128 + self.realtime_offset_ns).max(0);
-        let mode = r.mode.map(crate::metrics::event::mode_name);
-        let reason = r
-            .reset_reason
-            .map(|r| match self.reset_reasons.get(usize::from(r)) {
-                Some(name) if !name.is_empty() => name.clone(),
-                _ => format!("reason_{r}"),
-            });
+        let mode = r.mode.map(crate::stream::Mode::label);
+        let reason = r.reset_reason.map(|r| {
+            crate::stream::btf::EnumName::new(&self.reset_reasons, usize::from(r)).to_string()
+        });
         let opt = |v: Option<u64>| v.map_or("null".to_owned(), |v| v.to_string());
         if self.json {
             write!(

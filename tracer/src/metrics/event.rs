@@ -15,7 +15,7 @@ use prometheus::{
 use crate::metrics::pods::PodAttribution;
 use crate::metrics::ports::{PortLabels, Use, OTHER};
 use crate::stream::event::{state_name, STATE_NAMES};
-use crate::stream::{Failure, Mode, Observation, Teardown};
+use crate::stream::{Direction, Failure, Mode, Observation, Teardown};
 
 /// Handshake and teardown buckets (seconds): from tens of microseconds (loopback) to a minute,
 /// with an edge between every SYN retransmission step. With an initial RTO of 1 s, classic
@@ -40,15 +40,30 @@ pub const RTT_BUCKETS: &[f64] = &[
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-pub const MODES: [&str; 2] = ["active", "passive"];
-pub const DIRECTIONS: [&str; 2] = ["sent", "received"];
-
 /// What held a connection's sending back, by the `limited_by` label of
-/// `tracer_tcp_send_seconds_total`: nothing of the two ends (the congestion window, pacing:
-/// the network), the receiver's window, this side's send buffer.
-pub const LIMITS: [&str; 3] = ["network", "receive_window", "send_buffer"];
-pub const TEARDOWNS: [&str; 3] = ["active", "passive", "simultaneous"];
-pub const FAILURES: [&str; 4] = ["refused", "timeout", "aborted", "other"];
+/// `tracer_tcp_send_seconds_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Limit {
+    /// Nothing of the two ends: the congestion window, pacing.
+    Network = 0,
+    /// The receiver's window.
+    ReceiveWindow = 1,
+    /// This side's send buffer.
+    SendBuffer = 2,
+}
+
+impl Limit {
+    const ALL: [Limit; 3] = [Limit::Network, Limit::ReceiveWindow, Limit::SendBuffer];
+
+    /// The `limited_by` label value.
+    fn label(self) -> &'static str {
+        match self {
+            Limit::Network => "network",
+            Limit::ReceiveWindow => "receive_window",
+            Limit::SendBuffer => "send_buffer",
+        }
+    }
+}
 
 /// Label handles of one metric, by (one closed label) x port slot x pod slot, made on first
 /// use.
@@ -80,12 +95,22 @@ impl<T: Clone> ByPort<T> {
     }
 }
 
-/// The histograms of [`EventMetrics::observe`].
+/// The histograms of [`EventMetrics::observe`], each with the `mode` of its series.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Histogram {
-    Handshake,
-    Teardown,
-    Lifetime,
+    Handshake(Mode),
+    Teardown(Teardown),
+    Lifetime(Mode),
+}
+
+impl Histogram {
+    /// The series' `mode` label value, and its index among the histogram's modes.
+    fn mode(self) -> (usize, &'static str) {
+        match self {
+            Histogram::Handshake(m) | Histogram::Lifetime(m) => (m as usize, m.label()),
+            Histogram::Teardown(t) => (t as usize, t.label()),
+        }
+    }
 }
 
 /// One sample of a per-port metric, as [`Held`] keeps it.
@@ -93,24 +118,23 @@ enum Histogram {
 enum PortSample {
     Histogram {
         which: Histogram,
-        kind: usize,
         pod: usize,
         seconds: f64,
     },
     Failure {
-        reason: usize,
+        reason: Failure,
         pod: usize,
     },
     Bytes {
-        direction: usize,
+        direction: Direction,
         n: u64,
     },
     Rtt {
         seconds: f64,
     },
-    /// Microseconds sending, held back by [`LIMITS`]`[limit]`.
+    /// Microseconds sending, held back by `limit`.
     Sending {
-        limit: usize,
+        limit: Limit,
         us: u64,
     },
     Spurious {
@@ -312,21 +336,21 @@ impl EventMetrics {
         let mut metrics = EventMetrics {
             ports,
             handshake,
-            handshake_h: ByPort::new(MODES.len()),
+            handshake_h: ByPort::new(Mode::ALL.len()),
             failures,
-            failures_h: ByPort::new(FAILURES.len()),
+            failures_h: ByPort::new(Failure::ALL.len()),
             pods,
             label_by_pod,
             teardown,
-            teardown_h: ByPort::new(TEARDOWNS.len()),
+            teardown_h: ByPort::new(Teardown::ALL.len()),
             lifetime,
-            lifetime_h: ByPort::new(MODES.len()),
+            lifetime_h: ByPort::new(Mode::ALL.len()),
             bytes,
-            bytes_h: ByPort::new(DIRECTIONS.len()),
+            bytes_h: ByPort::new(Direction::ALL.len()),
             rtt,
             rtt_h: ByPort::new(1),
             sending,
-            sending_h: ByPort::new(LIMITS.len()),
+            sending_h: ByPort::new(Limit::ALL.len()),
             spurious,
             spurious_h: ByPort::new(1),
             accept_wait,
@@ -340,32 +364,33 @@ impl EventMetrics {
             held_overflow,
         };
         // Panels and alerts read these from the first scrape: 0, not "No data".
-        for mode in MODES {
+        for mode in Mode::ALL {
             metrics
                 .handshake
-                .with_label_values(&metrics.values(mode, OTHER, 0));
+                .with_label_values(&metrics.values(mode.label(), OTHER, 0));
             metrics
                 .lifetime
-                .with_label_values(&metrics.values(mode, OTHER, 0));
+                .with_label_values(&metrics.values(mode.label(), OTHER, 0));
         }
-        for mode in TEARDOWNS {
+        for mode in Teardown::ALL {
             metrics
                 .teardown
-                .with_label_values(&metrics.values(mode, OTHER, 0));
+                .with_label_values(&metrics.values(mode.label(), OTHER, 0));
         }
-        for direction in DIRECTIONS {
-            metrics.bytes.with_label_values(&[direction, OTHER]);
+        for direction in Direction::ALL {
+            metrics.bytes.with_label_values(&[direction.label(), OTHER]);
         }
         metrics.rtt.with_label_values(&[OTHER]);
-        for limit in LIMITS {
-            metrics.sending.with_label_values(&[limit, OTHER]);
+        for limit in Limit::ALL {
+            metrics.sending.with_label_values(&[limit.label(), OTHER]);
         }
         metrics.spurious.with_label_values(&[OTHER]);
         metrics.accept_wait.with_label_values(&[OTHER]);
-        for reason in FAILURES {
+        let active = Mode::Active.label();
+        for reason in Failure::ALL {
             metrics
                 .failures
-                .with_label_values(&["active", reason, OTHER, "", ""]);
+                .with_label_values(&[active, reason.label(), OTHER, "", ""]);
         }
         metrics.new_ports();
         Ok(metrics)
@@ -409,7 +434,7 @@ impl EventMetrics {
                     Mode::Active => Use::Connected { netns },
                     Mode::Passive => Use::Accepted,
                 };
-                self.duration(Histogram::Handshake, mode as usize, port, why, cgroup, ns);
+                self.duration(Histogram::Handshake(mode), port, why, cgroup, ns);
             }
             Observation::HandshakeFailure {
                 reason,
@@ -419,38 +444,20 @@ impl EventMetrics {
             } => {
                 let slot = self.ports.slot(port, Use::Connected { netns });
                 let pod = self.pods.slot(cgroup);
-                let sample = PortSample::Failure {
-                    reason: reason as usize,
-                    pod,
-                };
-                self.sample(port, slot, sample);
+                self.sample(port, slot, PortSample::Failure { reason, pod });
             }
             Observation::Teardown {
                 mode,
                 port,
                 ns,
                 cgroup,
-            } => self.duration(
-                Histogram::Teardown,
-                mode as usize,
-                port,
-                Use::Counted,
-                cgroup,
-                ns,
-            ),
+            } => self.duration(Histogram::Teardown(mode), port, Use::Counted, cgroup, ns),
             Observation::Lifetime {
                 mode,
                 port,
                 ns,
                 cgroup,
-            } => self.duration(
-                Histogram::Lifetime,
-                mode as usize,
-                port,
-                Use::Counted,
-                cgroup,
-                ns,
-            ),
+            } => self.duration(Histogram::Lifetime(mode), port, Use::Counted, cgroup, ns),
             // Reported only to `watch --connections`; the agent counts resets in the kernel.
             Observation::ResetSent { .. } => {}
             Observation::Accepted { port, ns, .. } => {
@@ -471,7 +478,10 @@ impl EventMetrics {
     fn carried(&mut self, port: u16, interval: &crate::stream::Interval, srtt_us: u32) {
         let slot = self.ports.slot(port, Use::Counted);
         let sent = interval.bytes_sent.unwrap_or(0);
-        for (direction, n) in [(0, sent), (1, interval.bytes_received)] {
+        for (direction, n) in [
+            (Direction::Sent, sent),
+            (Direction::Received, interval.bytes_received),
+        ] {
             if n > 0 {
                 self.sample(port, slot, PortSample::Bytes { direction, n });
             }
@@ -484,10 +494,11 @@ impl EventMetrics {
         let network = f
             .busy_us
             .saturating_sub(f.rwnd_limited_us + f.sndbuf_limited_us);
-        for (limit, us) in [network, f.rwnd_limited_us, f.sndbuf_limited_us]
-            .into_iter()
-            .enumerate()
-        {
+        for (limit, us) in [
+            (Limit::Network, network),
+            (Limit::ReceiveWindow, f.rwnd_limited_us),
+            (Limit::SendBuffer, f.sndbuf_limited_us),
+        ] {
             if us > 0 {
                 self.sample(port, slot, PortSample::Sending { limit, us });
             }
@@ -498,22 +509,13 @@ impl EventMetrics {
         }
     }
 
-    /// A duration of histogram `which`, series `kind`, of a socket on `port` in `cgroup`;
-    /// `why` says whether it may give the port a value.
-    fn duration(
-        &mut self,
-        which: Histogram,
-        kind: usize,
-        port: u16,
-        why: Use,
-        cgroup: u64,
-        ns: u64,
-    ) {
+    /// A duration of histogram `which` (and mode) of a socket on `port` in `cgroup`; `why`
+    /// says whether it may give the port a value.
+    fn duration(&mut self, which: Histogram, port: u16, why: Use, cgroup: u64, ns: u64) {
         let slot = self.ports.slot(port, why);
         let pod = self.pod_slot(cgroup);
         let sample = PortSample::Histogram {
             which,
-            kind,
             pod,
             seconds: ns as f64 / 1e9,
         };
@@ -561,23 +563,16 @@ impl EventMetrics {
         match sample {
             PortSample::Histogram {
                 which,
-                kind,
                 pod,
                 seconds,
-            } => {
-                let name = match which {
-                    Histogram::Teardown => TEARDOWNS[kind],
-                    _ => MODES[kind],
-                };
-                self.observe(which, (kind, name), slot, pod, seconds);
-            }
+            } => self.observe(which, slot, pod, seconds),
             PortSample::Failure { reason, pod } => {
                 let (namespace, pod_name) = self.pods.label(pod);
                 let (vec, name) = (&self.failures, self.ports.name(slot));
                 self.failures_h
-                    .get(reason, slot, pod, || {
-                        let reason = FAILURES[reason];
-                        vec.with_label_values(&["active", reason, name, namespace, pod_name])
+                    .get(reason as usize, slot, pod, || {
+                        let (active, reason) = (Mode::Active.label(), reason.label());
+                        vec.with_label_values(&[active, reason, name, namespace, pod_name])
                             .local()
                     })
                     .inc();
@@ -585,17 +580,16 @@ impl EventMetrics {
             PortSample::Bytes { direction, n } => {
                 let (vec, name) = (&self.bytes, self.ports.name(slot));
                 self.bytes_h
-                    .get(direction, slot, 0, || {
-                        vec.with_label_values(&[DIRECTIONS[direction], name])
-                            .local()
+                    .get(direction as usize, slot, 0, || {
+                        vec.with_label_values(&[direction.label(), name]).local()
                     })
                     .inc_by(n);
             }
             PortSample::Sending { limit, us } => {
                 let (vec, name) = (&self.sending, self.ports.name(slot));
                 self.sending_h
-                    .get(limit, slot, 0, || {
-                        vec.with_label_values(&[LIMITS[limit], name]).local()
+                    .get(limit as usize, slot, 0, || {
+                        vec.with_label_values(&[limit.label(), name]).local()
                     })
                     .inc_by(us as f64 / 1e6);
             }
@@ -665,21 +659,15 @@ impl EventMetrics {
         self.new_ports();
     }
 
-    /// Observes `seconds` in histogram `which`, series (kind, port slot, pod slot); its handle
-    /// is made on first use.
-    fn observe(
-        &mut self,
-        which: Histogram,
-        (kind, kind_name): (usize, &str),
-        slot: usize,
-        pod: usize,
-        seconds: f64,
-    ) {
+    /// Observes `seconds` in histogram `which`, series (its mode, port slot, pod slot); its
+    /// handle is made on first use.
+    fn observe(&mut self, which: Histogram, slot: usize, pod: usize, seconds: f64) {
         let (vec, handles) = match which {
-            Histogram::Handshake => (&self.handshake, &mut self.handshake_h),
-            Histogram::Teardown => (&self.teardown, &mut self.teardown_h),
-            Histogram::Lifetime => (&self.lifetime, &mut self.lifetime_h),
+            Histogram::Handshake(_) => (&self.handshake, &mut self.handshake_h),
+            Histogram::Teardown(_) => (&self.teardown, &mut self.teardown_h),
+            Histogram::Lifetime(_) => (&self.lifetime, &mut self.lifetime_h),
         };
+        let (kind, kind_name) = which.mode();
         let (pods, by_pod, port) = (&self.pods, self.label_by_pod, self.ports.name(slot));
         handles
             .get(kind, slot, pod, || {
@@ -710,15 +698,17 @@ impl EventMetrics {
         for (port, why) in self.ports.take_new() {
             let name = port.to_string();
             if matches!(why, Use::Accepted | Use::Listening { .. } | Use::Counted) {
+                let passive = Mode::Passive.label();
                 self.handshake
-                    .with_label_values(&self.values("passive", &name, 0));
+                    .with_label_values(&self.values(passive, &name, 0));
             }
             if matches!(why, Use::Connected { .. } | Use::Counted) {
+                let active = Mode::Active.label();
                 self.handshake
-                    .with_label_values(&self.values("active", &name, 0));
-                for reason in FAILURES {
+                    .with_label_values(&self.values(active, &name, 0));
+                for reason in Failure::ALL {
                     self.failures
-                        .with_label_values(&["active", reason, &name, "", ""]);
+                        .with_label_values(&[active, reason.label(), &name, "", ""]);
                 }
             }
         }
@@ -740,21 +730,6 @@ fn values<'a>(
         v.extend([&**namespace, &**pod]);
     }
     v
-}
-
-/// Label value of a teardown mode (for tests and docs).
-pub fn teardown_name(t: Teardown) -> &'static str {
-    TEARDOWNS[t as usize]
-}
-
-/// Label value of a failure reason.
-pub fn failure_name(f: Failure) -> &'static str {
-    FAILURES[f as usize]
-}
-
-/// Label value of an open mode.
-pub fn mode_name(m: Mode) -> &'static str {
-    MODES[m as usize]
 }
 
 /// The text exposition of every metric in `registry`.
