@@ -15,12 +15,13 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::census::StorageMap;
 use crate::cli::WatchArgs;
+use crate::stream::btf::EnumName;
 use crate::stream::event::{self, Transition};
 use crate::stream::live::{census_period, LiveCensus, Tracker};
 use crate::stream::probe::{Probe, ProbeConfig, ProbeCounters};
 use crate::stream::record::Record;
 use crate::stream::ring::EventRings;
-use crate::stream::{self, Closed, Ending, Observation};
+use crate::stream::{self, Closed, Ending, Mode, Observation};
 use crate::workload::{Resolver, Workload};
 use std::sync::Arc;
 use tracer_common::{retransmit, ACCEPTED, SENT_RESET};
@@ -461,132 +462,20 @@ impl<W: Write> Printer<W> {
 
     /// One connection record: a line of columns, or a JSON object.
     fn print_record(&mut self, r: &Record, w: &Rendered) -> io::Result<()> {
-        let out = &mut self.out;
-        let wall = |ns: u64| (ns as i128 + self.realtime_offset_ns).max(0);
-        let mode = r.mode.map(crate::stream::Mode::label);
-        let reason = r.reset_reason.map(|r| {
-            crate::stream::btf::EnumName::new(&self.reset_reasons, usize::from(r)).to_string()
-        });
-        let opt = |v: Option<u64>| v.map_or("null".to_owned(), |v| v.to_string());
+        let reason = r
+            .reset_reason
+            .map(|n| EnumName::new(&self.reset_reasons, usize::from(n)));
+        let line = RecordLine {
+            r,
+            reason,
+            w,
+            realtime_offset_ns: self.realtime_offset_ns,
+        };
         if self.json {
-            write!(
-                out,
-                "{{\"time_ns\":{},\"record\":\"{}\",\"cookie\":{},\"pid\":{},\"comm\":",
-                wall(r.time_ns),
-                r.kind.name(),
-                r.cookie,
-                r.pid
-            )?;
-            serde_json::to_writer(&mut *out, &*event::comm_text(&r.comm))?;
-            write!(
-                out,
-                ",\"family\":\"{}\",\"saddr\":\"{}\",\"sport\":{},\"daddr\":\"{}\",\"dport\":{}",
-                event::family_name(r.family),
-                r.local,
-                r.local_port,
-                r.remote,
-                r.remote_port,
-            )?;
-            write!(out, ",\"netns\":{},\"mode\":", r.netns)?;
-            serde_json::to_writer(&mut *out, &mode)?;
-            write!(
-                out,
-                ",\"opened_ns\":{},\"handshake_ns\":{},\"accept_wait_ns\":{},\"lifetime_ns\":{},\
-                 \"bytes_sent\":{},\
-                 \"bytes_received\":{},\"segments_retransmitted\":{},\"srtt_us\":{},\
-                 \"rtt_min_us\":{},\"interval_start_ns\":{},\"interval_bytes_sent\":{},\
-                 \"interval_bytes_received\":{},\"interval_segments_retransmitted\":{}",
-                opt(r.opened_ns.map(|o| wall(o) as u64)),
-                opt(r.handshake_ns),
-                opt(r.accept_wait_ns),
-                opt(r.lifetime_ns),
-                opt(r.bytes_sent),
-                r.bytes_received,
-                r.retransmits,
-                r.srtt_us,
-                r.rtt_min_us,
-                opt(r.interval.start_ns.map(|o| wall(o) as u64)),
-                opt(r.interval.bytes_sent),
-                r.interval.bytes_received,
-                r.interval.retransmits,
-            )?;
-            let (f, i) = (&r.flow, &r.interval.flow);
-            write!(
-                out,
-                ",\"busy_us\":{},\"rwnd_limited_us\":{},\"sndbuf_limited_us\":{},\
-                 \"spurious_retransmits\":{},\"interval_busy_us\":{},\
-                 \"interval_rwnd_limited_us\":{},\"interval_sndbuf_limited_us\":{},\
-                 \"interval_spurious_retransmits\":{},\"snd_wnd\":{}",
-                f.busy_us,
-                f.rwnd_limited_us,
-                f.sndbuf_limited_us,
-                f.spurious_retransmits,
-                i.busy_us,
-                i.rwnd_limited_us,
-                i.sndbuf_limited_us,
-                i.spurious_retransmits,
-                opt(r.snd_wnd.map(u64::from)),
-            )?;
-            for (key, kinds) in [
-                ("retransmits_by_kind", &f.retransmits),
-                ("interval_retransmits_by_kind", &i.retransmits),
-            ] {
-                write!(out, ",\"{key}\":{{")?;
-                for (k, name) in retransmit::NAMES.iter().enumerate() {
-                    let comma = if k > 0 { "," } else { "" };
-                    write!(out, "{comma}\"{name}\":{}", kinds[k])?;
-                }
-                out.write_all(b"}")?;
-            }
-            out.write_all(b",\"ending\":")?;
-            serde_json::to_writer(&mut *out, &r.ending.map(Ending::name))?;
-            let sk_err = r.ending.map(|_| r.sk_err);
-            write!(out, ",\"sk_err\":{}", opt(sk_err.map(u64::from)))?;
-            out.write_all(b",\"reset_reason\":")?;
-            serde_json::to_writer(&mut *out, &reason)?;
-            out.write_all(w.json.as_bytes())?;
-            return writeln!(out, "}}");
-        }
-        write_clock(out, wall(r.time_ns) as u128)?;
-        if r.pid == 0 {
-            write!(out, "{:>7} {:<15} ", "-", "-")?;
+            line.write_json(&mut self.out)
         } else {
-            let comm = event::Printable(event::comm_bytes(&r.comm));
-            write!(out, "{:>7} {:<15} ", r.pid, comm)?;
+            line.write_columns(&mut self.out)
         }
-        write_endpoint(out, r.local, r.local_port)?;
-        write_endpoint(out, r.remote, r.remote_port)?;
-        let duration = |ns: Option<u64>| match ns {
-            None => "-".to_owned(),
-            Some(ns) if ns < 10_000_000 => format!("{}us", ns / 1_000),
-            Some(ns) if ns < 10_000_000_000 => format!("{}ms", ns / 1_000_000),
-            Some(ns) => format!("{}s", ns / 1_000_000_000),
-        };
-        let rtt = |us: u32| match us {
-            0 => "-".to_owned(),
-            us => duration(Some(u64::from(us) * 1_000)),
-        };
-        // An update says it is one where a close says how it ended.
-        let ending = match (r.ending, &reason) {
-            (None, _) => "(open)".to_owned(),
-            (Some(e), Some(reason)) => format!("{}({reason})", e.name()),
-            (Some(e), None) => e.name().to_owned(),
-        };
-        writeln!(
-            out,
-            "{:<7} {:>9} {:>9} {:>10} {:>10} {:>7} {:>9} {:>9} {:<11} {:<32} {}",
-            mode.unwrap_or("-"),
-            duration(r.handshake_ns),
-            duration(r.lifetime_ns),
-            r.bytes_sent.map_or("-".to_owned(), |b| b.to_string()),
-            r.bytes_received,
-            r.retransmits,
-            rtt(r.srtt_us),
-            rtt(r.rtt_min_us),
-            limited(&r.flow),
-            ending,
-            w.column
-        )
     }
 
     fn print_human(&mut self, t: &Transition, dwell: Option<u64>, w: &Rendered) -> io::Result<()> {
@@ -730,15 +619,259 @@ fn clock_ns(clock: libc::clockid_t) -> i128 {
     ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
 }
 
+/// A connection record as `watch --connections` prints it, with what the printer knows.
+struct RecordLine<'a> {
+    r: &'a Record,
+    /// The name of the reset the kernel sent as it closed, if it sent one.
+    reason: Option<EnumName<'a>>,
+    w: &'a Rendered,
+    /// Wall clock minus CLOCK_MONOTONIC (see [`Printer`]).
+    realtime_offset_ns: i128,
+}
+
+impl RecordLine<'_> {
+    /// Wall time of kernel time `ns`.
+    fn wall(&self, ns: u64) -> i128 {
+        (ns as i128 + self.realtime_offset_ns).max(0)
+    }
+
+    /// Writes the record as one JSON object and a newline.
+    fn write_json(&self, out: &mut impl Write) -> io::Result<()> {
+        let r = self.r;
+        write!(
+            out,
+            "{{\"time_ns\":{},\"record\":\"{}\",\"cookie\":{},\"pid\":{},\"comm\":",
+            self.wall(r.time_ns),
+            r.kind.name(),
+            r.cookie,
+            r.pid
+        )?;
+        serde_json::to_writer(&mut *out, &*event::comm_text(&r.comm))?;
+        write!(
+            out,
+            ",\"family\":\"{}\",\"saddr\":\"{}\",\"sport\":{},\"daddr\":\"{}\",\"dport\":{}",
+            event::family_name(r.family),
+            r.local,
+            r.local_port,
+            r.remote,
+            r.remote_port,
+        )?;
+        write!(out, ",\"netns\":{},\"mode\":", r.netns)?;
+        serde_json::to_writer(&mut *out, &r.mode.map(Mode::label))?;
+        self.write_json_counts(out)?;
+        write_json_flow(out, &r.flow, &r.interval.flow, r.snd_wnd)?;
+        out.write_all(b",\"ending\":")?;
+        serde_json::to_writer(&mut *out, &r.ending.map(Ending::name))?;
+        let sk_err = r.ending.map(|_| u64::from(r.sk_err));
+        write!(out, ",\"sk_err\":{}", Null(sk_err))?;
+        out.write_all(b",\"reset_reason\":")?;
+        match self.reason {
+            // Escaped as any string, written without building one.
+            Some(reason) => serde_json::to_writer(&mut *out, &format_args!("{reason}"))?,
+            None => out.write_all(b"null")?,
+        }
+        out.write_all(self.w.json.as_bytes())?;
+        writeln!(out, "}}")
+    }
+
+    /// The JSON keys of the record's times and its totals and interval counts.
+    fn write_json_counts(&self, out: &mut impl Write) -> io::Result<()> {
+        let r = self.r;
+        let wall = |ns: Option<u64>| Null(ns.map(|ns| self.wall(ns) as u64));
+        write!(
+            out,
+            ",\"opened_ns\":{},\"handshake_ns\":{},\"accept_wait_ns\":{},\"lifetime_ns\":{},\
+             \"bytes_sent\":{},\
+             \"bytes_received\":{},\"segments_retransmitted\":{},\"srtt_us\":{},\
+             \"rtt_min_us\":{},\"interval_start_ns\":{},\"interval_bytes_sent\":{},\
+             \"interval_bytes_received\":{},\"interval_segments_retransmitted\":{}",
+            wall(r.opened_ns),
+            Null(r.handshake_ns),
+            Null(r.accept_wait_ns),
+            Null(r.lifetime_ns),
+            Null(r.bytes_sent),
+            r.bytes_received,
+            r.retransmits,
+            r.srtt_us,
+            r.rtt_min_us,
+            wall(r.interval.start_ns),
+            Null(r.interval.bytes_sent),
+            r.interval.bytes_received,
+            r.interval.retransmits,
+        )
+    }
+
+    /// Writes the record as one line of the columns of [`Printer::header`].
+    fn write_columns(&self, out: &mut impl Write) -> io::Result<()> {
+        let r = self.r;
+        write_clock(out, self.wall(r.time_ns) as u128)?;
+        if r.pid == 0 {
+            write!(out, "{:>7} {:<15} ", "-", "-")?;
+        } else {
+            let comm = event::Printable(event::comm_bytes(&r.comm));
+            write!(out, "{:>7} {:<15} ", r.pid, comm)?;
+        }
+        write_endpoint(out, r.local, r.local_port)?;
+        write_endpoint(out, r.remote, r.remote_port)?;
+        let rtt = |us: u32| Took((us > 0).then(|| u64::from(us) * 1_000));
+        writeln!(
+            out,
+            "{:<7} {:>9} {:>9} {:>10} {:>10} {:>7} {:>9} {:>9} {:<11} {:<32} {}",
+            r.mode.map_or("-", Mode::label),
+            Took(r.handshake_ns),
+            Took(r.lifetime_ns),
+            OrDash(r.bytes_sent),
+            r.bytes_received,
+            r.retransmits,
+            rtt(r.srtt_us),
+            rtt(r.rtt_min_us),
+            Limited(&r.flow),
+            EndingCell(r.ending, self.reason),
+            self.w.column
+        )
+    }
+}
+
+/// The JSON keys of a record's sending (its whole life's `flow`, the interval's `interval`),
+/// the peer's window, and retransmissions by kind.
+fn write_json_flow(
+    out: &mut impl Write,
+    f: &crate::stream::Flow,
+    i: &crate::stream::Flow,
+    snd_wnd: Option<u32>,
+) -> io::Result<()> {
+    write!(
+        out,
+        ",\"busy_us\":{},\"rwnd_limited_us\":{},\"sndbuf_limited_us\":{},\
+         \"spurious_retransmits\":{},\"interval_busy_us\":{},\
+         \"interval_rwnd_limited_us\":{},\"interval_sndbuf_limited_us\":{},\
+         \"interval_spurious_retransmits\":{},\"snd_wnd\":{}",
+        f.busy_us,
+        f.rwnd_limited_us,
+        f.sndbuf_limited_us,
+        f.spurious_retransmits,
+        i.busy_us,
+        i.rwnd_limited_us,
+        i.sndbuf_limited_us,
+        i.spurious_retransmits,
+        Null(snd_wnd.map(u64::from)),
+    )?;
+    for (key, kinds) in [
+        ("retransmits_by_kind", &f.retransmits),
+        ("interval_retransmits_by_kind", &i.retransmits),
+    ] {
+        write!(out, ",\"{key}\":{{")?;
+        for (k, name) in retransmit::NAMES.iter().enumerate() {
+            let comma = if k > 0 { "," } else { "" };
+            write!(out, "{comma}\"{name}\":{}", kinds[k])?;
+        }
+        out.write_all(b"}")?;
+    }
+    Ok(())
+}
+
+/// A JSON number, or `null`.
+struct Null(Option<u64>);
+
+impl std::fmt::Display for Null {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(v) => write!(f, "{v}"),
+            None => f.write_str("null"),
+        }
+    }
+}
+
+/// A number in a column, or `-`.
+struct OrDash(Option<u64>);
+
+impl std::fmt::Display for OrDash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(v) => std::fmt::Display::fmt(&v, f),
+            None => f.pad("-"),
+        }
+    }
+}
+
+/// A duration in a column, in the largest unit that keeps three digits (`1250us`, `3500ms`,
+/// `75s`), or `-`.
+struct Took(Option<u64>);
+
+impl std::fmt::Display for Took {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            None => f.pad("-"),
+            Some(ns) if ns < 10_000_000 => pad(f, format_args!("{}us", ns / 1_000)),
+            Some(ns) if ns < 10_000_000_000 => pad(f, format_args!("{}ms", ns / 1_000_000)),
+            Some(ns) => pad(f, format_args!("{}s", ns / 1_000_000_000)),
+        }
+    }
+}
+
 /// What held a connection's sending back most, as a share of its time busy sending: `rwnd`
 /// (the receiver's window) or `sndbuf` (the send buffer), from 1%; `-` otherwise.
-fn limited(f: &crate::stream::Flow) -> String {
-    let share = |us: u64| (us * 100).checked_div(f.busy_us).unwrap_or(0);
-    let (rwnd, sndbuf) = (share(f.rwnd_limited_us), share(f.sndbuf_limited_us));
-    match (rwnd, sndbuf) {
-        (0, 0) => "-".to_owned(),
-        (r, b) if r >= b => format!("rwnd {r}%"),
-        (_, b) => format!("sndbuf {b}%"),
+struct Limited<'a>(&'a crate::stream::Flow);
+
+impl std::fmt::Display for Limited<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let flow = self.0;
+        let share = |us: u64| (us * 100).checked_div(flow.busy_us).unwrap_or(0);
+        let (rwnd, sndbuf) = (share(flow.rwnd_limited_us), share(flow.sndbuf_limited_us));
+        match (rwnd, sndbuf) {
+            (0, 0) => f.pad("-"),
+            (r, b) if r >= b => pad(f, format_args!("rwnd {r}%")),
+            (_, b) => pad(f, format_args!("sndbuf {b}%")),
+        }
+    }
+}
+
+/// How a connection ended, with the reason of the reset the kernel sent as it closed
+/// (`reset_sent(tcp_abort_on_close)`); `(open)` for an update.
+struct EndingCell<'a>(Option<Ending>, Option<EnumName<'a>>);
+
+impl std::fmt::Display for EndingCell<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.0, self.1) {
+            (None, _) => f.pad("(open)"),
+            (Some(e), Some(reason)) => pad(f, format_args!("{}({reason})", e.name())),
+            (Some(e), None) => f.pad(e.name()),
+        }
+    }
+}
+
+/// Writes `args` with the width and alignment `f` asks for, as formatting them into a
+/// `String` and padding that would, without allocating: through a buffer on the stack, or
+/// as they are when they do not fit it (then they are wider than any column anyway).
+fn pad(f: &mut std::fmt::Formatter<'_>, args: std::fmt::Arguments<'_>) -> std::fmt::Result {
+    /// Wider than every column of `watch`.
+    const CELL: usize = 64;
+    struct Cell {
+        buf: [u8; CELL],
+        len: usize,
+    }
+    impl std::fmt::Write for Cell {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            let end = self.len + s.len();
+            self.buf
+                .get_mut(self.len..end)
+                .ok_or(std::fmt::Error)?
+                .copy_from_slice(s.as_bytes());
+            self.len = end;
+            Ok(())
+        }
+    }
+    let mut cell = Cell {
+        buf: [0; CELL],
+        len: 0,
+    };
+    if std::fmt::Write::write_fmt(&mut cell, args).is_err() {
+        return f.write_fmt(args);
+    }
+    // Whole `str` pieces only were copied in, so the bytes are UTF-8.
+    match std::str::from_utf8(&cell.buf[..cell.len]) {
+        Ok(text) => f.pad(text),
+        Err(_) => f.write_fmt(args),
     }
 }
 
@@ -978,6 +1111,33 @@ mod tests {
         assert!(json.contains(",\"reset_reason\":\"reason_9\","), "{json}");
         let columns = record_line(&["--connections"], &r, 7);
         assert!(columns.contains(" reset_received(reason_9) "), "{columns}");
+    }
+
+    #[test]
+    fn cells_are_padded_without_allocating_and_whole_when_wider_than_the_buffer() {
+        let long = "x".repeat(70);
+        let names = [String::new(), long.clone()];
+        let cell = |reason| format!("[{:<32}]", EndingCell(Some(Ending::ResetSent), reason));
+        assert_eq!(
+            cell(None),
+            format!("[{:<32}]", "reset_sent"),
+            "no reason: the ending alone"
+        );
+        assert_eq!(
+            cell(Some(EnumName::new(&names, 1))),
+            format!("[reset_sent({long})]")
+        );
+        let sndbuf = crate::stream::Flow {
+            busy_us: 1_000,
+            rwnd_limited_us: 100,
+            sndbuf_limited_us: 500,
+            ..Default::default()
+        };
+        assert_eq!(format!("[{:<11}]", Limited(&sndbuf)), "[sndbuf 50% ]");
+        assert_eq!(
+            format!("[{:>9}]", Took(Some(10_000_000_000))),
+            "[      10s]"
+        );
     }
 
     #[test]
