@@ -406,7 +406,6 @@ pub mod counter {
 /// (its log line names the field).
 pub mod field {
     pub const INET_SPORT: u32 = 0;
-    pub const TOTAL_RETRANS: u32 = 2;
     pub const NET_INUM: u32 = 3;
     pub const IPV6_ADDRESS: u32 = 4;
     pub const CGROUP_ID: u32 = 5;

@@ -66,9 +66,6 @@ struct Variants {
     accept: Option<&'static str>,
 }
 
-/// Default size of each CPU's event ring buffer; see `--ring-buffer-size`.
-pub const DEFAULT_RING_BUFFER_BYTES: u32 = 1024 * 1024;
-
 /// How often the reader drains the ring buffer when the probe has not woken it.
 pub const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
 
