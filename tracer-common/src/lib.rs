@@ -348,6 +348,15 @@ pub mod retransmit {
         "synack",
         "other",
     ];
+
+    /// The `kind` label value of `kind`; `other` for a kind this build does not know.
+    pub fn name(kind: u16) -> &'static str {
+        match NAMES.get(kind as usize) {
+            Some(name) => name,
+            None => NAMES[OTHER as usize],
+        }
+    }
+
     /// `enum tcp_ca_state` (`include/uapi/linux/tcp.h`, user ABI).
     pub const TCP_CA_RECOVERY: u8 = 3;
     pub const TCP_CA_LOSS: u8 = 4;
@@ -397,7 +406,6 @@ pub mod counter {
 /// (its log line names the field).
 pub mod field {
     pub const INET_SPORT: u32 = 0;
-    pub const TOTAL_RETRANS: u32 = 2;
     pub const NET_INUM: u32 = 3;
     pub const IPV6_ADDRESS: u32 = 4;
     pub const CGROUP_ID: u32 = 5;

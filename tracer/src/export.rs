@@ -635,10 +635,7 @@ fn log_record(
         (r.rtt_min_us > 0).then_some(u64::from(r.rtt_min_us)),
     );
     if let Some(mode) = r.mode {
-        a.push(string(
-            "tracer.mode",
-            crate::metrics::event::mode_name(mode).into(),
-        ));
+        a.push(string("tracer.mode", mode.label().into()));
     }
     if let Some(ending) = r.ending {
         a.push(string("tracer.ending", ending.name().into()));

@@ -113,12 +113,12 @@ impl Output {
 
     /// Hands a snapshot on. Returns true when top should stop (the user quit, or the plain
     /// table is printed).
-    fn push(&mut self, s: Snapshot) -> Result<bool> {
+    fn push(&mut self, s: Snapshot) -> bool {
         if let Some(screen) = &self.screen {
             // Full: the screen is behind; it gets the next one (snapshots are running
             // totals, so skipping one loses nothing but a refresh).
             let _ = screen.to.try_send(s);
-            return Ok(screen.quit.load(Ordering::Relaxed) || screen.handle.is_finished());
+            return screen.quit.load(Ordering::Relaxed) || screen.handle.is_finished();
         }
         self.frames.push(s);
         let ready = self.frames.previous.is_some() && self.frames.census_base.is_some();
@@ -130,9 +130,9 @@ impl Output {
                 "{}",
                 view::plain(&table, &self.view, &self.source, plain_width())
             );
-            return Ok(true);
+            return true;
         }
-        Ok(false)
+        false
     }
 
     fn quit_requested(&self) -> bool {
@@ -286,7 +286,7 @@ async fn from_probe(args: &TopArgs, out: &mut Output) -> Result<()> {
                 probe.flush_log();
                 let counters = probe.counters().context("reading the probe's counters")?;
                 tally.probe(&counters, &probe.program_stats()?);
-                if out.push(tally.snapshot(monotonic_ns()))? { break; }
+                if out.push(tally.snapshot(monotonic_ns())) { break; }
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
@@ -343,7 +343,7 @@ fn from_agent(args: &TopArgs, out: &mut Output) -> Result<()> {
     };
     out.start()?;
     let mut next = Instant::now() + args.interval;
-    if out.push(first)? {
+    if out.push(first) {
         return Ok(());
     }
     loop {
@@ -357,7 +357,7 @@ fn from_agent(args: &TopArgs, out: &mut Output) -> Result<()> {
         next += args.interval;
         match fetch() {
             Ok(s) => {
-                if out.push(s)? {
+                if out.push(s) {
                     return Ok(());
                 }
             }

@@ -15,7 +15,7 @@ use prometheus::{
 use crate::metrics::pods::PodAttribution;
 use crate::metrics::ports::{PortLabels, Use, OTHER};
 use crate::stream::event::{state_name, STATE_NAMES};
-use crate::stream::{Failure, Mode, Observation, Teardown};
+use crate::stream::{Direction, Failure, Mode, Observation, Teardown};
 
 /// Handshake and teardown buckets (seconds): from tens of microseconds (loopback) to a minute,
 /// with an edge between every SYN retransmission step. With an initial RTO of 1 s, classic
@@ -40,15 +40,30 @@ pub const RTT_BUCKETS: &[f64] = &[
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-pub const MODES: [&str; 2] = ["active", "passive"];
-pub const DIRECTIONS: [&str; 2] = ["sent", "received"];
-
 /// What held a connection's sending back, by the `limited_by` label of
-/// `tracer_tcp_send_seconds_total`: nothing of the two ends (the congestion window, pacing:
-/// the network), the receiver's window, this side's send buffer.
-pub const LIMITS: [&str; 3] = ["network", "receive_window", "send_buffer"];
-pub const TEARDOWNS: [&str; 3] = ["active", "passive", "simultaneous"];
-pub const FAILURES: [&str; 4] = ["refused", "timeout", "aborted", "other"];
+/// `tracer_tcp_send_seconds_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Limit {
+    /// Nothing of the two ends: the congestion window, pacing.
+    Network = 0,
+    /// The receiver's window.
+    ReceiveWindow = 1,
+    /// This side's send buffer.
+    SendBuffer = 2,
+}
+
+impl Limit {
+    const ALL: [Limit; 3] = [Limit::Network, Limit::ReceiveWindow, Limit::SendBuffer];
+
+    /// The `limited_by` label value.
+    fn label(self) -> &'static str {
+        match self {
+            Limit::Network => "network",
+            Limit::ReceiveWindow => "receive_window",
+            Limit::SendBuffer => "send_buffer",
+        }
+    }
+}
 
 /// Label handles of one metric, by (one closed label) x port slot x pod slot, made on first
 /// use.
@@ -80,12 +95,22 @@ impl<T: Clone> ByPort<T> {
     }
 }
 
-/// The histograms of [`EventMetrics::observe`].
+/// The histograms of [`EventMetrics::observe`], each with the `mode` of its series.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Histogram {
-    Handshake,
-    Teardown,
-    Lifetime,
+    Handshake(Mode),
+    Teardown(Teardown),
+    Lifetime(Mode),
+}
+
+impl Histogram {
+    /// The series' `mode` label value, and its index among the histogram's modes.
+    fn mode(self) -> (usize, &'static str) {
+        match self {
+            Histogram::Handshake(m) | Histogram::Lifetime(m) => (m as usize, m.label()),
+            Histogram::Teardown(t) => (t as usize, t.label()),
+        }
+    }
 }
 
 /// One sample of a per-port metric, as [`Held`] keeps it.
@@ -93,24 +118,23 @@ enum Histogram {
 enum PortSample {
     Histogram {
         which: Histogram,
-        kind: usize,
         pod: usize,
         seconds: f64,
     },
     Failure {
-        reason: usize,
+        reason: Failure,
         pod: usize,
     },
     Bytes {
-        direction: usize,
+        direction: Direction,
         n: u64,
     },
     Rtt {
         seconds: f64,
     },
-    /// Microseconds sending, held back by [`LIMITS`]`[limit]`.
+    /// Microseconds sending, held back by `limit`.
     Sending {
-        limit: usize,
+        limit: Limit,
         us: u64,
     },
     Spurious {
@@ -144,18 +168,148 @@ struct Held {
 pub struct EventMetrics {
     /// Which ports get a label value (the event path is where values are given).
     pub ports: PortLabels,
-    handshake: HistogramVec,
-    handshake_h: ByPort<LocalHistogram>,
-    failures: IntCounterVec,
-    failures_h: ByPort<LocalIntCounter>,
     /// Which pod a socket belongs to: for failed connects always, for the histograms with
     /// `--label-by pod`.
     pods: PodAttribution,
     label_by_pod: bool,
+    durations: Durations,
+    carried: Carried,
+    states: States,
+    events: IntCounter,
+    held: Held,
+    /// Scrapes of `/metrics` so far (counted by the HTTP thread before it gathers).
+    scrapes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Samples not held because [`MAX_HELD_PORTS`] ports were.
+    held_overflow: IntCounter,
+}
+
+/// Registers metric families in a registry.
+struct Families<'a>(&'a Registry);
+
+impl Families<'_> {
+    fn histogram(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+        buckets: &[f64],
+    ) -> prometheus::Result<HistogramVec> {
+        let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+        let h = HistogramVec::new(opts, labels)?;
+        self.0.register(Box::new(h.clone()))?;
+        Ok(h)
+    }
+
+    fn counter(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> prometheus::Result<IntCounterVec> {
+        let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+        self.0.register(Box::new(c.clone()))?;
+        Ok(c)
+    }
+
+    /// A counter of seconds (a float).
+    fn seconds(&self, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<CounterVec> {
+        let c = CounterVec::new(Opts::new(name, help), labels)?;
+        self.0.register(Box::new(c.clone()))?;
+        Ok(c)
+    }
+
+    /// A counter without labels.
+    fn single(&self, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+        let c = IntCounter::new(name, help)?;
+        self.0.register(Box::new(c.clone()))?;
+        Ok(c)
+    }
+}
+
+/// How long connections took to open, fail, close and be accepted, by mode and port (and pod),
+/// and their handles.
+struct Durations {
+    handshake: HistogramVec,
+    handshake_h: ByPort<LocalHistogram>,
+    failures: IntCounterVec,
+    failures_h: ByPort<LocalIntCounter>,
     teardown: HistogramVec,
     teardown_h: ByPort<LocalHistogram>,
     lifetime: HistogramVec,
     lifetime_h: ByPort<LocalHistogram>,
+    accept_wait: HistogramVec,
+    accept_wait_h: ByPort<LocalHistogram>,
+}
+
+impl Durations {
+    /// Registers the families; the histograms are labelled `by` (mode, port, and the pod's
+    /// with `--label-by pod`).
+    fn register(families: &Families<'_>, by: &[&str]) -> prometheus::Result<Durations> {
+        let handshake = families.histogram(
+            "tracer_tcp_handshake_duration_seconds",
+            "TCP handshakes completed, from inet_sock_set_state: active is SYN_SENT to \
+             ESTABLISHED on the connecting side, passive is the kernel's first-SYN-ACK-to-final-ACK \
+             time on the accepting side; seconds.",
+            by,
+            HANDSHAKE_BUCKETS,
+        )?;
+        let failures = families.counter(
+            "tracer_tcp_handshake_failures_total",
+            "Active opens that ended SYN_SENT -> CLOSE, from inet_sock_set_state, by sk_err reason \
+             and by the Kubernetes namespace and pod of the connecting socket's cgroup (empty \
+             outside pods).",
+            &["mode", "reason", "port", "namespace", "pod"],
+        )?;
+        let teardown = families.histogram(
+            "tracer_tcp_teardown_duration_seconds",
+            "Time from leaving ESTABLISHED (FIN_WAIT1 or CLOSE_WAIT) to CLOSE, from \
+             inet_sock_set_state, by who closed first; seconds.",
+            by,
+            HANDSHAKE_BUCKETS,
+        )?;
+        let lifetime = families.histogram(
+            "tracer_tcp_connection_duration_seconds",
+            "Connection lifetime from ESTABLISHED to CLOSE, from inet_sock_set_state, by open mode; \
+             seconds.",
+            by,
+            LONG_BUCKETS,
+        )?;
+        let accept_wait = families.histogram(
+            "tracer_tcp_accept_wait_seconds",
+            "Time accepted connections waited in their listener's accept queue, from the end of \
+             the handshake (SYN_RECV -> ESTABLISHED) to the server's accept() (inet_csk_accept \
+             returning it), by listening port; seconds. Long waits mean a server too busy to \
+             accept (see tracer_feature_enabled{feature=\"accept_wait\"}).",
+            &["port"],
+            HANDSHAKE_BUCKETS,
+        )?;
+        Ok(Durations {
+            handshake,
+            handshake_h: ByPort::new(Mode::ALL.len()),
+            failures,
+            failures_h: ByPort::new(Failure::ALL.len()),
+            teardown,
+            teardown_h: ByPort::new(Teardown::ALL.len()),
+            lifetime,
+            lifetime_h: ByPort::new(Mode::ALL.len()),
+            accept_wait,
+            accept_wait_h: ByPort::new(1),
+        })
+    }
+
+    /// Publishes what the handles gathered.
+    fn flush(&self) {
+        self.failures_h.all().for_each(LocalIntCounter::flush);
+        self.accept_wait_h.all().for_each(LocalHistogram::flush);
+        for h in [&self.handshake_h, &self.teardown_h, &self.lifetime_h] {
+            h.all().for_each(LocalHistogram::flush);
+        }
+    }
+}
+
+/// What connections carried and how their sending went, by port, counted while they live
+/// and at their close, and their handles.
+struct Carried {
     bytes: IntCounterVec,
     bytes_h: ByPort<LocalIntCounter>,
     rtt: HistogramVec,
@@ -164,17 +318,122 @@ pub struct EventMetrics {
     sending_h: ByPort<LocalCounter>,
     spurious: IntCounterVec,
     spurious_h: ByPort<LocalIntCounter>,
-    accept_wait: HistogramVec,
-    accept_wait_h: ByPort<LocalHistogram>,
+}
+
+impl Carried {
+    fn register(families: &Families<'_>) -> prometheus::Result<Carried> {
+        let bytes = families.counter(
+            "tracer_tcp_bytes_total",
+            "Data bytes carried by connections, from the kernel's counters on each socket: \
+             sent is tcp_sock.bytes_acked (sent and acknowledged), received is \
+             tcp_sock.bytes_received, less SYN and FINs. Counted while a connection lives, \
+             at each of its periodic reports (every --record-interval), and the rest at its \
+             close (inet_sock_set_state to CLOSE); bytes.",
+            &["direction", "port"],
+        )?;
+        let rtt = families.histogram(
+            "tracer_tcp_rtt_seconds",
+            "Smoothed round-trip time of connections (tcp_sock.srtt_us): one sample at each \
+             periodic report of an open connection (every --record-interval) and one at its \
+             close (inet_sock_set_state to CLOSE), where it had one; seconds.",
+            &["port"],
+            RTT_BUCKETS,
+        )?;
+        let sending = families.seconds(
+            "tracer_tcp_send_seconds_total",
+            "Time connections had data to send, by what held them back: network (the \
+             congestion window or pacing), receive_window (the peer's window: its \
+             application reads slowly or not at all), send_buffer (this side's send \
+             buffer, full of data sent and not yet acknowledged: too small for the \
+             path, the application waiting to write more), from the \
+             kernel's counters on each socket (tcp_sock.chrono_stat, as tcp_info's \
+             tcpi_busy_time, tcpi_rwnd_limited, tcpi_sndbuf_limited); counted while a \
+             connection lives, at each periodic report, and the rest at its close; \
+             seconds. All three together are the time busy sending.",
+            &["limited_by", "port"],
+        )?;
+        let spurious = families.counter(
+            "tracer_tcp_spurious_retransmits_total",
+            "Retransmitted segments that the peer reported it had received already (D-SACK, \
+             tcp_sock.dsack_dups, as tcp_info's tcpi_dsack_dups and the kernel's \
+             TCPDSACKRecvSegs): retransmissions that were not needed (a timer too eager, \
+             reordering taken for loss); counted while a connection lives and at its close.",
+            &["port"],
+        )?;
+        Ok(Carried {
+            bytes,
+            bytes_h: ByPort::new(Direction::ALL.len()),
+            rtt,
+            rtt_h: ByPort::new(1),
+            sending,
+            sending_h: ByPort::new(Limit::ALL.len()),
+            spurious,
+            spurious_h: ByPort::new(1),
+        })
+    }
+
+    /// Makes the series of port `other` at 0.
+    fn zero_other(&self) {
+        for direction in Direction::ALL {
+            self.bytes.with_label_values(&[direction.label(), OTHER]);
+        }
+        self.rtt.with_label_values(&[OTHER]);
+        for limit in Limit::ALL {
+            self.sending.with_label_values(&[limit.label(), OTHER]);
+        }
+        self.spurious.with_label_values(&[OTHER]);
+    }
+
+    /// Publishes what the handles gathered.
+    fn flush(&self) {
+        self.bytes_h.all().for_each(LocalIntCounter::flush);
+        self.rtt_h.all().for_each(LocalHistogram::flush);
+        self.sending_h.all().for_each(LocalCounter::flush);
+        self.spurious_h.all().for_each(LocalIntCounter::flush);
+    }
+}
+
+/// The states sockets went through, and how long they stayed in each; their handles.
+struct States {
+    /// By state value (every state's handle made at start).
     state_duration: Vec<LocalHistogram>,
     transitions: IntCounterVec,
+    /// By `from * STATE_NAMES.len() + to`, made on first use.
     transitions_h: Vec<Option<LocalIntCounter>>,
-    events: IntCounter,
-    held: Held,
-    /// Scrapes of `/metrics` so far (counted by the HTTP thread before it gathers).
-    scrapes: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    /// Samples not held because [`MAX_HELD_PORTS`] ports were.
-    held_overflow: IntCounter,
+}
+
+impl States {
+    fn register(families: &Families<'_>) -> prometheus::Result<States> {
+        let state_vec = families.histogram(
+            "tracer_tcp_state_duration_seconds",
+            "Time sockets spent in a state, from inet_sock_set_state, when the tracer saw them \
+             enter it; seconds.",
+            &["state"],
+            LONG_BUCKETS,
+        )?;
+        let transitions = families.counter(
+            "tracer_tcp_transitions_total",
+            "TCP state changes, from inet_sock_set_state.",
+            &["from", "to"],
+        )?;
+        Ok(States {
+            state_duration: STATE_NAMES
+                .iter()
+                .map(|s| state_vec.with_label_values(&[s]).local())
+                .collect(),
+            transitions,
+            transitions_h: vec![None; STATE_NAMES.len() * STATE_NAMES.len()],
+        })
+    }
+
+    /// Publishes what the handles gathered.
+    fn flush(&self) {
+        self.transitions_h
+            .iter()
+            .flatten()
+            .for_each(LocalIntCounter::flush);
+        self.state_duration.iter().for_each(LocalHistogram::flush);
+    }
 }
 
 impl EventMetrics {
@@ -191,184 +450,52 @@ impl EventMetrics {
         } else {
             &["mode", "port"]
         };
-        let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
-            let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
-            let h = HistogramVec::new(opts, labels)?;
-            registry.register(Box::new(h.clone()))?;
-            Ok::<_, prometheus::Error>(h)
-        };
-        let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-            registry.register(Box::new(c.clone()))?;
-            Ok::<_, prometheus::Error>(c)
-        };
-        let handshake = histogram(
-            "tracer_tcp_handshake_duration_seconds",
-            "TCP handshakes completed, from inet_sock_set_state: active is SYN_SENT to \
-             ESTABLISHED on the connecting side, passive is the kernel's first-SYN-ACK-to-final-ACK \
-             time on the accepting side; seconds.",
-            by,
-            HANDSHAKE_BUCKETS,
-        )?;
-        let failures = counter(
-            "tracer_tcp_handshake_failures_total",
-            "Active opens that ended SYN_SENT -> CLOSE, from inet_sock_set_state, by sk_err reason \
-             and by the Kubernetes namespace and pod of the connecting socket's cgroup (empty \
-             outside pods).",
-            &["mode", "reason", "port", "namespace", "pod"],
-        )?;
-        let teardown = histogram(
-            "tracer_tcp_teardown_duration_seconds",
-            "Time from leaving ESTABLISHED (FIN_WAIT1 or CLOSE_WAIT) to CLOSE, from \
-             inet_sock_set_state, by who closed first; seconds.",
-            by,
-            HANDSHAKE_BUCKETS,
-        )?;
-        let lifetime = histogram(
-            "tracer_tcp_connection_duration_seconds",
-            "Connection lifetime from ESTABLISHED to CLOSE, from inet_sock_set_state, by open mode; \
-             seconds.",
-            by,
-            LONG_BUCKETS,
-        )?;
-        let bytes = counter(
-            "tracer_tcp_bytes_total",
-            "Data bytes carried by connections, from the kernel's counters on each socket: \
-             sent is tcp_sock.bytes_acked (sent and acknowledged), received is \
-             tcp_sock.bytes_received, less SYN and FINs. Counted while a connection lives, \
-             at each of its periodic reports (every --record-interval), and the rest at its \
-             close (inet_sock_set_state to CLOSE); bytes.",
-            &["direction", "port"],
-        )?;
-        let rtt = histogram(
-            "tracer_tcp_rtt_seconds",
-            "Smoothed round-trip time of connections (tcp_sock.srtt_us): one sample at each \
-             periodic report of an open connection (every --record-interval) and one at its \
-             close (inet_sock_set_state to CLOSE), where it had one; seconds.",
-            &["port"],
-            RTT_BUCKETS,
-        )?;
-        let sending = CounterVec::new(
-            Opts::new(
-                "tracer_tcp_send_seconds_total",
-                "Time connections had data to send, by what held them back: network (the \
-                 congestion window or pacing), receive_window (the peer's window: its \
-                 application reads slowly or not at all), send_buffer (this side's send \
-                 buffer, full of data sent and not yet acknowledged: too small for the \
-                 path, the application waiting to write more), from the \
-                 kernel's counters on each socket (tcp_sock.chrono_stat, as tcp_info's \
-                 tcpi_busy_time, tcpi_rwnd_limited, tcpi_sndbuf_limited); counted while a \
-                 connection lives, at each periodic report, and the rest at its close; \
-                 seconds. All three together are the time busy sending.",
-            ),
-            &["limited_by", "port"],
-        )?;
-        registry.register(Box::new(sending.clone()))?;
-        let spurious = counter(
-            "tracer_tcp_spurious_retransmits_total",
-            "Retransmitted segments that the peer reported it had received already (D-SACK, \
-             tcp_sock.dsack_dups, as tcp_info's tcpi_dsack_dups and the kernel's \
-             TCPDSACKRecvSegs): retransmissions that were not needed (a timer too eager, \
-             reordering taken for loss); counted while a connection lives and at its close.",
-            &["port"],
-        )?;
-        let accept_wait = histogram(
-            "tracer_tcp_accept_wait_seconds",
-            "Time accepted connections waited in their listener's accept queue, from the end of \
-             the handshake (SYN_RECV -> ESTABLISHED) to the server's accept() (inet_csk_accept \
-             returning it), by listening port; seconds. Long waits mean a server too busy to \
-             accept (see tracer_feature_enabled{feature=\"accept_wait\"}).",
-            &["port"],
-            HANDSHAKE_BUCKETS,
-        )?;
-        let state_vec = histogram(
-            "tracer_tcp_state_duration_seconds",
-            "Time sockets spent in a state, from inet_sock_set_state, when the tracer saw them \
-             enter it; seconds.",
-            &["state"],
-            LONG_BUCKETS,
-        )?;
-        let state_duration = STATE_NAMES
-            .iter()
-            .map(|s| state_vec.with_label_values(&[s]).local())
-            .collect();
-        let transitions = counter(
-            "tracer_tcp_transitions_total",
-            "TCP state changes, from inet_sock_set_state.",
-            &["from", "to"],
-        )?;
-        let events = IntCounter::new(
-            "tracer_events_total",
-            "Transitions read from the probe's ring buffers (inet_sock_set_state).",
-        )?;
-        registry.register(Box::new(events.clone()))?;
-        let held_overflow = IntCounter::new(
-            "tracer_port_held_overflow_total",
-            "Samples of per-port metrics of ports without a label value that went to port=\"other\" \
-             at once because 1,024 such ports had samples waiting for the port to qualify.",
-        )?;
-        registry.register(Box::new(held_overflow.clone()))?;
-
+        let families = Families(registry);
         let mut metrics = EventMetrics {
             ports,
-            handshake,
-            handshake_h: ByPort::new(MODES.len()),
-            failures,
-            failures_h: ByPort::new(FAILURES.len()),
             pods,
             label_by_pod,
-            teardown,
-            teardown_h: ByPort::new(TEARDOWNS.len()),
-            lifetime,
-            lifetime_h: ByPort::new(MODES.len()),
-            bytes,
-            bytes_h: ByPort::new(DIRECTIONS.len()),
-            rtt,
-            rtt_h: ByPort::new(1),
-            sending,
-            sending_h: ByPort::new(LIMITS.len()),
-            spurious,
-            spurious_h: ByPort::new(1),
-            accept_wait,
-            accept_wait_h: ByPort::new(1),
-            state_duration,
-            transitions,
-            transitions_h: vec![None; STATE_NAMES.len() * STATE_NAMES.len()],
-            events,
+            durations: Durations::register(&families, by)?,
+            carried: Carried::register(&families)?,
+            states: States::register(&families)?,
+            events: families.single(
+                "tracer_events_total",
+                "Transitions read from the probe's ring buffers (inet_sock_set_state).",
+            )?,
             held: Held::default(),
             scrapes: Default::default(),
-            held_overflow,
+            held_overflow: families.single(
+                "tracer_port_held_overflow_total",
+                "Samples of per-port metrics of ports without a label value that went to \
+                 port=\"other\" at once because 1,024 such ports had samples waiting for the \
+                 port to qualify.",
+            )?,
         };
         // Panels and alerts read these from the first scrape: 0, not "No data".
-        for mode in MODES {
-            metrics
-                .handshake
-                .with_label_values(&metrics.values(mode, OTHER, 0));
-            metrics
-                .lifetime
-                .with_label_values(&metrics.values(mode, OTHER, 0));
-        }
-        for mode in TEARDOWNS {
-            metrics
-                .teardown
-                .with_label_values(&metrics.values(mode, OTHER, 0));
-        }
-        for direction in DIRECTIONS {
-            metrics.bytes.with_label_values(&[direction, OTHER]);
-        }
-        metrics.rtt.with_label_values(&[OTHER]);
-        for limit in LIMITS {
-            metrics.sending.with_label_values(&[limit, OTHER]);
-        }
-        metrics.spurious.with_label_values(&[OTHER]);
-        metrics.accept_wait.with_label_values(&[OTHER]);
-        for reason in FAILURES {
-            metrics
-                .failures
-                .with_label_values(&["active", reason, OTHER, "", ""]);
-        }
+        metrics.zero_other_durations();
+        metrics.carried.zero_other();
         metrics.new_ports();
         Ok(metrics)
+    }
+
+    /// Makes the duration series of port `other` (no pod) at 0.
+    fn zero_other_durations(&self) {
+        let d = &self.durations;
+        for mode in Mode::ALL {
+            let values = self.values(mode.label(), OTHER, 0);
+            d.handshake.with_label_values(&values);
+            d.lifetime.with_label_values(&values);
+        }
+        for mode in Teardown::ALL {
+            d.teardown
+                .with_label_values(&self.values(mode.label(), OTHER, 0));
+        }
+        d.accept_wait.with_label_values(&[OTHER]);
+        let active = Mode::Active.label();
+        for reason in Failure::ALL {
+            d.failures
+                .with_label_values(&[active, reason.label(), OTHER, "", ""]);
+        }
     }
 
     /// Records what one event tells. The per-event path: no allocation once a label
@@ -381,8 +508,8 @@ impl EventMetrics {
                     from as usize % STATE_NAMES.len(),
                     to as usize % STATE_NAMES.len(),
                 );
-                let transitions = &self.transitions;
-                self.transitions_h[f * STATE_NAMES.len() + t]
+                let transitions = &self.states.transitions;
+                self.states.transitions_h[f * STATE_NAMES.len() + t]
                     .get_or_insert_with(|| {
                         transitions
                             .with_label_values(&[state_name(from), state_name(to)])
@@ -391,7 +518,7 @@ impl EventMetrics {
                     .inc();
             }
             Observation::Dwell { state, ns } => {
-                if let Some(h) = self.state_duration.get(state as usize) {
+                if let Some(h) = self.states.state_duration.get(state as usize) {
                     h.observe(secs(ns));
                 }
             }
@@ -409,7 +536,7 @@ impl EventMetrics {
                     Mode::Active => Use::Connected { netns },
                     Mode::Passive => Use::Accepted,
                 };
-                self.duration(Histogram::Handshake, mode as usize, port, why, cgroup, ns);
+                self.duration(Histogram::Handshake(mode), port, why, cgroup, ns);
             }
             Observation::HandshakeFailure {
                 reason,
@@ -419,38 +546,20 @@ impl EventMetrics {
             } => {
                 let slot = self.ports.slot(port, Use::Connected { netns });
                 let pod = self.pods.slot(cgroup);
-                let sample = PortSample::Failure {
-                    reason: reason as usize,
-                    pod,
-                };
-                self.sample(port, slot, sample);
+                self.sample(port, slot, PortSample::Failure { reason, pod });
             }
             Observation::Teardown {
                 mode,
                 port,
                 ns,
                 cgroup,
-            } => self.duration(
-                Histogram::Teardown,
-                mode as usize,
-                port,
-                Use::Counted,
-                cgroup,
-                ns,
-            ),
+            } => self.duration(Histogram::Teardown(mode), port, Use::Counted, cgroup, ns),
             Observation::Lifetime {
                 mode,
                 port,
                 ns,
                 cgroup,
-            } => self.duration(
-                Histogram::Lifetime,
-                mode as usize,
-                port,
-                Use::Counted,
-                cgroup,
-                ns,
-            ),
+            } => self.duration(Histogram::Lifetime(mode), port, Use::Counted, cgroup, ns),
             // Reported only to `watch --connections`; the agent counts resets in the kernel.
             Observation::ResetSent { .. } => {}
             Observation::Accepted { port, ns, .. } => {
@@ -472,7 +581,10 @@ impl EventMetrics {
     fn carried(&mut self, port: u16, interval: &crate::stream::Interval, srtt_us: u32) {
         let slot = self.ports.slot(port, Use::Counted);
         let sent = interval.bytes_sent.unwrap_or(0);
-        for (direction, n) in [(0, sent), (1, interval.bytes_received)] {
+        for (direction, n) in [
+            (Direction::Sent, sent),
+            (Direction::Received, interval.bytes_received),
+        ] {
             if n > 0 {
                 self.sample(port, slot, PortSample::Bytes { direction, n });
             }
@@ -485,10 +597,11 @@ impl EventMetrics {
         let network = f
             .busy_us
             .saturating_sub(f.rwnd_limited_us + f.sndbuf_limited_us);
-        for (limit, us) in [network, f.rwnd_limited_us, f.sndbuf_limited_us]
-            .into_iter()
-            .enumerate()
-        {
+        for (limit, us) in [
+            (Limit::Network, network),
+            (Limit::ReceiveWindow, f.rwnd_limited_us),
+            (Limit::SendBuffer, f.sndbuf_limited_us),
+        ] {
             if us > 0 {
                 self.sample(port, slot, PortSample::Sending { limit, us });
             }
@@ -499,22 +612,13 @@ impl EventMetrics {
         }
     }
 
-    /// A duration of histogram `which`, series `kind`, of a socket on `port` in `cgroup`;
-    /// `why` says whether it may give the port a value.
-    fn duration(
-        &mut self,
-        which: Histogram,
-        kind: usize,
-        port: u16,
-        why: Use,
-        cgroup: u64,
-        ns: u64,
-    ) {
+    /// A duration of histogram `which` (and mode) of a socket on `port` in `cgroup`; `why`
+    /// says whether it may give the port a value.
+    fn duration(&mut self, which: Histogram, port: u16, why: Use, cgroup: u64, ns: u64) {
         let slot = self.ports.slot(port, why);
         let pod = self.pod_slot(cgroup);
         let sample = PortSample::Histogram {
             which,
-            kind,
             pod,
             seconds: ns as f64 / 1e9,
         };
@@ -562,59 +666,57 @@ impl EventMetrics {
         match sample {
             PortSample::Histogram {
                 which,
-                kind,
                 pod,
                 seconds,
-            } => {
-                let name = match which {
-                    Histogram::Teardown => TEARDOWNS[kind],
-                    _ => MODES[kind],
-                };
-                self.observe(which, (kind, name), slot, pod, seconds);
-            }
+            } => self.observe(which, slot, pod, seconds),
             PortSample::Failure { reason, pod } => {
                 let (namespace, pod_name) = self.pods.label(pod);
-                let (vec, name) = (&self.failures, self.ports.name(slot));
-                self.failures_h
-                    .get(reason, slot, pod, || {
-                        let reason = FAILURES[reason];
-                        vec.with_label_values(&["active", reason, name, namespace, pod_name])
+                let (vec, name) = (&self.durations.failures, self.ports.name(slot));
+                self.durations
+                    .failures_h
+                    .get(reason as usize, slot, pod, || {
+                        let (active, reason) = (Mode::Active.label(), reason.label());
+                        vec.with_label_values(&[active, reason, name, namespace, pod_name])
                             .local()
                     })
                     .inc();
             }
             PortSample::Bytes { direction, n } => {
-                let (vec, name) = (&self.bytes, self.ports.name(slot));
-                self.bytes_h
-                    .get(direction, slot, 0, || {
-                        vec.with_label_values(&[DIRECTIONS[direction], name])
-                            .local()
+                let (vec, name) = (&self.carried.bytes, self.ports.name(slot));
+                self.carried
+                    .bytes_h
+                    .get(direction as usize, slot, 0, || {
+                        vec.with_label_values(&[direction.label(), name]).local()
                     })
                     .inc_by(n);
             }
             PortSample::Sending { limit, us } => {
-                let (vec, name) = (&self.sending, self.ports.name(slot));
-                self.sending_h
-                    .get(limit, slot, 0, || {
-                        vec.with_label_values(&[LIMITS[limit], name]).local()
+                let (vec, name) = (&self.carried.sending, self.ports.name(slot));
+                self.carried
+                    .sending_h
+                    .get(limit as usize, slot, 0, || {
+                        vec.with_label_values(&[limit.label(), name]).local()
                     })
                     .inc_by(us as f64 / 1e6);
             }
             PortSample::Spurious { n } => {
-                let (vec, name) = (&self.spurious, self.ports.name(slot));
-                self.spurious_h
+                let (vec, name) = (&self.carried.spurious, self.ports.name(slot));
+                self.carried
+                    .spurious_h
                     .get(0, slot, 0, || vec.with_label_values(&[name]).local())
                     .inc_by(n);
             }
             PortSample::Rtt { seconds } => {
-                let (vec, name) = (&self.rtt, self.ports.name(slot));
-                self.rtt_h
+                let (vec, name) = (&self.carried.rtt, self.ports.name(slot));
+                self.carried
+                    .rtt_h
                     .get(0, slot, 0, || vec.with_label_values(&[name]).local())
                     .observe(seconds);
             }
             PortSample::AcceptWait { seconds } => {
-                let (vec, name) = (&self.accept_wait, self.ports.name(slot));
-                self.accept_wait_h
+                let (vec, name) = (&self.durations.accept_wait, self.ports.name(slot));
+                self.durations
+                    .accept_wait_h
                     .get(0, slot, 0, || vec.with_label_values(&[name]).local())
                     .observe(seconds);
             }
@@ -649,38 +751,21 @@ impl EventMetrics {
     pub fn flush(&mut self, events: u64) {
         self.settle_held();
         self.events.inc_by(events);
-        self.transitions_h
-            .iter()
-            .flatten()
-            .for_each(LocalIntCounter::flush);
-        self.state_duration.iter().for_each(LocalHistogram::flush);
-        self.failures_h.all().for_each(LocalIntCounter::flush);
-        self.bytes_h.all().for_each(LocalIntCounter::flush);
-        self.rtt_h.all().for_each(LocalHistogram::flush);
-        self.sending_h.all().for_each(LocalCounter::flush);
-        self.spurious_h.all().for_each(LocalIntCounter::flush);
-        self.accept_wait_h.all().for_each(LocalHistogram::flush);
-        for h in [&self.handshake_h, &self.teardown_h, &self.lifetime_h] {
-            h.all().for_each(LocalHistogram::flush);
-        }
+        self.states.flush();
+        self.durations.flush();
+        self.carried.flush();
         self.new_ports();
     }
 
-    /// Observes `seconds` in histogram `which`, series (kind, port slot, pod slot); its handle
-    /// is made on first use.
-    fn observe(
-        &mut self,
-        which: Histogram,
-        (kind, kind_name): (usize, &str),
-        slot: usize,
-        pod: usize,
-        seconds: f64,
-    ) {
+    /// Observes `seconds` in histogram `which`, series (its mode, port slot, pod slot); its
+    /// handle is made on first use.
+    fn observe(&mut self, which: Histogram, slot: usize, pod: usize, seconds: f64) {
         let (vec, handles) = match which {
-            Histogram::Handshake => (&self.handshake, &mut self.handshake_h),
-            Histogram::Teardown => (&self.teardown, &mut self.teardown_h),
-            Histogram::Lifetime => (&self.lifetime, &mut self.lifetime_h),
+            Histogram::Handshake(_) => (&self.durations.handshake, &mut self.durations.handshake_h),
+            Histogram::Teardown(_) => (&self.durations.teardown, &mut self.durations.teardown_h),
+            Histogram::Lifetime(_) => (&self.durations.lifetime, &mut self.durations.lifetime_h),
         };
+        let (kind, kind_name) = which.mode();
         let (pods, by_pod, port) = (&self.pods, self.label_by_pod, self.ports.name(slot));
         handles
             .get(kind, slot, pod, || {
@@ -711,15 +796,24 @@ impl EventMetrics {
         for (port, why) in self.ports.take_new() {
             let name = port.to_string();
             if matches!(why, Use::Accepted | Use::Listening { .. } | Use::Counted) {
-                self.handshake
-                    .with_label_values(&self.values("passive", &name, 0));
+                let passive = Mode::Passive.label();
+                self.durations
+                    .handshake
+                    .with_label_values(&self.values(passive, &name, 0));
             }
             if matches!(why, Use::Connected { .. } | Use::Counted) {
-                self.handshake
-                    .with_label_values(&self.values("active", &name, 0));
-                for reason in FAILURES {
-                    self.failures
-                        .with_label_values(&["active", reason, &name, "", ""]);
+                let active = Mode::Active.label();
+                self.durations
+                    .handshake
+                    .with_label_values(&self.values(active, &name, 0));
+                for reason in Failure::ALL {
+                    self.durations.failures.with_label_values(&[
+                        active,
+                        reason.label(),
+                        &name,
+                        "",
+                        "",
+                    ]);
                 }
             }
         }
@@ -741,21 +835,6 @@ fn values<'a>(
         v.extend([&**namespace, &**pod]);
     }
     v
-}
-
-/// Label value of a teardown mode (for tests and docs).
-pub fn teardown_name(t: Teardown) -> &'static str {
-    TEARDOWNS[t as usize]
-}
-
-/// Label value of a failure reason.
-pub fn failure_name(f: Failure) -> &'static str {
-    FAILURES[f as usize]
-}
-
-/// Label value of an open mode.
-pub fn mode_name(m: Mode) -> &'static str {
-    MODES[m as usize]
 }
 
 /// The text exposition of every metric in `registry`.

@@ -12,11 +12,11 @@ use prometheus::{CounterVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry
 
 use crate::metrics::pods::PodAttribution;
 use crate::metrics::ports::{LabelledPorts, OTHER};
+use crate::stream::btf::EnumName;
 use crate::stream::event::state_name;
 use crate::stream::probe::{ProbeReadings, RESET_STATES};
+use crate::stream::Direction;
 use tracer_common::retransmit;
-
-const DIRECTIONS: [&str; 2] = ["sent", "received"];
 
 /// The probe's tables that can run full, by the `table` label of `tracer_probe_table_full_total`.
 const TABLES: [&str; 3] = ["synack_ports", "retransmit_ports", "drop_ports"];
@@ -124,12 +124,12 @@ impl KernelMetrics {
             &["direction", "state"],
         )?;
         for (direction, state) in [
-            ("sent", "none"),
-            ("sent", "established"),
-            ("received", "syn_sent"),
-            ("received", "established"),
+            (Direction::Sent, "none"),
+            (Direction::Sent, "established"),
+            (Direction::Received, "syn_sent"),
+            (Direction::Received, "established"),
         ] {
-            resets.with_label_values(&[direction, state]);
+            resets.with_label_values(&[direction.label(), state]);
         }
         let reset_reasons = counter(
             "tracer_tcp_reset_reasons_total",
@@ -302,7 +302,7 @@ impl KernelMetrics {
                     .with_label_values(&[&label])
                     .inc_by(total - before);
                 self.retransmits
-                    .with_label_values(&[&label, retransmit::NAMES[retransmit::SYNACK as usize]])
+                    .with_label_values(&[&label, retransmit::name(retransmit::SYNACK)])
                     .inc_by(total - before);
             }
         }
@@ -313,16 +313,13 @@ impl KernelMetrics {
                 .insert((port, kind), total)
                 .unwrap_or(0);
             if total > before {
-                let kind = retransmit::NAMES
-                    .get(usize::from(kind))
-                    .copied()
-                    .unwrap_or("other");
                 self.retransmits
-                    .with_label_values(&[&ports.label(port), kind])
+                    .with_label_values(&[&ports.label(port), retransmit::name(kind)])
                     .inc_by(total - before);
             }
         }
-        for (d, direction) in DIRECTIONS.iter().enumerate() {
+        for direction in Direction::ALL {
+            let d = direction as usize;
             for (state, &total) in probe.resets[d].iter().enumerate() {
                 let before = std::mem::replace(&mut self.last.resets[d][state], total);
                 if total > before {
@@ -332,7 +329,7 @@ impl KernelMetrics {
                         state_name(state as u8)
                     };
                     self.resets
-                        .with_label_values(&[direction, name])
+                        .with_label_values(&[direction.label(), name])
                         .inc_by(total - before);
                 }
             }
@@ -341,10 +338,7 @@ impl KernelMetrics {
         for (i, &total) in probe.reset_reasons.iter().enumerate() {
             let before = std::mem::replace(&mut self.last.reset_reasons[i], total);
             if total > before {
-                let name = match self.reason_names.get(i) {
-                    Some(n) if !n.is_empty() => n.clone(),
-                    _ => format!("reason_{i}"),
-                };
+                let name = EnumName::new(&self.reason_names, i).to_string();
                 self.reset_reasons
                     .with_label_values(&[&name])
                     .inc_by(total - before);
@@ -364,10 +358,7 @@ impl KernelMetrics {
                 .insert((reason, port, key.cgroup), total)
                 .unwrap_or(0);
             if total > before {
-                let name = match self.drop_names.get(usize::from(reason)) {
-                    Some(n) if !n.is_empty() => n.clone(),
-                    _ => format!("reason_{reason}"),
-                };
+                let name = EnumName::new(&self.drop_names, usize::from(reason)).to_string();
                 let slot = self.pods.slot(key.cgroup);
                 let (namespace, pod) = self.pods.label(slot);
                 self.drops

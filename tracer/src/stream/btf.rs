@@ -165,6 +165,30 @@ pub fn enum_names(btf: &Btf, name: &str, prefix: &str) -> Vec<String> {
     names
 }
 
+/// Value `value` of a kernel enum whose names [`enum_names`] read, as label values and records
+/// show it: its name, or `reason_{value}` where this kernel's BTF names none. Written (by
+/// `Display`) without allocating.
+#[derive(Clone, Copy, Debug)]
+pub struct EnumName<'a> {
+    names: &'a [String],
+    value: usize,
+}
+
+impl<'a> EnumName<'a> {
+    pub fn new(names: &'a [String], value: usize) -> EnumName<'a> {
+        EnumName { names, value }
+    }
+}
+
+impl std::fmt::Display for EnumName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.names.get(self.value) {
+            Some(name) if !name.is_empty() => f.write_str(name),
+            _ => write!(f, "reason_{}", self.value),
+        }
+    }
+}
+
 /// Byte offset of `path` (a field, or a field of a field) inside `struct name`.
 ///
 /// Fields inside anonymous structs and unions (as most of `sock_common` is) are found by
@@ -283,6 +307,23 @@ mod tests {
         assert_eq!(names[1], "no_socket");
         assert!(names.iter().any(|n| n == "tcp_abort_on_close"), "{names:?}");
         assert!(enum_names(&btf, "no_such_enum", "").is_empty());
+    }
+
+    #[test]
+    fn a_value_the_kernel_does_not_name_is_reason_and_its_number() {
+        // A gap in the enum is an empty name (see `enum_names`).
+        let names = ["not_specified", "", "tcp_abort_on_close"].map(String::from);
+        let name = |value| EnumName::new(&names, value).to_string();
+        assert_eq!(
+            [name(0), name(1), name(2), name(9)],
+            [
+                "not_specified",
+                "reason_1",
+                "tcp_abort_on_close",
+                "reason_9"
+            ]
+        );
+        assert_eq!(EnumName::new(&[], 3).to_string(), "reason_3");
     }
 
     #[test]

@@ -57,6 +57,81 @@ pub enum Failure {
     Other = 3,
 }
 
+impl Mode {
+    /// Every mode, in the order of their values.
+    pub const ALL: [Mode; 2] = [Mode::Active, Mode::Passive];
+
+    /// The `mode` label value, and the `mode` of records.
+    pub fn label(self) -> &'static str {
+        match self {
+            Mode::Active => "active",
+            Mode::Passive => "passive",
+        }
+    }
+}
+
+impl Teardown {
+    /// Every teardown, in the order of their values.
+    pub const ALL: [Teardown; 3] = [Teardown::Active, Teardown::Passive, Teardown::Simultaneous];
+
+    /// The `mode` label value of `tracer_tcp_teardown_duration_seconds`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Teardown::Active => "active",
+            Teardown::Passive => "passive",
+            Teardown::Simultaneous => "simultaneous",
+        }
+    }
+}
+
+impl Failure {
+    /// Every failure, in the order of their values.
+    pub const ALL: [Failure; 4] = [
+        Failure::Refused,
+        Failure::Timeout,
+        Failure::Aborted,
+        Failure::Other,
+    ];
+
+    /// The `reason` label value of `tracer_tcp_handshake_failures_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Failure::Refused => "refused",
+            Failure::Timeout => "timeout",
+            Failure::Aborted => "aborted",
+            Failure::Other => "other",
+        }
+    }
+}
+
+/// Which way something went, from this host: data bytes, resets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Sent by this host; also the index of the probe's `RESETS` counters
+    /// ([`tracer_common::RESET_SENT`]).
+    Sent = 0,
+    /// Received from the peer ([`tracer_common::RESET_RECEIVED`]).
+    Received = 1,
+}
+
+const _: () = assert!(
+    Direction::Sent as u32 == tracer_common::RESET_SENT
+        && Direction::Received as u32 == tracer_common::RESET_RECEIVED
+);
+
+impl Direction {
+    /// Both directions, in the order of their values.
+    pub const ALL: [Direction; 2] = [Direction::Sent, Direction::Received];
+
+    /// The `direction` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Direction::Sent => "sent",
+            Direction::Received => "received",
+        }
+    }
+}
+
 const ECONNREFUSED: u16 = 111;
 const ETIMEDOUT: u16 = 110;
 const ECONNRESET: u16 = 104;

@@ -66,9 +66,6 @@ struct Variants {
     accept: Option<&'static str>,
 }
 
-/// Default size of each CPU's event ring buffer; see `--ring-buffer-size`.
-pub const DEFAULT_RING_BUFFER_BYTES: u32 = 1024 * 1024;
-
 /// How often the reader drains the ring buffer when the probe has not woken it.
 pub const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
 
@@ -186,167 +183,41 @@ impl Probe {
         check_ring_buffer_size(config.ring_buffer_bytes)?;
         check_privileges()?;
         raise_memlock_limit();
-        let kernel_btf = crate::stream::btf::kernel_btf()?;
-        let offsets = crate::stream::btf::sock_offsets(&kernel_btf)?;
-        let features = crate::stream::features::detect(&kernel_btf, &offsets);
-        let with_reasons = crate::stream::features::tracepoint_args(&kernel_btf, "tcp_send_reset")
-            .is_some_and(|n| n >= 3);
-        let reset_reasons = if with_reasons {
-            crate::stream::btf::enum_names(&kernel_btf, "sk_rst_reason", "SK_RST_REASON_")
-        } else {
-            Vec::new()
-        };
-        let drop_args = crate::stream::features::tracepoint_args(&kernel_btf, DROP_TRACEPOINT);
-        let drop_reasons = if drop_args.is_some_and(|n| n >= 3) {
-            crate::stream::btf::enum_names(&kernel_btf, "skb_drop_reason", "SKB_DROP_REASON_")
-        } else {
-            Vec::new()
-        };
-        let accept_args = crate::stream::features::function_args(&kernel_btf, ACCEPT_FUNCTION);
-        let mut variants = Variants {
-            drops: None,
-            accept: None,
-            reset_reasons: with_reasons,
-            retransmit_err: crate::stream::features::tracepoint_args(
-                &kernel_btf,
-                "tcp_retransmit_skb",
-            )
-            .is_some_and(|n| n >= 3),
-        };
-        drop(kernel_btf);
-        let reset_events = u8::from(config.reset_events && with_reasons);
-        let filter_ports: u8 = u8::from(!config.ports.is_empty());
-        let accept_events = u8::from(config.accept_events);
-        // Wake the reader early only when a quarter of the ring is waiting; otherwise it
-        // drains every DRAIN_INTERVAL (see WAKEUP_BYTES in the probe for why).
-        let wakeup_bytes: u64 = u64::from(config.ring_buffer_bytes / 4);
-
+        let kernel = Kernel::read()?;
         let cpus = aya::util::nr_cpus()
             .map_err(|(what, e)| anyhow::anyhow!("reading {what}: {e}"))? as u32;
-
-        // The probe logs only at the levels the `log` crate lets through (`RUST_LOG`): the
-        // numbers of `log::LevelFilter` and aya-log's levels are the same (off 0 .. trace 5).
-        let log_level = log::max_level() as u8;
-
-        let mut ebpf = EbpfLoader::new()
-            .override_global("OFFSETS", &offsets, true)
-            .override_global("FILTER_PORTS", &filter_ports, true)
-            .override_global("RESET_EVENTS", &reset_events, true)
-            .override_global("EPHEMERAL_PORTS", &ephemeral_ports(), true)
-            .override_global("ACCEPT_EVENTS", &accept_events, true)
-            .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
-            .override_global(aya_log::LEVEL, &log_level, true)
-            .map_max_entries("EVENTS", cpus)
-            .load(PROBE_OBJECT)
-            .map_err(|e| load_error(&e))?;
+        let mut ebpf = load(config, &kernel, cpus)?;
         let logger = EbpfLogger::init(&mut ebpf).context("opening the probe's log (aya-log)")?;
+        let rings = create_rings(&mut ebpf, cpus, config.ring_buffer_bytes)?;
+        set_port_filter(&mut ebpf, &config.ports)?;
 
-        // One ring per possible CPU, each referenced from the probe's `EVENTS` array.
-        let mut events: ArrayOfMaps<_, RingBuf<MapData>> =
-            ArrayOfMaps::try_from(ebpf.map_mut("EVENTS").context("map EVENTS")?)?;
-        let mut rings = Vec::with_capacity(cpus as usize);
-        for cpu in 0..cpus {
-            let params = aya_obj::Map::new_from_params(
-                bpf_map_type::BPF_MAP_TYPE_RINGBUF as u32,
-                0,
-                0,
-                config.ring_buffer_bytes,
-                0,
-            );
-            let map = MapData::create(params, &format!("events_cpu{cpu}"), None)
-                .map_err(|e| load_error(&e))?;
-            let ring = RingBuf::try_from(Map::RingBuf(map))?;
-            events
-                .set(cpu, &ring, 0)
-                .context("adding a ring buffer to EVENTS")?;
-            rings.push(ring);
-        }
-
-        if !config.ports.is_empty() {
-            let mut filter: Array<_, u8> =
-                Array::try_from(ebpf.map_mut("PORT_FILTER").context("map PORT_FILTER")?)?;
-            for &port in &config.ports {
-                filter
-                    .set(u32::from(port), 1u8, 0)
-                    .context("setting the port filter")?;
-            }
-            debug_assert!(filter.len() == PORT_FILTER_LEN);
-        }
-
-        let aya_btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
+        let btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
+        let Kernel {
+            mut features,
+            mut variants,
+            reset_reasons,
+            drop_reasons,
+            drop_args,
+            accept_args,
+            offsets: _,
+        } = kernel;
         // The main program first, then the one that rescues its nested runs.
         for (name, tracepoint) in PROGRAMS {
-            let name = object_program(name, variants);
-            let program: &mut BtfTracePoint = ebpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing from the probe object"))?
-                .try_into()?;
-            program
-                .load(tracepoint, &aya_btf)
-                .map_err(|e| load_error(&e))?;
-            program.attach().map_err(|e| load_error(&e))?;
+            attach_tracepoint(&mut ebpf, object_program(name, variants), tracepoint, &btf)?;
         }
-        // The socket a dropped packet was for is an argument since Linux 6.11.
-        let drop_program = if drop_args.is_some_and(|n| n >= 4) {
-            DROP_SOCKET_PROGRAM
-        } else {
-            DROP_TRACEPOINT
-        };
-        let dropped = if drop_reasons.is_empty() {
-            Err(anyhow::anyhow!("no reason argument"))
-        } else {
-            attach_tracepoint(&mut ebpf, drop_program, DROP_TRACEPOINT, &aya_btf)
-        };
-        if dropped.is_ok() {
-            variants.drops = Some(drop_program);
-        }
-        let mut features = features;
-        features.push(crate::stream::features::Feature {
-            name: "drop_reason",
-            enabled: dropped.is_ok(),
-            missing: "this kernel's skb/kfree_skb tracepoint has no drop-reason argument \
-                      (Linux 5.17+), or the probe could not attach to it: \
-                      tracer_tcp_drops_total stays empty",
-        });
-        if dropped.is_ok() {
-            features.push(crate::stream::features::Feature {
-                name: "drop_socket",
-                enabled: drop_program == DROP_SOCKET_PROGRAM,
-                missing: "this kernel's skb/kfree_skb tracepoint does not name the socket a \
-                          dropped packet was for (Linux 6.11+): tracer_tcp_drops_total has no \
-                          namespace and pod",
-            });
-        }
-        if let Err(e) = dropped {
-            log::debug!("dropped packets: {e:#}");
-        }
-        // The accept queue is a feature: a kernel that cannot trace the function (no BPF
-        // trampolines, a prototype of another shape) still gets everything else.
-        let attached = match config.accept_wait {
-            Toggle::Off => Err(anyhow::anyhow!("--accept-wait off")),
-            Toggle::Auto | Toggle::On => attach_accept(&mut ebpf, accept_args, &aya_btf),
-        };
-        match (&attached, config.accept_wait) {
-            (Ok(name), _) => variants.accept = Some(name),
-            (Err(e), Toggle::On) => bail!(
-                "--accept-wait on: this kernel does not let the probe trace the return of \
-                 inet_csk_accept ({e:#}); use --accept-wait auto or off"
-            ),
-            (Err(e), _) => log::debug!("accept queue: {e:#}"),
-        }
-        features.push(crate::stream::features::Feature {
-            name: "accept_wait",
-            enabled: attached.is_ok(),
-            missing: if config.accept_wait == Toggle::Off {
-                "left out (--accept-wait off): tracer_tcp_accept_wait_seconds stays empty and \
-                 records carry no accept_wait_ns"
-            } else {
-                "this kernel does not let the probe trace the return of inet_csk_accept \
-                 (fexit: BPF trampolines, CONFIG_FUNCTION_TRACER): \
-                 tracer_tcp_accept_wait_seconds stays empty and records carry no \
-                 accept_wait_ns"
-            },
-        });
+        variants.drops = attach_drops(
+            &mut ebpf,
+            (drop_args, !drop_reasons.is_empty()),
+            &btf,
+            &mut features,
+        );
+        variants.accept = attach_accept_wait(
+            &mut ebpf,
+            config.accept_wait,
+            accept_args,
+            &btf,
+            &mut features,
+        )?;
         Ok(Probe {
             features,
             reset_reasons,
@@ -645,9 +516,221 @@ fn attach_tracepoint(
         .program_mut(name)
         .with_context(|| format!("program {name} missing from the probe object"))?
         .try_into()?;
-    program.load(tracepoint, btf).map_err(|e| load_error(&e))?;
-    program.attach().map_err(|e| load_error(&e))?;
+    let (load, attach) = (
+        Step::Load {
+            program: name,
+            tracepoint,
+        },
+        Step::Attach {
+            program: name,
+            tracepoint,
+        },
+    );
+    program
+        .load(tracepoint, btf)
+        .map_err(|e| load_error(load, &e))?;
+    program.attach().map_err(|e| load_error(attach, &e))?;
     Ok(())
+}
+
+/// What this kernel's BTF says about the probe's programs, read once before loading.
+struct Kernel {
+    /// The field offsets the probe reads with (its global `OFFSETS`).
+    offsets: tracer_common::SockOffsets,
+    /// The features known before attaching; the attach steps add theirs.
+    features: Vec<crate::stream::features::Feature>,
+    /// Which programs fit this kernel's tracepoints (`drops` and `accept` not attached yet).
+    variants: Variants,
+    /// See [`Probe::reset_reasons`] and [`Probe::drop_reasons`].
+    reset_reasons: Vec<String>,
+    drop_reasons: Vec<String>,
+    /// Arguments of the dropped-packet tracepoint and of `inet_csk_accept` (None: not found).
+    drop_args: Option<usize>,
+    accept_args: Option<usize>,
+}
+
+impl Kernel {
+    /// Reads the running kernel's BTF (`/sys/kernel/btf/vmlinux`); fails with what is missing.
+    fn read() -> Result<Kernel> {
+        use crate::stream::{btf, features};
+        let kernel_btf = btf::kernel_btf()?;
+        let offsets = btf::sock_offsets(&kernel_btf)?;
+        let args = |tracepoint| features::tracepoint_args(&kernel_btf, tracepoint);
+        let with_reasons = args("tcp_send_reset").is_some_and(|n| n >= 3);
+        let reset_reasons = if with_reasons {
+            btf::enum_names(&kernel_btf, "sk_rst_reason", "SK_RST_REASON_")
+        } else {
+            Vec::new()
+        };
+        let drop_args = args(DROP_TRACEPOINT);
+        let drop_reasons = if drop_args.is_some_and(|n| n >= 3) {
+            btf::enum_names(&kernel_btf, "skb_drop_reason", "SKB_DROP_REASON_")
+        } else {
+            Vec::new()
+        };
+        Ok(Kernel {
+            features: features::detect(&kernel_btf, &offsets),
+            offsets,
+            variants: Variants {
+                reset_reasons: with_reasons,
+                retransmit_err: args("tcp_retransmit_skb").is_some_and(|n| n >= 3),
+                drops: None,
+                accept: None,
+            },
+            reset_reasons,
+            drop_reasons,
+            drop_args,
+            accept_args: features::function_args(&kernel_btf, ACCEPT_FUNCTION),
+        })
+    }
+}
+
+/// Loads the probe object with this kernel's offsets and `config`'s settings as its globals,
+/// its `EVENTS` array sized for `cpus` rings.
+fn load(config: &ProbeConfig, kernel: &Kernel, cpus: u32) -> Result<Ebpf> {
+    let reset_events = u8::from(config.reset_events && kernel.variants.reset_reasons);
+    let filter_ports: u8 = u8::from(!config.ports.is_empty());
+    let accept_events = u8::from(config.accept_events);
+    // Wake the reader early only when a quarter of the ring is waiting; otherwise it
+    // drains every DRAIN_INTERVAL (see WAKEUP_BYTES in the probe for why).
+    let wakeup_bytes: u64 = u64::from(config.ring_buffer_bytes / 4);
+    // The probe logs only at the levels the `log` crate lets through (`RUST_LOG`): the
+    // numbers of `log::LevelFilter` and aya-log's levels are the same (off 0 .. trace 5).
+    let log_level = log::max_level() as u8;
+    EbpfLoader::new()
+        .override_global("OFFSETS", &kernel.offsets, true)
+        .override_global("FILTER_PORTS", &filter_ports, true)
+        .override_global("RESET_EVENTS", &reset_events, true)
+        .override_global("EPHEMERAL_PORTS", &ephemeral_ports(), true)
+        .override_global("ACCEPT_EVENTS", &accept_events, true)
+        .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
+        .override_global(aya_log::LEVEL, &log_level, true)
+        .map_max_entries("EVENTS", cpus)
+        .load(PROBE_OBJECT)
+        .map_err(|e| load_error(Step::Maps, &e))
+}
+
+/// Creates one ring of `bytes` per possible CPU, each referenced from the probe's `EVENTS`
+/// array.
+fn create_rings(ebpf: &mut Ebpf, cpus: u32, bytes: u32) -> Result<Vec<RingBuf<MapData>>> {
+    let mut events: ArrayOfMaps<_, RingBuf<MapData>> =
+        ArrayOfMaps::try_from(ebpf.map_mut("EVENTS").context("map EVENTS")?)?;
+    let mut rings = Vec::with_capacity(cpus as usize);
+    for cpu in 0..cpus {
+        let params = aya_obj::Map::new_from_params(
+            bpf_map_type::BPF_MAP_TYPE_RINGBUF as u32,
+            0,
+            0,
+            bytes,
+            0,
+        );
+        let map = MapData::create(params, &format!("events_cpu{cpu}"), None)
+            .map_err(|e| load_error(Step::Maps, &e))?;
+        let ring = RingBuf::try_from(Map::RingBuf(map))?;
+        events
+            .set(cpu, &ring, 0)
+            .context("adding a ring buffer to EVENTS")?;
+        rings.push(ring);
+    }
+    Ok(rings)
+}
+
+/// Fills the probe's `PORT_FILTER` with `ports` (nothing to do without `--port`).
+fn set_port_filter(ebpf: &mut Ebpf, ports: &[u16]) -> Result<()> {
+    if ports.is_empty() {
+        return Ok(());
+    }
+    let mut filter: Array<_, u8> =
+        Array::try_from(ebpf.map_mut("PORT_FILTER").context("map PORT_FILTER")?)?;
+    for &port in ports {
+        filter
+            .set(u32::from(port), 1u8, 0)
+            .context("setting the port filter")?;
+    }
+    debug_assert!(filter.len() == PORT_FILTER_LEN);
+    Ok(())
+}
+
+/// Attaches the dropped-packet program that fits this kernel's tracepoint, given its
+/// `(arguments, whether the kernel names drop reasons)`, and adds the `drop_reason` and
+/// `drop_socket` features; returns the program attached. A kernel without it still gets
+/// everything else.
+fn attach_drops(
+    ebpf: &mut Ebpf,
+    (args, with_reasons): (Option<usize>, bool),
+    btf: &aya::Btf,
+    features: &mut Vec<crate::stream::features::Feature>,
+) -> Option<&'static str> {
+    // The socket a dropped packet was for is an argument since Linux 6.11.
+    let program = if args.is_some_and(|n| n >= 4) {
+        DROP_SOCKET_PROGRAM
+    } else {
+        DROP_TRACEPOINT
+    };
+    let dropped = if with_reasons {
+        attach_tracepoint(ebpf, program, DROP_TRACEPOINT, btf)
+    } else {
+        Err(anyhow::anyhow!("no reason argument"))
+    };
+    features.push(crate::stream::features::Feature {
+        name: "drop_reason",
+        enabled: dropped.is_ok(),
+        missing: "this kernel's skb/kfree_skb tracepoint has no drop-reason argument \
+                  (Linux 5.17+), or the probe could not attach to it: \
+                  tracer_tcp_drops_total stays empty",
+    });
+    if let Err(e) = dropped {
+        log::debug!("dropped packets: {e:#}");
+        return None;
+    }
+    features.push(crate::stream::features::Feature {
+        name: "drop_socket",
+        enabled: program == DROP_SOCKET_PROGRAM,
+        missing: "this kernel's skb/kfree_skb tracepoint does not name the socket a \
+                  dropped packet was for (Linux 6.11+): tracer_tcp_drops_total has no \
+                  namespace and pod",
+    });
+    Some(program)
+}
+
+/// Attaches the accept-queue program as `--accept-wait` asks (`wanted`), for
+/// `inet_csk_accept`'s `args` arguments, and adds the `accept_wait` feature; returns the
+/// program attached. Fails only with `--accept-wait on`: the accept queue is a feature, and a
+/// kernel that cannot trace the function (no BPF trampolines, a prototype of another shape)
+/// still gets everything else.
+fn attach_accept_wait(
+    ebpf: &mut Ebpf,
+    wanted: Toggle,
+    args: Option<usize>,
+    btf: &aya::Btf,
+    features: &mut Vec<crate::stream::features::Feature>,
+) -> Result<Option<&'static str>> {
+    let attached = match wanted {
+        Toggle::Off => Err(anyhow::anyhow!("--accept-wait off")),
+        Toggle::Auto | Toggle::On => attach_accept(ebpf, args, btf),
+    };
+    match (&attached, wanted) {
+        (Ok(_), _) => {}
+        (Err(e), Toggle::On) => bail!(
+            "--accept-wait on: this kernel does not let the probe trace the return of \
+             inet_csk_accept ({e:#}); use --accept-wait auto or off"
+        ),
+        (Err(e), _) => log::debug!("accept queue: {e:#}"),
+    }
+    features.push(crate::stream::features::Feature {
+        name: "accept_wait",
+        enabled: attached.is_ok(),
+        missing: if wanted == Toggle::Off {
+            "left out (--accept-wait off): tracer_tcp_accept_wait_seconds stays empty and \
+             records carry no accept_wait_ns"
+        } else {
+            "this kernel does not let the probe trace the return of inet_csk_accept \
+             (fexit: BPF trampolines, CONFIG_FUNCTION_TRACER): \
+             tracer_tcp_accept_wait_seconds stays empty and records carry no \
+             accept_wait_ns"
+        },
+    });
+    Ok(attached.ok())
 }
 
 /// This namespace's ephemeral port range, for the probe's choice of a dropped packet's
@@ -799,8 +882,35 @@ fn raise_memlock_limit() {
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
 }
 
-/// Turns a load or attach failure into one line that says what to do.
-fn load_error(err: &dyn std::error::Error) -> anyhow::Error {
+/// What the kernel was asked to take when it refused, for [`load_error`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step<'a> {
+    /// The probe object's maps and globals, or a CPU's ring buffer.
+    Maps,
+    /// Loading `program` of the probe object for BTF tracepoint `tracepoint` (the verifier runs).
+    Load {
+        program: &'a str,
+        tracepoint: &'a str,
+    },
+    /// Attaching the loaded `program` to BTF tracepoint `tracepoint`.
+    Attach {
+        program: &'a str,
+        tracepoint: &'a str,
+    },
+}
+
+impl Step<'_> {
+    /// The verb of the line: what the kernel refused to do.
+    fn verb(self) -> &'static str {
+        match self {
+            Step::Maps | Step::Load { .. } => "load",
+            Step::Attach { .. } => "attach",
+        }
+    }
+}
+
+/// Turns a load or attach failure of `step` into one line that says what to do.
+fn load_error(step: Step<'_>, err: &dyn std::error::Error) -> anyhow::Error {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(s) = source {
@@ -808,12 +918,12 @@ fn load_error(err: &dyn std::error::Error) -> anyhow::Error {
         text.push_str(&s.to_string());
         source = s.source();
     }
-    anyhow::anyhow!("{}", load_error_line(&text))
+    anyhow::anyhow!("{}", load_error_line(step, &text))
 }
 
-/// One line that says why the kernel refused the probe and what to do, from the error text
-/// (which may hold the verifier's whole log: it is summarised, never printed).
-fn load_error_line(text: &str) -> String {
+/// One line that says which part of the probe the kernel refused, why and what to do, from the
+/// error text (which may hold the verifier's whole log: it is summarised, never printed).
+fn load_error_line(step: Step<'_>, text: &str) -> String {
     // The verifier names a helper this kernel does not offer to BTF tracepoint programs.
     let helper = text.lines().find_map(|l| {
         let l = l.trim();
@@ -824,20 +934,37 @@ fn load_error_line(text: &str) -> String {
     });
     let first = text.lines().next().unwrap_or_default();
     let first = first.split(". Verifier output").next().unwrap_or(first);
+    let verb = step.verb();
+    let (what, tracepoint) = match step {
+        Step::Maps => ("the eBPF probe's maps".to_owned(), None),
+        Step::Load {
+            program,
+            tracepoint,
+        }
+        | Step::Attach {
+            program,
+            tracepoint,
+        } => (
+            format!("the eBPF program {program} (tracepoint {tracepoint})"),
+            Some(tracepoint),
+        ),
+    };
     if let Some(helper) = helper {
         format!(
             "this kernel does not let the probe call {helper} from a BTF tracepoint program \
-             ({first}): tracer needs Linux 5.12 or newer (or a kernel with that backported)"
+             (cannot {verb} {what}: {first}): tracer needs Linux 5.12 or newer (or a kernel \
+             with that backported)"
         )
     } else if text.contains("Operation not permitted") || text.contains("EPERM") {
         format!(
-            "the kernel refused the eBPF probe ({first}): run as root or with \
+            "the kernel refused to {verb} {what} ({first}): run as root or with \
              CAP_BPF+CAP_PERFMON, and check that lockdown or seccomp does not forbid bpf()"
         )
     } else {
+        let needs = tracepoint.map_or(String::new(), |t| format!(" and the {t} tracepoint"));
         format!(
-            "cannot load the eBPF probe ({first}): tracer needs Linux 5.12 or newer with BTF \
-             (CONFIG_DEBUG_INFO_BTF) and the inet_sock_set_state tracepoint"
+            "cannot {verb} {what} ({first}): tracer needs Linux 5.12 or newer with BTF \
+             (CONFIG_DEBUG_INFO_BTF){needs}"
         )
     }
 }
@@ -861,13 +988,58 @@ mod tests {
                    12: (85) call bpf_get_socket_cookie#46\n\
                    program of this type cannot use helper bpf_get_socket_cookie#46\n\
                    processed 12 insns\n";
-        let line = load_error_line(log);
-        assert!(!line.contains('\n'), "{line}");
-        assert!(
-            line.contains("call bpf_get_socket_cookie from a BTF tracepoint"),
-            "{line}"
+        let step = Step::Load {
+            program: "inet_sock_set_state",
+            tracepoint: "inet_sock_set_state",
+        };
+        let line = load_error_line(step, log);
+        assert_eq!(
+            line,
+            "this kernel does not let the probe call bpf_get_socket_cookie from a BTF tracepoint \
+             program (cannot load the eBPF program inet_sock_set_state (tracepoint \
+             inet_sock_set_state): the BPF_PROG_LOAD syscall failed): tracer needs Linux 5.12 \
+             or newer (or a kernel with that backported)"
         );
-        assert!(line.contains("Linux 5.12"), "{line}");
-        assert!(!line.contains("R10=fp0"), "no verifier dump: {line}");
+    }
+
+    #[test]
+    fn a_refused_program_is_named_with_its_tracepoint_not_always_the_main_one() {
+        let step = Step::Load {
+            program: "tcp_send_reset_reason",
+            tracepoint: "tcp_send_reset",
+        };
+        let text = "the BPF_PROG_LOAD syscall failed: Invalid argument (os error 22)";
+        assert_eq!(
+            load_error_line(step, text),
+            "cannot load the eBPF program tcp_send_reset_reason (tracepoint tcp_send_reset) \
+             (the BPF_PROG_LOAD syscall failed: Invalid argument (os error 22)): tracer needs \
+             Linux 5.12 or newer with BTF (CONFIG_DEBUG_INFO_BTF) and the tcp_send_reset \
+             tracepoint"
+        );
+        let step = Step::Attach {
+            program: "tcp_retransmit_synack",
+            tracepoint: "tcp_retransmit_synack",
+        };
+        let text = "`bpf_raw_tracepoint_open` failed: Operation not permitted (os error 1)";
+        assert_eq!(
+            load_error_line(step, text),
+            "the kernel refused to attach the eBPF program tcp_retransmit_synack (tracepoint \
+             tcp_retransmit_synack) (`bpf_raw_tracepoint_open` failed: Operation not permitted \
+             (os error 1)): run as root or with CAP_BPF+CAP_PERFMON, and check that lockdown or \
+             seccomp does not forbid bpf()"
+        );
+    }
+
+    #[test]
+    fn refused_maps_name_no_program() {
+        let text = "map EVENTS: the BPF_MAP_CREATE syscall failed: Invalid argument (os error 22)";
+        let line = load_error_line(Step::Maps, text);
+        assert_eq!(
+            line,
+            "cannot load the eBPF probe's maps (map EVENTS: the BPF_MAP_CREATE syscall failed: \
+             Invalid argument (os error 22)): tracer needs Linux 5.12 or newer with BTF \
+             (CONFIG_DEBUG_INFO_BTF)"
+        );
+        assert!(!line.contains("inet_sock_set_state"), "{line}");
     }
 }
