@@ -201,7 +201,6 @@ pub async fn run(args: &RunArgs) -> Result<()> {
                 let size = published.latest().map_or(TableSize::default(), |r| TableSize {
                     tracked: r.joined.stored as usize,
                     bytes: r.joined.stored_bytes as usize,
-                    evicted: 0,
                 });
                 kernel.sync(&readings, &labelled, size);
                 // /top: counting starts at its first request and stops once nobody asks.
