@@ -136,9 +136,9 @@ pub struct RunArgs {
     /// Distinct `port` label values at most (without --port).
     #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub max_ports: u16,
-    /// No effect: kept so that older command lines still start (the agent keeps no table of
-    /// sockets; each socket's state is on the socket, in the kernel).
-    #[arg(long, value_name = "N", hide = true)]
+    /// Ignored: the agent keeps no table of sockets any more (each socket's state is on the
+    /// socket, in the kernel); accepted so that older command lines still start.
+    #[arg(long, value_name = "N")]
     pub max_sockets: Option<u32>,
     /// Size of each CPU's kernel-to-userspace ring buffer: a power of two, e.g. 256K, 4M
     /// (the memory it takes is this times the number of CPUs).
@@ -471,5 +471,27 @@ mod tests {
         assert_eq!(w.ring_buffer_size, 1 << 20);
         assert!(Cli::try_parse_from(["tracer", "watch", "--port", "0"]).is_err());
         assert!(Cli::try_parse_from(["tracer", "watch", "--state", "nope"]).is_err());
+    }
+
+    #[test]
+    fn max_sockets_still_parses_and_its_help_says_it_is_ignored() {
+        use clap::CommandFactory;
+        let cli = Cli::try_parse_from(["tracer", "run", "--max-sockets", "10"]).unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(run.max_sockets, Some(10));
+        let mut command = Cli::command();
+        let help = command
+            .find_subcommand_mut("run")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        let line = help
+            .lines()
+            .skip_while(|l| !l.contains("--max-sockets"))
+            .nth(1)
+            .unwrap_or_default();
+        assert!(line.trim_start().starts_with("Ignored:"), "{help}");
     }
 }

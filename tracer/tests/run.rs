@@ -632,8 +632,8 @@ fn health_index_and_sigterm() {
 }
 
 #[test]
-fn every_socket_keeps_its_state_in_the_kernel_and_none_is_evicted() {
-    if !require_root("every_socket_keeps_its_state_in_the_kernel_and_none_is_evicted") {
+fn every_socket_keeps_its_state_in_the_kernel_and_max_sockets_does_nothing() {
+    if !require_root("every_socket_keeps_its_state_in_the_kernel_and_max_sockets_does_nothing") {
         return;
     }
     // An old flag still starts the agent, which says it does nothing now.

@@ -234,13 +234,12 @@ fn table_phase(held: usize) -> Result<()> {
     let kernel = s1.table_bytes.saturating_sub(s0.table_bytes);
     println!(
         "socket state: {held} connections opened in {:.1} s under the agent; {} sockets with \
-         the probe's storage before and {} after ({} evicted, {} events lost); the kernel \
+         the probe's storage before and {} after ({} events lost); the kernel \
          charges {:.1} MiB for them: {:.0} bytes per socket; the agent's resident memory \
          {:.1} MiB before, {:.1} MiB after: {:.0} bytes per socket (its census listing)",
         opening.as_secs_f64(),
         s0.tracked,
         s1.tracked,
-        s1.evicted,
         s1.lost.saturating_sub(s0.lost),
         kernel as f64 / 1048576.0,
         kernel as f64 / stored.max(1) as f64,
@@ -1303,13 +1302,12 @@ fn busy_phase(held: usize, held_before: usize, duration: Duration) -> Result<()>
         }
     );
     println!(
-        "  events     {} read, {} lost ({} while opening, {} during the churn); {} sockets \
-         evicted, {} census errors",
+        "  events     {} read, {} lost ({} while opening, {} during the churn); {} census \
+         errors",
         s2.events.saturating_sub(s0.events),
         s2.lost.saturating_sub(s0.lost),
         s1.lost.saturating_sub(s0.lost),
         s2.lost.saturating_sub(s1.lost),
-        s2.evicted.saturating_sub(s0.evicted),
         s2.census_errors.saturating_sub(s0.census_errors),
     );
     for (path, log) in [("/metrics", &metrics), ("/sockets", &sockets)] {
@@ -1359,7 +1357,6 @@ struct Snapshot {
     tracked: u64,
     /// The kernel memory of the probe's socket storage (`tracer_tracked_sockets_bytes`).
     table_bytes: u64,
-    evicted: u64,
     census_errors: u64,
     /// How long the last census took (`tracer_census_duration_seconds`).
     census_seconds: f64,
@@ -1377,7 +1374,6 @@ impl Snapshot {
             lost: metric(&text, "tracer_events_lost_total"),
             tracked: metric(&text, "tracer_tracked_sockets"),
             table_bytes: metric(&text, "tracer_tracked_sockets_bytes"),
-            evicted: metric(&text, "tracer_tracked_sockets_evicted_total"),
             census_errors: metric(&text, "tracer_census_errors_total"),
             census_seconds: sample(&text, "tracer_census_duration_seconds"),
             host_sockets: text

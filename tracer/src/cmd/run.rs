@@ -304,7 +304,6 @@ impl Agent {
             .map_or(TableSize::default(), |r| TableSize {
                 tracked: r.joined.figures.stored as usize,
                 bytes: r.joined.figures.stored_bytes as usize,
-                evicted: 0,
             });
         self.kernel.sync(&readings, &self.labelled, size);
         let now = monotonic_ns();

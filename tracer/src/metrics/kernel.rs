@@ -30,7 +30,6 @@ const PROBE_ERRORS: [&str; 3] = ["field_read", "address_family", "no_storage"];
 pub struct TableSize {
     pub tracked: usize,
     pub bytes: usize,
-    pub evicted: u64,
 }
 
 /// Kernel-counter metrics and the sockets with the probe's state.
@@ -55,7 +54,6 @@ pub struct KernelMetrics {
     skipped: IntCounter,
     tracked: IntGauge,
     table_bytes: IntGauge,
-    evicted: IntCounter,
     /// Last kernel totals seen, to turn them into counter increments.
     last: KernelTotals,
 }
@@ -65,7 +63,6 @@ struct KernelTotals {
     lost: u64,
     /// Per program: (runs, run nanoseconds, runs missed).
     programs: HashMap<&'static str, (u64, u64, u64)>,
-    evicted: u64,
     synack: HashMap<u16, u64>,
     /// By (port, kind); SYN-ACKs of request sockets come from `synack`.
     retransmits: HashMap<(u16, u16), u64>,
@@ -229,11 +226,6 @@ impl KernelMetrics {
              sk_omem_alloc, where the storage is), at the last census; bytes.",
         )?;
         registry.register(Box::new(table_bytes.clone()))?;
-        let evicted = single(
-            "tracer_tracked_sockets_evicted_total",
-            "Always 0: each socket's state is kept on the socket, and the kernel frees it with \
-             the socket; nothing is evicted.",
-        )?;
         Ok(KernelMetrics {
             synack,
             retransmits,
@@ -252,7 +244,6 @@ impl KernelMetrics {
             skipped,
             tracked,
             table_bytes,
-            evicted,
             last: KernelTotals::default(),
         })
     }
@@ -260,17 +251,10 @@ impl KernelMetrics {
     /// Brings the kernel-side counters and the stored sockets into the metrics (once a second).
     /// `ports` says which ports have a label value; SYN-ACK counts only look them up.
     pub fn sync(&mut self, probe: &ProbeReadings, ports: &LabelledPorts, table: TableSize) {
-        let TableSize {
-            tracked,
-            bytes,
-            evicted,
-        } = table;
+        let TableSize { tracked, bytes } = table;
         let lost = probe.counters.lost_total();
         self.events_lost.inc_by(lost.saturating_sub(self.last.lost));
         self.last.lost = self.last.lost.max(lost);
-        self.evicted
-            .inc_by(evicted.saturating_sub(self.last.evicted));
-        self.last.evicted = self.last.evicted.max(evicted);
         self.tracked.set(tracked as i64);
         self.table_bytes.set(bytes as i64);
         for p in &probe.programs {
@@ -434,7 +418,6 @@ mod tests {
         let size = TableSize {
             tracked: 7,
             bytes: 448,
-            evicted: 0,
         };
         let mut probe = ProbeReadings {
             counters,
@@ -481,7 +464,6 @@ mod tests {
             "tracer_tcp_reset_reasons_total{reason=\"tcp_abort_on_close\"} 1\n",
             "tracer_tracked_sockets 7\n",
             "tracer_tracked_sockets_bytes 448\n",
-            "tracer_tracked_sockets_evicted_total 0\n",
             "tracer_probe_runs_total{program=\"inet_sock_set_state\"} 30\n",
             "tracer_probe_table_full_total{table=\"synack_ports\"} 4\n",
             "tracer_probe_table_full_total{table=\"retransmit_ports\"} 0\n",
@@ -493,6 +475,11 @@ mod tests {
             assert!(text.contains(line), "{line} missing from:\n{text}");
         }
         assert!(!ports.contains(9999));
+        // Gone with the agent's socket table: nothing is evicted from the kernel's storage.
+        assert!(
+            !text.contains("tracer_tracked_sockets_evicted_total"),
+            "{text}"
+        );
         let seconds: f64 = text
             .lines()
             .find_map(|l| {
