@@ -214,6 +214,12 @@ mod tests {
     /// The close record of the connection of [`sample`], closing at `now` having sent `sent`
     /// data bytes and received `received` in all.
     fn close(tracker: &mut Tracker, now: u64, sent: u64, received: u64) -> Record {
+        let (t, c) = closed(tracker, now, sent, received);
+        Record::close(&t, &c)
+    }
+
+    /// As [`close`]: the close event and what the tracker made of it.
+    fn closed(tracker: &mut Tracker, now: u64, sent: u64, received: u64) -> (Transition, Closed) {
         let mut t = transition(1, now, FIN_WAIT2, CLOSE);
         t.cookie = 9;
         t.socket_flags = socket::ACTIVE;
@@ -232,7 +238,7 @@ mod tests {
         });
         let mut c = closed.unwrap();
         tracker.close(t.cookie, t.time_ns, &mut c);
-        Record::close(&t, &c)
+        (t, c)
     }
 
     #[test]
@@ -328,22 +334,7 @@ mod tests {
         );
         assert_eq!(counted(&mut tracker, &[sample(15 * S, 400, 40)]), [(0, 0)]);
         // Its close counts the rest (1,000 and 80 in all), and its record, the first, all.
-        let mut t = transition(1, 20 * S, FIN_WAIT2, CLOSE);
-        t.cookie = 9;
-        t.socket_flags = socket::ACTIVE;
-        t.opened_ns = S;
-        t.established_ns = 2 * S;
-        t.bytes_acked = 1_002;
-        t.bytes_received = 81;
-        t.close_flags = close_flags::FIN_ACKED | close_flags::PEER_FIN;
-        let mut closed = None;
-        crate::stream::observe(&t, |o| {
-            if let Observation::Closed(c) = o {
-                closed = Some(c);
-            }
-        });
-        let mut c = closed.unwrap();
-        tracker.close(t.cookie, t.time_ns, &mut c);
+        let (_, c) = closed(&mut tracker, 20 * S, 1_000, 80);
         assert_eq!(
             (c.counted.bytes_sent, c.counted.bytes_received),
             (Some(600), 40)
