@@ -27,6 +27,16 @@ use anyhow::{bail, Context, Result};
 
 use crate::setup;
 
+/// Where the VM tools (virtiofsd) and the Debian kernels are kept: `$TRACER_KERNEL_CACHE`,
+/// else `~/.cache/tracer/kernels` (root's, as the tests run as root).
+fn machine_cache() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TRACER_KERNEL_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+    home.join(".cache/tracer/kernels")
+}
+
 /// The default matrix, in the order it runs.
 const DEFAULT_KERNELS: &[&str] = &["6.1", "6.12", "host"];
 
@@ -159,7 +169,11 @@ impl KernelsArgs {
 pub fn run(args: &KernelsArgs) -> Result<()> {
     let started = Instant::now();
     let root = workspace_root();
-    let cache = root.join("target/kernels");
+    // The tools and kernels are the machine's, kept across clones (a fresh clone built
+    // virtiofsd and fetched both kernels again: two minutes of every run); the results are
+    // the clone's.
+    let cache = machine_cache();
+    let results = root.join("target/kernels");
     let mut wanted: Vec<String> = if args.kernels.is_empty() {
         DEFAULT_KERNELS.iter().map(|s| s.to_string()).collect()
     } else {
@@ -213,13 +227,13 @@ pub fn run(args: &KernelsArgs) -> Result<()> {
 
     let mut runs = Vec::new();
     for kernel in &kernels {
-        let out = cache.join("out").join(kernel.release());
+        let out = results.join("out").join(kernel.release());
         let mut run = run_kernel(kernel, &binaries, &out, &root, tools.as_ref(), args)?;
         // A guest kernel that panics under full emulation (seen once, in 6.12's scheduler,
         // an int3 trap during a timer softirq) takes every test after it down: boot it once
         // more for the whole run, and say so. A panic that comes back fails as before.
         if let Some(oops) = guest_panic(kernel, &run) {
-            let kept = cache
+            let kept = results
                 .join("out")
                 .join(format!("{}-panicked-console.log", kernel.release()));
             let _ = std::fs::rename(&run.console, &kept);

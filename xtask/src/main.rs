@@ -99,10 +99,10 @@ fn run_tracer(mut args: Vec<String>) -> Result<()> {
 /// then (unless `host_only`) the same kernel tests on the Debian kernels of the matrix.
 fn test(host_only: bool) -> Result<()> {
     setup::run()?;
-    build_release()?;
     setup::mount_tracefs()?;
-    // Every test binary in one build, so that cargo compiles the unit and the kernel tests
-    // side by side on both cores rather than one after the other.
+    // Every test binary in one build, the `tracer` binary the kernel tests run included, so
+    // that cargo compiles them side by side on both cores rather than one after the other
+    // (a `cargo build` of the binary first cost a fresh clone a minute more).
     cargo(&[
         "test",
         "--release",

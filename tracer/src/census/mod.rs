@@ -357,6 +357,12 @@ pub fn parse(mut bytes: &[u8], out: &mut Vec<SocketRecord>) -> Result<bool> {
             .map_err(|e| anyhow!("malformed sock_diag message: {e}"))?;
         let len = message.header.length as usize;
         match message.payload {
+            // A dump that failed once it had started ends with its errno in NLMSG_DONE
+            // (netlink_dump): on Linux 6.1 a missing tcp_diag ends the dump so, and read
+            // as a plain end it was an empty census, every socket gone.
+            NetlinkPayload::Done(d) if d.code < 0 => {
+                return Err(failure::SockDiagRefused(-d.code).into());
+            }
             NetlinkPayload::Done(_) => return Ok(true),
             // The kernel sends a negative errno.
             NetlinkPayload::Error(e) => {
@@ -614,6 +620,20 @@ mod tests {
             e.downcast_ref::<failure::SockDiagRefused>(),
             Some(&failure::SockDiagRefused(libc::ENOENT))
         );
+        assert_eq!(failure::Failure::of(&e), failure::Failure::SockDiagMissing);
+    }
+
+    #[test]
+    fn a_dump_that_ends_with_an_errno_is_that_error_not_an_empty_census() {
+        let mut done = NetlinkMessage::new(
+            NetlinkHeader::default(),
+            NetlinkPayload::<SockDiagMessage>::Done(DoneMessage::default()),
+        );
+        if let NetlinkPayload::Done(d) = &mut done.payload {
+            d.code = -libc::ENOENT;
+        }
+        done.finalize();
+        let e = parse(&bytes(&[response(1, 80, 0), done]), &mut Vec::new()).unwrap_err();
         assert_eq!(failure::Failure::of(&e), failure::Failure::SockDiagMissing);
     }
 
