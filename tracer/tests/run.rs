@@ -171,9 +171,19 @@ fn client_closes_first_is_an_active_teardown_on_the_client_side() {
     );
     // The probe and ftrace read the same clock (CLOCK_MONOTONIC) in the same tracepoint
     // calls, one after the other: a few microseconds apart, unless the CPU is taken from
-    // between them (an interrupt, or a guest's virtual CPU descheduled): 1 ms allows that.
-    assert!((active.1 - kernel_active).abs() < 0.001, "{inputs}");
-    assert!((passive.1 - kernel_passive).abs() < 0.001, "{inputs}");
+    // between them. On a host, only an interrupt can (the tracepoint runs with preemption
+    // off): 1 ms allows that. In the matrix's emulated guests a virtual CPU is
+    // a host thread, and the host deschedules it whenever it likes, between the two readings
+    // too, for as long as the host's other threads (the other guest's, the host's own tests)
+    // keep its CPUs: 1.03 ms seen on 6.12 in CI. There 50 ms: what the guests check is
+    // which way the kernel went (a few ms, or the server's 200 ms), the host the precision.
+    let tolerance = if std::env::var_os("TRACER_KERNEL_MATRIX").is_some() {
+        0.050
+    } else {
+        0.001
+    };
+    assert!((active.1 - kernel_active).abs() < tolerance, "{inputs}");
+    assert!((passive.1 - kernel_passive).abs() < tolerance, "{inputs}");
     let dwell = count(
         &text,
         "tracer_tcp_state_duration_seconds",
@@ -390,7 +400,12 @@ fn a_dropped_handshake_ack_makes_the_passive_handshake_one_second() {
 
 #[test]
 fn a_connection_held_500ms_has_a_lifetime_within_20_percent() {
-    if !require_root("a_connection_held_500ms_has_a_lifetime_within_20_percent") {
+    if !require_root("a_connection_held_500ms_has_a_lifetime_within_20_percent")
+        || host_only(
+            "a_connection_held_500ms_has_a_lifetime_within_20_percent",
+            "a duration between transitions handshakes_teardowns_and_lifetimes checks on every kernel",
+        )
+    {
         return;
     }
     let addr = closed_port(V4);
@@ -897,16 +912,33 @@ fn a_census_without_tcp_diag_says_modprobe_once_and_recovers_when_it_is_loaded()
         "rmmod tcp_diag: {}",
         std::io::Error::last_os_error()
     );
-    // A census every 200 ms (Agent::start's): 15 fail in 3 s.
+    // A census every 200 ms (Agent::start's), each one failing: waits for ten failures
+    // (counted by the agent) rather than a fixed time, as a census takes longer than its
+    // interval in an emulated guest (8 in 3 s seen there), and then every line said so far
+    // must be the one line.
     let mut agent = Agent::start(&[]);
-    std::thread::sleep(Duration::from_secs(3));
+    let errors_total = |t: &str| sample(t, "tracer_census_errors_total", &[]).unwrap_or(0.0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let text = agent.metrics_now();
+        if errors_total(&text) >= 10.0 || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let errors = errors_total(&text);
+    assert!(errors >= 10.0, "{errors} failed censuses in 30 s:\n{text}");
     let said: Vec<String> = agent
         .tracer
         .stderr_after(Duration::ZERO)
         .into_iter()
         .filter(|l| l.contains("census"))
         .collect();
-    assert_eq!(said.len(), 1, "one line for 15 failed censuses: {said:?}");
+    assert_eq!(
+        said.len(),
+        1,
+        "one line for {errors} failed censuses: {said:?}"
+    );
     assert!(
         said[0]
             .starts_with("tracer: socket census failed: this kernel has no TCP socket diagnostics")
@@ -923,8 +955,6 @@ fn a_census_without_tcp_diag_says_modprobe_once_and_recovers_when_it_is_loaded()
     let failing = |t: &str, reason| sample(t, "tracer_census_failing", &[("reason", reason)]);
     assert_eq!(failing(&text, "sock_diag_missing"), Some(1.0), "{text}");
     assert_eq!(failing(&text, "other"), Some(0.0), "{text}");
-    let errors = sample(&text, "tracer_census_errors_total", &[]).unwrap();
-    assert!(errors >= 10.0, "15 censuses in 3 s, {errors} failed");
 
     // Loadable again: the next census loads it (sock_diag asks the kernel to) and works.
     drop(helper);

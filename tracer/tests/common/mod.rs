@@ -294,7 +294,8 @@ impl Tracer {
         }
         // Loading and verifying the probe takes a few seconds in an emulated guest, and took
         // over 30 s there once while the host was busy: 60 s before calling it a failure.
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(60);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match tracer.stderr_lines.recv_timeout(left) {
@@ -302,6 +303,8 @@ impl Tracer {
                     let attached = line.starts_with("tracer: attached");
                     tracer.stderr_seen.push(line);
                     if attached {
+                        // Where a guest's minutes go (docs/tests.md): each start is here.
+                        eprintln!("tracer {} attached in {:.2?}", args[0], started.elapsed());
                         break;
                     }
                 }
