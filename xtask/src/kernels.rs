@@ -167,6 +167,38 @@ impl KernelsArgs {
 }
 
 pub fn run(args: &KernelsArgs) -> Result<()> {
+    prepare(args)?.run()?.report()
+}
+
+/// A matrix ready to run: tools installed, kernels fetched, test binaries built.
+pub struct Matrix<'a> {
+    args: &'a KernelsArgs,
+    started: Instant,
+    prepared: Duration,
+    root: PathBuf,
+    results: PathBuf,
+    tools: Option<(PathBuf, PathBuf)>,
+    kernels: Vec<Kernel>,
+    binaries: Vec<Binary>,
+}
+
+/// What a matrix did on each kernel.
+pub struct Finished {
+    runs: Vec<KernelRun>,
+    prepared: Duration,
+    total: Duration,
+}
+
+impl Finished {
+    /// Prints every result and the failures' logs; an error when any failed.
+    pub fn report(&self) -> Result<()> {
+        report(&self.runs, self.prepared, self.total)
+    }
+}
+
+/// Installs what the matrix needs and builds the test binaries: everything before the first
+/// kernel, so that a guest only runs binaries and no cargo runs beside it.
+pub fn prepare(args: &KernelsArgs) -> Result<Matrix<'_>> {
     let started = Instant::now();
     let root = workspace_root();
     // The tools and kernels are the machine's, kept across clones (a fresh clone built
@@ -224,31 +256,100 @@ pub fn run(args: &KernelsArgs) -> Result<()> {
         binaries.len(),
         kernels.len()
     );
+    Ok(Matrix {
+        args,
+        started,
+        prepared,
+        root,
+        results,
+        tools,
+        kernels,
+        binaries,
+    })
+}
 
-    let mut runs = Vec::new();
-    for kernel in &kernels {
-        let out = results.join("out").join(kernel.release());
-        let mut run = run_kernel(kernel, &binaries, &out, &root, tools.as_ref(), args)?;
-        // A guest kernel that panics under full emulation (seen once, in 6.12's scheduler,
-        // an int3 trap during a timer softirq) takes every test after it down: boot it once
-        // more for the whole run, and say so. A panic that comes back fails as before.
-        if let Some(oops) = guest_panic(kernel, &run) {
-            let kept = results
-                .join("out")
-                .join(format!("{}-panicked-console.log", kernel.release()));
-            let _ = std::fs::rename(&run.console, &kept);
-            eprintln!(
-                "xtask: {}: PANIC: the guest kernel panicked during the run ({oops}); its \
-                 console is kept in {}; booting it again for every test",
-                kernel.release(),
-                kept.display()
-            );
-            run = run_kernel(kernel, &binaries, &out, &root, tools.as_ref(), args)?;
-            run.panicked_before = Some(format!("{oops}; console: {}", kept.display()));
+impl Matrix<'_> {
+    /// Runs every test on every kernel: the host's own kernel first, alone (its tests share
+    /// this machine's trace buffers); then the guests, all at once: each is its own kernel,
+    /// and a guest's tests spend much of their time waiting (timers, censuses), which the
+    /// other guest's emulation fills.
+    pub fn run(self) -> Result<Finished> {
+        let run_one = |kernel: &Kernel| {
+            run_with_retry(
+                kernel,
+                &self.binaries,
+                &self.results,
+                &self.root,
+                self.tools.as_ref(),
+                self.args,
+            )
+        };
+        let mut runs = Vec::new();
+        for kernel in self
+            .kernels
+            .iter()
+            .filter(|k| matches!(k, Kernel::Host { .. }))
+        {
+            runs.push(run_one(kernel)?);
         }
-        runs.push(run);
+        let guests: Vec<&Kernel> = self
+            .kernels
+            .iter()
+            .filter(|k| matches!(k, Kernel::Guest { .. }))
+            .collect();
+        let guest_runs: Vec<Result<KernelRun>> = std::thread::scope(|s| {
+            let handles: Vec<_> = guests
+                .iter()
+                .map(|kernel| s.spawn(move || run_one(kernel)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a guest's runner panicked")))
+                })
+                .collect()
+        });
+        for run in guest_runs {
+            runs.push(run?);
+        }
+        Ok(Finished {
+            runs,
+            prepared: self.prepared,
+            total: self.started.elapsed(),
+        })
     }
-    report(&runs, prepared, started.elapsed())
+}
+
+/// Runs every test on `kernel`. A guest kernel that panics under full emulation (seen once,
+/// in 6.12's scheduler, an int3 trap during a timer softirq) takes every test after it down:
+/// it is booted once more for the whole run, saying so. A panic that comes back fails as
+/// before.
+fn run_with_retry(
+    kernel: &Kernel,
+    binaries: &[Binary],
+    results: &Path,
+    root: &Path,
+    tools: Option<&(PathBuf, PathBuf)>,
+    args: &KernelsArgs,
+) -> Result<KernelRun> {
+    let out = results.join("out").join(kernel.release());
+    let mut run = run_kernel(kernel, binaries, &out, root, tools, args)?;
+    if let Some(oops) = guest_panic(kernel, &run) {
+        let kept = results
+            .join("out")
+            .join(format!("{}-panicked-console.log", kernel.release()));
+        let _ = std::fs::rename(&run.console, &kept);
+        eprintln!(
+            "xtask: {}: PANIC: the guest kernel panicked during the run ({oops}); its \
+             console is kept in {}; booting it again for every test",
+            kernel.release(),
+            kept.display()
+        );
+        run = run_kernel(kernel, binaries, &out, root, tools, args)?;
+        run.panicked_before = Some(format!("{oops}; console: {}", kept.display()));
+    }
+    Ok(run)
 }
 
 /// The first line of a guest kernel's oops when its run stopped early because the kernel
@@ -492,8 +593,11 @@ fn run_kernel(
     let mut cmd = match kernel {
         Kernel::Guest { vmlinuz, .. } => {
             let (vng, virtiofsd) = tools.context("the VM tools are not installed")?;
-            let mut cmd = Command::new(vng);
-            cmd.arg("--run")
+            // At a lower priority than the host's own tests, which `cargo xtask test` runs
+            // beside the guests: their timings are the host kernel's, which the emulation
+            // must not disturb; the guests' tests allow for a slow and stalling CPU.
+            let mut cmd = Command::new("nice");
+            cmd.args(["-n", "10"]).arg(vng).arg("--run")
                 .arg(vmlinuz)
                 .args([
                     "--disable-kvm",
