@@ -24,7 +24,7 @@ use crate::http::web_config::WebConfig;
 use crate::http::Health;
 use crate::metrics::census::CensusCollector;
 use crate::metrics::event::EventMetrics;
-use crate::metrics::kernel::{KernelMetrics, TableSize};
+use crate::metrics::kernel::KernelMetrics;
 use crate::metrics::live::LiveMetrics;
 use crate::metrics::pods::{PodAttribution, PodLabels};
 use crate::metrics::ports::{LabelledPorts, PortLabelCollector, PortLabels, DEFAULT_EPHEMERAL};
@@ -297,15 +297,7 @@ impl Agent {
         self.live.followed.set(self.tracker.len() as i64);
         probe.flush_log();
         let readings = probe.readings().context("reading the probe's counters")?;
-        // Sockets with the probe's storage, as the last census counted them.
-        let size = self
-            .published
-            .latest()
-            .map_or(TableSize::default(), |r| TableSize {
-                tracked: r.joined.figures.stored as usize,
-                bytes: r.joined.figures.stored_bytes as usize,
-            });
-        self.kernel.sync(&readings, &self.labelled, size);
+        self.kernel.sync(&readings, &self.labelled);
         let now = monotonic_ns();
         match (self.top.wanted(now), self.tally.as_mut()) {
             (true, Some(t)) => {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{Gauge, GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Opts};
+use prometheus::{Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
 use tracer_common::state;
 
 use crate::census::failure::Failure;
@@ -44,6 +44,8 @@ struct CensusMetrics {
     cgroups_unresolved: Gauge,
     cgroup_walks: IntCounterVec,
     pod_labels: IntGaugeVec,
+    tracked: IntGauge,
+    tracked_bytes: IntGauge,
 }
 
 impl CensusMetrics {
@@ -171,10 +173,22 @@ impl CensusMetrics {
                  --max-pods), and pods counted under other (other).",
                 &["result"],
             )?,
+            // From the census each scrape's other census figures come from (they were set once
+            // a second, so a scrape could pair a new census's sockets with the last one's).
+            tracked: IntGauge::new(
+                "tracer_tracked_sockets",
+                "Sockets with the probe's state on them (BPF socket storage), at the last \
+                 census.",
+            )?,
+            tracked_bytes: IntGauge::new(
+                "tracer_tracked_sockets_bytes",
+                "Kernel memory charged to the sockets with the probe's state (their option \
+                 memory, sk_omem_alloc, where the storage is), at the last census; bytes.",
+            )?,
         })
     }
 
-    fn collectors(&self) -> [&dyn Collector; 20] {
+    fn collectors(&self) -> [&dyn Collector; 22] {
         [
             &self.sockets,
             &self.namespaces,
@@ -196,6 +210,8 @@ impl CensusMetrics {
             &self.cgroups_unresolved,
             &self.cgroup_walks,
             &self.pod_labels,
+            &self.tracked,
+            &self.tracked_bytes,
         ]
     }
 
@@ -252,6 +268,8 @@ impl CensusMetrics {
             return;
         };
         let j = &r.joined;
+        self.tracked.set(j.figures.stored as i64);
+        self.tracked_bytes.set(j.figures.stored_bytes as i64);
         for (s, &n) in j.figures.by_state.iter().enumerate().skip(1) {
             if s != state::NEW_SYN_RECV as usize {
                 self.sockets
@@ -453,6 +471,7 @@ mod tests {
         joined.figures.time_wait = [(5432, 3), (40_001, 2), (40_002, 5)].into();
         joined.figures.stuck = [((state::CLOSE_WAIT, 40_003, 0), 1)].into();
         joined.figures.by_state[state::TIME_WAIT as usize] = 10;
+        (joined.figures.stored, joined.figures.stored_bytes) = (7, 448);
         let report = Report {
             taken_ns: 0,
             taken_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
@@ -477,6 +496,8 @@ mod tests {
             "tracer_tcp_stuck_sockets{namespace=\"\",pod=\"\",port=\"other\",state=\"close_wait\"} 1\n",
             "tracer_tcp_sockets{state=\"time_wait\"} 10\n",
             "tracer_census_timestamp_seconds 1700000000\n",
+            "tracer_tracked_sockets 7\n",
+            "tracer_tracked_sockets_bytes 448\n",
             "tracer_census_duration_seconds 0.25\n",
             "tracer_census_corrections_total{action=\"added\"} 2\n",
             "tracer_census_corrections_total{action=\"owner_found\"} 6\n",

@@ -25,13 +25,6 @@ const TABLES: [&str; 3] = ["synack_ports", "retransmit_ports", "drop_ports"];
 /// `tracer_probe_errors_total`.
 const PROBE_ERRORS: [&str; 3] = ["field_read", "address_family", "no_storage"];
 
-/// The sockets with the probe's state, as [`KernelMetrics::sync`] exports them.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct TableSize {
-    pub tracked: usize,
-    pub bytes: usize,
-}
-
 /// Kernel-counter metrics and the sockets with the probe's state.
 pub struct KernelMetrics {
     synack: IntCounterVec,
@@ -52,8 +45,6 @@ pub struct KernelMetrics {
     table_full: IntCounterVec,
     probe_errors: IntCounterVec,
     skipped: IntCounter,
-    tracked: IntGauge,
-    table_bytes: IntGauge,
     /// Last kernel totals seen, to turn them into counter increments.
     last: KernelTotals,
 }
@@ -215,17 +206,6 @@ impl KernelMetrics {
              kernel changed it without the inet_sock_set_state tracepoint, or a run of the \
              probe was missed; the time in that state is not measured.",
         )?;
-        let tracked = IntGauge::new(
-            "tracer_tracked_sockets",
-            "Sockets with the probe's state on them (BPF socket storage), at the last census.",
-        )?;
-        registry.register(Box::new(tracked.clone()))?;
-        let table_bytes = IntGauge::new(
-            "tracer_tracked_sockets_bytes",
-            "Kernel memory charged to the sockets with the probe's state (their option memory, \
-             sk_omem_alloc, where the storage is), at the last census; bytes.",
-        )?;
-        registry.register(Box::new(table_bytes.clone()))?;
         Ok(KernelMetrics {
             synack,
             retransmits,
@@ -242,21 +222,16 @@ impl KernelMetrics {
             table_full,
             probe_errors,
             skipped,
-            tracked,
-            table_bytes,
             last: KernelTotals::default(),
         })
     }
 
-    /// Brings the kernel-side counters and the stored sockets into the metrics (once a second).
+    /// Brings the kernel-side counters into the metrics (once a second).
     /// `ports` says which ports have a label value; SYN-ACK counts only look them up.
-    pub fn sync(&mut self, probe: &ProbeReadings, ports: &LabelledPorts, table: TableSize) {
-        let TableSize { tracked, bytes } = table;
+    pub fn sync(&mut self, probe: &ProbeReadings, ports: &LabelledPorts) {
         let lost = probe.counters.lost_total();
         self.events_lost.inc_by(lost.saturating_sub(self.last.lost));
         self.last.lost = self.last.lost.max(lost);
-        self.tracked.set(tracked as i64);
-        self.table_bytes.set(bytes as i64);
         for p in &probe.programs {
             let (runs, ns, missed) = self
                 .last
@@ -415,10 +390,6 @@ mod tests {
                 missed: 0,
             }]
         };
-        let size = TableSize {
-            tracked: 7,
-            bytes: 448,
-        };
         let mut probe = ProbeReadings {
             counters,
             synack: vec![(8080, 5), (9999, 2)],
@@ -437,12 +408,12 @@ mod tests {
             reset_reasons: vec![0, 4, 0],
             programs: stats(10, 1_000),
         };
-        m.sync(&probe, &ports, size);
+        m.sync(&probe, &ports);
         probe.synack = vec![(8080, 6), (9999, 2)];
         probe.retransmits = vec![(8080, retransmit::TIMEOUT, 5), (8080, retransmit::FAST, 1)];
         probe.programs = stats(30, 5_000);
         probe.reset_reasons = vec![0, 4, 1];
-        m.sync(&probe, &ports, size);
+        m.sync(&probe, &ports);
         let text = crate::metrics::event::encode(&registry).unwrap();
         for line in [
             "tracer_events_lost_total 3\n",
@@ -462,8 +433,6 @@ mod tests {
             "tracer_tcp_reset_reasons_total{reason=\"no_socket\"} 4\n",
             "tracer_tcp_reset_reasons_total{reason=\"not_specified\"} 0\n",
             "tracer_tcp_reset_reasons_total{reason=\"tcp_abort_on_close\"} 1\n",
-            "tracer_tracked_sockets 7\n",
-            "tracer_tracked_sockets_bytes 448\n",
             "tracer_probe_runs_total{program=\"inet_sock_set_state\"} 30\n",
             "tracer_probe_table_full_total{table=\"synack_ports\"} 4\n",
             "tracer_probe_table_full_total{table=\"retransmit_ports\"} 0\n",
