@@ -282,7 +282,7 @@ impl<W: Write> Printer<W> {
         self.received += 1;
         // For the signal thread: still reading, so not stuck (every 256 events: an atomic
         // add per event would be a cost for nothing).
-        if self.received % 256 == 0 {
+        if self.received.is_multiple_of(256) {
             crate::cmd::progressed(256);
         }
         // Each event carries its socket's owner and times (what the probe keeps on it).

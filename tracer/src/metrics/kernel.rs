@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use anyhow::Result;
-use prometheus::{CounterVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{CounterVec, IntCounter, IntCounterVec, Opts, Registry};
 
 use crate::metrics::pods::PodAttribution;
 use crate::metrics::ports::{LabelledPorts, OTHER};
